@@ -1,0 +1,37 @@
+"""shmrunner: run Python functions in worker processes, with numpy arrays in
+shared memory locally and over ZeroMQ across hosts."""
+
+from .errors import (
+    ConfigError,
+    InitializerError,
+    ProtocolError,
+    SharedMemoryError,
+    ShmrunnerError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from .pool import Pool
+from .shm import SharedMemoryUnavailableWarning, empty, is_shared, share, zeros
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # local tier
+    "Pool",
+    # shared arrays
+    "empty",
+    "zeros",
+    "share",
+    "is_shared",
+    # errors and warnings
+    "ShmrunnerError",
+    "WorkerLostError",
+    "TaskTimeoutError",
+    "TaskCancelledError",
+    "InitializerError",
+    "SharedMemoryError",
+    "ProtocolError",
+    "ConfigError",
+    "SharedMemoryUnavailableWarning",
+]

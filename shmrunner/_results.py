@@ -1,0 +1,165 @@
+"""Result objects of the Pool, with ``multiprocessing.pool``'s semantics.
+
+``ApplyResult`` (apply_async), ``MapResult`` (map_async, starmap_async),
+``IMapIterator`` and ``IMapUnorderedIterator`` (imap, imap_unordered). The
+manager thread delivers outcomes with ``_set(index, ok, value)``; callbacks
+run there before waiters wake, as in ``multiprocessing``. A callback that
+raises is logged, never allowed to kill the thread that serves the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from multiprocessing import TimeoutError
+from typing import Any, Callable, Iterator
+
+__all__ = ["ApplyResult", "MapResult", "IMapIterator", "IMapUnorderedIterator"]
+
+log = logging.getLogger("shmrunner.pool")
+
+Callback = Callable[[Any], object] | None
+
+
+def _call(callback: Callable[[Any], object], value: Any) -> None:
+    try:
+        callback(value)
+    except Exception:
+        log.exception("a pool callback raised")
+
+
+class ApplyResult:
+    """The pending result of one task (``multiprocessing.pool.AsyncResult``)."""
+
+    def __init__(self, callback: Callback = None, error_callback: Callback = None) -> None:
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        self._success, self._value = ok, value
+        if ok and self._callback is not None:
+            _call(self._callback, value)
+        if not ok and self._error_callback is not None:
+            _call(self._error_callback, value)
+        self._event.set()
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The pending result of a map: ``length`` items in chunks of ``chunksize``."""
+
+    def __init__(self, length: int, chunksize: int, callback: Callback = None,
+                 error_callback: Callback = None) -> None:
+        super().__init__(callback, error_callback)
+        self._lock = threading.Lock()
+        self._chunksize = chunksize
+        self._value = [None] * length
+        self._success = True
+        self._left = -(-length // chunksize) if chunksize else 0
+        if self._left == 0:
+            super()._set(0, True, self._value)
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return  # already failed: later chunks are dropped, as in multiprocessing
+            if ok:
+                start = index * self._chunksize
+                self._value[start:start + len(value)] = value
+                self._left -= 1
+                done = self._left == 0
+            else:
+                done = True
+        if done:
+            super()._set(index, ok, self._value if ok else value)
+
+
+class IMapIterator:
+    """Results of ``imap`` in input order; ``next(timeout)`` as in multiprocessing."""
+
+    def __init__(self, on_consumed: Callable[[], None] | None = None) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._items: collections.deque[tuple[bool, Any]] = collections.deque()
+        self._unsorted: dict[int, tuple[bool, Any]] = {}
+        self._index = 0
+        self._length: int | None = None
+        self._on_consumed = on_consumed
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        with self._cond:
+            if not self._items:
+                if self._index == self._length:
+                    raise StopIteration
+                self._cond.wait(timeout)
+                if not self._items:
+                    if self._index == self._length:
+                        raise StopIteration
+                    raise TimeoutError
+            ok, value = self._items.popleft()
+        if self._on_consumed is not None:
+            self._on_consumed()
+        if ok:
+            return value
+        raise value
+
+    __next__ = next
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            if index == self._index:
+                self._items.append((ok, value))
+                self._index += 1
+                while self._index in self._unsorted:
+                    self._items.append(self._unsorted.pop(self._index))
+                    self._index += 1
+                self._cond.notify()
+            else:
+                self._unsorted[index] = (ok, value)
+            if self._index == self._length:
+                self._cond.notify_all()
+
+    def _set_length(self, length: int) -> None:
+        with self._cond:
+            self._length = length
+            if self._index == self._length:
+                self._cond.notify_all()
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """Results of ``imap_unordered`` in completion order."""
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            self._items.append((ok, value))
+            self._index += 1
+            self._cond.notify()
+            if self._index == self._length:
+                self._cond.notify_all()

@@ -1,0 +1,114 @@
+"""Every error shmrunner raises, under one base class.
+
+::
+
+    ShmrunnerError
+     +-- WorkerLostError          a worker died while holding a task
+     +-- TaskTimeoutError         (also TimeoutError) a task ran past its timeout
+     +-- TaskCancelledError       a task was dropped by terminate() or shutdown
+     +-- InitializerError         a worker's initializer raised; the pool is broken
+     +-- SharedMemoryError        (also MemoryError) shared memory cannot hold an array
+     +-- ProtocolError            a peer sent a message that breaks the wire protocol
+     +-- ConfigError              (also ValueError) a setting is missing or wrong
+
+A task's *own* exception is never wrapped: it reaches the caller as itself, with
+the worker's formatted traceback attached as ``__cause__`` (a
+``multiprocessing.pool.RemoteTraceback``, exactly as ``multiprocessing.Pool``
+does), see :func:`attach_remote_traceback`.
+"""
+
+from __future__ import annotations
+
+import signal
+from multiprocessing.pool import RemoteTraceback
+
+__all__ = [
+    "ShmrunnerError",
+    "WorkerLostError",
+    "TaskTimeoutError",
+    "TaskCancelledError",
+    "InitializerError",
+    "SharedMemoryError",
+    "ProtocolError",
+    "ConfigError",
+    "attach_remote_traceback",
+]
+
+
+class ShmrunnerError(Exception):
+    """Base class of every error raised by shmrunner itself."""
+
+
+class WorkerLostError(ShmrunnerError):
+    """Raised when the worker running a task died before returning its result.
+
+    Carries the evidence: the worker's ``pid``, its ``exitcode`` (negative for a
+    signal, as in ``multiprocessing``) and the ``task`` it held.
+    """
+
+    def __init__(self, pid: int | None, exitcode: int | None, task: object = None) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        self.task = task
+        super().__init__(pid, exitcode, task)
+
+    @property
+    def signal(self) -> int | None:
+        """The signal number that killed the worker, if a signal did."""
+        if self.exitcode is not None and self.exitcode < 0:
+            return -self.exitcode
+        return None
+
+    def __str__(self) -> str:
+        if self.signal is not None:
+            try:
+                how = f"killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                how = f"killed by signal {self.signal}"
+        elif self.exitcode is None:
+            how = "lost"
+        else:
+            how = f"exited with code {self.exitcode}"
+        task = f" while running task {self.task}" if self.task is not None else ""
+        return f"worker pid {self.pid} {how}{task}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.pid, self.exitcode, self.task))
+
+
+class TaskTimeoutError(ShmrunnerError, TimeoutError):
+    """Raised when a task ran longer than its timeout and was stopped."""
+
+
+class TaskCancelledError(ShmrunnerError):
+    """Raised for a task that was dropped unrun by ``terminate()`` or a shutdown."""
+
+
+class InitializerError(ShmrunnerError):
+    """Raised when a worker's ``initializer`` raised: no worker can start, so the
+    pool fails its tasks instead of respawning workers forever."""
+
+
+class SharedMemoryError(ShmrunnerError, MemoryError):
+    """Raised when shared memory cannot hold an array the caller asked for
+    (for example ``shmrunner.empty`` larger than the memory available)."""
+
+
+class ProtocolError(ShmrunnerError):
+    """Raised when a peer sends a message that breaks the wire protocol
+    (malformed, truncated, oversized, unknown type or wrong version)."""
+
+
+class ConfigError(ShmrunnerError, ValueError):
+    """Raised when a setting is missing, of the wrong type or out of range;
+    the message names the key and how to fix it."""
+
+
+def attach_remote_traceback(exc: BaseException, tb_text: str) -> BaseException:
+    """Attach a worker's formatted traceback to ``exc`` as its cause.
+
+    One helper for both tiers, so a task's exception looks the same whether it
+    ran in a local process or on a remote host.
+    """
+    exc.__cause__ = RemoteTraceback(tb_text)
+    return exc

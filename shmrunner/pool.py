@@ -1,0 +1,683 @@
+"""Pool: a drop-in ``multiprocessing.Pool`` that moves arrays by handle and
+never hangs when a worker dies.
+
+Data flow::
+
+    caller threads                         manager thread (one per pool)
+    apply_async/map_async --+               selectors loop over:
+    imap feeder threads ----+-> pending       worker channels  (results, EOF)
+                                  |           process sentinels (deaths)
+                  dispatch(): pick a worker   a wake-up socket  (close, terminate,
+                  with room, pickle the task      queued output)
+                  (arrays -> memfd fds), send      |
+                                  |                v
+                                  v           results -> AsyncResult._set (callbacks)
+                 worker i <--- its own AF_UNIX socketpair ---> worker i
+
+Why this shape rather than ``multiprocessing.pool``'s shared queues: each
+worker has its *own* channel, so (1) the pool knows exactly which tasks each
+worker holds (``worker/lifecycle.py``), (2) a worker SIGKILLed while reading
+or writing corrupts nothing and holds no lock that others need (a shared
+SimpleQueue's lock dies with its holder and hangs the whole pool,
+python/cpython#96062), and (3) the channel is a Unix socket, which can carry
+the memfd file descriptors of arrays (``transport/fdchannel.py``).
+
+Guarantees:
+
+* A dead worker fails exactly the task it was running with
+  :class:`~shmrunner.WorkerLostError`; tasks it had been sent but not started
+  go back to the queue; a new worker takes its place.
+* Each worker is sent at most two tasks at a time (one running, one queued
+  behind it, so it never waits on a round trip), and only one while another
+  worker is idle. Tasks are pickled only when dispatched, so shared memory in
+  use stays bounded by the workers' capacity, not by the length of the input.
+* Workers die with the pool's process (``PR_SET_PDEATHSIG`` in the worker;
+  they are all started by the manager thread, which outlives them).
+* Caller threads send directly when a worker has room (no thread hop on the
+  latency path); the manager thread only ever does non-blocking socket work,
+  so it can never deadlock with a worker that is blocked sending to it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import multiprocessing
+import os
+import selectors
+import socket
+import threading
+import time
+import warnings
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
+from .errors import InitializerError, TaskCancelledError, WorkerLostError, attach_remote_traceback
+from .shm import DEFAULT_THRESHOLD
+from .transport.fdchannel import ChannelClosed, FdChannel
+from .transport.pickling import Encoded, close_fds, dumps, loads
+from .worker.lifecycle import Lifecycle, Worker
+from .worker.loop import BYE, INIT_FAILED, TASK_ID, worker_main
+
+__all__ = ["Pool"]
+
+log = logging.getLogger("shmrunner.pool")
+
+# The states multiprocessing.pool uses (its tests read and write ``_state``).
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+_TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL in terminate()
+
+
+class _Task:
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "encoded")
+
+    def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any], result: Any, index: int) -> None:
+        self.id = task_id
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.result = result
+        self.index = index
+        self.encoded: Encoded | None = None
+
+    def describe(self) -> str:
+        fn = self.args[0] if self.fn is _run_chunk else self.fn
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        return f"{self.id} ({name})"
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]:
+    if star:
+        return list(itertools.starmap(fn, chunk))
+    return list(map(fn, chunk))
+
+
+class _Endpoint:
+    __slots__ = ("process", "channel", "stopping")
+
+    def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
+        self.process = process
+        self.channel = channel
+        self.stopping = False
+
+
+class _Core:
+    """The pool's state and its manager thread; the Pool facade only forwards.
+
+    Kept apart from :class:`Pool` so the thread holds no reference to the
+    facade, which can then be garbage collected (and warn) like
+    ``multiprocessing.Pool``.
+    """
+
+    def __init__(self, processes: int, initializer: Callable[..., object] | None,
+                 initargs: tuple[Any, ...], maxtasks: int | None, ctx: BaseContext,
+                 threshold: int) -> None:
+        self.ctx = ctx
+        self.initializer = initializer
+        self.initargs = initargs
+        self.maxtasks = maxtasks
+        self.threshold = threshold
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)  # feeders wait here for queue space
+        self.pending: collections.deque[_Task] = collections.deque()
+        self.state = RUN
+        self.broken: BaseException | None = None
+        self.feeders: set[threading.Thread] = set()
+        self.feed_limit = max(8, 4 * processes)
+        self.lifecycle: Lifecycle[_Task] = Lifecycle(self._spawn, processes, capacity=2,
+                                                     max_tasks=maxtasks)
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        self.ids = itertools.count()
+        self.started = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shmrunner-pool", daemon=True)
+        self.thread.start()
+        self.started.wait()
+        if self.startup_error is not None:
+            self.thread.join()
+            self._close_resources()
+            raise self.startup_error
+
+    # --- called from any thread ------------------------------------------------------
+
+    def new_task(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                 result: Any, index: int = 0) -> _Task:
+        return _Task(next(self.ids), fn, args, kwargs, result, index)
+
+    def submit(self, tasks: Iterable[_Task]) -> None:
+        with self.lock:
+            if self.broken is not None:
+                failed = list(tasks)
+            else:
+                failed = []
+                self.pending.extend(tasks)
+        for task in failed:
+            self.deliver(task, False, self.broken)
+        self.dispatch()
+
+    def wait_for_room(self, deadline: float | None = None) -> bool:
+        """Block a feeder until the queue has room; False once terminated."""
+        with self.room:
+            while len(self.pending) >= self.feed_limit and self.state != TERMINATE:
+                self.room.wait(0.5)
+            return self.state != TERMINATE
+
+    def dispatch(self) -> None:
+        """Send queued tasks to workers with room. Pickling (which copies plain
+        arrays into shared memory) runs outside the lock."""
+        while True:
+            with self.lock:
+                if self.state == TERMINATE or not self.pending:
+                    return
+                worker = self.lifecycle.pick()
+                if worker is None:
+                    return
+                task = self.pending.popleft()
+                if task.encoded is not None:
+                    self.lifecycle.assign(worker, task)
+                    self._send(worker, task)
+                    self.room.notify_all()
+                    continue
+            try:
+                task.encoded = dumps((task.fn, task.args, task.kwargs), self.threshold)
+            except Exception as exc:
+                self.deliver(task, False, exc)
+                continue
+            with self.lock:
+                if self.state != TERMINATE:
+                    self.pending.appendleft(task)
+                    continue
+            task.encoded.release()
+            self.deliver(task, False, TaskCancelledError("the pool was terminated"))
+            return
+
+    def deliver(self, task: _Task, ok: bool, value: Any) -> None:
+        result, index = task.result, task.index
+        task.fn = task.args = task.kwargs = task.result = None  # type: ignore[assignment]
+        result._set(index, ok, value)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.state == RUN:
+                self.state = CLOSE
+        self.wake()
+
+    def terminate(self) -> None:
+        with self.lock:
+            if self.state == TERMINATE and not self.thread.is_alive():
+                return
+            self.state = TERMINATE
+            cancelled = list(self.pending)
+            self.pending.clear()
+            self.room.notify_all()
+        for task in cancelled:
+            if task.encoded is not None:
+                task.encoded.release()
+            self.deliver(task, False, TaskCancelledError("the pool was terminated"))
+        self.wake()
+
+    def join(self) -> None:
+        for feeder in list(self.feeders):
+            feeder.join()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def wake(self) -> None:
+        try:
+            self.wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the pool is gone
+
+    # --- manager thread ----------------------------------------------------------------
+
+    def _spawn(self, worker_id: int) -> _Endpoint:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        method = self.ctx.get_start_method()
+        inherited: list[int] = []
+        if method == "fork":
+            inherited = [w.endpoint.channel.fileno() for w in self.lifecycle]
+            inherited += [self.wake_r.fileno(), self.wake_w.fileno(), parent_end.fileno()]
+        process = self.ctx.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(child_end, None if method == "forkserver" else os.getpid(),
+                  self.initializer, self.initargs, self.maxtasks, self.threshold, inherited),
+            name=f"shmrunner-worker-{worker_id}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        return _Endpoint(process, FdChannel(parent_end))
+
+    def _populate(self) -> None:
+        for worker in self.lifecycle.populate():
+            ep = worker.endpoint
+            self.selector.register(ep.channel.sock, selectors.EVENT_READ, ("chan", worker))
+            self.selector.register(ep.process.sentinel, selectors.EVENT_READ, ("dead", worker))
+
+    def _run(self) -> None:
+        try:
+            with self.lock:
+                self._populate()
+        except BaseException as exc:
+            self.startup_error = exc
+            self.started.set()
+            return
+        self.started.set()
+        try:
+            while True:
+                for key, mask in self.selector.select():
+                    kind, worker = key.data
+                    if kind == "wake":
+                        self._drain_wake()
+                    elif worker.id not in self.lifecycle.workers:
+                        continue  # reaped earlier in this batch of events
+                    elif kind == "chan":
+                        if mask & selectors.EVENT_WRITE:
+                            with self.lock:
+                                worker.endpoint.channel.flush()
+                        if mask & selectors.EVENT_READ:
+                            self._read(worker)
+                    elif kind == "dead":
+                        self._reap(worker)
+                if self._housekeeping():
+                    break
+        except BaseException:
+            log.exception("shmrunner pool manager thread crashed; terminating the pool")
+            self._kill_all()
+            raise
+        finally:
+            self._close_resources()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read(self, worker: Worker[_Task]) -> None:
+        channel: FdChannel = worker.endpoint.channel
+        try:
+            messages = channel.read_ready()
+        except ChannelClosed:
+            # The process is exiting; its sentinel will fire and _reap accounts for it.
+            self.selector.unregister(channel.sock)
+            return
+        for payload, fds in messages:
+            self._handle(worker, payload, fds)
+        self.dispatch()
+
+    def _handle(self, worker: Worker[_Task], payload: bytearray, fds: list[int]) -> None:
+        (task_id,) = TASK_ID.unpack_from(payload)
+        if task_id == BYE:
+            worker.retiring = True
+            close_fds(fds)
+            return
+        try:
+            ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
+        except Exception as exc:
+            ok, value = False, (exc, "")
+        if not ok:
+            exc, tb = value
+            value = attach_remote_traceback(exc, tb) if tb else exc
+        if task_id == INIT_FAILED:
+            self._break(value)
+            return
+        with self.lock:
+            task = self.lifecycle.finish(worker, task_id)
+        if task is not None:
+            self.deliver(task, ok, value)
+
+    def _break(self, cause: BaseException) -> None:
+        name = getattr(self.initializer, "__qualname__", repr(self.initializer))
+        error = InitializerError(f"the pool's initializer {name} raised {cause!r}; "
+                                 "fix the initializer: no worker can start")
+        error.__cause__ = cause
+        with self.lock:
+            self.broken = error
+            failed = list(self.pending)
+            self.pending.clear()
+            self.room.notify_all()
+        for task in failed:
+            self.deliver(task, False, error)
+
+    def _reap(self, worker: Worker[_Task]) -> None:
+        ep: _Endpoint = worker.endpoint
+        try:  # results the worker sent before it died still count
+            for payload, fds in ep.channel.read_ready():
+                self._handle(worker, payload, fds)
+        except ChannelClosed:
+            pass
+        ep.process.join()
+        for fileobj in (ep.channel.sock, ep.process.sentinel):
+            try:
+                self.selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+        with self.lock:
+            loss = self.lifecycle.lose(worker)
+            ep.channel.close()
+            for task in reversed(loss.unstarted):
+                if task.encoded is not None:
+                    task.encoded.release()
+                    task.encoded = None
+                self.pending.appendleft(task)
+            terminating = self.state == TERMINATE
+        if loss.running is not None:
+            if terminating:
+                error: BaseException = TaskCancelledError("the pool was terminated")
+            else:
+                error = WorkerLostError(ep.process.pid, ep.process.exitcode,
+                                        loss.running.describe())
+            self.deliver(loss.running, False, error)
+
+    def _housekeeping(self) -> bool:
+        """Respawn, stop idle workers once closed, watch writability; True to exit."""
+        with self.lock:
+            state = self.state
+            if state == TERMINATE:
+                pass
+            else:
+                work_left = bool(self.pending or self.lifecycle.busy() or self.feeders)
+                if self.broken is None and (state == RUN or work_left):
+                    self._populate()
+                if state == CLOSE and not work_left:
+                    for worker in self.lifecycle:
+                        ep = worker.endpoint
+                        if not ep.stopping:
+                            ep.stopping = True
+                            ep.channel.send_nowait(b"", [])
+                    if not len(self.lifecycle):
+                        return True
+                for worker in self.lifecycle:
+                    channel = worker.endpoint.channel
+                    events = selectors.EVENT_READ
+                    if channel.wants_write:
+                        events |= selectors.EVENT_WRITE
+                    try:
+                        if self.selector.get_key(channel.sock).events != events:
+                            self.selector.modify(channel.sock, events, ("chan", worker))
+                    except (KeyError, ValueError):
+                        pass
+        if state == TERMINATE:
+            self._kill_all()
+            return True
+        self.dispatch()
+        return False
+
+    def _kill_all(self) -> None:
+        workers = list(self.lifecycle)
+        for worker in workers:
+            if worker.endpoint.process.exitcode is None:
+                worker.endpoint.process.terminate()
+        deadline = time.monotonic() + _TERMINATE_GRACE
+        for worker in workers:
+            process = worker.endpoint.process
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        for worker in workers:
+            if worker.id in self.lifecycle.workers:
+                self._reap(worker)
+
+    def _close_resources(self) -> None:
+        for worker in list(self.lifecycle):
+            worker.endpoint.channel.close()
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def _send(self, worker: Worker[_Task], task: _Task) -> None:
+        encoded = task.encoded
+        assert encoded is not None
+        task.encoded = None
+        channel: FdChannel = worker.endpoint.channel
+        try:
+            channel.send_nowait(TASK_ID.pack(task.id) + encoded.data, encoded.fds,
+                                done=encoded.release)
+        except OSError:
+            encoded.release()  # the worker is gone; _reap will requeue the task
+        if channel.wants_write:
+            self.wake()
+
+
+def _resolve_threshold(threshold: int | None) -> int:
+    if threshold is not None:
+        return int(threshold)
+    env = os.environ.get("SHMRUNNER_SHM_THRESHOLD")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(
+                f"SHMRUNNER_SHM_THRESHOLD={env!r} is not a whole number of bytes; "
+                "set it to e.g. 65536 or unset it"
+            ) from None
+    return DEFAULT_THRESHOLD
+
+
+class Pool:
+    """A process pool with the API and semantics of ``multiprocessing.Pool``.
+
+    Numpy arrays in arguments and results travel through shared memory:
+    arrays from :func:`shmrunner.empty`/``zeros``/``share`` by handle (workers
+    see the same memory), plain arrays of at least ``shm_threshold`` bytes by
+    one copy. A worker that dies fails only the task it was running, with
+    :class:`~shmrunner.WorkerLostError`, and is replaced.
+    """
+
+    def __init__(self, processes: int | None = None,
+                 initializer: Callable[..., object] | None = None,
+                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
+                 context: BaseContext | None = None, *, shm_threshold: int | None = None) -> None:
+        self._state = RUN  # before anything can fail, so __del__ always finds it
+        if processes is None:
+            processes = os.cpu_count() or 1
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool)
+            or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        ctx = context if context is not None else multiprocessing.get_context()
+        self._processes = processes
+        try:
+            self._core = _Core(processes, initializer, tuple(initargs), maxtasksperchild, ctx,
+                               _resolve_threshold(shm_threshold))
+        except BaseException:
+            self._state = TERMINATE
+            raise
+
+    # --- multiprocessing.Pool's API --------------------------------------------------------
+
+    def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
+              kwds: Mapping[str, Any] = {}) -> Any:  # noqa: B006 (multiprocessing's signature)
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
+                    kwds: Mapping[str, Any] = {},  # noqa: B006
+                    callback: Callable[[Any], object] | None = None,
+                    error_callback: Callable[[BaseException], object] | None = None,
+                    ) -> ApplyResult:
+        self._check_running()
+        result = ApplyResult(callback, error_callback)
+        self._core.submit([self._core.new_task(func, tuple(args), dict(kwds), result)])
+        return result
+
+    def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+            chunksize: int | None = None) -> list[Any]:
+        return self._map_async(func, iterable, False, chunksize).get()  # type: ignore[no-any-return]
+
+    def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                  chunksize: int | None = None,
+                  callback: Callable[[Any], object] | None = None,
+                  error_callback: Callable[[BaseException], object] | None = None) -> MapResult:
+        return self._map_async(func, iterable, False, chunksize, callback, error_callback)
+
+    def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                chunksize: int | None = None) -> list[Any]:
+        return self._map_async(func, iterable, True, chunksize).get()  # type: ignore[no-any-return]
+
+    def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
+                      chunksize: int | None = None,
+                      callback: Callable[[Any], object] | None = None,
+                      error_callback: Callable[[BaseException], object] | None = None,
+                      ) -> MapResult:
+        return self._map_async(func, iterable, True, chunksize, callback, error_callback)
+
+    def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1,
+             buffersize: int | None = None) -> Iterator[Any]:
+        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+
+    def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
+                       chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
+
+    def close(self) -> None:
+        """Accept no more tasks; workers exit once every submitted task is done."""
+        if self._state == RUN:
+            self._state = CLOSE
+        self._core.close()
+
+    def terminate(self) -> None:
+        """Stop the workers now; tasks not finished fail with TaskCancelledError."""
+        self._state = TERMINATE
+        self._core.terminate()
+
+    def join(self) -> None:
+        """Wait for the workers to exit; call close() or terminate() first."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        self._core.join()
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.terminate()  # as multiprocessing.Pool does
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__module__}.{type(self).__qualname__} "
+                f"state={self._state} pool_size={self._processes}>")
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                  source=self)
+            core = getattr(self, "_core", None)
+            if core is not None:
+                core.terminate()
+
+    # --- what multiprocessing's own tests reach into ---------------------------------------
+
+    @property
+    def _pool(self) -> list[BaseProcess]:
+        with self._core.lock:
+            return [worker.endpoint.process for worker in self._core.lifecycle]
+
+    def _repopulate_pool(self) -> None:
+        """Wait (up to 5 s) until every worker slot holds a process again."""
+        deadline = time.monotonic() + 5.0
+        self._core.wake()
+        while len(self._core.lifecycle) < self._processes and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
+                   chunksize: int | None,
+                   callback: Callable[[Any], object] | None = None,
+                   error_callback: Callable[[BaseException], object] | None = None,
+                   ) -> MapResult:
+        self._check_running()
+        items = iterable if hasattr(iterable, "__len__") else list(iterable)
+        items = list(items)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        elif chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+        if not items:
+            chunksize = 0
+        result = MapResult(len(items), chunksize, callback, error_callback)
+        core = self._core
+        core.submit([
+            core.new_task(_run_chunk, (func, items[start:start + chunksize], star), {},
+                          result, index)
+            for index, start in enumerate(range(0, len(items), chunksize or 1))
+        ])
+        return result
+
+    def _imap(self, kind: type[IMapIterator], func: Callable[[Any], Any],
+              iterable: Iterable[Any], chunksize: int, buffersize: int | None) -> Iterator[Any]:
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        if buffersize is not None:
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        budget = threading.Semaphore(buffersize) if buffersize is not None else None
+        result = kind(budget.release if budget is not None else None)
+        core = self._core
+        feeder = threading.Thread(target=_feed,
+                                  args=(core, result, func, iter(iterable), chunksize, budget),
+                                  name="shmrunner-imap-feeder", daemon=True)
+        with core.lock:
+            core.feeders.add(feeder)
+        feeder.start()
+        if chunksize == 1:
+            return result
+        return (item for chunk in result for item in chunk)
+
+
+def _feed(core: _Core, result: IMapIterator, func: Callable[[Any], Any],
+          items: Iterator[Any], chunksize: int, budget: threading.Semaphore | None) -> None:
+    """An imap's feeder thread: read the input lazily, at the pace the pool runs it."""
+    index = 0
+    try:
+        while True:
+            if budget is not None:
+                while not budget.acquire(timeout=0.5):
+                    if core.state == TERMINATE:
+                        return
+            if not core.wait_for_room():
+                return
+            try:
+                chunk = list(itertools.islice(items, chunksize))
+            except Exception as exc:
+                result._set(index, False, exc)
+                result._set_length(index + 1)
+                return
+            if not chunk:
+                result._set_length(index)
+                return
+            fn, args = (func, (chunk[0],)) if chunksize == 1 else (_run_chunk, (func, chunk, False))
+            core.submit([core.new_task(fn, args, {}, result, index)])
+            index += 1
+    finally:
+        with core.lock:
+            core.feeders.discard(threading.current_thread())
+        core.wake()

@@ -1,0 +1,1 @@
+"""How bytes move between processes: fd-carrying channels and array-aware pickling."""

@@ -1,0 +1,221 @@
+"""A message channel over an AF_UNIX stream socket that carries fds with bytes.
+
+Frame: a 12-byte header ``<length: u64><nfds: u32>`` then ``length`` payload
+bytes; the message's fds ride as ``SCM_RIGHTS`` on the ``sendmsg`` that carries
+its first byte. On Linux a stream ``recvmsg`` never merges data past a segment
+that carries fds, so fds always arrive no later than their header and in
+message order: the reader keeps them in a FIFO and gives each header the next
+``nfds`` of them.
+
+Two ways to use one end:
+
+* blocking (the worker side): :meth:`FdChannel.send` and :meth:`FdChannel.recv`;
+* non-blocking (the pool's manager thread, which serves many workers from one
+  ``selectors`` loop and so must never block on one of them):
+  :meth:`FdChannel.send_nowait` queues what the socket does not take and
+  :meth:`FdChannel.flush` sends more when it is writable; :meth:`FdChannel.read_ready`
+  drains what has arrived and returns the complete messages.
+
+Closed by the peer (EOF) is reported as :class:`ChannelClosed`, distinct from
+any message.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import os
+import socket
+import struct
+from typing import Callable
+
+__all__ = ["ChannelClosed", "FdChannel", "channel_pair"]
+
+_HEADER = struct.Struct("<QI")
+_MAX_FDS = 253
+_ANCBUF = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+_RECV_CHUNK = 1 << 16
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+class ChannelClosed(EOFError):
+    """The other end of the channel closed (or its process died)."""
+
+
+def channel_pair() -> tuple[FdChannel, FdChannel]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return FdChannel(a), FdChannel(b)
+
+
+class FdChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._rbuf = bytearray()
+        self._rfds: collections.deque[int] = collections.deque()
+        self._pending: collections.deque[tuple[memoryview, list[int], Callable[[], None] | None]]
+        self._pending = collections.deque()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket and every fd received or queued but not handed out."""
+        while self._rfds:
+            _close(self._rfds.popleft())
+        while self._pending:
+            _, _, done = self._pending.popleft()
+            if done is not None:
+                done()
+        self.sock.close()
+
+    # --- blocking side ----------------------------------------------------------
+
+    def send(self, payload: bytes, fds: list[int] = []) -> None:  # noqa: B006 (never mutated)
+        """Send one message, blocking until the socket has taken all of it."""
+        header = _HEADER.pack(len(payload), len(fds))
+        anc = _rights(fds)
+        sent = self.sock.sendmsg([header, payload], anc)
+        total = len(header) + len(payload)
+        if sent < total:
+            rest = memoryview(header + payload if sent < len(header) else payload)
+            offset = sent if sent < len(header) else sent - len(header)
+            self.sock.sendall(rest[offset:])
+
+    def recv(self) -> tuple[bytearray, list[int]]:
+        """Receive one message, blocking; raise ChannelClosed at EOF."""
+        while True:
+            message = self._next_message()
+            if message is not None:
+                return message
+            missing = self._missing()
+            if missing > _RECV_CHUNK:
+                self._read_exact(missing)
+            else:
+                self._receive_some(blocking=True)
+
+    # --- non-blocking side ------------------------------------------------------
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._pending)
+
+    def send_nowait(self, payload: bytes, fds: list[int],
+                    done: Callable[[], None] | None = None) -> None:
+        """Send what the socket takes now and queue the rest for :meth:`flush`.
+
+        ``done`` runs once the message's fds have been handed to the kernel
+        (or the message is dropped at close): the place to close owned fds.
+        """
+        frame = memoryview(_HEADER.pack(len(payload), len(fds)) + payload)
+        self._pending.append((frame, fds, done))
+        if len(self._pending) == 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send queued bytes until the socket would block."""
+        while self._pending:
+            frame, fds, done = self._pending[0]
+            try:
+                sent = self.sock.sendmsg([frame], _rights(fds), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if fds or done is not None:
+                # The fds went with the first byte; the rest of the frame carries none.
+                self._pending[0] = (frame, [], None)
+                if done is not None:
+                    done()
+            if sent < len(frame):
+                self._pending[0] = (frame[sent:], [], None)
+                return
+            self._pending.popleft()
+
+    def read_ready(self) -> list[tuple[bytearray, list[int]]]:
+        """Drain the socket without blocking; return the complete messages.
+
+        Raises ChannelClosed at EOF, after the caller has had every complete
+        message received before it (call again to collect them: see below).
+        """
+        messages = []
+        closed = False
+        try:
+            # Bounded, so one chatty worker cannot starve the others.
+            for _ in range(16):
+                if not self._receive_some(blocking=False):
+                    break
+        except ChannelClosed:
+            closed = True
+        while (message := self._next_message()) is not None:
+            messages.append(message)
+        if closed and not messages:
+            raise ChannelClosed
+        return messages
+
+    # --- internals ----------------------------------------------------------------
+
+    def _receive_some(self, blocking: bool) -> bool:
+        """One recvmsg; False when it would block. Raises ChannelClosed at EOF."""
+        flags = _CLOEXEC | (0 if blocking else socket.MSG_DONTWAIT)
+        size = max(_RECV_CHUNK, min(self._missing(), 1 << 24))
+        try:
+            data, anc, _, _ = self.sock.recvmsg(size, _ANCBUF, flags)
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            data, anc = b"", []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self._rfds.extend(fds)
+        if not data:
+            raise ChannelClosed
+        self._rbuf += data
+        return True
+
+    def _missing(self) -> int:
+        """Bytes still to come for the message at the head of the buffer."""
+        if len(self._rbuf) < _HEADER.size:
+            return 0
+        length, _ = _HEADER.unpack_from(self._rbuf)
+        return _HEADER.size + length - len(self._rbuf)
+
+    def _next_message(self) -> tuple[bytearray, list[int]] | None:
+        buf = self._rbuf
+        if len(buf) < _HEADER.size:
+            return None
+        length, nfds = _HEADER.unpack_from(buf)
+        end = _HEADER.size + length
+        if len(buf) < end:
+            return None
+        payload = buf[_HEADER.size:end]
+        del buf[:end]
+        if nfds > len(self._rfds):
+            raise ChannelClosed(f"message announced {nfds} fds but {len(self._rfds)} arrived")
+        return payload, [self._rfds.popleft() for _ in range(nfds)]
+
+    def _read_exact(self, missing: int) -> None:
+        # A large payload goes straight into one buffer of the right size
+        # instead of growing the bytearray 64 KiB at a time. Reading exactly
+        # ``missing`` bytes never consumes the next message (nor its fds).
+        chunk = bytearray(missing)
+        view = memoryview(chunk)
+        got = 0
+        while got < missing:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ChannelClosed
+            got += n
+        self._rbuf += chunk
+
+
+def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,146 @@
+"""Pickling that moves numpy arrays by handle instead of by bytes.
+
+``dumps(obj)`` pickles ``obj`` with multiprocessing's ``ForkingPickler``, except
+that every numpy array found anywhere inside it (tuples, lists, dicts,
+dataclass and object attributes: pickle's own traversal reaches them all) is
+replaced by a small handle naming one of the file descriptors that travel
+beside the bytes:
+
+* an array viewing a shared :class:`~shmrunner.shm.Segment` sends that
+  segment's fd: O(1), and the receiver sees the same memory;
+* a plain array of at least ``threshold`` bytes is copied once into a fresh
+  memfd (value semantics, like pickling); the fd is owned by the message and
+  closed once sent;
+* anything else (small arrays, object dtypes, subclasses) pickles as usual.
+
+``loads(data, fds)`` rebuilds the arrays over new mappings of those fds. A
+segment referenced twice in one message is mapped once.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..errors import SharedMemoryError
+from ..shm import Segment, copy_to_memfd, segment_of, warn_fallback
+
+__all__ = ["Encoded", "MAX_FDS", "dumps", "loads", "close_fds"]
+
+# SCM_RIGHTS carries at most 253 fds per message (Linux SCM_MAX_FD); arrays
+# past this count in one message are pickled inline.
+MAX_FDS = 250
+
+
+class Encoded:
+    """A pickled message: its bytes, the fds to send with it, and which of those
+    fds the message owns (closed after sending, or when dropped unsent)."""
+
+    __slots__ = ("data", "fds", "owned")
+
+    def __init__(self, data: bytes, fds: list[int], owned: list[int]) -> None:
+        self.data = data
+        self.fds = fds
+        self.owned = owned
+
+    def release(self) -> None:
+        """Close the fds this message owns; call once it is sent or dropped."""
+        close_fds(self.owned)
+        self.owned = []
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _ArrayPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, threshold: int) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        from multiprocessing.reduction import ForkingPickler
+
+        table = ForkingPickler._copyreg_dispatch_table.copy()  # type: ignore[attr-defined]
+        table.update(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
+        table[np.ndarray] = self._reduce_array
+        self.dispatch_table = table
+        self.threshold = threshold
+        self.fds: list[int] = []
+        self.owned: list[int] = []
+        self._index_of_fd: dict[int, int] = {}
+
+    def _reduce_array(self, array: np.ndarray[Any, Any]) -> Any:
+        if array.dtype.hasobject or len(self.fds) >= MAX_FDS:
+            return array.__reduce__()
+        seg = segment_of(array)
+        if seg is not None:
+            offset = array.ctypes.data - seg.address
+            index = self._add_fd(seg.fd, owned=False)
+            return _rebuild_array, (index, len(seg), offset, array.shape, array.strides,
+                                    array.dtype)
+        if array.nbytes < self.threshold:
+            return array.__reduce__()
+        try:
+            fd, size, strides = copy_to_memfd(array)
+        except SharedMemoryError:
+            raise  # the array cannot fit: pickling it would not fit either
+        except OSError as exc:
+            warn_fallback(exc)
+            return array.__reduce__()
+        index = self._add_fd(fd, owned=True)
+        return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype)
+
+    def _add_fd(self, fd: int, owned: bool) -> int:
+        index = self._index_of_fd.get(fd)
+        if index is None:
+            index = self._index_of_fd[fd] = len(self.fds)
+            self.fds.append(fd)
+            if owned:
+                self.owned.append(fd)
+        return index
+
+
+def dumps(obj: object, threshold: int) -> Encoded:
+    """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd."""
+    buf = io.BytesIO()
+    pickler = _ArrayPickler(buf, threshold)
+    try:
+        pickler.dump(obj)
+    except BaseException:
+        close_fds(pickler.owned)
+        raise
+    return Encoded(buf.getvalue(), pickler.fds, pickler.owned)
+
+
+_receiving = threading.local()
+
+
+def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
+    """Unpickle a message whose arrays arrived as ``fds``; every fd is consumed
+    (owned by a segment, or closed) whatever happens."""
+    if not fds:
+        return pickle.loads(data)
+    _receiving.fds = fds
+    _receiving.segments = {}
+    try:
+        return pickle.loads(data)
+    finally:
+        segments: dict[int, Segment] = _receiving.segments
+        close_fds([fd for i, fd in enumerate(fds) if i not in segments])
+        _receiving.fds = _receiving.segments = None
+
+
+def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
+                   strides: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    segments: dict[int, Segment] = _receiving.segments
+    seg = segments.get(index)
+    if seg is None:
+        seg = segments[index] = Segment.attach(_receiving.fds[index], size)
+    return np.ndarray(shape, dtype, buffer=seg, offset=offset, strides=strides)

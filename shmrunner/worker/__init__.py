@@ -1,0 +1,1 @@
+"""The worker side: its lifecycle (spawn, reap, respawn) and its task loop."""

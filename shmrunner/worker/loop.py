@@ -1,0 +1,109 @@
+"""The worker process: receive a task, run it, send the result, repeat.
+
+Messages on the worker's channel (see ``transport/fdchannel.py``):
+
+* parent -> worker: ``<task id: u64><pickle of (fn, args, kwargs)>`` with the
+  arrays' fds; an empty message means "stop".
+* worker -> parent: ``<task id: u64><pickle of (ok, value)>``; ``value`` is
+  the result, or ``(exception, formatted traceback)``. Two ids are control
+  messages: ``BYE`` (retiring after ``maxtasks``, said before exiting so the
+  parent does not count the worker lost) and ``INIT_FAILED``.
+
+The task id travels outside the pickle both ways, so that a task whose
+arguments cannot be unpickled here, or whose result cannot be unpickled
+there, still gets its failure reported against the right task. The worker dies with its
+parent (``PR_SET_PDEATHSIG``), ignores SIGINT (Ctrl-C is the parent's to
+handle: it terminates the pool), and drops every reference to a task's
+arguments and result before waiting for the next, so shared segments are
+unmapped as soon as neither side uses them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+from multiprocessing.pool import MaybeEncodingError
+from typing import Any, Callable
+
+from ..transport.fdchannel import ChannelClosed, FdChannel
+from ..transport.pickling import dumps, loads
+
+__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED"]
+
+TASK_ID = struct.Struct("<Q")
+BYE = (1 << 64) - 1
+INIT_FAILED = (1 << 64) - 2
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_main(sock: socket.socket, parent_pid: int | None,
+                initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
+                maxtasks: int | None, threshold: int, inherited: list[int]) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in inherited:  # fork: the parent's ends of the other workers' channels
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    channel = FdChannel(sock)
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:  # noqa: BLE001 (reported to the parent)
+            _send(channel, INIT_FAILED, False, (exc, traceback.format_exc()), threshold)
+            return
+    done = 0
+    while maxtasks is None or done < maxtasks:
+        try:
+            payload, fds = channel.recv()
+        except ChannelClosed:
+            return  # the parent is gone
+        if not payload:
+            return
+        (task_id,) = TASK_ID.unpack_from(payload)
+        ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
+        del payload, fds
+        _send(channel, task_id, ok, value, threshold)
+        del value  # unmap this task's arrays before waiting for the next
+        done += 1
+    _send(channel, BYE, True, None, threshold)
+
+
+def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:
+    try:
+        fn, args, kwargs = loads(body, fds)
+        return True, fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 (even SystemExit: the task fails, the worker lives)
+        return False, (exc, traceback.format_exc())
+
+
+def _send(channel: FdChannel, task_id: int, ok: bool, value: Any, threshold: int) -> None:
+    try:
+        encoded = dumps((ok, value), threshold)
+    except Exception as exc:  # the result (or exception) cannot be pickled
+        wrapped = MaybeEncodingError(exc, value[0] if not ok else value)
+        encoded = dumps((False, (wrapped, traceback.format_exc())), threshold)
+    try:
+        channel.send(TASK_ID.pack(task_id) + encoded.data, encoded.fds)
+    except (BrokenPipeError, ConnectionResetError):
+        sys.exit(0)  # the parent is gone; nothing is waiting for this result
+    finally:
+        encoded.release()
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask the kernel to SIGKILL us when the thread that spawned us dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before prctl took effect.
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
