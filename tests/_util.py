@@ -1,0 +1,77 @@
+"""Helpers shared by the tests: deadlines instead of sleeps, and leak probes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
+               interval: float = 0.01, message: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; fail with ``message`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def children(pid: int | None = None) -> list[int]:
+    """Live (not zombie) descendants of ``pid`` (default: this process)."""
+    root = os.getpid() if pid is None else pid
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if fields[0] == b"Z":
+            continue
+        parent_of[int(entry)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        current = frontier.pop()
+        for child, parent in parent_of.items():
+            if parent == current:
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+
+
+def shm_segments(pid: int | str = "self") -> list[str]:
+    """shmrunner memfds a process holds open or mapped (empty when none)."""
+    found = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/memfd:shmrunner"):
+                found.append(f"fd {fd}")
+        with open(f"/proc/{pid}/maps") as f:
+            found += [line.strip() for line in f if "/memfd:shmrunner" in line]
+    except OSError:
+        pass
+    return found
+
+
+def dev_shm_entries() -> list[str]:
+    try:
+        return sorted(name for name in os.listdir("/dev/shm") if "shmrunner" in name)
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,41 @@
+"""Every test runs under the no-leak contract: when it ends, no worker process
+is left and no shared-memory segment is held or mapped by anything it made."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+
+import pytest
+from _util import children, dev_shm_entries, shm_segments, wait_until
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
+    """Each start method in turn."""
+    return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    before = set(children())
+    yield
+    # The forkserver process is shared by the whole session; it is not a leak.
+    def leftover() -> list[int]:
+        return [pid for pid in children() if pid not in before and not _is_forkserver(pid)]
+
+    wait_until(lambda: not leftover(), timeout=15, message="worker processes to exit")
+    gc.collect()
+    wait_until(lambda: not shm_segments(), timeout=5,
+               message="shared segments held by the test process to be released")
+    assert dev_shm_entries() == []
+
+
+def _is_forkserver(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"forkserver" in f.read()
+    except OSError:
+        return False
