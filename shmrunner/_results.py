@@ -12,8 +12,9 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from multiprocessing import TimeoutError
-from typing import Any, Callable, Iterator
+from typing import Any
 
 __all__ = ["ApplyResult", "MapResult", "IMapIterator", "IMapUnorderedIterator"]
 

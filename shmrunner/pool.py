@@ -29,8 +29,11 @@ Guarantees:
   go back to the queue; a new worker takes its place.
 * Each worker is sent at most two tasks at a time (one running, one queued
   behind it, so it never waits on a round trip), and only one while another
-  worker is idle. Tasks are pickled only when dispatched, so shared memory in
-  use stays bounded by the workers' capacity, not by the length of the input.
+  worker is idle; a worker whose tasks take under half a millisecond may hold
+  16, so tiny tasks and their results travel many per syscall (the worker
+  batches those results too, see ``worker/loop.py``). Tasks are pickled only
+  when dispatched, so shared memory in use stays bounded by the workers'
+  capacity, not by the length of the input.
 * Workers die with the pool's process (``PR_SET_PDEATHSIG`` in the worker;
   they are all started by the manager thread, which outlives them).
 * Caller threads send directly when a worker has room (no thread hop on the
@@ -50,15 +53,16 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from .errors import InitializerError, TaskCancelledError, WorkerLostError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
 from .transport.fdchannel import ChannelClosed, FdChannel
-from .transport.pickling import Encoded, close_fds, dumps, loads
+from .transport.pickling import close_fds, dumps, loads
 from .worker.lifecycle import Lifecycle, Worker
 from .worker.loop import BYE, INIT_FAILED, TASK_ID, worker_main
 
@@ -70,10 +74,13 @@ log = logging.getLogger("shmrunner.pool")
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 _TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL in terminate()
+_CAPACITY = 2  # tasks a worker holds: one running, one queued behind it
+_FAST_CAPACITY = 16  # ... when its tasks take under _FAST_TASK seconds each
+_FAST_TASK = 500e-6
 
 
 class _Task:
-    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "encoded")
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index")
 
     def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: Mapping[str, Any], result: Any, index: int) -> None:
@@ -83,7 +90,6 @@ class _Task:
         self.kwargs = kwargs
         self.result = result
         self.index = index
-        self.encoded: Encoded | None = None
 
     def describe(self) -> str:
         fn = self.args[0] if self.fn is _run_chunk else self.fn
@@ -98,12 +104,13 @@ def _run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any
 
 
 class _Endpoint:
-    __slots__ = ("process", "channel", "stopping")
+    __slots__ = ("process", "channel", "stopping", "last_result")
 
     def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
         self.process = process
         self.channel = channel
         self.stopping = False
+        self.last_result = 0.0
 
 
 class _Core:
@@ -129,7 +136,7 @@ class _Core:
         self.broken: BaseException | None = None
         self.feeders: set[threading.Thread] = set()
         self.feed_limit = max(8, 4 * processes)
-        self.lifecycle: Lifecycle[_Task] = Lifecycle(self._spawn, processes, capacity=2,
+        self.lifecycle: Lifecycle[_Task] = Lifecycle(self._spawn, processes, capacity=_CAPACITY,
                                                      max_tasks=maxtasks)
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
@@ -155,16 +162,15 @@ class _Core:
 
     def submit(self, tasks: Iterable[_Task]) -> None:
         with self.lock:
-            if self.broken is not None:
-                failed = list(tasks)
-            else:
-                failed = []
+            if self.broken is None:
                 self.pending.extend(tasks)
-        for task in failed:
-            self.deliver(task, False, self.broken)
-        self.dispatch()
+                failed = self._dispatch_locked()
+            else:
+                failed = [(task, self.broken) for task in tasks]
+        for task, error in failed:
+            self.deliver(task, False, error)
 
-    def wait_for_room(self, deadline: float | None = None) -> bool:
+    def wait_for_room(self) -> bool:
         """Block a feeder until the queue has room; False once terminated."""
         with self.room:
             while len(self.pending) >= self.feed_limit and self.state != TERMINATE:
@@ -172,33 +178,46 @@ class _Core:
             return self.state != TERMINATE
 
     def dispatch(self) -> None:
-        """Send queued tasks to workers with room. Pickling (which copies plain
-        arrays into shared memory) runs outside the lock."""
-        while True:
-            with self.lock:
-                if self.state == TERMINATE or not self.pending:
-                    return
-                worker = self.lifecycle.pick()
-                if worker is None:
-                    return
-                task = self.pending.popleft()
-                if task.encoded is not None:
-                    self.lifecycle.assign(worker, task)
-                    self._send(worker, task)
-                    self.room.notify_all()
-                    continue
+        with self.lock:
+            failed = self._dispatch_locked()
+        for task, error in failed:
+            self.deliver(task, False, error)
+
+    def _dispatch_locked(self) -> list[tuple[_Task, BaseException]]:
+        """Pickle queued tasks for workers with room and send them, one syscall
+        per worker. Returns the tasks that could not be pickled, to be failed
+        once the lock is released (their callbacks must not run under it)."""
+        failed: list[tuple[_Task, BaseException]] = []
+        if self.state == TERMINATE:
+            return failed
+        batches: dict[Worker[_Task], list[tuple[bytes, list[int], Callable[[], None]]]] = {}
+        pending, lifecycle = self.pending, self.lifecycle
+        while pending:
+            worker = lifecycle.pick()
+            if worker is None:
+                break
+            task = pending.popleft()
             try:
-                task.encoded = dumps((task.fn, task.args, task.kwargs), self.threshold)
+                # Pickling copies plain arrays into shared memory: done here, at
+                # dispatch, so only the tasks in flight ever occupy any.
+                encoded = dumps((task.fn, task.args, task.kwargs), self.threshold)
             except Exception as exc:
-                self.deliver(task, False, exc)
+                failed.append((task, exc))
                 continue
-            with self.lock:
-                if self.state != TERMINATE:
-                    self.pending.appendleft(task)
-                    continue
-            task.encoded.release()
-            self.deliver(task, False, TaskCancelledError("the pool was terminated"))
-            return
+            lifecycle.assign(worker, task)
+            batches.setdefault(worker, []).append(
+                (TASK_ID.pack(task.id) + encoded.data, encoded.fds, encoded.release))
+        if batches:
+            self.room.notify_all()
+        for worker, messages in batches.items():
+            channel: FdChannel = worker.endpoint.channel
+            try:
+                channel.send_many(messages)
+            except OSError:
+                pass  # the worker is gone: its sentinel fires and _reap requeues its tasks
+            if channel.wants_write:
+                self.wake()
+        return failed
 
     def deliver(self, task: _Task, ok: bool, value: Any) -> None:
         result, index = task.result, task.index
@@ -220,8 +239,6 @@ class _Core:
             self.pending.clear()
             self.room.notify_all()
         for task in cancelled:
-            if task.encoded is not None:
-                task.encoded.release()
             self.deliver(task, False, TaskCancelledError("the pool was terminated"))
         self.wake()
 
@@ -276,21 +293,25 @@ class _Core:
         self.started.set()
         try:
             while True:
+                chores = False  # results alone need no housekeeping: the hot path
                 for key, mask in self.selector.select():
                     kind, worker = key.data
                     if kind == "wake":
                         self._drain_wake()
+                        chores = True
                     elif worker.id not in self.lifecycle.workers:
                         continue  # reaped earlier in this batch of events
                     elif kind == "chan":
                         if mask & selectors.EVENT_WRITE:
                             with self.lock:
                                 worker.endpoint.channel.flush()
+                            chores = True
                         if mask & selectors.EVENT_READ:
                             self._read(worker)
                     elif kind == "dead":
                         self._reap(worker)
-                if self._housekeeping():
+                        chores = True
+                if chores and self._housekeeping():
                     break
         except BaseException:
             log.exception("shmrunner pool manager thread crashed; terminating the pool")
@@ -314,30 +335,52 @@ class _Core:
             # The process is exiting; its sentinel will fire and _reap accounts for it.
             self.selector.unregister(channel.sock)
             return
-        for payload, fds in messages:
-            self._handle(worker, payload, fds)
-        self.dispatch()
+        self._handle(worker, messages)
 
-    def _handle(self, worker: Worker[_Task], payload: bytearray, fds: list[int]) -> None:
-        (task_id,) = TASK_ID.unpack_from(payload)
-        if task_id == BYE:
-            worker.retiring = True
-            close_fds(fds)
-            return
-        try:
-            ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
-        except Exception as exc:
-            ok, value = False, (exc, "")
-        if not ok:
-            exc, tb = value
-            value = attach_remote_traceback(exc, tb) if tb else exc
-        if task_id == INIT_FAILED:
-            self._break(value)
-            return
+    def _handle(self, worker: Worker[_Task], messages: list[tuple[bytearray, list[int]]]) -> None:
+        """Decode a worker's messages, then under one lock: retire finished
+        tasks and refill the worker; callbacks run after the lock is released."""
+        outcomes = []
+        for payload, fds in messages:
+            (task_id,) = TASK_ID.unpack_from(payload)
+            if task_id == BYE:
+                worker.retiring = True
+                close_fds(fds)
+                continue
+            try:
+                ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
+            except Exception as exc:
+                ok, value = False, (exc, "")
+            if not ok:
+                exc, tb = value
+                value = attach_remote_traceback(exc, tb) if tb else exc
+            if task_id == INIT_FAILED:
+                self._break(value)
+                return
+            outcomes.append((task_id, ok, value))
+        self._pace(worker, len(outcomes))
         with self.lock:
-            task = self.lifecycle.finish(worker, task_id)
-        if task is not None:
-            self.deliver(task, ok, value)
+            finished = [(self.lifecycle.finish(worker, task_id), ok, value)
+                        for task_id, ok, value in outcomes]
+            failed = self._dispatch_locked()
+        for task, ok, value in finished:
+            if task is not None:
+                self.deliver(task, ok, value)
+        for task, error in failed:
+            self.deliver(task, False, error)
+
+    def _pace(self, worker: Worker[_Task], results: int) -> None:
+        """Let a worker that turns tasks around fast hold more of them, so tiny
+        tasks travel (and their results come back) many per syscall; slow
+        tasks keep the default of one running plus one queued, which keeps
+        the load balanced."""
+        if not results:
+            return
+        ep: _Endpoint = worker.endpoint
+        now = time.monotonic()
+        per_task = (now - ep.last_result) / results
+        ep.last_result = now
+        worker.capacity = _FAST_CAPACITY if per_task < _FAST_TASK else _CAPACITY
 
     def _break(self, cause: BaseException) -> None:
         name = getattr(self.initializer, "__qualname__", repr(self.initializer))
@@ -355,8 +398,8 @@ class _Core:
     def _reap(self, worker: Worker[_Task]) -> None:
         ep: _Endpoint = worker.endpoint
         try:  # results the worker sent before it died still count
-            for payload, fds in ep.channel.read_ready():
-                self._handle(worker, payload, fds)
+            while messages := ep.channel.read_ready():
+                self._handle(worker, messages)
         except ChannelClosed:
             pass
         ep.process.join()
@@ -368,11 +411,8 @@ class _Core:
         with self.lock:
             loss = self.lifecycle.lose(worker)
             ep.channel.close()
-            for task in reversed(loss.unstarted):
-                if task.encoded is not None:
-                    task.encoded.release()
-                    task.encoded = None
-                self.pending.appendleft(task)
+            # Never started: safe to run elsewhere (pickled again at dispatch).
+            self.pending.extendleft(reversed(loss.unstarted))
             terminating = self.state == TERMINATE
         if loss.running is not None:
             if terminating:
@@ -438,19 +478,6 @@ class _Core:
         self.selector.close()
         self.wake_r.close()
         self.wake_w.close()
-
-    def _send(self, worker: Worker[_Task], task: _Task) -> None:
-        encoded = task.encoded
-        assert encoded is not None
-        task.encoded = None
-        channel: FdChannel = worker.endpoint.channel
-        try:
-            channel.send_nowait(TASK_ID.pack(task.id) + encoded.data, encoded.fds,
-                                done=encoded.release)
-        except OSError:
-            encoded.release()  # the worker is gone; _reap will requeue the task
-        if channel.wants_write:
-            self.wake()
 
 
 def _resolve_threshold(threshold: int | None) -> int:

@@ -25,9 +25,10 @@ from __future__ import annotations
 import array
 import collections
 import os
+import select
 import socket
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["ChannelClosed", "FdChannel", "channel_pair"]
 
@@ -52,7 +53,8 @@ class FdChannel:
         self.sock = sock
         self._rbuf = bytearray()
         self._rfds: collections.deque[int] = collections.deque()
-        self._pending: collections.deque[tuple[memoryview, list[int], Callable[[], None] | None]]
+        # Queued output: (bytes left to send, fds to attach, callbacks once sent).
+        self._pending: collections.deque[tuple[memoryview, list[int], list[Callable[[], None]]]]
         self._pending = collections.deque()
 
     def fileno(self) -> int:
@@ -62,24 +64,32 @@ class FdChannel:
         """Close the socket and every fd received or queued but not handed out."""
         while self._rfds:
             _close(self._rfds.popleft())
-        while self._pending:
-            _, _, done = self._pending.popleft()
-            if done is not None:
-                done()
+        self._drop_pending()
         self.sock.close()
+
+    def _drop_pending(self) -> None:
+        while self._pending:
+            for callback in self._pending.popleft()[2]:
+                callback()
 
     # --- blocking side ----------------------------------------------------------
 
     def send(self, payload: bytes, fds: list[int] = []) -> None:  # noqa: B006 (never mutated)
         """Send one message, blocking until the socket has taken all of it."""
-        header = _HEADER.pack(len(payload), len(fds))
-        anc = _rights(fds)
-        sent = self.sock.sendmsg([header, payload], anc)
-        total = len(header) + len(payload)
-        if sent < total:
-            rest = memoryview(header + payload if sent < len(header) else payload)
-            offset = sent if sent < len(header) else sent - len(header)
-            self.sock.sendall(rest[offset:])
+        self.send_all([(payload, fds, None)])
+
+    def send_all(self, messages: list[tuple[bytes, list[int], Callable[[], None] | None]],
+                 ) -> None:
+        """Send several messages, coalesced, blocking until all are sent (or
+        the peer is gone: then they are dropped and the next recv sees EOF)."""
+        self.send_many(messages)
+        while self._pending:
+            select.select([], [self.sock], [])
+            self.flush()
+
+    def has_message(self) -> bool:
+        """True if a complete message is already buffered (recv won't block)."""
+        return self._missing() <= 0 and len(self._rbuf) >= _HEADER.size
 
     def recv(self) -> tuple[bytearray, list[int]]:
         """Receive one message, blocking; raise ChannelClosed at EOF."""
@@ -106,10 +116,29 @@ class FdChannel:
         ``done`` runs once the message's fds have been handed to the kernel
         (or the message is dropped at close): the place to close owned fds.
         """
-        frame = memoryview(_HEADER.pack(len(payload), len(fds)) + payload)
-        self._pending.append((frame, fds, done))
-        if len(self._pending) == 1:
-            self.flush()
+        self.send_many([(payload, fds, done)])
+
+    def send_many(self, messages: list[tuple[bytes, list[int], Callable[[], None] | None]],
+                  ) -> None:
+        """:meth:`send_nowait` for several messages, coalesced into as few
+        ``sendmsg`` calls as the per-call fd limit allows."""
+        frames: list[bytes] = []
+        group_fds: list[int] = []
+        group_done: list[Callable[[], None]] = []
+        for payload, fds, done in messages:
+            if group_fds and len(group_fds) + len(fds) > _MAX_FDS:
+                self._queue(b"".join(frames), group_fds, group_done)
+                frames, group_fds, group_done = [], [], []
+            frames.append(_HEADER.pack(len(payload), len(fds)))
+            frames.append(payload)
+            group_fds.extend(fds)
+            if done is not None:
+                group_done.append(done)
+        self._queue(b"".join(frames), group_fds, group_done)
+        self.flush()
+
+    def _queue(self, frame: bytes, fds: list[int], done: list[Callable[[], None]]) -> None:
+        self._pending.append((memoryview(frame), fds, done))
 
     def flush(self) -> None:
         """Send queued bytes until the socket would block."""
@@ -119,13 +148,18 @@ class FdChannel:
                 sent = self.sock.sendmsg([frame], _rights(fds), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            if fds or done is not None:
+            except OSError:
+                # The peer is gone: nothing queued can be delivered any more.
+                # Whoever watches the peer (a process sentinel) accounts for it.
+                self._drop_pending()
+                return
+            if fds or done:
                 # The fds went with the first byte; the rest of the frame carries none.
-                self._pending[0] = (frame, [], None)
-                if done is not None:
-                    done()
+                self._pending[0] = (frame, [], [])
+                for callback in done:
+                    callback()
             if sent < len(frame):
-                self._pending[0] = (frame[sent:], [], None)
+                self._pending[0] = (frame[sent:], [], [])
                 return
             self._pending.popleft()
 
@@ -138,9 +172,10 @@ class FdChannel:
         messages = []
         closed = False
         try:
-            # Bounded, so one chatty worker cannot starve the others.
+            # Bounded, so one chatty worker cannot starve the others; a short
+            # read means the socket is (nearly) drained and epoll will say if not.
             for _ in range(16):
-                if not self._receive_some(blocking=False):
+                if self._receive_some(blocking=False) < _RECV_CHUNK:
                     break
         except ChannelClosed:
             closed = True
@@ -152,14 +187,15 @@ class FdChannel:
 
     # --- internals ----------------------------------------------------------------
 
-    def _receive_some(self, blocking: bool) -> bool:
-        """One recvmsg; False when it would block. Raises ChannelClosed at EOF."""
+    def _receive_some(self, blocking: bool) -> int:
+        """One recvmsg; the bytes received (0 if it would block). Raises
+        ChannelClosed at EOF."""
         flags = _CLOEXEC | (0 if blocking else socket.MSG_DONTWAIT)
         size = max(_RECV_CHUNK, min(self._missing(), 1 << 24))
         try:
             data, anc, _, _ = self.sock.recvmsg(size, _ANCBUF, flags)
         except BlockingIOError:
-            return False
+            return 0
         except ConnectionResetError:
             data, anc = b"", []
         for level, kind, cdata in anc:
@@ -170,7 +206,7 @@ class FdChannel:
         if not data:
             raise ChannelClosed
         self._rbuf += data
-        return True
+        return len(data)
 
     def _missing(self) -> int:
         """Bytes still to come for the message at the head of the buffer."""

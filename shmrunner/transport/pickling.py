@@ -19,10 +19,12 @@ segment referenced twice in one message is mapped once.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import os
 import pickle
 import threading
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -62,61 +64,85 @@ def close_fds(fds: list[int]) -> None:
             pass
 
 
-class _ArrayPickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, threshold: int) -> None:
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
-        from multiprocessing.reduction import ForkingPickler
+class _Sending:
+    """Per-message state of a dump: the fds collected so far."""
 
-        table = ForkingPickler._copyreg_dispatch_table.copy()  # type: ignore[attr-defined]
-        table.update(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
-        table[np.ndarray] = self._reduce_array
-        self.dispatch_table = table
+    __slots__ = ("threshold", "fds", "owned", "index_of_fd")
+
+    def __init__(self, threshold: int) -> None:
         self.threshold = threshold
         self.fds: list[int] = []
         self.owned: list[int] = []
-        self._index_of_fd: dict[int, int] = {}
+        self.index_of_fd: dict[int, int] = {}
 
-    def _reduce_array(self, array: np.ndarray[Any, Any]) -> Any:
-        if array.dtype.hasobject or len(self.fds) >= MAX_FDS:
-            return array.__reduce__()
-        seg = segment_of(array)
-        if seg is not None:
-            offset = array.ctypes.data - seg.address
-            index = self._add_fd(seg.fd, owned=False)
-            return _rebuild_array, (index, len(seg), offset, array.shape, array.strides,
-                                    array.dtype)
-        if array.nbytes < self.threshold:
-            return array.__reduce__()
-        try:
-            fd, size, strides = copy_to_memfd(array)
-        except SharedMemoryError:
-            raise  # the array cannot fit: pickling it would not fit either
-        except OSError as exc:
-            warn_fallback(exc)
-            return array.__reduce__()
-        index = self._add_fd(fd, owned=True)
-        return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype)
-
-    def _add_fd(self, fd: int, owned: bool) -> int:
-        index = self._index_of_fd.get(fd)
+    def add_fd(self, fd: int, owned: bool) -> int:
+        index = self.index_of_fd.get(fd)
         if index is None:
-            index = self._index_of_fd[fd] = len(self.fds)
+            index = self.index_of_fd[fd] = len(self.fds)
             self.fds.append(fd)
             if owned:
                 self.owned.append(fd)
         return index
 
 
+_sending = threading.local()
+
+
+def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
+    state: _Sending = _sending.state
+    if array.dtype.hasobject or len(state.fds) >= MAX_FDS:
+        return array.__reduce__()
+    seg = segment_of(array)
+    if seg is not None:
+        offset = array.ctypes.data - seg.address
+        index = state.add_fd(seg.fd, owned=False)
+        return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
+    if array.nbytes < state.threshold:
+        return array.__reduce__()
+    try:
+        fd, size, strides = copy_to_memfd(array)
+    except SharedMemoryError:
+        raise  # the array cannot fit: pickling it would not fit either
+    except OSError as exc:
+        warn_fallback(exc)
+        return array.__reduce__()
+    index = state.add_fd(fd, owned=True)
+    return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype)
+
+
+_table: dict[Any, Any] = {}
+_table_sources = (0, 0)
+
+
+def _dispatch_table() -> dict[Any, Any]:
+    """copyreg's and multiprocessing's reducers, plus ours for ndarray; rebuilt
+    only when one of those registries grew (building it per message costs
+    more than pickling a small task)."""
+    global _table, _table_sources
+    extra = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+    sources = (len(copyreg.dispatch_table), len(extra))
+    if sources != _table_sources:
+        table = dict(copyreg.dispatch_table)
+        table.update(extra)
+        table[np.ndarray] = _reduce_array
+        _table, _table_sources = table, sources
+    return _table
+
+
 def dumps(obj: object, threshold: int) -> Encoded:
     """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd."""
     buf = io.BytesIO()
-    pickler = _ArrayPickler(buf, threshold)
+    pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = _dispatch_table()
+    state = _sending.state = _Sending(threshold)
     try:
         pickler.dump(obj)
     except BaseException:
-        close_fds(pickler.owned)
+        close_fds(state.owned)
         raise
-    return Encoded(buf.getvalue(), pickler.fds, pickler.owned)
+    finally:
+        _sending.state = None
+    return Encoded(buf.getvalue(), state.fds, state.owned)
 
 
 _receiving = threading.local()

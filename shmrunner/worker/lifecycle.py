@@ -26,8 +26,9 @@ Not thread-safe by itself: the tier serialises calls (the Pool holds its lock).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike"]
 

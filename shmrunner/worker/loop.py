@@ -25,10 +25,11 @@ import os
 import signal
 import socket
 import struct
-import sys
+import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.pool import MaybeEncodingError
-from typing import Any, Callable
+from typing import Any
 
 from ..transport.fdchannel import ChannelClosed, FdChannel
 from ..transport.pickling import dumps, loads
@@ -36,6 +37,8 @@ from ..transport.pickling import dumps, loads
 __all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED"]
 
 TASK_ID = struct.Struct("<Q")
+_TINY_TASK = 200e-6  # seconds: results of tasks shorter than this may be batched
+_MAX_DEFER = 1e-3  # seconds: the longest a finished result waits for its batch
 BYE = (1 << 64) - 1
 INIT_FAILED = (1 << 64) - 2
 _PR_SET_PDEATHSIG = 1
@@ -56,23 +59,38 @@ def worker_main(sock: socket.socket, parent_pid: int | None,
         try:
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 (reported to the parent)
-            _send(channel, INIT_FAILED, False, (exc, traceback.format_exc()), threshold)
+            channel.send_all([_encode(INIT_FAILED, False, (exc, traceback.format_exc()),
+                                      threshold)])
             return
     done = 0
+    outbox: list[tuple[bytes, list[int], Callable[[], None] | None]] = []
+    deferred_since = 0.0
     while maxtasks is None or done < maxtasks:
         try:
             payload, fds = channel.recv()
         except ChannelClosed:
             return  # the parent is gone
         if not payload:
-            return
+            break
         (task_id,) = TASK_ID.unpack_from(payload)
+        started = time.monotonic()
         ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
         del payload, fds
-        _send(channel, task_id, ok, value, threshold)
+        outbox.append(_encode(task_id, ok, value, threshold))
         del value  # unmap this task's arrays before waiting for the next
         done += 1
-    _send(channel, BYE, True, None, threshold)
+        now = time.monotonic()
+        if len(outbox) == 1:
+            deferred_since = now
+        # Batch the results of tiny tasks the parent queued back to back (one
+        # syscall for many); anything slower, or the last one queued, goes now.
+        if (not channel.has_message() or now - started > _TINY_TASK
+                or now - deferred_since > _MAX_DEFER or len(outbox) >= 64):
+            channel.send_all(outbox)
+            outbox = []
+    channel.send_all(outbox)
+    if maxtasks is not None and done >= maxtasks:
+        channel.send_all([_encode(BYE, True, None, threshold)])
 
 
 def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:
@@ -83,18 +101,14 @@ def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:
         return False, (exc, traceback.format_exc())
 
 
-def _send(channel: FdChannel, task_id: int, ok: bool, value: Any, threshold: int) -> None:
+def _encode(task_id: int, ok: bool, value: Any, threshold: int,
+            ) -> tuple[bytes, list[int], Callable[[], None]]:
     try:
         encoded = dumps((ok, value), threshold)
     except Exception as exc:  # the result (or exception) cannot be pickled
         wrapped = MaybeEncodingError(exc, value[0] if not ok else value)
         encoded = dumps((False, (wrapped, traceback.format_exc())), threshold)
-    try:
-        channel.send(TASK_ID.pack(task_id) + encoded.data, encoded.fds)
-    except (BrokenPipeError, ConnectionResetError):
-        sys.exit(0)  # the parent is gone; nothing is waiting for this result
-    finally:
-        encoded.release()
+    return TASK_ID.pack(task_id) + encoded.data, encoded.fds, encoded.release
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
