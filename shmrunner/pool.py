@@ -211,10 +211,9 @@ class _Core:
             self.room.notify_all()
         for worker, messages in batches.items():
             channel: FdChannel = worker.endpoint.channel
-            try:
-                channel.send_many(messages)
-            except OSError:
-                pass  # the worker is gone: its sentinel fires and _reap requeues its tasks
+            # A worker that is gone drops what it is sent; its sentinel fires
+            # and _reap requeues its tasks.
+            channel.send_many(messages)
             if channel.wants_write:
                 self.wake()
         return failed

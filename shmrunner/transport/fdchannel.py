@@ -148,7 +148,7 @@ class FdChannel:
                 sent = self.sock.sendmsg([frame], _rights(fds), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            except OSError:
+            except (BrokenPipeError, ConnectionResetError):
                 # The peer is gone: nothing queued can be delivered any more.
                 # Whoever watches the peer (a process sentinel) accounts for it.
                 self._drop_pending()

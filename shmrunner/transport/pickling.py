@@ -40,20 +40,25 @@ MAX_FDS = 250
 
 
 class Encoded:
-    """A pickled message: its bytes, the fds to send with it, and which of those
-    fds the message owns (closed after sending, or when dropped unsent)."""
+    """A pickled message: its bytes, the fds to send with it, which of those
+    fds the message owns (closed after sending, or when dropped unsent), and
+    the shared segments whose fds it borrows (kept alive until it is sent:
+    the arrays that held them may be gone by then)."""
 
-    __slots__ = ("data", "fds", "owned")
+    __slots__ = ("data", "fds", "owned", "borrowed")
 
-    def __init__(self, data: bytes, fds: list[int], owned: list[int]) -> None:
+    def __init__(self, data: bytes, fds: list[int], owned: list[int],
+                 borrowed: list[Segment]) -> None:
         self.data = data
         self.fds = fds
         self.owned = owned
+        self.borrowed = borrowed
 
     def release(self) -> None:
         """Close the fds this message owns; call once it is sent or dropped."""
         close_fds(self.owned)
         self.owned = []
+        self.borrowed = []
 
 
 def close_fds(fds: list[int]) -> None:
@@ -67,12 +72,13 @@ def close_fds(fds: list[int]) -> None:
 class _Sending:
     """Per-message state of a dump: the fds collected so far."""
 
-    __slots__ = ("threshold", "fds", "owned", "index_of_fd")
+    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd")
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
         self.fds: list[int] = []
         self.owned: list[int] = []
+        self.borrowed: list[Segment] = []
         self.index_of_fd: dict[int, int] = {}
 
     def add_fd(self, fd: int, owned: bool) -> int:
@@ -96,6 +102,7 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
     if seg is not None:
         offset = array.ctypes.data - seg.address
         index = state.add_fd(seg.fd, owned=False)
+        state.borrowed.append(seg)
         return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
     if array.nbytes < state.threshold:
         return array.__reduce__()
@@ -142,7 +149,7 @@ def dumps(obj: object, threshold: int) -> Encoded:
         raise
     finally:
         _sending.state = None
-    return Encoded(buf.getvalue(), state.fds, state.owned)
+    return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed)
 
 
 _receiving = threading.local()
