@@ -6,7 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -15,7 +16,8 @@ from .pool import Pool
 
 def normalise(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """The demo's task: a new array the size of its input (so arrays go both ways)."""
-    return (a - a.mean()) / (a.std() + 1e-12)
+    out: np.ndarray[Any, Any] = (a - a.mean()) / (a.std() + 1e-12)
+    return out
 
 
 def _timed(make_pool: Callable[[int], Any], processes: int,

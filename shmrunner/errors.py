@@ -20,7 +20,7 @@ does), see :func:`attach_remote_traceback`.
 from __future__ import annotations
 
 import signal
-from multiprocessing.pool import RemoteTraceback
+from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
 
 __all__ = [
     "ShmrunnerError",

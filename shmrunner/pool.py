@@ -190,7 +190,8 @@ class _Core:
         failed: list[tuple[_Task, BaseException]] = []
         if self.state == TERMINATE:
             return failed
-        batches: dict[Worker[_Task], list[tuple[bytes, list[int], Callable[[], None]]]] = {}
+        batches: dict[Worker[_Task], list[tuple[bytes, list[int], Callable[[], None] | None]]]
+        batches = {}
         pending, lifecycle = self.pending, self.lifecycle
         while pending:
             worker = lifecycle.pick()
@@ -351,8 +352,8 @@ class _Core:
             except Exception as exc:
                 ok, value = False, (exc, "")
             if not ok:
-                exc, tb = value
-                value = attach_remote_traceback(exc, tb) if tb else exc
+                error, tb = value
+                value = attach_remote_traceback(error, tb) if tb else error
             if task_id == INIT_FAILED:
                 self._break(value)
                 return

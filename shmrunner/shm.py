@@ -156,7 +156,8 @@ def empty(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndar
             f"cannot allocate {_mib(nbytes)} of shared memory: {exc.strerror or exc}; "
             "free memory or use a smaller array"
         ) from exc
-    return np.ndarray(shape_t, dt, buffer=seg)
+    array: np.ndarray[Any, Any] = np.ndarray(shape_t, dt, buffer=seg)
+    return array
 
 
 def zeros(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndarray[Any, Any]:
@@ -210,7 +211,7 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
             # Same memory order on both sides; pwrite is one kernel copy and
             # reports ENOSPC instead of faulting.
             flat = (array if array.flags.c_contiguous else array.T).reshape(-1)
-            _pwrite_all(fd, memoryview(flat.view(np.uint8)))
+            _pwrite_all(fd, memoryview(flat.view(np.uint8)))  # type: ignore[arg-type]
             strides = array.strides
         else:
             with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mapping:

@@ -212,7 +212,7 @@ class FdChannel:
         """Bytes still to come for the message at the head of the buffer."""
         if len(self._rbuf) < _HEADER.size:
             return 0
-        length, _ = _HEADER.unpack_from(self._rbuf)
+        length: int = _HEADER.unpack_from(self._rbuf)[0]
         return _HEADER.size + length - len(self._rbuf)
 
     def _next_message(self) -> tuple[bytearray, list[int]] | None:

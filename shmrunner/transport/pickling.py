@@ -176,4 +176,6 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
     seg = segments.get(index)
     if seg is None:
         seg = segments[index] = Segment.attach(_receiving.fds[index], size)
-    return np.ndarray(shape, dtype, buffer=seg, offset=offset, strides=strides)
+    array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg, offset=offset,
+                                             strides=strides)
+    return array

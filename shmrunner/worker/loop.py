@@ -28,7 +28,7 @@ import struct
 import time
 import traceback
 from collections.abc import Callable
-from multiprocessing.pool import MaybeEncodingError
+from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from typing import Any
 
 from ..transport.fdchannel import ChannelClosed, FdChannel
