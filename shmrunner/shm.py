@@ -146,6 +146,9 @@ def empty(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndar
             "use a numeric, string or structured dtype without objects"
         )
     shape_t = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if any(dim < 0 for dim in shape_t):
+        # np.ndarray(buffer=...) would read a lone -1 as "infer from the buffer".
+        raise ValueError("negative dimensions are not allowed")
     nbytes = int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize
     _check_fits(nbytes)
     _raise_fd_limit()
@@ -187,9 +190,13 @@ def is_shared(array: object) -> bool:
 def segment_of(array: np.ndarray[Any, Any]) -> Segment | None:
     """The shared segment an array views, or None for private memory."""
     base: object = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    return base if isinstance(base, Segment) else None
+    # ndarray.base chains, and objects such as as_strided's DummyArray that
+    # expose the array they wrap as ``.base`` too.
+    while base is not None:
+        if isinstance(base, Segment):
+            return base
+        base = getattr(base, "base", None)
+    return None
 
 
 # --- transfer: plain arrays copied into a fresh segment ------------------------

@@ -96,15 +96,18 @@ _sending = threading.local()
 
 def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
     state: _Sending = _sending.state
-    if array.dtype.hasobject or len(state.fds) >= MAX_FDS:
+    if array.dtype.hasobject:
         return array.__reduce__()
+    full = len(state.fds) >= MAX_FDS
     seg = segment_of(array)
     if seg is not None:
+        if full and seg.fd not in state.index_of_fd:
+            return array.__reduce__()  # a segment already in the message costs no new fd
         offset = array.ctypes.data - seg.address
         index = state.add_fd(seg.fd, owned=False)
         state.borrowed.append(seg)
         return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
-    if array.nbytes < state.threshold:
+    if full or array.nbytes < state.threshold:
         return array.__reduce__()
     try:
         fd, size, strides = copy_to_memfd(array)
@@ -141,6 +144,7 @@ def dumps(obj: object, threshold: int) -> Encoded:
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = _dispatch_table()
+    outer = getattr(_sending, "state", None)  # a dumps() from inside a __reduce__
     state = _sending.state = _Sending(threshold)
     try:
         pickler.dump(obj)
@@ -148,7 +152,7 @@ def dumps(obj: object, threshold: int) -> Encoded:
         close_fds(state.owned)
         raise
     finally:
-        _sending.state = None
+        _sending.state = outer
     return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed)
 
 
