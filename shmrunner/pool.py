@@ -59,7 +59,13 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
-from .errors import InitializerError, TaskCancelledError, WorkerLostError, attach_remote_traceback
+from .errors import (
+    InitializerError,
+    ShmrunnerError,
+    TaskCancelledError,
+    WorkerLostError,
+    attach_remote_traceback,
+)
 from .shm import DEFAULT_THRESHOLD
 from .transport.fdchannel import ChannelClosed, FdChannel
 from .transport.pickling import close_fds, dumps, loads
@@ -162,11 +168,14 @@ class _Core:
 
     def submit(self, tasks: Iterable[_Task]) -> None:
         with self.lock:
-            if self.broken is None:
+            if self.broken is not None:
+                failed = [(task, self.broken) for task in tasks]
+            elif self.state == TERMINATE:
+                cancelled = TaskCancelledError("the pool was terminated")
+                failed = [(task, cancelled) for task in tasks]
+            else:
                 self.pending.extend(tasks)
                 failed = self._dispatch_locked()
-            else:
-                failed = [(task, self.broken) for task in tasks]
         for task, error in failed:
             self.deliver(task, False, error)
 
@@ -190,7 +199,7 @@ class _Core:
         failed: list[tuple[_Task, BaseException]] = []
         if self.state == TERMINATE:
             return failed
-        batches: dict[Worker[_Task], list[tuple[bytes, list[int], Callable[[], None] | None]]]
+        batches: dict[Worker[_Task], list[tuple[bytes, list[int], Callable[[], None], int]]]
         batches = {}
         pending, lifecycle = self.pending, self.lifecycle
         while pending:
@@ -202,19 +211,19 @@ class _Core:
                 # Pickling copies plain arrays into shared memory: done here, at
                 # dispatch, so only the tasks in flight ever occupy any.
                 encoded = dumps((task.fn, task.args, task.kwargs), self.threshold)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
                 failed.append((task, exc))
                 continue
             lifecycle.assign(worker, task)
             batches.setdefault(worker, []).append(
-                (TASK_ID.pack(task.id) + encoded.data, encoded.fds, encoded.release))
+                (TASK_ID.pack(task.id) + encoded.data, encoded.fds, encoded.release, task.id))
         if batches:
             self.room.notify_all()
         for worker, messages in batches.items():
             channel: FdChannel = worker.endpoint.channel
             # A worker that is gone drops what it is sent; its sentinel fires
             # and _reap requeues its tasks.
-            channel.send_many(messages)
+            channel.send_many([m[:3] for m in messages], [m[3] for m in messages])
             if channel.wants_write:
                 self.wake()
         return failed
@@ -265,7 +274,7 @@ class _Core:
             inherited += [self.wake_r.fileno(), self.wake_w.fileno(), parent_end.fileno()]
         process = self.ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
-            args=(child_end, None if method == "forkserver" else os.getpid(),
+            args=(child_end, os.getpid(), method != "forkserver",
                   self.initializer, self.initargs, self.maxtasks, self.threshold, inherited),
             name=f"shmrunner-worker-{worker_id}",
             daemon=True,
@@ -313,12 +322,26 @@ class _Core:
                         chores = True
                 if chores and self._housekeeping():
                     break
-        except BaseException:
+        except BaseException as exc:
             log.exception("shmrunner pool manager thread crashed; terminating the pool")
-            self._kill_all()
-            raise
+            self._crash(exc)
         finally:
             self._close_resources()
+
+    def _crash(self, cause: BaseException) -> None:
+        """The manager thread cannot go on: fail every task rather than leave
+        any result pending forever, and stop the workers."""
+        error = ShmrunnerError(f"the pool's manager thread crashed: {cause!r}")
+        error.__cause__ = cause
+        with self.lock:
+            self.broken = error
+            self.state = TERMINATE
+            failed = list(self.pending)
+            self.pending.clear()
+            self.room.notify_all()
+        for task in failed:
+            self.deliver(task, False, error)
+        self._kill_all()
 
     def _drain_wake(self) -> None:
         try:
@@ -409,18 +432,23 @@ class _Core:
             except (KeyError, ValueError):
                 pass
         with self.lock:
-            loss = self.lifecycle.lose(worker)
+            undelivered = {tag for tag in ep.channel.undelivered() if isinstance(tag, int)}
+            loss = self.lifecycle.lose(worker, undelivered)
             ep.channel.close()
-            # Never started: safe to run elsewhere (pickled again at dispatch).
-            self.pending.extendleft(reversed(loss.unstarted))
-            terminating = self.state == TERMINATE
-        if loss.running is not None:
-            if terminating:
-                error: BaseException = TaskCancelledError("the pool was terminated")
+            failed: list[tuple[_Task, BaseException]] = []
+            if self.state == TERMINATE or self.broken is not None:
+                error = self.broken or TaskCancelledError("the pool was terminated")
+                failed += [(task, error) for task in loss.unstarted]
+                if loss.running is not None:
+                    failed.append((loss.running, error))
             else:
-                error = WorkerLostError(ep.process.pid, ep.process.exitcode,
-                                        loss.running.describe())
-            self.deliver(loss.running, False, error)
+                # Never started: safe to run elsewhere (pickled again at dispatch).
+                self.pending.extendleft(reversed(loss.unstarted))
+                if loss.running is not None:
+                    failed.append((loss.running, WorkerLostError(
+                        ep.process.pid, ep.process.exitcode, loss.running.describe())))
+        for task, error in failed:
+            self.deliver(task, False, error)
 
     def _housekeeping(self) -> bool:
         """Respawn, stop idle workers once closed, watch writability; True to exit."""
@@ -689,8 +717,11 @@ def _feed(core: _Core, result: IMapIterator, func: Callable[[Any], Any],
             if budget is not None:
                 while not budget.acquire(timeout=0.5):
                     if core.state == TERMINATE:
-                        return
+                        break
             if not core.wait_for_room():
+                # Terminated: end the iterator rather than leave next() waiting.
+                result._set(index, False, TaskCancelledError("the pool was terminated"))
+                result._set_length(index + 1)
                 return
             try:
                 chunk = list(itertools.islice(items, chunksize))

@@ -28,7 +28,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 __all__ = ["ChannelClosed", "FdChannel", "channel_pair"]
 
@@ -54,8 +54,12 @@ class FdChannel:
         self._rbuf = bytearray()
         self._rfds: collections.deque[int] = collections.deque()
         # Queued output: (bytes left to send, fds to attach, callbacks once sent).
-        self._pending: collections.deque[tuple[memoryview, list[int], list[Callable[[], None]]]]
+        # Queued output: (bytes left to send, fds to attach, callbacks once the
+        # fds are sent, tags of the messages in it).
+        self._pending: collections.deque[
+            tuple[memoryview, list[int], list[Callable[[], None]], list[object]]]
         self._pending = collections.deque()
+        self._dropped: list[object] = []
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -69,8 +73,15 @@ class FdChannel:
 
     def _drop_pending(self) -> None:
         while self._pending:
-            for callback in self._pending.popleft()[2]:
+            _, _, done, tags = self._pending.popleft()
+            self._dropped += tags
+            for callback in done:
                 callback()
+
+    def undelivered(self) -> list[object]:
+        """Tags of the messages not (fully) handed to the kernel: dropped because
+        the peer was gone, or still queued. Their peer cannot have read them."""
+        return self._dropped + [tag for entry in self._pending for tag in entry[3]]
 
     # --- blocking side ----------------------------------------------------------
 
@@ -118,32 +129,34 @@ class FdChannel:
         """
         self.send_many([(payload, fds, done)])
 
-    def send_many(self, messages: list[tuple[bytes, list[int], Callable[[], None] | None]],
-                  ) -> None:
+    def send_many(self, messages: Sequence[tuple[bytes, list[int], Callable[[], None] | None]],
+                  tags: Sequence[object] = ()) -> None:
         """:meth:`send_nowait` for several messages, coalesced into as few
-        ``sendmsg`` calls as the per-call fd limit allows."""
+        ``sendmsg`` calls as the per-call fd limit allows. ``tags`` (one per
+        message) name them in :meth:`undelivered`."""
         frames: list[bytes] = []
         group_fds: list[int] = []
         group_done: list[Callable[[], None]] = []
-        for payload, fds, done in messages:
+        group_tags: list[object] = []
+        for i, (payload, fds, done) in enumerate(messages):
             if group_fds and len(group_fds) + len(fds) > _MAX_FDS:
-                self._queue(b"".join(frames), group_fds, group_done)
-                frames, group_fds, group_done = [], [], []
+                self._pending.append((memoryview(b"".join(frames)), group_fds, group_done,
+                                      group_tags))
+                frames, group_fds, group_done, group_tags = [], [], [], []
             frames.append(_HEADER.pack(len(payload), len(fds)))
             frames.append(payload)
             group_fds.extend(fds)
             if done is not None:
                 group_done.append(done)
-        self._queue(b"".join(frames), group_fds, group_done)
+            if i < len(tags):
+                group_tags.append(tags[i])
+        self._pending.append((memoryview(b"".join(frames)), group_fds, group_done, group_tags))
         self.flush()
-
-    def _queue(self, frame: bytes, fds: list[int], done: list[Callable[[], None]]) -> None:
-        self._pending.append((memoryview(frame), fds, done))
 
     def flush(self) -> None:
         """Send queued bytes until the socket would block."""
         while self._pending:
-            frame, fds, done = self._pending[0]
+            frame, fds, done, tags = self._pending[0]
             try:
                 sent = self.sock.sendmsg([frame], _rights(fds), socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -155,11 +168,11 @@ class FdChannel:
                 return
             if fds or done:
                 # The fds went with the first byte; the rest of the frame carries none.
-                self._pending[0] = (frame, [], [])
+                self._pending[0] = (frame, [], [], tags)
                 for callback in done:
                     callback()
             if sent < len(frame):
-                self._pending[0] = (frame[sent:], [], [])
+                self._pending[0] = (frame[sent:], [], [], tags)
                 return
             self._pending.popleft()
 

@@ -26,7 +26,7 @@ Not thread-safe by itself: the tier serialises calls (the Pool holds its lock).
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -128,14 +128,17 @@ class Lifecycle(Generic[T]):
                 return task
         return None
 
-    def lose(self, worker: Worker[T]) -> Loss[T]:
-        """Forget a worker that is gone and account for what it held."""
+    def lose(self, worker: Worker[T], undelivered: Collection[int] = ()) -> Loss[T]:
+        """Forget a worker that is gone and account for what it held.
+
+        ``undelivered`` names tasks the tier knows never reached the worker
+        (still queued for it, or dropped): those cannot have been running.
+        """
         self.workers.pop(worker.id, None)
         tasks = list(worker.tasks)
         worker.tasks.clear()
-        if worker.retiring and not tasks:
-            return Loss(worker, None, [])
-        return Loss(worker, tasks[0] if tasks else None, tasks[1:])
+        running = next((task for task in tasks if task.id not in undelivered), None)
+        return Loss(worker, running, [task for task in tasks if task is not running])
 
     def busy(self) -> int:
         return sum(len(w.tasks) for w in self.workers.values())

@@ -11,8 +11,8 @@ Messages on the worker's channel (see ``transport/fdchannel.py``):
 
 The task id travels outside the pickle both ways, so that a task whose
 arguments cannot be unpickled here, or whose result cannot be unpickled
-there, still gets its failure reported against the right task. The worker dies with its
-parent (``PR_SET_PDEATHSIG``), ignores SIGINT (Ctrl-C is the parent's to
+there, still gets its failure reported against the right task. The worker dies with
+the pool's process (:func:`_die_with_owner`), ignores SIGINT (Ctrl-C is the parent's to
 handle: it terminates the pool), and drops every reference to a task's
 arguments and result before waiting for the next, so shared segments are
 unmapped as soon as neither side uses them.
@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import socket
 import struct
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -44,10 +46,10 @@ INIT_FAILED = (1 << 64) - 2
 _PR_SET_PDEATHSIG = 1
 
 
-def worker_main(sock: socket.socket, parent_pid: int | None,
+def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
                 initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
                 maxtasks: int | None, threshold: int, inherited: list[int]) -> None:
-    _die_with_parent(parent_pid)
+    _die_with_owner(owner_pid, direct_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in inherited:  # fork: the parent's ends of the other workers' channels
         try:
@@ -111,13 +113,33 @@ def _encode(task_id: int, ok: bool, value: Any, threshold: int,
     return TASK_ID.pack(task_id) + encoded.data, encoded.fds, encoded.release
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Ask the kernel to SIGKILL us when the thread that spawned us dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+def _die_with_owner(owner_pid: int, direct_child: bool) -> None:
+    """Exit when the pool's process dies, however it dies.
+
+    A direct child (fork, spawn) asks the kernel for SIGKILL when the thread
+    that started it dies. Under forkserver our parent is the fork server,
+    which outlives the pool's process (every worker holds the write end of its
+    "alive" pipe), so a thread waits on a pidfd of the pool's process instead:
+    an event, not a poll.
+    """
+    if direct_child:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != owner_pid:  # it died before prctl took effect
+            os._exit(1)
         return
-    # The parent may have died before prctl took effect.
-    if parent_pid is not None and os.getppid() != parent_pid:
+    try:
+        pidfd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:
         os._exit(1)
+    except OSError:
+        return  # no pidfds here: idle workers still exit when their socket closes
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shmrunner-owner-watch", daemon=True).start()
