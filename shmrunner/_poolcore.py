@@ -1,0 +1,523 @@
+"""The Pool's engine: the task queue, the workers and the manager thread.
+
+Data flow::
+
+    caller threads                         manager thread (one per pool)
+    apply_async/map_async --+               selectors loop over:
+    imap feeder threads ----+-> pending       worker channels  (results, EOF)
+                                  |           process sentinels (deaths)
+                  dispatch(): pick a worker   a wake-up socket  (close, terminate,
+                  with room, pickle the task      queued output)
+                  (arrays -> memfd fds), send      |
+                                  |                v
+                                  v           results -> AsyncResult._set (callbacks)
+                 worker i <--- its own AF_UNIX socketpair ---> worker i
+
+Why this shape rather than ``multiprocessing.pool``'s shared queues: each
+worker has its *own* channel, so (1) the pool knows exactly which tasks each
+worker holds (``worker/lifecycle.py``), (2) a worker SIGKILLed while reading
+or writing corrupts nothing and holds no lock that others need (a shared
+SimpleQueue's lock dies with its holder and hangs the whole pool,
+python/cpython#96062), and (3) the channel is a Unix socket, which can carry
+the memfd file descriptors of arrays (``transport/fdchannel.py``).
+
+Guarantees:
+
+* A dead worker fails exactly the task it was running with
+  :class:`~shmrunner.WorkerLostError`; tasks it had been sent but not started
+  go back to the queue; a new worker takes its place.
+* Each worker is sent at most two tasks at a time (one running, one queued
+  behind it, so it never waits on a round trip), and only one while another
+  worker is idle; a worker whose tasks take under half a millisecond may hold
+  16, so tiny tasks and their results travel many per syscall (the worker
+  batches those results too, see ``worker/loop.py``). Tasks are pickled only
+  when dispatched, so shared memory in use stays bounded by the workers'
+  capacity, not by the length of the input.
+* Workers die with the pool's process (``PR_SET_PDEATHSIG``, or a pidfd
+  watch under forkserver: ``worker/loop.py``). They are all started by the
+  manager thread, which outlives them: the kernel's parent-death signal
+  follows the *thread* that forked.
+* Caller threads send directly when a worker has room (no thread hop on the
+  latency path); the manager thread only ever does non-blocking socket work,
+  so it can never deadlock with a worker that is blocked sending to it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from .errors import (
+    InitializerError,
+    ShmrunnerError,
+    TaskCancelledError,
+    WorkerLostError,
+    attach_remote_traceback,
+)
+from .shm import DEFAULT_THRESHOLD
+from .transport.fdchannel import ChannelClosed, FdChannel
+from .transport.pickling import close_fds, dumps, loads
+from .worker.lifecycle import Lifecycle, Worker
+from .worker.loop import BYE, INIT_FAILED, TASK_ID, worker_main
+
+__all__ = ["Core", "Task", "run_chunk", "RUN", "CLOSE", "TERMINATE", "resolve_threshold"]
+
+log = logging.getLogger("shmrunner.pool")
+
+# The states multiprocessing.pool uses (its tests read and write ``_state``).
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+_TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL in terminate()
+_CAPACITY = 2  # tasks a worker holds: one running, one queued behind it
+_FAST_CAPACITY = 16  # ... when its tasks take under _FAST_TASK seconds each
+_FAST_TASK = 500e-6
+
+
+class Task:
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index")
+
+    def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any], result: Any, index: int) -> None:
+        self.id = task_id
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.result = result
+        self.index = index
+
+    def describe(self) -> str:
+        fn = self.args[0] if self.fn is run_chunk else self.fn
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        return f"{self.id} ({name})"
+
+
+def run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]:
+    if star:
+        return list(itertools.starmap(fn, chunk))
+    return list(map(fn, chunk))
+
+
+class _Endpoint:
+    __slots__ = ("process", "channel", "stopping", "last_result")
+
+    def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
+        self.process = process
+        self.channel = channel
+        self.stopping = False
+        self.last_result = 0.0
+
+
+class Core:
+    """The pool's state and its manager thread; the Pool facade only forwards.
+
+    Kept apart from :class:`Pool` so the thread holds no reference to the
+    facade, which can then be garbage collected (and warn) like
+    ``multiprocessing.Pool``.
+    """
+
+    def __init__(self, processes: int, initializer: Callable[..., object] | None,
+                 initargs: tuple[Any, ...], maxtasks: int | None, ctx: BaseContext,
+                 threshold: int) -> None:
+        self.ctx = ctx
+        self.initializer = initializer
+        self.initargs = initargs
+        self.maxtasks = maxtasks
+        self.threshold = threshold
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)  # feeders wait here for queue space
+        self.pending: collections.deque[Task] = collections.deque()
+        self.state = RUN
+        self.broken: BaseException | None = None
+        self.feeders: set[threading.Thread] = set()
+        self.feed_limit = max(8, 4 * processes)
+        self.lifecycle: Lifecycle[Task] = Lifecycle(self._spawn, processes, capacity=_CAPACITY,
+                                                     max_tasks=maxtasks)
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
+        self.ids = itertools.count()
+        self.started = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shmrunner-pool", daemon=True)
+        self.thread.start()
+        self.started.wait()
+        if self.startup_error is not None:
+            self.thread.join()
+            self._close_resources()
+            raise self.startup_error
+
+    # --- called from any thread ------------------------------------------------------
+
+    def new_task(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                 result: Any, index: int = 0) -> Task:
+        return Task(next(self.ids), fn, args, kwargs, result, index)
+
+    def submit(self, tasks: Iterable[Task]) -> None:
+        with self.lock:
+            if self.broken is not None:
+                failed = [(task, self.broken) for task in tasks]
+            elif self.state == TERMINATE:
+                cancelled = TaskCancelledError("the pool was terminated")
+                failed = [(task, cancelled) for task in tasks]
+            else:
+                self.pending.extend(tasks)
+                failed = self._dispatch_locked()
+        for task, error in failed:
+            self.deliver(task, False, error)
+
+    def wait_for_room(self) -> bool:
+        """Block a feeder until the queue has room; False once terminated."""
+        with self.room:
+            while len(self.pending) >= self.feed_limit and self.state != TERMINATE:
+                self.room.wait(0.5)
+            return self.state != TERMINATE
+
+    def dispatch(self) -> None:
+        with self.lock:
+            failed = self._dispatch_locked()
+        for task, error in failed:
+            self.deliver(task, False, error)
+
+    def _dispatch_locked(self) -> list[tuple[Task, BaseException]]:
+        """Pickle queued tasks for workers with room and send them, one syscall
+        per worker. Returns the tasks that could not be pickled, to be failed
+        once the lock is released (their callbacks must not run under it)."""
+        failed: list[tuple[Task, BaseException]] = []
+        if self.state == TERMINATE:
+            return failed
+        batches: dict[Worker[Task], list[tuple[bytes, list[int], Callable[[], None], int]]]
+        batches = {}
+        pending, lifecycle = self.pending, self.lifecycle
+        while pending:
+            worker = lifecycle.pick()
+            if worker is None:
+                break
+            task = pending.popleft()
+            try:
+                # Pickling copies plain arrays into shared memory: done here, at
+                # dispatch, so only the tasks in flight ever occupy any.
+                encoded = dumps((task.fn, task.args, task.kwargs), self.threshold)
+            except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
+                failed.append((task, exc))
+                continue
+            lifecycle.assign(worker, task)
+            batches.setdefault(worker, []).append(
+                (TASK_ID.pack(task.id) + encoded.data, encoded.fds, encoded.release, task.id))
+        if batches:
+            self.room.notify_all()
+        for worker, messages in batches.items():
+            channel: FdChannel = worker.endpoint.channel
+            # A worker that is gone drops what it is sent; its sentinel fires
+            # and _reap requeues its tasks.
+            channel.send_many([m[:3] for m in messages], [m[3] for m in messages])
+            if channel.wants_write:
+                self.wake()
+        return failed
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        result, index = task.result, task.index
+        task.fn = task.args = task.kwargs = task.result = None  # type: ignore[assignment]
+        result._set(index, ok, value)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.state == RUN:
+                self.state = CLOSE
+        self.wake()
+
+    def terminate(self) -> None:
+        with self.lock:
+            if self.state == TERMINATE and not self.thread.is_alive():
+                return
+            self.state = TERMINATE
+            cancelled = list(self.pending)
+            self.pending.clear()
+            self.room.notify_all()
+        for task in cancelled:
+            self.deliver(task, False, TaskCancelledError("the pool was terminated"))
+        self.wake()
+
+    def join(self) -> None:
+        for feeder in list(self.feeders):
+            feeder.join()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def wake(self) -> None:
+        try:
+            self.wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or the pool is gone
+
+    # --- manager thread ----------------------------------------------------------------
+
+    def _spawn(self, worker_id: int) -> _Endpoint:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        method = self.ctx.get_start_method()
+        inherited: list[int] = []
+        if method == "fork":
+            inherited = [w.endpoint.channel.fileno() for w in self.lifecycle]
+            inherited += [self.wake_r.fileno(), self.wake_w.fileno(), parent_end.fileno()]
+        process = self.ctx.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(child_end, os.getpid(), method != "forkserver",
+                  self.initializer, self.initargs, self.maxtasks, self.threshold, inherited),
+            name=f"shmrunner-worker-{worker_id}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        return _Endpoint(process, FdChannel(parent_end))
+
+    def _populate(self) -> None:
+        for worker in self.lifecycle.populate():
+            ep = worker.endpoint
+            self.selector.register(ep.channel.sock, selectors.EVENT_READ, ("chan", worker))
+            self.selector.register(ep.process.sentinel, selectors.EVENT_READ, ("dead", worker))
+
+    def _run(self) -> None:
+        try:
+            with self.lock:
+                self._populate()
+        except BaseException as exc:
+            self.startup_error = exc
+            self.started.set()
+            return
+        self.started.set()
+        try:
+            while True:
+                chores = False  # results alone need no housekeeping: the hot path
+                for key, mask in self.selector.select():
+                    kind, worker = key.data
+                    if kind == "wake":
+                        self._drain_wake()
+                        chores = True
+                    elif worker.id not in self.lifecycle.workers:
+                        continue  # reaped earlier in this batch of events
+                    elif kind == "chan":
+                        if mask & selectors.EVENT_WRITE:
+                            with self.lock:
+                                worker.endpoint.channel.flush()
+                            chores = True
+                        if mask & selectors.EVENT_READ:
+                            self._read(worker)
+                    elif kind == "dead":
+                        self._reap(worker)
+                        chores = True
+                if chores and self._housekeeping():
+                    break
+        except BaseException as exc:
+            log.exception("shmrunner pool manager thread crashed; terminating the pool")
+            self._crash(exc)
+        finally:
+            self._close_resources()
+
+    def _crash(self, cause: BaseException) -> None:
+        """The manager thread cannot go on: fail every task rather than leave
+        any result pending forever, and stop the workers."""
+        error = ShmrunnerError(f"the pool's manager thread crashed: {cause!r}")
+        error.__cause__ = cause
+        with self.lock:
+            self.broken = error
+            self.state = TERMINATE
+            failed = list(self.pending)
+            self.pending.clear()
+            self.room.notify_all()
+        for task in failed:
+            self.deliver(task, False, error)
+        self._kill_all()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read(self, worker: Worker[Task]) -> None:
+        channel: FdChannel = worker.endpoint.channel
+        try:
+            messages = channel.read_ready()
+        except ChannelClosed:
+            # The process is exiting; its sentinel will fire and _reap accounts for it.
+            self.selector.unregister(channel.sock)
+            return
+        self._handle(worker, messages)
+
+    def _handle(self, worker: Worker[Task], messages: list[tuple[bytearray, list[int]]]) -> None:
+        """Decode a worker's messages, then under one lock: retire finished
+        tasks and refill the worker; callbacks run after the lock is released."""
+        outcomes = []
+        for payload, fds in messages:
+            (task_id,) = TASK_ID.unpack_from(payload)
+            if task_id == BYE:
+                worker.retiring = True
+                close_fds(fds)
+                continue
+            try:
+                ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
+            except Exception as exc:
+                ok, value = False, (exc, "")
+            if not ok:
+                error, tb = value
+                value = attach_remote_traceback(error, tb) if tb else error
+            if task_id == INIT_FAILED:
+                self._break(value)
+                return
+            outcomes.append((task_id, ok, value))
+        self._pace(worker, len(outcomes))
+        with self.lock:
+            finished = [(self.lifecycle.finish(worker, task_id), ok, value)
+                        for task_id, ok, value in outcomes]
+            failed = self._dispatch_locked()
+        for task, ok, value in finished:
+            if task is not None:
+                self.deliver(task, ok, value)
+        for task, error in failed:
+            self.deliver(task, False, error)
+
+    def _pace(self, worker: Worker[Task], results: int) -> None:
+        """Let a worker that turns tasks around fast hold more of them, so tiny
+        tasks travel (and their results come back) many per syscall; slow
+        tasks keep the default of one running plus one queued, which keeps
+        the load balanced."""
+        if not results:
+            return
+        ep: _Endpoint = worker.endpoint
+        now = time.monotonic()
+        per_task = (now - ep.last_result) / results
+        ep.last_result = now
+        worker.capacity = _FAST_CAPACITY if per_task < _FAST_TASK else _CAPACITY
+
+    def _break(self, cause: BaseException) -> None:
+        name = getattr(self.initializer, "__qualname__", repr(self.initializer))
+        error = InitializerError(f"the pool's initializer {name} raised {cause!r}; "
+                                 "fix the initializer: no worker can start")
+        error.__cause__ = cause
+        with self.lock:
+            self.broken = error
+            failed = list(self.pending)
+            self.pending.clear()
+            self.room.notify_all()
+        for task in failed:
+            self.deliver(task, False, error)
+
+    def _reap(self, worker: Worker[Task]) -> None:
+        ep: _Endpoint = worker.endpoint
+        try:  # results the worker sent before it died still count
+            while messages := ep.channel.read_ready():
+                self._handle(worker, messages)
+        except ChannelClosed:
+            pass
+        ep.process.join()
+        for fileobj in (ep.channel.sock, ep.process.sentinel):
+            try:
+                self.selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+        with self.lock:
+            undelivered = {tag for tag in ep.channel.undelivered() if isinstance(tag, int)}
+            loss = self.lifecycle.lose(worker, undelivered)
+            ep.channel.close()
+            failed: list[tuple[Task, BaseException]] = []
+            if self.state == TERMINATE or self.broken is not None:
+                error = self.broken or TaskCancelledError("the pool was terminated")
+                failed += [(task, error) for task in loss.unstarted]
+                if loss.running is not None:
+                    failed.append((loss.running, error))
+            else:
+                # Never started: safe to run elsewhere (pickled again at dispatch).
+                self.pending.extendleft(reversed(loss.unstarted))
+                if loss.running is not None:
+                    failed.append((loss.running, WorkerLostError(
+                        ep.process.pid, ep.process.exitcode, loss.running.describe())))
+        for task, error in failed:
+            self.deliver(task, False, error)
+
+    def _housekeeping(self) -> bool:
+        """Respawn, stop idle workers once closed, watch writability; True to exit."""
+        with self.lock:
+            state = self.state
+            if state == TERMINATE:
+                pass
+            else:
+                work_left = bool(self.pending or self.lifecycle.busy() or self.feeders)
+                if self.broken is None and (state == RUN or work_left):
+                    self._populate()
+                if state == CLOSE and not work_left:
+                    for worker in self.lifecycle:
+                        ep = worker.endpoint
+                        if not ep.stopping:
+                            ep.stopping = True
+                            ep.channel.send_nowait(b"", [])
+                    if not len(self.lifecycle):
+                        return True
+                for worker in self.lifecycle:
+                    channel = worker.endpoint.channel
+                    events = selectors.EVENT_READ
+                    if channel.wants_write:
+                        events |= selectors.EVENT_WRITE
+                    try:
+                        if self.selector.get_key(channel.sock).events != events:
+                            self.selector.modify(channel.sock, events, ("chan", worker))
+                    except (KeyError, ValueError):
+                        pass
+        if state == TERMINATE:
+            self._kill_all()
+            return True
+        self.dispatch()
+        return False
+
+    def _kill_all(self) -> None:
+        workers = list(self.lifecycle)
+        for worker in workers:
+            if worker.endpoint.process.exitcode is None:
+                worker.endpoint.process.terminate()
+        deadline = time.monotonic() + _TERMINATE_GRACE
+        for worker in workers:
+            process = worker.endpoint.process
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        for worker in workers:
+            if worker.id in self.lifecycle.workers:
+                self._reap(worker)
+
+    def _close_resources(self) -> None:
+        for worker in list(self.lifecycle):
+            worker.endpoint.channel.close()
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+
+def resolve_threshold(threshold: int | None) -> int:
+    if threshold is not None:
+        return int(threshold)
+    env = os.environ.get("SHMRUNNER_SHM_THRESHOLD")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(
+                f"SHMRUNNER_SHM_THRESHOLD={env!r} is not a whole number of bytes; "
+                "set it to e.g. 65536 or unset it"
+            ) from None
+    return DEFAULT_THRESHOLD
+
+

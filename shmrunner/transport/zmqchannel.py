@@ -1,0 +1,232 @@
+"""A ZeroMQ DEALER or ROUTER socket that speaks :mod:`~shmrunner.transport.protocol`.
+
+::
+
+    send(msg, peer)   -> encode -> send_multipart(copy=False)  ~~> peer
+    recv(timeout)     <- decode <- recv_multipart(copy=False)  <~~ peer
+                              |
+                              +-> ProtocolError: counted in ``rejected``, one log
+                                  line, and the channel waits for the next message
+
+Guarantees: a peer cannot crash or stall the reader (bad messages are counted,
+never raised; every wait has a deadline; inbound frames are capped by
+``zmq.MAXMSGSIZE`` and whole messages by ``max_bytes``); ``ZMQError`` never
+escapes (it becomes :class:`ChannelError`); ``close()`` always releases the
+socket and is idempotent. One thread owns a channel: ZeroMQ sockets are not
+thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import zmq
+
+from ..errors import ConfigError, ProtocolError, ShmrunnerError
+from .protocol import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    MESSAGE_TYPES,
+    Message,
+    decode,
+    encode,
+)
+
+__all__ = ["ChannelError", "ChannelClosedError", "CurveKeys", "ChannelOptions", "Received",
+           "ZmqChannel"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChannelError(ShmrunnerError):
+    """Raised when the socket under a channel fails (bind, connect or send)."""
+
+
+class ChannelClosedError(ChannelError):
+    """Raised when a channel is used after its own ``close()`` (closed by you,
+    as opposed to broken)."""
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE keys (z85-encoded, as ``zmq.curve_keypair()`` makes them). Without
+    ``server_key`` the socket is the CURVE server; with it, a client of the
+    server whose public key it is. Which clients a server admits is a ZAP
+    authenticator's job (``zmq.auth``), not the channel's."""
+
+    public_key: bytes
+    secret_key: bytes
+    server_key: bytes | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelOptions:
+    """Limits and trust settings of a channel, validated once."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    allow_pickle: bool = False
+    send_timeout: float = 10.0            # seconds a send may wait for queue space
+    curve: CurveKeys | None = None
+    accept: frozenset[str] | None = None  # message types this end may receive
+
+    def __post_init__(self) -> None:
+        if type(self.max_bytes) is not int or self.max_bytes < 1:
+            raise ConfigError(f"max_bytes must be an int >= 1, got {self.max_bytes!r}")
+        if type(self.max_header_bytes) is not int or self.max_header_bytes < 1:
+            raise ConfigError(f"max_header_bytes must be an int >= 1, "
+                              f"got {self.max_header_bytes!r}")
+        if not self.send_timeout > 0:
+            raise ConfigError(f"send_timeout must be > 0 seconds, got {self.send_timeout!r}")
+        if self.accept is not None and not self.accept <= MESSAGE_TYPES:
+            raise ConfigError(f"accept names unknown message types "
+                              f"{sorted(self.accept - MESSAGE_TYPES)}")
+
+
+class Received(NamedTuple):
+    peer: bytes | None   # the sender's identity on a ROUTER, None on a DEALER
+    message: Message
+
+
+class ZmqChannel:
+    """One DEALER or ROUTER socket sending and receiving protocol messages."""
+
+    def __init__(self, kind: Literal["dealer", "router"], options: ChannelOptions | None = None,
+                 *, context: zmq.Context[Any] | None = None, identity: bytes | None = None) -> None:
+        self.kind = kind
+        self.options = options = options or ChannelOptions()
+        self.rejected = 0
+        self._closed = False
+        ctx = context if context is not None else zmq.Context.instance()
+        socket_type = zmq.ROUTER if kind == "router" else zmq.DEALER
+        try:
+            self._socket: zmq.Socket[Any] = ctx.socket(socket_type)
+        except zmq.ZMQError as exc:
+            raise ChannelError(f"cannot create a {kind} socket: {exc}") from exc
+        try:
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.MAXMSGSIZE, options.max_bytes)
+            self._socket.setsockopt(zmq.SNDTIMEO, max(1, round(options.send_timeout * 1000)))
+            if kind == "router":   # an unknown peer is an error, not a silent drop
+                self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if identity is not None:
+                self._socket.setsockopt(zmq.IDENTITY, identity)
+            if options.curve is not None:
+                self._set_curve(options.curve)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ChannelError(f"cannot configure the {kind} socket: {exc}") from exc
+
+    def _set_curve(self, keys: CurveKeys) -> None:
+        if not zmq.has("curve"):
+            raise zmq.ZMQError(zmq.EINVAL, "this libzmq was built without CURVE support")
+        self._socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public_key)
+        self._socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
+        if keys.server_key is None:
+            self._socket.setsockopt(zmq.CURVE_SERVER, 1)
+        else:
+            self._socket.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key)
+
+    @property
+    def socket(self) -> zmq.Socket[Any]:
+        """The socket, for a ``zmq.Poller``; send and receive through the channel."""
+        return self._socket
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosedError(f"the {self.kind} channel is closed")
+
+    def bind(self, endpoint: str) -> str:
+        """Bind to ``endpoint`` (``tcp://127.0.0.1:*`` picks a free port); return
+        the endpoint bound."""
+        self._check_open()
+        try:
+            self._socket.bind(endpoint)
+            return str(self._socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError as exc:
+            raise ChannelError(f"cannot bind {endpoint}: {exc}") from exc
+
+    def connect(self, endpoint: str) -> None:
+        self._check_open()
+        try:
+            self._socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise ChannelError(f"cannot connect to {endpoint}: {exc}") from exc
+
+    def send(self, msg: Message, peer: bytes | None = None) -> None:
+        """Send ``msg`` (to ``peer``, on a ROUTER) without copying its arrays:
+        do not modify them until the peer has them. Raises ``TypeError`` or
+        ``ValueError`` for a message the protocol cannot carry."""
+        self._check_open()
+        if (peer is None) == (self.kind == "router"):
+            raise ValueError("a router channel sends to a peer identity; a dealer takes none")
+        frames: list[Any] = encode(msg, allow_pickle=self.options.allow_pickle)
+        if peer is not None:
+            frames.insert(0, peer)
+        try:
+            self._socket.send_multipart(frames, copy=False)
+        except zmq.Again as exc:
+            raise ChannelError(f"send of a {msg.type} message timed out after "
+                               f"{self.options.send_timeout}s: no peer, or its queue is full"
+                               ) from exc
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise ChannelError(f"peer {_name(peer)} is not connected") from exc
+            raise ChannelError(f"send of a {msg.type} message failed: {exc}") from exc
+
+    def recv(self, timeout: float) -> Received | None:
+        """The next valid message, or None when ``timeout`` seconds pass without
+        one. Invalid messages are counted, logged and skipped, never raised."""
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            try:
+                if not self._socket.poll(wait_ms, zmq.POLLIN):
+                    return None
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError as exc:
+                raise ChannelError(f"receive on the {self.kind} channel failed: {exc}") from exc
+            peer = frames.pop(0).bytes if self.kind == "router" else None
+            try:
+                msg = decode(frames, max_bytes=self.options.max_bytes,
+                             allow_pickle=self.options.allow_pickle,
+                             max_header_bytes=self.options.max_header_bytes)
+                if self.options.accept is not None and msg.type not in self.options.accept:
+                    raise ProtocolError(f"unexpected {msg.type} message on this channel")
+            except ProtocolError as exc:
+                self._reject(peer, exc)
+                continue
+            return Received(peer, msg)
+
+    def _reject(self, peer: bytes | None, exc: ProtocolError) -> None:
+        self.rejected += 1
+        # Why the cap: a peer flooding garbage must not flood the log as well.
+        if self.rejected <= 10 or self.rejected % 1000 == 0:
+            logger.warning("rejected message #%d from %s: %s", self.rejected, _name(peer), exc)
+
+    def close(self) -> None:
+        """Close the socket, dropping unsent messages (linger 0). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._socket.close(linger=0)
+
+    def __enter__(self) -> ZmqChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _name(peer: bytes | None) -> str:
+    return "the peer" if peer is None else f"peer {peer.hex()}"
