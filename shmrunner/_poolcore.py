@@ -370,7 +370,7 @@ class Core:
                 continue
             try:
                 ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 (user code in __setstate__: this task fails)
                 ok, value = False, (exc, "")
             if not ok:
                 error, tb = value
