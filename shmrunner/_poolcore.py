@@ -84,7 +84,7 @@ _FAST_TASK = 500e-6
 
 
 class Task:
-    __slots__ = ("id", "fn", "args", "kwargs", "result", "index")
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "kill_reason")
 
     def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: Mapping[str, Any], result: Any, index: int) -> None:
@@ -94,6 +94,9 @@ class Task:
         self.kwargs = kwargs
         self.result = result
         self.index = index
+        # Set when the pool kills this task's worker on purpose (a timeout):
+        # reported instead of WorkerLostError.
+        self.kill_reason: BaseException | None = None
 
     def describe(self) -> str:
         fn = self.args[0] if self.fn is run_chunk else self.fn
@@ -148,6 +151,9 @@ class Core:
         self.wake_w.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
         self.ids = itertools.count()
+        # Called on the manager thread after each batch of results is delivered
+        # (the Scheduler refills the pool there, many tasks per syscall).
+        self.after_results: Callable[[], None] | None = None
         self.started = threading.Event()
         self.startup_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shmrunner-pool", daemon=True)
@@ -230,6 +236,31 @@ class Core:
         result, index = task.result, task.index
         task.fn = task.args = task.kwargs = task.result = None  # type: ignore[assignment]
         result._set(index, ok, value)
+
+    def kill(self, task: Task, reason: BaseException) -> bool:
+        """Stop ``task`` now and fail it with ``reason``.
+
+        Queued: it is dropped. Running: its worker is SIGKILLed (the only way
+        to stop arbitrary code) and replaced; tasks queued behind it run
+        elsewhere. Sent but still waiting behind another task: False, ask
+        again later. Finished already: True, nothing to do.
+        """
+        with self.lock:
+            if task in self.pending:
+                self.pending.remove(task)
+                queued = True
+            else:
+                queued = False
+                for worker in self.lifecycle:
+                    if task in worker.tasks:
+                        if worker.tasks[0] is not task:
+                            return False
+                        task.kill_reason = reason
+                        worker.endpoint.process.kill()
+                        break
+        if queued:
+            self.deliver(task, False, reason)
+        return True
 
     def close(self) -> None:
         with self.lock:
@@ -389,6 +420,8 @@ class Core:
                 self.deliver(task, ok, value)
         for task, error in failed:
             self.deliver(task, False, error)
+        if self.after_results is not None:
+            self.after_results()
 
     def _pace(self, worker: Worker[Task], results: int) -> None:
         """Let a worker that turns tasks around fast hold more of them, so tiny
@@ -443,10 +476,12 @@ class Core:
                 # Never started: safe to run elsewhere (pickled again at dispatch).
                 self.pending.extendleft(reversed(loss.unstarted))
                 if loss.running is not None:
-                    failed.append((loss.running, WorkerLostError(
+                    failed.append((loss.running, loss.running.kill_reason or WorkerLostError(
                         ep.process.pid, ep.process.exitcode, loss.running.describe())))
         for task, error in failed:
             self.deliver(task, False, error)
+        if self.after_results is not None:
+            self.after_results()
 
     def _housekeeping(self) -> bool:
         """Respawn, stop idle workers once closed, watch writability; True to exit."""

@@ -1,0 +1,411 @@
+"""Scheduler: one ``concurrent.futures.Executor`` over local shared-memory
+workers and remote workers.
+
+Data flow::
+
+    submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
+                                                          |
+                       +-- local tier: the Pool engine (_poolcore.Core), arrays
+                       |   by shared-memory handle; results come back on the
+                       |   pool's manager thread
+                       +-- remote tier: ZeroMQ ROUTER socket (_hub.Hub), one
+                           thread; results come back on that thread
+    results --> _finish(): retry (worker lost / timed out, retries left) or
+                settle the Future; then _pump() again (capacity was freed)
+
+Placement is by free capacity: the local tier first (no network, no copy),
+then the remote worker with the most room. ``_pump`` runs on whichever thread
+freed capacity or queued work, so a task never waits for a thread hop when a
+worker is free. Timeouts are armed when a task is handed to a tier; on expiry
+the tier stops the task (the local tier kills the process running it) and the
+task fails, or is retried, with :class:`TaskTimeoutError`. No future is left
+pending: shutdown and tier failures settle every one.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, Protocol
+
+from .config import SchedulerSettings, load
+from .errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError, WorkerLostError
+
+__all__ = ["Scheduler"]
+
+
+class Job:
+    """One submitted call and its bookkeeping."""
+
+    __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
+                 "handle", "tier")
+
+    def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], retries: int, timeout: float | None) -> None:
+        self.id = job_id
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.retries = retries
+        self.timeout = timeout
+        self.attempts = 0
+        self.handle: Any = None  # the tier's handle of the current attempt
+        self.tier: Tier | None = None
+
+
+class Tier(Protocol):
+    """Where jobs run. ``start`` hands a job over; the tier later calls
+    ``Scheduler._finish(job, ok, value)`` exactly once per start."""
+
+    def room(self) -> int: ...
+    def start(self, jobs: list[Job]) -> None: ...
+    def stop(self, job: Job, reason: BaseException) -> bool: ...
+    def close(self, wait: bool) -> None: ...
+
+
+class _LocalTier:
+    """Jobs run on the Pool engine's worker processes."""
+
+    def __init__(self, scheduler: Scheduler, processes: int, settings: SchedulerSettings) -> None:
+        import multiprocessing
+
+        from ._poolcore import Core
+
+        ctx = multiprocessing.get_context(settings.start_method)
+        self._scheduler = scheduler
+        self.core = Core(processes, None, (), None, ctx, settings.shm_threshold)
+        self.core.after_results = scheduler._pump
+
+    def room(self) -> int:
+        # The engine's own view (it lets workers with tiny tasks hold more);
+        # read without its lock: a stale answer only delays or queues a task.
+        workers = list(self.core.lifecycle.workers.values())
+        return sum(worker.free for worker in workers) - len(self.core.pending)
+
+    def start(self, jobs: list[Job]) -> None:
+        tasks = []
+        for job in jobs:
+            job.handle = self.core.new_task(job.fn, job.args, job.kwargs, _Outcome(self, job))
+            tasks.append(job.handle)
+        self.core.submit(tasks)
+
+    def done(self, job: Job, ok: bool, value: Any) -> None:
+        # On the engine's thread, _pump runs once per batch (after_results).
+        pump = threading.current_thread() is not self.core.thread
+        self._scheduler._finish(job, ok, value, pump)
+
+    def stop(self, job: Job, reason: BaseException) -> bool:
+        return self.core.kill(job.handle, reason)
+
+    def close(self, wait: bool) -> None:
+        self.core.close()
+        if wait:
+            self.core.join()
+
+    def terminate(self) -> None:
+        self.core.terminate()
+        self.core.join()
+
+
+class _Outcome:
+    """The result object the Pool engine settles; forwards to the scheduler."""
+
+    __slots__ = ("tier", "job")
+
+    def __init__(self, tier: _LocalTier, job: Job) -> None:
+        self.tier = tier
+        self.job = job
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        self.tier.done(self.job, ok, value)
+
+
+class _Timers:
+    """One thread that calls callbacks at deadlines."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, (deadline, next(self._seq), callback))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shmrunner-timers",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (
+                        not self._heap or self._heap[0][0] > time.monotonic()):
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(wait)
+                if self._closed:
+                    return
+                _, _, callback = heapq.heappop(self._heap)
+            callback()
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*args) for args in chunk]
+
+
+class Scheduler(Executor):
+    """A ``concurrent.futures.Executor`` over local shared-memory workers and
+    remote workers that connect over ZeroMQ.
+
+    ``local_workers``: local processes (None: CPU count; 0: remote only).
+    ``listen``: the address remote workers connect to (None: local only).
+    Keyword options are :class:`~shmrunner.config.SchedulerSettings` fields
+    (``retries``, ``timeout``, ``heartbeat_interval``, ...); ``retries`` and
+    ``timeout`` are the defaults of every ``submit``.
+    """
+
+    def __init__(self, local_workers: int | None = None, listen: str | None = None, *,
+                 settings: SchedulerSettings | None = None, **options: Any) -> None:
+        from dataclasses import replace
+
+        from .config import with_overrides
+
+        base = settings or SchedulerSettings()
+        if local_workers is not None:
+            options["local_workers"] = local_workers
+        if listen is not None:
+            options["listen"] = listen
+        self.settings = with_overrides(base, options, "scheduler") if options else base
+        if self.settings.local_workers == 0 and self.settings.listen is None:
+            raise ValueError("a Scheduler with local_workers=0 needs listen= for remote "
+                             "workers, or it could run nothing")
+        self.settings = replace(self.settings)
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: set[Job] = set()
+        self._all_done = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._shutdown = False
+        self._timers = _Timers()
+        self._tiers: list[Any] = []
+        self._local: _LocalTier | None = None
+        self._remote: Any = None
+        try:
+            workers = self.settings.local_workers
+            if workers != 0:
+                import os
+
+                self._local = _LocalTier(self, workers or os.cpu_count() or 1, self.settings)
+                self._tiers.append(self._local)
+            if self.settings.listen is not None:
+                from ._hub import Hub
+
+                self._remote = Hub(self, self.settings)
+                self._tiers.append(self._remote)
+        except BaseException:
+            self._close_tiers(wait=False)
+            raise
+
+    @classmethod
+    def from_config(cls, path: str, **options: Any) -> Scheduler:
+        """A Scheduler from the ``scheduler:`` section of a YAML file."""
+        return cls(settings=load(path).scheduler, **options)
+
+    @property
+    def address(self) -> str | None:
+        """The address remote workers connect to (with the real port when
+        ``listen`` asked for ``:*`` or port 0)."""
+        return self._remote.address if self._remote is not None else None
+
+    # --- Executor API ----------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, retries: int | None = None,
+               timeout: float | None = None, **kwargs: Any) -> Future[Any]:
+        """Schedule ``fn(*args, **kwargs)``; ``retries`` and ``timeout`` override
+        the scheduler's defaults for this task (to pass arguments of those names
+        to ``fn`` itself, wrap it in ``functools.partial``)."""
+        if not callable(fn) and not isinstance(fn, str):
+            raise TypeError(f"fn must be a callable or a 'module:function' string, got {fn!r}")
+        if retries is None:
+            retries = self.settings.retries
+        elif not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        if timeout is None:
+            timeout = self.settings.timeout
+        elif not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        future: Future[Any] = Future()
+        with self._not_full:
+            while len(self._queue) >= self.settings.max_pending and not self._shutdown:
+                self._not_full.wait()
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.append(Job(next(self._ids), future, fn, args, kwargs, retries, timeout))
+        self._pump()
+        return future
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],  # type: ignore[override]
+            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``; ``chunksize`` items travel
+        as one task."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if chunksize == 1:
+            futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        else:
+            items = zip(*iterables, strict=False)
+            futures = []
+            while chunk := list(itertools.islice(items, chunksize)):
+                futures.append(self.submit(_run_chunk, fn, chunk))
+        return self._results(futures, deadline, chunksize > 1)
+
+    @staticmethod
+    def _results(futures: list[Future[Any]], deadline: float | None,
+                 chunked: bool) -> Iterator[Any]:
+        try:
+            futures.reverse()
+            while futures:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                value = futures.pop().result(remaining)
+                if chunked:
+                    yield from value
+                else:
+                    yield value
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            cancelled = list(self._queue) if cancel_futures else []
+            if cancel_futures:
+                self._queue.clear()
+            self._not_full.notify_all()
+        for job in cancelled:
+            job.future.cancel()
+        if wait:
+            with self._all_done:
+                while self._queue or self._running:
+                    self._all_done.wait()
+            self._close_tiers(wait=True)
+        else:
+            threading.Thread(target=self.shutdown, kwargs={"wait": True},
+                             name="shmrunner-shutdown", daemon=True).start()
+
+    # --- placement ---------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hand queued jobs to the tiers with room: the local tier first (no
+        network, arrays stay in shared memory), then the remote one; each tier
+        gets its jobs in one call, so they travel together."""
+        batches: list[tuple[Tier, list[Job]]] = []
+        with self._lock:
+            for tier in self._tiers:
+                if not self._queue:
+                    break
+                room = tier.room()
+                jobs = []
+                while room > 0 and self._queue:
+                    job = self._queue.popleft()
+                    if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
+                        continue  # cancelled while queued
+                    job.attempts += 1
+                    job.tier = tier
+                    self._running.add(job)
+                    jobs.append(job)
+                    room -= 1
+                if jobs:
+                    batches.append((tier, jobs))
+            self._not_full.notify_all()
+            self._all_done.notify_all()
+        for tier, jobs in batches:
+            try:
+                tier.start(jobs)
+            except BaseException as exc:  # noqa: BLE001 (the tier is gone: these jobs fail)
+                for job in jobs:
+                    self._finish(job, False, exc, pump=False)
+                continue
+            for job in jobs:
+                if job.timeout is not None:
+                    self._arm(job)
+
+    def _arm(self, job: Job) -> None:
+        attempt = job.attempts
+        self._timers.call_at(time.monotonic() + (job.timeout or 0.0),
+                             lambda: self._expire(job, attempt))
+
+    def _expire(self, job: Job, attempt: int) -> None:
+        if job.future.done() or job.attempts != attempt or job.tier is None:
+            return
+        reason = TaskTimeoutError(f"task {job.id} ran longer than its timeout of {job.timeout} s")
+        if not job.tier.stop(job, reason):
+            # Still queued on its worker behind another task: check again shortly.
+            self._timers.call_at(time.monotonic() + min(job.timeout or 1.0, 0.1),
+                                 lambda: self._expire(job, attempt))
+
+    def _finish(self, job: Job, ok: bool, value: Any, pump: bool = True) -> None:
+        """A tier reports one attempt's outcome: retry it or settle the future."""
+        retry = (not ok and isinstance(value, (WorkerLostError, TaskTimeoutError))
+                 and job.retries > 0 and not self._shutdown_cancelled(value))
+        with self._lock:
+            self._running.discard(job)
+            job.tier = None
+            if retry:
+                job.retries -= 1
+                self._queue.appendleft(job)
+            self._all_done.notify_all()
+        if not retry:
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+            job.fn = job.args = job.kwargs = None
+        if pump:
+            self._pump()
+
+    @staticmethod
+    def _shutdown_cancelled(value: BaseException) -> bool:
+        return isinstance(value, TaskCancelledError)
+
+    def _close_tiers(self, wait: bool) -> None:
+        self._timers.close()
+        for tier in self._tiers:
+            tier.close(wait)
+        with self._lock:
+            leftover = list(self._queue) + list(self._running)
+            self._queue.clear()
+            self._running.clear()
+        for job in leftover:
+            if not job.future.done():
+                if job.future.running():
+                    job.future.set_exception(ShmrunnerError("the scheduler shut down"))
+                else:
+                    job.future.cancel()
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
