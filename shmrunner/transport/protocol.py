@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_HEADER_BYTES", "MAX_NESTING",
-    "MESSAGE_TYPES", "MessageType", "Message", "Frame", "RemoteTaskError",
+    "MESSAGE_TYPES", "MessageType", "Message", "RemoteTaskError",
     "encode", "decode", "function_ref", "resolve_function",
     "exception_to_wire", "exception_from_wire",
 ]

@@ -80,7 +80,7 @@ class ChannelOptions:
         if type(self.max_header_bytes) is not int or self.max_header_bytes < 1:
             raise ConfigError(f"max_header_bytes must be an int >= 1, "
                               f"got {self.max_header_bytes!r}")
-        if not self.send_timeout > 0:
+        if not isinstance(self.send_timeout, (int, float)) or not self.send_timeout > 0:
             raise ConfigError(f"send_timeout must be > 0 seconds, got {self.send_timeout!r}")
         if self.accept is not None and not self.accept <= MESSAGE_TYPES:
             raise ConfigError(f"accept names unknown message types "
@@ -97,6 +97,8 @@ class ZmqChannel:
 
     def __init__(self, kind: Literal["dealer", "router"], options: ChannelOptions | None = None,
                  *, context: zmq.Context[Any] | None = None, identity: bytes | None = None) -> None:
+        if kind not in ("dealer", "router"):
+            raise ValueError(f"a channel is a 'dealer' or a 'router', not {kind!r}")
         self.kind = kind
         self.options = options = options or ChannelOptions()
         self.rejected = 0
@@ -161,9 +163,11 @@ class ZmqChannel:
         except zmq.ZMQError as exc:
             raise ChannelError(f"cannot connect to {endpoint}: {exc}") from exc
 
-    def send(self, msg: Message, peer: bytes | None = None) -> None:
+    def send(self, msg: Message, peer: bytes | None = None, *,
+             track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` (to ``peer``, on a ROUTER) without copying its arrays:
-        do not modify them until the peer has them. Raises ``TypeError`` or
+        do not modify them until ZeroMQ is done with them (``track=True``
+        returns a tracker that says when). Raises ``TypeError`` or
         ``ValueError`` for a message the protocol cannot carry."""
         self._check_open()
         if (peer is None) == (self.kind == "router"):
@@ -172,7 +176,7 @@ class ZmqChannel:
         if peer is not None:
             frames.insert(0, peer)
         try:
-            self._socket.send_multipart(frames, copy=False)
+            return self._socket.send_multipart(frames, copy=False, track=track)
         except zmq.Again as exc:
             raise ChannelError(f"send of a {msg.type} message timed out after "
                                f"{self.options.send_timeout}s: no peer, or its queue is full"
@@ -206,6 +210,8 @@ class ZmqChannel:
                     raise ProtocolError(f"unexpected {msg.type} message on this channel")
             except ProtocolError as exc:
                 self._reject(peer, exc)
+                if time.monotonic() >= deadline:   # a flood of garbage cannot hold us here
+                    return None
                 continue
             return Received(peer, msg)
 

@@ -1,0 +1,677 @@
+"""The wire protocol as pure functions: round trips, zero-copy arrays, every
+validation rule, function references, exceptions, and a fuzz of ``decode``.
+
+``received(frames)`` plays the network: it copies each frame into fresh bytes,
+as a socket would, so "no copy on decode" means "a view of those bytes".
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import functools
+import math
+import pickle
+import random
+from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from shmrunner.errors import ProtocolError, WorkerLostError
+from shmrunner.transport.protocol import (
+    MAX_NESTING,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Message,
+    RemoteTaskError,
+    decode,
+    encode,
+    exception_from_wire,
+    exception_to_wire,
+    function_ref,
+    resolve_function,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+LIMIT = 1 << 24
+
+
+def received(frames: list[Any]) -> list[bytes]:
+    return [bytes(f) for f in frames]
+
+
+def roundtrip(msg: Message, *, allow_pickle: bool = False) -> Message:
+    return decode(received(encode(msg, allow_pickle=allow_pickle)), max_bytes=LIMIT,
+                  allow_pickle=allow_pickle)
+
+
+def value_roundtrip(value: Any, **kw: Any) -> Any:
+    return roundtrip(Message("status_reply", {"status": {"v": value}}), **kw).body["status"]["v"]
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Deep equality that also requires equal types (a tuple is not a list)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    else:
+        assert a == b
+
+
+def shares(array: np.ndarray[Any, Any], frame: Any) -> bool:
+    return bool(np.shares_memory(array, np.frombuffer(frame, np.uint8)))
+
+
+# --- module-level things that travel by reference ------------------------------------
+
+def double(x: float) -> float:
+    return 2 * x
+
+
+class Tools:
+    @staticmethod
+    def triple(x: float) -> float:
+        return 3 * x
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.__name__
+
+    def method(self) -> None:
+        pass
+
+
+class CustomError(Exception):
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(code, detail)
+        self.code = code
+
+
+class KeywordOnlyError(Exception):
+    def __init__(self, *, code: int) -> None:
+        super().__init__(f"code {code}")
+
+
+loaded: list[str] = []
+
+
+def _record(what: str) -> str:
+    loaded.append(what)
+    return what
+
+
+class Tripwire:
+    """Unpickling it records that a pickle was loaded."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_record, ("unpickled",))
+
+
+# --- round trips ---------------------------------------------------------------------
+
+ARR = np.arange(6, dtype=np.float64).reshape(2, 3)
+
+SAMPLES = [
+    Message("hello", {"name": "w1", "host": "node7", "pid": 4242, "capacity": 8}),
+    Message("result", {"task_id": 7, "ok": True, "value": {"y": ARR, "pair": (1, "a")}}),
+    Message("result", {"task_id": 8, "ok": False,
+                       "error": exception_to_wire(ValueError("bad", 3), "Traceback ...")}),
+    Message("result", {"job_id": "j-1", "ok": True, "value": None}),
+    Message("heartbeat"),
+    Message("bye", {"reason": "SIGTERM"}),
+    Message("welcome", {"heartbeat_interval": 0.5, "heartbeat_timeout": 5}),
+    Message("task", {"task_id": 1, "fn": "math:hypot", "args": (ARR, 2),
+                     "kwargs": {"k": [1, 2.5, "s", b"b", None, True, -(2**63), 2**64 - 1]},
+                     "timeout": 3.5}),
+    Message("task", {"task_id": 2, "fn": "tests.mod:f", "args": [], "kwargs": {}}),
+    Message("cancel", {"task_id": 1}),
+    Message("cancel", {"job_id": "j-1"}),
+    Message("shutdown"),
+    Message("submit", {"job_id": None, "fn": "math:hypot", "args": [3, 4], "kwargs": {},
+                       "options": {"retries": 2, "timeout": 60}}),
+    Message("submit", {"fn": "math:hypot", "args": (3, 4), "kwargs": {"x": ARR}}),
+    Message("accepted", {"job_id": "j-1"}),
+    Message("fetch", {"job_id": "j-1", "timeout": None}),
+    Message("fetch", {"job_id": "j-1", "timeout": 2}),
+    Message("status"),
+    Message("status_reply", {"status": {"workers": 2, "queued": 0,
+                                        "per_worker": {"w1": {"running": 1}}}}),
+    Message("error", {"reason": "no such job", "job_id": "j-9"}),
+    Message("hello", {"name": "w2", "host": "h", "pid": 1, "capacity": 1,
+                      "future_field": "ignored by v1 receivers"}),
+]
+
+
+def test_samples_cover_every_message_type() -> None:
+    assert {m.type for m in SAMPLES} == MESSAGE_TYPES
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.type)
+def test_every_message_type_round_trips(msg: Message) -> None:
+    back = roundtrip(msg)
+    assert back.type == msg.type
+    assert_same(back.body, msg.body)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.type)
+def test_decodes_zmq_frames_and_memoryviews(msg: Message) -> None:
+    frames = encode(msg)
+    for wire in ([zmq.Frame(bytes(f)) for f in frames], [memoryview(bytes(f)) for f in frames],
+                 frames):
+        assert_same(decode(wire, max_bytes=LIMIT, allow_pickle=False).body, msg.body)
+
+
+def test_header_layout() -> None:
+    frames = encode(Message("cancel", {"task_id": 3}))
+    assert len(frames) == 1
+    assert msgpack.unpackb(frames[0]) == [PROTOCOL_VERSION, "cancel", {"task_id": 3}]
+
+
+def test_values_keep_their_types() -> None:
+    value = {
+        "tuple": (1, (2, 3), [4, (5,)]), "empty": (), "list": [1, [2]],
+        "int_keys": {1: "a", -2: "b"}, "tuple_keys": {(1, "x"): 2},
+        "bytes": b"\x00\xff", "str": "é", "float": 1.5, "none": None, "bool": False,
+        "when": datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.timezone.utc),
+    }
+    assert_same(value_roundtrip(value), value)
+
+
+def test_numpy_scalars() -> None:
+    """Scalars become the Python scalar .item() gives when msgpack has one, else a
+    0-d array of the same dtype."""
+    assert_same(value_roundtrip(np.float32(1.5)), 1.5)
+    assert_same(value_roundtrip(np.int64(-3)), -3)
+    assert_same(value_roundtrip(np.uint64(2**64 - 1)), 2**64 - 1)
+    assert_same(value_roundtrip(np.bool_(True)), True)
+    assert_same(value_roundtrip(np.str_("s")), "s")
+    assert_same(value_roundtrip(np.bytes_(b"b")), b"b")
+    for scalar in (np.complex128(1 + 2j), np.datetime64("2024-01-02T03:04", "s"),
+                   np.timedelta64(5, "ms"), np.longdouble(1.25)):
+        back = value_roundtrip(scalar)
+        assert isinstance(back, np.ndarray) and back.shape == () and back.dtype == scalar.dtype
+        assert back[()] == scalar
+
+
+# --- arrays --------------------------------------------------------------------------
+
+STRUCT = np.dtype([("a", "<i4"), ("b", ">f8", (2,)), ("c", "S3")])
+ALIGNED = np.dtype([("a", "u1"), ("b", "<f8"), ("n", [("x", "<i2"), ("y", "<c8", (2, 2))])],
+                   align=True)
+DTYPES = ["?", "i1", "<i2", ">i4", "<i8", "u1", "<u2", "<u4", ">u8", "<f2", "<f4", ">f8",
+          "longdouble", "<c8", "<c16", "<M8[ns]", "<m8[s]", "<U5", "S3", "V4", STRUCT, ALIGNED]
+SHAPES = [(), (0,), (3, 0, 2), (7,), (3, 4), (2, 3, 4)]
+
+
+def make(shape: tuple[int, ...], dtype: Any) -> np.ndarray[Any, Any]:
+    dt = np.dtype(dtype)
+    raw = np.random.default_rng(0).integers(0, 256, math.prod(shape) * dt.itemsize, np.uint8)
+    array = raw.view(dt).reshape(shape) if dt.names is None and dt.kind != "V" else \
+        np.frombuffer(raw.tobytes(), dt).reshape(shape)
+    return array
+
+
+def check_array(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    frames = encode(Message("status_reply", {"status": {"a": array}}))
+    wire = received(frames)
+    back: np.ndarray[Any, Any] = decode(wire, max_bytes=LIMIT,
+                                        allow_pickle=False).body["status"]["a"]
+    assert back.dtype == array.dtype and back.shape == array.shape
+    assert np.ascontiguousarray(back).tobytes() == np.ascontiguousarray(array).tobytes()
+    assert len(wire) == 2
+    if array.size:
+        assert shares(back, wire[1]), "decode copied the array"
+        if array.flags.c_contiguous or array.flags.f_contiguous:
+            assert shares(array, frames[1]), "encode copied a contiguous array"
+    return back
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_arrays_round_trip_as_views(dtype: Any) -> None:
+    for shape in SHAPES:
+        check_array(make(shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", ["<f8", ">i2", STRUCT], ids=str)
+def test_array_layouts(dtype: Any) -> None:
+    base = make((4, 6, 5), dtype)
+    fortran = np.asfortranarray(base)
+    assert check_array(fortran).flags.f_contiguous   # strides travel: no copy either side
+    for view in (base[:, ::2], base[::-1], base.swapaxes(0, 1), base[1:3, 2, ::3],
+                 np.broadcast_to(base[0], (3, 6, 5)), base[..., 0].T):
+        assert not view.flags.c_contiguous or view.size <= 1
+        check_array(view)
+
+
+def test_same_array_twice_travels_once() -> None:
+    frames = encode(Message("status_reply", {"status": {"a": ARR, "b": [ARR, (ARR,)]}}))
+    assert len(frames) == 2
+    back = decode(received(frames), max_bytes=LIMIT, allow_pickle=False).body["status"]
+    assert np.shares_memory(back["a"], back["b"][1][0])
+
+
+def test_arrays_from_zmq_frames_are_writable_views() -> None:
+    big = np.arange(100_000, dtype=np.float64)   # above pyzmq's copy threshold
+    wire = [zmq.Frame(bytes(f)) for f in encode(Message("status_reply",
+                                                        {"status": {"a": big}}))]
+    back = decode(wire, max_bytes=LIMIT, allow_pickle=False).body["status"]["a"]
+    assert back.flags.writeable
+    assert np.shares_memory(back, np.frombuffer(wire[1].buffer, np.uint8))
+    readonly = decode(received(encode(Message("status_reply", {"status": {"a": big}}))),
+                      max_bytes=LIMIT, allow_pickle=False).body["status"]["a"]
+    assert not readonly.flags.writeable   # a view of immutable bytes stays immutable
+
+
+def test_memmap_travels_as_an_array(tmp_path: Any) -> None:
+    mm = np.memmap(tmp_path / "m.bin", dtype="<i4", mode="w+", shape=(10,))
+    mm[:] = np.arange(10)
+    back = value_roundtrip(mm)
+    assert type(back) is np.ndarray
+    np.testing.assert_array_equal(back, np.arange(10))
+    del mm
+
+
+def test_object_arrays_refused_unless_pickling() -> None:
+    objects = np.array([{"a": 1}, None], dtype=object)
+    with pytest.raises(TypeError, match="dtype object"):
+        encode(Message("status_reply", {"status": {"a": objects}}))
+    with pytest.raises(TypeError, match="dtype StringDType"):
+        encode(Message("status_reply", {"status": {"a": np.array(["x"], np.dtypes.StringDType())}}))
+    back = value_roundtrip(objects, allow_pickle=True)
+    assert back.dtype == object and list(back) == [{"a": 1}, None]
+
+
+# --- what the wire refuses on encode -------------------------------------------------
+
+Point = collections.namedtuple("Point", "x y")
+
+
+@pytest.mark.parametrize("value", [{1, 2}, Point(1, 2), 2**64, object(),
+                                   datetime.datetime(2024, 1, 1), np.ma.masked_array([1])],
+                         ids=["set", "namedtuple", "bigint", "object", "naive-datetime",
+                              "masked"])
+def test_non_wire_values_need_pickling(value: Any) -> None:
+    with pytest.raises(TypeError, match="cannot encode"):
+        encode(Message("status_reply", {"status": {"v": value}}))
+    back = value_roundtrip(value, allow_pickle=True)
+    assert type(back) is type(value)
+
+
+def test_encode_checks_the_schema() -> None:
+    with pytest.raises(ValueError, match="unknown message type"):
+        encode(Message("launch", {}))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lacks field 'capacity'"):
+        encode(Message("hello", {"name": "w", "host": "h", "pid": 1}))
+    with pytest.raises(ValueError, match="'task_id' must be an int >= 0"):
+        encode(Message("cancel", {"task_id": -1}))
+    with pytest.raises(ValueError, match="unknown option|retries"):
+        encode(Message("submit", {"fn": "m:f", "args": [], "kwargs": {},
+                                  "options": {"retires": 2}}))
+    with pytest.raises(TypeError, match="str keys"):
+        encode(Message("status_reply", {1: 2}))  # type: ignore[dict-item]
+    nested: Any = ()
+    for _ in range(MAX_NESTING + 1):
+        nested = (nested,)
+    with pytest.raises(ValueError, match="nested"):
+        encode(Message("status_reply", {"status": {"v": nested}}))
+
+
+# --- functions by reference ----------------------------------------------------------
+
+def test_function_ref() -> None:
+    assert function_ref(math.hypot) == "math:hypot"
+    assert function_ref(double) == f"{__name__}:double"
+    assert function_ref(Tools.triple) == f"{__name__}:Tools.triple"
+    assert function_ref(Tools.name) == f"{__name__}:Tools.name"
+    assert function_ref(Tools) == f"{__name__}:Tools"
+    assert function_ref("not.imported.here:fn") == "not.imported.here:fn"   # no import
+    assert resolve_function(function_ref(double)) is double
+
+
+@pytest.mark.parametrize(("fn", "match"), [
+    (lambda x: x, "lambda or closure"),
+    (functools.partial(double, 2), "no import reference"),
+    (Tools().method, "resolves to"),
+    (print, None),
+])
+def test_function_ref_refuses_what_cannot_be_imported(fn: Any, match: str | None) -> None:
+    if match is None:
+        assert function_ref(fn) == "builtins:print"
+        return
+    with pytest.raises(TypeError, match=match):
+        function_ref(fn)
+
+
+def test_function_ref_refuses_main_and_closures() -> None:
+    def inner() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="lambda or closure"):
+        function_ref(inner)
+    inner.__module__, inner.__qualname__ = "__main__", "inner"
+    with pytest.raises(TypeError, match="__main__"):
+        function_ref(inner)
+    for bad in ("os.system", "os:", ":f", "a b:c", "os:sys tem", "os:<lambda>"):
+        with pytest.raises(ValueError, match="not a function reference"):
+            function_ref(bad)
+
+
+def test_resolve_function_errors_name_the_ref() -> None:
+    assert resolve_function("math:hypot") is math.hypot
+    with pytest.raises(ImportError, match="nosuch_module_xyz:f"):
+        resolve_function("nosuch_module_xyz:f")
+    with pytest.raises(ImportError, match="'math:nosuch'"):
+        resolve_function("math:nosuch")
+    with pytest.raises(TypeError, match="'math:pi' names a float"):
+        resolve_function("math:pi")
+    with pytest.raises(ValueError):
+        resolve_function("math.hypot")
+
+
+def test_task_functions_travel_by_reference_or_pickle() -> None:
+    msg = Message("task", {"task_id": 1, "fn": double, "args": (2,), "kwargs": {}})
+    assert roundtrip(msg).body["fn"] == f"{__name__}:double"
+    offset = 10
+    closure = Message("task", {"task_id": 1, "fn": lambda x: x + offset, "args": (2,),
+                               "kwargs": {}})
+    with pytest.raises(TypeError, match="lambda or closure"):
+        encode(closure)
+    fn = roundtrip(closure, allow_pickle=True).body["fn"]
+    assert fn(2) == 12
+    frames = received(encode(closure, allow_pickle=True))
+    with pytest.raises(ProtocolError, match="pickled payload refused"):
+        decode(frames, max_bytes=LIMIT, allow_pickle=False)
+
+
+def test_pickles_are_refused_without_being_loaded() -> None:
+    loaded.clear()
+    frames = received(encode(Message("status_reply", {"status": {"v": Tripwire()}}),
+                             allow_pickle=True))
+    with pytest.raises(ProtocolError, match="pickled payload refused"):
+        decode(frames, max_bytes=LIMIT, allow_pickle=False)
+    assert loaded == []
+    assert decode(frames, max_bytes=LIMIT, allow_pickle=True).body["status"]["v"] == "unpickled"
+    assert loaded == ["unpickled"]
+
+
+# --- exceptions ----------------------------------------------------------------------
+
+def rebuilt(exc: BaseException, tb: str = "Traceback: remote") -> BaseException:
+    body = roundtrip(Message("result", {"task_id": 1, "ok": False,
+                                        "error": exception_to_wire(exc, tb)})).body
+    return exception_from_wire(body["error"])
+
+
+def test_exception_comes_back_as_itself_with_remote_traceback() -> None:
+    exc = rebuilt(ValueError("bad value", 3), "Traceback (most recent call last): boom")
+    assert type(exc) is ValueError and exc.args == ("bad value", 3)
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "boom" in str(exc.__cause__)
+    custom = rebuilt(CustomError(7, "detail"))
+    assert type(custom) is CustomError and custom.code == 7
+    lost = rebuilt(WorkerLostError(12, -9, 3))
+    assert type(lost) is WorkerLostError and lost.signal == 9 and lost.task == 3
+
+
+@pytest.mark.parametrize("exc", [
+    KeywordOnlyError(code=5),          # not constructible from its args
+    SystemExit(3),                     # not an Exception: never re-raised here
+    KeyboardInterrupt(),
+])
+def test_exception_fallback(exc: BaseException) -> None:
+    back = rebuilt(exc, "remote tb")
+    assert type(back) is RemoteTaskError
+    assert back.type_name == f"{type(exc).__module__}:{type(exc).__qualname__}"
+    assert back.traceback == "remote tb" and isinstance(back.__cause__, RemoteTraceback)
+    again = pickle.loads(pickle.dumps(back))
+    assert str(again) == str(back)
+    forwarded = exception_from_wire(exception_to_wire(back, "local tb"))
+    assert type(forwarded) is RemoteTaskError and forwarded.type_name == back.type_name
+
+
+def test_exception_from_wire_never_imports() -> None:
+    back = exception_from_wire({"type": "nosuch_module_xyz:Boom", "args": ["x"],
+                                "message": "x", "traceback": ""})
+    assert isinstance(back, RemoteTaskError) and str(back) == "nosuch_module_xyz:Boom: x"
+    not_exc = exception_from_wire({"type": "builtins:int", "args": [1], "message": "1",
+                                   "traceback": ""})
+    assert isinstance(not_exc, RemoteTaskError)
+
+
+def test_exception_args_not_on_the_wire_fall_back_to_the_message() -> None:
+    wire = exception_to_wire(ValueError(object()), "")
+    assert wire["args"] is None and wire["message"].startswith("<object")
+    back = exception_from_wire(wire)
+    assert type(back) is ValueError and str(back).startswith("<object")
+
+
+# --- validation: every rule, always ProtocolError ------------------------------------
+
+def header(*items: Any) -> bytes:
+    return bytes(msgpack.packb(list(items), use_bin_type=True))
+
+
+def array_ext(index: Any, descr: Any, shape: Any, strides: Any) -> msgpack.ExtType:
+    return msgpack.ExtType(1, msgpack.packb([index, descr, shape, strides]))
+
+
+def status(value: Any, *frames: bytes) -> list[bytes]:
+    return [header(1, "status_reply", {"status": {"v": value}}), *frames]
+
+
+CANCEL = header(1, "cancel", {"task_id": 1})
+deep: Any = msgpack.packb([])
+for _ in range(MAX_NESTING + 1):
+    deep = msgpack.packb(msgpack.ExtType(2, deep))
+very_deep = deep
+for _ in range(3000):   # deep enough to overflow the C stack if unchecked
+    very_deep = msgpack.packb(msgpack.ExtType(2, very_deep))
+
+INVALID: list[tuple[str, list[Any], str]] = [
+    ("no frames", [], "empty message"),
+    ("empty header", [b""], "header frame is empty"),
+    ("not msgpack", [b"\xc1\x00"], "not a msgpack list"),
+    ("garbage in list", [b"\x93\x01\xc1"], "not valid msgpack"),
+    ("truncated header", [CANCEL[:-1]], "not valid msgpack"),
+    ("trailing bytes", [CANCEL + b"\x00"], "not valid msgpack"),
+    ("header is a map", [msgpack.packb({"v": 1})], "not a msgpack list"),
+    ("header of 2", [header(1, "cancel")], "3-element list"),
+    ("header of 4", [header(1, "cancel", {"task_id": 1}, 0)], "3-element list"),
+    ("version 2", [header(2, "cancel", {"task_id": 1})], r"protocol version 2, expected 1"),
+    ("version 300", [header(300, "x")], r"protocol version 300, expected 1"),
+    ("version str", [header("1", "cancel", {"task_id": 1})], "protocol version '1'"),
+    ("version negative", [header(-1, "cancel", {"task_id": 1})], "protocol version -1"),
+    ("unknown type", [header(1, "launch", {})], "unknown message type 'launch'"),
+    ("type not str", [header(1, 5, {})], "unknown message type 5"),
+    ("body a list", [header(1, "cancel", [1])], "must be a map"),
+    ("body int keys", [header(1, "cancel", {1: 1})], "map with str keys"),
+    ("missing field", [header(1, "hello", {"name": "w"})], "lacks field 'host'"),
+    ("mistyped field", [header(1, "cancel", {"task_id": "1"})], "'task_id' must be an int"),
+    ("bool is no int", [header(1, "cancel", {"task_id": True})], "'task_id' must be an int"),
+    ("negative id", [header(1, "cancel", {"task_id": -1})], "'task_id' must be an int >= 0"),
+    ("both ids", [header(1, "cancel", {"task_id": 1, "job_id": "j"})], "exactly one"),
+    ("no id", [header(1, "result", {"ok": True, "value": 1})], "exactly one"),
+    ("ok without value", [header(1, "result", {"task_id": 1, "ok": True})], "lacks field 'value'"),
+    ("error map", [header(1, "result", {"task_id": 1, "ok": False, "error": {"type": 1}})],
+     "'error' must be an error map"),
+    ("capacity 0", [header(1, "hello", {"name": "w", "host": "h", "pid": 1, "capacity": 0})],
+     "'capacity' must be an int >= 1"),
+    ("interval 0", [header(1, "welcome", {"heartbeat_interval": 0, "heartbeat_timeout": 1})],
+     "'heartbeat_interval' must be a number > 0"),
+    ("fn not a ref", [header(1, "task", {"task_id": 1, "fn": "os.system", "args": [],
+                                         "kwargs": {}})], "'fn' must be a function reference"),
+    ("kwargs int keys", [header(1, "task", {"task_id": 1, "fn": "m:f", "args": [],
+                                            "kwargs": {1: 2}})], "'kwargs' must be a map"),
+    ("unknown option", [header(1, "submit", {"fn": "m:f", "args": [], "kwargs": {},
+                                             "options": {"retires": 1}})], "'options' must be"),
+    ("frame index too big", status(array_ext(2, "<f8", [1], [8]), bytes(8)),
+     r"refers to frame 2, the message has array frames 1..1"),
+    ("frame index 0", status(array_ext(0, "<f8", [1], [8]), bytes(8)), "refers to frame 0"),
+    ("no array frames", status(array_ext(1, "<f8", [1], [8])), "refers to frame 1"),
+    ("array too big", status(array_ext(1, "<f8", [10], [8]), bytes(8)), "does not fit frame 1"),
+    ("strides reach out", status(array_ext(1, "<f8", [2, 2], [1000, 8]), bytes(32)),
+     "does not fit frame 1"),
+    ("negative strides", status(array_ext(1, "<f8", [2], [-8]), bytes(16)), "does not fit"),
+    ("zero strides", status(array_ext(1, "|u1", [2**40], [0]), bytes(8)), "does not fit"),
+    ("huge shape", status(array_ext(1, "<f8", [2**63, 2**63], [8, 8]), bytes(8)),
+     "does not fit"),
+    ("zero-size but huge", status(array_ext(1, "<f8", [0, 2**62, 2**62], [8, 8, 8]), b""),
+     "cannot view frame"),
+    ("unparsable dtype", status(array_ext(1, "<f9", [1], [8]), bytes(8)),
+     "unparsable array dtype"),
+    ("bad descr", status(array_ext(1, [["a"]], [1], [8]), bytes(8)), "unparsable array dtype"),
+    ("dtype an int", status(array_ext(1, 5, [1], [8]), bytes(8)), "dtype must be a str"),
+    ("object dtype", status(array_ext(1, "|O", [1], [8]), bytes(8)), "refused"),
+    ("object field", status(array_ext(1, [["a", "|O"]], [1], [8]), bytes(8)), "refused"),
+    ("itemsize 0", status(array_ext(1, "|S0", [3], [0]), bytes(8)), "refused"),
+    ("ref not msgpack", status(msgpack.ExtType(1, b"\xc1"), bytes(8)), "not valid msgpack"),
+    ("ref of 3", status(msgpack.ExtType(1, msgpack.packb([1, "<f8", [1]])), bytes(8)),
+     r"\[frame, dtype, shape, strides\]"),
+    ("shape not ints", status(array_ext(1, "<f8", ["1"], [8]), bytes(8)), "shape must be"),
+    ("negative dim", status(array_ext(1, "<f8", [-1], [8]), bytes(8)), "shape must be"),
+    ("too many dims", status(array_ext(1, "<f8", [1] * 65, [8] * 65), bytes(8)),
+     "shape must be"),
+    ("strides mismatch", status(array_ext(1, "<f8", [1, 1], [8]), bytes(8)), "strides must"),
+    ("unused frame", [CANCEL, b"junk"], r"frames \[1\] are not referenced"),
+    ("frame not a buffer", [CANCEL, 5], "frame 1 is not a contiguous byte buffer"),
+    ("unknown ext", status(msgpack.ExtType(9, b"")), "unknown ext type 9"),
+    ("tuple of int", status(msgpack.ExtType(2, msgpack.packb(5))), "tuple ext holds int"),
+    ("tuples too deep", status(msgpack.ExtType(2, deep)), "nested more than"),
+    ("tuples far too deep", status(msgpack.ExtType(2, very_deep)), "nested more than"),
+    ("lists too deep", [b"\x93\x01\xa6status" + b"\x91" * 5000], "not valid msgpack"),
+    ("pickle refused", status(msgpack.ExtType(3, pickle.dumps(Tripwire()))),
+     "pickled payload refused"),
+    ("bad utf-8", [b"\x93\x01\xa6cancel\x81\xa7task_id\xa2\xff\xfe"], "not valid msgpack"),
+    ("bad timestamp", [b"\x93\x01\xacstatus_reply\x81\xa6status\x81\xa1v\xd5\xff\x00\x01"],
+     "not valid msgpack"),
+    ("unhashable key", [b"\x93\x01\xacstatus_reply\x81\xa6status\x81\x90\x01"],
+     "not valid msgpack"),
+]
+
+
+@pytest.mark.parametrize(("frames", "match"), [(f, m) for _, f, m in INVALID],
+                         ids=[name for name, _, _ in INVALID])
+def test_invalid_messages_raise_protocol_error(frames: list[Any], match: str) -> None:
+    loaded.clear()
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames, max_bytes=LIMIT, allow_pickle=False)
+    assert loaded == []
+
+
+def test_bad_pickle_is_a_protocol_error_even_when_allowed() -> None:
+    with pytest.raises(ProtocolError, match="pickled payload failed to load"):
+        decode(status(msgpack.ExtType(3, b"not a pickle")), max_bytes=LIMIT, allow_pickle=True)
+
+
+def test_size_limits() -> None:
+    frames = received(encode(Message("status_reply", {"status": {"a": np.zeros(1000)}})))
+    total = sum(len(f) for f in frames)
+    assert decode(frames, max_bytes=total, allow_pickle=False)
+    with pytest.raises(ProtocolError, match=f"message of {total} bytes exceeds the limit"):
+        decode(frames, max_bytes=total - 1, allow_pickle=False)
+    with pytest.raises(ProtocolError, match="header of .* bytes exceeds the limit of 10"):
+        decode(frames, max_bytes=LIMIT, allow_pickle=False, max_header_bytes=10)
+
+
+# --- fuzz ----------------------------------------------------------------------------
+
+def touch(value: Any) -> None:
+    """Read every byte of every array in ``value``: an out-of-bounds view would
+    crash here or read past its frame."""
+    if isinstance(value, np.ndarray):
+        value.tobytes()
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            touch(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            touch(v)
+
+
+def decodes_or_refuses(frames: list[Any], allow_pickle: bool = False) -> bool:
+    try:
+        msg = decode(frames, max_bytes=1 << 20, allow_pickle=allow_pickle,
+                     max_header_bytes=1 << 16)
+    except ProtocolError:
+        return False
+    assert isinstance(msg, Message) and msg.type in MESSAGE_TYPES
+    touch(msg.body)
+    return True
+
+
+def test_fuzz_decode_only_returns_messages_or_raises_protocol_error() -> None:
+    rng = random.Random(20240601)
+    valid = [received(encode(m)) for m in SAMPLES]
+    valid.append(received(encode(Message("status_reply", {"status": {
+        "a": make((3, 4), STRUCT), "b": (np.asfortranarray(make((5, 2), ">f8")), (1, (2,))),
+        "c": make((2,), ALIGNED), "d": make((0, 3), "<U2")}}))))
+    for _ in range(3000):   # random bytes, with a plausible first byte half the time
+        head = bytes([rng.choice([0x93, 0x92, 0xDC, rng.randrange(256)])])
+        frames = [head + rng.randbytes(rng.randrange(48))]
+        frames += [rng.randbytes(rng.randrange(32)) for _ in range(rng.randrange(3))]
+        decodes_or_refuses(frames)
+    for _ in range(3000):   # truncated: a frame cut short, or frames dropped
+        frames = list(rng.choice(valid))
+        i = rng.randrange(len(frames))
+        frames[i] = frames[i][:rng.randrange(len(frames[i]) + 1)]
+        if len(frames) > 1 and rng.random() < 0.3:
+            del frames[rng.randrange(len(frames))]
+        decodes_or_refuses(frames)
+    for _ in range(10000):   # bit flips in the header (where all the structure is)
+        frames = list(rng.choice(valid))
+        flipped = bytearray(frames[0])
+        for _ in range(rng.choice([1, 1, 2, 3, 8])):
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        frames[0] = bytes(flipped)
+        decodes_or_refuses(frames)
+    accepted = 0
+    for _ in range(5000):    # hostile array references against frames of random sizes
+        ndim = rng.randrange(4)
+        big = [0, 1, 2, 3, 7, 8, 64, 2**31, 2**62, 2**63 - 1]
+        ref = array_ext(rng.choice([0, 1, 1, 1, 2]),
+                        rng.choice(["<f8", "|u1", ">i4", "|V3", "<U2", "|b1", "<M8[s]",
+                                    [["a", "<i2"], ["b", "|u1", [3]]], "<f8,<f8", "|O"]),
+                        [rng.choice(big) for _ in range(ndim)],
+                        [rng.choice(big) * rng.choice([1, 1, -1]) for _ in range(ndim)])
+        accepted += decodes_or_refuses(status(ref, bytes(rng.choice([0, 1, 8, 24, 100]))))
+    assert accepted > 50   # the hostile set also holds views that fit
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    HAVE_HYPOTHESIS = True
+except ImportError:   # hypothesis is a dev extra; the seeded fuzz above always runs
+    HAVE_HYPOTHESIS = False
+
+if HAVE_HYPOTHESIS:
+    plain = st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+        | st.floats(allow_nan=False) | st.text(max_size=8) | st.binary(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+        max_leaves=20)
+
+    @settings(max_examples=300, deadline=None)
+    @given(plain)
+    def test_hypothesis_values_round_trip(value: Any) -> None:
+        assert_same(value_roundtrip(value), value)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.binary(max_size=64), max_size=4))
+    def test_hypothesis_decode_never_raises_anything_else(frames: list[bytes]) -> None:
+        decodes_or_refuses(frames)
