@@ -12,6 +12,7 @@ from .errors import (
     WorkerLostError,
 )
 from .pool import Pool
+from .scheduler import Scheduler
 from .shm import SharedMemoryUnavailableWarning, empty, is_shared, share, zeros
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     # local tier
     "Pool",
+    # local and remote workers
+    "Scheduler",
     # shared arrays
     "empty",
     "zeros",

@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .errors import ConfigError, ShmrunnerError
+
 __all__ = ["main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
 EXIT_OK = 0
@@ -22,6 +24,23 @@ def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
     return run_demo(arrays=args.arrays, mib=args.mib, processes=args.processes)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .config import WorkerSettings, load, with_overrides
+    from .worker.remote import run_agent
+
+    settings = load(args.config).worker if args.config else WorkerSettings()
+    overrides = {key: value for key, value in (
+        ("connect", args.connect), ("processes", args.processes), ("name", args.name))
+        if value is not None}
+    if args.allow_pickle:
+        overrides["allow_pickle"] = True
+    settings = with_overrides(settings, overrides, "worker")
+    if settings.connect is None:
+        raise ConfigError("worker.connect: missing; pass --connect tcp://HOST:PORT "
+                          "or set worker.connect in the config file")
+    return run_agent(settings)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +66,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--processes", type=_positive_int, default=None,
                       help="worker processes (default: the CPU count)")
     demo.set_defaults(run=_demo)
+
+    worker = commands.add_parser(
+        "worker", help="run a remote worker agent that connects to a scheduler",
+        description="Connects to a scheduler (or daemon), advertises --processes slots and "
+                    "runs the tasks it is sent on this host's shared-memory pool. Reconnects "
+                    "by itself; SIGTERM finishes the tasks it holds, then exits 0.")
+    worker.add_argument("--connect", metavar="ADDR",
+                        help="the scheduler's address, e.g. tcp://127.0.0.1:5560")
+    worker.add_argument("--processes", type=_positive_int, default=None,
+                        help="worker processes on this host (default: the CPU count)")
+    worker.add_argument("--name", default=None,
+                        help="how the scheduler lists this worker (default: host-pid)")
+    worker.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML settings file (its worker: section)")
+    worker.add_argument("--allow-pickle", action="store_true",
+                        help="accept pickled functions and arguments (trusted networks only)")
+    worker.set_defaults(run=_worker)
     return parser
 
 
@@ -67,6 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))
+    except ConfigError as exc:
+        print(f"shmrunner {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShmrunnerError as exc:
+        print(f"shmrunner {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 

@@ -239,8 +239,9 @@ class Scheduler(Executor):
 
     # --- Executor API ----------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, retries: int | None = None,
-               timeout: float | None = None, **kwargs: Any) -> Future[Any]:
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any,  # type: ignore[override]
+               retries: int | None = None, timeout: float | None = None,
+               **kwargs: Any) -> Future[Any]:
         """Schedule ``fn(*args, **kwargs)``; ``retries`` and ``timeout`` override
         the scheduler's defaults for this task (to pass arguments of those names
         to ``fn`` itself, wrap it in ``functools.partial``)."""
@@ -264,7 +265,7 @@ class Scheduler(Executor):
         self._pump()
         return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],  # type: ignore[override]
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
         """Like ``concurrent.futures.Executor.map``; ``chunksize`` items travel
         as one task."""
@@ -381,7 +382,7 @@ class Scheduler(Executor):
                 job.future.set_result(value)
             else:
                 job.future.set_exception(value)
-            job.fn = job.args = job.kwargs = None
+            job.fn, job.args, job.kwargs = None, (), {}  # free the arguments now
         if pump:
             self._pump()
 

@@ -74,7 +74,7 @@ class Loss(Generic[T]):
 
 
 class Lifecycle(Generic[T]):
-    def __init__(self, spawn: Callable[[int], Any], size: int, capacity: int = 1,
+    def __init__(self, spawn: Callable[[int], Any] | None, size: int, capacity: int = 1,
                  max_tasks: int | None = None) -> None:
         self._spawn = spawn
         self.size = size
@@ -92,7 +92,7 @@ class Lifecycle(Generic[T]):
     def populate(self) -> list[Worker[T]]:
         """Spawn workers until there are ``size``; return the new ones."""
         new = []
-        while len(self.workers) < self.size:
+        while self._spawn is not None and len(self.workers) < self.size:
             worker_id = self._next_id
             self._next_id += 1
             endpoint = self._spawn(worker_id)
@@ -100,6 +100,14 @@ class Lifecycle(Generic[T]):
             self.workers[worker_id] = worker
             new.append(worker)
         return new
+
+    def add(self, endpoint: Any, capacity: int) -> Worker[T]:
+        """Register a worker that arrived by itself (a remote agent's hello)."""
+        worker_id = self._next_id
+        self._next_id += 1
+        worker: Worker[T] = Worker(worker_id, endpoint, capacity)
+        self.workers[worker_id] = worker
+        return worker
 
     def pick(self) -> Worker[T] | None:
         """The worker that should take the next task: an idle one if any, else

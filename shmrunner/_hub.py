@@ -1,0 +1,278 @@
+"""The Scheduler's remote tier: remote workers over one ZeroMQ ROUTER socket.
+
+Data flow::
+
+    Scheduler._pump (any thread) --start(jobs)--> inbox --wake pipe--+
+    Scheduler._expire (timer)    --stop(job)----> stops --wake pipe--+
+                                                                     v
+    hub thread (owns the socket): zmq.Poller over the ROUTER socket and the wake pipe
+        hello      -> Lifecycle.add (capacity = advertised + prefetch), welcome
+        task out   <- inbox, to the worker Lifecycle.pick() names
+        result     -> Lifecycle.finish -> Scheduler._finish (retry or settle)
+        heartbeat  -> last_seen; silence past heartbeat_timeout -> Lifecycle.lose:
+                      every task the worker held fails with WorkerLostError
+                      (the Scheduler retries those it may)
+        bye        -> the worker is draining: no new tasks; forgotten once empty
+
+Only the hub thread touches the socket (ZeroMQ sockets are not thread-safe);
+other threads hand it work through deques and a wake-up pipe the poller
+watches. A worker is never sent more than its capacity plus the prefetch.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from .config import SchedulerSettings
+from .errors import WorkerLostError
+from .transport.protocol import Message, exception_from_wire
+from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel
+from .worker.lifecycle import Lifecycle, Worker
+
+if TYPE_CHECKING:
+    from .scheduler import Job, Scheduler
+
+__all__ = ["Hub"]
+
+log = logging.getLogger("shmrunner.scheduler")
+
+_ACCEPT = frozenset({"hello", "result", "heartbeat", "bye"})
+
+
+class _Peer:
+    """A remote worker as the hub knows it."""
+
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen")
+
+    def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
+        self.identity = identity
+        self.name: str = body["name"]
+        self.host: str = body["host"]
+        self.pid: int = body["pid"]
+        self.capacity: int = body["capacity"]
+        self.last_seen = time.monotonic()
+
+
+class Hub:
+    def __init__(self, scheduler: Scheduler, settings: SchedulerSettings) -> None:
+        assert settings.listen is not None
+        self._scheduler = scheduler
+        self._settings = settings
+        self._workers: Lifecycle[Job] = Lifecycle(None, 0)
+        self._by_identity: dict[bytes, Worker[Job]] = {}
+        self._inbox: collections.deque[Job] = collections.deque()
+        self._stops: collections.deque[tuple[Job, BaseException]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closing = False
+        self._channel = ZmqChannel("router", ChannelOptions(
+            max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
+            accept=_ACCEPT))
+        try:
+            self.address = self._channel.bind(settings.listen)
+        except BaseException:
+            self._release()
+            raise
+        self._thread = threading.Thread(target=self._run, name="shmrunner-hub", daemon=True)
+        self._thread.start()
+
+    # --- called from any thread --------------------------------------------------------
+
+    @property
+    def rejected(self) -> int:
+        """Messages refused as malformed, oversized or of the wrong version."""
+        return self._channel.rejected
+
+    def room(self) -> int:
+        workers = list(self._workers.workers.values())
+        return sum(worker.free for worker in workers) - len(self._inbox)
+
+    def start(self, jobs: list[Job]) -> None:
+        self._inbox.extend(jobs)
+        self._wake()
+
+    def stop(self, job: Job, reason: BaseException) -> bool:
+        self._stops.append((job, reason))
+        self._wake()
+        return True
+
+    def close(self, wait: bool) -> None:
+        self._closing = True
+        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """What ``status`` shows of each connected worker."""
+        now = time.monotonic()
+        return [{"name": w.endpoint.name, "host": w.endpoint.host, "pid": w.endpoint.pid,
+                 "capacity": w.endpoint.capacity, "busy": len(w.tasks),
+                 "last_heartbeat": round(now - w.endpoint.last_seen, 3)}
+                for w in list(self._workers.workers.values())]
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    # --- the hub thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._channel.socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        interval = self._settings.heartbeat_interval
+        next_beat = time.monotonic() + interval
+        try:
+            while not self._closing:
+                wait = max(0.0, next_beat - time.monotonic())
+                events = dict(poller.poll(round(wait * 1000)))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if self._channel.socket in events:
+                    self._receive()
+                self._assign()
+                self._apply_stops()
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + interval
+        except Exception:
+            log.exception("the scheduler's remote tier crashed")
+        finally:
+            self._fail_all(WorkerLostError(None, None, "the scheduler's remote tier stopped"))
+            self._release()
+
+    def _release(self) -> None:
+        self._channel.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _receive(self) -> None:
+        for _ in range(256):  # bounded: heartbeats and stops get their turn
+            received = self._channel.recv(0)
+            if received is None:
+                return
+            peer, msg = received
+            assert peer is not None
+            worker = self._by_identity.get(peer)
+            if worker is not None:
+                worker.endpoint.last_seen = time.monotonic()
+            if msg.type == "hello":
+                self._hello(peer, msg.body)
+            elif worker is None:
+                continue  # a worker we do not know (yet, or any more): it will say hello
+            elif msg.type == "result":
+                self._result(worker, msg.body)
+            elif msg.type == "bye":
+                worker.retiring = True
+                if not worker.tasks:
+                    self._forget(worker)
+
+    def _hello(self, identity: bytes, body: dict[str, Any]) -> None:
+        old = self._by_identity.get(identity)
+        if old is not None:  # it reconnected: what it held under the old session is lost
+            self._lose(old, "reconnected")
+        peer = _Peer(identity, body)
+        worker = self._workers.add(peer, peer.capacity + self._settings.prefetch)
+        self._by_identity[identity] = worker
+        log.info("worker %s (%s pid %d) joined with capacity %d",
+                 peer.name, peer.host, peer.pid, peer.capacity)
+        self._send(worker, Message("welcome", {
+            "heartbeat_interval": self._settings.heartbeat_interval,
+            "heartbeat_timeout": self._settings.heartbeat_timeout}))
+        self._scheduler._pump()
+
+    def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+        job = self._workers.finish(worker, body.get("task_id", -1))
+        if job is None:
+            return  # a task this worker no longer holds (stopped, or from an old session)
+        if body["ok"]:
+            ok, value = True, body["value"]
+        else:
+            ok, value = False, exception_from_wire(body["error"])
+        if worker.retiring and not worker.tasks:
+            self._forget(worker)
+        self._scheduler._finish(job, ok, value)
+
+    def _assign(self) -> None:
+        while self._inbox:
+            worker = self._workers.pick()
+            if worker is None:
+                return
+            job = self._inbox.popleft()
+            self._workers.assign(worker, job)
+            try:
+                self._channel.send(Message("task", {
+                    "task_id": job.id, "fn": job.fn, "args": job.args, "kwargs": job.kwargs,
+                    "timeout": job.timeout}), worker.endpoint.identity)
+            except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
+                self._workers.finish(worker, job.id)
+                self._scheduler._finish(job, False, exc)
+            except ChannelError:
+                self._lose(worker, "unreachable")
+
+    def _apply_stops(self) -> None:
+        while self._stops:
+            job, reason = self._stops.popleft()
+            if job in self._inbox:
+                self._inbox.remove(job)
+                self._scheduler._finish(job, False, reason)
+                continue
+            for worker in self._workers:
+                if job in worker.tasks:
+                    # The agent kills the process running it and reports the timeout.
+                    self._send(worker, Message("cancel", {"task_id": job.id}))
+
+    def _heartbeat(self) -> None:
+        deadline = time.monotonic() - self._settings.heartbeat_timeout
+        for worker in self._workers:
+            if worker.endpoint.last_seen < deadline:
+                self._lose(worker, f"silent for over {self._settings.heartbeat_timeout} s")
+            else:
+                self._send(worker, Message("heartbeat", {}))
+
+    def _send(self, worker: Worker[Job], msg: Message) -> None:
+        try:
+            self._channel.send(msg, worker.endpoint.identity)
+        except ChannelError:
+            self._lose(worker, "unreachable")
+
+    def _lose(self, worker: Worker[Job], why: str) -> None:
+        if worker.id not in self._workers.workers:
+            return
+        loss = self._workers.lose(worker)
+        self._by_identity.pop(worker.endpoint.identity, None)
+        peer: _Peer = worker.endpoint
+        log.warning("worker %s (%s pid %d) lost: %s", peer.name, peer.host, peer.pid, why)
+        # A remote worker runs many tasks at once: any of them may have started.
+        held = ([loss.running] if loss.running is not None else []) + loss.unstarted
+        for job in held:
+            self._scheduler._finish(job, False, WorkerLostError(
+                peer.pid, None, f"{job.id} on {peer.name}@{peer.host} ({why})"))
+
+    def _forget(self, worker: Worker[Job]) -> None:
+        self._workers.lose(worker)
+        self._by_identity.pop(worker.endpoint.identity, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        jobs = list(self._inbox)
+        self._inbox.clear()
+        for worker in self._workers:
+            loss = self._workers.lose(worker)
+            jobs += ([loss.running] if loss.running is not None else []) + loss.unstarted
+        for job in jobs:
+            self._scheduler._finish(job, False, error, pump=False)

@@ -1,0 +1,222 @@
+"""The remote worker agent: ``shmrunner worker --connect ADDR``.
+
+Data flow::
+
+    scheduler ROUTER <== DEALER socket (this thread only) ==> agent loop
+        task   -> resolve the function -> Pool engine (_poolcore.Core) on this
+                  host: shared-memory workers, the same lifecycle as the Pool
+                  (a dead process is reaped, replaced, its task reported lost)
+        cancel -> Core.kill: the process running the task is killed, the task
+                  fails with TaskTimeoutError
+        results <- the engine's thread appends to a deque and writes a wake-up
+                   byte; this loop sends them (only this thread uses the socket)
+        heartbeats both ways; no word from the scheduler for heartbeat_timeout
+        -> the agent drops the connection and says hello again (the scheduler
+        restarted, or the network was cut): it reconnects by itself.
+
+SIGTERM or SIGINT: the agent says ``bye`` (the scheduler stops sending work),
+finishes the tasks it holds, sends their results and exits 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .._poolcore import Core, Task
+from ..config import WorkerSettings
+from ..errors import ShmrunnerError, TaskTimeoutError
+from ..transport.protocol import Message, exception_to_wire, resolve_function
+from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel
+
+__all__ = ["Agent", "run_agent"]
+
+log = logging.getLogger("shmrunner.worker")
+
+_ACCEPT = frozenset({"welcome", "task", "heartbeat", "cancel", "shutdown"})
+_DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
+
+
+class _Reply:
+    """The result object the engine settles: queues (task_id, ok, value)."""
+
+    __slots__ = ("agent", "task_id")
+
+    def __init__(self, agent: Agent, task_id: int) -> None:
+        self.agent = agent
+        self.task_id = task_id
+
+    def _set(self, index: int, ok: bool, value: Any) -> None:
+        self.agent._completed(self.task_id, ok, value)
+
+
+class Agent:
+    def __init__(self, settings: WorkerSettings,
+                 context: multiprocessing.context.BaseContext | None = None) -> None:
+        if settings.connect is None:
+            raise ShmrunnerError("a worker needs the scheduler's address: --connect ADDR")
+        self.settings = settings
+        self.processes = settings.processes or os.cpu_count() or 1
+        self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
+        self._ctx = context or multiprocessing.get_context()
+        self._done: collections.deque[tuple[int, bool, Any]] = collections.deque()
+        self._running: dict[int, Task] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = threading.Event()
+        self._core: Core | None = None
+
+    def stop(self) -> None:
+        """Drain and exit: safe from a signal handler or another thread."""
+        self._stopping.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def run(self) -> int:
+        self._core = Core(self.processes, None, (), None, self._ctx, self.settings.shm_threshold)
+        try:
+            while True:
+                if self._session():
+                    return 0
+        finally:
+            self._core.close()
+            self._core.terminate() if self._running else None
+            self._core.join()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+
+    # --- one connection ------------------------------------------------------------------
+
+    def _session(self) -> bool:
+        """Serve one connection; True when the agent should exit, False to reconnect."""
+        settings = self.settings
+        channel = ZmqChannel("dealer", ChannelOptions(
+            max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
+            accept=_ACCEPT))
+        try:
+            channel.connect(settings.connect or "")
+            channel.send(Message("hello", {"name": self.name, "host": socket.gethostname(),
+                                           "pid": os.getpid(), "capacity": self.processes}))
+            poller = zmq.Poller()
+            poller.register(channel.socket, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            last_heard = time.monotonic()
+            next_beat = last_heard + settings.heartbeat_interval
+            said_bye = False
+            idle_since: float | None = None
+            while True:
+                wait = max(0.0, next_beat - time.monotonic())
+                events = dict(poller.poll(round(wait * 1000)))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if channel.socket in events:
+                    while (received := channel.recv(0)) is not None:
+                        last_heard = time.monotonic()
+                        if not self._handle(received.message):
+                            self._stopping.set()
+                self._send_results(channel)
+                now = time.monotonic()
+                if self._stopping.is_set():
+                    if not said_bye:
+                        channel.send(Message("bye", {"reason": "draining"}))
+                        said_bye = True
+                    if self._running:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = now
+                    elif now - idle_since > _DRAIN_GRACE:
+                        return True
+                if now >= next_beat:
+                    channel.send(Message("heartbeat", {}))
+                    next_beat = now + settings.heartbeat_interval
+                    if now - last_heard > settings.heartbeat_timeout:
+                        log.warning("no word from the scheduler at %s for %.1f s; reconnecting",
+                                    settings.connect, now - last_heard)
+                        return False
+        except ChannelError as exc:
+            log.warning("connection to %s failed (%s); reconnecting", settings.connect, exc)
+            time.sleep(settings.heartbeat_interval)  # pacing a retry, not synchronising
+            return self._stopping.is_set()
+        finally:
+            channel.close()
+
+    def _handle(self, msg: Message) -> bool:
+        """Act on one message; False on shutdown."""
+        assert self._core is not None
+        if msg.type == "task":
+            body = msg.body
+            task_id = body["task_id"]
+            try:
+                fn = body["fn"]
+                if isinstance(fn, str):
+                    fn = resolve_function(fn)
+                task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
+                                           _Reply(self, task_id))
+            except Exception as exc:
+                self._completed(task_id, False, exc)
+                return True
+            self._running[task_id] = task
+            self._core.submit([task])
+        elif msg.type == "cancel":
+            held = self._running.get(msg.body.get("task_id", -1))
+            if held is not None:
+                self._core.kill(held, TaskTimeoutError(
+                    f"task {msg.body['task_id']} ran past its timeout and was stopped"))
+        elif msg.type == "shutdown":
+            return False
+        return True
+
+    def _completed(self, task_id: int, ok: bool, value: Any) -> None:
+        """Called on the engine's thread: hand the result to the agent loop."""
+        self._done.append((task_id, ok, value))
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _send_results(self, channel: ZmqChannel) -> None:
+        while self._done:
+            task_id, ok, value = self._done.popleft()
+            self._running.pop(task_id, None)
+            if ok:
+                msg = Message("result", {"task_id": task_id, "ok": True, "value": value})
+            else:
+                msg = _error_result(task_id, value)
+            try:
+                channel.send(msg)
+            except (TypeError, ValueError) as exc:  # the result cannot travel
+                channel.send(_error_result(task_id, TypeError(
+                    f"the result of task {task_id} cannot be sent back: {exc}")))
+
+
+def _error_result(task_id: int, exc: BaseException) -> Message:
+    cause = exc.__cause__
+    tb = str(getattr(cause, "tb", "")) if cause is not None else ""
+    return Message("result", {"task_id": task_id, "ok": False,
+                              "error": exception_to_wire(exc, tb)})
+
+
+def run_agent(settings: WorkerSettings) -> int:
+    """Run an agent until SIGTERM/SIGINT (drains, then returns 0)."""
+    agent = Agent(settings)
+    previous = {sig: signal.signal(sig, lambda *_: agent.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return agent.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
