@@ -44,12 +44,14 @@ __all__ = ["Hub"]
 log = logging.getLogger("shmrunner.scheduler")
 
 _ACCEPT = frozenset({"hello", "result", "heartbeat", "bye"})
+_FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
+_FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
 
 
 class _Peer:
     """A remote worker as the hub knows it."""
 
-    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen")
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -58,6 +60,7 @@ class _Peer:
         self.pid: int = body["pid"]
         self.capacity: int = body["capacity"]
         self.last_seen = time.monotonic()
+        self.last_result = 0.0
 
 
 class Hub:
@@ -197,6 +200,7 @@ class Hub:
         self._scheduler._pump()
 
     def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+        self._pace(worker)
         job = self._workers.finish(worker, body.get("task_id", -1))
         if job is None:
             return  # a task this worker no longer holds (stopped, or from an old session)
@@ -207,6 +211,16 @@ class Hub:
         if worker.retiring and not worker.tasks:
             self._forget(worker)
         self._scheduler._finish(job, ok, value)
+
+    def _pace(self, worker: Worker[Job]) -> None:
+        """Let a worker that turns tasks around fast hold many more, so tiny
+        tasks are pipelined over the network instead of paying a round trip
+        each; slow tasks keep capacity + prefetch, which keeps load balanced."""
+        peer: _Peer = worker.endpoint
+        now = time.monotonic()
+        fast = now - peer.last_result < _FAST_TASK
+        peer.last_result = now
+        worker.capacity = peer.capacity + (_FAST_PREFETCH if fast else self._settings.prefetch)
 
     def _assign(self) -> None:
         while self._inbox:

@@ -21,6 +21,7 @@ finishes the tasks it holds, sends their results and exits 0.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import multiprocessing
 import os
@@ -124,10 +125,14 @@ class Agent:
                     except BlockingIOError:
                         pass
                 if channel.socket in events:
+                    batch: list[Task] = []
                     while (received := channel.recv(0)) is not None:
                         last_heard = time.monotonic()
-                        if not self._handle(received.message):
+                        if not self._handle(received.message, batch):
                             self._stopping.set()
+                    if batch:  # one hand-over to the engine: they travel together
+                        assert self._core is not None
+                        self._core.submit(batch)
                 self._send_results(channel)
                 now = time.monotonic()
                 if self._stopping.is_set():
@@ -154,8 +159,8 @@ class Agent:
         finally:
             channel.close()
 
-    def _handle(self, msg: Message) -> bool:
-        """Act on one message; False on shutdown."""
+    def _handle(self, msg: Message, batch: list[Task]) -> bool:
+        """Act on one message (tasks are appended to ``batch``); False on shutdown."""
         assert self._core is not None
         if msg.type == "task":
             body = msg.body
@@ -163,14 +168,14 @@ class Agent:
             try:
                 fn = body["fn"]
                 if isinstance(fn, str):
-                    fn = resolve_function(fn)
+                    fn = _resolve(fn)
                 task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
                                            _Reply(self, task_id))
             except Exception as exc:
                 self._completed(task_id, False, exc)
                 return True
             self._running[task_id] = task
-            self._core.submit([task])
+            batch.append(task)
         elif msg.type == "cancel":
             held = self._running.get(msg.body.get("task_id", -1))
             if held is not None:
@@ -201,6 +206,9 @@ class Agent:
             except (TypeError, ValueError) as exc:  # the result cannot travel
                 channel.send(_error_result(task_id, TypeError(
                     f"the result of task {task_id} cannot be sent back: {exc}")))
+
+
+_resolve = functools.lru_cache(maxsize=1024)(resolve_function)
 
 
 def _error_result(task_id: int, exc: BaseException) -> Message:
