@@ -1,6 +1,7 @@
 """shmrunner: run Python functions in worker processes, with numpy arrays in
 shared memory locally and over ZeroMQ across hosts."""
 
+from .client import Client, connect
 from .errors import (
     ConfigError,
     InitializerError,
@@ -22,6 +23,9 @@ __all__ = [
     "Pool",
     # local and remote workers
     "Scheduler",
+    # the runner daemon's client
+    "connect",
+    "Client",
     # shared arrays
     "empty",
     "zeros",

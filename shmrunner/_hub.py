@@ -33,7 +33,7 @@ import zmq
 from .config import SchedulerSettings
 from .errors import WorkerLostError
 from .transport.protocol import Message, exception_from_wire
-from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel
+from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 from .worker.lifecycle import Lifecycle, Worker
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ class _Peer:
 
 
 class Hub:
-    def __init__(self, scheduler: Scheduler, settings: SchedulerSettings) -> None:
+    def __init__(self, scheduler: Scheduler, settings: SchedulerSettings,
+                 curve: CurveKeys | None = None) -> None:
         assert settings.listen is not None
         self._scheduler = scheduler
         self._settings = settings
@@ -76,7 +77,7 @@ class Hub:
         self._closing = False
         self._channel = ZmqChannel("router", ChannelOptions(
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
-            accept=_ACCEPT))
+            accept=_ACCEPT, curve=curve))
         try:
             self.address = self._channel.bind(settings.listen)
         except BaseException:

@@ -269,9 +269,9 @@ class Core:
         self.wake()
 
     def terminate(self) -> None:
+        if self.state == TERMINATE and not self.thread.is_alive():
+            return  # done already: not even the lock is needed
         with self.lock:
-            if self.state == TERMINATE and not self.thread.is_alive():
-                return
             self.state = TERMINATE
             cancelled = list(self.pending)
             self.pending.clear()
@@ -279,6 +279,14 @@ class Core:
         for task in cancelled:
             self.deliver(task, False, TaskCancelledError("the pool was terminated"))
         self.wake()
+
+    def shutdown_at_exit(self) -> None:
+        """Terminate and wait (bounded): the interpreter is exiting."""
+        if self.state == TERMINATE and not self.thread.is_alive():
+            return
+        self.terminate()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(_TERMINATE_GRACE + 5.0)
 
     def join(self) -> None:
         for feeder in list(self.feeders):

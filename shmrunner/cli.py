@@ -43,14 +43,86 @@ def _worker(args: argparse.Namespace) -> int:
     return run_agent(settings)
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    import signal
+
+    from .config import Settings, load, with_overrides
+    from .daemon import Daemon
+
+    settings = load(args.config) if args.config else Settings()
+    daemon_settings, scheduler_settings = settings.daemon, settings.scheduler
+    for assignment in args.set or []:
+        key, _, raw = assignment.partition("=")
+        section, _, name = key.partition(".")
+        if not _ or not name or section not in ("daemon", "scheduler"):
+            raise ConfigError(f"--set {assignment}: expected daemon.KEY=VALUE or "
+                              "scheduler.KEY=VALUE")
+        import yaml
+
+        value = yaml.safe_load(raw)
+        if section == "daemon":
+            daemon_settings = with_overrides(daemon_settings, {name: value}, "daemon")
+        else:
+            scheduler_settings = with_overrides(scheduler_settings, {name: value}, "scheduler")
+    logging.getLogger().setLevel(args.log_level or daemon_settings.log_level)
+    daemon = Daemon(daemon_settings, scheduler_settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop())
+    print(f"shmrunner daemon: clients on {daemon.address}, workers on "
+          f"{daemon.workers_address}", file=sys.stderr, flush=True)
+    return daemon.run()
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import Client
+
+    client = Client(args.connect, ack_timeout=args.timeout,
+                    curve_secret_key=args.curve_secret_key,
+                    curve_server_key=args.curve_server_key)
+    try:
+        status = client.status(timeout=args.timeout)
+    finally:
+        client.shutdown(wait=False)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print(f"uptime {status['uptime']:.0f} s   local workers {status['local_workers']}   "
+          f"queued {status['queued']}   running {status['running']}   done {status['done']}   "
+          f"failed {status['failed']}   rejected messages {status['rejected']}"
+          + ("   (draining)" if status.get("draining") else ""))
+    workers = status["workers"]
+    print(f"{len(workers)} remote worker(s)")
+    if workers:
+        print(f"  {'name':<24} {'host':<16} {'capacity':>8} {'busy':>5} {'heartbeat':>10}")
+        for w in workers:
+            print(f"  {w['name']:<24} {w['host']:<16} {w['capacity']:>8} {w['busy']:>5} "
+                  f"{w['last_heartbeat']:>8.1f} s")
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    import os
+
+    import zmq.auth
+
+    os.makedirs(args.directory, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret} (keep it private)")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmrunner",
         description="Run Python functions in worker processes, numpy arrays in shared memory.",
     )
-    parser.add_argument("--log-level", default="WARNING",
+    parser.add_argument("--log-level", default=None,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging level on stderr (default: WARNING)")
+                        help="logging level on stderr (default: WARNING; the daemon: "
+                             "daemon.log_level)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -83,6 +155,42 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled functions and arguments (trusted networks only)")
     worker.set_defaults(run=_worker)
+
+    daemon = commands.add_parser(
+        "daemon", help="run the runner daemon (scheduler, journal, client and worker endpoints)",
+        description="Runs a long-lived scheduler: local shared-memory workers, remote workers "
+                    "on daemon.workers, clients on daemon.clients, accepted jobs journaled in "
+                    "SQLite. Without --config it uses an embedded default: loopback only, "
+                    "local workers = CPU count. SIGTERM/SIGINT drain and exit 0.")
+    daemon.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML settings file (daemon: and scheduler: sections)")
+    daemon.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append",
+                        help="override one setting, e.g. --set scheduler.local_workers=2 "
+                             "(repeatable; VALUE is read as YAML)")
+    daemon.set_defaults(run=_daemon)
+
+    status = commands.add_parser(
+        "status", help="show a daemon's workers, queue depth, running, done and failed jobs",
+        description="Asks the daemon at --connect for its status and prints it.")
+    status.add_argument("--connect", metavar="ADDR", required=True,
+                        help="the daemon's client address, e.g. tcp://127.0.0.1:5560")
+    status.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for an answer (default: 5)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--curve-secret-key", metavar="FILE", default=None,
+                        help="this client's CURVE .key_secret file (with --curve-server-key)")
+    status.add_argument("--curve-server-key", metavar="FILE", default=None,
+                        help="the daemon's CURVE public .key file")
+    status.set_defaults(run=_status)
+
+    keygen = commands.add_parser(
+        "keygen", help="write a CURVE key pair for a daemon, worker or client",
+        description="Writes NAME.key (public: give it to the other side) and NAME.key_secret "
+                    "(private) into DIRECTORY. Put clients' and workers' public keys in the "
+                    "directory named by daemon.curve_authorized_keys.")
+    keygen.add_argument("directory", help="where to write the key files")
+    keygen.add_argument("--name", default="shmrunner", help="file name stem (default: shmrunner)")
+    keygen.set_defaults(run=_keygen)
     return parser
 
 
@@ -99,7 +207,7 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    logging.basicConfig(level=args.log_level or "WARNING", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args))

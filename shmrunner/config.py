@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["SchedulerSettings", "WorkerSettings", "Settings", "load", "parse"]
+__all__ = ["DaemonSettings", "SchedulerSettings", "WorkerSettings", "Settings", "load", "parse"]
 
 _ADDRESS = re.compile(r"^(tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5}|\*)|ipc://.+)$")
 
@@ -52,6 +52,10 @@ _optional_address = _check(lambda v: v is None or (isinstance(v, str) and bool(_
                            "a ZeroMQ address such as tcp://127.0.0.1:5560, or null")
 _start_method = _check(lambda v: v in (None, "fork", "spawn", "forkserver"),
                        "one of fork, spawn, forkserver, or null for the default")
+_optional_path = _check(lambda v: v is None or (isinstance(v, str) and v != ""),
+                        "a file or directory path, or null")
+_level = _check(lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                "one of DEBUG, INFO, WARNING, ERROR")
 _name = _check(lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 200),
                "a short name, or null for the host name and pid")
 
@@ -110,9 +114,57 @@ class WorkerSettings:
     allow_pickle: bool = _setting(False, _flag, "accept pickled functions and arguments")
     shm_threshold: int = _setting(64 * 1024, _count, "as scheduler.shm_threshold")
     max_message_bytes: int = _setting(1 << 31, _positive, "as scheduler.max_message_bytes")
+    curve_secret_key: str | None = _setting(
+        None, _optional_path, "this worker's CURVE secret key file (with curve_server_key)")
+    curve_server_key: str | None = _setting(
+        None, _optional_path, "the daemon's CURVE public key file")
 
     def __post_init__(self) -> None:
         _validate(self, "worker")
+        if (self.curve_secret_key is None) != (self.curve_server_key is None):
+            raise ConfigError("worker.curve_secret_key and worker.curve_server_key go "
+                              "together: set both to use CURVE, or neither")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonSettings:
+    """The runner daemon (``shmrunner daemon``): endpoints, journal, security."""
+
+    clients: str = _setting("tcp://127.0.0.1:5560", _address,
+                            "address clients (shmrunner.connect, status) connect to")
+    workers: str = _setting("tcp://127.0.0.1:5561", _address,
+                            "address remote workers (shmrunner worker) connect to")
+    journal: str | None = _setting(
+        None, _optional_path, "SQLite journal of accepted jobs (null: "
+        "$XDG_STATE_HOME/shmrunner/journal.sqlite, else ~/.local/state/shmrunner/...)")
+    result_ttl: float = _setting(3600.0, _seconds, "seconds finished results stay fetchable")
+    drain_timeout: float = _setting(
+        30.0, _seconds, "seconds SIGTERM waits for running jobs before exiting (the rest "
+                        "stay journaled and run after a restart)")
+    log_level: str = _setting("INFO", _level, "logging level on stderr")
+    curve_secret_key: str | None = _setting(
+        None, _optional_path, "the daemon's CURVE secret key file (from shmrunner keygen); "
+                              "set it to encrypt and authenticate both endpoints")
+    curve_authorized_keys: str | None = _setting(
+        None, _optional_path, "directory of the public key files of clients and workers "
+                              "allowed to connect (required with curve_secret_key)")
+
+    def __post_init__(self) -> None:
+        _validate(self, "daemon")
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ConfigError("daemon.curve_secret_key and daemon.curve_authorized_keys go "
+                              "together: set both to enable CURVE, or neither")
+        for key in ("curve_secret_key", "curve_authorized_keys"):
+            path = getattr(self, key)
+            if path is not None and not os.path.exists(path):
+                raise ConfigError(f"daemon.{key}: {path} does not exist; "
+                                  "create keys with: shmrunner keygen DIR")
+
+    def journal_path(self) -> str:
+        if self.journal is not None:
+            return self.journal
+        state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        return os.path.join(state, "shmrunner", "journal.sqlite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,9 +173,11 @@ class Settings:
 
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
 
 
-_SECTIONS: dict[str, type[Any]] = {"scheduler": SchedulerSettings, "worker": WorkerSettings}
+_SECTIONS: dict[str, type[Any]] = {"scheduler": SchedulerSettings, "worker": WorkerSettings,
+                                   "daemon": DaemonSettings}
 
 
 def _validate(settings: object, section: str) -> None:

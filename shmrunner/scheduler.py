@@ -31,10 +31,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import SchedulerSettings, load
 from .errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError, WorkerLostError
+
+if TYPE_CHECKING:
+    from .transport.zmqchannel import CurveKeys
 
 __all__ = ["Scheduler"]
 
@@ -91,7 +94,8 @@ class _LocalTier:
     def start(self, jobs: list[Job]) -> None:
         tasks = []
         for job in jobs:
-            job.handle = self.core.new_task(job.fn, job.args, job.kwargs, _Outcome(self, job))
+            fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
+            job.handle = self.core.new_task(fn, job.args, job.kwargs, _Outcome(self, job))
             tasks.append(job.handle)
         self.core.submit(tasks)
 
@@ -111,6 +115,12 @@ class _LocalTier:
     def terminate(self) -> None:
         self.core.terminate()
         self.core.join()
+
+
+def _resolve(ref: str) -> Callable[..., Any]:
+    from .transport.protocol import resolve_function
+
+    return resolve_function(ref)
 
 
 class _Outcome:
@@ -178,13 +188,16 @@ class Scheduler(Executor):
 
     ``local_workers``: local processes (None: CPU count; 0: remote only).
     ``listen``: the address remote workers connect to (None: local only).
+    ``curve``: CURVE keys for that address (workers must then present an
+    authorised key; see ``shmrunner keygen``).
     Keyword options are :class:`~shmrunner.config.SchedulerSettings` fields
     (``retries``, ``timeout``, ``heartbeat_interval``, ...); ``retries`` and
     ``timeout`` are the defaults of every ``submit``.
     """
 
     def __init__(self, local_workers: int | None = None, listen: str | None = None, *,
-                 settings: SchedulerSettings | None = None, **options: Any) -> None:
+                 settings: SchedulerSettings | None = None, curve: CurveKeys | None = None,
+                 **options: Any) -> None:
         from dataclasses import replace
 
         from .config import with_overrides
@@ -220,7 +233,7 @@ class Scheduler(Executor):
             if self.settings.listen is not None:
                 from ._hub import Hub
 
-                self._remote = Hub(self, self.settings)
+                self._remote = Hub(self, self.settings, curve)
                 self._tiers.append(self._remote)
         except BaseException:
             self._close_tiers(wait=False)
@@ -230,6 +243,14 @@ class Scheduler(Executor):
     def from_config(cls, path: str, **options: Any) -> Scheduler:
         """A Scheduler from the ``scheduler:`` section of a YAML file."""
         return cls(settings=load(path).scheduler, **options)
+
+    def queued(self) -> int:
+        """Tasks waiting for a worker."""
+        return len(self._queue)
+
+    def local_capacity(self) -> int:
+        """Local worker processes (0 for a remote-only scheduler)."""
+        return len(self._local.core.lifecycle) if self._local is not None else 0
 
     @property
     def address(self) -> str | None:

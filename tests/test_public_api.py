@@ -16,8 +16,7 @@ import pytest
 import shmrunner
 from shmrunner import errors
 
-# DESIGN.md "Public API (names fixed)". connect is a fixed name not built yet:
-# when it lands it must join __all__ (see the test below).
+# DESIGN.md "Public API (names fixed)".
 DESIGN_NAMES = {
     "Pool", "empty", "zeros", "share", "is_shared", "Scheduler", "connect",
     "ShmrunnerError", "WorkerLostError", "TaskTimeoutError", "ProtocolError", "ConfigError",
@@ -29,6 +28,8 @@ EXPECTED_ALL = sorted([
     "Pool",
     # local and remote workers
     "Scheduler",
+    # the runner daemon's client
+    "connect", "Client",
     # shared arrays
     "empty", "zeros", "share", "is_shared",
     # errors and warnings
@@ -63,8 +64,7 @@ def test_every_name_in_all_resolves() -> None:
 def test_design_names_that_exist_are_exported() -> None:
     present = {name for name in DESIGN_NAMES if hasattr(shmrunner, name)}
     assert present <= set(shmrunner.__all__)
-    # Everything fixed by DESIGN.md except the not-yet-built connect exists.
-    assert DESIGN_NAMES - present <= {"connect"}
+    assert DESIGN_NAMES == present
 
 
 def test_no_stray_public_attributes() -> None:

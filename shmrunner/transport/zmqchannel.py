@@ -236,3 +236,22 @@ class ZmqChannel:
 
 def _name(peer: bytes | None) -> str:
     return "the peer" if peer is None else f"peer {peer.hex()}"
+
+
+def client_keys(secret_file: str | None, server_file: str | None) -> CurveKeys | None:
+    """CURVE keys for a connecting socket from keygen's files (None: no CURVE)."""
+    if secret_file is None and server_file is None:
+        return None
+    if secret_file is None or server_file is None:
+        raise ConfigError("CURVE needs both curve_secret_key (this client's .key_secret "
+                             "file) and curve_server_key (the daemon's .key file)")
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+        server_public, _ = zmq.auth.load_certificate(server_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read CURVE keys: {exc}") from None
+    if secret is None:
+        raise ConfigError(f"{secret_file} holds no secret key; use the .key_secret file")
+    return CurveKeys(public_key=public, secret_key=secret, server_key=server_public)

@@ -37,7 +37,7 @@ from .._poolcore import Core, Task
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskTimeoutError
 from ..transport.protocol import Message, exception_to_wire, resolve_function
-from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel
+from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
 __all__ = ["Agent", "run_agent"]
 
@@ -103,7 +103,8 @@ class Agent:
         settings = self.settings
         channel = ZmqChannel("dealer", ChannelOptions(
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
-            accept=_ACCEPT))
+            accept=_ACCEPT, curve=client_keys(settings.curve_secret_key,
+                                              settings.curve_server_key)))
         try:
             channel.connect(settings.connect or "")
             channel.send(Message("hello", {"name": self.name, "host": socket.gethostname(),

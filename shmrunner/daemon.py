@@ -1,0 +1,339 @@
+"""The runner daemon: a long-lived Scheduler that clients and remote workers join.
+
+Data flow::
+
+    clients (DEALER) ==> client ROUTER ==> front thread (owns that socket and the journal)
+        submit  -> batch of one poll round -> Journal.add (one commit) -> "accepted"
+                   -> Scheduler.submit; the submitting peer is told the result
+        fetch   -> result from the journal now, or when the job finishes (or "error" at
+                   the fetch's timeout)
+        status  -> workers, queue depth, running, done, failed, uptime
+    Scheduler (local shared-memory workers + the worker ROUTER of its hub)
+        future done -> completions deque + wake pipe -> front thread:
+                   Journal.finish (one commit per round) -> results to waiting peers
+
+Guarantees: a job is acknowledged only once it is in the journal; a daemon
+killed at any moment and restarted runs every acknowledged job that had not
+finished (at-least-once: a job that was running may run twice). SIGTERM or
+SIGINT drains: new submits are refused with an error, running jobs get
+``drain_timeout`` seconds to finish (the rest stay journaled), then exit 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from ._journal import DONE, FAILED, Journal, pack_frames, unpack_frames
+from .config import DaemonSettings, SchedulerSettings
+from .errors import ConfigError
+from .scheduler import Scheduler
+from .transport.protocol import Message, decode, encode, exception_to_wire
+from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger("shmrunner.daemon")
+
+_ACCEPT = frozenset({"submit", "fetch", "status"})
+_EXPIRE_EVERY = 60.0  # seconds between sweeps of expired results
+
+
+class Daemon:
+    def __init__(self, daemon: DaemonSettings, scheduler: SchedulerSettings) -> None:
+        if scheduler.listen is not None:
+            raise ConfigError("scheduler.listen: not used by the daemon; set daemon.workers "
+                              "to the address remote workers connect to")
+        self.settings = daemon
+        self._scheduler_settings = scheduler
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._completions: collections.deque[tuple[str, Future[Any]]] = collections.deque()
+        self._waiters: dict[str, list[tuple[bytes, float | None]]] = {}
+        self._running: set[str] = set()
+        self._done = self._failed = 0
+        self._auth: Any = None
+        curve = self._start_curve()
+        self.journal = Journal(daemon.journal_path())
+        self._channel = ZmqChannel("router", ChannelOptions(
+            max_bytes=scheduler.max_message_bytes, allow_pickle=scheduler.allow_pickle,
+            accept=_ACCEPT, curve=curve))
+        self.scheduler: Scheduler | None = None
+        try:
+            self.address = self._channel.bind(daemon.clients)
+            self.scheduler = Scheduler(settings=scheduler, listen=daemon.workers, curve=curve)
+        except BaseException:
+            self._close()
+            raise
+
+    @property
+    def workers_address(self) -> str | None:
+        return self.scheduler.address if self.scheduler is not None else None
+
+    def stop(self) -> None:
+        """Begin draining: safe from a signal handler."""
+        self._stop.set()
+        self._wake()
+
+    # --- the front thread (the caller of run) -------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stop(); drain; return the exit code."""
+        replayed = self.journal.unfinished()
+        for job_id, request in replayed:
+            self._start(job_id, unpack_frames(request), peer=None)
+        if replayed:
+            log.info("re-running %d journaled jobs that had not finished", len(replayed))
+        log.info("daemon serving clients on %s, workers on %s", self.address,
+                 self.workers_address)
+        poller = zmq.Poller()
+        poller.register(self._channel.socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_expiry = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(round(self._poll_wait() * 1000)))
+                if self._wake_r in events:
+                    self._drain_wake()
+                if self._channel.socket in events:
+                    self._serve_requests()
+                self._settle()
+                self._expire_waiters()
+                if time.monotonic() >= next_expiry:
+                    self.journal.expire(self.settings.result_ttl)
+                    next_expiry = time.monotonic() + _EXPIRE_EVERY
+            return self._drain(poller)
+        finally:
+            self._close()
+
+    def _poll_wait(self) -> float:
+        deadlines = [d for waiters in self._waiters.values() for _, d in waiters if d is not None]
+        if not deadlines:
+            return 1.0
+        return max(0.0, min(min(deadlines) - time.monotonic(), 1.0))
+
+    def _serve_requests(self) -> None:
+        accepted: list[tuple[str, bytes, list[bytes | memoryview], bytes]] = []
+        for _ in range(1024):
+            received = self._channel.recv(0)
+            if received is None:
+                break
+            peer, msg = received
+            assert peer is not None
+            if msg.type == "submit":
+                job_id = msg.body.get("job_id") or uuid.uuid4().hex
+                frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
+                accepted.append((job_id, pack_frames(frames), frames, peer))
+            elif msg.type == "fetch":
+                self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
+            elif msg.type == "status":
+                self._reply(peer, Message("status_reply", {"status": self.status()}))
+        if accepted:
+            new = set(self.journal.add((job_id, blob) for job_id, blob, _, _ in accepted))
+            for job_id, _, frames, peer in accepted:
+                self._reply(peer, Message("accepted", {"job_id": job_id}))
+                if job_id in new:
+                    self._start(job_id, frames, peer)
+                else:  # a resubmission of a known job: answer as a fetch would
+                    self._fetch(peer, job_id, None)
+
+    def _start(self, job_id: str, frames: list[Any], peer: bytes | None) -> None:
+        assert self.scheduler is not None
+        try:
+            msg = decode(frames, max_bytes=self._scheduler_settings.max_message_bytes,
+                         allow_pickle=self._scheduler_settings.allow_pickle)
+            body = msg.body
+            options = body.get("options") or {}
+            future = self.scheduler.submit(body["fn"], *body["args"], retries=options.get(
+                "retries"), timeout=options.get("timeout"), **body["kwargs"])
+        except Exception as exc:
+            future = Future()
+            future.set_exception(exc)
+        if peer is not None:
+            self._waiters.setdefault(job_id, []).append((peer, None))
+        self._running.add(job_id)
+        future.add_done_callback(functools.partial(self._completed, job_id))
+
+    def _completed(self, job_id: str, future: Future[Any]) -> None:
+        self._completions.append((job_id, future))
+        self._wake()
+
+    def _settle(self) -> None:
+        """Journal finished jobs (one commit) and tell whoever waits for them."""
+        if not self._completions:
+            return
+        outcomes = []
+        while self._completions:
+            job_id, future = self._completions.popleft()
+            self._running.discard(job_id)
+            msg = _result_message(job_id, future)
+            try:
+                frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
+            except (TypeError, ValueError) as exc:
+                msg = _error_message(job_id, TypeError(
+                    f"the result of job {job_id} cannot be sent to clients: {exc}"))
+                frames = encode(msg)
+            ok = bool(msg.body["ok"])
+            if ok:
+                self._done += 1
+            else:
+                self._failed += 1
+            outcomes.append((job_id, ok, pack_frames(frames)))
+            for peer, _ in self._waiters.pop(job_id, []):
+                self._reply_frames(peer, frames)
+        self.journal.finish(outcomes)
+
+    def _fetch(self, peer: bytes, job_id: str, timeout: float | None) -> None:
+        found = self.journal.get(job_id)
+        if found is None:
+            self._reply(peer, Message("error", {"reason": f"unknown job {job_id} (never "
+                                                          "accepted, or its result expired)",
+                                                "job_id": job_id}))
+        elif found[0] in (DONE, FAILED) and found[1] is not None:
+            self._reply_frames(peer, unpack_frames(found[1]))
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._waiters.setdefault(job_id, []).append((peer, deadline))
+
+    def _expire_waiters(self) -> None:
+        now = time.monotonic()
+        for job_id, waiters in list(self._waiters.items()):
+            keep = []
+            for peer, deadline in waiters:
+                if deadline is not None and deadline <= now:
+                    self._reply(peer, Message("error", {
+                        "reason": f"job {job_id} not finished within the fetch timeout",
+                        "job_id": job_id}))
+                else:
+                    keep.append((peer, deadline))
+            if keep:
+                self._waiters[job_id] = keep
+            else:
+                del self._waiters[job_id]
+
+    def status(self) -> dict[str, Any]:
+        assert self.scheduler is not None
+        hub = self.scheduler._remote
+        return {
+            "workers": hub.workers() if hub is not None else [],
+            "local_workers": self.scheduler.local_capacity(),
+            "queued": self.scheduler.queued(),
+            "running": len(self._running),
+            "done": self._done,
+            "failed": self._failed,
+            "rejected": self._channel.rejected + (hub.rejected if hub is not None else 0),
+            "uptime": round(time.monotonic() - self._started, 3),
+            "draining": self._stop.is_set(),
+        }
+
+    def _drain(self, poller: zmq.Poller) -> int:
+        log.info("draining: %d jobs running; new submits are refused", len(self._running))
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self._running and time.monotonic() < deadline:
+            events = dict(poller.poll(100))
+            if self._wake_r in events:
+                self._drain_wake()
+            if self._channel.socket in events:
+                self._refuse_submits()
+            self._settle()
+        if self._running:
+            log.warning("%d jobs still running at the drain timeout; they stay journaled "
+                        "and run again after a restart", len(self._running))
+        return 0
+
+    def _refuse_submits(self) -> None:
+        while (received := self._channel.recv(0)) is not None:
+            peer, msg = received
+            assert peer is not None
+            if msg.type == "submit":
+                self._reply(peer, Message("error", {"reason": "the daemon is shutting down; "
+                                                              "submit again after it restarts",
+                                                    "job_id": msg.body.get("job_id")}))
+            elif msg.type == "fetch":
+                self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
+            else:
+                self._reply(peer, Message("status_reply", {"status": self.status()}))
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _reply(self, peer: bytes, msg: Message) -> None:
+        try:
+            self._channel.send(msg, peer)
+        except ChannelError as exc:
+            log.info("could not answer a client: %s", exc)
+
+    def _reply_frames(self, peer: bytes, frames: list[Any]) -> None:
+        try:
+            self._channel.socket.send_multipart([peer, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.info("could not send a result to a client: %s", exc)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _start_curve(self) -> CurveKeys | None:
+        if self.settings.curve_secret_key is None:
+            return None
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        try:
+            public, secret = zmq.auth.load_certificate(self.settings.curve_secret_key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"daemon.curve_secret_key: cannot read "
+                              f"{self.settings.curve_secret_key}: {exc}") from None
+        if secret is None:
+            raise ConfigError(f"daemon.curve_secret_key: {self.settings.curve_secret_key} "
+                              "holds no secret key; use the .key_secret file from keygen")
+        self._auth = ThreadAuthenticator(zmq.Context.instance())
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=self.settings.curve_authorized_keys)
+        return CurveKeys(public_key=public, secret_key=secret)
+
+    def _close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False, cancel_futures=True)
+        self._channel.close()
+        self.journal.close()
+        if self._auth is not None:
+            self._auth.stop()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _result_message(job_id: str, future: Future[Any]) -> Message:
+    exc = future.exception()
+    if exc is None:
+        return Message("result", {"job_id": job_id, "ok": True, "value": future.result()})
+    return _error_message(job_id, exc)
+
+
+def _error_message(job_id: str, exc: BaseException) -> Message:
+    cause = exc.__cause__
+    tb = str(getattr(cause, "tb", "")) or "".join(traceback.format_exception(exc))
+    return Message("result", {"job_id": job_id, "ok": False,
+                              "error": exception_to_wire(exc, tb)})
