@@ -357,7 +357,8 @@ class Core:
                     elif kind == "dead":
                         self._reap(worker)
                         chores = True
-                if chores and self._housekeeping():
+                # Once closed, every round may be the one after the last result.
+                if (chores or self.state != RUN) and self._housekeeping():
                     break
         except BaseException as exc:
             log.exception("shmrunner pool manager thread crashed; terminating the pool")

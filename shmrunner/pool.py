@@ -41,7 +41,7 @@ class Pool:
                  initializer: Callable[..., object] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
                  context: BaseContext | None = None, *, shm_threshold: int | None = None) -> None:
-        self._state = RUN  # before anything can fail, so __del__ always finds it
+        self._state = "INIT"  # __del__ warns only about a pool that started
         if processes is None:
             processes = os.cpu_count() or 1
         if processes < 1:
@@ -55,12 +55,9 @@ class Pool:
             raise TypeError("initializer must be a callable")
         ctx = context if context is not None else multiprocessing.get_context()
         self._processes = processes
-        try:
-            self._core = Core(processes, initializer, tuple(initargs), maxtasksperchild, ctx,
-                               resolve_threshold(shm_threshold))
-        except BaseException:
-            self._state = TERMINATE
-            raise
+        self._core = Core(processes, initializer, tuple(initargs), maxtasksperchild, ctx,
+                          resolve_threshold(shm_threshold))
+        self._state = RUN
         # At interpreter exit, stop the workers while every thread can still
         # run: later, a daemon thread frozen holding the pool's lock would
         # deadlock the __del__ that tries to terminate.
