@@ -8,8 +8,12 @@ bounds the file.
 
 Writes are grouped: the daemon's front thread commits every job that arrived
 in one poll round in one transaction (one WAL append), which is what keeps the
-journal from dominating a stream of tiny jobs. ``synchronous=NORMAL`` in WAL
-mode survives a killed process (the contract), not a power cut.
+journal from dominating a stream of tiny jobs. Messages larger than
+``SPILL_BYTES`` (array bodies) are written to files beside the database before
+the row that names them is committed: SQLite rewriting megabytes into its WAL
+and then checkpointing them costs more than the job. ``synchronous=NORMAL`` in
+WAL mode, and plain file writes, survive a killed process (the contract, since
+the kernel keeps what was written), not a power cut.
 
 Only the thread that opened a Journal uses it (sqlite3's default rule).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,7 +31,7 @@ import msgpack
 
 from .errors import ConfigError
 
-__all__ = ["Journal", "PENDING", "DONE", "FAILED"]
+__all__ = ["Journal", "PENDING", "DONE", "FAILED", "SPILL_BYTES"]
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 
@@ -34,7 +39,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id   TEXT PRIMARY KEY,
     state    TEXT NOT NULL,
-    request  BLOB NOT NULL,
+    request  BLOB NOT NULL,     -- packed frames, or b"" when spilled to a file
     result   BLOB,
     created  REAL NOT NULL,
     finished REAL
@@ -43,14 +48,18 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, finished);
 """
 
 
-def pack_frames(frames: Sequence[bytes | memoryview]) -> bytes:
+SPILL_BYTES = 256 * 1024
+
+Frames = list[bytes | memoryview]
+
+
+def _pack(frames: Sequence[bytes | memoryview]) -> bytes:
     blob: bytes = msgpack.packb([bytes(f) for f in frames], use_bin_type=True)
     return blob
 
 
-def unpack_frames(blob: bytes) -> list[bytes]:
-    frames = msgpack.unpackb(blob, raw=False)
-    return list(frames)
+def _unpack(blob: bytes) -> Frames:
+    return list(msgpack.unpackb(blob, raw=False))
 
 
 class Journal:
@@ -62,6 +71,8 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._spill = self.path.with_name(self.path.name + ".spill")
+            self._spill.mkdir(exist_ok=True)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"daemon.journal: cannot open {self.path}: {exc}; "
                               "point it at a writable file") from None
@@ -69,53 +80,110 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, jobs: Iterable[tuple[str, bytes]]) -> list[str]:
-        """Journal new jobs in one transaction; return the ids that were new
-        (a job id seen before is not added twice: resubmitting is idempotent)."""
+    def add(self, jobs: Sequence[tuple[str, Frames]]) -> list[str]:
+        """Journal new jobs (their request frames) in one transaction; return
+        the ids that were new (resubmitting a known id is idempotent)."""
         now = time.time()
-        new = []
+        known = self._known([job_id for job_id, _ in jobs])
+        rows = []
+        for job_id, frames in jobs:
+            if job_id not in known:
+                rows.append((job_id, PENDING, self._store(job_id, "request", frames), now))
+                known.add(job_id)
         with self._transaction():
-            for job_id, request in jobs:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO jobs (job_id, state, request, created) "
-                    "VALUES (?, ?, ?, ?)", (job_id, PENDING, request, now))
-                if cur.rowcount:
-                    new.append(job_id)
-        return new
+            self._db.executemany(
+                "INSERT OR IGNORE INTO jobs (job_id, state, request, created) "
+                "VALUES (?, ?, ?, ?)", rows)
+        return [row[0] for row in rows]
 
-    def finish(self, outcomes: Iterable[tuple[str, bool, bytes]]) -> None:
-        """Record results (``ok`` and the packed result message) in one transaction."""
+    def finish(self, outcomes: Iterable[tuple[str, bool, Frames]]) -> None:
+        """Record results (``ok`` and the result message's frames) in one transaction."""
         now = time.time()
+        rows = [(DONE if ok else FAILED, self._store(job_id, "result", frames), now, job_id)
+                for job_id, ok, frames in outcomes]
         with self._transaction():
             self._db.executemany(
                 "UPDATE jobs SET state = ?, result = ?, finished = ?, request = x'' "
-                "WHERE job_id = ?",
-                [(DONE if ok else FAILED, result, now, job_id)
-                 for job_id, ok, result in outcomes])
+                "WHERE job_id = ?", rows)
+        for _, _, _, job_id in rows:
+            self._unlink(job_id, "request")
 
-    def get(self, job_id: str) -> tuple[str, bytes | None] | None:
-        """(state, packed result or None) of a job, or None if unknown/expired."""
+    def get(self, job_id: str) -> tuple[str, Frames | None] | None:
+        """(state, result frames or None) of a job, or None if unknown/expired."""
         row = self._db.execute("SELECT state, result FROM jobs WHERE job_id = ?",
                                (job_id,)).fetchone()
-        return None if row is None else (row[0], row[1])
+        if row is None:
+            return None
+        state, blob = row
+        return state, (None if blob is None else self._load(job_id, "result", blob))
 
-    def unfinished(self) -> list[tuple[str, bytes]]:
+    def unfinished(self) -> list[tuple[str, Frames]]:
         """Every accepted job without a result, oldest first: to run again."""
-        return list(self._db.execute(
+        rows = list(self._db.execute(
             "SELECT job_id, request FROM jobs WHERE state = ? ORDER BY created", (PENDING,)))
+        return [(job_id, self._load(job_id, "request", blob)) for job_id, blob in rows]
 
     def expire(self, ttl: float) -> int:
         """Drop results finished more than ``ttl`` seconds ago; return how many."""
+        cutoff = time.time() - ttl
+        gone = [job_id for (job_id,) in self._db.execute(
+            "SELECT job_id FROM jobs WHERE state != ? AND finished < ?", (PENDING, cutoff))]
         with self._transaction():
-            cur = self._db.execute(
-                "DELETE FROM jobs WHERE state != ? AND finished < ?", (PENDING, time.time() - ttl))
-        return cur.rowcount
+            self._db.execute("DELETE FROM jobs WHERE state != ? AND finished < ?",
+                             (PENDING, cutoff))
+        for job_id in gone:
+            self._unlink(job_id, "result")
+        return len(gone)
+
+    def _known(self, job_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            found.update(row[0] for row in self._db.execute(
+                f"SELECT job_id FROM jobs WHERE job_id IN ({','.join('?' * len(chunk))})",
+                chunk))
+        return found
+
+    def _store(self, job_id: str, kind: str, frames: Frames) -> bytes:
+        size = sum(len(f) for f in frames)
+        if size < SPILL_BYTES:
+            return _pack(frames)
+        path = self._spill / f"{job_id}.{kind}"
+        with open(path, "wb") as f:  # before the commit that names it
+            f.write(_pack_header(frames))
+            for frame in frames:
+                f.write(frame)
+        return b""
+
+    def _load(self, job_id: str, kind: str, blob: bytes) -> Frames:
+        if blob:
+            return _unpack(blob)
+        data = (self._spill / f"{job_id}.{kind}").read_bytes()
+        view = memoryview(data)
+        (count,) = struct.unpack_from("<I", view)
+        sizes = struct.unpack_from(f"<{count}Q", view, 4)
+        offset = 4 + 8 * count
+        frames: Frames = []
+        for size in sizes:
+            frames.append(view[offset:offset + size])
+            offset += size
+        return frames
+
+    def _unlink(self, job_id: str, kind: str) -> None:
+        try:
+            os.unlink(self._spill / f"{job_id}.{kind}")
+        except FileNotFoundError:
+            pass
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state"))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _pack_header(frames: Frames) -> bytes:
+    return struct.pack(f"<I{len(frames)}Q", len(frames), *(len(f) for f in frames))
 
 
 class _Transaction:

@@ -34,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from ._journal import DONE, FAILED, Journal, pack_frames, unpack_frames
+from ._journal import DONE, FAILED, Journal
 from .config import DaemonSettings, SchedulerSettings
 from .errors import ConfigError
 from .scheduler import Scheduler
@@ -92,7 +92,7 @@ class Daemon:
         """Serve until stop(); drain; return the exit code."""
         replayed = self.journal.unfinished()
         for job_id, request in replayed:
-            self._start(job_id, unpack_frames(request), peer=None)
+            self._start(job_id, request, peer=None)
         if replayed:
             log.info("re-running %d journaled jobs that had not finished", len(replayed))
         log.info("daemon serving clients on %s, workers on %s", self.address,
@@ -124,7 +124,7 @@ class Daemon:
         return max(0.0, min(min(deadlines) - time.monotonic(), 1.0))
 
     def _serve_requests(self) -> None:
-        accepted: list[tuple[str, bytes, list[bytes | memoryview], bytes]] = []
+        accepted: list[tuple[str, list[bytes | memoryview], bytes]] = []
         for _ in range(1024):
             received = self._channel.recv(0)
             if received is None:
@@ -134,14 +134,14 @@ class Daemon:
             if msg.type == "submit":
                 job_id = msg.body.get("job_id") or uuid.uuid4().hex
                 frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
-                accepted.append((job_id, pack_frames(frames), frames, peer))
+                accepted.append((job_id, frames, peer))
             elif msg.type == "fetch":
                 self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
             elif msg.type == "status":
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
         if accepted:
-            new = set(self.journal.add((job_id, blob) for job_id, blob, _, _ in accepted))
-            for job_id, _, frames, peer in accepted:
+            new = set(self.journal.add([(job_id, frames) for job_id, frames, _ in accepted]))
+            for job_id, frames, peer in accepted:
                 self._reply(peer, Message("accepted", {"job_id": job_id}))
                 if job_id in new:
                     self._start(job_id, frames, peer)
@@ -189,7 +189,7 @@ class Daemon:
                 self._done += 1
             else:
                 self._failed += 1
-            outcomes.append((job_id, ok, pack_frames(frames)))
+            outcomes.append((job_id, ok, frames))
             for peer, _ in self._waiters.pop(job_id, []):
                 self._reply_frames(peer, frames)
         self.journal.finish(outcomes)
@@ -201,7 +201,7 @@ class Daemon:
                                                           "accepted, or its result expired)",
                                                 "job_id": job_id}))
         elif found[0] in (DONE, FAILED) and found[1] is not None:
-            self._reply_frames(peer, unpack_frames(found[1]))
+            self._reply_frames(peer, found[1])
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
             self._waiters.setdefault(job_id, []).append((peer, deadline))
