@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ._wakeup import Wakeup
 from .config import SchedulerSettings
 from .errors import WorkerLostError
 from .transport.protocol import Message, exception_from_wire
@@ -73,7 +73,7 @@ class Hub:
         self._by_identity: dict[bytes, Worker[Job]] = {}
         self._inbox: collections.deque[Job] = collections.deque()
         self._stops: collections.deque[tuple[Job, BaseException]] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
         self._closing = False
         self._channel = ZmqChannel("router", ChannelOptions(
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
@@ -121,29 +121,22 @@ class Hub:
                 for w in list(self._workers.workers.values())]
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closed
+        self._wakeup.wake()
 
     # --- the hub thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         interval = self._settings.heartbeat_interval
         next_beat = time.monotonic() + interval
         try:
             while not self._closing:
                 wait = max(0.0, next_beat - time.monotonic())
                 events = dict(poller.poll(round(wait * 1000)))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                 if self._channel.socket in events:
                     self._receive()
                 self._assign()
@@ -159,11 +152,7 @@ class Hub:
 
     def _release(self) -> None:
         self._channel.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wakeup.close()
 
     def _receive(self) -> None:
         for _ in range(256):  # bounded: heartbeats and stops get their turn

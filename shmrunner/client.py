@@ -20,7 +20,6 @@ again with the same id. Arrays travel as zero-copy frames both ways.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from typing import Any
 
 import zmq
 
+from ._wakeup import Wakeup
 from .errors import ShmrunnerError, TaskTimeoutError
 from .transport.protocol import Message, encode, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
@@ -65,7 +65,7 @@ class Client(Executor):
         self._fetches: dict[str, list[_Call]] = {}
         self._status_calls: collections.deque[_Call] = collections.deque()
         self._closed = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
         self._channel = ZmqChannel("dealer", ChannelOptions(
             max_bytes=max_message_bytes, allow_pickle=allow_pickle, accept=_ACCEPT,
             curve=client_keys(curve_secret_key, curve_server_key)))
@@ -159,16 +159,12 @@ class Client(Executor):
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         try:
             while not self._stop:
                 events = dict(poller.poll(200))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                 while self._outbox:
                     frames = self._outbox.popleft()
                     try:
@@ -184,8 +180,7 @@ class Client(Executor):
         finally:
             self._fail_all(ShmrunnerError("the client was shut down"))
             self._channel.close()
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
+            self._wakeup.close()
 
     def _receive(self, msg: Message) -> None:
         body = msg.body
@@ -244,10 +239,7 @@ class Client(Executor):
             call.event.set()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake()
 
 
 def connect(address: str, **options: Any) -> Client:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import os
 import threading
 import time
 import traceback
@@ -35,6 +34,7 @@ from typing import Any
 import zmq
 
 from ._journal import DONE, FAILED, Journal
+from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
 from .errors import ConfigError
 from .scheduler import Scheduler
@@ -58,7 +58,7 @@ class Daemon:
         self._scheduler_settings = scheduler
         self._started = time.monotonic()
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
         self._completions: collections.deque[tuple[str, Future[Any]]] = collections.deque()
         self._waiters: dict[str, list[tuple[bytes, float | None]]] = {}
         self._running: set[str] = set()
@@ -99,13 +99,13 @@ class Daemon:
                  self.workers_address)
         poller = zmq.Poller()
         poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         next_expiry = time.monotonic()
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(round(self._poll_wait() * 1000)))
-                if self._wake_r in events:
-                    self._drain_wake()
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                 if self._channel.socket in events:
                     self._serve_requests()
                 self._settle()
@@ -242,8 +242,8 @@ class Daemon:
         deadline = time.monotonic() + self.settings.drain_timeout
         while self._running and time.monotonic() < deadline:
             events = dict(poller.poll(100))
-            if self._wake_r in events:
-                self._drain_wake()
+            if self._wakeup.fd in events:
+                self._wakeup.drain()
             if self._channel.socket in events:
                 self._refuse_submits()
             self._settle()
@@ -280,17 +280,7 @@ class Daemon:
             log.info("could not send a result to a client: %s", exc)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.wake()
 
     def _start_curve(self) -> CurveKeys | None:
         if self.settings.curve_secret_key is None:
@@ -318,11 +308,7 @@ class Daemon:
         self.journal.close()
         if self._auth is not None:
             self._auth.stop()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wakeup.close()
 
 
 def _result_message(job_id: str, future: Future[Any]) -> Message:

@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from .._poolcore import Core, Task
+from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskTimeoutError
 from ..transport.protocol import Message, exception_to_wire, resolve_function
@@ -71,17 +72,14 @@ class Agent:
         self._ctx = context or multiprocessing.get_context()
         self._done: collections.deque[tuple[int, bool, Any]] = collections.deque()
         self._running: dict[int, Task] = {}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
         self._stopping = threading.Event()
         self._core: Core | None = None
 
     def stop(self) -> None:
         """Drain and exit: safe from a signal handler or another thread."""
         self._stopping.set()
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake()
 
     def run(self) -> int:
         self._core = Core(self.processes, None, (), None, self._ctx, self.settings.shm_threshold)
@@ -93,8 +91,7 @@ class Agent:
             self._core.close()
             self._core.terminate() if self._running else None
             self._core.join()
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
+            self._wakeup.close()
 
     # --- one connection ------------------------------------------------------------------
 
@@ -111,7 +108,7 @@ class Agent:
                                            "pid": os.getpid(), "capacity": self.processes}))
             poller = zmq.Poller()
             poller.register(channel.socket, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
+            poller.register(self._wakeup.fd, zmq.POLLIN)
             last_heard = time.monotonic()
             next_beat = last_heard + settings.heartbeat_interval
             said_bye = False
@@ -119,12 +116,8 @@ class Agent:
             while True:
                 wait = max(0.0, next_beat - time.monotonic())
                 events = dict(poller.poll(round(wait * 1000)))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                 if channel.socket in events:
                     batch: list[Task] = []
                     while (received := channel.recv(0)) is not None:
@@ -189,10 +182,7 @@ class Agent:
     def _completed(self, task_id: int, ok: bool, value: Any) -> None:
         """Called on the engine's thread: hand the result to the agent loop."""
         self._done.append((task_id, ok, value))
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake()
 
     def _send_results(self, channel: ZmqChannel) -> None:
         while self._done:
