@@ -240,6 +240,11 @@ def _feed(core: Core, result: IMapIterator, func: Callable[[Any], Any],
             fn, args = (func, (chunk[0],)) if chunksize == 1 else (run_chunk, (func, chunk, False))
             core.submit([core.new_task(fn, args, {}, result, index)])
             index += 1
+            if core.broken is not None:
+                # The pool cannot run anything any more (submit failed this item):
+                # end the iterator instead of draining the input.
+                result._set_length(index)
+                return
     finally:
         with core.lock:
             core.feeders.discard(threading.current_thread())

@@ -25,9 +25,12 @@ shared memory (``/dev/shm``, ``multiprocessing.shared_memory``):
 
 Lifetimes: a :class:`Segment` owns one fd and one mapping; both are released
 when the last numpy array viewing the mapping is garbage collected
-(``weakref.finalize``). An fd is kept open while the mapping lives so the array
-can be passed on again by handle (a worker returning the array it received
-costs no copy). Segments are created ``MFD_CLOEXEC``.
+(``weakref.finalize``). Under the ``fork`` start method a worker inherits, as
+fork does, every segment its parent held at that moment (a task may use a
+module-level shared array), and keeps those alive until it exits; ``spawn``
+and ``forkserver`` workers hold only what they are sent. An fd is kept open
+while the mapping lives so the array can be passed on again by handle (a
+worker returning the array it received costs no copy). Segments are created ``MFD_CLOEXEC``.
 
 If memfds cannot be used at all (no ``memfd_create``, fd limit reached, the
 allocation refused), transfers fall back to pickling the array's bytes, with

@@ -22,9 +22,10 @@ def ctx(request: pytest.FixtureRequest) -> multiprocessing.context.BaseContext:
 def no_leaks():
     before = set(children())
     yield
-    # The forkserver process is shared by the whole session; it is not a leak.
+    # multiprocessing's forkserver and resource tracker serve the whole session
+    # once started; they are not leaks.
     def leftover() -> list[int]:
-        return [pid for pid in children() if pid not in before and not _is_forkserver(pid)]
+        return [pid for pid in children() if pid not in before and not _is_session_helper(pid)]
 
     wait_until(lambda: not leftover(), timeout=15, message="worker processes to exit")
     gc.collect()
@@ -33,9 +34,10 @@ def no_leaks():
     assert dev_shm_entries() == []
 
 
-def _is_forkserver(pid: int) -> bool:
+def _is_session_helper(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"forkserver" in f.read()
+            cmdline = f.read()
     except OSError:
         return False
+    return b"forkserver" in cmdline or b"resource_tracker" in cmdline

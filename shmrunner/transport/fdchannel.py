@@ -53,11 +53,11 @@ class FdChannel:
         self.sock = sock
         self._rbuf = bytearray()
         self._rfds: collections.deque[int] = collections.deque()
-        # Queued output: (bytes left to send, fds to attach, callbacks once sent).
         # Queued output: (bytes left to send, fds to attach, callbacks once the
-        # fds are sent, tags of the messages in it).
+        # fds are sent, (tag, end offset in the bytes left) of each message not
+        # yet wholly sent).
         self._pending: collections.deque[
-            tuple[memoryview, list[int], list[Callable[[], None]], list[object]]]
+            tuple[memoryview, list[int], list[Callable[[], None]], list[tuple[object, int]]]]
         self._pending = collections.deque()
         self._dropped: list[object] = []
 
@@ -74,14 +74,14 @@ class FdChannel:
     def _drop_pending(self) -> None:
         while self._pending:
             _, _, done, tags = self._pending.popleft()
-            self._dropped += tags
+            self._dropped += [tag for tag, _ in tags]
             for callback in done:
                 callback()
 
     def undelivered(self) -> list[object]:
         """Tags of the messages not (fully) handed to the kernel: dropped because
         the peer was gone, or still queued. Their peer cannot have read them."""
-        return self._dropped + [tag for entry in self._pending for tag in entry[3]]
+        return self._dropped + [tag for entry in self._pending for tag, _ in entry[3]]
 
     # --- blocking side ----------------------------------------------------------
 
@@ -137,19 +137,22 @@ class FdChannel:
         frames: list[bytes] = []
         group_fds: list[int] = []
         group_done: list[Callable[[], None]] = []
-        group_tags: list[object] = []
+        group_tags: list[tuple[object, int]] = []
+        group_len = 0
         for i, (payload, fds, done) in enumerate(messages):
             if group_fds and len(group_fds) + len(fds) > _MAX_FDS:
                 self._pending.append((memoryview(b"".join(frames)), group_fds, group_done,
                                       group_tags))
                 frames, group_fds, group_done, group_tags = [], [], [], []
+                group_len = 0
             frames.append(_HEADER.pack(len(payload), len(fds)))
             frames.append(payload)
+            group_len += _HEADER.size + len(payload)
             group_fds.extend(fds)
             if done is not None:
                 group_done.append(done)
             if i < len(tags):
-                group_tags.append(tags[i])
+                group_tags.append((tags[i], group_len))
         self._pending.append((memoryview(b"".join(frames)), group_fds, group_done, group_tags))
         self.flush()
 
@@ -172,6 +175,8 @@ class FdChannel:
                 for callback in done:
                     callback()
             if sent < len(frame):
+                # Messages wholly sent are delivered: the peer may have read them.
+                tags = [(tag, end - sent) for tag, end in tags if end > sent]
                 self._pending[0] = (frame[sent:], [], [], tags)
                 return
             self._pending.popleft()

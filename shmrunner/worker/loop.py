@@ -27,7 +27,6 @@ import signal
 import socket
 import struct
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
@@ -39,8 +38,6 @@ from ..transport.pickling import dumps, loads
 __all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED"]
 
 TASK_ID = struct.Struct("<Q")
-_TINY_TASK = 200e-6  # seconds: results of tasks shorter than this may be batched
-_MAX_DEFER = 1e-3  # seconds: the longest a finished result waits for its batch
 BYE = (1 << 64) - 1
 INIT_FAILED = (1 << 64) - 2
 _PR_SET_PDEATHSIG = 1
@@ -65,8 +62,6 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
                                       threshold)])
             return
     done = 0
-    outbox: list[tuple[bytes, list[int], Callable[[], None] | None]] = []
-    deferred_since = 0.0
     while maxtasks is None or done < maxtasks:
         try:
             payload, fds = channel.recv()
@@ -75,22 +70,14 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         if not payload:
             break
         (task_id,) = TASK_ID.unpack_from(payload)
-        started = time.monotonic()
         ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
         del payload, fds
-        outbox.append(_encode(task_id, ok, value, threshold))
+        # Sent before the next task starts: a result held back while another
+        # task runs would be lost if that task killed us, and the parent could
+        # no longer tell which of its tasks we were running.
+        channel.send_all([_encode(task_id, ok, value, threshold)])
         del value  # unmap this task's arrays before waiting for the next
         done += 1
-        now = time.monotonic()
-        if len(outbox) == 1:
-            deferred_since = now
-        # Batch the results of tiny tasks the parent queued back to back (one
-        # syscall for many); anything slower, or the last one queued, goes now.
-        if (not channel.has_message() or now - started > _TINY_TASK
-                or now - deferred_since > _MAX_DEFER or len(outbox) >= 64):
-            channel.send_all(outbox)
-            outbox = []
-    channel.send_all(outbox)
     if maxtasks is not None and done >= maxtasks:
         channel.send_all([_encode(BYE, True, None, threshold)])
 
