@@ -44,6 +44,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import logging
@@ -52,6 +53,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -70,7 +72,8 @@ from .transport.pickling import close_fds, dumps, loads
 from .worker.lifecycle import Lifecycle, Worker
 from .worker.loop import BYE, INIT_FAILED, TASK_ID, worker_main
 
-__all__ = ["Core", "Task", "run_chunk", "RUN", "CLOSE", "TERMINATE", "resolve_threshold"]
+__all__ = ["Core", "Task", "run_chunk", "RUN", "CLOSE", "TERMINATE", "resolve_threshold",
+           "stop_at_exit"]
 
 log = logging.getLogger("shmrunner.pool")
 
@@ -158,6 +161,7 @@ class Core:
         self.startup_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shmrunner-pool", daemon=True)
         self.thread.start()
+        stop_at_exit(self)
         self.started.wait()
         if self.startup_error is not None:
             self.thread.join()
@@ -565,3 +569,29 @@ def resolve_threshold(threshold: int | None) -> int:
     return DEFAULT_THRESHOLD
 
 
+_live: weakref.WeakSet[Core] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def stop_at_exit(core: Core) -> None:
+    """Stop ``core``'s workers at interpreter exit, before multiprocessing's own
+    exit hook kills daemonic children (the manager thread would respawn them)
+    and while every thread can still run (later, a daemon thread frozen holding
+    the pool's lock would deadlock the Pool's ``__del__``).
+
+    One ``atexit`` hook, registered at the first pool: multiprocessing.util's
+    hook was registered when this package imported multiprocessing, and atexit
+    runs the last registered first.
+    """
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        _live.add(core)
+        if not _exit_hook_registered:
+            atexit.register(_stop_all)
+            _exit_hook_registered = True
+
+
+def _stop_all() -> None:
+    for core in list(_live):
+        core.shutdown_at_exit()

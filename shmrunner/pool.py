@@ -14,7 +14,6 @@ import os
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -58,10 +57,6 @@ class Pool:
         self._core = Core(processes, initializer, tuple(initargs), maxtasksperchild, ctx,
                           resolve_threshold(shm_threshold))
         self._state = RUN
-        # At interpreter exit, stop the workers while every thread can still
-        # run: later, a daemon thread frozen holding the pool's lock would
-        # deadlock the __del__ that tries to terminate.
-        weakref.finalize(self, self._core.shutdown_at_exit).atexit = True
 
     # --- multiprocessing.Pool's API --------------------------------------------------------
 
