@@ -32,7 +32,7 @@ import zmq
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
 from .errors import WorkerLostError
-from .transport.protocol import Message, exception_from_wire
+from .transport.protocol import MAX_BATCH, Message, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 from .worker.lifecycle import Lifecycle, Worker
 
@@ -43,7 +43,7 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("shmrunner.scheduler")
 
-_ACCEPT = frozenset({"hello", "result", "heartbeat", "bye"})
+_ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye"})
 _FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
 _FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
 
@@ -169,7 +169,12 @@ class Hub:
             elif worker is None:
                 continue  # a worker we do not know (yet, or any more): it will say hello
             elif msg.type == "result":
+                self._pace(worker)
                 self._result(worker, msg.body)
+            elif msg.type == "results":
+                self._pace(worker)
+                for body in msg.body["results"]:
+                    self._result(worker, body)
             elif msg.type == "bye":
                 worker.retiring = True
                 if not worker.tasks:
@@ -190,7 +195,6 @@ class Hub:
         self._scheduler._pump()
 
     def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
-        self._pace(worker)
         job = self._workers.finish(worker, body.get("task_id", -1))
         if job is None:
             return  # a task this worker no longer holds (stopped, or from an old session)
@@ -213,21 +217,46 @@ class Hub:
         worker.capacity = peer.capacity + (_FAST_PREFETCH if fast else self._settings.prefetch)
 
     def _assign(self) -> None:
+        """Give queued jobs to workers with room; a worker's share of one round
+        travels as one message (``tasks``), so tiny tasks cost one send each
+        round instead of one each."""
+        batches: dict[Worker[Job], list[Job]] = {}
         while self._inbox:
             worker = self._workers.pick()
             if worker is None:
-                return
+                break
             job = self._inbox.popleft()
             self._workers.assign(worker, job)
+            batches.setdefault(worker, []).append(job)
+        for worker, jobs in batches.items():
+            bodies = [{"task_id": job.id, "fn": job.fn, "args": job.args, "kwargs": job.kwargs,
+                       "timeout": job.timeout} for job in jobs]
             try:
-                self._channel.send(Message("task", {
-                    "task_id": job.id, "fn": job.fn, "args": job.args, "kwargs": job.kwargs,
-                    "timeout": job.timeout}), worker.endpoint.identity)
+                if len(bodies) == 1:
+                    self._channel.send(Message("task", bodies[0]), worker.endpoint.identity)
+                else:
+                    self._send_batch(worker, jobs, bodies)
             except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
-                self._workers.finish(worker, job.id)
-                self._scheduler._finish(job, False, exc)
+                self._workers.finish(worker, jobs[0].id)
+                self._scheduler._finish(jobs[0], False, exc)
             except ChannelError:
                 self._lose(worker, "unreachable")
+
+    def _send_batch(self, worker: Worker[Job], jobs: list[Job],
+                    bodies: list[dict[str, Any]]) -> None:
+        for start in range(0, len(bodies), MAX_BATCH):
+            chunk = bodies[start:start + MAX_BATCH]
+            try:
+                self._channel.send(Message("tasks", {"tasks": chunk}), worker.endpoint.identity)
+            except (TypeError, ValueError):
+                # One call in the batch cannot travel: send them one by one so
+                # only that one fails.
+                for job, body in zip(jobs[start:start + MAX_BATCH], chunk, strict=True):
+                    try:
+                        self._channel.send(Message("task", body), worker.endpoint.identity)
+                    except (TypeError, ValueError) as exc:
+                        self._workers.finish(worker, job.id)
+                        self._scheduler._finish(job, False, exc)
 
     def _apply_stops(self) -> None:
         while self._stops:

@@ -138,6 +138,12 @@ SAMPLES = [
                      "kwargs": {"k": [1, 2.5, "s", b"b", None, True, -(2**63), 2**64 - 1]},
                      "timeout": 3.5}),
     Message("task", {"task_id": 2, "fn": "tests.mod:f", "args": [], "kwargs": {}}),
+    Message("tasks", {"tasks": [
+        {"task_id": 3, "fn": "math:hypot", "args": (ARR, 2), "kwargs": {}},
+        {"task_id": 4, "fn": "math:sqrt", "args": [ARR], "kwargs": {}, "timeout": 1.0}]}),
+    Message("results", {"results": [
+        {"task_id": 3, "ok": True, "value": ARR},
+        {"task_id": 4, "ok": False, "error": exception_to_wire(KeyError("k"), "tb")}]}),
     Message("cancel", {"task_id": 1}),
     Message("cancel", {"job_id": "j-1"}),
     Message("shutdown"),

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_HEADER_BYTES", "MAX_NESTING",
-    "MESSAGE_TYPES", "MessageType", "Message", "RemoteTaskError",
+    "MESSAGE_TYPES", "MAX_BATCH", "MessageType", "Message", "RemoteTaskError",
     "encode", "decode", "function_ref", "resolve_function",
     "exception_to_wire", "exception_from_wire",
 ]
@@ -63,8 +63,8 @@ EXT_ARRAY, EXT_TUPLE, EXT_PICKLE = 1, 2, 3
 _ARRAY_KINDS = frozenset("biufcmMSUV")  # numpy kinds with a fixed-size raw layout
 
 MessageType = Literal[
-    "hello", "result", "heartbeat", "bye",                        # worker -> scheduler
-    "welcome", "task", "cancel", "shutdown",                      # scheduler -> worker
+    "hello", "result", "results", "heartbeat", "bye",             # worker -> scheduler
+    "welcome", "task", "tasks", "cancel", "shutdown",             # scheduler -> worker
     "submit", "accepted", "fetch", "status", "status_reply", "error",  # client <-> daemon
 ]
 MESSAGE_TYPES: frozenset[str] = frozenset(get_args(MessageType))
@@ -170,16 +170,22 @@ _ERROR: _Check = ("an error map {type, message, traceback: str; args: list or No
                   _wire_error)
 _ANY: _Check = ("anything", lambda v: True)
 _OPT_JOB: _Check = ("a str or None", lambda v: v is None or type(v) is str)
+MAX_BATCH = 1024  # messages one tasks/results message may carry
+_BATCH: _Check = (f"a list of 1 to {MAX_BATCH} maps with str keys",
+                  lambda v: type(v) is list and 0 < len(v) <= MAX_BATCH
+                  and all(_str_map(item) for item in v))
 
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "hello": ({"name": _STR, "host": _STR, "pid": _ID,
                "capacity": ("an int >= 1", lambda v: type(v) is int and v >= 1)}, {}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR}),
+    "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
     "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
+    "tasks": ({"tasks": _BATCH}, {}),
     "cancel": ({}, {"task_id": _ID, "job_id": _STR}),
     "shutdown": ({}, {}),
     "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
@@ -203,6 +209,10 @@ def _check_body(type_: str, body: dict[str, Any]) -> None:
     for name, (what, ok) in optional.items():
         if name in body and not ok(body[name]):
             raise _Invalid(f"{type_} field {name!r} must be {what}, got {_describe(body[name])}")
+    if type_ in ("tasks", "results"):
+        for item in body[type_]:
+            _check_body(type_[:-1], item)  # each one as the single message would be
+        return
     if type_ in ("result", "cancel") and ("task_id" in body) == ("job_id" in body):
         raise _Invalid(f"{type_} message needs exactly one of 'task_id' and 'job_id'")
     if type_ == "result" and ("value" if body["ok"] else "error") not in body:
@@ -309,6 +319,10 @@ def encode(msg: Message, *, allow_pickle: bool = False) -> list[bytes | memoryvi
     body = msg.body
     if msg.type in ("task", "submit") and "fn" in body:
         body = {**body, "fn": _wire_fn(body["fn"], allow_pickle)}
+    elif msg.type == "tasks" and type(body.get("tasks")) is list:
+        body = {"tasks": [{**task, "fn": _wire_fn(task["fn"], allow_pickle)}
+                          if isinstance(task, dict) and "fn" in task else task
+                          for task in body["tasks"]]}
     try:
         _check_body(msg.type, body)
     except _Invalid as exc:

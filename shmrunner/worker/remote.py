@@ -37,14 +37,14 @@ from .._poolcore import Core, Task
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskTimeoutError
-from ..transport.protocol import Message, exception_to_wire, resolve_function
+from ..transport.protocol import MAX_BATCH, Message, exception_to_wire, resolve_function
 from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
 __all__ = ["Agent", "run_agent"]
 
 log = logging.getLogger("shmrunner.worker")
 
-_ACCEPT = frozenset({"welcome", "task", "heartbeat", "cancel", "shutdown"})
+_ACCEPT = frozenset({"welcome", "task", "tasks", "heartbeat", "cancel", "shutdown"})
 _DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
 
 
@@ -157,19 +157,10 @@ class Agent:
         """Act on one message (tasks are appended to ``batch``); False on shutdown."""
         assert self._core is not None
         if msg.type == "task":
-            body = msg.body
-            task_id = body["task_id"]
-            try:
-                fn = body["fn"]
-                if isinstance(fn, str):
-                    fn = _resolve(fn)
-                task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
-                                           _Reply(self, task_id))
-            except Exception as exc:
-                self._completed(task_id, False, exc)
-                return True
-            self._running[task_id] = task
-            batch.append(task)
+            self._accept(msg.body, batch)
+        elif msg.type == "tasks":
+            for body in msg.body["tasks"]:
+                self._accept(body, batch)
         elif msg.type == "cancel":
             held = self._running.get(msg.body.get("task_id", -1))
             if held is not None:
@@ -179,34 +170,58 @@ class Agent:
             return False
         return True
 
+    def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
+        assert self._core is not None
+        task_id = body["task_id"]
+        try:
+            fn = body["fn"]
+            if isinstance(fn, str):
+                fn = _resolve(fn)
+            task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
+                                       _Reply(self, task_id))
+        except Exception as exc:
+            self._completed(task_id, False, exc)
+            return
+        self._running[task_id] = task
+        batch.append(task)
+
     def _completed(self, task_id: int, ok: bool, value: Any) -> None:
         """Called on the engine's thread: hand the result to the agent loop."""
         self._done.append((task_id, ok, value))
         self._wakeup.wake()
 
     def _send_results(self, channel: ZmqChannel) -> None:
-        while self._done:
+        """Send what finished since the last round, as one message when several."""
+        bodies: list[dict[str, Any]] = []
+        while self._done and len(bodies) < MAX_BATCH:
             task_id, ok, value = self._done.popleft()
             self._running.pop(task_id, None)
-            if ok:
-                msg = Message("result", {"task_id": task_id, "ok": True, "value": value})
-            else:
-                msg = _error_result(task_id, value)
+            bodies.append(_result_body(task_id, ok, value))
+        if len(bodies) > 1:
             try:
-                channel.send(msg)
-            except (TypeError, ValueError) as exc:  # the result cannot travel
-                channel.send(_error_result(task_id, TypeError(
-                    f"the result of task {task_id} cannot be sent back: {exc}")))
+                channel.send(Message("results", {"results": bodies}))
+                bodies = []
+            except (TypeError, ValueError):
+                pass  # one result cannot travel: send them one by one below
+        for body in bodies:
+            try:
+                channel.send(Message("result", body))
+            except (TypeError, ValueError) as exc:
+                channel.send(Message("result", _result_body(body["task_id"], False, TypeError(
+                    f"the result of task {body['task_id']} cannot be sent back: {exc}"))))
+        if self._done:
+            self._wakeup.wake()  # more than one batch finished: go round again
 
 
 _resolve = functools.lru_cache(maxsize=1024)(resolve_function)
 
 
-def _error_result(task_id: int, exc: BaseException) -> Message:
-    cause = exc.__cause__
+def _result_body(task_id: int, ok: bool, value: Any) -> dict[str, Any]:
+    if ok:
+        return {"task_id": task_id, "ok": True, "value": value}
+    cause = value.__cause__
     tb = str(getattr(cause, "tb", "")) if cause is not None else ""
-    return Message("result", {"task_id": task_id, "ok": False,
-                              "error": exception_to_wire(exc, tb)})
+    return {"task_id": task_id, "ok": False, "error": exception_to_wire(value, tb)}
 
 
 def run_agent(settings: WorkerSettings) -> int:
