@@ -32,7 +32,7 @@ import zmq
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
 from .errors import WorkerLostError
-from .transport.protocol import MAX_BATCH, Message, exception_from_wire
+from .transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 from .worker.lifecycle import Lifecycle, Worker
 
@@ -51,7 +51,8 @@ _FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
 class _Peer:
     """A remote worker as the hub knows it."""
 
-    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result")
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result",
+                 "allow_pickle")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -61,6 +62,7 @@ class _Peer:
         self.capacity: int = body["capacity"]
         self.last_seen = time.monotonic()
         self.last_result = 0.0
+        self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
 
 
 class Hub:
@@ -75,9 +77,15 @@ class Hub:
         self._stops: collections.deque[tuple[Job, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
         self._closing = False
+        # Its own context: term() in _release waits until libzmq has really closed
+        # the socket, so the port is free when shutdown() returns. With CURVE the
+        # process-wide context, where the ZAP authenticator (zmq.auth) listens.
+        self._own_context = curve is None
+        self._context: zmq.Context[Any] = (zmq.Context(io_threads=1) if self._own_context
+                                           else zmq.Context.instance())
         self._channel = ZmqChannel("router", ChannelOptions(
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
-            accept=_ACCEPT, curve=curve))
+            accept=_ACCEPT, curve=curve), context=self._context)
         try:
             self.address = self._channel.bind(settings.listen)
         except BaseException:
@@ -107,6 +115,8 @@ class Hub:
         return True
 
     def close(self, wait: bool) -> None:
+        if self._closing and not self._thread.is_alive():
+            return  # closed already: the wake-up pipe is gone
         self._closing = True
         self._wake()
         if threading.current_thread() is not self._thread:
@@ -152,6 +162,8 @@ class Hub:
 
     def _release(self) -> None:
         self._channel.close()
+        if self._own_context:
+            self._context.term()
         self._wakeup.close()
 
     def _receive(self) -> None:
@@ -229,6 +241,10 @@ class Hub:
             self._workers.assign(worker, job)
             batches.setdefault(worker, []).append(job)
         for worker, jobs in batches.items():
+            if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
+                jobs = self._refuse_pickles(worker, jobs)
+                if not jobs:
+                    continue
             bodies = [{"task_id": job.id, "fn": job.fn, "args": job.args, "kwargs": job.kwargs,
                        "timeout": job.timeout} for job in jobs]
             try:
@@ -241,6 +257,23 @@ class Hub:
                 self._scheduler._finish(jobs[0], False, exc)
             except ChannelError:
                 self._lose(worker, "unreachable")
+
+    def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
+        """Fail here the calls that need a pickle: this worker would reject them
+        unread (it does not allow pickles) and never answer."""
+        kept = []
+        for job in jobs:
+            try:
+                encode(Message("task", {"task_id": job.id, "fn": job.fn, "args": job.args,
+                                        "kwargs": job.kwargs}), allow_pickle=False)
+            except TypeError as exc:
+                self._workers.finish(worker, job.id)
+                self._scheduler._finish(job, False, TypeError(
+                    f"{exc} (worker {worker.endpoint.name} does not accept pickles: start "
+                    "it with --allow-pickle)"))
+            else:
+                kept.append(job)
+        return kept
 
     def _send_batch(self, worker: Worker[Job], jobs: list[Job],
                     bodies: list[dict[str, Any]]) -> None:

@@ -87,7 +87,7 @@ _FAST_TASK = 500e-6
 
 
 class Task:
-    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "kill_reason")
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "kill_reason", "started")
 
     def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: Mapping[str, Any], result: Any, index: int) -> None:
@@ -100,6 +100,9 @@ class Task:
         # Set when the pool kills this task's worker on purpose (a timeout):
         # reported instead of WorkerLostError.
         self.kill_reason: BaseException | None = None
+        # When its worker started it (monotonic), as the engine sees it: the task
+        # at the head of a worker's queue is the one running.
+        self.started: float | None = None
 
     def describe(self) -> str:
         fn = self.args[0] if self.fn is run_chunk else self.fn
@@ -223,6 +226,8 @@ class Core:
                 failed.append((task, exc))
                 continue
             lifecycle.assign(worker, task)
+            if worker.tasks[0] is task:
+                task.started = time.monotonic()
             batches.setdefault(worker, []).append(
                 (TASK_ID.pack(task.id) + encoded.data, encoded.fds, encoded.release, task.id))
         if batches:
@@ -326,11 +331,14 @@ class Core:
             child_end.close()
         return _Endpoint(process, FdChannel(parent_end))
 
-    def _populate(self) -> None:
-        for worker in self.lifecycle.populate():
+    def _populate(self) -> bool:
+        """Spawn missing workers; True if any was spawned (new capacity)."""
+        new = self.lifecycle.populate()
+        for worker in new:
             ep = worker.endpoint
             self.selector.register(ep.channel.sock, selectors.EVENT_READ, ("chan", worker))
             self.selector.register(ep.process.sentinel, selectors.EVENT_READ, ("dead", worker))
+        return bool(new)
 
     def _run(self) -> None:
         try:
@@ -427,6 +435,8 @@ class Core:
         with self.lock:
             finished = [(self.lifecycle.finish(worker, task_id), ok, value)
                         for task_id, ok, value in outcomes]
+            if worker.tasks and worker.tasks[0].started is None:
+                worker.tasks[0].started = time.monotonic()  # next in line: running now
             failed = self._dispatch_locked()
         for task, ok, value in finished:
             if task is not None:
@@ -498,6 +508,7 @@ class Core:
 
     def _housekeeping(self) -> bool:
         """Respawn, stop idle workers once closed, watch writability; True to exit."""
+        spawned = False
         with self.lock:
             state = self.state
             if state == TERMINATE:
@@ -505,7 +516,7 @@ class Core:
             else:
                 work_left = bool(self.pending or self.lifecycle.busy() or self.feeders)
                 if self.broken is None and (state == RUN or work_left):
-                    self._populate()
+                    spawned = self._populate()
                 if state == CLOSE and not work_left:
                     for worker in self.lifecycle:
                         ep = worker.endpoint
@@ -528,6 +539,8 @@ class Core:
             self._kill_all()
             return True
         self.dispatch()
+        if spawned and self.after_results is not None:
+            self.after_results()  # a respawn added capacity: the Scheduler may have work
         return False
 
     def _kill_all(self) -> None:

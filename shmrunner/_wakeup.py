@@ -17,9 +17,13 @@ class Wakeup:
         self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def wake(self) -> None:
-        """Safe from any thread and from a signal handler."""
+        """Safe from any thread and from a signal handler; a no-op once closed
+        (the fd number may belong to another file by then)."""
+        fd = self._write_fd
+        if fd < 0:
+            return
         try:
-            os.write(self._write_fd, b"\0")
+            os.write(fd, b"\0")
         except OSError:
             pass  # already pending (pipe full), or closed
 
@@ -31,7 +35,11 @@ class Wakeup:
             pass
 
     def close(self) -> None:
-        for fd in (self.fd, self._write_fd):
+        fds = (self.fd, self._write_fd)
+        self.fd = self._write_fd = -1
+        for fd in fds:
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:

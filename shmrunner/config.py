@@ -42,6 +42,8 @@ _count = _check(lambda v: _is_int(v) and v >= 0, "a whole number >= 0")
 _positive = _check(lambda v: _is_int(v) and v >= 1, "a whole number >= 1")
 _optional_count = _check(lambda v: v is None or (_is_int(v) and v >= 0),
                          "a whole number >= 0, or null for the CPU count")
+_optional_positive = _check(lambda v: v is None or (_is_int(v) and v >= 1),
+                            "a whole number >= 1, or null for the CPU count")
 _seconds = _check(lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
 _optional_seconds = _check(lambda v: v is None or (_is_number(v) and v > 0),
                            "a number of seconds > 0, or null for none")
@@ -106,7 +108,7 @@ class WorkerSettings:
 
     connect: str | None = _setting(None, _optional_address, "the scheduler's address")
     processes: int | None = _setting(
-        None, _optional_count, "worker processes on this host (null: CPU count)")
+        None, _optional_positive, "worker processes on this host (null: CPU count)")
     name: str | None = _setting(None, _name, "how the scheduler lists this worker")
     heartbeat_interval: float = _setting(1.0, _seconds, "seconds between heartbeats")
     heartbeat_timeout: float = _setting(
@@ -232,6 +234,9 @@ def load(path: str | os.PathLike[str]) -> Settings:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not valid YAML: not UTF-8 text (byte "
+                          f"0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -105,6 +105,11 @@ class _LocalTier:
         self._scheduler._finish(job, ok, value, pump)
 
     def stop(self, job: Job, reason: BaseException) -> bool:
+        # The timeout counts from when the task started on a process, not from
+        # when it was queued behind another one: not yet? ask again later.
+        started = job.handle.started
+        if started is None or time.monotonic() - started < (job.timeout or 0.0):
+            return False
         return self.core.kill(job.handle, reason)
 
     def close(self, wait: bool) -> None:
@@ -121,6 +126,17 @@ def _resolve(ref: str) -> Callable[..., Any]:
     from .transport.protocol import resolve_function
 
     return resolve_function(ref)
+
+
+def _reference(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
+    """``fn`` as an import reference when it has one (so it can travel to a remote
+    worker inside the arguments); else ``fn`` itself (pickled, if allowed)."""
+    from .transport.protocol import function_ref
+
+    try:
+        return function_ref(fn)
+    except (TypeError, ValueError):
+        return fn
 
 
 class _Outcome:
@@ -178,7 +194,9 @@ class _Timers:
             callback()
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+def _run_chunk(fn: Callable[..., Any] | str, chunk: list[tuple[Any, ...]]) -> list[Any]:
+    if isinstance(fn, str):  # an import reference: how a function travels as an argument
+        fn = _resolve(fn)
     return [fn(*args) for args in chunk]
 
 
@@ -298,8 +316,9 @@ class Scheduler(Executor):
         else:
             items = zip(*iterables, strict=False)
             futures = []
+            ref = _reference(fn) if self._remote is not None else fn
             while chunk := list(itertools.islice(items, chunksize)):
-                futures.append(self.submit(_run_chunk, fn, chunk))
+                futures.append(self.submit(_run_chunk, ref, chunk))
         return self._results(futures, deadline, chunksize > 1)
 
     @staticmethod
@@ -326,7 +345,11 @@ class Scheduler(Executor):
                 self._queue.clear()
             self._not_full.notify_all()
         for job in cancelled:
-            job.future.cancel()
+            # A job waiting for a retry is already RUNNING: cancel() cannot settle it.
+            if not job.future.cancel() and not job.future.done():
+                job.future.set_exception(TaskCancelledError(
+                    f"task {job.id} was waiting for a retry when the scheduler shut down "
+                    "with cancel_futures=True"))
         if wait:
             with self._all_done:
                 while self._queue or self._running:

@@ -25,6 +25,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -37,7 +38,13 @@ from .._poolcore import Core, Task
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskTimeoutError
-from ..transport.protocol import MAX_BATCH, Message, exception_to_wire, resolve_function
+from ..transport.protocol import (
+    MAX_BATCH,
+    Message,
+    _pickle_dumps,
+    exception_to_wire,
+    resolve_function,
+)
 from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
 __all__ = ["Agent", "run_agent"]
@@ -72,6 +79,8 @@ class Agent:
         self._ctx = context or multiprocessing.get_context()
         self._done: collections.deque[tuple[int, bool, Any]] = collections.deque()
         self._running: dict[int, Task] = {}
+        self._cancels: dict[int, BaseException] = {}  # cancels Core.kill put off
+        self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
         self._core: Core | None = None
@@ -105,16 +114,21 @@ class Agent:
         try:
             channel.connect(settings.connect or "")
             channel.send(Message("hello", {"name": self.name, "host": socket.gethostname(),
-                                           "pid": os.getpid(), "capacity": self.processes}))
+                                           "pid": os.getpid(), "capacity": self.processes,
+                                           "allow_pickle": settings.allow_pickle}))
+            # Until the welcome says otherwise (the scheduler's settings win).
+            self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
             poller = zmq.Poller()
             poller.register(channel.socket, zmq.POLLIN)
             poller.register(self._wakeup.fd, zmq.POLLIN)
             last_heard = time.monotonic()
-            next_beat = last_heard + settings.heartbeat_interval
+            next_beat = last_heard + self._beat[0]
             said_bye = False
             idle_since: float | None = None
             while True:
                 wait = max(0.0, next_beat - time.monotonic())
+                if self._cancels:  # a timed-out task queued behind another: check often
+                    wait = min(wait, 0.02)
                 events = dict(poller.poll(round(wait * 1000)))
                 if self._wakeup.fd in events:
                     self._wakeup.drain()
@@ -127,6 +141,9 @@ class Agent:
                     if batch:  # one hand-over to the engine: they travel together
                         assert self._core is not None
                         self._core.submit(batch)
+                    # A welcome may have shortened the interval.
+                    next_beat = min(next_beat, last_heard + self._beat[0])
+                self._retry_cancels()
                 self._send_results(channel)
                 now = time.monotonic()
                 if self._stopping.is_set():
@@ -141,8 +158,8 @@ class Agent:
                         return True
                 if now >= next_beat:
                     channel.send(Message("heartbeat", {}))
-                    next_beat = now + settings.heartbeat_interval
-                    if now - last_heard > settings.heartbeat_timeout:
+                    next_beat = now + self._beat[0]
+                    if now - last_heard > self._beat[1]:
                         log.warning("no word from the scheduler at %s for %.1f s; reconnecting",
                                     settings.connect, now - last_heard)
                         return False
@@ -161,14 +178,26 @@ class Agent:
         elif msg.type == "tasks":
             for body in msg.body["tasks"]:
                 self._accept(body, batch)
+        elif msg.type == "welcome":
+            self._beat = (msg.body["heartbeat_interval"], msg.body["heartbeat_timeout"])
         elif msg.type == "cancel":
-            held = self._running.get(msg.body.get("task_id", -1))
-            if held is not None:
-                self._core.kill(held, TaskTimeoutError(
-                    f"task {msg.body['task_id']} ran past its timeout and was stopped"))
+            task_id = msg.body.get("task_id", -1)
+            if task_id in self._running:
+                self._cancels[task_id] = TaskTimeoutError(
+                    f"task {task_id} ran past its timeout and was stopped")
+                self._retry_cancels()
         elif msg.type == "shutdown":
             return False
         return True
+
+    def _retry_cancels(self) -> None:
+        """Core.kill refuses a task still queued behind another on its process
+        ("ask again later"): ask again until it is running (then it is killed)."""
+        assert self._core is not None
+        for task_id, reason in list(self._cancels.items()):
+            held = self._running.get(task_id)
+            if held is None or self._core.kill(held, reason):
+                del self._cancels[task_id]
 
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
         assert self._core is not None
@@ -177,6 +206,8 @@ class Agent:
             fn = body["fn"]
             if isinstance(fn, str):
                 fn = _resolve(fn)
+            else:  # arrived pickled (cloudpickle): the engine's plain pickle may refuse it
+                fn = functools.partial(_call_pickled, _pickle_dumps(fn))
             task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
                                        _Reply(self, task_id))
         except Exception as exc:
@@ -214,6 +245,10 @@ class Agent:
 
 
 _resolve = functools.lru_cache(maxsize=1024)(resolve_function)
+
+
+def _call_pickled(blob: bytes, /, *args: Any, **kwargs: Any) -> Any:
+    return pickle.loads(blob)(*args, **kwargs)
 
 
 def _result_body(task_id: int, ok: bool, value: Any) -> dict[str, Any]:

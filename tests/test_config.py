@@ -1,0 +1,289 @@
+"""Settings: ``shmrunner.config.load``/``parse`` and the ``shmrunner worker`` CLI.
+
+Every bad configuration must end in one :class:`ConfigError` line that names
+the file, the key and what was expected; the defaults are what the docs say;
+the CLI turns bad options into one clear line on stderr and a non-zero exit.
+
+Some of these tests found bugs, since fixed; they stay as regression tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from shmrunner import ConfigError
+from shmrunner.config import SchedulerSettings, Settings, WorkerSettings, load, parse
+
+pytestmark = pytest.mark.timeout(60)
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+
+
+
+def write(tmp_path: Path, text: str, name: str = "settings.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path) -> str:
+    """The one-line message of the ConfigError that loading ``path`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(f"{path}: "), message
+    assert isinstance(info.value, ValueError)
+    return message
+
+
+# --- error cases ---------------------------------------------------------------------------
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "scheduler:\n  retires: 2\n"))
+    assert "scheduler.retires" in msg and "unknown key" in msg
+    assert "retries" in msg  # the keys it could have meant
+    msg = config_error(write(tmp_path, "worker:\n  conect: tcp://127.0.0.1:5560\n"))
+    assert "worker.conect" in msg and "connect" in msg
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "schedulers:\n  retries: 2\n"))
+    assert "schedulers" in msg and "unknown section" in msg
+    assert "scheduler" in msg and "worker" in msg
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), [
+    ("scheduler:\n  retries: many\n", "scheduler.retries", "whole number >= 0"),
+    ("scheduler:\n  retries: -1\n", "scheduler.retries", "whole number >= 0"),
+    ("scheduler:\n  retries: 1.5\n", "scheduler.retries", "whole number >= 0"),
+    ("scheduler:\n  retries: true\n", "scheduler.retries", "whole number >= 0"),
+    ("scheduler:\n  local_workers: [1]\n", "scheduler.local_workers", "whole number >= 0"),
+    ("scheduler:\n  timeout: 0\n", "scheduler.timeout", "seconds > 0"),
+    ("scheduler:\n  timeout: soon\n", "scheduler.timeout", "seconds > 0"),
+    ("scheduler:\n  heartbeat_interval: .nan\n", "scheduler.heartbeat_interval",
+     "seconds > 0"),
+    ("scheduler:\n  allow_pickle: maybe\n", "scheduler.allow_pickle", "true or false"),
+    ("scheduler:\n  max_pending: 0\n", "scheduler.max_pending", "whole number >= 1"),
+    ("scheduler:\n  start_method: thread\n", "scheduler.start_method", "fork, spawn"),
+    ("worker:\n  processes: two\n", "worker.processes", "whole number"),
+    ("worker:\n  name: ''\n", "worker.name", "short name"),
+])
+def test_wrong_type_or_range(tmp_path: Path, text: str, key: str, expected: str) -> None:
+    msg = config_error(write(tmp_path, text))
+    assert key in msg and "expected" in msg and expected in msg, msg
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("scheduler", "listen", "http://127.0.0.1:5560"),
+    ("scheduler", "listen", "tcp://127.0.0.1"),
+    ("scheduler", "listen", "tcp://127.0.0.1:port"),
+    ("scheduler", "listen", "127.0.0.1:5560"),
+    ("scheduler", "listen", "5560"),
+    ("worker", "connect", "tcp://:5560"),
+    ("worker", "connect", "udp://127.0.0.1:5560"),
+])
+def test_bad_address(tmp_path: Path, section: str, key: str, value: str) -> None:
+    msg = config_error(write(tmp_path, f"{section}:\n  {key}: '{value}'\n"))
+    assert f"{section}.{key}" in msg and "ZeroMQ address" in msg and value in msg, msg
+
+
+@pytest.mark.parametrize("value", ["tcp://127.0.0.1:5560", "tcp://*:5560", "tcp://127.0.0.1:*",
+                                   "tcp://host-name.example:1", "tcp://[::1]:5560",
+                                   "ipc:///tmp/shmrunner.sock"])
+def test_good_addresses(tmp_path: Path, value: str) -> None:
+    assert load(write(tmp_path, f"scheduler:\n  listen: '{value}'\n")).scheduler.listen == value
+
+
+@pytest.mark.parametrize(("interval", "timeout"), [(1.0, 1.0), (2, 1), (0.5, 0.1)])
+def test_heartbeat_timeout_must_exceed_interval(tmp_path: Path, interval: float,
+                                                timeout: float) -> None:
+    msg = config_error(write(tmp_path, f"scheduler:\n  heartbeat_interval: {interval}\n"
+                                       f"  heartbeat_timeout: {timeout}\n"))
+    assert "scheduler.heartbeat_timeout" in msg and "scheduler.heartbeat_interval" in msg
+    assert "larger" in msg
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "scheduler:\n  retries: [1, 2\n  timeout: 3\n"))
+    assert "not valid YAML" in msg and "line" in msg
+    msg = config_error(write(tmp_path, "scheduler: {retries: 1\n", "b.yaml"))
+    assert "not valid YAML" in msg
+    msg = config_error(write(tmp_path, "\tscheduler:\n", "tab.yaml"))
+    assert "not valid YAML" in msg
+
+
+def test_binary_file_is_one_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x01scheduler: \xe9\n")
+    msg = config_error(path)
+    assert "UTF-8" in msg or "YAML" in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yaml"
+    msg = config_error(path)
+    assert "cannot read" in msg and "No such file" in msg
+    msg = config_error(tmp_path)  # a directory
+    assert "cannot read" in msg
+
+
+@pytest.mark.parametrize(("text", "got"), [("- scheduler\n- worker\n", "list"),
+                                           ("42\n", "int"), ("just words\n", "str")])
+def test_top_level_not_a_mapping(tmp_path: Path, text: str, got: str) -> None:
+    msg = config_error(write(tmp_path, text))
+    assert "top level must be a mapping" in msg and got in msg
+    assert "scheduler" in msg and "worker" in msg
+
+
+def test_section_not_a_mapping(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "scheduler: 3\n"))
+    assert msg.startswith(f"{tmp_path / 'settings.yaml'}: scheduler:")
+    assert "expected a mapping" in msg
+    msg = config_error(write(tmp_path, "worker:\n  - processes: 2\n"))
+    assert "worker" in msg and "expected a mapping" in msg
+
+
+def test_parse_names_the_source() -> None:
+    with pytest.raises(ConfigError, match=r"^inline: scheduler\.retries: expected"):
+        parse({"scheduler": {"retries": "x"}}, "inline")
+    with pytest.raises(ConfigError, match=r"^<config>: nope: unknown section"):
+        parse({"nope": {}})
+
+
+def test_worker_processes_zero_is_refused(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, "worker:\n  processes: 0\n"))
+    assert "worker.processes" in msg
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+def test_defaults(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n", "scheduler:\n", "scheduler:\nworker:\n"):
+        settings = load(write(tmp_path, text))
+        assert settings == Settings()
+    s = SchedulerSettings()
+    assert s.local_workers is None and s.listen is None
+    assert s.retries == 0 and s.timeout is None
+    assert s.heartbeat_interval == 1.0 and s.heartbeat_timeout == 5.0
+    assert s.heartbeat_timeout > s.heartbeat_interval
+    assert s.allow_pickle is False
+    assert s.shm_threshold == 64 * 1024
+    assert s.max_pending == 100_000
+    assert s.prefetch >= 0 and s.max_message_bytes >= 1 << 20
+    assert s.start_method is None
+    w = WorkerSettings()
+    assert w.connect is None and w.processes is None and w.name is None
+    assert w.allow_pickle is False
+    assert w.heartbeat_timeout > w.heartbeat_interval
+    # Every field of both sections has a default and documentation.
+    for cls in (SchedulerSettings, WorkerSettings):
+        for f in fields(cls):
+            assert f.metadata["doc"], f.name
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, (
+        "scheduler:\n  local_workers: 3\n  listen: tcp://127.0.0.1:5560\n  retries: 2\n"
+        "  timeout: 1.5\n  heartbeat_interval: 0.2\n  heartbeat_timeout: 1\n"
+        "  allow_pickle: true\n  max_pending: 10\n  start_method: spawn\n"
+        "worker:\n  connect: tcp://10.0.0.1:5560\n  processes: 4\n  name: box\n")))
+    s, w = settings.scheduler, settings.worker
+    assert (s.local_workers, s.listen, s.retries, s.timeout) == (3, "tcp://127.0.0.1:5560", 2,
+                                                                 1.5)
+    assert (s.heartbeat_interval, s.heartbeat_timeout) == (0.2, 1)
+    assert s.allow_pickle is True and s.max_pending == 10 and s.start_method == "spawn"
+    assert (w.connect, w.processes, w.name) == ("tcp://10.0.0.1:5560", 4, "box")
+    # Unset keys keep their defaults.
+    assert s.shm_threshold == SchedulerSettings().shm_threshold
+
+
+def test_settings_are_frozen_and_validated_in_python_too() -> None:
+    s = SchedulerSettings()
+    with pytest.raises(AttributeError):
+        s.retries = 3  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="scheduler.retries"):
+        SchedulerSettings(retries=-2)
+    with pytest.raises(ConfigError, match="scheduler.heartbeat_timeout"):
+        SchedulerSettings(heartbeat_interval=2.0, heartbeat_timeout=1.0)
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                                  else []))
+    return subprocess.run([sys.executable, "-m", "shmrunner.cli", *args], capture_output=True,
+                          text=True, timeout=30, cwd=REPO, env=env, stdin=subprocess.DEVNULL)
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The one line of stderr that says what is wrong (argparse adds its usage)."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith(("usage:", " "))]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_worker_without_connect() -> None:
+    proc = run_cli("worker", "--processes", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1  # one line, nothing else
+    line = error_line(proc)
+    assert "worker.connect" in line and "--connect" in line
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["worker", "--connect", "tcp://127.0.0.1:5560", "--processes", "0"], "--processes"),
+    (["worker", "--connect", "tcp://127.0.0.1:5560", "--processes", "many"], "--processes"),
+    (["worker", "--connect", "tcp://127.0.0.1:5560", "--bogus"], "--bogus"),
+    (["worker", "--connect"], "--connect"),
+    (["--log-level", "LOUD", "worker", "--connect", "tcp://127.0.0.1:5560"], "--log-level"),
+])
+def test_worker_bad_option(args: list[str], names: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "error" in line and names in line, line
+
+
+def test_worker_bad_address() -> None:
+    proc = run_cli("worker", "--connect", "localhost:5560", "--processes", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    line = error_line(proc)
+    assert "worker.connect" in line and "localhost:5560" in line and "ZeroMQ address" in line
+
+
+def test_worker_bad_config_file(tmp_path: Path) -> None:
+    bad = write(tmp_path, "worker:\n  processes: lots\n")
+    proc = run_cli("worker", "--config", str(bad), "--connect", "tcp://127.0.0.1:5560")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    line = error_line(proc)
+    assert str(bad) in line and "worker.processes" in line and "expected" in line
+    missing = tmp_path / "missing.yaml"
+    proc = run_cli("worker", "--config", str(missing), "--connect", "tcp://127.0.0.1:5560")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert str(missing) in line and "cannot read" in line
+
+
+def test_worker_help_lists_every_option() -> None:
+    proc = run_cli("worker", "--help")
+    assert proc.returncode == 0
+    for option in ("--connect", "--processes", "--name", "--config", "--allow-pickle"):
+        assert option in proc.stdout
