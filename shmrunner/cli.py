@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .errors import ConfigError, ShmrunnerError
 
@@ -52,14 +53,19 @@ def _daemon(args: argparse.Namespace) -> int:
     settings = load(args.config) if args.config else Settings()
     daemon_settings, scheduler_settings = settings.daemon, settings.scheduler
     for assignment in args.set or []:
-        key, _, raw = assignment.partition("=")
+        key, equals, raw = assignment.partition("=")
         section, _, name = key.partition(".")
-        if not _ or not name or section not in ("daemon", "scheduler"):
+        if not equals or not name or section not in ("daemon", "scheduler"):
             raise ConfigError(f"--set {assignment}: expected daemon.KEY=VALUE or "
                               "scheduler.KEY=VALUE")
         import yaml
 
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {assignment}: VALUE is not valid YAML: {problem}") \
+                from None
         if section == "daemon":
             daemon_settings = with_overrides(daemon_settings, {name: value}, "daemon")
         else:
@@ -107,15 +113,27 @@ def _keygen(args: argparse.Namespace) -> int:
 
     import zmq.auth
 
-    os.makedirs(args.directory, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(args.directory, args.name)
-    os.chmod(secret, 0o600)
+    try:
+        os.makedirs(args.directory, exist_ok=True)
+        public, secret = zmq.auth.create_certificates(args.directory, args.name)
+        os.chmod(secret, 0o600)
+    except OSError as exc:
+        print(f"shmrunner keygen: cannot write keys into {args.directory}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"public key: {public}\nsecret key: {secret} (keep it private)")
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage block is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shmrunner",
         description="Run Python functions in worker processes, numpy arrays in shared memory.",
     )

@@ -42,11 +42,12 @@ _ACCEPT = frozenset({"accepted", "result", "error", "status_reply"})
 class _Call:
     """A synchronous request (fetch, status) waiting for its answer."""
 
-    __slots__ = ("event", "reply")
+    __slots__ = ("event", "reply", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
         self.event = threading.Event()
         self.reply: Message | None = None
+        self.deadline = float("inf") if timeout is None else time.monotonic() + timeout
 
 
 class Client(Executor):
@@ -107,7 +108,7 @@ class Client(Executor):
     def result(self, job_id: str, timeout: float | None = None) -> Any:
         """The result of job ``job_id`` (raising its exception), waiting up to
         ``timeout`` seconds for it to finish; works after reconnecting."""
-        call = _Call()
+        call = _Call(timeout)
         with self._lock:
             self._fetches.setdefault(job_id, []).append(call)
             self._outbox.append(encode(Message("fetch", {"job_id": job_id, "timeout": timeout})))
@@ -166,11 +167,14 @@ class Client(Executor):
                 if self._wakeup.fd in events:
                     self._wakeup.drain()
                 while self._outbox:
-                    frames = self._outbox.popleft()
                     try:
-                        self._channel.socket.send_multipart(frames, copy=False)
+                        self._channel.socket.send_multipart(self._outbox[0], copy=False,
+                                                            flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break  # no connection that takes it now (refused?): next round
                     except zmq.ZMQError as exc:
                         raise ChannelError(f"cannot reach the daemon: {exc}") from exc
+                    self._outbox.popleft()
                 if self._channel.socket in events:
                     while (received := self._channel.recv(0)) is not None:
                         self._receive(received.message)
@@ -191,6 +195,19 @@ class Client(Executor):
         elif msg.type == "status_reply":
             with self._lock:
                 call = self._status_calls.popleft() if self._status_calls else None
+            if call is not None:
+                call.reply = msg
+                call.event.set()
+        elif msg.type == "error" and body.get("fetch"):
+            # The answer to one result() call (unknown job, or its wait timed out): it
+            # settles that call only, never the job's own Future.
+            with self._lock:
+                waiting = self._fetches.get(job_id or "", [])
+                call = min(waiting, key=lambda c: c.deadline) if waiting else None
+                if call is not None:
+                    waiting.remove(call)
+                    if not waiting:
+                        del self._fetches[job_id or ""]
             if call is not None:
                 call.reply = msg
                 call.event.set()

@@ -161,6 +161,11 @@ class DaemonSettings:
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"daemon.{key}: {path} does not exist; "
                                   "create keys with: shmrunner keygen DIR")
+        keys = self.curve_authorized_keys
+        if keys is not None and not os.path.isdir(keys):
+            raise ConfigError(f"daemon.curve_authorized_keys: {keys} is not a directory; "
+                              "point it at a directory holding the clients' and workers' "
+                              ".key files")
 
     def journal_path(self) -> str:
         if self.journal is not None:

@@ -46,7 +46,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger("shmrunner.daemon")
 
 _ACCEPT = frozenset({"submit", "fetch", "status"})
-_EXPIRE_EVERY = 60.0  # seconds between sweeps of expired results
+_EXPIRE_EVERY = 60.0  # longest time between sweeps of expired results
 
 
 class Daemon:
@@ -112,7 +112,8 @@ class Daemon:
                 self._expire_waiters()
                 if time.monotonic() >= next_expiry:
                     self.journal.expire(self.settings.result_ttl)
-                    next_expiry = time.monotonic() + _EXPIRE_EVERY
+                    next_expiry = time.monotonic() + min(_EXPIRE_EVERY,
+                                                         self.settings.result_ttl / 2)
             return self._drain(poller)
         finally:
             self._close()
@@ -131,7 +132,9 @@ class Daemon:
                 break
             peer, msg = received
             assert peer is not None
-            if msg.type == "submit":
+            if msg.type == "submit" and self._stop.is_set():  # SIGTERM arrived mid-batch
+                self._refuse(peer, msg)
+            elif msg.type == "submit":
                 job_id = msg.body.get("job_id") or uuid.uuid4().hex
                 frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
                 accepted.append((job_id, frames, peer))
@@ -144,6 +147,7 @@ class Daemon:
             for job_id, frames, peer in accepted:
                 self._reply(peer, Message("accepted", {"job_id": job_id}))
                 if job_id in new:
+                    new.discard(job_id)  # the same id again in this batch is a resubmission
                     self._start(job_id, frames, peer)
                 else:  # a resubmission of a known job: answer as a fetch would
                     self._fetch(peer, job_id, None)
@@ -199,7 +203,7 @@ class Daemon:
         if found is None:
             self._reply(peer, Message("error", {"reason": f"unknown job {job_id} (never "
                                                           "accepted, or its result expired)",
-                                                "job_id": job_id}))
+                                                "job_id": job_id, "fetch": True}))
         elif found[0] in (DONE, FAILED) and found[1] is not None:
             self._reply_frames(peer, found[1])
         else:
@@ -214,7 +218,7 @@ class Daemon:
                 if deadline is not None and deadline <= now:
                     self._reply(peer, Message("error", {
                         "reason": f"job {job_id} not finished within the fetch timeout",
-                        "job_id": job_id}))
+                        "job_id": job_id, "fetch": True}))
                 else:
                     keep.append((peer, deadline))
             if keep:
@@ -257,13 +261,16 @@ class Daemon:
             peer, msg = received
             assert peer is not None
             if msg.type == "submit":
-                self._reply(peer, Message("error", {"reason": "the daemon is shutting down; "
-                                                              "submit again after it restarts",
-                                                    "job_id": msg.body.get("job_id")}))
+                self._refuse(peer, msg)
             elif msg.type == "fetch":
                 self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
             else:
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
+
+    def _refuse(self, peer: bytes, msg: Message) -> None:
+        self._reply(peer, Message("error", {"reason": "the daemon is shutting down; "
+                                                      "submit again after it restarts",
+                                            "job_id": msg.body.get("job_id")}))
 
     # --- plumbing -------------------------------------------------------------------------
 

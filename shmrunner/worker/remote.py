@@ -148,7 +148,8 @@ class Agent:
                 now = time.monotonic()
                 if self._stopping.is_set():
                     if not said_bye:
-                        channel.send(Message("bye", {"reason": "draining"}))
+                        if _writable(channel):
+                            channel.send(Message("bye", {"reason": "draining"}))
                         said_bye = True
                     if self._running:
                         idle_since = None
@@ -157,7 +158,8 @@ class Agent:
                     elif now - idle_since > _DRAIN_GRACE:
                         return True
                 if now >= next_beat:
-                    channel.send(Message("heartbeat", {}))
+                    if _writable(channel):  # no pipe: e.g. the scheduler refused our key
+                        channel.send(Message("heartbeat", {}))
                     next_beat = now + self._beat[0]
                     if now - last_heard > self._beat[1]:
                         log.warning("no word from the scheduler at %s for %.1f s; reconnecting",
@@ -249,6 +251,13 @@ _resolve = functools.lru_cache(maxsize=1024)(resolve_function)
 
 def _call_pickled(blob: bytes, /, *args: Any, **kwargs: Any) -> Any:
     return pickle.loads(blob)(*args, **kwargs)
+
+
+def _writable(channel: ZmqChannel) -> bool:
+    """Whether a send would not block. After a failed handshake (a CURVE key the
+    scheduler refused) libzmq drops the socket's only pipe and a send would wait
+    the whole send timeout; the heartbeat timeout then reconnects instead."""
+    return bool(channel.socket.poll(0, zmq.POLLOUT))
 
 
 def _result_body(task_id: int, ok: bool, value: Any) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""The ``shmrunner`` command, run as ``python -m shmrunner.cli``: --help of every
+command, bad options, keygen, status against a live daemon with a remote worker,
+and a tiny demo."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq.auth
+from _daemon_tasks import Daemon, Proc, Worker, named, run_cli
+from _util import wait_until
+
+# Every option each command must document in its --help (DESIGN.md, issue 4).
+OPTIONS = {
+    (): ["--help", "--log-level", "demo", "worker", "daemon", "status", "keygen"],
+    ("demo",): ["--help", "--arrays", "--mib", "--processes"],
+    ("worker",): ["--help", "--connect", "--processes", "--name", "--config", "--allow-pickle"],
+    ("daemon",): ["--help", "--config", "--set"],
+    ("status",): ["--help", "--connect", "--timeout", "--json", "--curve-secret-key",
+                  "--curve-server-key"],
+    ("keygen",): ["--help", "directory", "--name"],
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", list(OPTIONS), ids=lambda c: " ".join(c) or "shmrunner")
+def test_help_exits_0_and_mentions_every_option(command: tuple[str, ...]) -> None:
+    done = run_cli(*command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.startswith("usage: shmrunner")
+    for option in OPTIONS[command]:
+        assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", done.stdout), \
+            f"{option} not in `shmrunner {' '.join(command)} --help`:\n{done.stdout}"
+    # The parser itself has no option the list above forgets.
+    found = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][\w-]*)", done.stdout, re.M))
+    assert found <= set(OPTIONS[command]), found - set(OPTIONS[command])
+
+
+# (arguments, what the error line must name)
+BAD_OPTIONS = [
+    pytest.param(["--bogus", "demo"], "--bogus", id="unknown-global-option"),
+    pytest.param(["nosuch"], "nosuch", id="unknown-command"),
+    pytest.param([], "COMMAND", id="no-command"),
+    pytest.param(["--log-level", "LOUD", "demo"], "--log-level", id="bad-log-level"),
+    pytest.param(["daemon", "--bogus"], "--bogus", id="daemon-unknown-option"),
+    pytest.param(["daemon", "--config"], "--config", id="daemon-config-without-value"),
+    pytest.param(["worker", "--processes", "0"], "--processes", id="worker-processes-0"),
+    pytest.param(["worker", "--processes", "many"], "--processes", id="worker-processes-word"),
+    pytest.param(["status"], "--connect", id="status-without-connect"),
+    pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "soon"],
+                 "--timeout", id="status-bad-timeout"),
+    pytest.param(["demo", "--arrays", "x"], "--arrays", id="demo-bad-arrays"),
+    pytest.param(["demo", "--mib", "-1"], "--mib", id="demo-negative-mib"),
+    pytest.param(["keygen"], "directory", id="keygen-without-directory"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, names", BAD_OPTIONS)
+def test_bad_options_exit_2_with_an_error_naming_the_option(args: list[str],
+                                                            names: str) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    last = done.stderr.splitlines()[-1]
+    assert re.match(r"shmrunner( \w+)?: error: ", last), last
+    assert names in last, f"{names!r} not in {last!r}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [
+    ["daemon", "--bogus"], ["worker", "--processes", "0"], ["status"],
+    ["demo", "--arrays", "x"]], ids=["daemon", "worker", "status", "demo"])
+def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, words", [
+    pytest.param(["worker"], ["worker.connect", "--connect"], id="worker-without-connect"),
+    pytest.param(["worker", "--connect", "tcp://127.0.0.1"], ["worker.connect"],
+                 id="worker-bad-address"),
+    pytest.param(["worker", "--connect", "tcp://127.0.0.1:1", "--config", "/nonexistent.yaml"],
+                 ["/nonexistent.yaml"], id="worker-missing-config"),
+    pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "0.5",
+                  "--curve-secret-key", "/nonexistent"], ["curve_server_key"],
+                 id="status-half-curve"),
+])
+def test_bad_worker_and_status_settings_are_one_line(args: list[str], words: list[str]) -> None:
+    done = run_cli(*args, timeout=30)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_status_without_a_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    from _daemon_tasks import free_port
+
+    done = run_cli("status", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "no status" in lines[0], done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_keygen_writes_a_key_pair_zmq_can_load(tmp_path: Path) -> None:
+    keys = tmp_path / "deep" / "keys"
+    for name in ("server", "client", "worker"):
+        done = run_cli("keygen", str(keys), "--name", name)
+        assert done.returncode == 0, done.stderr
+        public, secret = keys / f"{name}.key", keys / f"{name}.key_secret"
+        assert str(public) in done.stdout and str(secret) in done.stdout
+        pub_only = zmq.auth.load_certificate(str(public))
+        pair = zmq.auth.load_certificate(str(secret))
+        assert pub_only[1] is None and pair[0] == pub_only[0] and pair[1]
+        assert secret.stat().st_mode & 0o077 == 0, oct(secret.stat().st_mode)
+    assert len({zmq.auth.load_certificate(str(p))[0] for p in keys.glob("*.key")}) == 3
+
+
+@pytest.mark.timeout(60)
+def test_keygen_into_an_impossible_directory_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    done = run_cli("keygen", str(tmp_path / "a-file" / "keys"))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    yield d
+    leftovers = d.close()
+    assert not leftovers, f"processes outlived the daemon and were killed: {leftovers}"
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    made: list[Worker] = []
+
+    def make(connect: str, name: str) -> Worker:
+        w = Worker(tmp_path, connect, name)
+        made.append(w)
+        return w
+
+    yield make
+    leftovers = [pid for w in made for pid in w.stop()]
+    assert not leftovers, f"processes outlived their worker agent and were killed: {leftovers}"
+
+
+@pytest.mark.timeout(90)
+def test_status_prints_workers_queue_and_counts(tmp_path: Path, daemon: Daemon,
+                                                worker_factory) -> None:
+    daemon.start()
+    client = daemon.client()
+    assert [client.submit("_daemon_tasks:inc", i).result(timeout=30) for i in range(3)] \
+        == [1, 2, 3]
+    with pytest.raises(Exception, match="status-cli"):
+        client.submit("_daemon_tasks:fail", "status-cli").result(timeout=30)
+    worker = worker_factory(daemon.workers_address, "cli-worker")
+    wait_until(lambda: named(daemon.status(), "cli-worker") is not None, timeout=30,
+               message="the remote worker to join")
+
+    done = run_cli("status", "--connect", daemon.address, "--json", timeout=30)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    for key in ("workers", "queued", "running", "done", "failed", "uptime"):
+        assert key in status, key
+    assert (status["queued"], status["running"], status["done"], status["failed"]) \
+        == (0, 0, 3, 1)
+    assert status["uptime"] > 0
+    (entry,) = status["workers"]
+    assert entry["name"] == "cli-worker" and entry["capacity"] == 1 and entry["busy"] == 0
+    assert entry["host"] and 0 <= entry["last_heartbeat"] < 1.0
+
+    done = run_cli("status", "--connect", daemon.address, timeout=30)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for word in ("uptime", "queued 0", "running 0", "done 3", "failed 1", "cli-worker",
+                 entry["host"], "capacity", "busy", "heartbeat"):
+        assert word in text, f"{word!r} not in:\n{text}"
+    row = next(line for line in text.splitlines() if "cli-worker" in line)
+    assert re.search(r"cli-worker\s+\S+\s+1\s+0\s+\d+\.\d s", row), row
+    assert worker.alive()
+
+
+@pytest.mark.timeout(120)
+def test_demo_runs_prints_a_ratio_and_stops_everything_it_started(tmp_path: Path) -> None:
+    demo = Proc(["demo", "--arrays", "2", "--mib", "1", "--processes", "1"],
+                tmp_path / "demo.err", stdout=tmp_path / "demo.out")
+    try:
+        demo.popen.wait(100)
+    finally:
+        leftovers = demo.stop()
+    out, err = demo.stdout.read_text(), demo.text()
+    assert demo.popen.returncode == 0, out + err
+    assert "Traceback" not in err, err
+    assert re.search(r"\d+(\.\d+)?x", out), out  # shmrunner.Pool vs multiprocessing.Pool
+    assert "same results" in out, out
+    assert "results correct" in out, out  # the daemon + worker + client part
+    assert not leftovers, f"the demo left processes behind: {leftovers}\n{out}"

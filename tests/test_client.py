@@ -1,0 +1,186 @@
+"""The client (shmrunner.connect) against a real daemon subprocess started from
+the CLI: arrays both ways, job ids, results by id from a later client, task
+exceptions as themselves, remote workers joining the daemon."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import _daemon_tasks
+import numpy as np
+import pytest
+from _daemon_tasks import Daemon, TaskFailed, Worker, named
+from _util import children, wait_until
+
+import shmrunner
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Make daemons (not started); every one is stopped, with all it started."""
+    made: list[Daemon] = []
+
+    def make(**options: object) -> Daemon:
+        d = Daemon(tmp_path, name=f"daemon{len(made)}", **options)  # type: ignore[arg-type]
+        made.append(d)
+        return d
+
+    yield make
+    leftovers = [pid for d in made for pid in d.close()]
+    assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    yield started
+    leftovers = [pid for w in started for pid in w.stop()]
+    assert not leftovers, f"processes outlived their worker agent and were killed: {leftovers}"
+
+
+@pytest.mark.timeout(60)
+def test_arrays_both_ways_job_ids_and_result_by_id_from_a_new_client(daemons) -> None:
+    d = daemons().start()
+    first = d.client()
+    a = np.arange(200_000, dtype=np.float64)  # 1.6 MB: above any shared-memory threshold
+    future = first.submit("_daemon_tasks:arrays_out", a, 2.0)
+    by_ref = first.submit(_daemon_tasks.add, a, np.ones_like(a))  # a function, not a string
+    small = first.submit("_daemon_tasks:inc", 41)
+    ids = [future.job_id, by_ref.job_id, small.job_id]
+    assert all(isinstance(i, str) and i for i in ids) and len(set(ids)) == 3
+
+    out = future.result(timeout=30)
+    np.testing.assert_array_equal(out["scaled"], a * 2.0)
+    assert isinstance(out["pair"], tuple)
+    np.testing.assert_array_equal(out["pair"][0], a + 1)
+    assert out["pair"][1].dtype == np.int32
+    np.testing.assert_array_equal(out["pair"][1], np.arange(a.size, dtype=np.int32))
+    assert out["sum"] == float(a.sum())
+    for array in (out["scaled"], out["pair"][0], out["pair"][1]):
+        assert array.flags.writeable
+        array[0] = 7  # returned arrays are the caller's to modify
+        assert array[0] == 7
+    np.testing.assert_array_equal(by_ref.result(timeout=30), a + 1)
+    assert small.result(timeout=30) == 42
+    assert list(first.map(_daemon_tasks.inc, range(5), timeout=30)) == [1, 2, 3, 4, 5]
+    a[:] = -1  # the client's own array is untouched by what came back, and vice versa
+    first.shutdown(wait=True)
+    with pytest.raises(RuntimeError):
+        first.submit("_daemon_tasks:inc", 1)
+
+    second = d.client()  # a new connection, after the first client is gone
+    again = second.result(future.job_id, timeout=30)
+    expected = np.arange(200_000, dtype=np.float64)
+    np.testing.assert_array_equal(again["scaled"], expected * 2.0)
+    np.testing.assert_array_equal(again["pair"][0], expected + 1)
+    assert again["scaled"].flags.writeable
+    again["scaled"][:] = 0
+    np.testing.assert_array_equal(second.result(by_ref.job_id, timeout=30), expected + 1)
+    assert second.result(small.job_id, timeout=30) == 42
+
+
+@pytest.mark.timeout(60)
+def test_task_exception_comes_back_as_its_own_type(daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    custom = client.submit("_daemon_tasks:fail", "boom 17")
+    builtin = client.submit("_daemon_tasks:fail_key", "missing-key")
+    with pytest.raises(TaskFailed, match="boom 17") as info:
+        custom.result(timeout=30)
+    cause = info.value.__cause__
+    assert cause is not None and "raise TaskFailed(message)" in str(cause) \
+        and "boom 17" in str(cause), f"no remote traceback attached: {cause!r}"
+    with pytest.raises(KeyError, match="missing-key"):
+        builtin.result(timeout=30)
+    client.shutdown()
+
+    later = d.client()  # the failure is journaled: a later client gets the same exception
+    with pytest.raises(TaskFailed, match="boom 17"):
+        later.result(custom.job_id, timeout=30)
+    with pytest.raises(KeyError):
+        later.result(builtin.job_id, timeout=30)
+    status = later.status()
+    assert status["failed"] == 2 and status["done"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_unknown_job_id_and_fetch_timeout_are_errors(tmp_path: Path, daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    with pytest.raises(shmrunner.ShmrunnerError, match="unknown job"):
+        client.result("no-such-job", timeout=5)
+    running = client.submit("_daemon_tasks:hold", str(tmp_path / "started"),
+                            str(tmp_path / "release"))
+    wait_until((tmp_path / "started").exists, timeout=30, message="the job to start")
+    watcher = d.client()
+    with pytest.raises(shmrunner.ShmrunnerError, match="not finished"):
+        watcher.result(running.job_id, timeout=0.2)
+    (tmp_path / "release").touch()
+    assert watcher.result(running.job_id, timeout=30) == running.result(timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_fetch_timeout_does_not_fail_the_jobs_own_future(tmp_path: Path, daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    running = client.submit("_daemon_tasks:hold", str(tmp_path / "started"),
+                            str(tmp_path / "release"))
+    wait_until((tmp_path / "started").exists, timeout=30, message="the job to start")
+    with pytest.raises(shmrunner.ShmrunnerError, match="not finished"):
+        client.result(running.job_id, timeout=0.2)
+    (tmp_path / "release").touch()
+    assert isinstance(running.result(timeout=30), int)  # the job itself succeeded
+
+
+@pytest.mark.timeout(60)
+def test_resubmitting_a_job_id_is_idempotent(tmp_path: Path, daemons) -> None:
+    d = daemons().start()
+    ran = tmp_path / "ran.txt"
+    client = d.client()
+    first = client.submit("_daemon_tasks:append_id", str(ran), "job-x", 0.0, job_id="job-x")
+    assert first.result(timeout=30) == "job-x"
+    other = d.client()
+    again = other.submit("_daemon_tasks:append_id", str(ran), "job-x", 0.0, job_id="job-x")
+    assert again.job_id == "job-x" and again.result(timeout=30) == "job-x"
+    assert ran.read_text().splitlines() == ["job-x"]
+
+
+@pytest.mark.timeout(90)
+def test_remote_worker_joins_shows_in_status_and_runs_jobs(tmp_path: Path, daemons,
+                                                           workers) -> None:
+    d = daemons().start()
+    w = Worker(tmp_path, d.workers_address, "remote-one")
+    workers.append(w)
+    wait_until(lambda: named(d.status(), "remote-one") is not None, timeout=30,
+               message="the remote worker to show in status")
+    entry = named(d.status(), "remote-one")
+    assert entry is not None
+    assert entry["capacity"] == 1 and entry["busy"] == 0
+    assert isinstance(entry["host"], str) and entry["host"]
+    assert 0 <= entry["last_heartbeat"] < 1.0  # heartbeats every 0.2 s
+
+    # Jobs that hold their worker until released: the local worker takes what its pool
+    # engine holds (one running, one queued behind it today), the rest go remote.
+    client = d.client()
+    release = tmp_path / "release"
+    futures = [client.submit("_daemon_tasks:hold", str(tmp_path / f"started{i}"), str(release))
+               for i in range(6)]
+
+    def started_remotely() -> bool:
+        agent = set(children(w.pid))
+        return any(int(p.read_text()) in agent for p in tmp_path.glob("started?"))
+
+    wait_until(started_remotely, timeout=30, message="a job to start on the remote worker")
+    status = d.status()
+    assert named(status, "remote-one")["busy"] >= 1  # type: ignore[index]
+    assert status["running"] == 6
+    release.touch()
+    pids = [f.result(timeout=30) for f in futures]
+    assert any(pid in children(w.pid) for pid in pids), \
+        f"no job ran under the remote worker {w.pid}: {pids}"
+    more = [client.submit("_daemon_tasks:inc", i) for i in range(20)]  # both tiers
+    done, pending = concurrent.futures.wait(more, timeout=30)
+    assert not pending
+    assert [f.result() for f in more] == list(range(1, 21))
