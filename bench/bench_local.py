@@ -27,9 +27,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # so `_tasks` and `systems` import here and in spawned workers
 
-import _tasks  # noqa: E402
 import numpy as np  # noqa: E402
 import systems as S  # noqa: E402
+
+import _tasks  # noqa: E402
 
 N_ARRAYS = 16
 W1_N, W1B_N, W5_N, W5_WARM = 20_000, 5_000, 2_000, 100

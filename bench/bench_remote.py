@@ -42,10 +42,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # agents, Dask's and Ray's workers 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import _tasks  # noqa: E402
 import numpy as np  # noqa: E402
 import remote_systems as R  # noqa: E402
 from bench_local import _tree, loadavg  # noqa: E402
+
+import _tasks  # noqa: E402
 
 N_ARRAYS = 16
 W1B_N, W5_N, W5_WARM = 5_000, 300, 30

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import _tasks
 import numpy as np
+
+import _tasks
 
 HERE = Path(__file__).resolve().parent
 WORKERS = 2

@@ -7,8 +7,9 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import _tasks
 import numpy as np
+
+import _tasks
 
 WORKERS = 2
 

@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 
 import pytest
+
 from _util import children, dev_shm_entries, shm_segments, wait_until
 
 START_METHODS = ["fork", "spawn", "forkserver"]

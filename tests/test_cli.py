@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import zmq.auth
+
 from _daemon_tasks import Daemon, Proc, Worker, named, run_cli
 from _util import wait_until
 

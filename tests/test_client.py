@@ -8,13 +8,13 @@ import concurrent.futures
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import _daemon_tasks
 import numpy as np
 import pytest
+
+import _daemon_tasks
+import shmrunner
 from _daemon_tasks import Daemon, TaskFailed, Worker, named
 from _util import children, wait_until
-
-import shmrunner
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ import pytest
 import yaml
 import zmq
 import zmq.auth
+
+import shmrunner
 from _daemon_tasks import (
     READY,
     Daemon,
@@ -37,8 +39,6 @@ from _daemon_tasks import (
     tcp_connections,
 )
 from _util import children, is_alive, wait_until
-
-import shmrunner
 from shmrunner.transport.protocol import PROTOCOL_VERSION, Message, decode, encode
 
 

@@ -36,12 +36,12 @@ from collections.abc import Callable, Iterator
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
 
-import _failure_tasks as tasks
 import numpy as np
 import pytest
-from _util import children, is_alive, shm_segments, wait_until
 
+import _failure_tasks as tasks
 import shmrunner
+from _util import children, is_alive, shm_segments, wait_until
 from shmrunner import (
     InitializerError,
     SharedMemoryError,

@@ -33,13 +33,13 @@ from multiprocessing.pool import RemoteTraceback
 from pathlib import Path
 from typing import Any
 
-import _sched_tasks as tasks
 import msgpack
 import numpy as np
 import pytest
 import zmq
-from _util import children, is_alive, wait_until
 
+import _sched_tasks as tasks
+from _util import children, is_alive, wait_until
 from shmrunner import Scheduler, TaskTimeoutError, WorkerLostError
 from shmrunner.transport.protocol import Message, decode, encode
 from shmrunner.transport.zmqchannel import ChannelError

@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from multiprocessing.pool import RemoteTraceback
 from pathlib import Path
 
-import _sched_tasks as tasks
 import numpy as np
 import pytest
-from _util import is_alive, wait_until
 
+import _sched_tasks as tasks
 import shmrunner
+from _util import is_alive, wait_until
 from shmrunner import Scheduler, TaskTimeoutError, WorkerLostError
 
 RESULT = 30  # seconds: a healthy result arrives in well under one

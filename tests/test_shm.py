@@ -12,9 +12,9 @@ import re
 
 import numpy as np
 import pytest
-from _util import shm_segments
 
 import shmrunner
+from _util import shm_segments
 from shmrunner import shm
 
 # --- dtypes and shapes -----------------------------------------------------------

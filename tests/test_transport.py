@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _util import shm_segments
 
 import shmrunner
+from _util import shm_segments
 from shmrunner.shm import DEFAULT_THRESHOLD, segment_of
 from shmrunner.transport import pickling
 from shmrunner.transport.fdchannel import ChannelClosed, FdChannel, channel_pair
