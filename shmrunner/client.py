@@ -14,7 +14,10 @@ submitting the same id again is idempotent in the daemon. A job whose
 acknowledgement does not come within ``ack_timeout`` fails with
 :class:`ShmrunnerError` saying it may or may not have been accepted: fetch it
 with ``client.result(job_id)`` (from this or any later Client) or submit it
-again with the same id. Arrays travel as zero-copy frames both ways.
+again with the same id. While a job runs, the client asks about it again every
+``refetch_interval`` seconds, so its Future completes even if the daemon was
+restarted in between (and replayed the job from its journal). Arrays travel as
+zero-copy frames both ways.
 """
 
 from __future__ import annotations
@@ -53,16 +56,21 @@ class _Call:
 class Client(Executor):
     """A ``concurrent.futures.Executor`` whose tasks run in a runner daemon."""
 
-    def __init__(self, address: str, *, ack_timeout: float = 30.0, allow_pickle: bool = False,
+    def __init__(self, address: str, *, ack_timeout: float = 30.0, refetch_interval: float = 5.0,
+                 allow_pickle: bool = False,
                  max_message_bytes: int = 1 << 31, curve_secret_key: str | None = None,
                  curve_server_key: str | None = None) -> None:
         self.address = address
         self.ack_timeout = ack_timeout
+        self.refetch_interval = refetch_interval
         self._allow_pickle = allow_pickle
         self._lock = threading.Lock()
         self._outbox: collections.deque[list[Any]] = collections.deque()
         self._futures: dict[str, Future[Any]] = {}
         self._unacked: dict[str, float] = {}
+        # Acknowledged jobs still running -> when to ask the daemon about them
+        # again: a daemon restarted since does not know this client is waiting.
+        self._refetch_at: dict[str, float] = {}
         self._fetches: dict[str, list[_Call]] = {}
         self._status_calls: collections.deque[_Call] = collections.deque()
         self._closed = False
@@ -191,7 +199,8 @@ class Client(Executor):
         job_id = body.get("job_id")
         if msg.type == "accepted":
             with self._lock:
-                self._unacked.pop(job_id or "", None)
+                if self._unacked.pop(job_id or "", None) is not None:
+                    self._refetch_at[job_id or ""] = time.monotonic() + self.refetch_interval
         elif msg.type == "status_reply":
             with self._lock:
                 call = self._status_calls.popleft() if self._status_calls else None
@@ -215,6 +224,7 @@ class Client(Executor):
             with self._lock:
                 future = self._futures.pop(job_id, None)
                 self._unacked.pop(job_id, None)
+                self._refetch_at.pop(job_id, None)
                 calls = self._fetches.pop(job_id, [])
             for call in calls:
                 call.reply = msg
@@ -230,6 +240,10 @@ class Client(Executor):
     def _check_acks(self) -> None:
         now = time.monotonic()
         with self._lock:
+            for job_id, when in list(self._refetch_at.items()):
+                if when < now:
+                    self._refetch_at[job_id] = now + self.refetch_interval
+                    self._outbox.append(encode(Message("fetch", {"job_id": job_id})))
             late = [job_id for job_id, deadline in self._unacked.items() if deadline < now]
             for job_id in late:
                 del self._unacked[job_id]

@@ -208,7 +208,9 @@ class Daemon:
             self._reply_frames(peer, found[1])
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._waiters.setdefault(job_id, []).append((peer, deadline))
+            waiters = self._waiters.setdefault(job_id, [])
+            if deadline is not None or (peer, None) not in waiters:  # a client re-asking
+                waiters.append((peer, deadline))
 
     def _expire_waiters(self) -> None:
         now = time.monotonic()

@@ -162,6 +162,24 @@ def test_kill9_during_a_stream_loses_no_acknowledged_job(tmp_path: Path, daemons
 
 
 @pytest.mark.timeout(90)
+def test_the_original_clients_future_completes_after_a_daemon_restart(tmp_path: Path,
+                                                                       daemons) -> None:
+    """kill -9 while a job runs, restart: the job is replayed from the journal and the
+    client that submitted it (never restarted) gets its result on the same Future."""
+    d = daemons().start()
+    client = d.client(refetch_interval=0.2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    future = client.submit("_daemon_tasks:hold", str(started), str(release))
+    wait_until(started.exists, timeout=30, message="the job to start")
+    d.kill9()
+    started.unlink()
+    d.start()  # the same config, the same journal: the job runs again
+    wait_until(started.exists, timeout=30, message="the replayed job to start")
+    release.touch()
+    assert future.result(timeout=30) == int(started.read_text())
+
+
+@pytest.mark.timeout(90)
 def test_finished_results_are_fetchable_after_kill9_and_after_sigterm(daemons) -> None:
     d = daemons().start()
     client = d.client()
