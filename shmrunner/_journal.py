@@ -72,6 +72,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             self._spill = self.path.with_name(self.path.name + ".spill")
+            self._spilled: set[str] = set()  # "job_id.kind" written this run
             self._spill.mkdir(exist_ok=True)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"daemon.journal: cannot open {self.path}: {exc}; "
@@ -121,6 +122,7 @@ class Journal:
         """Every accepted job without a result, oldest first: to run again."""
         rows = list(self._db.execute(
             "SELECT job_id, request FROM jobs WHERE state = ? ORDER BY created", (PENDING,)))
+        self._spilled.update(f"{job_id}.request" for job_id, blob in rows if not blob)
         return [(job_id, self._load(job_id, "request", blob)) for job_id, blob in rows]
 
     def expire(self, ttl: float) -> int:
@@ -149,6 +151,7 @@ class Journal:
         if size < SPILL_BYTES:
             return _pack(frames)
         path = self._spill / f"{job_id}.{kind}"
+        self._spilled.add(path.name)
         with open(path, "wb") as f:  # before the commit that names it
             f.write(_pack_header(frames))
             for frame in frames:
@@ -170,8 +173,12 @@ class Journal:
         return frames
 
     def _unlink(self, job_id: str, kind: str) -> None:
+        name = f"{job_id}.{kind}"
+        if name not in self._spilled and kind == "request":
+            return  # never spilled: no file (the common, small case)
+        self._spilled.discard(name)
         try:
-            os.unlink(self._spill / f"{job_id}.{kind}")
+            os.unlink(self._spill / name)
         except FileNotFoundError:
             pass
 

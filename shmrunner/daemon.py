@@ -92,7 +92,7 @@ class Daemon:
         """Serve until stop(); drain; return the exit code."""
         replayed = self.journal.unfinished()
         for job_id, request in replayed:
-            self._start(job_id, request, peer=None)
+            self._start(job_id, request, peer=None)  # frames from the journal
         if replayed:
             log.info("re-running %d journaled jobs that had not finished", len(replayed))
         log.info("daemon serving clients on %s, workers on %s", self.address,
@@ -125,7 +125,7 @@ class Daemon:
         return max(0.0, min(min(deadlines) - time.monotonic(), 1.0))
 
     def _serve_requests(self) -> None:
-        accepted: list[tuple[str, list[bytes | memoryview], bytes]] = []
+        accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]] = []
         for _ in range(1024):
             received = self._channel.recv(0)
             if received is None:
@@ -137,26 +137,29 @@ class Daemon:
             elif msg.type == "submit":
                 job_id = msg.body.get("job_id") or uuid.uuid4().hex
                 frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
-                accepted.append((job_id, frames, peer))
+                accepted.append((job_id, frames, peer, msg))
             elif msg.type == "fetch":
                 self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
             elif msg.type == "status":
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
         if accepted:
-            new = set(self.journal.add([(job_id, frames) for job_id, frames, _ in accepted]))
-            for job_id, frames, peer in accepted:
+            new = set(self.journal.add([(job_id, frames) for job_id, frames, _, _ in accepted]))
+            for job_id, _, peer, msg in accepted:
                 self._reply(peer, Message("accepted", {"job_id": job_id}))
                 if job_id in new:
                     new.discard(job_id)  # the same id again in this batch is a resubmission
-                    self._start(job_id, frames, peer)
+                    self._start(job_id, msg, peer)
                 else:  # a resubmission of a known job: answer as a fetch would
                     self._fetch(peer, job_id, None)
 
-    def _start(self, job_id: str, frames: list[Any], peer: bytes | None) -> None:
+    def _start(self, job_id: str, request: Message | list[Any], peer: bytes | None) -> None:
+        """Hand a journaled job to the scheduler (``request``: the submit message,
+        or its frames as the journal kept them)."""
         assert self.scheduler is not None
         try:
-            msg = decode(frames, max_bytes=self._scheduler_settings.max_message_bytes,
-                         allow_pickle=self._scheduler_settings.allow_pickle)
+            msg = request if isinstance(request, Message) else decode(
+                request, max_bytes=self._scheduler_settings.max_message_bytes,
+                allow_pickle=self._scheduler_settings.allow_pickle)
             body = msg.body
             options = body.get("options") or {}
             future = self.scheduler.submit(body["fn"], *body["args"], retries=options.get(
@@ -174,10 +177,12 @@ class Daemon:
         self._wake()
 
     def _settle(self) -> None:
-        """Journal finished jobs (one commit) and tell whoever waits for them."""
+        """Journal finished jobs (one commit), then tell whoever waits for them: a
+        result a client has seen is never run again after a restart."""
         if not self._completions:
             return
         outcomes = []
+        replies = []
         while self._completions:
             job_id, future = self._completions.popleft()
             self._running.discard(job_id)
@@ -194,9 +199,10 @@ class Daemon:
             else:
                 self._failed += 1
             outcomes.append((job_id, ok, frames))
-            for peer, _ in self._waiters.pop(job_id, []):
-                self._reply_frames(peer, frames)
+            replies += [(peer, frames) for peer, _ in self._waiters.pop(job_id, [])]
         self.journal.finish(outcomes)
+        for peer, frames in replies:
+            self._reply_frames(peer, frames)
 
     def _fetch(self, peer: bytes, job_id: str, timeout: float | None) -> None:
         found = self.journal.get(job_id)
