@@ -3,9 +3,12 @@ shared memory locally and over ZeroMQ across hosts."""
 
 from .client import Client, connect
 from .errors import (
+    ChannelClosedError,
+    ChannelError,
     ConfigError,
     InitializerError,
     ProtocolError,
+    RemoteTaskError,
     SharedMemoryError,
     ShmrunnerError,
     TaskCancelledError,
@@ -39,6 +42,9 @@ __all__ = [
     "InitializerError",
     "SharedMemoryError",
     "ProtocolError",
+    "ChannelError",
+    "ChannelClosedError",
+    "RemoteTaskError",
     "ConfigError",
     "SharedMemoryUnavailableWarning",
 ]

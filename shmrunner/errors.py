@@ -9,6 +9,9 @@
      +-- InitializerError         a worker's initializer raised; the pool is broken
      +-- SharedMemoryError        (also MemoryError) shared memory cannot hold an array
      +-- ProtocolError            a peer sent a message that breaks the wire protocol
+     +-- ChannelError             a network socket failed (bind, connect, send)
+     |    +-- ChannelClosedError  ... because you closed it (not broken by the peer)
+     +-- RemoteTaskError          a remote task's exception whose class cannot be rebuilt here
      +-- ConfigError              (also ValueError) a setting is missing or wrong
 
 A task's *own* exception is never wrapped: it reaches the caller as itself, with
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import signal
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
+from typing import Any
 
 __all__ = [
     "ShmrunnerError",
@@ -30,6 +34,9 @@ __all__ = [
     "InitializerError",
     "SharedMemoryError",
     "ProtocolError",
+    "ChannelError",
+    "ChannelClosedError",
+    "RemoteTaskError",
     "ConfigError",
     "attach_remote_traceback",
 ]
@@ -97,6 +104,36 @@ class SharedMemoryError(ShmrunnerError, MemoryError):
 class ProtocolError(ShmrunnerError):
     """Raised when a peer sends a message that breaks the wire protocol
     (malformed, truncated, oversized, unknown type or wrong version)."""
+
+
+class ChannelError(ShmrunnerError):
+    """Raised when the socket under a channel fails (bind, connect or send)."""
+
+
+class ChannelClosedError(ChannelError):
+    """Raised when a channel is used after its own ``close()`` (closed by you,
+    as opposed to broken)."""
+
+
+class RemoteTaskError(ShmrunnerError):
+    """Raised in place of a remote task's exception whose class cannot be rebuilt
+    here (not imported in this process, not an ``Exception``, or not
+    constructible from its args); carries the remote type name, message and
+    traceback."""
+
+    def __init__(self, type_name: str, message: str, traceback: str = "",
+                 remote_args: list[Any] | None = None) -> None:
+        super().__init__(type_name, message)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.remote_args = remote_args
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.message, self.traceback, self.remote_args))
 
 
 class ConfigError(ShmrunnerError, ValueError):

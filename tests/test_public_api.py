@@ -35,13 +35,15 @@ EXPECTED_ALL = sorted([
     # errors and warnings
     "ShmrunnerError", "WorkerLostError", "TaskTimeoutError", "TaskCancelledError",
     "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
+    "ChannelError", "ChannelClosedError", "RemoteTaskError",
     "SharedMemoryUnavailableWarning",
 ])
 
 ERRORS = [
     shmrunner.ShmrunnerError, shmrunner.WorkerLostError, shmrunner.TaskTimeoutError,
     shmrunner.TaskCancelledError, shmrunner.InitializerError, shmrunner.SharedMemoryError,
-    shmrunner.ProtocolError, shmrunner.ConfigError,
+    shmrunner.ProtocolError, shmrunner.ConfigError, shmrunner.ChannelError,
+    shmrunner.ChannelClosedError, shmrunner.RemoteTaskError,
 ]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -147,11 +149,20 @@ def test_shared_memory_warning_is_a_runtime_warning() -> None:
         warnings.warn("x", shmrunner.SharedMemoryUnavailableWarning, stacklevel=1)
 
 
-@pytest.mark.parametrize("cls", ERRORS[2:], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [c for c in ERRORS[2:] if c is not shmrunner.RemoteTaskError],
+                         ids=lambda c: c.__name__)
 def test_plain_errors_survive_pickling(cls: type[BaseException]) -> None:
     err = cls("something went wrong: key 'x'")
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is cls and str(back) == str(err)
+
+
+def test_remote_task_error_carries_the_remote_type_and_survives_pickling() -> None:
+    err = shmrunner.RemoteTaskError("mymod:Boom", "x went wrong", "Traceback ...", [1])
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.type_name, back.message, back.traceback, back.remote_args) == (
+        "mymod:Boom", "x went wrong", "Traceback ...", [1])
+    assert str(back) == "mymod:Boom: x went wrong"
 
 
 def test_worker_lost_error_carries_its_evidence() -> None:

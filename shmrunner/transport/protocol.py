@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, get_args
 import msgpack
 import numpy as np
 
-from ..errors import ProtocolError, ShmrunnerError, attach_remote_traceback
+from ..errors import ProtocolError, RemoteTaskError, attach_remote_traceback
 
 if TYPE_CHECKING:
     import zmq
@@ -78,27 +78,6 @@ class Message:
 
     type: MessageType
     body: dict[str, Any] = field(default_factory=dict)
-
-
-class RemoteTaskError(ShmrunnerError):
-    """Raised in place of a remote task's exception whose class cannot be rebuilt
-    here (not imported in this process, not an ``Exception``, or not
-    constructible from its args); carries the remote type name, message and
-    traceback."""
-
-    def __init__(self, type_name: str, message: str, traceback: str = "",
-                 remote_args: list[Any] | None = None) -> None:
-        super().__init__(type_name, message)
-        self.type_name = type_name
-        self.message = message
-        self.traceback = traceback
-        self.remote_args = remote_args
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}" if self.message else self.type_name
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.type_name, self.message, self.traceback, self.remote_args))
 
 
 # -- body schemas ---------------------------------------------------------------------

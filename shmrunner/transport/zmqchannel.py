@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 
 import zmq
 
-from ..errors import ConfigError, ProtocolError, ShmrunnerError
+from ..errors import ChannelClosedError, ChannelError, ConfigError, ProtocolError
 from .protocol import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
@@ -40,15 +40,6 @@ __all__ = ["ChannelError", "ChannelClosedError", "CurveKeys", "ChannelOptions", 
            "ZmqChannel"]
 
 logger = logging.getLogger(__name__)
-
-
-class ChannelError(ShmrunnerError):
-    """Raised when the socket under a channel fails (bind, connect or send)."""
-
-
-class ChannelClosedError(ChannelError):
-    """Raised when a channel is used after its own ``close()`` (closed by you,
-    as opposed to broken)."""
 
 
 @dataclass(frozen=True)
