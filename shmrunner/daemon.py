@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import heapq
 import logging
 import threading
 import time
@@ -61,6 +62,9 @@ class Daemon:
         self._wakeup = Wakeup()
         self._completions: collections.deque[tuple[str, Future[Any]]] = collections.deque()
         self._waiters: dict[str, list[tuple[bytes, float | None]]] = {}
+        # Fetches with a timeout, soonest first: the poll round looks at these
+        # only, not at every job a client waits for.
+        self._deadlines: list[tuple[float, str, bytes]] = []
         self._running: set[str] = set()
         self._done = self._failed = 0
         self._auth: Any = None
@@ -119,10 +123,9 @@ class Daemon:
             self._close()
 
     def _poll_wait(self) -> float:
-        deadlines = [d for waiters in self._waiters.values() for _, d in waiters if d is not None]
-        if not deadlines:
+        if not self._deadlines:
             return 1.0
-        return max(0.0, min(min(deadlines) - time.monotonic(), 1.0))
+        return max(0.0, min(self._deadlines[0][0] - time.monotonic(), 1.0))
 
     def _serve_requests(self) -> None:
         accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]] = []
@@ -215,24 +218,25 @@ class Daemon:
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
             waiters = self._waiters.setdefault(job_id, [])
-            if deadline is not None or (peer, None) not in waiters:  # a client re-asking
+            if deadline is not None:
                 waiters.append((peer, deadline))
+                heapq.heappush(self._deadlines, (deadline, job_id, peer))
+            elif (peer, None) not in waiters:  # not again for a client re-asking
+                waiters.append((peer, None))
 
     def _expire_waiters(self) -> None:
         now = time.monotonic()
-        for job_id, waiters in list(self._waiters.items()):
-            keep = []
-            for peer, deadline in waiters:
-                if deadline is not None and deadline <= now:
-                    self._reply(peer, Message("error", {
-                        "reason": f"job {job_id} not finished within the fetch timeout",
-                        "job_id": job_id, "fetch": True}))
-                else:
-                    keep.append((peer, deadline))
-            if keep:
-                self._waiters[job_id] = keep
-            else:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, job_id, peer = heapq.heappop(self._deadlines)
+            waiters = self._waiters.get(job_id, [])
+            if (peer, deadline) not in waiters:
+                continue  # answered already: the job finished in time
+            waiters.remove((peer, deadline))
+            if not waiters:
                 del self._waiters[job_id]
+            self._reply(peer, Message("error", {
+                "reason": f"job {job_id} not finished within the fetch timeout",
+                "job_id": job_id, "fetch": True}))
 
     def status(self) -> dict[str, Any]:
         assert self.scheduler is not None

@@ -117,10 +117,6 @@ class _LocalTier:
         if wait:
             self.core.join()
 
-    def terminate(self) -> None:
-        self.core.terminate()
-        self.core.join()
-
 
 def _resolve(ref: str) -> Callable[..., Any]:
     from .transport.protocol import resolve_function
@@ -216,8 +212,6 @@ class Scheduler(Executor):
     def __init__(self, local_workers: int | None = None, listen: str | None = None, *,
                  settings: SchedulerSettings | None = None, curve: CurveKeys | None = None,
                  **options: Any) -> None:
-        from dataclasses import replace
-
         from .config import with_overrides
 
         base = settings or SchedulerSettings()
@@ -229,7 +223,6 @@ class Scheduler(Executor):
         if self.settings.local_workers == 0 and self.settings.listen is None:
             raise ValueError("a Scheduler with local_workers=0 needs listen= for remote "
                              "workers, or it could run nothing")
-        self.settings = replace(self.settings)
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
         self._queue: collections.deque[Job] = collections.deque()
@@ -413,7 +406,7 @@ class Scheduler(Executor):
     def _finish(self, job: Job, ok: bool, value: Any, pump: bool = True) -> None:
         """A tier reports one attempt's outcome: retry it or settle the future."""
         retry = (not ok and isinstance(value, (WorkerLostError, TaskTimeoutError))
-                 and job.retries > 0 and not self._shutdown_cancelled(value))
+                 and job.retries > 0 and not isinstance(value, TaskCancelledError))
         with self._lock:
             self._running.discard(job)
             job.tier = None
@@ -430,9 +423,6 @@ class Scheduler(Executor):
         if pump:
             self._pump()
 
-    @staticmethod
-    def _shutdown_cancelled(value: BaseException) -> bool:
-        return isinstance(value, TaskCancelledError)
 
     def _close_tiers(self, wait: bool) -> None:
         self._timers.close()

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -157,3 +158,38 @@ def count_and_sleep(attempts: str, seconds: float) -> str:
     append_line(attempts, json.dumps(whoami()))
     time.sleep(seconds)
     return "slept"
+
+
+class Gates:
+    """Start reports and gate files under one directory; ``open_all`` releases
+    every gated task (the fixtures call it before shutting down). Used by the
+    tests, not by workers."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+
+    def new(self) -> tuple[str, str]:
+        self.count += 1
+        return str(self.root / f"started-{self.count}"), str(self.root / f"gate-{self.count}")
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+    @staticmethod
+    def open(gate: str) -> None:
+        report(gate, "")
+
+    def open_all(self) -> None:
+        for i in range(1, self.count + 1):
+            gate = str(self.root / f"gate-{i}")
+            if not os.path.exists(gate):
+                self.open(gate)
+
+    @staticmethod
+    def started(path: str, timeout: float = 30.0) -> dict[str, int]:
+        from _util import wait_until
+
+        wait_until(lambda: os.path.exists(path), timeout, message=f"{path} to be reported")
+        result: dict[str, int] = json.loads(Path(path).read_text())
+        return result

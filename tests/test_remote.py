@@ -39,6 +39,7 @@ import pytest
 import zmq
 
 import _sched_tasks as tasks
+from _sched_tasks import Gates
 from _util import children, is_alive, wait_until
 from shmrunner import Scheduler, TaskTimeoutError, WorkerLostError
 from shmrunner.transport.protocol import Message, decode, encode
@@ -55,36 +56,6 @@ BEAT, BEAT_TIMEOUT = 0.1, 0.6
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-class Gates:
-    """Start reports and gate files under one directory (see _sched_tasks)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.count = 0
-
-    def new(self) -> tuple[str, str]:
-        self.count += 1
-        return str(self.root / f"started-{self.count}"), str(self.root / f"gate-{self.count}")
-
-    def path(self, name: str) -> str:
-        return str(self.root / name)
-
-    @staticmethod
-    def open(gate: str) -> None:
-        tasks.report(gate, "")
-
-    def open_all(self) -> None:
-        for i in range(1, self.count + 1):
-            gate = str(self.root / f"gate-{i}")
-            if not os.path.exists(gate):
-                self.open(gate)
-
-    @staticmethod
-    def started(path: str) -> dict[str, int]:
-        wait_until(lambda: os.path.exists(path), RESULT, message=f"{path} to be reported")
-        return json.loads(Path(path).read_text())
 
 
 class Workers:

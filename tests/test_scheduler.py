@@ -27,6 +27,7 @@ import pytest
 
 import _sched_tasks as tasks
 import shmrunner
+from _sched_tasks import Gates
 from _util import is_alive, wait_until
 from shmrunner import Scheduler, TaskTimeoutError, WorkerLostError
 
@@ -36,37 +37,6 @@ MiB = 1 << 20
 
 
 
-
-
-class Gates:
-    """Start reports and gate files under one directory; ``open_all`` releases
-    every gated task (the fixtures call it before shutting down)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.count = 0
-        self.opened: list[str] = []
-
-    def new(self) -> tuple[str, str]:
-        self.count += 1
-        return str(self.root / f"started-{self.count}"), str(self.root / f"gate-{self.count}")
-
-    def path(self, name: str) -> str:
-        return str(self.root / name)
-
-    def open(self, gate: str) -> None:
-        tasks.report(gate, "")
-
-    def open_all(self) -> None:
-        for i in range(1, self.count + 1):
-            gate = str(self.root / f"gate-{i}")
-            if not os.path.exists(gate):
-                self.open(gate)
-
-    @staticmethod
-    def started(path: str) -> dict[str, int]:
-        wait_until(lambda: os.path.exists(path), RESULT, message=f"{path} to be reported")
-        return json.loads(Path(path).read_text())
 
 
 @pytest.fixture

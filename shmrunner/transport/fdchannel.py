@@ -98,10 +98,6 @@ class FdChannel:
             select.select([], [self.sock], [])
             self.flush()
 
-    def has_message(self) -> bool:
-        """True if a complete message is already buffered (recv won't block)."""
-        return self._missing() <= 0 and len(self._rbuf) >= _HEADER.size
-
     def recv(self) -> tuple[bytearray, list[int]]:
         """Receive one message, blocking; raise ChannelClosed at EOF."""
         while True:

@@ -97,8 +97,10 @@ class Agent:
                 if self._session():
                     return 0
         finally:
-            self._core.close()
-            self._core.terminate() if self._running else None
+            if self._running:
+                self._core.terminate()
+            else:
+                self._core.close()
             self._core.join()
             self._wakeup.close()
 
