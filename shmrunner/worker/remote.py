@@ -115,9 +115,10 @@ class Agent:
                                               settings.curve_server_key)))
         try:
             channel.connect(settings.connect or "")
-            channel.send(Message("hello", {"name": self.name, "host": socket.gethostname(),
-                                           "pid": os.getpid(), "capacity": self.processes,
-                                           "allow_pickle": settings.allow_pickle}))
+            hello = Message("hello", {"name": self.name, "host": socket.gethostname(),
+                                      "pid": os.getpid(), "capacity": self.processes,
+                                      "allow_pickle": settings.allow_pickle})
+            said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
             self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
             poller = zmq.Poller()
@@ -128,8 +129,13 @@ class Agent:
             said_bye = False
             idle_since: float | None = None
             while True:
+                # Sent once the connection is up: a send with no pipe blocks for
+                # the whole send timeout (a refused CURVE key), deaf to SIGTERM.
+                if not said_hello and _writable(channel):
+                    channel.send(hello)
+                    said_hello = True
                 wait = max(0.0, next_beat - time.monotonic())
-                if self._cancels:  # a timed-out task queued behind another: check often
+                if self._cancels or not said_hello:  # check often until then
                     wait = min(wait, 0.02)
                 events = dict(poller.poll(round(wait * 1000)))
                 if self._wakeup.fd in events:
@@ -169,7 +175,7 @@ class Agent:
                         return False
         except ChannelError as exc:
             log.warning("connection to %s failed (%s); reconnecting", settings.connect, exc)
-            time.sleep(settings.heartbeat_interval)  # pacing a retry, not synchronising
+            self._stopping.wait(settings.heartbeat_interval)  # pacing a retry; SIGTERM ends it
             return self._stopping.is_set()
         finally:
             channel.close()
