@@ -74,7 +74,7 @@ class Hub:
         self._workers: Lifecycle[Job] = Lifecycle(None, 0)
         self._by_identity: dict[bytes, Worker[Job]] = {}
         self._inbox: collections.deque[Job] = collections.deque()
-        self._stops: collections.deque[tuple[Job, BaseException]] = collections.deque()
+        self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
         self._closing = False
         # Its own context: term() in _release waits until libzmq has really closed
@@ -109,8 +109,8 @@ class Hub:
         self._inbox.extend(jobs)
         self._wake()
 
-    def stop(self, job: Job, reason: BaseException) -> bool:
-        self._stops.append((job, reason))
+    def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
+        self._stops.append((job, attempt, reason))
         self._wake()
         return True
 
@@ -293,7 +293,9 @@ class Hub:
 
     def _apply_stops(self) -> None:
         while self._stops:
-            job, reason = self._stops.popleft()
+            job, attempt, reason = self._stops.popleft()
+            if job.attempts != attempt:
+                continue  # that attempt is over (the job was retried since)
             if job in self._inbox:
                 self._inbox.remove(job)
                 self._scheduler._finish(job, False, reason)

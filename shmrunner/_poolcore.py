@@ -117,12 +117,15 @@ def run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]
 
 
 class _Endpoint:
-    __slots__ = ("process", "channel", "stopping", "last_result")
+    __slots__ = ("process", "channel", "stopping", "killed", "last_result")
 
     def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
         self.process = process
         self.channel = channel
         self.stopping = False
+        # Killed on purpose (kill()): only the tasks marked with a kill_reason
+        # fail when it is reaped; whatever else it held runs again elsewhere.
+        self.killed = False
         self.last_result = 0.0
 
 
@@ -246,25 +249,38 @@ class Core:
         task.fn = task.args = task.kwargs = task.result = None  # type: ignore[assignment]
         result._set(index, ok, value)
 
-    def kill(self, task: Task, reason: BaseException) -> bool:
-        """Stop ``task`` now and fail it with ``reason``.
+    def kill(self, task: Task, reason: BaseException, ran_for: float = 0.0) -> bool:
+        """Stop ``task`` and fail it with ``reason``, once it has run for
+        ``ran_for`` seconds (a timeout counts running time, not time queued).
 
-        Queued: it is dropped. Running: its worker is SIGKILLed (the only way
-        to stop arbitrary code) and replaced; tasks queued behind it run
-        elsewhere. Sent but still waiting behind another task: False, ask
-        again later. Finished already: True, nothing to do.
+        Queued here: dropped (with ``ran_for`` 0; else False, it has not run
+        yet). Running long enough: its worker is SIGKILLed (the only way to
+        stop arbitrary code) and replaced. Sent but still waiting behind
+        another task, or not running long enough yet: False, ask again
+        later. Finished already: True, nothing to do.
+
+        The kill is aimed at ``task`` alone. The worker may already have
+        finished it and started the next task (its result not read yet) when
+        the signal lands: :meth:`_reap` then delivers that result (the task
+        succeeds) and runs every other task the worker held again elsewhere,
+        so a kill never fails a task it was not aimed at.
         """
         with self.lock:
             if task in self.pending:
+                if ran_for > 0:
+                    return False
                 self.pending.remove(task)
                 queued = True
             else:
                 queued = False
                 for worker in self.lifecycle:
                     if task in worker.tasks:
-                        if worker.tasks[0] is not task:
+                        started = task.started
+                        if (worker.tasks[0] is not task or started is None
+                                or time.monotonic() - started < ran_for):
                             return False
                         task.kill_reason = reason
+                        worker.endpoint.killed = True
                         worker.endpoint.process.kill()
                         break
         if queued:
@@ -496,11 +512,24 @@ class Core:
                 if loss.running is not None:
                     failed.append((loss.running, error))
             else:
-                # Never started: safe to run elsewhere (pickled again at dispatch).
-                self.pending.extendleft(reversed(loss.unstarted))
-                if loss.running is not None:
-                    failed.append((loss.running, loss.running.kill_reason or WorkerLostError(
-                        ep.process.pid, ep.process.exitcode, loss.running.describe())))
+                held = ([loss.running] if loss.running is not None else []) + loss.unstarted
+                # The tasks a kill() was aimed at fail with its reason, nothing else does.
+                failed += [(task, task.kill_reason) for task in held
+                           if task.kill_reason is not None]
+                # Never started: safe to run elsewhere.
+                rerun = [task for task in loss.unstarted if task.kill_reason is None]
+                running = loss.running
+                if running is not None and running.kill_reason is None:
+                    if ep.killed:
+                        # Killed for a task it had already finished: this one is innocent.
+                        rerun.insert(0, running)
+                    else:
+                        failed.append((running, WorkerLostError(
+                            ep.process.pid, ep.process.exitcode, running.describe())))
+                for task in rerun:
+                    task.started = None  # its timeout counts from its next start
+                # Pickled again at dispatch.
+                self.pending.extendleft(reversed(rerun))
         for task, error in failed:
             self.deliver(task, False, error)
         if self.after_results is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from .transport.zmqchannel import CurveKeys
 
 __all__ = ["Scheduler"]
+
+log = logging.getLogger("shmrunner.scheduler")
 
 
 class Job:
@@ -64,11 +67,14 @@ class Job:
 
 class Tier(Protocol):
     """Where jobs run. ``start`` hands a job over; the tier later calls
-    ``Scheduler._finish(job, ok, value)`` exactly once per start."""
+    ``Scheduler._finish(job, ok, value)`` exactly once per start. ``stop``
+    stops one attempt of a job (``job.attempts`` when it was started), and
+    only while that attempt is the one running; False means "not running
+    yet, ask again later"."""
 
     def room(self) -> int: ...
     def start(self, jobs: list[Job]) -> None: ...
-    def stop(self, job: Job, reason: BaseException) -> bool: ...
+    def stop(self, job: Job, attempt: int, reason: BaseException) -> bool: ...
     def close(self, wait: bool) -> None: ...
 
 
@@ -91,26 +97,25 @@ class _LocalTier:
         workers = list(self.core.lifecycle.workers.values())
         return sum(worker.free for worker in workers) - len(self.core.pending)
 
-    def start(self, jobs: list[Job]) -> None:
-        tasks = []
-        for job in jobs:
-            fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
-            job.handle = self.core.new_task(fn, job.args, job.kwargs, _Outcome(self, job))
-            tasks.append(job.handle)
-        self.core.submit(tasks)
-
     def done(self, job: Job, ok: bool, value: Any) -> None:
         # On the engine's thread, _pump runs once per batch (after_results).
         pump = threading.current_thread() is not self.core.thread
         self._scheduler._finish(job, ok, value, pump)
 
-    def stop(self, job: Job, reason: BaseException) -> bool:
-        # The timeout counts from when the task started on a process, not from
-        # when it was queued behind another one: not yet? ask again later.
-        started = job.handle.started
-        if started is None or time.monotonic() - started < (job.timeout or 0.0):
-            return False
-        return self.core.kill(job.handle, reason)
+    def start(self, jobs: list[Job]) -> None:
+        tasks = []
+        for job in jobs:
+            fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
+            job.handle = (job.attempts, self.core.new_task(fn, job.args, job.kwargs,
+                                                           _Outcome(self, job)))
+            tasks.append(job.handle[1])
+        self.core.submit(tasks)
+
+    def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
+        handle_attempt, task = job.handle
+        if handle_attempt != attempt:
+            return True  # that attempt is over; the engine's task is another one's
+        return self.core.kill(task, reason, ran_for=job.timeout or 0.0)
 
     def close(self, wait: bool) -> None:
         self.core.close()
@@ -187,7 +192,12 @@ class _Timers:
                 if self._closed:
                     return
                 _, _, callback = heapq.heappop(self._heap)
-            callback()
+            try:
+                callback()
+            except Exception:
+                # One failed callback must not end the thread: every later
+                # timeout would then silently never fire.
+                log.exception("a scheduler timer callback failed; timers keep running")
 
 
 def _run_chunk(fn: Callable[..., Any] | str, chunk: list[tuple[Any, ...]]) -> list[Any]:
@@ -262,6 +272,23 @@ class Scheduler(Executor):
     def local_capacity(self) -> int:
         """Local worker processes (0 for a remote-only scheduler)."""
         return len(self._local.core.lifecycle) if self._local is not None else 0
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for people and monitoring: ``queued`` (waiting for a
+        worker), ``running`` (handed to a worker), ``local_workers``,
+        ``workers`` (each connected remote worker: name, host, pid, capacity,
+        busy, seconds since its last heartbeat) and ``rejected`` (messages
+        refused from the network)."""
+        with self._lock:
+            queued, running = len(self._queue), len(self._running)
+        hub = self._remote
+        return {
+            "queued": queued,
+            "running": running,
+            "local_workers": self.local_capacity(),
+            "workers": hub.workers() if hub is not None else [],
+            "rejected": hub.rejected if hub is not None else 0,
+        }
 
     @property
     def address(self) -> str | None:
@@ -390,18 +417,24 @@ class Scheduler(Executor):
                     self._arm(job)
 
     def _arm(self, job: Job) -> None:
-        attempt = job.attempts
-        self._timers.call_at(time.monotonic() + (job.timeout or 0.0),
-                             lambda: self._expire(job, attempt))
+        attempt, tier = job.attempts, job.tier
+        if tier is not None:
+            self._timers.call_at(time.monotonic() + (job.timeout or 0.0),
+                                 lambda: self._expire(job, attempt, tier))
 
-    def _expire(self, job: Job, attempt: int) -> None:
-        if job.future.done() or job.attempts != attempt or job.tier is None:
-            return
+    def _expire(self, job: Job, attempt: int, tier: Tier) -> None:
+        """The timeout of one attempt of ``job`` on ``tier`` is due. The attempt
+        may have finished (or been retried) on another thread meanwhile: the
+        tier's ``stop`` is aimed at that attempt and does nothing once it is
+        over, so a late timer never stops anything else."""
+        with self._lock:
+            if job.future.done() or job.attempts != attempt or job.tier is not tier:
+                return
         reason = TaskTimeoutError(f"task {job.id} ran longer than its timeout of {job.timeout} s")
-        if not job.tier.stop(job, reason):
+        if not tier.stop(job, attempt, reason):
             # Still queued on its worker behind another task: check again shortly.
             self._timers.call_at(time.monotonic() + min(job.timeout or 1.0, 0.1),
-                                 lambda: self._expire(job, attempt))
+                                 lambda: self._expire(job, attempt, tier))
 
     def _finish(self, job: Job, ok: bool, value: Any, pump: bool = True) -> None:
         """A tier reports one attempt's outcome: retry it or settle the future."""

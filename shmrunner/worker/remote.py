@@ -79,7 +79,8 @@ class Agent:
         self._ctx = context or multiprocessing.get_context()
         self._done: collections.deque[tuple[int, bool, Any]] = collections.deque()
         self._running: dict[int, Task] = {}
-        self._cancels: dict[int, BaseException] = {}  # cancels Core.kill put off
+        self._timeouts: dict[int, float] = {}  # the running tasks' timeouts (those with one)
+        self._cancels: dict[int, tuple[BaseException, float]] = {}  # cancels Core.kill put off
         self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
@@ -193,8 +194,9 @@ class Agent:
         elif msg.type == "cancel":
             task_id = msg.body.get("task_id", -1)
             if task_id in self._running:
-                self._cancels[task_id] = TaskTimeoutError(
-                    f"task {task_id} ran past its timeout and was stopped")
+                self._cancels[task_id] = (TaskTimeoutError(
+                    f"task {task_id} ran past its timeout and was stopped"),
+                    self._timeouts.get(task_id) or 0.0)
                 self._retry_cancels()
         elif msg.type == "shutdown":
             return False
@@ -204,9 +206,11 @@ class Agent:
         """Core.kill refuses a task still queued behind another on its process
         ("ask again later"): ask again until it is running (then it is killed)."""
         assert self._core is not None
-        for task_id, reason in list(self._cancels.items()):
+        for task_id, (reason, timeout) in list(self._cancels.items()):
             held = self._running.get(task_id)
-            if held is None or self._core.kill(held, reason):
+            # The scheduler's clock started when it sent the task: the kill
+            # waits until the task has *run* for its timeout here.
+            if held is None or self._core.kill(held, reason, ran_for=timeout):
                 del self._cancels[task_id]
 
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
@@ -224,6 +228,8 @@ class Agent:
             self._completed(task_id, False, exc)
             return
         self._running[task_id] = task
+        if body.get("timeout"):
+            self._timeouts[task_id] = body["timeout"]
         batch.append(task)
 
     def _completed(self, task_id: int, ok: bool, value: Any) -> None:
@@ -237,6 +243,7 @@ class Agent:
         while self._done and len(bodies) < MAX_BATCH:
             task_id, ok, value = self._done.popleft()
             self._running.pop(task_id, None)
+            self._timeouts.pop(task_id, None)
             bodies.append(_result_body(task_id, ok, value))
         if len(bodies) > 1:
             try:
