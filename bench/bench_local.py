@@ -125,6 +125,22 @@ def pipe_floor(n: int = W5_N) -> float:
         p.join(10)
 
 
+def copy_floor(arrays: list[np.ndarray]) -> float:
+    """Seconds to allocate fresh memory for ``arrays`` and copy them into it on
+    one thread (page faults + memcpy): what any one-copy system pays at least,
+    unless it reuses populated pages or copies on several threads."""
+    gc.collect()
+    t0 = time.perf_counter()
+    copies = []
+    for a in arrays:
+        b = np.empty_like(a)
+        np.copyto(b, a)
+        copies.append(b)
+    dt = time.perf_counter() - t0
+    del copies
+    return dt
+
+
 def _tree(root: int) -> set[int]:
     children: dict[int, list[int]] = defaultdict(list)
     for d in os.listdir("/proc"):
@@ -225,6 +241,7 @@ def report(
     floor: list[float],
     heard: set[str],
     load0: str,
+    copies: list[float] | None = None,
 ) -> str:
     cols = [s.label for s in systems] + [k for k in skipped]
     out = [
@@ -258,11 +275,20 @@ def report(
             f"- W5 floor: raw `multiprocessing.Pipe` round trip of a tiny message: "
             f"{statistics.median(floor):.0f} µs (median)."
         )
+    if copies:
+        out.append(
+            f"- W2 limit: allocating fresh memory for the 16 x 64 MiB inputs and copying them "
+            f"once on one thread: {statistics.median(copies):.3f} s (median)."
+        )
     out += [f"- {k} skipped: {why}" for k, why in skipped.items()]
     out.append(
         "- joblib has no single submit: W1b and W5 go through "
         "`Parallel(...)(delayed(inc)(i) ...)`, which batches (batch_size='auto'); "
         "its W4 task copies the read-only memmap before `a += 1`."
+    )
+    out.append(
+        "- Ray: `f.remote(a)` on `ray.init(num_cpus=2)`; W2s passes `ray.put(a)` references; "
+        "its W4 task copies the read-only object-store array before `a += 1`, as joblib's."
     )
     out.append(
         "- torch: W2/W4 pass fresh `torch.from_numpy` tensors (pickling moves them into shared "
@@ -298,7 +324,7 @@ def main() -> None:
     )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
-    ap.add_argument("--systems", default="mp,ppe,torch,joblib,shmrunner")
+    ap.add_argument("--systems", default="mp,ppe,torch,joblib,ray,shmrunner")
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per pool call")
     args = ap.parse_args()
@@ -317,6 +343,7 @@ def main() -> None:
     vals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     errs: dict[str, dict[str, str]] = defaultdict(dict)
     floor: list[float] = []
+    copies: list[float] = []
     heard: set[str] = set()
     load0 = loadavg()
 
@@ -372,8 +399,10 @@ def main() -> None:
                     traceback.print_exc()
         if "W5" in wl and rep > 0:
             floor.append(pipe_floor())
+        if arrays and rep > 0:
+            copies.append(copy_floor(arrays))
 
-    section = report(args, systems, skipped, wl, vals, errs, floor, heard, load0)
+    section = report(args, systems, skipped, wl, vals, errs, floor, heard, load0, copies)
     print(section)
     write_section(args.out, section)
     print(f"(written to {args.out})", file=sys.stderr)

@@ -184,6 +184,60 @@ class Joblib(System):
         return h([delayed(fn)(arg)])[0]
 
 
+class Ray(System):
+    """Ray on this host: ``f.remote(a)`` puts each array in the node's
+    shared-memory object store (Ray copies large objects with several threads);
+    workers read it there without another copy, read-only."""
+
+    key, label = "ray", "Ray (f.remote)"
+
+    def __init__(self) -> None:
+        import os
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        self.ray = ray
+        self.remotes: dict[Callable[[Any], Any], Any] = {}
+
+    def _remote(self, fn: Callable[[Any], Any]) -> Any:
+        if fn not in self.remotes:
+            self.remotes[fn] = self.ray.remote(fn)
+        return self.remotes[fn]
+
+    def start(self, timeout: float) -> Any:
+        import logging
+
+        self.ray.init(num_cpus=WORKERS, include_dashboard=False, _node_ip_address="127.0.0.1",
+                      logging_level=logging.WARNING)
+        try:
+            inc = self._remote(_tasks.inc)
+            self.ray.get([inc.remote(i) for i in range(WORKERS)], timeout=timeout)
+        except BaseException:
+            self.stop(None, kill=True)
+            raise
+        return self.ray
+
+    def stop(self, h: Any, kill: bool = False) -> None:
+        self.ray.shutdown()
+        self.remotes.clear()  # remote functions belong to the session that made them
+
+    def map(
+        self, h: Any, fn: Callable[[Any], Any], items: Iterable[Any], timeout: float
+    ) -> list[Any]:
+        remote = self._remote(fn)
+        return list(self.ray.get([remote.remote(x) for x in items], timeout=timeout))
+
+    submit_all = map
+
+    def call(self, h: Any, fn: Callable[[Any], Any], arg: Any, timeout: float) -> Any:
+        return self.ray.get(self._remote(fn).remote(arg), timeout=timeout)
+
+    def share(self, arrays: Sequence[np.ndarray]) -> list[Any] | None:
+        # Already in the object store: the task gets a reference (Ray's W2s).
+        return [self.ray.put(a) for a in arrays]
+
+
 def load(keys: Sequence[str]) -> tuple[list[System], dict[str, str]]:
     """Build the requested adapters; a library that cannot be imported is skipped with a note."""
     makers: dict[str, Callable[[], System]] = {
@@ -192,6 +246,7 @@ def load(keys: Sequence[str]) -> tuple[list[System], dict[str, str]]:
         "torch": Torch,
         "joblib": Joblib,
         "shmrunner": Shmrunner,
+        "ray": Ray,
     }
     systems: list[System] = []
     skipped: dict[str, str] = {}
