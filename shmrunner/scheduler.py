@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._streams import Progress, chunked_calls, stream, total_of
 from .config import SchedulerSettings, load
 from .errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError, WorkerLostError
 
@@ -325,37 +326,50 @@ class Scheduler(Executor):
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-            timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
-        """Like ``concurrent.futures.Executor.map``; ``chunksize`` items travel
-        as one task."""
+            timeout: float | None = None, chunksize: int = 1, buffersize: int | None = None,
+            progress: Progress = None) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``, but lazy: the input is read
+        as results are consumed, at most ``buffersize`` tasks ahead (default:
+        max(64, 4 x the workers' slots)), so a generator of large arrays is
+        never loaded whole. ``chunksize`` items travel as one task.
+        ``progress``: True for a tqdm bar (when tqdm is installed), or a
+        callable(done, total)."""
+        return self._stream(fn, iterables, True, timeout, chunksize, buffersize, progress)
+
+    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+             timeout: float | None = None, chunksize: int = 1, buffersize: int | None = None,
+             progress: Progress = None) -> Iterator[Any]:
+        """The same as :meth:`map` (the name ``multiprocessing.Pool`` users know)."""
+        return self._stream(fn, iterables, True, timeout, chunksize, buffersize, progress)
+
+    def imap_unordered(self, fn: Callable[..., Any], *iterables: Iterable[Any],
+                       timeout: float | None = None, chunksize: int = 1,
+                       buffersize: int | None = None,
+                       progress: Progress = None) -> Iterator[Any]:
+        """As :meth:`imap`, but results come as tasks finish, not in input order."""
+        return self._stream(fn, iterables, False, timeout, chunksize, buffersize, progress)
+
+    def _stream(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+                ordered: bool, timeout: float | None, chunksize: int,
+                buffersize: int | None, progress: Progress) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
-        else:
-            items = zip(*iterables, strict=False)
-            futures = []
+        if buffersize is None:
+            buffersize = max(64, 4 * self._slots())
+        calls: Iterator[tuple[Any, ...]] = chunked_calls(iterables, chunksize)
+        if chunksize > 1:
             ref = _reference(fn) if self._remote is not None else fn
-            while chunk := list(itertools.islice(items, chunksize)):
-                futures.append(self.submit(_run_chunk, ref, chunk))
-        return self._results(futures, deadline, chunksize > 1)
+            calls = ((_run_chunk, ref, chunk) for chunk in calls)
+        else:
+            calls = ((fn, *args) for args in calls)
+        return stream(self.submit, calls, ordered=ordered, buffersize=buffersize,
+                      timeout=timeout, chunked=chunksize > 1, progress=progress,
+                      total=total_of(iterables))
 
-    @staticmethod
-    def _results(futures: list[Future[Any]], deadline: float | None,
-                 chunked: bool) -> Iterator[Any]:
-        try:
-            futures.reverse()
-            while futures:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                value = futures.pop().result(remaining)
-                if chunked:
-                    yield from value
-                else:
-                    yield value
-        finally:
-            for future in futures:
-                future.cancel()
+    def _slots(self) -> int:
+        """Tasks the workers can run at once (local processes and remote slots)."""
+        remote = sum(w["capacity"] for w in self._remote.workers()) if self._remote else 0
+        return self.local_capacity() + remote
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -1,0 +1,164 @@
+"""Lazy, bounded streams of tasks over any executor's ``submit``.
+
+Data flow::
+
+    caller's iterables --zip, chunk--> calls (read on demand, never ahead of
+                                             `buffersize` unconsumed tasks)
+        |  submit(*call) -> Future        (the executor's own backpressure applies)
+        v
+    ordered:   a deque of futures in input order; the head's result is yielded
+    unordered: futures report to a queue as they finish; yielded in that order
+        |  each result taken -> one more call submitted (before the yield, so
+        v  workers stay busy while the consumer works)
+    consumer (map / imap / imap_unordered) <- results; progress(done, total)
+
+Why: ``Executor.map`` submits its whole input before it yields anything, so
+``map(f, (np.load(p) for p in paths))`` loads every file at once. Here the
+input is read as results are consumed: memory is bounded by ``buffersize``
+tasks (and by the executor's byte budget), whatever the input's length.
+Closing the generator early (``break``) cancels the tasks it had submitted and
+not yet started.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["Progress", "stream", "chunked_calls", "total_of"]
+
+# What ``progress=`` accepts: True (a tqdm bar when tqdm is installed), False
+# or None (nothing), or a callable(done, total) with total None when unknown.
+Progress = bool | Callable[[int, int | None], object] | None
+
+
+def chunked_calls(iterables: tuple[Iterable[Any], ...], chunksize: int) -> Iterator[Any]:
+    """The argument tuples of each call (``chunksize`` 1) or lists of them."""
+    items = zip(*iterables, strict=False)
+    if chunksize == 1:
+        return items
+    return iter(lambda: list(itertools.islice(items, chunksize)), [])
+
+
+def total_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many items ``zip(*iterables)`` yields, when every input knows its length."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class _Meter:
+    """Counts results for ``progress=``; tqdm is imported only when asked for."""
+
+    def __init__(self, progress: Progress, total: int | None) -> None:
+        self.done = 0
+        self.total = total
+        self._callback: Callable[[int, int | None], object] | None = None
+        self._bar: Any = None
+        if callable(progress):
+            self._callback = progress
+        elif progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass  # optional: no bar without tqdm (pip install "shmrunner[progress]")
+            else:
+                self._bar = tqdm(total=total, unit="task")
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        if self._callback is not None:
+            self._callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]], *,
+           ordered: bool, buffersize: int, timeout: float | None = None,
+           chunked: bool = False, progress: Progress = None,
+           total: int | None = None) -> Iterator[Any]:
+    """Results of ``submit(*call)`` for each call, at most ``buffersize`` calls
+    ahead of the consumer; in input order when ``ordered``, else as they
+    finish. ``chunked``: each result is a list, yielded item by item.
+
+    As ``Executor.map``: the first ``buffersize`` calls are submitted now,
+    not at the first ``next()``; ``timeout`` counts from this call, for the
+    whole stream (past it, :class:`TimeoutError`)."""
+    if buffersize < 1:
+        raise ValueError(f"buffersize must be >= 1, got {buffersize!r}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    meter = _Meter(progress, total)
+    if ordered:
+        window: collections.deque[Future[Any]] = collections.deque(
+            submit(*call) for call in itertools.islice(calls, buffersize))
+        return _ordered(submit, calls, window, deadline, chunked, meter)
+    finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+    running: set[Future[Any]] = set()
+    for call in itertools.islice(calls, buffersize):
+        _launch(submit, call, running, finished)
+    return _unordered(submit, calls, running, finished, deadline, chunked, meter)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _ordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
+             pending: collections.deque[Future[Any]], deadline: float | None, chunked: bool,
+             meter: _Meter) -> Iterator[Any]:
+    try:
+        while pending:
+            value = pending.popleft().result(_remaining(deadline))
+            for call in itertools.islice(calls, 1):
+                pending.append(submit(*call))
+            meter.add(len(value) if chunked else 1)
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        meter.close()
+        for future in pending:
+            future.cancel()
+
+
+def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
+            running: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]]) -> None:
+    future = submit(*call)
+    running.add(future)
+    future.add_done_callback(finished.put)
+
+
+def _unordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
+               pending: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]],
+               deadline: float | None, chunked: bool, meter: _Meter) -> Iterator[Any]:
+    try:
+        while pending:
+            try:
+                future = finished.get(timeout=_remaining(deadline))
+            except queue.Empty:
+                raise TimeoutError(f"the stream's timeout ran out with {len(pending)} "
+                                   "tasks unfinished") from None
+            pending.discard(future)
+            for call in itertools.islice(calls, 1):
+                _launch(submit, call, pending, finished)
+            value = future.result()
+            meter.add(len(value) if chunked else 1)
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        meter.close()
+        for future in pending:
+            future.cancel()

@@ -1,0 +1,148 @@
+"""Lazy, bounded streams: Scheduler.map / imap / imap_unordered read their
+input as results are consumed, never more than ``buffersize`` tasks ahead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import _sched_tasks as tasks
+from shmrunner import Scheduler
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+RESULT = 30.0
+
+
+@pytest.fixture(scope="module")
+def sched() -> Iterator[Scheduler]:
+    with Scheduler(local_workers=2) as s:
+        yield s
+
+
+class Counted:
+    """An input generator that counts how many items were read from it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.read = 0
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self.n):
+            self.read += 1
+            yield i
+
+
+@pytest.mark.parametrize("method", ["map", "imap", "imap_unordered"])
+def test_input_is_read_at_most_buffersize_ahead(sched: Scheduler, method: str) -> None:
+    source = Counted(1000)
+    results = getattr(sched, method)(tasks.square, source, buffersize=5, timeout=RESULT)
+    # Like Executor.map, the first tasks are submitted at the call.
+    assert source.read == 5
+    taken = []
+    for value in results:
+        taken.append(value)
+        assert source.read <= len(taken) + 5
+        if len(taken) == 20:
+            break
+    assert source.read <= 25
+    if method != "imap_unordered":
+        assert taken == [i * i for i in range(20)]
+
+
+def test_map_results_in_order_over_several_iterables_and_chunks(sched: Scheduler) -> None:
+    assert list(sched.map(tasks.add, range(100), range(100), chunksize=7,
+                          timeout=RESULT)) == [2 * i for i in range(100)]
+
+
+def test_imap_unordered_yields_what_finishes_first(sched: Scheduler) -> None:
+    results = sched.imap_unordered(tasks.sleep_for, [5.0, 0.0], timeout=RESULT)
+    # The quick task's result comes first, while the slow one still runs.
+    assert next(results) == "slept"
+    assert next(results) == "slept"
+
+
+def test_the_stream_timeout_counts_from_the_call(sched: Scheduler) -> None:
+    results = sched.imap_unordered(tasks.sleep_for, [30.0], timeout=0.5)
+    with pytest.raises(TimeoutError):
+        next(results)
+    results.close()  # cancels nothing running: the task goes on; shut down below
+
+
+def test_breaking_out_cancels_the_tasks_not_started(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    with Scheduler(local_workers=1) as sched:
+        results = sched.imap(tasks.mark_run, [str(ran)] * 50, range(50), buffersize=20,
+                             timeout=RESULT)
+        assert next(results) == 0
+        results.close()
+    # Submitted: 21 at most; the queued ones were cancelled.
+    assert len(ran.read_text().splitlines()) < 21
+
+
+def test_progress_callback_sees_every_result(sched: Scheduler) -> None:
+    seen: list[tuple[int, int | None]] = []
+    list(sched.map(tasks.square, range(10), progress=lambda d, t: seen.append((d, t))))
+    assert seen == [(i, 10) for i in range(1, 11)]
+    seen.clear()
+    list(sched.imap_unordered(tasks.square, (i for i in range(6)), chunksize=4,
+                              progress=lambda d, t: seen.append((d, t))))
+    assert sorted(seen) == [(4, None), (6, None)] or sorted(seen) == [(2, None), (6, None)]
+
+
+def test_progress_true_draws_a_tqdm_bar(sched: Scheduler,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")  # installed by the dev extra; optional for users
+    assert list(sched.map(tasks.square, range(30), progress=True)) == [
+        i * i for i in range(30)]
+    assert "30/30" in capsys.readouterr().err
+
+
+_STREAM = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import shmrunner
+    import _sched_tasks as tasks
+
+    def arrays(n, mib):
+        for i in range(n):
+            yield np.full(mib * 131072, i, dtype=np.float64)
+
+    def peak_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+
+    if __name__ == "__main__":
+        n, mib, buffersize = (int(a) for a in sys.argv[1:4])
+        with shmrunner.Scheduler(local_workers=2) as sched:
+            base = peak_mib()
+            total = 0.0
+            for value in sched.imap(tasks.checksum, arrays(n, mib), buffersize=buffersize):
+                total += value
+        assert total == mib * 131072 * n * (n - 1) / 2, total
+        print(base, peak_mib())
+""")
+
+
+@pytest.mark.timeout(240)
+def test_a_stream_of_large_arrays_keeps_the_callers_memory_bounded(tmp_path: Path) -> None:
+    script = tmp_path / "stream.py"
+    script.write_text(_STREAM)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO, env.get("PYTHONPATH", "")])
+    n, mib, buffersize = 200, 64, 4  # 12.5 GiB through a 2-worker scheduler
+    proc = subprocess.run([sys.executable, str(script), str(n), str(mib), str(buffersize)],
+                          capture_output=True, text=True, timeout=220, env=env)
+    assert proc.returncode == 0, proc.stderr
+    base, peak = (int(x) for x in proc.stdout.split())
+    # The caller holds the arrays it has generated but whose tasks have not
+    # finished: buffersize of them, plus one being generated and one whose
+    # copy is in shared memory; never the 200 of an eager map.
+    assert peak - base < (buffersize + 4) * mib, (base, peak)
