@@ -68,8 +68,8 @@ def _daemon_part(arrays: int, mib: int) -> int:
     with tempfile.TemporaryDirectory(prefix="shmrunner-demo-") as tmp:
         cli = [sys.executable, "-m", "shmrunner.cli"]
         daemon = subprocess.Popen(
-            [*cli, "--log-level", "WARNING", "daemon", "--set", "daemon.clients=tcp://127.0.0.1:*",
-             "--set", "daemon.workers=tcp://127.0.0.1:*",
+            [*cli, "--log-level", "WARNING", "daemon", "--set", f"daemon.clients=ipc://{tmp}/c",
+             "--set", f"daemon.workers=ipc://{tmp}/w",
              "--set", f"daemon.journal={tmp}/journal.sqlite",
              "--set", "scheduler.local_workers=1"],
             stderr=subprocess.PIPE, text=True)

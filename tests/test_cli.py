@@ -52,7 +52,6 @@ BAD_OPTIONS = [
     pytest.param(["daemon", "--config"], "--config", id="daemon-config-without-value"),
     pytest.param(["worker", "--processes", "0"], "--processes", id="worker-processes-0"),
     pytest.param(["worker", "--processes", "many"], "--processes", id="worker-processes-word"),
-    pytest.param(["status"], "--connect", id="status-without-connect"),
     pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "soon"],
                  "--timeout", id="status-bad-timeout"),
     pytest.param(["demo", "--arrays", "x"], "--arrays", id="demo-bad-arrays"),
@@ -76,7 +75,7 @@ def test_bad_options_exit_2_with_an_error_naming_the_option(args: list[str],
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args", [
-    ["daemon", "--bogus"], ["worker", "--processes", "0"], ["status"],
+    ["daemon", "--bogus"], ["worker", "--processes", "0"], ["status", "--timeout", "soon"],
     ["demo", "--arrays", "x"]], ids=["daemon", "worker", "status", "demo"])
 def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
     done = run_cli(*args)
@@ -86,7 +85,6 @@ def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args, words", [
-    pytest.param(["worker"], ["worker.connect", "--connect"], id="worker-without-connect"),
     pytest.param(["worker", "--connect", "tcp://127.0.0.1"], ["worker.connect"],
                  id="worker-bad-address"),
     pytest.param(["worker", "--connect", "tcp://127.0.0.1:1", "--config", "/nonexistent.yaml"],
@@ -112,6 +110,17 @@ def test_status_without_a_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert done.returncode == 1
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and "no status" in lines[0], done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_status_without_connect_asks_the_default_socket(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    done = run_cli("status", "--timeout", "0.5")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "no status" in lines[0], done.stderr
+    assert f"ipc://{tmp_path}/shmrunner/clients.sock" in lines[0], lines[0]
 
 
 @pytest.mark.timeout(60)
