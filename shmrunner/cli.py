@@ -111,14 +111,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    import os
-
-    import zmq.auth
+    from .transport.curve import write_key_pair
 
     try:
-        os.makedirs(args.directory, exist_ok=True)
-        public, secret = zmq.auth.create_certificates(args.directory, args.name)
-        os.chmod(secret, 0o600)
+        public, secret = write_key_pair(args.directory, args.name, force=args.force)
     except OSError as exc:
         print(f"shmrunner keygen: cannot write keys into {args.directory}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -211,10 +207,14 @@ def _parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser(
         "keygen", help="write a CURVE key pair for a daemon, worker or client",
         description="Writes NAME.key (public: give it to the other side) and NAME.key_secret "
-                    "(private) into DIRECTORY. Put clients' and workers' public keys in the "
-                    "directory named by daemon.curve_authorized_keys.")
+                    "(private, mode 0600) into DIRECTORY (created 0700; never a symlink or "
+                    "a directory others can write). Put clients' public keys in "
+                    "daemon.curve_authorized_clients and workers' in "
+                    "daemon.curve_authorized_workers.")
     keygen.add_argument("directory", help="where to write the key files")
     keygen.add_argument("--name", default="shmrunner", help="file name stem (default: shmrunner)")
+    keygen.add_argument("--force", action="store_true",
+                        help="replace existing key files (atomically; default: refuse)")
     keygen.set_defaults(run=_keygen)
     return parser
 

@@ -201,3 +201,78 @@ def release(context: zmq.Context[Any], domain: str) -> None:
             del _zaps[id(context)]
             zap.auth.stop()
 
+
+# --- writing keys (shmrunner keygen) -------------------------------------------------------
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def write_key_pair(directory: str, name: str, *, force: bool = False) -> tuple[str, str]:
+    """Write ``name.key`` (public, 0644) and ``name.key_secret`` (0600) into
+    ``directory``; return their paths. Never follows a symlink (the directory's
+    or a file's), never overwrites without ``force`` (which replaces each file
+    by an atomic rename), refuses a directory others can write to."""
+    if not name or name.startswith(".") or not set(name) <= _NAME_OK or len(name) > 200:
+        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '-' and '.' "
+                          "(not first)")
+    if os.path.islink(directory):
+        raise ConfigError(f"{directory} is a symlink; give keygen the real directory")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(dir_fd)
+        if st.st_mode & 0o022:
+            raise ConfigError(f"{directory} is writable by others (mode "
+                              f"{st.st_mode & 0o777:04o}): they could replace the keys; "
+                              f"run: chmod go-w {directory}")
+        files = (f"{name}.key", f"{name}.key_secret")
+        if not force:
+            for file in files:
+                if _lexists(file, dir_fd):
+                    raise ConfigError(f"{os.path.join(directory, file)} exists; keygen does "
+                                      "not overwrite keys (pass --force to replace them)")
+        public, secret = zmq.curve_keypair()
+        banner = "#   ZeroMQ CURVE {} key, written by shmrunner keygen\n"
+        public_text = (banner.format("public") + "metadata\ncurve\n"
+                       f'    public-key = "{public.decode()}"\n')
+        secret_text = (banner.format("secret") + "metadata\ncurve\n"
+                       f'    public-key = "{public.decode()}"\n'
+                       f'    secret-key = "{secret.decode()}"\n')
+        _write(files[1], secret_text, 0o600, dir_fd, force)
+        _write(files[0], public_text, 0o644, dir_fd, force)
+    finally:
+        os.close(dir_fd)
+    return os.path.join(directory, files[0]), os.path.join(directory, files[1])
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write(name: str, text: str, mode: int, dir_fd: int, replace: bool) -> None:
+    """Create ``name`` with ``mode`` from the start (no window where it is
+    readable by others), O_EXCL | O_NOFOLLOW; with ``replace``, write a fresh
+    temporary file and rename it over ``name`` (a rename replaces a symlink,
+    it does not follow it)."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY
+    target = f".{name}.{os.getpid()}.tmp" if replace else name
+    try:
+        fd = os.open(target, flags, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        raise ConfigError(f"{name} exists; keygen does not overwrite keys (pass --force to "
+                          "replace them)") from None
+    try:
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(target, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+    if replace:
+        os.replace(target, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
