@@ -2,8 +2,8 @@
 
 1. The same map over large arrays with shmrunner.Pool and multiprocessing.Pool,
    timed side by side.
-2. A runner daemon (embedded default settings, on free loopback ports, with a
-   journal in a temporary directory) and one remote worker agent, both real
+2. A runner daemon (embedded default settings, on ipc sockets and a journal in
+   a private temporary directory) and one remote worker agent, both real
    subprocesses; jobs with arrays submitted through ``shmrunner.connect``;
    results checked, throughput printed; everything shut down cleanly.
 """

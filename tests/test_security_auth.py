@@ -4,6 +4,7 @@ wrong endpoint, and planted key files. Real daemons, workers and sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -363,3 +364,41 @@ def test_scheduler_curve_without_authorised_keys_refuses_to_start(tmp_path: Path
     assert isinstance(keys, CurveKeys)
     with pytest.raises(shmrunner.ConfigError, match="authorised worker keys"):
         shmrunner.Scheduler(local_workers=1, listen="tcp://127.0.0.1:*", curve=keys)
+
+
+def test_a_curve_endpoint_admits_nobody_once_its_authenticator_is_gone() -> None:
+    # Without ZAP_ENFORCE_DOMAIN libzmq admits any key when no authenticator
+    # answers (e.g. while one stops): the endpoints must fail closed instead.
+    import zmq
+
+    from shmrunner.transport.curve import authorize, release
+    from shmrunner.transport.protocol import Message
+    from shmrunner.transport.zmqchannel import ChannelOptions, ZmqChannel
+
+    server_public, server_secret = zmq.curve_keypair()
+    known_public, known_secret = zmq.curve_keypair()
+    ctx = zmq.Context.instance()
+    domain = authorize(ctx, "test", frozenset({known_public}), "test")
+    server = ZmqChannel("router", ChannelOptions(accept=frozenset({"status"}), curve=CurveKeys(
+        server_public, server_secret, zap_domain=domain)))
+    client = ZmqChannel("dealer", ChannelOptions(send_timeout=1, curve=CurveKeys(
+        known_public, known_secret, server_key=server_public)))
+    try:
+        address = server.bind("tcp://127.0.0.1:*")
+        client.connect(address)
+        client.send(Message("status", {}))
+        assert server.recv(10) is not None  # the authorised key gets in
+        release(ctx, domain)  # the last domain: the authenticator stops
+        late = ZmqChannel("dealer", ChannelOptions(send_timeout=1, curve=CurveKeys(
+            known_public, known_secret, server_key=server_public)))
+        try:
+            late.connect(address)
+            with contextlib.suppress(shmrunner.ChannelError):
+                late.send(Message("status", {}))  # queued, or refused: never delivered
+            assert server.recv(2.0) is None
+        finally:
+            late.close()
+    finally:
+        release(ctx, domain)
+        client.close()
+        server.close()
