@@ -89,7 +89,7 @@ class DaemonProc:
                  local_workers: int) -> None:
         argv = [sys.executable, "-m", "shmrunner.cli", "daemon",
                 "--set", f"daemon.clients={clients}", "--set", f"daemon.workers={workers}",
-                "--set", f"daemon.journal={journal}",
+                "--set", f"daemon.journal={journal}", "--set", "daemon.allow_unauthenticated=true",
                 "--set", f"scheduler.local_workers={local_workers}"]
         self.log = log
         self.offset = log.stat().st_size if log.exists() else 0

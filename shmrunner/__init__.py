@@ -6,6 +6,7 @@ from .errors import (
     ChannelClosedError,
     ChannelError,
     ConfigError,
+    FunctionNotAllowedError,
     InitializerError,
     ProtocolError,
     RemoteTaskError,
@@ -46,5 +47,6 @@ __all__ = [
     "ChannelClosedError",
     "RemoteTaskError",
     "ConfigError",
+    "FunctionNotAllowedError",
     "SharedMemoryUnavailableWarning",
 ]

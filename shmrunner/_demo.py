@@ -2,8 +2,8 @@
 
 1. The same map over large arrays with shmrunner.Pool and multiprocessing.Pool,
    timed side by side.
-2. A runner daemon (embedded default settings, on free loopback ports, with a
-   journal in a temporary directory) and one remote worker agent, both real
+2. A runner daemon (embedded default settings, on ipc sockets and a journal in
+   a private temporary directory) and one remote worker agent, both real
    subprocesses; jobs with arrays submitted through ``shmrunner.connect``;
    results checked, throughput printed; everything shut down cleanly.
 """
@@ -68,8 +68,8 @@ def _daemon_part(arrays: int, mib: int) -> int:
     with tempfile.TemporaryDirectory(prefix="shmrunner-demo-") as tmp:
         cli = [sys.executable, "-m", "shmrunner.cli"]
         daemon = subprocess.Popen(
-            [*cli, "--log-level", "WARNING", "daemon", "--set", "daemon.clients=tcp://127.0.0.1:*",
-             "--set", "daemon.workers=tcp://127.0.0.1:*",
+            [*cli, "--log-level", "WARNING", "daemon", "--set", f"daemon.clients=ipc://{tmp}/c",
+             "--set", f"daemon.workers=ipc://{tmp}/w",
              "--set", f"daemon.journal={tmp}/journal.sqlite",
              "--set", "scheduler.local_workers=1"],
             stderr=subprocess.PIPE, text=True)

@@ -25,13 +25,16 @@ import collections
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from ._endpoints import secure_ipc_socket
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
-from .errors import WorkerLostError
+from .errors import ConfigError, WorkerLostError
+from .transport.curve import authorize, load_public_keys, release
 from .transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 from .worker.lifecycle import Lifecycle, Worker
@@ -46,6 +49,19 @@ log = logging.getLogger("shmrunner.scheduler")
 _ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye"})
 _FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
 _FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
+
+
+_warned: set[str] = set()
+
+
+def _warn_unauthenticated(listen: str) -> None:
+    """Once per process: an explicit library call may listen on TCP without
+    CURVE, but its owner should know what that opens."""
+    if not _warned:
+        _warned.add(listen)
+        log.warning("Scheduler listening on %s without CURVE: anyone who can reach that port "
+                    "can join as a worker, receive tasks and their arguments, and forge "
+                    "results; pass curve= to authenticate workers", listen)
 
 
 class _Peer:
@@ -83,16 +99,48 @@ class Hub:
         self._own_context = curve is None
         self._context: zmq.Context[Any] = (zmq.Context(io_threads=1) if self._own_context
                                            else zmq.Context.instance())
-        self._channel = ZmqChannel("router", ChannelOptions(
-            max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
-            accept=_ACCEPT, curve=curve), context=self._context)
+        self._zap_domain: str | None = None
+        try:
+            if curve is not None:
+                curve = self._authorize(curve)
+            elif settings.listen.startswith("tcp://"):
+                _warn_unauthenticated(settings.listen)
+            self._channel = ZmqChannel("router", ChannelOptions(
+                max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
+                accept=_ACCEPT, curve=curve), context=self._context)
+        except BaseException:
+            self._release_zap()
+            self._wakeup.close()
+            if self._own_context:
+                self._context.term()
+            raise
         try:
             self.address = self._channel.bind(settings.listen)
+            secure_ipc_socket(self.address)
         except BaseException:
             self._release()
             raise
         self._thread = threading.Thread(target=self._run, name="shmrunner-hub", daemon=True)
         self._thread.start()
+
+    def _authorize(self, curve: CurveKeys) -> CurveKeys:
+        """Admit only the workers whose keys are in ``curve.authorized``: the ZAP
+        domain is registered before the socket binds, so no stranger gets in."""
+        if curve.server_key is not None:
+            raise ConfigError("Scheduler(curve=...): these are a client's keys (they name a "
+                              "server_key); pass the scheduler's own key pair")
+        if curve.authorized is None:
+            raise ConfigError("Scheduler(curve=...): no directory of authorised worker keys "
+                              "(CurveKeys.authorized); without one any key pair could join "
+                              "and receive tasks")
+        keys = load_public_keys(curve.authorized, "authorised worker keys")
+        self._zap_domain = authorize(self._context, "workers", keys, "workers")
+        return replace(curve, zap_domain=self._zap_domain)
+
+    def _release_zap(self) -> None:
+        if self._zap_domain is not None:
+            release(self._context, self._zap_domain)
+            self._zap_domain = None
 
     # --- called from any thread --------------------------------------------------------
 
@@ -162,6 +210,7 @@ class Hub:
 
     def _release(self) -> None:
         self._channel.close()
+        self._release_zap()
         if self._own_context:
             self._context.term()
         self._wakeup.close()

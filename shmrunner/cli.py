@@ -38,9 +38,11 @@ def _worker(args: argparse.Namespace) -> int:
     if args.allow_pickle:
         overrides["allow_pickle"] = True
     settings = with_overrides(settings, overrides, "worker")
-    if settings.connect is None:
-        raise ConfigError("worker.connect: missing; pass --connect tcp://HOST:PORT "
-                          "or set worker.connect in the config file")
+    if settings.connect is None:  # the same-host daemon's default socket
+        from ._endpoints import client_address
+
+        settings = with_overrides(settings, {"connect": client_address(None, "workers")},
+                                  "worker")
     return run_agent(settings)
 
 
@@ -109,14 +111,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    import os
-
-    import zmq.auth
+    from .transport.curve import write_key_pair
 
     try:
-        os.makedirs(args.directory, exist_ok=True)
-        public, secret = zmq.auth.create_certificates(args.directory, args.name)
-        os.chmod(secret, 0o600)
+        public, secret = write_key_pair(args.directory, args.name, force=args.force)
     except OSError as exc:
         print(f"shmrunner keygen: cannot write keys into {args.directory}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -163,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                     "runs the tasks it is sent on this host's shared-memory pool. Reconnects "
                     "by itself; SIGTERM finishes the tasks it holds, then exits 0.")
     worker.add_argument("--connect", metavar="ADDR",
-                        help="the scheduler's address, e.g. tcp://127.0.0.1:5560")
+                        help="the scheduler's address, e.g. tcp://10.0.0.1:5561 (default: "
+                             "worker.connect, else the same-host daemon's ipc socket)")
     worker.add_argument("--processes", type=_positive_int, default=None,
                         help="worker processes on this host (default: the CPU count)")
     worker.add_argument("--name", default=None,
@@ -178,8 +177,10 @@ def _parser() -> argparse.ArgumentParser:
         "daemon", help="run the runner daemon (scheduler, journal, client and worker endpoints)",
         description="Runs a long-lived scheduler: local shared-memory workers, remote workers "
                     "on daemon.workers, clients on daemon.clients, accepted jobs journaled in "
-                    "SQLite. Without --config it uses an embedded default: loopback only, "
-                    "local workers = CPU count. SIGTERM/SIGINT drain and exit 0.")
+                    "SQLite. Without --config it uses an embedded default: ipc sockets in a "
+                    "private directory (only this user can connect), local workers = CPU "
+                    "count. A tcp:// endpoint needs CURVE keys or "
+                    "daemon.allow_unauthenticated. SIGTERM/SIGINT drain and exit 0.")
     daemon.add_argument("--config", metavar="FILE", default=None,
                         help="YAML settings file (daemon: and scheduler: sections)")
     daemon.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append",
@@ -189,9 +190,11 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status", help="show a daemon's workers, queue depth, running, done and failed jobs",
-        description="Asks the daemon at --connect for its status and prints it.")
-    status.add_argument("--connect", metavar="ADDR", required=True,
-                        help="the daemon's client address, e.g. tcp://127.0.0.1:5560")
+        description="Asks the daemon at --connect (default: this user's daemon on this "
+                    "host) for its status and prints it.")
+    status.add_argument("--connect", metavar="ADDR", default=None,
+                        help="the daemon's client address (default: the same-host daemon's "
+                             "ipc socket)")
     status.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for an answer (default: 5)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -204,10 +207,14 @@ def _parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser(
         "keygen", help="write a CURVE key pair for a daemon, worker or client",
         description="Writes NAME.key (public: give it to the other side) and NAME.key_secret "
-                    "(private) into DIRECTORY. Put clients' and workers' public keys in the "
-                    "directory named by daemon.curve_authorized_keys.")
+                    "(private, mode 0600) into DIRECTORY (created 0700; never a symlink or "
+                    "a directory others can write). Put clients' public keys in "
+                    "daemon.curve_authorized_clients and workers' in "
+                    "daemon.curve_authorized_workers.")
     keygen.add_argument("directory", help="where to write the key files")
     keygen.add_argument("--name", default="shmrunner", help="file name stem (default: shmrunner)")
+    keygen.add_argument("--force", action="store_true",
+                        help="replace existing key files (atomically; default: refuse)")
     keygen.set_defaults(run=_keygen)
     return parser
 

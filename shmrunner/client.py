@@ -56,11 +56,14 @@ class _Call:
 class Client(Executor):
     """A ``concurrent.futures.Executor`` whose tasks run in a runner daemon."""
 
-    def __init__(self, address: str, *, ack_timeout: float = 30.0, refetch_interval: float = 5.0,
+    def __init__(self, address: str | None = None, *, ack_timeout: float = 30.0,
+                 refetch_interval: float = 5.0,
                  allow_pickle: bool = False,
                  max_message_bytes: int = 1 << 31, curve_secret_key: str | None = None,
                  curve_server_key: str | None = None) -> None:
-        self.address = address
+        from ._endpoints import client_address
+
+        self.address = address = client_address(address, "clients")
         self.ack_timeout = ack_timeout
         self.refetch_interval = refetch_interval
         self._allow_pickle = allow_pickle
@@ -273,6 +276,7 @@ class Client(Executor):
         self._wakeup.wake()
 
 
-def connect(address: str, **options: Any) -> Client:
-    """A :class:`Client` (an Executor) for the daemon at ``address``."""
+def connect(address: str | None = None, **options: Any) -> Client:
+    """A :class:`Client` (an Executor) for the daemon at ``address`` (None: this
+    user's daemon on this host, through its private ipc socket)."""
     return Client(address, **options)

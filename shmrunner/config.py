@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["DaemonSettings", "SchedulerSettings", "WorkerSettings", "Settings", "load", "parse"]
+__all__ = ["DaemonSettings", "SchedulerSettings", "WorkerSettings", "Settings", "load", "parse",
+           "default_address", "runtime_dir", "state_dir"]
 
 _ADDRESS = re.compile(r"^(tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5}|\*)|ipc://.+)$")
 
@@ -60,6 +61,14 @@ _level = _check(lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
                 "one of DEBUG, INFO, WARNING, ERROR")
 _name = _check(lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 200),
                "a short name, or null for the host name and pid")
+# A function pattern: "module" or "module:qualname", fnmatch wildcards allowed.
+_PATTERN = re.compile(r"^[\w.*?\[\]!-]+(:[\w.*?\[\]!-]+)?$")
+MAX_PATTERNS = 1000
+_patterns = _check(
+    lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) <= MAX_PATTERNS and all(
+        isinstance(p, str) and len(p) <= 300 and bool(_PATTERN.match(p)) for p in v)),
+    "a list of 'module' or 'module:qualname' patterns (* and ? wildcards allowed), "
+    "or null for any importable function")
 
 
 def _setting(default: Any, check: Callable[[Any], str | None], doc: str) -> Any:
@@ -92,9 +101,14 @@ class SchedulerSettings:
     prefetch: int = _setting(1, _count, "tasks sent to a remote worker beyond its capacity")
     start_method: str | None = _setting(
         None, _start_method, "how local workers start (default: multiprocessing's)")
+    allowed_functions: tuple[str, ...] | None = _setting(
+        None, _patterns, "functions the daemon runs for its clients: 'module' or "
+                         "'module:qualname' patterns, * wildcards (null: any importable "
+                         "function, safe only because only authenticated peers reach you)")
 
     def __post_init__(self) -> None:
         _validate(self, "scheduler")
+        _freeze_patterns(self, "scheduler")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError(
                 f"scheduler.heartbeat_timeout ({self.heartbeat_timeout}) must be larger than "
@@ -120,9 +134,13 @@ class WorkerSettings:
         None, _optional_path, "this worker's CURVE secret key file (with curve_server_key)")
     curve_server_key: str | None = _setting(
         None, _optional_path, "the daemon's CURVE public key file")
+    allowed_functions: tuple[str, ...] | None = _setting(
+        None, _patterns, "functions this worker runs: 'module' or 'module:qualname' "
+                         "patterns, * wildcards (null: any importable function)")
 
     def __post_init__(self) -> None:
         _validate(self, "worker")
+        _freeze_patterns(self, "worker")
         if (self.curve_secret_key is None) != (self.curve_server_key is None):
             raise ConfigError("worker.curve_secret_key and worker.curve_server_key go "
                               "together: set both to use CURVE, or neither")
@@ -132,10 +150,17 @@ class WorkerSettings:
 class DaemonSettings:
     """The runner daemon (``shmrunner daemon``): endpoints, journal, security."""
 
-    clients: str = _setting("tcp://127.0.0.1:5560", _address,
-                            "address clients (shmrunner.connect, status) connect to")
-    workers: str = _setting("tcp://127.0.0.1:5561", _address,
-                            "address remote workers (shmrunner worker) connect to")
+    clients: str | None = _setting(
+        None, _optional_address, "address clients (shmrunner.connect, status) connect to "
+        "(null: ipc://RUNTIME/clients.sock, RUNTIME = $XDG_RUNTIME_DIR/shmrunner, else the "
+        "state directory)")
+    workers: str | None = _setting(
+        None, _optional_address, "address remote workers (shmrunner worker) connect to "
+        "(null: ipc://RUNTIME/workers.sock)")
+    allow_unauthenticated: bool = _setting(
+        False, _flag, "serve a tcp:// endpoint, or an ipc:// socket outside a private "
+                      "directory, without CURVE: anyone who can reach the port can run code "
+                      "as this user")
     journal: str | None = _setting(
         None, _optional_path, "SQLite journal of accepted jobs (null: "
         "$XDG_STATE_HOME/shmrunner/journal.sqlite, else ~/.local/state/shmrunner/...)")
@@ -147,31 +172,76 @@ class DaemonSettings:
     curve_secret_key: str | None = _setting(
         None, _optional_path, "the daemon's CURVE secret key file (from shmrunner keygen); "
                               "set it to encrypt and authenticate both endpoints")
-    curve_authorized_keys: str | None = _setting(
-        None, _optional_path, "directory of the public key files of clients and workers "
-                              "allowed to connect (required with curve_secret_key)")
+    curve_authorized_clients: str | None = _setting(
+        None, _optional_path, "directory of the public key files of the clients allowed on "
+                              "daemon.clients (required with curve_secret_key)")
+    curve_authorized_workers: str | None = _setting(
+        None, _optional_path, "directory of the public key files of the workers allowed on "
+                              "daemon.workers (required with curve_secret_key)")
 
     def __post_init__(self) -> None:
         _validate(self, "daemon")
-        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
-            raise ConfigError("daemon.curve_secret_key and daemon.curve_authorized_keys go "
-                              "together: set both to enable CURVE, or neither")
-        for key in ("curve_secret_key", "curve_authorized_keys"):
+        dirs = ("curve_authorized_clients", "curve_authorized_workers")
+        if self.curve_secret_key is not None:
+            for key in dirs:
+                if getattr(self, key) is None:
+                    raise ConfigError(f"daemon.{key}: missing; with daemon.curve_secret_key "
+                                      "set it to the directory of the public keys allowed "
+                                      "on that endpoint")
+        elif any(getattr(self, key) is not None for key in dirs):
+            raise ConfigError("daemon.curve_secret_key: missing; the authorised key "
+                              "directories need the daemon's own key (shmrunner keygen DIR)")
+        for key in ("curve_secret_key", *dirs):
             path = getattr(self, key)
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"daemon.{key}: {path} does not exist; "
                                   "create keys with: shmrunner keygen DIR")
-        keys = self.curve_authorized_keys
-        if keys is not None and not os.path.isdir(keys):
-            raise ConfigError(f"daemon.curve_authorized_keys: {keys} is not a directory; "
-                              "point it at a directory holding the clients' and workers' "
-                              ".key files")
+        for key in dirs:
+            path = getattr(self, key)
+            if path is not None and not os.path.isdir(path):
+                raise ConfigError(f"daemon.{key}: {path} is not a directory; point it at a "
+                                  "directory holding the allowed peers' .key files")
 
     def journal_path(self) -> str:
         if self.journal is not None:
             return self.journal
-        state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-        return os.path.join(state, "shmrunner", "journal.sqlite")
+        return os.path.join(state_dir(), "journal.sqlite")
+
+    def clients_address(self) -> str:
+        """``clients``, or the default ipc socket in the private runtime directory."""
+        return self.clients or default_address("clients")
+
+    def workers_address(self) -> str:
+        """``workers``, or the default ipc socket in the private runtime directory."""
+        return self.workers or default_address("workers")
+
+
+def state_dir() -> str:
+    """``$XDG_STATE_HOME/shmrunner``, else ``~/.local/state/shmrunner``."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "shmrunner")
+
+
+def runtime_dir() -> str:
+    """Where the default sockets live: ``$XDG_RUNTIME_DIR/shmrunner`` (per user, on
+    tmpfs), else the state directory. It must be private (0700, ours)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "shmrunner") if runtime else state_dir()
+
+
+def default_address(endpoint: str) -> str:
+    """The default address of the daemon's ``clients`` or ``workers`` endpoint."""
+    return f"ipc://{os.path.join(runtime_dir(), endpoint + '.sock')}"
+
+
+def _freeze_patterns(settings: SchedulerSettings | WorkerSettings, section: str) -> None:
+    patterns = settings.allowed_functions
+    if patterns is not None:  # a tuple: settings stay hashable and immutable
+        object.__setattr__(settings, "allowed_functions", tuple(patterns))
+    if patterns is not None and settings.allow_pickle:
+        raise ConfigError(f"{section}.allowed_functions and {section}.allow_pickle exclude "
+                          "each other: a pickle runs code as it is loaded, before any check; "
+                          "turn one of them off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,12 +268,28 @@ def _validate(settings: object, section: str) -> None:
 S = TypeVar("S")
 
 
-def _build(cls: type[S], section: str, values: Mapping[str, Any]) -> S:
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    for key in values:
+# Keys that were replaced: an old config gets told what to use instead.
+_REPLACED = {
+    ("daemon", "curve_authorized_keys"):
+        "replaced by daemon.curve_authorized_clients and daemon.curve_authorized_workers "
+        "(one directory of allowed public keys per endpoint, so a client key cannot join as "
+        "a worker); put the clients' .key files in one and the workers' in the other",
+}
+
+
+def _check_keys(known: set[str], section: str, keys: Any) -> None:
+    for key in keys:
+        replaced = _REPLACED.get((section, key))
+        if replaced is not None:
+            raise ConfigError(f"{section}.{key}: {replaced}")
         if key not in known:
             raise ConfigError(f"{section}.{key}: unknown key; known keys are "
                               f"{', '.join(sorted(known))}")
+
+
+def _build(cls: type[S], section: str, values: Mapping[str, Any]) -> S:
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    _check_keys(known, section, values)
     return cls(**values)
 
 
@@ -255,10 +341,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
 def with_overrides(settings: S, overrides: Mapping[str, Any], section: str) -> S:
     """``settings`` with the given keys replaced (validated like the file)."""
     known = {f.name for f in fields(settings)}  # type: ignore[arg-type]
-    for key in overrides:
-        if key not in known:
-            raise ConfigError(f"{section}.{key}: unknown key; known keys are "
-                              f"{', '.join(sorted(known))}")
+    _check_keys(known, section, overrides)
     return replace(settings, **overrides)  # type: ignore[type-var]
 
 

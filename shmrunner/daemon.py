@@ -30,15 +30,19 @@ import time
 import traceback
 import uuid
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import zmq
 
+from ._allowlist import AllowList
+from ._endpoints import daemon_addresses, secure_ipc_socket
 from ._journal import DONE, FAILED, Journal
 from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
 from .errors import ConfigError
 from .scheduler import Scheduler
+from .transport.curve import authorize, load_public_keys, release, server_keys
 from .transport.protocol import Message, decode, encode, exception_to_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 
@@ -67,16 +71,24 @@ class Daemon:
         self._deadlines: list[tuple[float, str, bytes]] = []
         self._running: set[str] = set()
         self._done = self._failed = 0
-        self._auth: Any = None
-        curve = self._start_curve()
-        self.journal = Journal(daemon.journal_path())
+        self._allowed = AllowList(scheduler.allowed_functions, "scheduler.allowed_functions")
+        # Who can reach the endpoints is settled before anything is opened.
+        clients, workers = daemon_addresses(daemon, curve=daemon.curve_secret_key is not None)
+        self._zap_domain: str | None = None
+        clients_curve, workers_curve = self._start_curve()
+        try:
+            self.journal = Journal(daemon.journal_path())
+        except BaseException:
+            self._release_zap()
+            raise
         self._channel = ZmqChannel("router", ChannelOptions(
             max_bytes=scheduler.max_message_bytes, allow_pickle=scheduler.allow_pickle,
-            accept=_ACCEPT, curve=curve))
+            accept=_ACCEPT, curve=clients_curve))
         self.scheduler: Scheduler | None = None
         try:
-            self.address = self._channel.bind(daemon.clients)
-            self.scheduler = Scheduler(settings=scheduler, listen=daemon.workers, curve=curve)
+            self.address = self._channel.bind(clients)
+            secure_ipc_socket(self.address)
+            self.scheduler = Scheduler(settings=scheduler, listen=workers, curve=workers_curve)
         except BaseException:
             self._close()
             raise
@@ -164,6 +176,7 @@ class Daemon:
                 request, max_bytes=self._scheduler_settings.max_message_bytes,
                 allow_pickle=self._scheduler_settings.allow_pickle)
             body = msg.body
+            self._allowed.check(body["fn"], body["args"])  # before anything is imported
             options = body.get("options") or {}
             future = self.scheduler.submit(body["fn"], *body["args"], retries=options.get(
                 "retries"), timeout=options.get("timeout"), **body["kwargs"])
@@ -301,32 +314,31 @@ class Daemon:
     def _wake(self) -> None:
         self._wakeup.wake()
 
-    def _start_curve(self) -> CurveKeys | None:
-        if self.settings.curve_secret_key is None:
-            return None
-        import zmq.auth
-        from zmq.auth.thread import ThreadAuthenticator
+    def _start_curve(self) -> tuple[CurveKeys | None, CurveKeys | None]:
+        """(clients, workers) CURVE keys: one key pair, a ZAP domain per endpoint,
+        each admitting only its own directory of keys."""
+        settings = self.settings
+        if settings.curve_secret_key is None:
+            return None, None
+        assert settings.curve_authorized_clients is not None  # DaemonSettings checks
+        keys = server_keys(settings.curve_secret_key, settings.curve_authorized_workers,
+                           "daemon.curve_secret_key")
+        clients = load_public_keys(settings.curve_authorized_clients,
+                                   "daemon.curve_authorized_clients")
+        self._zap_domain = authorize(zmq.Context.instance(), "clients", clients, "clients")
+        return replace(keys, authorized=None, zap_domain=self._zap_domain), keys
 
-        try:
-            public, secret = zmq.auth.load_certificate(self.settings.curve_secret_key)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"daemon.curve_secret_key: cannot read "
-                              f"{self.settings.curve_secret_key}: {exc}") from None
-        if secret is None:
-            raise ConfigError(f"daemon.curve_secret_key: {self.settings.curve_secret_key} "
-                              "holds no secret key; use the .key_secret file from keygen")
-        self._auth = ThreadAuthenticator(zmq.Context.instance())
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=self.settings.curve_authorized_keys)
-        return CurveKeys(public_key=public, secret_key=secret)
+    def _release_zap(self) -> None:
+        if self._zap_domain is not None:
+            release(zmq.Context.instance(), self._zap_domain)
+            self._zap_domain = None
 
     def _close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False, cancel_futures=True)
         self._channel.close()
         self.journal.close()
-        if self._auth is not None:
-            self._auth.stop()
+        self._release_zap()
         self._wakeup.close()
 
 

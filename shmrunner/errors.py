@@ -13,6 +13,7 @@
      |    +-- ChannelClosedError  ... because you closed it (not broken by the peer)
      +-- RemoteTaskError          a remote task's exception whose class cannot be rebuilt here
      +-- ConfigError              (also ValueError) a setting is missing or wrong
+     +-- FunctionNotAllowedError  a peer asked to run a function the allow-list refuses
 
 A task's *own* exception is never wrapped: it reaches the caller as itself, with
 the worker's formatted traceback attached as ``__cause__`` (a
@@ -38,6 +39,7 @@ __all__ = [
     "ChannelClosedError",
     "RemoteTaskError",
     "ConfigError",
+    "FunctionNotAllowedError",
     "attach_remote_traceback",
 ]
 
@@ -139,6 +141,11 @@ class RemoteTaskError(ShmrunnerError):
 class ConfigError(ShmrunnerError, ValueError):
     """Raised when a setting is missing, of the wrong type or out of range;
     the message names the key and how to fix it."""
+
+
+class FunctionNotAllowedError(ShmrunnerError):
+    """Raised (as the task's outcome) when a peer asks to run a function that
+    ``allowed_functions`` does not list; nothing was imported or called."""
 
 
 def attach_remote_traceback(exc: BaseException, tb_text: str) -> BaseException:

@@ -213,6 +213,8 @@ class Daemon:
     def _pick_ports(self) -> None:
         self.daemon_settings.setdefault("clients", f"tcp://127.0.0.1:{free_port()}")
         self.daemon_settings.setdefault("workers", f"tcp://127.0.0.1:{free_port()}")
+        if "curve_secret_key" not in self.daemon_settings:  # these tests observe TCP
+            self.daemon_settings.setdefault("allow_unauthenticated", True)
 
     @property
     def address(self) -> str:

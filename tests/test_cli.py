@@ -5,14 +5,17 @@ and a tiny demo."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import zmq.auth
 
-from _daemon_tasks import Daemon, Proc, Worker, named, run_cli
+from _daemon_tasks import Daemon, Proc, Worker, cli, env, named, run_cli
 from _util import wait_until
 
 # Every option each command must document in its --help (DESIGN.md, issue 4).
@@ -23,7 +26,7 @@ OPTIONS = {
     ("daemon",): ["--help", "--config", "--set"],
     ("status",): ["--help", "--connect", "--timeout", "--json", "--curve-secret-key",
                   "--curve-server-key"],
-    ("keygen",): ["--help", "directory", "--name"],
+    ("keygen",): ["--help", "directory", "--name", "--force"],
 }
 
 
@@ -52,7 +55,6 @@ BAD_OPTIONS = [
     pytest.param(["daemon", "--config"], "--config", id="daemon-config-without-value"),
     pytest.param(["worker", "--processes", "0"], "--processes", id="worker-processes-0"),
     pytest.param(["worker", "--processes", "many"], "--processes", id="worker-processes-word"),
-    pytest.param(["status"], "--connect", id="status-without-connect"),
     pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "soon"],
                  "--timeout", id="status-bad-timeout"),
     pytest.param(["demo", "--arrays", "x"], "--arrays", id="demo-bad-arrays"),
@@ -76,7 +78,7 @@ def test_bad_options_exit_2_with_an_error_naming_the_option(args: list[str],
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args", [
-    ["daemon", "--bogus"], ["worker", "--processes", "0"], ["status"],
+    ["daemon", "--bogus"], ["worker", "--processes", "0"], ["status", "--timeout", "soon"],
     ["demo", "--arrays", "x"]], ids=["daemon", "worker", "status", "demo"])
 def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
     done = run_cli(*args)
@@ -86,7 +88,6 @@ def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args, words", [
-    pytest.param(["worker"], ["worker.connect", "--connect"], id="worker-without-connect"),
     pytest.param(["worker", "--connect", "tcp://127.0.0.1"], ["worker.connect"],
                  id="worker-bad-address"),
     pytest.param(["worker", "--connect", "tcp://127.0.0.1:1", "--config", "/nonexistent.yaml"],
@@ -115,6 +116,17 @@ def test_status_without_a_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_status_without_connect_asks_the_default_socket(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    done = run_cli("status", "--timeout", "0.5")
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "no status" in lines[0], done.stderr
+    assert f"ipc://{tmp_path}/shmrunner/clients.sock" in lines[0], lines[0]
+
+
+@pytest.mark.timeout(60)
 def test_keygen_writes_a_key_pair_zmq_can_load(tmp_path: Path) -> None:
     keys = tmp_path / "deep" / "keys"
     for name in ("server", "client", "worker"):
@@ -127,6 +139,79 @@ def test_keygen_writes_a_key_pair_zmq_can_load(tmp_path: Path) -> None:
         assert pub_only[1] is None and pair[0] == pub_only[0] and pair[1]
         assert secret.stat().st_mode & 0o077 == 0, oct(secret.stat().st_mode)
     assert len({zmq.auth.load_certificate(str(p))[0] for p in keys.glob("*.key")}) == 3
+
+
+def _keygen_umask0(*args: str) -> subprocess.CompletedProcess[str]:
+    """keygen under umask 0: nothing may rely on the umask to hide the secret."""
+    return subprocess.run(cli("keygen", *args), env=env(), capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0))
+
+
+@pytest.mark.timeout(60)
+def test_keygen_secret_is_0600_even_with_umask_0(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    done = _keygen_umask0(str(keys), "--name", "k")
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE((keys / "k.key_secret").stat().st_mode) == 0o600
+    assert stat.S_IMODE((keys / "k.key").stat().st_mode) == 0o644
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+
+
+@pytest.mark.timeout(60)
+def test_keygen_does_not_overwrite_without_force(tmp_path: Path) -> None:
+    assert run_cli("keygen", str(tmp_path), "--name", "k").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("k.*")}
+    done = run_cli("keygen", str(tmp_path), "--name", "k")
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "--force" in lines[0] and "exists" in lines[0], done.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("k.*")} == before
+    done = _keygen_umask0(str(tmp_path), "--name", "k", "--force")
+    assert done.returncode == 0, done.stderr
+    after = {p.name: p.read_bytes() for p in tmp_path.glob("k.*")}
+    assert after.keys() == before.keys() and after["k.key_secret"] != before["k.key_secret"]
+    assert stat.S_IMODE((tmp_path / "k.key_secret").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.key", "k.key_secret"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_keygen_never_writes_through_a_planted_symlink(tmp_path: Path, force: bool) -> None:
+    keys, victim = tmp_path / "keys", tmp_path / "victim.txt"
+    keys.mkdir(mode=0o700)
+    victim.write_text("precious\n")
+    os.chmod(victim, 0o644)
+    (keys / "k.key_secret").symlink_to(victim)
+    done = run_cli("keygen", str(keys), "--name", "k", *(["--force"] if force else []))
+    assert victim.read_text() == "precious\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    if force:  # the link itself is replaced by a real, private file
+        assert done.returncode == 0, done.stderr
+        secret = keys / "k.key_secret"
+        assert not secret.is_symlink() and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    else:
+        assert done.returncode != 0
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert (keys / "k.key_secret").is_symlink() and not (keys / "k.key").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["symlink", "group-writable"])
+def test_keygen_refuses_an_unsafe_key_directory(tmp_path: Path, how: str) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    keys = tmp_path / "keys"
+    if how == "symlink":
+        keys.symlink_to(real)
+    else:
+        keys.mkdir()
+        os.chmod(keys, 0o770)
+    done = run_cli("keygen", str(keys), "--name", "k")
+    assert done.returncode != 0
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and str(keys) in lines[0], done.stderr
+    assert list(real.iterdir()) == [] and not list(keys.iterdir())
 
 
 @pytest.mark.timeout(60)

@@ -238,12 +238,18 @@ def error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def test_worker_without_connect() -> None:
+def test_worker_without_connect_uses_the_default_socket_only_in_a_private_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without --connect the worker goes to the same-host daemon's socket, in the
+    # runtime directory; one that others could enter is refused, not used.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "shmrunner").mkdir(mode=0o700)
+    os.chmod(tmp_path / "shmrunner", 0o770)
     proc = run_cli("worker", "--processes", "1")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1  # one line, nothing else
     line = error_line(proc)
-    assert "worker.connect" in line and "--connect" in line
+    assert str(tmp_path / "shmrunner") in line and "chmod 700" in line, line
 
 
 @pytest.mark.parametrize(("args", "names"), [
@@ -287,3 +293,56 @@ def test_worker_help_lists_every_option() -> None:
     assert proc.returncode == 0
     for option in ("--connect", "--processes", "--name", "--config", "--allow-pickle"):
         assert option in proc.stdout
+
+
+# --- security settings -----------------------------------------------------------------------
+
+
+def test_allowed_functions(tmp_path: Path) -> None:
+    settings = load(write(tmp_path, "scheduler:\n  allowed_functions: [mypkg.jobs, 'a.*:run_*']\n"
+                                    "worker:\n  allowed_functions: [math]\n"))
+    assert settings.scheduler.allowed_functions == ("mypkg.jobs", "a.*:run_*")
+    assert settings.worker.allowed_functions == ("math",)
+    assert SchedulerSettings().allowed_functions is None  # default: any function
+    for bad in ("mypkg", "['a b']", "['m:f:g']", "[1]", "['']", "[os.system; rm]"):
+        msg = config_error(write(tmp_path, f"scheduler:\n  allowed_functions: {bad}\n"))
+        assert "scheduler.allowed_functions" in msg and "patterns" in msg, msg
+    msg = config_error(write(tmp_path, "worker:\n  allowed_functions: [m]\n"
+                                       "  allow_pickle: true\n"))
+    assert "worker.allowed_functions" in msg and "allow_pickle" in msg
+
+
+def test_the_old_authorized_keys_setting_says_what_replaced_it(tmp_path: Path) -> None:
+    msg = config_error(write(tmp_path, f"daemon:\n  curve_authorized_keys: {tmp_path}\n"))
+    assert "daemon.curve_authorized_keys" in msg
+    assert "curve_authorized_clients" in msg and "curve_authorized_workers" in msg
+    from shmrunner.config import DaemonSettings, with_overrides
+
+    with pytest.raises(ConfigError, match="curve_authorized_clients"):
+        with_overrides(DaemonSettings(), {"curve_authorized_keys": str(tmp_path)}, "daemon")
+
+
+def test_curve_needs_both_authorised_directories(tmp_path: Path) -> None:
+    (tmp_path / "d.key_secret").write_text("")
+    msg = config_error(write(tmp_path, f"daemon:\n  curve_secret_key: {tmp_path}/d.key_secret\n"
+                                       f"  curve_authorized_clients: {tmp_path}\n"))
+    assert "daemon.curve_authorized_workers" in msg and "missing" in msg
+    msg = config_error(write(tmp_path, f"daemon:\n  curve_authorized_workers: {tmp_path}\n"))
+    assert "daemon.curve_secret_key" in msg
+
+
+def test_default_addresses_are_resolved_from_the_environment_when_used(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shmrunner.config import DaemonSettings
+
+    settings = DaemonSettings()
+    assert settings.clients is None and settings.workers is None
+    assert settings.allow_unauthenticated is False
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert settings.clients_address() == f"ipc://{tmp_path}/run/shmrunner/clients.sock"
+    assert settings.workers_address() == f"ipc://{tmp_path}/run/shmrunner/workers.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert settings.clients_address() == f"ipc://{tmp_path}/state/shmrunner/clients.sock"
+    assert DaemonSettings(clients="tcp://10.0.0.1:5560").clients_address() \
+        == "tcp://10.0.0.1:5560"

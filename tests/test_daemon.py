@@ -376,6 +376,7 @@ def test_submits_after_the_drain_began_are_refused_even_mid_batch(daemons) -> No
 
 def _good_config(tmp_path: Path) -> dict[str, Any]:
     return {"daemon": {"clients": "tcp://127.0.0.1:*", "workers": "tcp://127.0.0.1:*",
+                       "allow_unauthenticated": True,
                        "journal": str(tmp_path / "journal.sqlite")},
             "scheduler": {"local_workers": 1}}
 
@@ -401,15 +402,17 @@ def _curve_config(tmp_path: Path, authorized_is_file: bool) -> str:
     assert run_cli("keygen", str(keys), "--name", "server").returncode == 0
     data = _good_config(tmp_path)
     data["daemon"]["curve_secret_key"] = str(keys / "server.key_secret")
-    data["daemon"]["curve_authorized_keys"] = str(keys / "server.key") if authorized_is_file \
+    data["daemon"]["curve_authorized_clients"] = str(keys / "server.key") if authorized_is_file \
         else str(keys)
+    data["daemon"]["curve_authorized_workers"] = str(keys)
     return _write(tmp_path, data)
 
 
 def _missing_curve_key(tmp_path: Path) -> str:
     data = _good_config(tmp_path)
     data["daemon"]["curve_secret_key"] = str(tmp_path / "nope.key_secret")
-    data["daemon"]["curve_authorized_keys"] = str(tmp_path)
+    data["daemon"]["curve_authorized_clients"] = str(tmp_path)
+    data["daemon"]["curve_authorized_workers"] = str(tmp_path)
     return _write(tmp_path, data)
 
 
@@ -433,7 +436,7 @@ _BAD = [
                  id="missing-curve-key-file"),
     pytest.param(lambda t: (["--config", _with(t, "daemon", "curve_secret_key",
                                                str(t / "good.yaml"))],
-                            ["bad.yaml", "daemon.curve_authorized_keys"]),
+                            ["bad.yaml", "daemon.curve_authorized_clients"]),
                  id="curve-key-without-authorized-keys"),
     pytest.param(lambda t: (["--config", _write(t, "daemon:\n  clients: [oops\n")],
                             ["bad.yaml", "YAML", "line"]), id="invalid-yaml"),
@@ -454,7 +457,7 @@ _BAD = [
     pytest.param(lambda t: (["--config", _good(t), "--set", "daemon.log_level=[DEBUG"],
                             ["--set", "daemon.log_level"]), id="set-invalid-yaml-value"),
     pytest.param(lambda t: (["--config", _curve_config(t, authorized_is_file=True)],
-                            ["bad.yaml", "daemon.curve_authorized_keys", "director"]),
+                            ["bad.yaml", "daemon.curve_authorized_clients", "director"]),
                  id="curve-authorized-keys-is-a-file"),
 ]
 
@@ -490,6 +493,7 @@ def test_bad_config_is_one_clear_line_and_a_nonzero_exit(tmp_path: Path,
 def _keys(tmp_path: Path) -> dict[str, Path]:
     """keygen: the daemon's, an authorised client's and worker's, and rogue pairs."""
     keys, rogue, authorized = tmp_path / "keys", tmp_path / "rogue", tmp_path / "authorized"
+    authorized_workers = tmp_path / "authorized-workers"
     for directory, names in ((keys, ("server", "client", "worker")),
                              (rogue, ("client", "worker"))):
         for name in names:
@@ -499,14 +503,15 @@ def _keys(tmp_path: Path) -> dict[str, Path]:
             secret = directory / f"{name}.key_secret"
             assert secret.exists() and (secret.stat().st_mode & 0o077) == 0
     authorized.mkdir()
-    for name in ("client", "worker"):
-        shutil.copy(keys / f"{name}.key", authorized)
+    authorized_workers.mkdir()
+    shutil.copy(keys / "client.key", authorized)
+    shutil.copy(keys / "worker.key", authorized_workers)
     return {"server_secret": keys / "server.key_secret", "server": keys / "server.key",
             "client_secret": keys / "client.key_secret", "worker_secret":
             keys / "worker.key_secret", "rogue_client_secret": rogue / "client.key_secret",
             "rogue_worker_secret": rogue / "worker.key_secret",
             "rogue_worker": rogue / "worker.key", "rogue_client": rogue / "client.key",
-            "authorized": authorized}
+            "authorized": authorized, "authorized_workers": authorized_workers}
 
 
 def _worker_config(tmp_path: Path, d: Daemon, name: str, secret: Path | None,
@@ -524,8 +529,9 @@ def _curve_daemon(tmp_path: Path, daemons: Callable[..., Daemon],
                   **scheduler: Any) -> tuple[Daemon, dict[str, Path]]:
     k = _keys(tmp_path)
     d = daemons(daemon={"curve_secret_key": str(k["server_secret"]),
-                        "curve_authorized_keys": str(k["authorized"]),
-                        "log_level": "DEBUG"},  # zmq.auth's ALLOWED/DENIED lines
+                        "curve_authorized_clients": str(k["authorized"]),
+                        "curve_authorized_workers": str(k["authorized_workers"]),
+                        "log_level": "DEBUG"},
                 scheduler=scheduler,
                 client_options={"curve_secret_key": str(k["client_secret"]),
                                 "curve_server_key": str(k["server"])})
@@ -580,7 +586,7 @@ def test_curve_serves_authorised_peers_and_refuses_the_rest(tmp_path: Path, daem
 
 def _denied(d: Daemon, public_key_file: Path) -> Callable[[], bool]:
     key = zmq.auth.load_certificate(str(public_key_file))[0].decode()
-    line = f"DENIED (CURVE) domain=* client_key=b'{key}'"
+    line = f"refused CURVE key {key} on the "
     return lambda: line in d.proc.text()  # type: ignore[union-attr]
 
 

@@ -35,7 +35,7 @@ EXPECTED_ALL = sorted([
     # errors and warnings
     "ShmrunnerError", "WorkerLostError", "TaskTimeoutError", "TaskCancelledError",
     "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
-    "ChannelError", "ChannelClosedError", "RemoteTaskError",
+    "ChannelError", "ChannelClosedError", "RemoteTaskError", "FunctionNotAllowedError",
     "SharedMemoryUnavailableWarning",
 ])
 
@@ -43,7 +43,7 @@ ERRORS = [
     shmrunner.ShmrunnerError, shmrunner.WorkerLostError, shmrunner.TaskTimeoutError,
     shmrunner.TaskCancelledError, shmrunner.InitializerError, shmrunner.SharedMemoryError,
     shmrunner.ProtocolError, shmrunner.ConfigError, shmrunner.ChannelError,
-    shmrunner.ChannelClosedError, shmrunner.RemoteTaskError,
+    shmrunner.ChannelClosedError, shmrunner.RemoteTaskError, shmrunner.FunctionNotAllowedError,
 ]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -32,6 +32,7 @@ import pickle
 import re
 import reprlib
 import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, get_args
@@ -565,9 +566,12 @@ def function_ref(fn: str | Callable[..., Any]) -> str:
 _refs: dict[Any, str] = {}   # callables that resolved back to themselves
 
 
-def resolve_function(ref: str) -> Callable[..., Any]:
+def resolve_function(ref: str, *, strict: bool = False) -> Callable[..., Any]:
     """Import the callable named by ``ref``; ``ImportError`` naming ``ref`` if it
-    cannot be found, ``TypeError`` if it is not callable."""
+    cannot be found, ``TypeError`` if it is not callable. ``strict`` (an
+    allow-list's check) refuses a path through another module
+    (``pkg:os.system``): a pattern allowing ``pkg`` allows what ``pkg`` defines,
+    not everything it imported."""
     if not _is_ref(ref):
         raise ValueError(f"{ref!r} is not a function reference 'package.module:qualname'")
     module_name, _, qualname = ref.partition(":")
@@ -582,6 +586,9 @@ def resolve_function(ref: str) -> Callable[..., Any]:
         except AttributeError as exc:
             raise ImportError(f"cannot resolve function {ref!r}: {module_name!r} has no "
                               f"attribute {qualname!r}", name=module_name) from exc
+        if strict and isinstance(obj, types.ModuleType):
+            raise TypeError(f"function reference {ref!r} goes through the module "
+                            f"{obj.__name__!r}; name the function in its own module")
     if not callable(obj):
         raise TypeError(f"function reference {ref!r} names a {type(obj).__name__}, "
                         "not a callable")

@@ -27,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 import zmq
 
 from ..errors import ChannelClosedError, ChannelError, ConfigError, ProtocolError
+from .curve import CurveKeys, client_keys
 from .protocol import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
@@ -37,21 +38,9 @@ from .protocol import (
 )
 
 __all__ = ["ChannelError", "ChannelClosedError", "CurveKeys", "ChannelOptions", "Received",
-           "ZmqChannel"]
+           "ZmqChannel", "client_keys"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """CURVE keys (z85-encoded, as ``zmq.curve_keypair()`` makes them). Without
-    ``server_key`` the socket is the CURVE server; with it, a client of the
-    server whose public key it is. Which clients a server admits is a ZAP
-    authenticator's job (``zmq.auth``), not the channel's."""
-
-    public_key: bytes
-    secret_key: bytes
-    server_key: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +110,10 @@ class ZmqChannel:
         self._socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
         if keys.server_key is None:
             self._socket.setsockopt(zmq.CURVE_SERVER, 1)
+            if keys.zap_domain is not None:
+                self._socket.setsockopt_string(zmq.ZAP_DOMAIN, keys.zap_domain)
+                # No authenticator answering must mean no entry, not any key.
+                self._socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         else:
             self._socket.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key)
 
@@ -227,22 +220,3 @@ class ZmqChannel:
 
 def _name(peer: bytes | None) -> str:
     return "the peer" if peer is None else f"peer {peer.hex()}"
-
-
-def client_keys(secret_file: str | None, server_file: str | None) -> CurveKeys | None:
-    """CURVE keys for a connecting socket from keygen's files (None: no CURVE)."""
-    if secret_file is None and server_file is None:
-        return None
-    if secret_file is None or server_file is None:
-        raise ConfigError("CURVE needs both curve_secret_key (this client's .key_secret "
-                             "file) and curve_server_key (the daemon's .key file)")
-    import zmq.auth
-
-    try:
-        public, secret = zmq.auth.load_certificate(secret_file)
-        server_public, _ = zmq.auth.load_certificate(server_file)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read CURVE keys: {exc}") from None
-    if secret is None:
-        raise ConfigError(f"{secret_file} holds no secret key; use the .key_secret file")
-    return CurveKeys(public_key=public, secret_key=secret, server_key=server_public)

@@ -34,6 +34,7 @@ from typing import Any
 
 import zmq
 
+from .._allowlist import AllowList
 from .._poolcore import Core, Task
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
@@ -85,6 +86,7 @@ class Agent:
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
         self._core: Core | None = None
+        self._allowed = AllowList(settings.allowed_functions, "worker.allowed_functions")
 
     def stop(self) -> None:
         """Drain and exit: safe from a signal handler or another thread."""
@@ -218,6 +220,7 @@ class Agent:
         task_id = body["task_id"]
         try:
             fn = body["fn"]
+            self._allowed.check(fn, body["args"])  # before anything is imported
             if isinstance(fn, str):
                 fn = _resolve(fn)
             else:  # arrived pickled (cloudpickle): the engine's plain pickle may refuse it
