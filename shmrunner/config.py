@@ -96,6 +96,12 @@ class SchedulerSettings:
         64 * 1024, _count, "bytes from which plain arrays go through shared memory")
     max_pending: int = _setting(
         100_000, _positive, "tasks queued before submit() blocks (backpressure)")
+    max_pending_bytes: int | None = _setting(
+        None, _check(lambda v: v is None or (_is_int(v) and v >= 1),
+                     "a whole number of bytes >= 1, or null for a quarter of the available "
+                     "memory"),
+        "bytes of array and bytes arguments held by queued and running tasks before "
+        "submit() blocks (null: a quarter of the memory available at start)")
     max_message_bytes: int = _setting(
         1 << 31, _positive, "largest message accepted from the network, in bytes")
     prefetch: int = _setting(1, _count, "tasks sent to a remote worker beyond its capacity")

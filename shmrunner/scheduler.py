@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._payload import default_budget, payload_bytes
 from ._streams import Progress, chunked_calls, stream, total_of
 from .config import SchedulerSettings, load
 from .errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError, WorkerLostError
@@ -50,7 +51,7 @@ class Job:
     """One submitted call and its bookkeeping."""
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
-                 "handle", "tier")
+                 "handle", "tier", "nbytes")
 
     def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any], retries: int, timeout: float | None) -> None:
@@ -64,6 +65,7 @@ class Job:
         self.attempts = 0
         self.handle: Any = None  # the tier's handle of the current attempt
         self.tier: Tier | None = None
+        self.nbytes = payload_bytes(args, kwargs)  # counted in the byte budget until settled
 
 
 class Tier(Protocol):
@@ -241,6 +243,8 @@ class Scheduler(Executor):
         self._all_done = threading.Condition(self._lock)
         self._ids = itertools.count()
         self._shutdown = False
+        self._held_bytes = 0  # payload bytes of the jobs queued or running
+        self._byte_budget = self.settings.max_pending_bytes or default_budget()
         self._timers = _Timers()
         self._tiers: list[Any] = []
         self._local: _LocalTier | None = None
@@ -278,14 +282,18 @@ class Scheduler(Executor):
         """A snapshot for people and monitoring: ``queued`` (waiting for a
         worker), ``running`` (handed to a worker), ``local_workers``,
         ``workers`` (each connected remote worker: name, host, pid, capacity,
-        busy, seconds since its last heartbeat) and ``rejected`` (messages
-        refused from the network)."""
+        busy, seconds since its last heartbeat), ``rejected`` (messages
+        refused from the network), and ``pending_bytes`` of array and bytes
+        arguments held by queued and running tasks against their budget
+        ``max_pending_bytes``."""
         with self._lock:
-            queued, running = len(self._queue), len(self._running)
+            queued, running, held = len(self._queue), len(self._running), self._held_bytes
         hub = self._remote
         return {
             "queued": queued,
             "running": running,
+            "pending_bytes": held,
+            "max_pending_bytes": self._byte_budget,
             "local_workers": self.local_capacity(),
             "workers": hub.workers() if hub is not None else [],
             "rejected": hub.rejected if hub is not None else 0,
@@ -316,12 +324,18 @@ class Scheduler(Executor):
         elif not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         future: Future[Any] = Future()
+        job = Job(next(self._ids), future, fn, args, kwargs, retries, timeout)
         with self._not_full:
-            while len(self._queue) >= self.settings.max_pending and not self._shutdown:
+            # Blocks on either budget; a task larger than the byte budget alone
+            # is let in once nothing else is held, or it could never run.
+            while not self._shutdown and (
+                    len(self._queue) >= self.settings.max_pending
+                    or (self._held_bytes and self._held_bytes + job.nbytes > self._byte_budget)):
                 self._not_full.wait()
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._queue.append(Job(next(self._ids), future, fn, args, kwargs, retries, timeout))
+            self._held_bytes += job.nbytes
+            self._queue.append(job)
         self._pump()
         return future
 
@@ -377,6 +391,8 @@ class Scheduler(Executor):
             cancelled = list(self._queue) if cancel_futures else []
             if cancel_futures:
                 self._queue.clear()
+                for job in cancelled:
+                    self._release(job)
             self._not_full.notify_all()
         for job in cancelled:
             # A job waiting for a retry is already RUNNING: cancel() cannot settle it.
@@ -409,6 +425,7 @@ class Scheduler(Executor):
                 while room > 0 and self._queue:
                     job = self._queue.popleft()
                     if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
+                        self._release(job)
                         continue  # cancelled while queued
                     job.attempts += 1
                     job.tier = tier
@@ -453,13 +470,15 @@ class Scheduler(Executor):
     def _finish(self, job: Job, ok: bool, value: Any, pump: bool = True) -> None:
         """A tier reports one attempt's outcome: retry it or settle the future."""
         retry = (not ok and isinstance(value, (WorkerLostError, TaskTimeoutError))
-                 and job.retries > 0 and not isinstance(value, TaskCancelledError))
+                 and job.retries > 0)
         with self._lock:
             self._running.discard(job)
             job.tier = None
             if retry:
                 job.retries -= 1
                 self._queue.appendleft(job)
+            else:
+                self._release(job)
             self._all_done.notify_all()
         if not retry:
             if ok:
@@ -470,6 +489,12 @@ class Scheduler(Executor):
         if pump:
             self._pump()
 
+    def _release(self, job: Job) -> None:
+        """Under the lock: ``job`` no longer holds its arguments' bytes."""
+        if job.nbytes:
+            self._held_bytes -= job.nbytes
+            job.nbytes = 0
+            self._not_full.notify_all()
 
     def _close_tiers(self, wait: bool) -> None:
         self._timers.close()

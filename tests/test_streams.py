@@ -105,44 +105,79 @@ def test_progress_true_draws_a_tqdm_bar(sched: Scheduler,
 
 
 _STREAM = textwrap.dedent("""
+    import functools
+    import os
+    import subprocess
     import sys
+    import time
     import numpy as np
     import shmrunner
-    import _sched_tasks as tasks
+    from _stream_tasks import slow_checksum
+
+    MIB = 1 << 20
+    PAUSE = 0.2  # seconds each task sleeps: far slower than np.full makes an array
 
     def arrays(n, mib):
         for i in range(n):
-            yield np.full(mib * 131072, i, dtype=np.float64)
+            yield np.full(mib * MIB // 8, i, dtype=np.float64)
 
     def peak_mib():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) // 1024
 
+    def results(kind, n, mib, budget):
+        if kind == "pool":
+            with shmrunner.Pool(2) as pool:
+                yield peak_mib()
+                yield from pool.imap(functools.partial(slow_checksum, seconds=PAUSE),
+                                     arrays(n, mib), buffersize=budget // mib)
+            return
+        listen = "tcp://127.0.0.1:*" if kind == "remote" else None
+        with shmrunner.Scheduler(local_workers=2 if kind == "local" else 0, listen=listen,
+                                 max_pending_bytes=budget * MIB) as sched:
+            agent = None
+            if kind == "remote":
+                agent = subprocess.Popen([sys.executable, "-m", "shmrunner.cli", "worker",
+                                          "--connect", sched.address, "--processes", "2"])
+                deadline = time.monotonic() + 60
+                while not sched.status()["workers"]:
+                    assert time.monotonic() < deadline, "the agent never joined"
+                    time.sleep(0.05)
+            try:
+                yield peak_mib()
+                # The default buffersize (64 tasks: 4 GiB here): the byte budget bounds it.
+                yield from sched.map(slow_checksum, arrays(n, mib), [PAUSE] * n)
+            finally:
+                if agent is not None:
+                    agent.terminate()
+                    agent.wait(30)
+
     if __name__ == "__main__":
-        n, mib, buffersize = (int(a) for a in sys.argv[1:4])
-        with shmrunner.Scheduler(local_workers=2) as sched:
-            base = peak_mib()
-            total = 0.0
-            for value in sched.imap(tasks.checksum, arrays(n, mib), buffersize=buffersize):
-                total += value
-        assert total == mib * 131072 * n * (n - 1) / 2, total
+        kind = sys.argv[1]
+        n, mib, budget = (int(a) for a in sys.argv[2:5])
+        stream = results(kind, n, mib, budget)
+        base = next(stream)
+        total = sum(stream)
+        assert total == mib * MIB // 8 * n * (n - 1) / 2, total
         print(base, peak_mib())
 """)
 
 
-@pytest.mark.timeout(240)
-def test_a_stream_of_large_arrays_keeps_the_callers_memory_bounded(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["pool", "local", "remote"])
+def test_a_stream_of_large_arrays_keeps_the_callers_memory_bounded(
+        tmp_path: Path, kind: str) -> None:
     script = tmp_path / "stream.py"
     script.write_text(_STREAM)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO, env.get("PYTHONPATH", "")])
-    n, mib, buffersize = 200, 64, 4  # 12.5 GiB through a 2-worker scheduler
-    proc = subprocess.run([sys.executable, str(script), str(n), str(mib), str(buffersize)],
-                          capture_output=True, text=True, timeout=220, env=env)
+    n, mib, budget = 200, 64, 256  # 12.5 GiB from a generator, a 256 MiB budget
+    proc = subprocess.run([sys.executable, str(script), kind, str(n), str(mib), str(budget)],
+                          capture_output=True, text=True, timeout=280, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     base, peak = (int(x) for x in proc.stdout.split())
-    # The caller holds the arrays it has generated but whose tasks have not
-    # finished: buffersize of them, plus one being generated and one whose
-    # copy is in shared memory; never the 200 of an eager map.
-    assert peak - base < (buffersize + 4) * mib, (base, peak)
+    # Held at once: the arrays within the budget (each also copied once, into
+    # shared memory or a socket buffer, while in flight) and the one being
+    # generated: a small multiple of the budget, never the 200 of an eager map.
+    assert peak - base < 3 * budget, (base, peak)
