@@ -32,6 +32,7 @@ from typing import Any
 
 import zmq
 
+from ._jobid import check_job_id
 from ._wakeup import Wakeup
 from .errors import ShmrunnerError, TaskTimeoutError
 from .transport.protocol import Message, encode, exception_from_wire
@@ -94,7 +95,7 @@ class Client(Executor):
         """Run ``fn(*args, **kwargs)`` in the daemon; the future has ``job_id``."""
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        job_id = job_id or uuid.uuid4().hex
+        job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
         options: dict[str, Any] = {}
         if retries is not None:
             options["retries"] = retries
@@ -116,6 +117,7 @@ class Client(Executor):
     def result(self, job_id: str, timeout: float | None = None) -> Any:
         """The result of job ``job_id`` (raising its exception), waiting up to
         ``timeout`` seconds for it to finish; works after reconnecting."""
+        check_job_id(job_id)
         call = _Call(timeout)
         with self._lock:
             self._fetches.setdefault(job_id, []).append(call)

@@ -34,10 +34,11 @@ from typing import Any
 
 import zmq
 
+from ._jobid import job_id_problem
 from ._journal import DONE, FAILED, Journal
 from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
-from .errors import ConfigError
+from .errors import ConfigError, JournalError
 from .scheduler import Scheduler
 from .transport.protocol import Message, decode, encode, exception_to_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
@@ -94,6 +95,9 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stop(); drain; return the exit code."""
+        if self.journal.orphans_removed:
+            log.info("deleted %d spill files no journaled job named (left by a crash)",
+                     self.journal.orphans_removed)
         replayed = self.journal.unfinished()
         for job_id, request in replayed:
             self._start(job_id, request, peer=None)  # frames from the journal
@@ -129,24 +133,38 @@ class Daemon:
 
     def _serve_requests(self) -> None:
         accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]] = []
+        # Fetches wait for this batch's submits to be journaled: a client that
+        # submits and at once asks for the result must not hear "unknown job".
+        fetches: list[tuple[bytes, Message]] = []
         for _ in range(1024):
             received = self._channel.recv(0)
             if received is None:
                 break
             peer, msg = received
             assert peer is not None
-            if msg.type == "submit" and self._stop.is_set():  # SIGTERM arrived mid-batch
+            job_id = msg.body.get("job_id")
+            if self._bad_id(peer, msg):
+                pass
+            elif msg.type == "submit" and self._stop.is_set():  # SIGTERM arrived mid-batch
                 self._refuse(peer, msg)
             elif msg.type == "submit":
-                job_id = msg.body.get("job_id") or uuid.uuid4().hex
                 frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
-                accepted.append((job_id, frames, peer, msg))
+                accepted.append((job_id or uuid.uuid4().hex, frames, peer, msg))
             elif msg.type == "fetch":
-                self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
+                fetches.append((peer, msg))
             elif msg.type == "status":
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
         if accepted:
-            new = set(self.journal.add([(job_id, frames) for job_id, frames, _, _ in accepted]))
+            try:
+                new = set(self.journal.add([(job_id, frames)
+                                            for job_id, frames, _, _ in accepted]))
+            except JournalError as exc:
+                log.error("%s: the batch's submits are refused", exc)
+                for job_id, _, peer, _ in accepted:
+                    self._reply(peer, _refusal(f"the daemon cannot journal job {job_id}: {exc}",
+                                               job_id, "journal"))
+                accepted = []
+                new = set()
             for job_id, _, peer, msg in accepted:
                 self._reply(peer, Message("accepted", {"job_id": job_id}))
                 if job_id in new:
@@ -154,12 +172,17 @@ class Daemon:
                     self._start(job_id, msg, peer)
                 else:  # a resubmission of a known job: answer as a fetch would
                     self._fetch(peer, job_id, None)
+        for peer, msg in fetches:
+            self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
 
-    def _start(self, job_id: str, request: Message | list[Any], peer: bytes | None) -> None:
+    def _start(self, job_id: str, request: Message | list[Any] | JournalError,
+               peer: bytes | None) -> None:
         """Hand a journaled job to the scheduler (``request``: the submit message,
-        or its frames as the journal kept them)."""
+        its frames as the journal kept them, or why the journal could not)."""
         assert self.scheduler is not None
         try:
+            if isinstance(request, JournalError):
+                raise request
             msg = request if isinstance(request, Message) else decode(
                 request, max_bytes=self._scheduler_settings.max_message_bytes,
                 allow_pickle=self._scheduler_settings.allow_pickle)
@@ -208,11 +231,18 @@ class Daemon:
             self._reply_frames(peer, frames)
 
     def _fetch(self, peer: bytes, job_id: str, timeout: float | None) -> None:
-        found = self.journal.get(job_id)
+        try:
+            found = self.journal.get(job_id)
+        except JournalError as exc:
+            self._reply(peer, Message("error", {"reason": f"the result of job {job_id} is "
+                                                          f"lost: {exc}", "job_id": job_id,
+                                                "fetch": True, "code": "journal"}))
+            return
         if found is None:
             self._reply(peer, Message("error", {"reason": f"unknown job {job_id} (never "
                                                           "accepted, or its result expired)",
-                                                "job_id": job_id, "fetch": True}))
+                                                "job_id": job_id, "fetch": True,
+                                                "code": "unknown"}))
         elif found[0] in (DONE, FAILED) and found[1] is not None:
             self._reply_frames(peer, found[1])
         else:
@@ -272,7 +302,9 @@ class Daemon:
         while (received := self._channel.recv(0)) is not None:
             peer, msg = received
             assert peer is not None
-            if msg.type == "submit":
+            if self._bad_id(peer, msg):
+                pass
+            elif msg.type == "submit":
                 self._refuse(peer, msg)
             elif msg.type == "fetch":
                 self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
@@ -280,9 +312,22 @@ class Daemon:
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
 
     def _refuse(self, peer: bytes, msg: Message) -> None:
-        self._reply(peer, Message("error", {"reason": "the daemon is shutting down; "
-                                                      "submit again after it restarts",
-                                            "job_id": msg.body.get("job_id")}))
+        self._reply(peer, _refusal("the daemon is shutting down; submit again after it "
+                                   "restarts", msg.body.get("job_id"), "draining"))
+
+    def _bad_id(self, peer: bytes, msg: Message) -> bool:
+        """Refuse a submit or fetch whose job id breaks the rules (shmrunner/_jobid.py)."""
+        job_id = msg.body.get("job_id")
+        if msg.type not in ("submit", "fetch") or job_id is None:
+            return False
+        problem = job_id_problem(job_id)
+        if problem is None:
+            return False
+        reply = _refusal(problem, job_id, "invalid")
+        if msg.type == "fetch":
+            reply.body["fetch"] = True
+        self._reply(peer, reply)
+        return True
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -328,6 +373,14 @@ class Daemon:
         if self._auth is not None:
             self._auth.stop()
         self._wakeup.close()
+
+
+def _refusal(reason: str, job_id: str | None, code: str) -> Message:
+    """An error about one submit or fetch; ``code`` says which kind (docs/protocol.md).
+    A client's own id comes back so it can settle that job; an absurdly long one
+    (only a hostile peer sends those) does not."""
+    echo = job_id if job_id is None or len(job_id) <= 1024 else None
+    return Message("error", {"reason": reason, "job_id": echo, "code": code})
 
 
 def _result_message(job_id: str, future: Future[Any]) -> Message:

@@ -65,6 +65,15 @@ def append_id(path: str, job_id: str, delay: float) -> str:
     return job_id
 
 
+def total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def blob(size: int) -> bytes:
+    """A result of ``size`` bytes (a large reply to a client)."""
+    return b"r" * size
+
+
 def hold(started: str, release: str, limit: float = 60.0) -> int:
     """Say the job started (this pid in ``started``), run until ``release`` exists;
     return this pid."""
@@ -325,6 +334,42 @@ class Worker(Proc):
             args += ["--connect", connect]
         super().__init__(args, tmp_path / f"worker-{name}.log")
         self.name = name
+
+
+class RawPeer:
+    """A bare DEALER on a daemon's client endpoint: sends what the Client never
+    would, reads replies with a deadline. ``rcvhwm``: how many replies it lets
+    queue before ZeroMQ stops taking more from the daemon."""
+
+    def __init__(self, address: str, rcvhwm: int = 1000) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.connect(address)
+
+    def send(self, msg: Any) -> None:
+        from shmrunner.transport.protocol import encode
+
+        self.socket.send_multipart(encode(msg), copy=False)
+
+    def send_frames(self, frames: list[Any]) -> None:
+        self.socket.send_multipart(frames, copy=False)
+
+    def recv(self, timeout: float = 10.0) -> Any:
+        """The next reply (a Message), or None after ``timeout`` seconds."""
+        from shmrunner.transport.protocol import decode
+
+        if not self.socket.poll(round(timeout * 1000)):
+            return None
+        return decode(self.socket.recv_multipart(copy=False), max_bytes=1 << 30,
+                      allow_pickle=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.ctx.term()
 
 
 def _tcp_rows(pid: int) -> Iterator[list[str]]:
