@@ -433,14 +433,15 @@ def _explain(exc: BaseException, path: Path) -> str:
             return f"the disk holding {path} is full; free some space and restart"
         return f"{path}: {exc} ({name or 'sqlite3 error'})"
     if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"the disk holding {path} is full; free some space and restart"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return (f"the disk holding {path} is full (or a file size limit was reached): "
+                    f"{exc.strerror}; free some space and restart")
         if exc.errno == errno.ELOOP:
             return (f"{exc.filename or path} is a symlink; the journal does not follow "
                     "symlinks: point daemon.journal at the real file")
         where = exc.filename or path
-        return (f"cannot open {where}: {exc.strerror or exc}; point daemon.journal at a "
-                "file in a directory you can write")
+        return (f"{where}: {exc.strerror or exc}; point daemon.journal at a file in a "
+                "directory you can write")
     return str(exc)
 
 

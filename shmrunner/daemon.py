@@ -70,7 +70,12 @@ class Daemon:
         self._done = self._failed = 0
         self._auth: Any = None
         curve = self._start_curve()
-        self.journal = Journal(daemon.journal_path())
+        try:
+            self.journal = Journal(daemon.journal_path())
+        except BaseException:
+            if self._auth is not None:
+                self._auth.stop()
+            raise
         self._channel = ZmqChannel("router", ChannelOptions(
             max_bytes=scheduler.max_message_bytes, allow_pickle=scheduler.allow_pickle,
             accept=_ACCEPT, curve=curve))
@@ -94,7 +99,23 @@ class Daemon:
     # --- the front thread (the caller of run) -------------------------------------------
 
     def run(self) -> int:
-        """Serve until stop(); drain; return the exit code."""
+        """Serve until stop(); drain; return the exit code. A journal that cannot
+        be written raises JournalError (one line for the CLI): the jobs it
+        holds stay journaled for the next start."""
+        try:
+            self._replay()
+            poller = zmq.Poller()
+            poller.register(self._channel.socket, zmq.POLLIN)
+            poller.register(self._wakeup.fd, zmq.POLLIN)
+            self._serve(poller)
+            return self._drain(poller)
+        except JournalError as exc:
+            raise JournalError(f"{exc}; the daemon stops (unfinished jobs stay journaled "
+                               "and run again after a restart)") from None
+        finally:
+            self._close()
+
+    def _replay(self) -> None:
         if self.journal.orphans_removed:
             log.info("deleted %d spill files no journaled job named (left by a crash)",
                      self.journal.orphans_removed)
@@ -105,26 +126,21 @@ class Daemon:
             log.info("re-running %d journaled jobs that had not finished", len(replayed))
         log.info("daemon serving clients on %s, workers on %s", self.address,
                  self.workers_address)
-        poller = zmq.Poller()
-        poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wakeup.fd, zmq.POLLIN)
+
+    def _serve(self, poller: zmq.Poller) -> None:
         next_expiry = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                events = dict(poller.poll(round(self._poll_wait() * 1000)))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                if self._channel.socket in events:
-                    self._serve_requests()
-                self._settle()
-                self._expire_waiters()
-                if time.monotonic() >= next_expiry:
-                    self.journal.expire(self.settings.result_ttl)
-                    next_expiry = time.monotonic() + min(_EXPIRE_EVERY,
-                                                         self.settings.result_ttl / 2)
-            return self._drain(poller)
-        finally:
-            self._close()
+        while not self._stop.is_set():
+            events = dict(poller.poll(round(self._poll_wait() * 1000)))
+            if self._wakeup.fd in events:
+                self._wakeup.drain()
+            if self._channel.socket in events:
+                self._serve_requests()
+            self._settle()
+            self._expire_waiters()
+            if time.monotonic() >= next_expiry:
+                self.journal.expire(self.settings.result_ttl)
+                next_expiry = time.monotonic() + min(_EXPIRE_EVERY,
+                                                     self.settings.result_ttl / 2)
 
     def _poll_wait(self) -> float:
         if not self._deadlines:

@@ -74,9 +74,9 @@ def blob(size: int) -> bytes:
     return b"r" * size
 
 
-def hold(started: str, release: str, limit: float = 60.0) -> int:
+def hold(started: str, release: str, limit: float = 60.0, payload: Any = None) -> int:
     """Say the job started (this pid in ``started``), run until ``release`` exists;
-    return this pid."""
+    return this pid. ``payload``: ignored (makes the request as large as a test needs)."""
     tmp = f"{started}.tmp"
     Path(tmp).write_text(str(os.getpid()))
     os.replace(tmp, started)

@@ -119,7 +119,7 @@ def test_a_lost_or_truncated_spill_file_fails_that_job_and_the_daemon_starts(
     futures, files = [], []
     for i in range(3):
         futures.append(client.submit("_daemon_tasks:total", BIG * i))
-        wait_until(lambda: len(os.listdir(spill)) == i + 1, timeout=10,
+        wait_until(lambda i=i: len(os.listdir(spill)) == i + 1, timeout=10,
                    message=f"job {i}'s request to be spilled")
         files.append(spill / next(n for n in os.listdir(spill) if spill / n not in files))
     wait_until(lambda: client.status()["queued"] == 3, timeout=10, message="3 queued jobs")
