@@ -282,7 +282,7 @@ class Daemon:
                 del self._waiters[job_id]
             self._reply(peer, Message("error", {
                 "reason": f"job {job_id} not finished within the fetch timeout",
-                "job_id": job_id, "fetch": True}))
+                "job_id": job_id, "fetch": True, "code": "timeout"}))
 
     def status(self) -> dict[str, Any]:
         assert self.scheduler is not None
