@@ -277,6 +277,19 @@ class Scheduler(Executor):
         """Schedule ``fn(*args, **kwargs)``; ``retries`` and ``timeout`` override
         the scheduler's defaults for this task (to pass arguments of those names
         to ``fn`` itself, wrap it in ``functools.partial``)."""
+        return self._submit(fn, args, kwargs, retries, timeout, block=True)
+
+    def try_submit(self, fn: Callable[..., Any] | str, /, *args: Any,
+                   retries: int | None = None, timeout: float | None = None,
+                   **kwargs: Any) -> Future[Any]:
+        """``submit``, but never waits: raises :class:`SchedulerBusyError` when
+        ``max_pending`` tasks already wait (for a caller that must not block,
+        such as the daemon's front thread)."""
+        return self._submit(fn, args, kwargs, retries, timeout, block=False)
+
+    def _submit(self, fn: Callable[..., Any] | str, args: tuple[Any, ...],
+                kwargs: dict[str, Any], retries: int | None, timeout: float | None,
+                block: bool) -> Future[Any]:
         if not callable(fn) and not isinstance(fn, str):
             raise TypeError(f"fn must be a callable or a 'module:function' string, got {fn!r}")
         if retries is None:
@@ -290,6 +303,12 @@ class Scheduler(Executor):
         future: Future[Any] = Future()
         with self._not_full:
             while len(self._queue) >= self.settings.max_pending and not self._shutdown:
+                if not block:
+                    from .errors import SchedulerBusyError  # here: keeps the imports as they were
+
+                    raise SchedulerBusyError(f"{len(self._queue)} tasks already wait for a "
+                                             "worker (scheduler.max_pending); submit again "
+                                             "later")
                 self._not_full.wait()
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

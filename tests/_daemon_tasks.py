@@ -105,8 +105,8 @@ def env() -> dict[str, str]:
     return e
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "shmrunner.cli", *args]
+def cli(*args: str, module: str = "shmrunner.cli") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -145,12 +145,13 @@ class Proc:
     """One ``shmrunner`` subprocess (its own session and process group), its
     stderr appended to ``log``; stop() ends it and everything it started."""
 
-    def __init__(self, args: list[str], log: Path, stdout: Path | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, stdout: Path | None = None,
+                 module: str = "shmrunner.cli") -> None:
         self.args = args
         self.log = log
         self.stdout = stdout or log
         with open(log, "ab") as err, open(self.stdout, "ab") as out:
-            self.popen = subprocess.Popen(cli(*args), cwd=REPO, env=env(),
+            self.popen = subprocess.Popen(cli(*args, module=module), cwd=REPO, env=env(),
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           start_new_session=True)
         self.pid = self.popen.pid
@@ -202,8 +203,11 @@ class Daemon:
 
     def __init__(self, tmp_path: Path, name: str = "daemon", daemon: dict[str, Any] | None = None,
                  scheduler: dict[str, Any] | None = None, args: tuple[str, ...] = (),
-                 client_options: dict[str, Any] | None = None) -> None:
+                 client_options: dict[str, Any] | None = None,
+                 fault: tuple[str, str] | None = None) -> None:
         self.dir = tmp_path
+        # (Daemon method, "once" or "always"): run it under _faulty_daemon, that method raising
+        self.fault = fault
         self.name = name
         self.config_path = tmp_path / f"{name}.yaml"
         self.log = tmp_path / f"{name}.log"
@@ -242,7 +246,11 @@ class Daemon:
         for attempt in range(attempts):
             self.write_config()
             seen = self.log.read_text().count(READY) if self.log.exists() else 0
-            self.proc = Proc(["daemon", "--config", str(self.config_path), *self.args], self.log)
+            args = ["daemon", "--config", str(self.config_path), *self.args]
+            if self.fault is None:
+                self.proc = Proc(args, self.log)
+            else:
+                self.proc = Proc([*self.fault, *args], self.log, module="_faulty_daemon")
             try:
                 self._wait_line(seen, timeout)
                 break

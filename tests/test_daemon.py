@@ -801,3 +801,37 @@ def test_journal_files_are_private(tmp_path: Path, daemons) -> None:
         assert oct(directory.stat().st_mode & 0o777) == oct(0o700), directory
     release.touch()
     held.result(timeout=30)
+
+
+# --- the front thread cannot die silently --------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_front_thread_survives_an_unexpected_error(daemons) -> None:
+    d = daemons(fault=("_fetch", "once")).start()
+    client = d.client(refetch_interval=0.3)
+    future = client.submit("_daemon_tasks:inc", 1)
+    assert future.result(timeout=30) == 2
+    # The daemon fails on the first fetch; the client asks again and is answered.
+    assert client.result(future.job_id, timeout=30) == 2
+    assert client.submit("_daemon_tasks:inc", 2).result(timeout=30) == 3
+    text = d.proc.text()  # type: ignore[union-attr]
+    assert "injected fault in Daemon._fetch" in text and "carrying on" in text
+    assert d.proc.alive()  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+def test_a_front_thread_that_keeps_failing_exits_with_one_line_and_keeps_the_journal(
+        tmp_path: Path, daemons) -> None:
+    d = daemons(fault=("_settle", "always")).start()
+    ran = tmp_path / "ran.txt"
+    client = d.client()
+    future = client.submit("_daemon_tasks:append_id", str(ran), "kept", 0.0)
+    assert future.wait_accepted(30)  # journaled; its result can never be recorded
+    assert d.proc.popen.wait(60) == 1  # type: ignore[union-attr]
+    last = d.proc.text().splitlines()[-1]  # type: ignore[union-attr]
+    assert last.startswith("shmrunner daemon: the front thread failed 10 times in a row"), last
+    assert "journaled jobs run again after a restart" in last
+    d.forget(client)
+    d.fault = None
+    d.start()
+    assert d.client().result(future.job_id, timeout=30) == "kept"

@@ -5,6 +5,7 @@ read, a full queue, and a fuzz of random messages."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,59 @@ def test_a_lost_or_truncated_spill_file_fails_that_job_and_the_daemon_starts(
     assert later.result(futures[2].job_id, timeout=30) == float((BIG * 2).sum())
     assert later.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
     assert "Traceback" not in d.proc.text()  # type: ignore[union-attr]
+
+
+# --- one client cannot stall the daemon ----------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_never_reads_cannot_stall_the_daemon(daemons) -> None:
+    d = daemons().start()
+    n = 800  # accepted + results: more replies than its queue (and the kernel's) can hold
+    hog = RawPeer(d.address, rcvhwm=1)
+    try:
+        for i in range(n):
+            hog.send(Message("submit", {"job_id": f"hog-{i}", "fn": "_daemon_tasks:blob",
+                                        "args": (65536,), "kwargs": {}}))
+        client = d.client()
+        # Every status call has a short deadline: a front thread stuck sending to the
+        # hog (10 s per reply before) misses it.
+        wait_until(lambda: client.status(timeout=5)["done"] == n, timeout=90, interval=0.2,
+                   message=f"{n} jobs done")
+        assert client.status(timeout=5)["dropped_replies"] > 0
+        assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
+        d.proc.signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert d.proc.popen.wait(20) == 0  # type: ignore[union-attr]
+    finally:
+        hog.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_full_queue_answers_busy_and_never_blocks_the_daemon(tmp_path: Path,
+                                                               daemons) -> None:
+    d = daemons(scheduler={"max_pending": 2}, daemon={"drain_timeout": 1.0}).start()
+    client = d.client()
+    # Busy submits are sent again by the client, with backoff, until they fit.
+    quick = [client.submit("_daemon_tasks:inc", i) for i in range(50)]
+    assert [f.result(timeout=60) for f in quick] == list(range(1, 51))
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    held = [client.submit("_daemon_tasks:hold", str(started), str(release)) for _ in range(50)]
+    peer = RawPeer(d.address)
+    try:
+        wait_until(started.exists, timeout=30, message="a held job to start")
+        # Nothing finishes while the jobs hold: once the queue is full it stays full.
+        wait_until(lambda: client.status(timeout=5)["queued"] == 2, timeout=30,
+                   message="the queue to fill up to max_pending")
+        peer.send(Message("submit", {"job_id": "one-more", "fn": "_daemon_tasks:inc",
+                                     "args": (1,), "kwargs": {}}))
+        reply = peer.recv(timeout=10)
+        assert reply is not None and reply.type == "error" and reply.body["code"] == "busy", \
+            reply
+        assert "scheduler.max_pending" in reply.body["reason"]
+        assert not any(f.done() for f in held)  # waiting for room, not failed
+
+        d.proc.signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert d.proc.popen.wait(20) == 0  # type: ignore[union-attr]
+    finally:
+        peer.close()
+        release.touch()
