@@ -17,7 +17,7 @@ acknowledgement does not come within ``ack_timeout`` fails with
 :class:`ShmrunnerError` saying it may or may not have been accepted: fetch it
 with ``client.result(job_id)`` (from this or any later Client) or submit it
 again with the same id. A daemon whose queue is full answers ``busy``: that is
-a clear "not accepted", so the client submits again, backing off up to 2 s,
+a clear "not accepted", so the client submits again, backing off up to 1 s,
 for as long as the daemon keeps answering. While a job runs (and while a
 ``result(job_id)`` call waits) the client asks about it again every
 ``refetch_interval`` seconds, so it completes even if the daemon was restarted
@@ -55,7 +55,7 @@ __all__ = ["Client", "JobFuture", "connect"]
 log = logging.getLogger("shmrunner.client")
 
 _ACCEPT = frozenset({"accepted", "result", "error", "status_reply"})
-_BUSY_FIRST, _BUSY_MAX = 0.05, 2.0   # backoff of a submit the daemon was too busy to take
+_BUSY_FIRST, _BUSY_MAX = 0.02, 1.0   # backoff of a submit the daemon was too busy to take
 _MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thread gives up
 # Error codes after which the daemon will never answer about that job (docs/protocol.md).
 _FINAL_FETCH_CODES = frozenset({"unknown", "journal", "invalid"})

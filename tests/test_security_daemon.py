@@ -5,19 +5,23 @@ read, a full queue, and a fuzz of random messages."""
 from __future__ import annotations
 
 import os
+import random
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
 import shmrunner
 from _daemon_tasks import Daemon, RawPeer
 from _util import wait_until
+from shmrunner._jobid import job_id_problem
 from shmrunner.errors import JournalError
-from shmrunner.transport.protocol import Message
+from shmrunner.transport.protocol import PROTOCOL_VERSION, Message
 
 
 @pytest.fixture
@@ -172,8 +176,8 @@ def test_a_full_queue_answers_busy_and_never_blocks_the_daemon(tmp_path: Path,
     d = daemons(scheduler={"max_pending": 2}, daemon={"drain_timeout": 1.0}).start()
     client = d.client()
     # Busy submits are sent again by the client, with backoff, until they fit.
-    quick = [client.submit("_daemon_tasks:inc", i) for i in range(50)]
-    assert [f.result(timeout=60) for f in quick] == list(range(1, 51))
+    quick = [client.submit("_daemon_tasks:inc", i) for i in range(20)]
+    assert [f.result(timeout=60) for f in quick] == list(range(1, 21))
 
     started, release = tmp_path / "started", tmp_path / "release"
     held = [client.submit("_daemon_tasks:hold", str(started), str(release)) for _ in range(50)]
@@ -196,3 +200,134 @@ def test_a_full_queue_answers_busy_and_never_blocks_the_daemon(tmp_path: Path,
     finally:
         peer.close()
         release.touch()
+
+
+# --- fuzz ----------------------------------------------------------------------------------
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:-"
+
+
+def _random_job_id(rng: random.Random, tmp_path: Path) -> Any:
+    kind = rng.randrange(10)
+    if kind < 3:  # valid
+        return rng.choice("abcXYZ019_:-") + "".join(
+            rng.choice(_ID_CHARS) for _ in range(rng.randrange(0, 128)))
+    if kind == 3:
+        return "../" * rng.randrange(1, 6) + f"escape{rng.randrange(100)}"
+    if kind == 4:
+        return str(tmp_path / f"abs{rng.randrange(100)}")
+    if kind == 5:
+        return f"dir/{rng.randrange(100)}/file"
+    if kind == 6:
+        return "".join(chr(rng.randrange(0, 0x3000)) for _ in range(rng.randrange(0, 300)))
+    if kind == 7:
+        return rng.choice(["", ".", "..", ".hidden", "a" * 129, "x" * 5000, "nul\0"])
+    return rng.choice([None, 7, -1, 3.5, b"bytes", ["list"], {"map": 1}, True])
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.randrange(-2**63, 2**64)
+    if kind == 1:
+        return rng.random() * 10 ** rng.randrange(-5, 300)
+    if kind == 2:
+        return rng.randbytes(rng.randrange(0, 64))
+    if kind == 3:
+        return "".join(chr(rng.randrange(32, 0x250)) for _ in range(rng.randrange(0, 32)))
+    if kind == 4:
+        return rng.choice([None, True, False])
+    if kind == 5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    if kind == 6:
+        return {str(_random_value(rng, 3)): _random_value(rng, depth + 1)
+                for _ in range(rng.randrange(0, 5))}
+    return msgpack.ExtType(rng.randrange(0, 128), rng.randbytes(rng.randrange(0, 32)))
+
+
+def _fuzz_message(rng: random.Random, tmp_path: Path, valid_jobs: list[int]) -> list[bytes]:
+    kind = rng.randrange(10)
+    if kind < 3:  # random frames
+        return [rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 4))]
+    if kind < 6:  # random msgpack, often shaped like a header
+        if rng.random() < 0.7:
+            value = [PROTOCOL_VERSION if rng.random() < 0.8 else _random_value(rng),
+                     rng.choice(["submit", "fetch", "status", "result", "hello", "nope"]),
+                     _random_value(rng)]
+        else:
+            value = _random_value(rng)
+        return [msgpack.packb(value, use_bin_type=True)]
+    job_id = _random_job_id(rng, tmp_path)
+    if kind < 9:
+        body: dict[str, Any] = {"job_id": job_id}
+        if rng.random() < 0.5:
+            body["timeout"] = rng.choice([0, 0.01, None, -1, "x"])
+        return [msgpack.packb([PROTOCOL_VERSION, "fetch", body], use_bin_type=True)]
+    if isinstance(job_id, str) and job_id_problem(job_id) is None:
+        if valid_jobs[0] >= 300:  # keep the real work small: the point is the parsing
+            job_id = "../" + job_id
+        else:
+            valid_jobs[0] += 1
+    fn = rng.choice(["_daemon_tasks:inc", "no_such_module:fn", "os:system", "bad ref"])
+    return [msgpack.packb([PROTOCOL_VERSION, "submit", {
+        "job_id": job_id, "fn": fn, "args": [rng.randrange(100)], "kwargs": {}}],
+        use_bin_type=True)]
+
+
+@pytest.mark.timeout(120)
+def test_fuzz_100k_random_messages(tmp_path: Path, daemons,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    d = daemons(daemon={"journal": str(state / "journal.sqlite")},
+                scheduler={"max_message_bytes": 1 << 20}).start()
+    client = d.client()
+    assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2  # warmed up
+    baseline = peak = _rss_kib(d.pid)
+    before = _tree(tmp_path, skip=state)
+    rng = random.Random(20240607)
+    valid_jobs = [0]
+    peer = RawPeer(d.address)
+    replies = 0
+    try:
+        for start in range(0, 100_000, 500):
+            for _ in range(500):
+                peer.send_frames(_fuzz_message(rng, tmp_path, valid_jobs))
+            while peer.socket.poll(0):
+                peer.socket.recv_multipart()
+                replies += 1
+            if start % 10_000 == 0:
+                peak = max(peak, _rss_kib(d.pid))
+        # A few valid submits over the spill size, with path-like and valid ids.
+        for i in range(10):
+            job_id = f"big-{i}" if i % 2 else f"../big-{i}"
+            peer.send(Message("submit", {"job_id": job_id, "fn": "_daemon_tasks:total",
+                                         "args": (BIG,), "kwargs": {}}))
+        peer.send(Message("status", {}))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # everything sent before it has been handled
+            if peer.socket.poll(1000) and b"status_reply" in peer.socket.recv_multipart()[0]:
+                break
+        else:
+            raise AssertionError("no status reply after the fuzz")
+    finally:
+        peer.close()
+    peak = max(peak, _rss_kib(d.pid))
+
+    assert d.proc.alive()  # type: ignore[union-attr]
+    status = client.status(timeout=10)
+    with capsys.disabled():
+        print(f"\n[fuzz] 100000 messages: {status['rejected']} rejected, {replies} replies read, "
+              f"{valid_jobs[0]} valid submits, RSS {baseline} -> peak {peak} KiB")
+    assert status["rejected"] > 10_000, status
+    assert client.submit("_daemon_tasks:inc", 41).result(timeout=30) == 42
+    assert (peak - baseline) < 200 * 1024, f"RSS grew from {baseline} to {peak} KiB"
+    assert _tree(tmp_path, skip=state) == before
+    assert "carrying on" not in d.proc.text()  # type: ignore[union-attr]
