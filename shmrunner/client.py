@@ -4,25 +4,37 @@ Data flow::
 
     submit()/result()/status() (any thread) --> outbox + wake pipe --+
                                                                      v
-    client thread (owns the DEALER socket): sends, receives
-        accepted -> the job is journaled (durable) in the daemon
+    client thread (owns the DEALER socket): sends, receives, re-asks
+        accepted -> the job is journaled (durable): future.accepted() is True
         result   -> settles the job's Future and any result(job_id) waiting
-        error    -> a refused submit (draining daemon) or a failed fetch
+        error    -> busy: the submit is sent again after a backoff;
+                    unknown job: settles that job's Future and result() calls;
+                    otherwise a refused submit (draining, bad id) or a failed fetch
 
 Every job has an id (``future.job_id``), chosen here so it is known at once;
 submitting the same id again is idempotent in the daemon. A job whose
 acknowledgement does not come within ``ack_timeout`` fails with
 :class:`ShmrunnerError` saying it may or may not have been accepted: fetch it
 with ``client.result(job_id)`` (from this or any later Client) or submit it
-again with the same id. While a job runs, the client asks about it again every
-``refetch_interval`` seconds, so its Future completes even if the daemon was
-restarted in between (and replayed the job from its journal). Arrays travel as
+again with the same id. A daemon whose queue is full answers ``busy``: that is
+a clear "not accepted", so the client submits again, backing off up to 1 s,
+for as long as the daemon keeps answering. While a job runs (and while a
+``result(job_id)`` call waits) the client asks about it again every
+``refetch_interval`` seconds, so it completes even if the daemon was restarted
+in between (and replayed the job from its journal), or fails with "does not
+know job" if the restarted daemon has no record of it. Arrays travel as
 zero-copy frames both ways.
+
+Guarantee: every Future and every waiting call settles. The client thread
+survives an unexpected exception in one round (logged); if rounds keep
+failing, or the socket breaks, it fails everything it holds with the cause,
+and later calls raise it at once.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 import uuid
@@ -32,14 +44,47 @@ from typing import Any
 
 import zmq
 
+from ._jobid import check_job_id
 from ._wakeup import Wakeup
-from .errors import ShmrunnerError, TaskTimeoutError
+from .errors import ResultTimeoutError, ShmrunnerError
 from .transport.protocol import Message, encode, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
-__all__ = ["Client", "connect"]
+__all__ = ["Client", "JobFuture", "connect"]
+
+log = logging.getLogger("shmrunner.client")
 
 _ACCEPT = frozenset({"accepted", "result", "error", "status_reply"})
+_BUSY_FIRST, _BUSY_MAX = 0.02, 1.0   # backoff of a submit the daemon was too busy to take
+_MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thread gives up
+# Error codes after which the daemon will never answer about that job (docs/protocol.md).
+_FINAL_FETCH_CODES = frozenset({"unknown", "journal", "invalid"})
+
+
+class JobFuture(Future[Any]):
+    """The Future of a job submitted to a daemon: ``job_id``, and whether the
+    daemon has journaled it (from then on it survives a daemon restart)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self._accepted = False
+        self._decided = threading.Event()  # accepted, or settled without it
+        self.add_done_callback(lambda _: self._decided.set())
+
+    def accepted(self) -> bool:
+        """Whether the daemon said it journaled the job (durably accepted)."""
+        return self._accepted
+
+    def wait_accepted(self, timeout: float | None = None) -> bool:
+        """Wait until the job is durably accepted (True), or until it settled
+        without that or ``timeout`` seconds passed (False)."""
+        self._decided.wait(timeout)
+        return self._accepted
+
+    def _set_accepted(self) -> None:
+        self._accepted = True
+        self._decided.set()
 
 
 class _Call:
@@ -51,6 +96,10 @@ class _Call:
         self.event = threading.Event()
         self.reply: Message | None = None
         self.deadline = float("inf") if timeout is None else time.monotonic() + timeout
+
+    def settle(self, reply: Message) -> None:
+        self.reply = reply
+        self.event.set()
 
 
 class Client(Executor):
@@ -69,14 +118,20 @@ class Client(Executor):
         self._allow_pickle = allow_pickle
         self._lock = threading.Lock()
         self._outbox: collections.deque[list[Any]] = collections.deque()
-        self._futures: dict[str, Future[Any]] = {}
+        self._futures: dict[str, JobFuture] = {}
         self._unacked: dict[str, float] = {}
-        # Acknowledged jobs still running -> when to ask the daemon about them
-        # again: a daemon restarted since does not know this client is waiting.
+        # Submits not accepted yet (their frames, to send again after "busy") and
+        # when to send each again: job id -> (when, backoff so far).
+        self._submits: dict[str, list[Any]] = {}
+        self._retry_at: dict[str, tuple[float, float]] = {}
+        # Jobs someone waits for (an acknowledged Future, a result() call) -> when
+        # to ask the daemon about them again: a daemon restarted since does not
+        # know this client is waiting.
         self._refetch_at: dict[str, float] = {}
         self._fetches: dict[str, list[_Call]] = {}
         self._status_calls: collections.deque[_Call] = collections.deque()
         self._closed = False
+        self._broken: ShmrunnerError | None = None
         self._wakeup = Wakeup()
         self._channel = ZmqChannel("dealer", ChannelOptions(
             max_bytes=max_message_bytes, allow_pickle=allow_pickle, accept=_ACCEPT,
@@ -93,11 +148,13 @@ class Client(Executor):
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any,  # type: ignore[override]
                retries: int | None = None, timeout: float | None = None,
-               job_id: str | None = None, **kwargs: Any) -> Future[Any]:
-        """Run ``fn(*args, **kwargs)`` in the daemon; the future has ``job_id``."""
+               job_id: str | None = None, **kwargs: Any) -> JobFuture:
+        """Run ``fn(*args, **kwargs)`` in the daemon. The future has ``job_id``
+        (``job_id=``: 1-128 characters of ``A-Za-z0-9._:-``, no leading dot; by
+        default a random one) and ``wait_accepted()``."""
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        job_id = job_id or uuid.uuid4().hex
+        job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
         options: dict[str, Any] = {}
         if retries is not None:
             options["retries"] = retries
@@ -106,30 +163,49 @@ class Client(Executor):
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
                                            "kwargs": kwargs, "options": options}),
                         allow_pickle=self._allow_pickle)
-        future: Future[Any] = Future()
-        future.job_id = job_id  # type: ignore[attr-defined]
+        future = JobFuture(job_id)
         future.set_running_or_notify_cancel()
         with self._lock:
+            if self._broken is not None:
+                future.set_exception(self._broken)
+                return future
             self._futures[job_id] = future
             self._unacked[job_id] = time.monotonic() + self.ack_timeout
+            self._submits[job_id] = frames
             self._outbox.append(frames)
         self._wake()
         return future
 
     def result(self, job_id: str, timeout: float | None = None) -> Any:
         """The result of job ``job_id`` (raising its exception), waiting up to
-        ``timeout`` seconds for it to finish; works after reconnecting."""
+        ``timeout`` seconds for it to finish (then :class:`ResultTimeoutError`,
+        a ``TimeoutError``); works after reconnecting and across a daemon
+        restart. A job the daemon does not know raises :class:`ShmrunnerError`."""
+        check_job_id(job_id)
         call = _Call(timeout)
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             self._fetches.setdefault(job_id, []).append(call)
+            self._refetch_at.setdefault(job_id, time.monotonic() + self.refetch_interval)
             self._outbox.append(encode(Message("fetch", {"job_id": job_id, "timeout": timeout})))
         self._wake()
-        if not call.event.wait(None if timeout is None else timeout + self.ack_timeout):
-            raise TaskTimeoutError(f"no answer from the daemon at {self.address} about "
-                                   f"job {job_id}")
+        if not call.event.wait(timeout):
+            with self._lock:
+                waiting = self._fetches.get(job_id, [])
+                if call in waiting:
+                    waiting.remove(call)
+                    if not waiting:
+                        del self._fetches[job_id]
+            if not call.event.is_set():
+                raise ResultTimeoutError(f"job {job_id} did not finish within {timeout} s "
+                                         f"(or the daemon at {self.address} did not answer); "
+                                         "it goes on running: ask again later")
         reply = call.reply
         assert reply is not None
         if reply.type == "error":
+            if reply.body.get("code") == "timeout":
+                raise ResultTimeoutError(reply.body["reason"])
             raise ShmrunnerError(reply.body["reason"])
         if reply.body["ok"]:
             return reply.body["value"]
@@ -139,13 +215,20 @@ class Client(Executor):
         """The daemon's workers, queue depth, running, done, failed and uptime."""
         call = _Call()
         with self._lock:
+            if self._broken is not None:
+                raise self._broken
             self._status_calls.append(call)
             self._outbox.append(encode(Message("status", {})))
         self._wake()
         if not call.event.wait(timeout):
+            with self._lock:
+                if call in self._status_calls:  # the next reply is not this one's
+                    self._status_calls.remove(call)
             raise ShmrunnerError(f"no status from the daemon at {self.address} within "
                                  f"{timeout} s: is it running?")
         assert call.reply is not None
+        if call.reply.type == "error":
+            raise ShmrunnerError(call.reply.body["reason"])
         status: dict[str, Any] = call.reply.body["status"]
         return status
 
@@ -172,84 +255,168 @@ class Client(Executor):
         poller = zmq.Poller()
         poller.register(self._channel.socket, zmq.POLLIN)
         poller.register(self._wakeup.fd, zmq.POLLIN)
+        failed_rounds = 0
         try:
             while not self._stop:
-                events = dict(poller.poll(200))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                while self._outbox:
-                    try:
-                        self._channel.socket.send_multipart(self._outbox[0], copy=False,
-                                                            flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break  # no connection that takes it now (refused?): next round
-                    except zmq.ZMQError as exc:
-                        raise ChannelError(f"cannot reach the daemon: {exc}") from exc
-                    self._outbox.popleft()
-                if self._channel.socket in events:
-                    while (received := self._channel.recv(0)) is not None:
-                        self._receive(received.message)
-                self._check_acks()
+                try:
+                    self._round(poller)
+                    failed_rounds = 0
+                except ChannelError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 (a bug must not strand every future)
+                    failed_rounds += 1
+                    log.error("client thread: unexpected error (%d in a row), carrying on: %r",
+                              failed_rounds, exc, exc_info=True)
+                    if failed_rounds >= _MAX_FAILED_ROUNDS:
+                        raise
         except Exception as exc:  # noqa: BLE001 (every waiter must hear about it)
-            self._fail_all(ShmrunnerError(f"the client connection failed: {exc}"))
+            self._fail_all(ShmrunnerError(f"the client connection to {self.address} failed: "
+                                          f"{exc!r}"), broken=True)
         finally:
             self._fail_all(ShmrunnerError("the client was shut down"))
             self._channel.close()
             self._wakeup.close()
 
+    def _round(self, poller: zmq.Poller) -> None:
+        events = dict(poller.poll(200))
+        if self._wakeup.fd in events:
+            self._wakeup.drain()
+        while self._outbox:
+            try:
+                self._channel.socket.send_multipart(self._outbox[0], copy=False,
+                                                    flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break  # no connection that takes it now (refused?): next round
+            except zmq.ZMQError as exc:
+                raise ChannelError(f"cannot reach the daemon: {exc}") from exc
+            self._outbox.popleft()
+        if self._channel.socket in events:
+            while (received := self._channel.recv(0)) is not None:
+                self._receive(received.message)
+        self._check_acks()
+
     def _receive(self, msg: Message) -> None:
         body = msg.body
-        job_id = body.get("job_id")
+        job_id = body.get("job_id") or ""
         if msg.type == "accepted":
             with self._lock:
-                if self._unacked.pop(job_id or "", None) is not None:
-                    self._refetch_at[job_id or ""] = time.monotonic() + self.refetch_interval
+                future = self._futures.get(job_id)
+                self._submits.pop(job_id, None)
+                self._retry_at.pop(job_id, None)
+                if self._unacked.pop(job_id, None) is not None:
+                    self._refetch_at[job_id] = time.monotonic() + self.refetch_interval
+            if future is not None:
+                future._set_accepted()
         elif msg.type == "status_reply":
             with self._lock:
                 call = self._status_calls.popleft() if self._status_calls else None
             if call is not None:
-                call.reply = msg
-                call.event.set()
+                call.settle(msg)
         elif msg.type == "error" and body.get("fetch"):
-            # The answer to one result() call (unknown job, or its wait timed out): it
-            # settles that call only, never the job's own Future.
+            self._fetch_error(job_id, msg)
+        elif msg.type == "error" and body.get("code") == "busy":
+            self._busy(job_id)
+        elif job_id:  # result, or an error about one job
+            self._settle(job_id, msg)
+
+    def _fetch_error(self, job_id: str, msg: Message) -> None:
+        """The answer to a fetch. "Unknown job" (and a lost result) is final: it
+        settles every call and, if the daemon once accepted it, the job's Future.
+        A wait that timed out settles one call only, never the job's Future."""
+        code = msg.body.get("code")
+        if code in _FINAL_FETCH_CODES or (
+                code is None and msg.body["reason"].startswith("unknown job")):
             with self._lock:
-                waiting = self._fetches.get(job_id or "", [])
-                call = min(waiting, key=lambda c: c.deadline) if waiting else None
-                if call is not None:
-                    waiting.remove(call)
-                    if not waiting:
-                        del self._fetches[job_id or ""]
+                acked = job_id in self._futures and job_id not in self._unacked
+            if acked or code != "unknown":
+                reason = msg.body["reason"]
+                if code == "unknown":
+                    reason = (f"the daemon at {self.address} does not know job {job_id} (it "
+                              "was restarted on another journal, or the result expired)")
+                self._settle(job_id, Message("error", {"reason": reason, "job_id": job_id,
+                                                       "code": code}), future=acked)
+            else:
+                self._settle_calls(job_id, msg)
+            return
+        now = time.monotonic()
+        with self._lock:
+            waiting = self._fetches.get(job_id, [])
+            # The daemon's "not finished within the timeout" comes a little after the
+            # caller's own deadline: it belongs to a call that is due, not a later one.
+            due = [c for c in waiting if code != "timeout" or c.deadline <= now + 0.5]
+            call = min(due, key=lambda c: c.deadline) if due else None
             if call is not None:
-                call.reply = msg
-                call.event.set()
-        elif job_id is not None:  # result, or an error about one job
-            with self._lock:
-                future = self._futures.pop(job_id, None)
-                self._unacked.pop(job_id, None)
+                waiting.remove(call)
+                if not waiting:
+                    del self._fetches[job_id]
+        if call is not None:
+            call.settle(msg)
+
+    def _busy(self, job_id: str) -> None:
+        with self._lock:
+            if job_id not in self._submits:
+                return
+            _, backoff = self._retry_at.get(job_id, (0.0, 0.0))
+            backoff = min(_BUSY_MAX, max(_BUSY_FIRST, 2 * backoff))
+            now = time.monotonic()
+            self._retry_at[job_id] = (now + backoff, backoff)
+            # The daemon answered, so it is not the acknowledgement that is late.
+            self._unacked[job_id] = now + backoff + self.ack_timeout
+
+    def _settle_calls(self, job_id: str, msg: Message) -> None:
+        with self._lock:
+            calls = self._fetches.pop(job_id, [])
+            if job_id not in self._futures:
                 self._refetch_at.pop(job_id, None)
-                calls = self._fetches.pop(job_id, [])
-            for call in calls:
-                call.reply = msg
-                call.event.set()
-            if future is not None and not future.done():
-                if msg.type == "error":
-                    future.set_exception(ShmrunnerError(body["reason"]))
-                elif body["ok"]:
-                    future.set_result(body["value"])
-                else:
-                    future.set_exception(exception_from_wire(body["error"]))
+        for call in calls:
+            call.settle(msg)
+
+    def _settle(self, job_id: str, msg: Message, future: bool = True) -> None:
+        """Settle the job's Future (if ``future``) and every call waiting for it."""
+        with self._lock:
+            found = self._futures.pop(job_id, None) if future else None
+            if future:
+                self._unacked.pop(job_id, None)
+                self._submits.pop(job_id, None)
+                self._retry_at.pop(job_id, None)
+            calls = self._fetches.pop(job_id, [])
+            if job_id not in self._futures:
+                self._refetch_at.pop(job_id, None)
+        for call in calls:
+            call.settle(msg)
+        if found is None or found.done():
+            return
+        body = msg.body
+        if msg.type == "error":
+            found.set_exception(ShmrunnerError(body["reason"]))
+            return
+        found._set_accepted()  # a result means the daemon had journaled it
+        if body["ok"]:
+            found.set_result(body["value"])
+        else:
+            found.set_exception(exception_from_wire(body["error"]))
 
     def _check_acks(self) -> None:
         now = time.monotonic()
         with self._lock:
             for job_id, when in list(self._refetch_at.items()):
-                if when < now:
+                if when >= now:
+                    continue
+                if job_id in self._fetches or (job_id in self._futures
+                                               and job_id not in self._unacked):
                     self._refetch_at[job_id] = now + self.refetch_interval
                     self._outbox.append(encode(Message("fetch", {"job_id": job_id})))
+                else:
+                    del self._refetch_at[job_id]  # nobody waits for it any more
+            for job_id, (when, _) in list(self._retry_at.items()):
+                if when < now and job_id in self._submits:
+                    self._retry_at[job_id] = (float("inf"), self._retry_at[job_id][1])
+                    self._outbox.append(self._submits[job_id])
             late = [job_id for job_id, deadline in self._unacked.items() if deadline < now]
             for job_id in late:
                 del self._unacked[job_id]
+                self._submits.pop(job_id, None)
+                self._retry_at.pop(job_id, None)
             futures = [(job_id, self._futures.pop(job_id, None)) for job_id in late]
         for job_id, future in futures:
             if future is not None and not future.done():
@@ -258,10 +425,15 @@ class Client(Executor):
                     f"{self.ack_timeout} s; it may or may not have been accepted: fetch it with "
                     "client.result(job_id) or submit it again with the same job_id"))
 
-    def _fail_all(self, error: ShmrunnerError) -> None:
+    def _fail_all(self, error: ShmrunnerError, broken: bool = False) -> None:
         with self._lock:
+            if broken and self._broken is None:
+                self._broken = error
             futures = list(self._futures.values())
             self._futures.clear()
+            self._unacked.clear()
+            self._submits.clear()
+            self._retry_at.clear()
             calls = [c for cs in self._fetches.values() for c in cs] + list(self._status_calls)
             self._fetches.clear()
             self._status_calls.clear()
@@ -269,8 +441,7 @@ class Client(Executor):
             if not future.done():
                 future.set_exception(error)
         for call in calls:
-            call.reply = Message("error", {"reason": str(error)})
-            call.event.set()
+            call.settle(Message("error", {"reason": str(error)}))
 
     def _wake(self) -> None:
         self._wakeup.wake()

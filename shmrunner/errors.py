@@ -5,6 +5,7 @@
     ShmrunnerError
      +-- WorkerLostError          a worker died while holding a task
      +-- TaskTimeoutError         (also TimeoutError) a task ran past its timeout
+     +-- ResultTimeoutError       (also TimeoutError) Client.result(job_id, timeout) ran out
      +-- TaskCancelledError       a task was dropped by terminate() or shutdown
      +-- InitializerError         a worker's initializer raised; the pool is broken
      +-- SharedMemoryError        (also MemoryError) shared memory cannot hold an array
@@ -14,6 +15,8 @@
      +-- RemoteTaskError          a remote task's exception whose class cannot be rebuilt here
      +-- ConfigError              (also ValueError) a setting is missing or wrong
      +-- FunctionNotAllowedError  a peer asked to run a function the allow-list refuses
+     +-- JournalError             the daemon's journal cannot be read or written
+     +-- SchedulerBusyError       Scheduler.try_submit: max_pending tasks already wait
 
 A task's *own* exception is never wrapped: it reaches the caller as itself, with
 the worker's formatted traceback attached as ``__cause__`` (a
@@ -31,6 +34,7 @@ __all__ = [
     "ShmrunnerError",
     "WorkerLostError",
     "TaskTimeoutError",
+    "ResultTimeoutError",
     "TaskCancelledError",
     "InitializerError",
     "SharedMemoryError",
@@ -40,6 +44,8 @@ __all__ = [
     "RemoteTaskError",
     "ConfigError",
     "FunctionNotAllowedError",
+    "JournalError",
+    "SchedulerBusyError",
     "attach_remote_traceback",
 ]
 
@@ -87,6 +93,11 @@ class WorkerLostError(ShmrunnerError):
 
 class TaskTimeoutError(ShmrunnerError, TimeoutError):
     """Raised when a task ran longer than its timeout and was stopped."""
+
+
+class ResultTimeoutError(ShmrunnerError, TimeoutError):
+    """Raised by ``Client.result(job_id, timeout=...)`` when the job has not
+    finished within ``timeout`` seconds (the job itself goes on running)."""
 
 
 class TaskCancelledError(ShmrunnerError):
@@ -146,6 +157,18 @@ class ConfigError(ShmrunnerError, ValueError):
 class FunctionNotAllowedError(ShmrunnerError):
     """Raised (as the task's outcome) when a peer asks to run a function that
     ``allowed_functions`` does not list; nothing was imported or called."""
+
+
+class JournalError(ShmrunnerError):
+    """Raised when the daemon's journal cannot be read or written: the disk is
+    full, the database is locked or corrupt, or a job's spill file is missing
+    or truncated. The message names the file and what to do."""
+
+
+class SchedulerBusyError(ShmrunnerError):
+    """Raised by ``Scheduler.try_submit`` when ``max_pending`` tasks already
+    wait for a worker (``submit`` would block); the daemon answers such a
+    submit with a ``busy`` error and the client submits again later."""
 
 
 def attach_remote_traceback(exc: BaseException, tb_text: str) -> BaseException:

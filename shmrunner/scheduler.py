@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._payload import default_budget, payload_bytes
 from ._streams import Progress, chunked_calls, stream, total_of
 from .config import SchedulerSettings, load
-from .errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError, WorkerLostError
+from .errors import (
+    SchedulerBusyError,
+    ShmrunnerError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 
 if TYPE_CHECKING:
     from .transport.zmqchannel import CurveKeys
@@ -313,6 +319,19 @@ class Scheduler(Executor):
         """Schedule ``fn(*args, **kwargs)``; ``retries`` and ``timeout`` override
         the scheduler's defaults for this task (to pass arguments of those names
         to ``fn`` itself, wrap it in ``functools.partial``)."""
+        return self._submit(fn, args, kwargs, retries, timeout, block=True)
+
+    def try_submit(self, fn: Callable[..., Any] | str, /, *args: Any,
+                   retries: int | None = None, timeout: float | None = None,
+                   **kwargs: Any) -> Future[Any]:
+        """``submit``, but never waits: raises :class:`SchedulerBusyError` when
+        ``max_pending`` tasks already wait (for a caller that must not block,
+        such as the daemon's front thread)."""
+        return self._submit(fn, args, kwargs, retries, timeout, block=False)
+
+    def _submit(self, fn: Callable[..., Any] | str, args: tuple[Any, ...],
+                kwargs: dict[str, Any], retries: int | None, timeout: float | None,
+                block: bool) -> Future[Any]:
         if not callable(fn) and not isinstance(fn, str):
             raise TypeError(f"fn must be a callable or a 'module:function' string, got {fn!r}")
         if retries is None:
@@ -331,6 +350,11 @@ class Scheduler(Executor):
             while not self._shutdown and (
                     len(self._queue) >= self.settings.max_pending
                     or (self._held_bytes and self._held_bytes + job.nbytes > self._byte_budget)):
+                if not block:
+                    raise SchedulerBusyError(
+                        f"{len(self._queue)} tasks ({self._held_bytes} bytes of arguments) "
+                        "already wait for a worker (scheduler.max_pending, "
+                        "max_pending_bytes); submit again later")
                 self._not_full.wait()
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")

@@ -65,9 +65,18 @@ def append_id(path: str, job_id: str, delay: float) -> str:
     return job_id
 
 
-def hold(started: str, release: str, limit: float = 60.0) -> int:
+def total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def blob(size: int) -> bytes:
+    """A result of ``size`` bytes (a large reply to a client)."""
+    return b"r" * size
+
+
+def hold(started: str, release: str, limit: float = 60.0, payload: Any = None) -> int:
     """Say the job started (this pid in ``started``), run until ``release`` exists;
-    return this pid."""
+    return this pid. ``payload``: ignored (makes the request as large as a test needs)."""
     tmp = f"{started}.tmp"
     Path(tmp).write_text(str(os.getpid()))
     os.replace(tmp, started)
@@ -96,8 +105,8 @@ def env() -> dict[str, str]:
     return e
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "shmrunner.cli", *args]
+def cli(*args: str, module: str = "shmrunner.cli") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -136,12 +145,13 @@ class Proc:
     """One ``shmrunner`` subprocess (its own session and process group), its
     stderr appended to ``log``; stop() ends it and everything it started."""
 
-    def __init__(self, args: list[str], log: Path, stdout: Path | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, stdout: Path | None = None,
+                 module: str = "shmrunner.cli") -> None:
         self.args = args
         self.log = log
         self.stdout = stdout or log
         with open(log, "ab") as err, open(self.stdout, "ab") as out:
-            self.popen = subprocess.Popen(cli(*args), cwd=REPO, env=env(),
+            self.popen = subprocess.Popen(cli(*args, module=module), cwd=REPO, env=env(),
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           start_new_session=True)
         self.pid = self.popen.pid
@@ -193,8 +203,11 @@ class Daemon:
 
     def __init__(self, tmp_path: Path, name: str = "daemon", daemon: dict[str, Any] | None = None,
                  scheduler: dict[str, Any] | None = None, args: tuple[str, ...] = (),
-                 client_options: dict[str, Any] | None = None) -> None:
+                 client_options: dict[str, Any] | None = None,
+                 fault: tuple[str, str] | None = None) -> None:
         self.dir = tmp_path
+        # (Daemon method, "once" or "always"): run it under _faulty_daemon, that method raising
+        self.fault = fault
         self.name = name
         self.config_path = tmp_path / f"{name}.yaml"
         self.log = tmp_path / f"{name}.log"
@@ -235,7 +248,11 @@ class Daemon:
         for attempt in range(attempts):
             self.write_config()
             seen = self.log.read_text().count(READY) if self.log.exists() else 0
-            self.proc = Proc(["daemon", "--config", str(self.config_path), *self.args], self.log)
+            args = ["daemon", "--config", str(self.config_path), *self.args]
+            if self.fault is None:
+                self.proc = Proc(args, self.log)
+            else:
+                self.proc = Proc([*self.fault, *args], self.log, module="_faulty_daemon")
             try:
                 self._wait_line(seen, timeout)
                 break
@@ -327,6 +344,42 @@ class Worker(Proc):
             args += ["--connect", connect]
         super().__init__(args, tmp_path / f"worker-{name}.log")
         self.name = name
+
+
+class RawPeer:
+    """A bare DEALER on a daemon's client endpoint: sends what the Client never
+    would, reads replies with a deadline. ``rcvhwm``: how many replies it lets
+    queue before ZeroMQ stops taking more from the daemon."""
+
+    def __init__(self, address: str, rcvhwm: int = 1000) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.socket.connect(address)
+
+    def send(self, msg: Any) -> None:
+        from shmrunner.transport.protocol import encode
+
+        self.socket.send_multipart(encode(msg), copy=False)
+
+    def send_frames(self, frames: list[Any]) -> None:
+        self.socket.send_multipart(frames, copy=False)
+
+    def recv(self, timeout: float = 10.0) -> Any:
+        """The next reply (a Message), or None after ``timeout`` seconds."""
+        from shmrunner.transport.protocol import decode
+
+        if not self.socket.poll(round(timeout * 1000)):
+            return None
+        return decode(self.socket.recv_multipart(copy=False), max_bytes=1 << 30,
+                      allow_pickle=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.ctx.term()
 
 
 def _tcp_rows(pid: int) -> Iterator[list[str]]:

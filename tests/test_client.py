@@ -5,6 +5,8 @@ exceptions as themselves, remote workers joining the daemon."""
 from __future__ import annotations
 
 import concurrent.futures
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import pytest
 
 import _daemon_tasks
 import shmrunner
-from _daemon_tasks import Daemon, TaskFailed, Worker, named
+from _daemon_tasks import Daemon, TaskFailed, Worker, named, stopped
 from _util import children, wait_until
+from shmrunner.client import Client
 
 
 @pytest.fixture
@@ -115,8 +118,9 @@ def test_unknown_job_id_and_fetch_timeout_are_errors(tmp_path: Path, daemons) ->
                             str(tmp_path / "release"))
     wait_until((tmp_path / "started").exists, timeout=30, message="the job to start")
     watcher = d.client()
-    with pytest.raises(shmrunner.ShmrunnerError, match="not finished"):
+    with pytest.raises(concurrent.futures.TimeoutError, match="not finish") as info:
         watcher.result(running.job_id, timeout=0.2)
+    assert isinstance(info.value, shmrunner.ShmrunnerError)
     (tmp_path / "release").touch()
     assert watcher.result(running.job_id, timeout=30) == running.result(timeout=30)
 
@@ -128,7 +132,7 @@ def test_fetch_timeout_does_not_fail_the_jobs_own_future(tmp_path: Path, daemons
     running = client.submit("_daemon_tasks:hold", str(tmp_path / "started"),
                             str(tmp_path / "release"))
     wait_until((tmp_path / "started").exists, timeout=30, message="the job to start")
-    with pytest.raises(shmrunner.ShmrunnerError, match="not finished"):
+    with pytest.raises(concurrent.futures.TimeoutError, match="not finish"):
         client.result(running.job_id, timeout=0.2)
     (tmp_path / "release").touch()
     assert isinstance(running.result(timeout=30), int)  # the job itself succeeded
@@ -184,3 +188,126 @@ def test_remote_worker_joins_shows_in_status_and_runs_jobs(tmp_path: Path, daemo
     done, pending = concurrent.futures.wait(more, timeout=30)
     assert not pending
     assert [f.result() for f in more] == list(range(1, 21))
+
+
+# --- every future settles ------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_futures_and_result_calls_settle_when_a_restarted_daemon_does_not_know_the_job(
+        tmp_path: Path, daemons) -> None:
+    d = daemons().start()
+    client = d.client(refetch_interval=0.2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    future = client.submit("_daemon_tasks:hold", str(started), str(release))
+    assert future.wait_accepted(30)
+    wait_until(started.exists, timeout=30, message="the job to start")
+    outcome: list[BaseException] = []
+    waiter = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(shmrunner.ShmrunnerError, client.result, future.job_id).value))
+    waiter.start()  # result(job_id) with no timeout
+    try:
+        d.kill9()
+        d.daemon_settings["journal"] = str(tmp_path / "another-journal.sqlite")
+        d.start()  # same address, a journal that never heard of the job
+        with pytest.raises(shmrunner.ShmrunnerError,
+                           match=f"does not know job {future.job_id}"):
+            future.result(timeout=30)
+        waiter.join(30)
+        assert not waiter.is_alive(), "result(job_id) never returned"
+        assert f"does not know job {future.job_id}" in str(outcome[0])
+    finally:
+        release.touch()
+        waiter.join(30)
+
+
+@pytest.mark.timeout(90)
+def test_result_without_timeout_completes_across_a_restart_on_the_same_journal(
+        tmp_path: Path, daemons) -> None:
+    d = daemons().start()
+    started, release = tmp_path / "started", tmp_path / "release"
+    submitter = d.client()
+    future = submitter.submit("_daemon_tasks:hold", str(started), str(release))
+    assert future.wait_accepted(30) and future.accepted()
+    d.forget(submitter)
+    wait_until(started.exists, timeout=30, message="the job to start")
+    watcher = d.client(refetch_interval=0.2)
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(watcher.result(future.job_id)))
+    waiter.start()
+    try:
+        d.kill9()
+        started.unlink()
+        d.start()  # replays the job; the watcher's fetch was lost with the old process
+        wait_until(started.exists, timeout=30, message="the replayed job to start")
+        release.touch()
+        waiter.join(30)
+        assert not waiter.is_alive(), "result(job_id) did not complete after the restart"
+        assert got == [int(started.read_text())]
+    finally:
+        release.touch()
+        waiter.join(30)
+
+
+@pytest.mark.timeout(60)
+def test_wait_accepted_says_when_the_job_is_journaled(daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    d.proc.signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    try:
+        wait_until(lambda: stopped(d.pid), timeout=10, message="the daemon to stop")
+        future = client.submit("_daemon_tasks:inc", 1)
+        assert not future.wait_accepted(0.3) and not future.accepted()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            client.result(future.job_id, timeout=0.3)  # a frozen daemon answers nothing
+    finally:
+        d.proc.signal(signal.SIGCONT)  # type: ignore[union-attr]
+    assert future.wait_accepted(30) and future.accepted()
+    assert future.result(timeout=30) == 2
+
+
+# --- the client thread cannot die silently -------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_client_thread_survives_an_unexpected_error(daemons, monkeypatch) -> None:
+    d = daemons().start()
+    real = Client._receive
+    failures = []
+
+    def receive_failing_once(self: Client, msg: object) -> None:
+        if not failures:
+            failures.append(msg)
+            raise RuntimeError("injected fault")
+        real(self, msg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Client, "_receive", receive_failing_once)
+    client = d.client(refetch_interval=0.5)
+    future = client.submit("_daemon_tasks:inc", 1)
+    assert future.result(timeout=30) == 2  # its "accepted" was lost, its result was not
+    assert failures
+    assert client.submit("_daemon_tasks:inc", 2).result(timeout=30) == 3
+    assert client.status()["done"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_client_thread_that_keeps_failing_fails_every_future_clearly(
+        tmp_path: Path, daemons, monkeypatch) -> None:
+    d = daemons().start()
+    client = d.client()
+    started, release = tmp_path / "started", tmp_path / "release"
+    future = client.submit("_daemon_tasks:hold", str(started), str(release))
+    assert future.wait_accepted(30)
+
+    def broken(self: Client) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Client, "_check_acks", broken)
+    try:
+        error = future.exception(timeout=30)
+        assert isinstance(error, shmrunner.ShmrunnerError)
+        assert "client connection" in str(error) and "injected fault" in str(error)
+        later = client.submit("_daemon_tasks:inc", 1)  # settles at once, never hangs
+        assert "injected fault" in str(later.exception(timeout=5))
+        with pytest.raises(shmrunner.ShmrunnerError, match="injected fault"):
+            client.status(timeout=5)
+    finally:
+        release.touch()

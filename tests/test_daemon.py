@@ -726,3 +726,118 @@ def test_garbage_on_every_endpoint_is_counted_and_the_daemon_keeps_serving(
     assert d.proc.alive()  # type: ignore[union-attr]
     assert "Traceback" not in d.proc.text()  # type: ignore[union-attr]
 
+
+
+# --- the journal is the daemon's -----------------------------------------------------------
+
+def _refused_start(d: Daemon) -> tuple[int, list[str]]:
+    """Start ``d``'s process expecting it to refuse: (exit code, stderr lines)."""
+    d.write_config()
+    proc = Proc(["daemon", "--config", str(d.config_path)], d.log, stdout=d.dir / "out.txt")
+    try:
+        wait_until(lambda: not proc.alive() or READY in proc.text(), timeout=30,
+                   message="the daemon to exit (or to start)")
+    finally:
+        served = proc.alive()
+        assert proc.stop() == []
+    assert not served, f"the daemon started:\n{proc.text()}"
+    return proc.popen.returncode, proc.text().splitlines()
+
+
+@pytest.mark.timeout(60)
+def test_a_second_daemon_on_the_same_journal_is_refused(tmp_path: Path, daemons) -> None:
+    first = daemons().start()
+    second = daemons(daemon={"journal": first.daemon_settings["journal"]})
+    code, lines = _refused_start(second)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("shmrunner daemon: daemon.journal: ")
+    assert "in use by another daemon" in lines[0] and f"pid {first.pid}" in lines[0], lines
+    assert first.client().submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_corrupt_journal_is_one_line_and_a_nonzero_exit(tmp_path: Path, daemons) -> None:
+    d = daemons()
+    Path(d.daemon_settings["journal"]).write_bytes(np.random.default_rng(3).bytes(8192))
+    code, lines = _refused_start(d)
+    assert code == 2 and len(lines) == 1, lines
+    assert "not a readable SQLite journal" in lines[0] and "move it" in lines[0], lines
+
+
+@pytest.mark.timeout(60)
+def test_orphaned_spill_files_are_deleted_at_start(tmp_path: Path, daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    big = np.arange(50_000.0)  # over the spill size both ways
+    future = client.submit("_daemon_tasks:add", big, 1.0)
+    np.testing.assert_array_equal(future.result(timeout=30), big + 1)
+    d.forget(client)
+    d.proc.signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert d.proc.popen.wait(30) == 0  # type: ignore[union-attr]
+    spill = Path(d.daemon_settings["journal"] + ".spill")
+    kept = set(os.listdir(spill))
+    assert len(kept) == 1  # the result's file
+    orphan = spill / "0123456789abcdef0123456789abcdef"  # written, never committed
+    orphan.write_bytes(b"\0" * 1000)
+    d.start()
+    assert set(os.listdir(spill)) == kept
+    np.testing.assert_array_equal(d.client().result(future.job_id, timeout=30), big + 1)
+
+
+@pytest.mark.timeout(60)
+def test_journal_files_are_private(tmp_path: Path, daemons) -> None:
+    old = os.umask(0o022)  # the daemon inherits it: files would be 0644 without care
+    try:
+        journal = tmp_path / "made" / "by-daemon" / "journal.sqlite"
+        d = daemons(daemon={"journal": str(journal)}).start()
+    finally:
+        os.umask(old)
+    client = d.client()
+    big = np.arange(50_000.0)
+    started, release = tmp_path / "started", tmp_path / "release"
+    held = client.submit("_daemon_tasks:hold", str(started), str(release), 60.0, big)
+    wait_until(started.exists, timeout=30, message="the job to start")
+    spill = Path(f"{journal}.spill")
+    files = [journal, Path(f"{journal}-wal"), Path(f"{journal}-shm"), Path(f"{journal}.lock"),
+             *spill.iterdir()]
+    assert len(files) == 5, files  # the held job's request is spilled
+    for path in files:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+    for directory in (journal.parent, journal.parent.parent, spill):
+        assert oct(directory.stat().st_mode & 0o777) == oct(0o700), directory
+    release.touch()
+    held.result(timeout=30)
+
+
+# --- the front thread cannot die silently --------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_front_thread_survives_an_unexpected_error(daemons) -> None:
+    d = daemons(fault=("_fetch", "once")).start()
+    client = d.client(refetch_interval=0.3)
+    future = client.submit("_daemon_tasks:inc", 1)
+    assert future.result(timeout=30) == 2
+    # The daemon fails on the first fetch; the client asks again and is answered.
+    assert client.result(future.job_id, timeout=30) == 2
+    assert client.submit("_daemon_tasks:inc", 2).result(timeout=30) == 3
+    text = d.proc.text()  # type: ignore[union-attr]
+    assert "injected fault in Daemon._fetch" in text and "carrying on" in text
+    assert d.proc.alive()  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+def test_a_front_thread_that_keeps_failing_exits_with_one_line_and_keeps_the_journal(
+        tmp_path: Path, daemons) -> None:
+    d = daemons(fault=("_settle", "always")).start()
+    ran = tmp_path / "ran.txt"
+    client = d.client()
+    future = client.submit("_daemon_tasks:append_id", str(ran), "kept", 0.0)
+    assert future.wait_accepted(30)  # journaled; its result can never be recorded
+    assert d.proc.popen.wait(60) == 1  # type: ignore[union-attr]
+    last = d.proc.text().splitlines()[-1]  # type: ignore[union-attr]
+    assert last.startswith("shmrunner daemon: the front thread failed 10 times in a row"), last
+    assert "journaled jobs run again after a restart" in last
+    d.forget(client)
+    d.fault = None
+    d.start()
+    assert d.client().result(future.job_id, timeout=30) == "kept"

@@ -1,0 +1,37 @@
+"""Job ids: chosen by clients, so checked before the daemon uses them.
+
+A job id is 1 to 128 characters of ``A-Z a-z 0-9 . _ : -`` and does not start
+with a dot. The daemon never turns one into a file name (spill files are named
+by a token it draws itself), but a tight alphabet keeps ids safe to log, to
+show and to pass to other tools, and refuses path tricks (``../x``, ``/etc``)
+at the door rather than relying on every later use being careful.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["JOB_ID_MAX", "job_id_problem", "check_job_id"]
+
+JOB_ID_MAX = 128
+_JOB_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]*")
+RULE = (f"1 to {JOB_ID_MAX} characters of A-Z a-z 0-9 . _ : - , not starting with a dot")
+
+
+def job_id_problem(job_id: object) -> str | None:
+    """Why ``job_id`` is not a valid job id, or None when it is."""
+    if type(job_id) is not str:
+        return f"a job id must be a str, got {type(job_id).__name__}"
+    shown = repr(job_id[:40]) + ("..." if len(job_id) > 40 else "")
+    if not 0 < len(job_id) <= JOB_ID_MAX or _JOB_ID.fullmatch(job_id) is None:
+        return f"invalid job id {shown}: a job id is {RULE}"
+    return None
+
+
+def check_job_id(job_id: object) -> str:
+    """``job_id`` itself, or ValueError saying what is wrong with it."""
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise ValueError(problem)
+    assert isinstance(job_id, str)
+    return job_id
