@@ -216,6 +216,7 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
     _check_fits(nbytes)
     size = max(nbytes, 1)
     fd = _new_memfd(size)
+    _copies.add(fd)
     try:
         if array.flags.c_contiguous or array.flags.f_contiguous:
             # Same memory order on both sides; pwrite is one kernel copy and
@@ -230,9 +231,39 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
                 strides = dst.strides
                 del dst
     except BaseException:
-        os.close(fd)
+        close_copies([fd])
         raise
     return fd, size, tuple(strides)
+
+
+# Fds made by copy_to_memfd and not yet closed by their message. Pickling runs
+# outside the pool's lock, so the pool may fork a worker meanwhile: the child
+# closes these at once instead of holding a copy of each array until it exits.
+_copies: set[int] = set()
+
+
+def close_copies(fds: list[int]) -> None:
+    """Close fds returned by :func:`copy_to_memfd` (once sent, or dropped)."""
+    for fd in fds:
+        # Forgotten before closed: a fork in between leaks one fd into the
+        # child, where the other order could close an unrelated reused fd.
+        _copies.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _close_copies_in_child() -> None:
+    for fd in _copies:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _copies.clear()
+
+
+os.register_at_fork(after_in_child=_close_copies_in_child)
 
 
 def _pwrite_all(fd: int, data: memoryview) -> None:

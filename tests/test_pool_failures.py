@@ -813,3 +813,51 @@ def test_terminate_ends_imap_iterator(tmp_path: Any) -> None:
     finally:
         pool.terminate()
         pool.join()
+
+
+# --- user code never runs under the pool's lock ----------------------------------------------
+
+
+class _SlowReduce:
+    """An argument whose pickling blocks until the test releases it."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered = entered
+        self.release = release
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.entered.set()
+        self.release.wait(RESULT_TIMEOUT)
+        return (int, (7,))
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    import concurrent.futures
+
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        ok, value = outcome(fn)
+        future.set_result(value) if ok else future.set_exception(value)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+@pytest.mark.timeout(60)
+def test_slow_reduce_does_not_block_other_callers() -> None:
+    """A task whose argument takes forever to pickle holds up only its own
+    caller: another thread's apply() on the same (one-worker) pool completes."""
+    entered, release = threading.Event(), threading.Event()
+    with running_pool(1) as pool:
+        try:
+            slow = _in_thread(lambda: pool.apply_async(tasks.identity,
+                                                       (_SlowReduce(entered, release),)))
+            assert entered.wait(RESULT_TIMEOUT)
+            other = _in_thread(lambda: pool.apply(tasks.add_one, (1,)))
+            assert other.result(HANG_TIMEOUT) == 2
+            # The manager thread is free too: it still delivers results.
+            assert pool.apply_async(tasks.add_one, (2,)).get(HANG_TIMEOUT) == 3
+        finally:
+            release.set()
+        assert slow.result(RESULT_TIMEOUT).get(RESULT_TIMEOUT) == 7

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharedMemoryError
-from ..shm import Segment, copy_to_memfd, segment_of, warn_fallback
+from ..shm import Segment, close_copies, copy_to_memfd, segment_of, warn_fallback
 
 __all__ = ["Encoded", "MAX_FDS", "dumps", "loads", "close_fds"]
 
@@ -56,7 +56,7 @@ class Encoded:
 
     def release(self) -> None:
         """Close the fds this message owns; call once it is sent or dropped."""
-        close_fds(self.owned)
+        close_copies(self.owned)
         self.owned = []
         self.borrowed = []
 
@@ -149,7 +149,7 @@ def dumps(obj: object, threshold: int) -> Encoded:
     try:
         pickler.dump(obj)
     except BaseException:
-        close_fds(state.owned)
+        close_copies(state.owned)
         raise
     finally:
         _sending.state = outer
