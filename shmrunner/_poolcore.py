@@ -144,6 +144,9 @@ class Core:
                  initargs: tuple[Any, ...], maxtasks: int | None, ctx: BaseContext,
                  threshold: int) -> None:
         self.ctx = ctx
+        # Workers, sockets and the manager thread belong to this process: a
+        # fork() child that used them would send on the parent's sockets.
+        self.pid = os.getpid()
         self.initializer = initializer
         self.initargs = initargs
         self.maxtasks = maxtasks
@@ -184,7 +187,20 @@ class Core:
                  result: Any, index: int = 0) -> Task:
         return Task(next(self.ids), fn, args, kwargs, result, index)
 
+    def check_process(self, owner: str = "Pool") -> None:
+        """Raise in a fork() child: the workers answer the parent, and only the
+        parent's manager thread reads their results (the child would steal
+        some from the parent and wait forever for its own)."""
+        if os.getpid() != self.pid:
+            raise ShmrunnerError(
+                f"this {owner} was created in process {self.pid} and cannot be used from "
+                f"process {os.getpid()}, a fork() of it; create a new {owner} in the child")
+
+    def in_owner(self) -> bool:
+        return os.getpid() == self.pid
+
     def submit(self, tasks: Iterable[Task]) -> None:
+        self.check_process()
         taken: list[Task] = []
         with self.lock:
             if self.broken is not None:
@@ -312,12 +328,18 @@ class Core:
         return True
 
     def close(self) -> None:
+        if not self.in_owner():
+            return  # a fork() child: the parent's pool is not the child's to stop
         with self.lock:
             if self.state == RUN:
                 self.state = CLOSE
         self.wake()
 
     def terminate(self) -> None:
+        if not self.in_owner():
+            # A fork() child (its copy of the lock may be held forever by a
+            # thread that does not exist there): the pool is the parent's.
+            return
         if self.state == TERMINATE and not self.thread.is_alive():
             return  # done already: not even the lock is needed
         with self.lock:
@@ -331,13 +353,15 @@ class Core:
 
     def shutdown_at_exit(self) -> None:
         """Terminate and wait (bounded): the interpreter is exiting."""
-        if self.state == TERMINATE and not self.thread.is_alive():
+        if not self.in_owner() or self.state == TERMINATE and not self.thread.is_alive():
             return
         self.terminate()
         if threading.current_thread() is not self.thread:
             self.thread.join(_TERMINATE_GRACE + 5.0)
 
     def join(self) -> None:
+        if not self.in_owner():
+            return
         for feeder in list(self.feeders):
             feeder.join()
         if threading.current_thread() is not self.thread:

@@ -277,6 +277,8 @@ class Scheduler(Executor):
         """Schedule ``fn(*args, **kwargs)``; ``retries`` and ``timeout`` override
         the scheduler's defaults for this task (to pass arguments of those names
         to ``fn`` itself, wrap it in ``functools.partial``)."""
+        if self._local is not None:  # in a fork() child of the creator: a clear error
+            self._local.core.check_process("Scheduler")
         if not callable(fn) and not isinstance(fn, str):
             raise TypeError(f"fn must be a callable or a 'module:function' string, got {fn!r}")
         if retries is None:
