@@ -468,9 +468,15 @@ class Core:
         channel: FdChannel = worker.endpoint.channel
         try:
             messages = channel.read_ready()
-        except ChannelClosed:
+        except ChannelClosed as exc:
             # The process is exiting; its sentinel will fire and _reap accounts for it.
             self.selector.unregister(channel.sock)
+            if exc.args:
+                # Not an EOF but a frame out of step: the channel cannot be read
+                # any more, and a live worker nobody reads would hold its tasks
+                # forever. Replace it; _reap accounts for its tasks.
+                log.error("worker pid %s: %s; replacing it", worker.endpoint.process.pid, exc)
+                worker.endpoint.process.kill()
             return
         self._handle(worker, messages)
 

@@ -154,7 +154,7 @@ def empty(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndar
         raise ValueError("negative dimensions are not allowed")
     nbytes = int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize
     _check_fits(nbytes)
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         seg = Segment.allocate(nbytes)
     except OSError as exc:
@@ -279,7 +279,7 @@ _fd_limit_raised = False
 _available_cache: tuple[float, int] = (0.0, 0)
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """Lift the soft fd limit to the hard one: every live shared array holds an fd."""
     global _fd_limit_raised
     with _limits_lock:
@@ -292,6 +292,22 @@ def _raise_fd_limit() -> None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             except (ValueError, OSError):
                 pass  # keep the soft limit; transfers fall back when fds run out
+
+
+def fd_limit_error(cause: str) -> SharedMemoryError:
+    """The error for a shared array that could not be received because this
+    process has no free file descriptor: names the limit and how to raise it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return SharedMemoryError(
+        f"{cause}: process {os.getpid()} reached its open-file limit "
+        f"(RLIMIT_NOFILE soft {_limit(soft)}, hard {_limit(hard)}; each shared array "
+        "received holds two fds); raise it with `ulimit -n` or "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, ...), or pass fewer arrays per task"
+    )
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
 def available_memory() -> int:

@@ -208,3 +208,14 @@ class SetstateExit:
     def __setstate__(self, state: dict[str, int]) -> None:
         os._exit(12)
 
+
+
+def leave_no_free_fd() -> None:
+    """Initializer: lower the soft RLIMIT_NOFILE to the lowest free fd, so this
+    process can open (or receive) no new file descriptor."""
+    import resource
+
+    lowest_free = os.open("/dev/null", os.O_RDONLY)
+    os.close(lowest_free)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))

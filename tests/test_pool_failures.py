@@ -861,3 +861,67 @@ def test_slow_reduce_does_not_block_other_callers() -> None:
         finally:
             release.set()
         assert slow.result(RESULT_TIMEOUT).get(RESULT_TIMEOUT) == 7
+
+
+# --- no file descriptor left: tasks fail clearly, nothing hangs ------------------------------
+
+
+def _fd_limit_error(value: object) -> bool:
+    return isinstance(value, SharedMemoryError) and "RLIMIT_NOFILE" in str(value) and (
+        "ulimit -n" in str(value))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_without_free_fds_fails_array_tasks_clearly(method: str) -> None:
+    """A worker that cannot receive fds (its soft RLIMIT_NOFILE is exhausted)
+    fails each task carrying shared arrays with an error naming the limit;
+    tasks without arrays still run on it."""
+    arrays = [shmrunner.zeros(1000) for _ in range(12)]
+    ctx = multiprocessing.get_context(method)
+    with running_pool(1, initializer=tasks.leave_no_free_fd, context=ctx) as pool:
+        worker = pool_pids(pool)
+        results = pool.imap(tasks.checksum, arrays)
+        outcomes = [outcome(lambda: results.next(timeout=RESULT_TIMEOUT)) for _ in arrays]
+        for ok, value in outcomes:
+            assert not ok and _fd_limit_error(value), value
+        assert pool.apply(tasks.add_one, (1,)) == 2
+        assert pool_pids(pool) == worker, "the worker was not lost: it reported every failure"
+    del arrays, outcomes, value
+
+
+FD_LIMIT_PARENT_SCRIPT = """
+import json, os, resource
+import shmrunner
+import _failure_tasks as tasks
+
+with shmrunner.Pool(1) as pool:
+    arrays = [shmrunner.zeros(1000) for _ in range(8)]
+    assert pool.apply(tasks.add_one, (1,)) == 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    tasks.leave_no_free_fd()  # the parent can now receive no fd
+    results = pool.imap(tasks.identity, arrays)  # each result comes back by fd
+    outcomes = []
+    for _ in arrays:
+        try:
+            results.next(timeout=20)
+            outcomes.append("ok")
+        except shmrunner.SharedMemoryError as exc:
+            outcomes.append("fd-limit" if "RLIMIT_NOFILE" in str(exc) else repr(exc))
+        except Exception as exc:
+            outcomes.append(repr(exc))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    back = pool.apply(tasks.identity, (arrays[0],))
+    print(json.dumps({"outcomes": outcomes, "after": bool(shmrunner.is_shared(back))}))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_parent_without_free_fds_fails_array_results_clearly(tmp_path: Any) -> None:
+    """The pool's own process out of fds: results carrying arrays fail with an
+    error naming the limit (the worker's channel is never abandoned), and once
+    the limit is raised the same worker serves arrays again."""
+    done = run_script(tmp_path, FD_LIMIT_PARENT_SCRIPT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"outcomes": ["fd-limit"] * 8, "after": True}, done.stderr

@@ -10,13 +10,8 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 import _failure_tasks as tasks

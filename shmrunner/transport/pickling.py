@@ -20,6 +20,7 @@ segment referenced twice in one message is mapped once.
 from __future__ import annotations
 
 import copyreg
+import errno
 import io
 import os
 import pickle
@@ -30,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharedMemoryError
-from ..shm import Segment, close_copies, copy_to_memfd, segment_of, warn_fallback
+from ..shm import (
+    Segment,
+    close_copies,
+    copy_to_memfd,
+    fd_limit_error,
+    segment_of,
+    warn_fallback,
+)
+from .fdchannel import LOST_FD
 
 __all__ = ["Encoded", "MAX_FDS", "dumps", "loads", "close_fds"]
 
@@ -179,7 +188,15 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
     segments: dict[int, Segment] = _receiving.segments
     seg = segments.get(index)
     if seg is None:
-        seg = segments[index] = Segment.attach(_receiving.fds[index], size)
+        fd = _receiving.fds[index]
+        if fd == LOST_FD:
+            raise fd_limit_error("a shared array's file descriptor was dropped on arrival")
+        try:
+            seg = segments[index] = Segment.attach(fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise fd_limit_error("a shared array could not be mapped") from exc
+            raise
     array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg, offset=offset,
                                              strides=strides)
     return array
