@@ -454,8 +454,31 @@ class Core:
             self.pending.clear()
             self.room.notify_all()
         for task in failed:
+            self._deliver_quietly(task, error)
+        try:
+            self._kill_all()
+        except BaseException:  # noqa: BLE001 (the thread is ending either way)
+            log.exception("shmrunner pool manager thread: stopping the workers failed too")
+        # Whatever _kill_all could not account for (it failed as well): fail
+        # those tasks here and make sure no worker outlives the pool.
+        with self.lock:
+            losses = [self.lifecycle.lose(worker) for worker in self.lifecycle]
+        for loss in losses:
+            process = loss.worker.endpoint.process
+            try:
+                process.kill()
+                process.join(_TERMINATE_GRACE)
+            except (OSError, ValueError, AssertionError):
+                pass  # reaped already
+            loss.worker.endpoint.channel.close()
+            for task in ([loss.running] if loss.running is not None else []) + loss.unstarted:
+                self._deliver_quietly(task, error)
+
+    def _deliver_quietly(self, task: Task, error: BaseException) -> None:
+        try:
             self.deliver(task, False, error)
-        self._kill_all()
+        except BaseException:  # noqa: BLE001 (one failing delivery must not strand the rest)
+            log.exception("shmrunner pool: failing task %s after a crash raised", task.id)
 
     def _drain_wake(self) -> None:
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import itertools
 import json
@@ -925,3 +926,60 @@ def test_parent_without_free_fds_fails_array_results_clearly(tmp_path: Any) -> N
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"outcomes": ["fd-limit"] * 8, "after": True}, done.stderr
+
+
+# --- the manager thread cannot die silently --------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["once", "again"])
+def test_manager_thread_crash_fails_every_pending_result(fault: str, tmp_path: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception in the manager thread (injected in the code that
+    handles a batch of results; then, for "again", in the code that accounts
+    for the stopped workers too) fails every result still pending with a
+    clear ShmrunnerError, stops every worker, and leaves the pool refusing new
+    work instead of hanging it."""
+    from shmrunner._poolcore import Core
+
+    pace = Core._pace
+    injected = threading.Event()
+
+    def crash_once(self: Core, worker: Any, results: int) -> None:
+        if results and not injected.is_set():
+            injected.set()
+            raise RuntimeError("injected fault")
+        pace(self, worker, results)
+
+    def fail_again(self: Core, worker: Any) -> None:
+        raise RuntimeError("injected fault while crashing")
+
+    blocker_pid = str(tmp_path / "blocker")
+    pool = shmrunner.Pool(2)
+    try:
+        workers = pool_pids(pool)
+        blocked = pool.apply_async(tasks.hold_and_block, (blocker_pid,))
+        read_pid(blocker_pid)  # running: only a dead manager thread could fail it now
+        monkeypatch.setattr(Core, "_pace", crash_once)
+        if fault == "again":  # accounting for the workers fails too
+            monkeypatch.setattr(Core, "_reap", fail_again)
+        many = [pool.apply_async(tasks.add_one, (i,)) for i in range(40)]
+        mapped = pool.map_async(tasks.add_one, range(40), chunksize=1)
+        for result in [blocked, mapped, *many]:
+            result.wait(RESULT_TIMEOUT)
+            assert result.ready(), "a result was left pending by the crashed manager thread"
+        assert injected.is_set()
+        with pytest.raises(shmrunner.ShmrunnerError, match="manager thread crashed.*injected"):
+            blocked.get(0)
+        for i, result in enumerate(many):
+            ok, value = outcome(functools.partial(result.get, 0))
+            assert (ok and value == i + 1) or (
+                isinstance(value, shmrunner.ShmrunnerError) and "crashed" in str(value)), value
+        with pytest.raises(shmrunner.ShmrunnerError, match="manager thread crashed"):
+            pool.apply(tasks.add_one, (1,))
+        wait_until(lambda: not any(is_alive(pid) for pid in workers), RESULT_TIMEOUT,
+                   message="the crashed pool's workers to exit")
+    finally:
+        pool.terminate()
+        pool.join()
+    assert not [pid for pid in children() if pid in workers]
