@@ -243,7 +243,8 @@ class Core:
             return []
         taken = [pending.popleft() for _ in range(min(room, len(pending)))]
         self.encoding += len(taken)
-        self.room.notify_all()
+        if self.feeders:  # the only threads that wait for room
+            self.room.notify_all()
         return taken
 
     def _send(self, tasks: list[Task]) -> list[tuple[Task, BaseException]]:
