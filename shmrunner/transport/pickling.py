@@ -14,7 +14,11 @@ beside the bytes:
 * anything else (small arrays, object dtypes, subclasses) pickles as usual.
 
 ``loads(data, fds)`` rebuilds the arrays over new mappings of those fds. A
-segment referenced twice in one message is mapped once.
+segment referenced twice in one message is mapped once. It maps only memfds
+sealed against resizing and as large as their handle says (see ``shm.py``),
+and an fd the channel could not receive (:data:`~.fdchannel.LOST_FD`: this
+process had no free fd) fails the message with a SharedMemoryError naming
+the limit.
 """
 
 from __future__ import annotations
