@@ -40,6 +40,12 @@ Guarantees:
 * Caller threads send directly when a worker has room (no thread hop on the
   latency path); the manager thread only ever does non-blocking socket work,
   so it can never deadlock with a worker that is blocked sending to it.
+* No user code runs under the engine's lock: tasks are taken from the queue
+  under it (no more than the workers have room for, counting those still
+  being pickled), pickled without it, then assigned to a worker and sent in
+  one locked step. A slow ``__reduce__`` or a large array copy delays only
+  the thread pickling that task (the caller's, or the manager thread's when
+  it refills a worker), never other callers waiting for the lock.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from .errors import (
 )
 from .shm import DEFAULT_THRESHOLD
 from .transport.fdchannel import ChannelClosed, FdChannel
-from .transport.pickling import close_fds, dumps, loads
+from .transport.pickling import Encoded, close_fds, dumps, loads
 from .worker.lifecycle import Lifecycle, Worker
 from .worker.loop import BYE, INIT_FAILED, TASK_ID, worker_main
 
@@ -141,6 +147,9 @@ class Core:
                  initargs: tuple[Any, ...], maxtasks: int | None, ctx: BaseContext,
                  threshold: int) -> None:
         self.ctx = ctx
+        # Workers, sockets and the manager thread belong to this process: a
+        # fork() child that used them would send on the parent's sockets.
+        self.pid = os.getpid()
         self.initializer = initializer
         self.initargs = initargs
         self.maxtasks = maxtasks
@@ -148,6 +157,7 @@ class Core:
         self.lock = threading.Lock()
         self.room = threading.Condition(self.lock)  # feeders wait here for queue space
         self.pending: collections.deque[Task] = collections.deque()
+        self.encoding = 0  # tasks taken from pending, being pickled outside the lock
         self.state = RUN
         self.broken: BaseException | None = None
         self.feeders: set[threading.Thread] = set()
@@ -180,7 +190,21 @@ class Core:
                  result: Any, index: int = 0) -> Task:
         return Task(next(self.ids), fn, args, kwargs, result, index)
 
+    def check_process(self, owner: str = "Pool") -> None:
+        """Raise in a fork() child: the workers answer the parent, and only the
+        parent's manager thread reads their results (the child would steal
+        some from the parent and wait forever for its own)."""
+        if os.getpid() != self.pid:
+            raise ShmrunnerError(
+                f"this {owner} was created in process {self.pid} and cannot be used from "
+                f"process {os.getpid()}, a fork() of it; create a new {owner} in the child")
+
+    def in_owner(self) -> bool:
+        return os.getpid() == self.pid
+
     def submit(self, tasks: Iterable[Task]) -> None:
+        self.check_process()
+        taken: list[Task] = []
         with self.lock:
             if self.broken is not None:
                 failed = [(task, self.broken) for task in tasks]
@@ -189,7 +213,10 @@ class Core:
                 failed = [(task, cancelled) for task in tasks]
             else:
                 self.pending.extend(tasks)
-                failed = self._dispatch_locked()
+                failed = []
+                taken = self._take_locked()
+        if taken:
+            failed = self._send(taken)
         for task, error in failed:
             self.deliver(task, False, error)
 
@@ -202,46 +229,76 @@ class Core:
 
     def dispatch(self) -> None:
         with self.lock:
-            failed = self._dispatch_locked()
-        for task, error in failed:
-            self.deliver(task, False, error)
+            taken = self._take_locked()
+        if taken:
+            for task, error in self._send(taken):
+                self.deliver(task, False, error)
 
-    def _dispatch_locked(self) -> list[tuple[Task, BaseException]]:
-        """Pickle queued tasks for workers with room and send them, one syscall
-        per worker. Returns the tasks that could not be pickled, to be failed
-        once the lock is released (their callbacks must not run under it)."""
+    def _take_locked(self) -> list[Task]:
+        """Take from the queue as many tasks as the workers have room for,
+        counting those other threads are still encoding; the caller encodes and
+        sends them with :meth:`_send` once it has released the lock."""
+        pending = self.pending
+        if not pending or self.state == TERMINATE:
+            return []
+        room = sum(worker.free for worker in self.lifecycle.workers.values()) - self.encoding
+        if room <= 0:
+            return []
+        taken = [pending.popleft() for _ in range(min(room, len(pending)))]
+        self.encoding += len(taken)
+        if self.feeders:  # the only threads that wait for room
+            self.room.notify_all()
+        return taken
+
+    def _send(self, tasks: list[Task]) -> list[tuple[Task, BaseException]]:
+        """Pickle ``tasks`` without the lock (user ``__reduce__`` code, array
+        copies into shared memory), then under it give each to a worker with
+        room and send, one syscall per worker. Assigning and sending in one
+        locked step keeps each worker's send order its assignment order (the
+        lifecycle accounting relies on it), and a worker that died meanwhile
+        is simply not picked. Returns the tasks to fail once no lock is held
+        (their callbacks must not run under it)."""
         failed: list[tuple[Task, BaseException]] = []
-        if self.state == TERMINATE:
-            return failed
-        batches: dict[Worker[Task], list[tuple[bytes, list[int], Callable[[], None], int]]]
-        batches = {}
-        pending, lifecycle = self.pending, self.lifecycle
-        while pending:
-            worker = lifecycle.pick()
-            if worker is None:
-                break
-            task = pending.popleft()
+        encoded: list[tuple[Task, Encoded]] = []
+        for task in tasks:
             try:
-                # Pickling copies plain arrays into shared memory: done here, at
-                # dispatch, so only the tasks in flight ever occupy any.
-                encoded = dumps((task.fn, task.args, task.kwargs), self.threshold)
+                encoded.append((task, dumps((task.fn, task.args, task.kwargs), self.threshold)))
             except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
                 failed.append((task, exc))
-                continue
-            lifecycle.assign(worker, task)
-            if worker.tasks[0] is task:
-                task.started = time.monotonic()
-            batches.setdefault(worker, []).append(
-                (TASK_ID.pack(task.id) + encoded.data, encoded.fds, encoded.release, task.id))
-        if batches:
-            self.room.notify_all()
-        for worker, messages in batches.items():
-            channel: FdChannel = worker.endpoint.channel
-            # A worker that is gone drops what it is sent; its sentinel fires
-            # and _reap requeues its tasks.
-            channel.send_many([m[:3] for m in messages], [m[3] for m in messages])
-            if channel.wants_write:
-                self.wake()
+        batches: dict[Worker[Task], list[tuple[bytes, list[int], Callable[[], None], int]]]
+        batches = {}
+        requeue: list[Task] = []
+        wake = False
+        with self.lock:
+            self.encoding -= len(tasks)
+            stopped: BaseException | None = self.broken
+            if stopped is None and self.state == TERMINATE:
+                stopped = TaskCancelledError("the pool was terminated")
+            lifecycle = self.lifecycle
+            for task, message in encoded:
+                worker = lifecycle.pick() if stopped is None else None
+                if worker is None:
+                    message.release()
+                    if stopped is not None:
+                        failed.append((task, stopped))
+                    else:  # a worker died or shrank its capacity meanwhile
+                        requeue.append(task)
+                    continue
+                lifecycle.assign(worker, task)
+                if worker.tasks[0] is task:
+                    task.started = time.monotonic()
+                batches.setdefault(worker, []).append(
+                    (TASK_ID.pack(task.id) + message.data, message.fds, message.release, task.id))
+            if requeue:
+                self.pending.extendleft(reversed(requeue))
+            for worker, messages in batches.items():
+                channel: FdChannel = worker.endpoint.channel
+                # A worker that is gone drops what it is sent; its sentinel fires
+                # and _reap requeues its tasks.
+                channel.send_many([m[:3] for m in messages], [m[3] for m in messages])
+                wake = wake or channel.wants_write
+        if wake or requeue:
+            self.wake()  # the manager watches writability, or dispatches the requeued
         return failed
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
@@ -288,12 +345,18 @@ class Core:
         return True
 
     def close(self) -> None:
+        if not self.in_owner():
+            return  # a fork() child: the parent's pool is not the child's to stop
         with self.lock:
             if self.state == RUN:
                 self.state = CLOSE
         self.wake()
 
     def terminate(self) -> None:
+        if not self.in_owner():
+            # A fork() child (its copy of the lock may be held forever by a
+            # thread that does not exist there): the pool is the parent's.
+            return
         if self.state == TERMINATE and not self.thread.is_alive():
             return  # done already: not even the lock is needed
         with self.lock:
@@ -307,13 +370,15 @@ class Core:
 
     def shutdown_at_exit(self) -> None:
         """Terminate and wait (bounded): the interpreter is exiting."""
-        if self.state == TERMINATE and not self.thread.is_alive():
+        if not self.in_owner() or self.state == TERMINATE and not self.thread.is_alive():
             return
         self.terminate()
         if threading.current_thread() is not self.thread:
             self.thread.join(_TERMINATE_GRACE + 5.0)
 
     def join(self) -> None:
+        if not self.in_owner():
+            return
         for feeder in list(self.feeders):
             feeder.join()
         if threading.current_thread() is not self.thread:
@@ -406,8 +471,31 @@ class Core:
             self.pending.clear()
             self.room.notify_all()
         for task in failed:
+            self._deliver_quietly(task, error)
+        try:
+            self._kill_all()
+        except BaseException:  # noqa: BLE001 (the thread is ending either way)
+            log.exception("shmrunner pool manager thread: stopping the workers failed too")
+        # Whatever _kill_all could not account for (it failed as well): fail
+        # those tasks here and make sure no worker outlives the pool.
+        with self.lock:
+            losses = [self.lifecycle.lose(worker) for worker in self.lifecycle]
+        for loss in losses:
+            process = loss.worker.endpoint.process
+            try:
+                process.kill()
+                process.join(_TERMINATE_GRACE)
+            except (OSError, ValueError, AssertionError):
+                pass  # reaped already
+            loss.worker.endpoint.channel.close()
+            for task in ([loss.running] if loss.running is not None else []) + loss.unstarted:
+                self._deliver_quietly(task, error)
+
+    def _deliver_quietly(self, task: Task, error: BaseException) -> None:
+        try:
             self.deliver(task, False, error)
-        self._kill_all()
+        except BaseException:  # noqa: BLE001 (one failing delivery must not strand the rest)
+            log.exception("shmrunner pool: failing task %s after a crash raised", task.id)
 
     def _drain_wake(self) -> None:
         try:
@@ -420,9 +508,15 @@ class Core:
         channel: FdChannel = worker.endpoint.channel
         try:
             messages = channel.read_ready()
-        except ChannelClosed:
+        except ChannelClosed as exc:
             # The process is exiting; its sentinel will fire and _reap accounts for it.
             self.selector.unregister(channel.sock)
+            if exc.args:
+                # Not an EOF but a frame out of step: the channel cannot be read
+                # any more, and a live worker nobody reads would hold its tasks
+                # forever. Replace it; _reap accounts for its tasks.
+                log.error("worker pid %s: %s; replacing it", worker.endpoint.process.pid, exc)
+                worker.endpoint.process.kill()
             return
         self._handle(worker, messages)
 
@@ -453,7 +547,8 @@ class Core:
                         for task_id, ok, value in outcomes]
             if worker.tasks and worker.tasks[0].started is None:
                 worker.tasks[0].started = time.monotonic()  # next in line: running now
-            failed = self._dispatch_locked()
+            taken = self._take_locked()
+        failed = self._send(taken) if taken else []
         for task, ok, value in finished:
             if task is not None:
                 self.deliver(task, ok, value)
@@ -543,7 +638,8 @@ class Core:
             if state == TERMINATE:
                 pass
             else:
-                work_left = bool(self.pending or self.lifecycle.busy() or self.feeders)
+                work_left = bool(self.pending or self.encoding or self.lifecycle.busy()
+                                 or self.feeders)
                 if self.broken is None and (state == RUN or work_left):
                     spawned = self._populate()
                 if state == CLOSE and not work_left:

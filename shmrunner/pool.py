@@ -132,6 +132,9 @@ class Pool:
                 f"state={self._state} pool_size={self._processes}>")
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and not core.in_owner():
+            return  # a fork() child's copy: the pool is the parent's to stop
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
                   source=self)
@@ -156,6 +159,7 @@ class Pool:
     # --- internals -----------------------------------------------------------------------------
 
     def _check_running(self) -> None:
+        self._core.check_process()
         if self._state != RUN:
             raise ValueError("Pool not running")
 

@@ -28,6 +28,7 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -249,6 +250,7 @@ class Scheduler(Executor):
         self._all_done = threading.Condition(self._lock)
         self._ids = itertools.count()
         self._shutdown = False
+        self._creator = os.getpid()
         self._held_bytes = 0  # payload bytes of the jobs queued or running
         self._byte_budget = self.settings.max_pending_bytes or default_budget()
         self._timers = _Timers()
@@ -258,8 +260,6 @@ class Scheduler(Executor):
         try:
             workers = self.settings.local_workers
             if workers != 0:
-                import os
-
                 self._local = _LocalTier(self, workers or os.cpu_count() or 1, self.settings)
                 self._tiers.append(self._local)
             if self.settings.listen is not None:
@@ -332,6 +332,12 @@ class Scheduler(Executor):
     def _submit(self, fn: Callable[..., Any] | str, args: tuple[Any, ...],
                 kwargs: dict[str, Any], retries: int | None, timeout: float | None,
                 block: bool) -> Future[Any]:
+        if os.getpid() != self._creator:
+            # A fork() child would send on its parent's sockets and steal its results.
+            raise ShmrunnerError(
+                f"this Scheduler was created in process {self._creator} and cannot be used "
+                f"from process {os.getpid()}, a fork() of it; create a new Scheduler in the "
+                "child")
         if not callable(fn) and not isinstance(fn, str):
             raise TypeError(f"fn must be a callable or a 'module:function' string, got {fn!r}")
         if retries is None:
@@ -410,6 +416,8 @@ class Scheduler(Executor):
         return self.local_capacity() + remote
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if os.getpid() != self._creator:
+            return  # a fork() child's copy: the workers and sockets are the parent's
         with self._lock:
             self._shutdown = True
             cancelled = list(self._queue) if cancel_futures else []

@@ -32,6 +32,13 @@ and ``forkserver`` workers hold only what they are sent. An fd is kept open
 while the mapping lives so the array can be passed on again by handle (a
 worker returning the array it received costs no copy). Segments are created ``MFD_CLOEXEC``.
 
+Sealed size: every memfd is sealed against shrinking and growing (and against
+further seals) as soon as it is sized, and a receiver maps only a segment
+that carries those seals and is as large as its handle says. Without them,
+any process holding the fd could ``ftruncate`` it and every process mapping
+it would die of SIGBUS on its next access; with them the ``ftruncate`` fails
+(EPERM). Contents stay writable by design: shared arrays are shared.
+
 If memfds cannot be used at all (no ``memfd_create``, fd limit reached, the
 allocation refused), transfers fall back to pickling the array's bytes, with
 one :class:`SharedMemoryUnavailableWarning`.
@@ -39,6 +46,8 @@ one :class:`SharedMemoryUnavailableWarning`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import resource
@@ -51,7 +60,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import SharedMemoryError
+from .errors import ProtocolError, SharedMemoryError
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -74,6 +83,8 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _POPULATE_LIMIT = 1 << 30
 # Headroom left to the rest of the system when checking a request.
 _RESERVE_BYTES = 64 << 20
+# Set on every segment once sized; required of every segment received.
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class SharedMemoryUnavailableWarning(RuntimeWarning):
@@ -93,7 +104,12 @@ class Segment(mmap.mmap):
     @classmethod
     def attach(cls, fd: int, size: int) -> Segment:
         """Map an fd received from another process; once this returns, the
-        segment owns ``fd`` (on failure the caller still does)."""
+        segment owns ``fd`` (on failure the caller still does).
+
+        Refuses (ProtocolError) an fd that is not a memfd sealed against
+        resizing, or smaller than ``size``: mapping it would let its sender
+        crash this process with SIGBUS by shrinking it later."""
+        _check_sealed(fd, size)
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if size <= _POPULATE_LIMIT else 0)
         seg = cls(fd, size, flags=flags)
         seg._own(fd)
@@ -105,9 +121,7 @@ class Segment(mmap.mmap):
         size = max(nbytes, 1)  # mmap refuses an empty file
         fd = _new_memfd(size)
         try:
-            # Reserve the pages now: a full memory cgroup then fails here with
-            # ENOSPC/ENOMEM instead of SIGBUS on the first write through the map.
-            os.posix_fallocate(fd, 0, size)
+            _reserve(fd, size)
             seg = cls(fd, size, flags=mmap.MAP_SHARED)
         except BaseException:
             os.close(fd)
@@ -124,13 +138,50 @@ class Segment(mmap.mmap):
 
 
 def _new_memfd(size: int) -> int:
-    fd = os.memfd_create("shmrunner", os.MFD_CLOEXEC)
+    """A memfd of ``size`` bytes whose size is sealed (see the module docstring)."""
+    fd = os.memfd_create("shmrunner", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the pages now: a full tmpfs or memory cgroup then fails here
+    with a SharedMemoryError instead of a SIGBUS on a later write through a map."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise SharedMemoryError(
+                f"cannot reserve {_mib(size)} of shared memory: {exc.strerror}; "
+                "free memory, release arrays you no longer use, or use smaller arrays"
+            ) from exc
+        raise
+
+
+def _check_sealed(fd: int, size: int) -> None:
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        actual = os.fstat(fd).st_size
+    except OSError as exc:  # EINVAL: not a memfd (a file, a pipe, a socket)
+        raise ProtocolError(
+            f"refused a shared array: its fd is not a shared memory segment ({exc.strerror}); "
+            "it was not sent by shmrunner"
+        ) from exc
+    if seals & _SIZE_SEALS != _SIZE_SEALS:
+        raise ProtocolError(
+            "refused a shared array: its segment is not sealed against resizing, so its "
+            "sender could crash this process (SIGBUS); it was not sent by shmrunner"
+        )
+    if actual < size:
+        raise ProtocolError(
+            f"refused a shared array: its segment holds {actual} bytes but its handle "
+            f"says {size}; it was not sent by shmrunner"
+        )
 
 
 # --- the public allocation API -------------------------------------------------
@@ -154,7 +205,7 @@ def empty(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndar
         raise ValueError("negative dimensions are not allowed")
     nbytes = int(np.prod(shape_t, dtype=np.int64)) * dt.itemsize
     _check_fits(nbytes)
-    _raise_fd_limit()
+    raise_fd_limit()
     try:
         seg = Segment.allocate(nbytes)
     except OSError as exc:
@@ -216,6 +267,7 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
     _check_fits(nbytes)
     size = max(nbytes, 1)
     fd = _new_memfd(size)
+    _copies.add(fd)
     try:
         if array.flags.c_contiguous or array.flags.f_contiguous:
             # Same memory order on both sides; pwrite is one kernel copy and
@@ -224,21 +276,60 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
             _pwrite_all(fd, memoryview(flat.view(np.uint8)))  # type: ignore[arg-type]
             strides = array.strides
         else:
+            _reserve(fd, size)  # a write through the map would SIGBUS on a full tmpfs
             with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mapping:
                 dst = np.ndarray(array.shape, array.dtype, buffer=mapping)
                 np.copyto(dst, array, casting="no")
                 strides = dst.strides
                 del dst
     except BaseException:
-        os.close(fd)
+        close_copies([fd])
         raise
     return fd, size, tuple(strides)
 
 
+# Fds made by copy_to_memfd and not yet closed by their message. Pickling runs
+# outside the pool's lock, so the pool may fork a worker meanwhile: the child
+# closes these at once instead of holding a copy of each array until it exits.
+_copies: set[int] = set()
+
+
+def close_copies(fds: list[int]) -> None:
+    """Close fds returned by :func:`copy_to_memfd` (once sent, or dropped)."""
+    for fd in fds:
+        # Forgotten before closed: a fork in between leaks one fd into the
+        # child, where the other order could close an unrelated reused fd.
+        _copies.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _close_copies_in_child() -> None:
+    for fd in _copies:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _copies.clear()
+
+
+os.register_at_fork(after_in_child=_close_copies_in_child)
+
+
 def _pwrite_all(fd: int, data: memoryview) -> None:
     offset = 0
-    while offset < len(data):
-        offset += os.pwrite(fd, data[offset:], offset)
+    try:
+        while offset < len(data):
+            offset += os.pwrite(fd, data[offset:], offset)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise SharedMemoryError(
+                f"cannot copy {_mib(len(data))} into shared memory: {exc.strerror}; "
+                "free memory, release arrays you no longer use, or use smaller arrays"
+            ) from exc
+        raise
 
 
 # --- limits ----------------------------------------------------------------------
@@ -248,7 +339,7 @@ _fd_limit_raised = False
 _available_cache: tuple[float, int] = (0.0, 0)
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """Lift the soft fd limit to the hard one: every live shared array holds an fd."""
     global _fd_limit_raised
     with _limits_lock:
@@ -261,6 +352,22 @@ def _raise_fd_limit() -> None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             except (ValueError, OSError):
                 pass  # keep the soft limit; transfers fall back when fds run out
+
+
+def fd_limit_error(cause: str) -> SharedMemoryError:
+    """The error for a shared array that could not be received because this
+    process has no free file descriptor: names the limit and how to raise it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return SharedMemoryError(
+        f"{cause}: process {os.getpid()} reached its open-file limit "
+        f"(RLIMIT_NOFILE soft {_limit(soft)}, hard {_limit(hard)}; each shared array "
+        "received holds two fds); raise it with `ulimit -n` or "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, ...), or pass fewer arrays per task"
+    )
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
 
 
 def available_memory() -> int:

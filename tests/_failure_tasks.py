@@ -208,3 +208,76 @@ class SetstateExit:
     def __setstate__(self, state: dict[str, int]) -> None:
         os._exit(12)
 
+
+
+def leave_no_free_fd() -> None:
+    """Initializer: lower the soft RLIMIT_NOFILE to the lowest free fd, so this
+    process can open (or receive) no new file descriptor."""
+    import resource
+
+    lowest_free = os.open("/dev/null", os.O_RDONLY)
+    os.close(lowest_free)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+
+
+# --- attacks on shared memory (test_security_pool.py) ---------------------------------
+
+
+def try_to_resize(arr: np.ndarray) -> dict[str, str]:
+    """Try every way to resize the segment behind ``arr``; the errno of each
+    attempt (or "allowed"). A shrink that succeeds makes every process that
+    maps the segment die of SIGBUS on its next access."""
+    import errno
+
+    from shmrunner.shm import segment_of
+
+    seg = segment_of(arr)
+    assert seg is not None
+    fd = seg.fd
+    outcomes: dict[str, str] = {}
+
+    def attempt(name: str, action: object) -> None:
+        try:
+            action()  # type: ignore[operator]
+            outcomes[name] = "allowed"
+        except OSError as exc:
+            outcomes[name] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+    def shrink_reopened() -> None:
+        other = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        try:
+            os.ftruncate(other, 0)
+        finally:
+            os.close(other)
+
+    attempt("shrink", lambda: os.ftruncate(fd, 0))
+    attempt("grow", lambda: os.ftruncate(fd, arr.nbytes * 2))
+    attempt("shrink-reopened", shrink_reopened)
+    attempt("add-seal", lambda: fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE))
+    return outcomes
+
+
+class CraftedSegment:
+    """Pickles, inside a worker's result, as a shared array whose fd is a memfd
+    the worker made itself: unsealed ("unsealed") or sealed but shorter than
+    its handle says ("short")."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[object, ...]:
+        from shmrunner.transport import pickling
+
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if self.kind == "short" else 0)
+        fd = os.memfd_create("shmrunner", flags)
+        os.ftruncate(fd, 8 if self.kind == "short" else 8000)
+        if self.kind == "short":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        index = pickling._sending.state.add_fd(fd, owned=True)
+        return pickling._rebuild_array, (index, 8000, 0, (1000,), (8,), np.dtype(float))
+
+
+def return_crafted_segment(kind: str) -> CraftedSegment:
+    return CraftedSegment(kind)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import gc
 import itertools
 import json
@@ -813,3 +814,172 @@ def test_terminate_ends_imap_iterator(tmp_path: Any) -> None:
     finally:
         pool.terminate()
         pool.join()
+
+
+# --- user code never runs under the pool's lock ----------------------------------------------
+
+
+class _SlowReduce:
+    """An argument whose pickling blocks until the test releases it."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered = entered
+        self.release = release
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.entered.set()
+        self.release.wait(RESULT_TIMEOUT)
+        return (int, (7,))
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    import concurrent.futures
+
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        ok, value = outcome(fn)
+        future.set_result(value) if ok else future.set_exception(value)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+@pytest.mark.timeout(60)
+def test_slow_reduce_does_not_block_other_callers() -> None:
+    """A task whose argument takes forever to pickle holds up only its own
+    caller: another thread's apply() on the same (one-worker) pool completes."""
+    entered, release = threading.Event(), threading.Event()
+    with running_pool(1) as pool:
+        try:
+            slow = _in_thread(lambda: pool.apply_async(tasks.identity,
+                                                       (_SlowReduce(entered, release),)))
+            assert entered.wait(RESULT_TIMEOUT)
+            other = _in_thread(lambda: pool.apply(tasks.add_one, (1,)))
+            assert other.result(HANG_TIMEOUT) == 2
+            # The manager thread is free too: it still delivers results.
+            assert pool.apply_async(tasks.add_one, (2,)).get(HANG_TIMEOUT) == 3
+        finally:
+            release.set()
+        assert slow.result(RESULT_TIMEOUT).get(RESULT_TIMEOUT) == 7
+
+
+# --- no file descriptor left: tasks fail clearly, nothing hangs ------------------------------
+
+
+def _fd_limit_error(value: object) -> bool:
+    return isinstance(value, SharedMemoryError) and "RLIMIT_NOFILE" in str(value) and (
+        "ulimit -n" in str(value))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_worker_without_free_fds_fails_array_tasks_clearly(method: str) -> None:
+    """A worker that cannot receive fds (its soft RLIMIT_NOFILE is exhausted)
+    fails each task carrying shared arrays with an error naming the limit;
+    tasks without arrays still run on it."""
+    arrays = [shmrunner.zeros(1000) for _ in range(12)]
+    ctx = multiprocessing.get_context(method)
+    with running_pool(1, initializer=tasks.leave_no_free_fd, context=ctx) as pool:
+        worker = pool_pids(pool)
+        results = pool.imap(tasks.checksum, arrays)
+        outcomes = [outcome(lambda: results.next(timeout=RESULT_TIMEOUT)) for _ in arrays]
+        for ok, value in outcomes:
+            assert not ok and _fd_limit_error(value), value
+        assert pool.apply(tasks.add_one, (1,)) == 2
+        assert pool_pids(pool) == worker, "the worker was not lost: it reported every failure"
+    del arrays, outcomes, value
+
+
+FD_LIMIT_PARENT_SCRIPT = """
+import json, os, resource
+import shmrunner
+import _failure_tasks as tasks
+
+with shmrunner.Pool(1) as pool:
+    arrays = [shmrunner.zeros(1000) for _ in range(8)]
+    assert pool.apply(tasks.add_one, (1,)) == 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    tasks.leave_no_free_fd()  # the parent can now receive no fd
+    results = pool.imap(tasks.identity, arrays)  # each result comes back by fd
+    outcomes = []
+    for _ in arrays:
+        try:
+            results.next(timeout=20)
+            outcomes.append("ok")
+        except shmrunner.SharedMemoryError as exc:
+            outcomes.append("fd-limit" if "RLIMIT_NOFILE" in str(exc) else repr(exc))
+        except Exception as exc:
+            outcomes.append(repr(exc))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    back = pool.apply(tasks.identity, (arrays[0],))
+    print(json.dumps({"outcomes": outcomes, "after": bool(shmrunner.is_shared(back))}))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_parent_without_free_fds_fails_array_results_clearly(tmp_path: Any) -> None:
+    """The pool's own process out of fds: results carrying arrays fail with an
+    error naming the limit (the worker's channel is never abandoned), and once
+    the limit is raised the same worker serves arrays again."""
+    done = run_script(tmp_path, FD_LIMIT_PARENT_SCRIPT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"outcomes": ["fd-limit"] * 8, "after": True}, done.stderr
+
+
+# --- the manager thread cannot die silently --------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["once", "again"])
+def test_manager_thread_crash_fails_every_pending_result(fault: str, tmp_path: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception in the manager thread (injected in the code that
+    handles a batch of results; then, for "again", in the code that accounts
+    for the stopped workers too) fails every result still pending with a
+    clear ShmrunnerError, stops every worker, and leaves the pool refusing new
+    work instead of hanging it."""
+    from shmrunner._poolcore import Core
+
+    pace = Core._pace
+    injected = threading.Event()
+
+    def crash_once(self: Core, worker: Any, results: int) -> None:
+        if results and not injected.is_set():
+            injected.set()
+            raise RuntimeError("injected fault")
+        pace(self, worker, results)
+
+    def fail_again(self: Core, worker: Any) -> None:
+        raise RuntimeError("injected fault while crashing")
+
+    blocker_pid = str(tmp_path / "blocker")
+    pool = shmrunner.Pool(2)
+    try:
+        workers = pool_pids(pool)
+        blocked = pool.apply_async(tasks.hold_and_block, (blocker_pid,))
+        read_pid(blocker_pid)  # running: only a dead manager thread could fail it now
+        monkeypatch.setattr(Core, "_pace", crash_once)
+        if fault == "again":  # accounting for the workers fails too
+            monkeypatch.setattr(Core, "_reap", fail_again)
+        many = [pool.apply_async(tasks.add_one, (i,)) for i in range(40)]
+        mapped = pool.map_async(tasks.add_one, range(40), chunksize=1)
+        for result in [blocked, mapped, *many]:
+            result.wait(RESULT_TIMEOUT)
+            assert result.ready(), "a result was left pending by the crashed manager thread"
+        assert injected.is_set()
+        with pytest.raises(shmrunner.ShmrunnerError, match="manager thread crashed.*injected"):
+            blocked.get(0)
+        for i, result in enumerate(many):
+            ok, value = outcome(functools.partial(result.get, 0))
+            assert (ok and value == i + 1) or (
+                isinstance(value, shmrunner.ShmrunnerError) and "crashed" in str(value)), value
+        with pytest.raises(shmrunner.ShmrunnerError, match="manager thread crashed"):
+            pool.apply(tasks.add_one, (1,))
+        wait_until(lambda: not any(is_alive(pid) for pid in workers), RESULT_TIMEOUT,
+                   message="the crashed pool's workers to exit")
+    finally:
+        pool.terminate()
+        pool.join()
+    assert not [pid for pid in children() if pid in workers]

@@ -283,3 +283,49 @@ def test_available_memory_is_positive_and_not_above_memtotal() -> None:
     available = shm.available_memory()
     assert isinstance(available, int)
     assert 0 < available <= memtotal
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_a_full_shared_memory_device_raises_shared_memory_error_for_every_copy(
+        layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full tmpfs or memory cgroup (simulated: the kernel answers ENOSPC to
+    the page reservation or the write) is a SharedMemoryError before anything
+    is mapped, whichever copy path the array takes: never a SIGBUS on a write
+    through the map."""
+    import errno
+    import os
+
+    from shmrunner.transport import pickling
+
+    def full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(os, "pwrite", full)
+    base = np.arange(1 << 16, dtype=np.float64)
+    array = base if layout == "contiguous" else base[::2]
+    assert array.flags.c_contiguous == (layout == "contiguous")
+    with pytest.raises(shmrunner.SharedMemoryError, match="No space left on device"):
+        pickling.dumps(array, 1024)
+    with pytest.raises(shmrunner.SharedMemoryError, match="No space left on device"):
+        shmrunner.empty(1000)
+    monkeypatch.undo()
+    assert shm_segments() == []
+
+
+def test_segments_are_sealed_against_resizing() -> None:
+    import errno
+    import fcntl
+    import os
+
+    arr = shmrunner.zeros(1000)
+    seg = shm.segment_of(arr)
+    assert seg is not None
+    seals = fcntl.fcntl(seg.fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+    with pytest.raises(PermissionError) as info:
+        os.ftruncate(seg.fd, 0)
+    assert info.value.errno == errno.EPERM
+    arr[:] = 2.0  # the contents stay writable
+    assert float(arr.sum()) == 2000.0
+    del arr, seg

@@ -767,3 +767,65 @@ def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
     if not fds:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+@pytest.mark.parametrize("mode", ["recv", "read_ready"])
+def test_fds_dropped_by_a_full_fd_table_are_marked_lost_and_the_channel_stays_in_step(
+        mode: str) -> None:
+    """The receiver has one free fd slot: the kernel installs one fd and drops
+    the rest (MSG_CTRUNC). Only the messages whose fds were dropped are
+    affected, each dropped fd given as LOST_FD; later messages arrive intact."""
+    import resource
+
+    from shmrunner.transport.fdchannel import LOST_FD
+
+    a, b = channel_pair()
+    sent = [[labelled_fd("m0a", "ctrunc"), labelled_fd("m0b", "ctrunc")], [],
+            [labelled_fd("m2", "ctrunc")]]
+    received: list[tuple[bytes, list[int]]] = []
+
+    def receive(count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while len(received) < count and time.monotonic() < deadline:
+            if mode == "recv":
+                received.append(b.recv())
+            else:
+                received.extend(b.read_ready())
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        a.send_many([(b"m%d" % i, fds, None) for i, fds in enumerate(sent)])
+        lowest_free = os.open("/dev/null", os.O_RDONLY)
+        os.close(lowest_free)
+        b.sock.settimeout(TIMEOUT)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + 1, hard))
+        try:
+            receive(3)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        a.send(b"m3", [sent[2][0]])
+        receive(4)
+        assert [bytes(data) for data, _ in received] == [b"m0", b"m1", b"m2", b"m3"]
+        (_, m0), (_, m1), (_, m2), (_, m3) = received
+        assert [label_of(m0[0]), m0[1]] == ["m0a", LOST_FD]
+        assert m1 == [] and m2 == [LOST_FD]
+        assert [label_of(fd) for fd in m3] == ["m2"]
+    finally:
+        pickling.close_fds([fd for _, fds in received for fd in fds if fd != LOST_FD])
+        pickling.close_fds([fd for fds in sent for fd in fds])
+        a.close()
+        b.close()
+    assert fds_named("ctrunc") == []
+
+
+def test_loads_of_a_lost_fd_names_the_fd_limit() -> None:
+    from shmrunner.transport.fdchannel import LOST_FD
+
+    arr = shmrunner.zeros(10)
+    enc = pickling.dumps(arr, THRESHOLD)
+    try:
+        with pytest.raises(shmrunner.SharedMemoryError, match="RLIMIT_NOFILE.*ulimit -n"):
+            pickling.loads(enc.data, [LOST_FD])
+    finally:
+        enc.release()
+    del arr

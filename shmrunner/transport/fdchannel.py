@@ -1,11 +1,19 @@
 """A message channel over an AF_UNIX stream socket that carries fds with bytes.
 
 Frame: a 12-byte header ``<length: u64><nfds: u32>`` then ``length`` payload
-bytes; the message's fds ride as ``SCM_RIGHTS`` on the ``sendmsg`` that carries
-its first byte. On Linux a stream ``recvmsg`` never merges data past a segment
-that carries fds, so fds always arrive no later than their header and in
-message order: the reader keeps them in a FIFO and gives each header the next
-``nfds`` of them.
+bytes; the message's fds ride as ``SCM_RIGHTS`` on a ``sendmsg`` that carries
+its first byte, and no ``sendmsg`` carries the fds of two messages. On Linux a
+stream ``recvmsg`` never merges data past a segment that carries fds, so each
+``recvmsg`` returns at most one message's fds, no later than its header and in
+message order: the reader keeps them in a FIFO of batches and gives each
+header announcing fds the next batch.
+
+When the receiving process has no free fd slot (``RLIMIT_NOFILE``), the
+kernel drops the fds it cannot install and flags the ``recvmsg``
+``MSG_CTRUNC``. Since a batch belongs to exactly one message, only that
+message is affected: it is returned with :data:`LOST_FD` in place of each
+missing fd (the decoder fails that one message with a clear error), and the
+channel stays in step.
 
 Two ways to use one end:
 
@@ -30,13 +38,16 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-__all__ = ["ChannelClosed", "FdChannel", "channel_pair"]
+__all__ = ["ChannelClosed", "FdChannel", "LOST_FD", "channel_pair"]
 
 _HEADER = struct.Struct("<QI")
 _MAX_FDS = 253
 _ANCBUF = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 _RECV_CHUNK = 1 << 16
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+#: Stands in for an fd the kernel could not install here (no free fd slot).
+LOST_FD = -1
 
 
 class ChannelClosed(EOFError):
@@ -52,7 +63,8 @@ class FdChannel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._rbuf = bytearray()
-        self._rfds: collections.deque[int] = collections.deque()
+        # One entry per recvmsg that brought fds: (the fds, truncated by the kernel).
+        self._rfds: collections.deque[tuple[list[int], bool]] = collections.deque()
         # Queued output: (bytes left to send, fds to attach, callbacks once the
         # fds are sent, (tag, end offset in the bytes left) of each message not
         # yet wholly sent).
@@ -67,7 +79,8 @@ class FdChannel:
     def close(self) -> None:
         """Close the socket and every fd received or queued but not handed out."""
         while self._rfds:
-            _close(self._rfds.popleft())
+            for fd in self._rfds.popleft()[0]:
+                _close(fd)
         self._drop_pending()
         self.sock.close()
 
@@ -136,7 +149,9 @@ class FdChannel:
         group_tags: list[tuple[object, int]] = []
         group_len = 0
         for i, (payload, fds, done) in enumerate(messages):
-            if group_fds and len(group_fds) + len(fds) > _MAX_FDS:
+            # A new sendmsg for each message with fds: the receiver then knows
+            # whose fds the kernel dropped, if it drops any (MSG_CTRUNC).
+            if group_fds and fds:
                 self._pending.append((memoryview(b"".join(frames)), group_fds, group_done,
                                       group_tags))
                 frames, group_fds, group_done, group_tags = [], [], [], []
@@ -207,16 +222,18 @@ class FdChannel:
         flags = _CLOEXEC | (0 if blocking else socket.MSG_DONTWAIT)
         size = max(_RECV_CHUNK, min(self._missing(), 1 << 24))
         try:
-            data, anc, _, _ = self.sock.recvmsg(size, _ANCBUF, flags)
+            data, anc, msg_flags, _ = self.sock.recvmsg(size, _ANCBUF, flags)
         except BlockingIOError:
             return 0
         except ConnectionResetError:
-            data, anc = b"", []
+            data, anc, msg_flags = b"", [], 0
+        fds = array.array("i")
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                self._rfds.extend(fds)
+        truncated = bool(msg_flags & socket.MSG_CTRUNC)
+        if fds or truncated:
+            self._rfds.append((fds.tolist(), truncated))
         if not data:
             raise ChannelClosed
         self._rbuf += data
@@ -239,9 +256,17 @@ class FdChannel:
             return None
         payload = buf[_HEADER.size:end]
         del buf[:end]
-        if nfds > len(self._rfds):
-            raise ChannelClosed(f"message announced {nfds} fds but {len(self._rfds)} arrived")
-        return payload, [self._rfds.popleft() for _ in range(nfds)]
+        if not nfds:
+            return payload, []
+        fds, truncated = self._rfds.popleft() if self._rfds else ([], False)
+        if len(fds) != nfds and not truncated:
+            for fd in fds:
+                _close(fd)
+            raise ChannelClosed(f"message announced {nfds} fds but {len(fds)} arrived")
+        for fd in fds[nfds:]:
+            _close(fd)
+        # Truncated: the kernel installed the first fds and dropped the rest.
+        return payload, fds[:nfds] + [LOST_FD] * (nfds - len(fds))
 
     def _read_exact(self, missing: int) -> None:
         # A large payload goes straight into one buffer of the right size

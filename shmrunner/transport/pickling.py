@@ -14,12 +14,17 @@ beside the bytes:
 * anything else (small arrays, object dtypes, subclasses) pickles as usual.
 
 ``loads(data, fds)`` rebuilds the arrays over new mappings of those fds. A
-segment referenced twice in one message is mapped once.
+segment referenced twice in one message is mapped once. It maps only memfds
+sealed against resizing and as large as their handle says (see ``shm.py``),
+and an fd the channel could not receive (:data:`~.fdchannel.LOST_FD`: this
+process had no free fd) fails the message with a SharedMemoryError naming
+the limit.
 """
 
 from __future__ import annotations
 
 import copyreg
+import errno
 import io
 import os
 import pickle
@@ -30,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharedMemoryError
-from ..shm import Segment, copy_to_memfd, segment_of, warn_fallback
+from ..shm import (
+    Segment,
+    close_copies,
+    copy_to_memfd,
+    fd_limit_error,
+    segment_of,
+    warn_fallback,
+)
+from .fdchannel import LOST_FD
 
 __all__ = ["Encoded", "MAX_FDS", "dumps", "loads", "close_fds"]
 
@@ -56,7 +69,7 @@ class Encoded:
 
     def release(self) -> None:
         """Close the fds this message owns; call once it is sent or dropped."""
-        close_fds(self.owned)
+        close_copies(self.owned)
         self.owned = []
         self.borrowed = []
 
@@ -149,7 +162,7 @@ def dumps(obj: object, threshold: int) -> Encoded:
     try:
         pickler.dump(obj)
     except BaseException:
-        close_fds(state.owned)
+        close_copies(state.owned)
         raise
     finally:
         _sending.state = outer
@@ -179,7 +192,15 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
     segments: dict[int, Segment] = _receiving.segments
     seg = segments.get(index)
     if seg is None:
-        seg = segments[index] = Segment.attach(_receiving.fds[index], size)
+        fd = _receiving.fds[index]
+        if fd == LOST_FD:
+            raise fd_limit_error("a shared array's file descriptor was dropped on arrival")
+        try:
+            seg = segments[index] = Segment.attach(fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise fd_limit_error("a shared array could not be mapped") from exc
+            raise
     array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg, offset=offset,
                                              strides=strides)
     return array

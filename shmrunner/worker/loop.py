@@ -32,6 +32,7 @@ from collections.abc import Callable
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from typing import Any
 
+from ..shm import raise_fd_limit
 from ..transport.fdchannel import ChannelClosed, FdChannel
 from ..transport.pickling import dumps, loads
 
@@ -48,6 +49,7 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
                 maxtasks: int | None, threshold: int, inherited: list[int]) -> None:
     _die_with_owner(owner_pid, direct_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_fd_limit()  # each shared array received holds two fds
     for fd in inherited:  # fork: the parent's ends of the other workers' channels
         try:
             os.close(fd)
