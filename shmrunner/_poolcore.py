@@ -313,8 +313,8 @@ class Core:
         Queued here: dropped (with ``ran_for`` 0; else False, it has not run
         yet). Running long enough: its worker is SIGKILLed (the only way to
         stop arbitrary code) and replaced. Sent but still waiting behind
-        another task, or not running long enough yet: False, ask again
-        later. Finished already: True, nothing to do.
+        another task, being pickled, or not running long enough yet: False,
+        ask again later. Finished already (delivered): True, nothing to do.
 
         The kill is aimed at ``task`` alone. The worker may already have
         finished it and started the next task (its result not read yet) when
@@ -340,6 +340,9 @@ class Core:
                         worker.endpoint.killed = True
                         worker.endpoint.process.kill()
                         break
+                else:
+                    if task.result is not None:
+                        return False  # being pickled (not delivered yet): ask again
         if queued:
             self.deliver(task, False, reason)
         return True
