@@ -25,6 +25,10 @@ in between (and replayed the job from its journal), or fails with "does not
 know job" if the restarted daemon has no record of it. Arrays travel as
 zero-copy frames both ways.
 
+``map``/``imap``/``imap_unordered`` read their input lazily (``_streams``),
+and ``submit`` blocks while the submits not yet accepted hold more than
+``max_pending_bytes``: a producer never outruns the daemon by more than that.
+
 Guarantee: every Future and every waiting call settles. The client thread
 survives an unexpected exception in one round (logged); if rounds keep
 failing, or the socket breaks, it fails everything it holds with the cause,
@@ -38,16 +42,17 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
 import zmq
 
 from ._jobid import check_job_id
+from ._streams import Progress, chunked_calls, stream, total_of
 from ._wakeup import Wakeup
 from .errors import ResultTimeoutError, ShmrunnerError
-from .transport.protocol import Message, encode, exception_from_wire
+from .transport.protocol import Message, encode, exception_from_wire, function_ref
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
 __all__ = ["Client", "JobFuture", "connect"]
@@ -59,6 +64,8 @@ _BUSY_FIRST, _BUSY_MAX = 0.02, 1.0   # backoff of a submit the daemon was too bu
 _MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thread gives up
 # Error codes after which the daemon will never answer about that job (docs/protocol.md).
 _FINAL_FETCH_CODES = frozenset({"unknown", "journal", "invalid"})
+# What runs a chunk of map(chunksize=) items: the daemon's scheduler's own runner.
+_CHUNK_RUNNER = "shmrunner.scheduler:_run_chunk"
 
 
 class JobFuture(Future[Any]):
@@ -109,7 +116,8 @@ class Client(Executor):
                  refetch_interval: float = 5.0,
                  allow_pickle: bool = False,
                  max_message_bytes: int = 1 << 31, curve_secret_key: str | None = None,
-                 curve_server_key: str | None = None) -> None:
+                 curve_server_key: str | None = None,
+                 max_pending_bytes: int = 256 << 20) -> None:
         from ._endpoints import client_address
 
         self.address = address = client_address(address, "clients")
@@ -123,6 +131,11 @@ class Client(Executor):
         # Submits not accepted yet (their frames, to send again after "busy") and
         # when to send each again: job id -> (when, backoff so far).
         self._submits: dict[str, list[Any]] = {}
+        # Their bytes: submit() blocks while they exceed max_pending_bytes, so a
+        # fast producer cannot fill this process faster than the daemon accepts.
+        self._submits_bytes = 0
+        self.max_pending_bytes = max_pending_bytes
+        self._room = threading.Condition(self._lock)
         self._retry_at: dict[str, tuple[float, float]] = {}
         # Jobs someone waits for (an acknowledged Future, a result() call) -> when
         # to ask the daemon about them again: a daemon restarted since does not
@@ -163,18 +176,61 @@ class Client(Executor):
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
                                            "kwargs": kwargs, "options": options}),
                         allow_pickle=self._allow_pickle)
+        nbytes = _frames_bytes(frames)
         future = JobFuture(job_id)
         future.set_running_or_notify_cancel()
         with self._lock:
+            # A job larger than the budget alone goes once nothing else waits.
+            while (self._submits_bytes and self._broken is None and not self._closed
+                   and self._submits_bytes + nbytes > self.max_pending_bytes):
+                self._room.wait()
             if self._broken is not None:
                 future.set_exception(self._broken)
                 return future
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
             self._futures[job_id] = future
             self._unacked[job_id] = time.monotonic() + self.ack_timeout
             self._submits[job_id] = frames
+            self._submits_bytes += nbytes
             self._outbox.append(frames)
         self._wake()
         return future
+
+    def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+            timeout: float | None = None, chunksize: int = 1, buffersize: int | None = None,
+            progress: Progress = None) -> Iterator[Any]:
+        """As ``Scheduler.map``: lazy, at most ``buffersize`` jobs ahead (default
+        64), ``chunksize`` items per job, ``progress`` a tqdm bar or callable."""
+        return self._stream(fn, iterables, True, timeout, chunksize, buffersize, progress)
+
+    def imap(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+             timeout: float | None = None, chunksize: int = 1, buffersize: int | None = None,
+             progress: Progress = None) -> Iterator[Any]:
+        """The same as :meth:`map`."""
+        return self._stream(fn, iterables, True, timeout, chunksize, buffersize, progress)
+
+    def imap_unordered(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+                       timeout: float | None = None, chunksize: int = 1,
+                       buffersize: int | None = None,
+                       progress: Progress = None) -> Iterator[Any]:
+        """As :meth:`imap`, in the order jobs finish."""
+        return self._stream(fn, iterables, False, timeout, chunksize, buffersize, progress)
+
+    def _stream(self, fn: Callable[..., Any] | str, iterables: tuple[Iterable[Any], ...],
+                ordered: bool, timeout: float | None, chunksize: int,
+                buffersize: int | None, progress: Progress) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        calls: Iterator[tuple[Any, ...]] = chunked_calls(iterables, chunksize)
+        if chunksize > 1:
+            ref = fn if isinstance(fn, str) else function_ref(fn)
+            calls = ((_CHUNK_RUNNER, ref, chunk) for chunk in calls)
+        else:
+            calls = ((fn, *args) for args in calls)
+        return stream(self.submit, calls, ordered=ordered, buffersize=buffersize or 64,
+                      timeout=timeout, chunked=chunksize > 1, progress=progress,
+                      total=total_of(iterables))
 
     def result(self, job_id: str, timeout: float | None = None) -> Any:
         """The result of job ``job_id`` (raising its exception), waiting up to
@@ -235,7 +291,9 @@ class Client(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop submitting; with ``wait``, wait for the outstanding jobs' results
         (the jobs themselves stay in the daemon either way)."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            self._room.notify_all()  # a submit waiting for room gives up
         if wait:
             for future in list(self._futures.values()):
                 try:
@@ -301,7 +359,7 @@ class Client(Executor):
         if msg.type == "accepted":
             with self._lock:
                 future = self._futures.get(job_id)
-                self._submits.pop(job_id, None)
+                self._drop_submit(job_id)
                 self._retry_at.pop(job_id, None)
                 if self._unacked.pop(job_id, None) is not None:
                     self._refetch_at[job_id] = time.monotonic() + self.refetch_interval
@@ -377,7 +435,7 @@ class Client(Executor):
             found = self._futures.pop(job_id, None) if future else None
             if future:
                 self._unacked.pop(job_id, None)
-                self._submits.pop(job_id, None)
+                self._drop_submit(job_id)
                 self._retry_at.pop(job_id, None)
             calls = self._fetches.pop(job_id, [])
             if job_id not in self._futures:
@@ -415,7 +473,7 @@ class Client(Executor):
             late = [job_id for job_id, deadline in self._unacked.items() if deadline < now]
             for job_id in late:
                 del self._unacked[job_id]
-                self._submits.pop(job_id, None)
+                self._drop_submit(job_id)
                 self._retry_at.pop(job_id, None)
             futures = [(job_id, self._futures.pop(job_id, None)) for job_id in late]
         for job_id, future in futures:
@@ -433,6 +491,8 @@ class Client(Executor):
             self._futures.clear()
             self._unacked.clear()
             self._submits.clear()
+            self._submits_bytes = 0
+            self._room.notify_all()
             self._retry_at.clear()
             calls = [c for cs in self._fetches.values() for c in cs] + list(self._status_calls)
             self._fetches.clear()
@@ -443,8 +503,19 @@ class Client(Executor):
         for call in calls:
             call.settle(Message("error", {"reason": str(error)}))
 
+    def _drop_submit(self, job_id: str) -> None:
+        """Under the lock: ``job_id``'s submit is answered; its frames go."""
+        frames = self._submits.pop(job_id, None)
+        if frames is not None:
+            self._submits_bytes -= _frames_bytes(frames)
+            self._room.notify_all()
+
     def _wake(self) -> None:
         self._wakeup.wake()
+
+
+def _frames_bytes(frames: list[Any]) -> int:
+    return sum(memoryview(frame).nbytes for frame in frames)
 
 
 def connect(address: str | None = None, **options: Any) -> Client:

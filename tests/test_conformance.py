@@ -1,7 +1,7 @@
 """One conformance suite over every executor.
 
 The behaviours that ``shmrunner.Pool``, the Scheduler (local only, remote
-only, local and remote mixed) share are written once here and run against
+only, local and remote mixed) and the daemon's Client share are written once here and run against
 each, through public API only: results in order, a task's exception as
 itself with the worker's traceback, arrays both ways, a lost worker, timeouts
 and retries (Scheduler only: the Pool has neither), cancellation and
@@ -117,7 +117,26 @@ def _pool() -> Subject:
                    lambda fn, xs: pool.map(fn, xs), 2, False, close, shutdown=shutdown)
 
 
-@pytest.fixture(params=["pool", "sched-local", "sched-remote", "sched-mixed"])
+def _client(tmp_path: Path) -> Subject:
+    from _daemon_tasks import Daemon
+
+    daemon = Daemon(tmp_path, scheduler={"local_workers": 2}).start()
+    client = daemon.client()
+
+    def close() -> None:
+        client.shutdown(wait=False)
+        leftovers = daemon.close()
+        assert not leftovers, f"processes outlived the daemon: {leftovers}"
+
+    def shutdown() -> None:
+        client.shutdown(wait=True)
+
+    return Subject("client", client.submit,
+                   lambda fn, xs: list(client.map(fn, xs, timeout=RESULT)), 2, True, close,
+                   shutdown=shutdown)
+
+
+@pytest.fixture(params=["pool", "sched-local", "sched-remote", "sched-mixed", "client"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:
     if request.param == "pool":
         made = _pool()
@@ -125,8 +144,10 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]
         made = _scheduler(request.param, 2, 0, tmp_path)
     elif request.param == "sched-remote":
         made = _scheduler(request.param, 0, 2, tmp_path)
-    else:
+    elif request.param == "sched-mixed":
         made = _scheduler(request.param, 1, 1, tmp_path)
+    else:
+        made = _client(tmp_path)
     try:
         yield made
     finally:
@@ -193,7 +214,8 @@ def test_a_timeout_stops_the_task_and_the_executor_keeps_serving(subject: Subjec
 
 def test_a_queued_task_can_be_cancelled(subject: Subject, gates: Gates) -> None:
     if subject.queued is None:
-        pytest.skip("AsyncResult has no cancel() (multiprocessing.Pool's API)")
+        pytest.skip("no cancel() before the task runs: AsyncResult has none, and a daemon "
+                    "job's future runs from its submit")
     queued = subject.queued
     gate = gates.path("gate")
     try:

@@ -133,6 +133,12 @@ _STREAM = textwrap.dedent("""
                 yield from pool.imap(functools.partial(slow_checksum, seconds=PAUSE),
                                      arrays(n, mib), buffersize=budget // mib)
             return
+        if kind.startswith("tcp://"):  # a daemon's client address
+            with shmrunner.connect(kind, max_pending_bytes=budget * MIB) as client:
+                yield peak_mib()
+                yield from client.map("_stream_tasks:slow_checksum", arrays(n, mib),
+                                      [PAUSE] * n)
+            return
         listen = "tcp://127.0.0.1:*" if kind == "remote" else None
         with shmrunner.Scheduler(local_workers=2 if kind == "local" else 0, listen=listen,
                                  max_pending_bytes=budget * MIB) as sched:
@@ -181,3 +187,27 @@ def test_a_stream_of_large_arrays_keeps_the_callers_memory_bounded(
     # shared memory or a socket buffer, while in flight) and the one being
     # generated: a small multiple of the budget, never the 200 of an eager map.
     assert peak - base < 3 * budget, (base, peak)
+
+
+@pytest.mark.timeout(300)
+def test_a_stream_of_large_arrays_through_the_daemon_keeps_the_client_bounded(
+        tmp_path: Path) -> None:
+    from _daemon_tasks import Daemon
+
+    daemon = Daemon(tmp_path, scheduler={"local_workers": 2}).start()
+    try:
+        script = tmp_path / "stream.py"
+        script.write_text(_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO, env.get("PYTHONPATH", "")])
+        # 3 GiB: every job is journaled (fsynced) before it is accepted, so
+        # this run is disk-bound; 16 MiB arrays keep it short.
+        n, mib, budget = 200, 16, 64
+        proc = subprocess.run(
+            [sys.executable, str(script), daemon.address, str(n), str(mib), str(budget)],
+            capture_output=True, text=True, timeout=280, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        base, peak = (int(x) for x in proc.stdout.split())
+        assert peak - base < 3 * budget, (base, peak)
+    finally:
+        assert not daemon.close()
