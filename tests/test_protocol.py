@@ -13,6 +13,9 @@ import functools
 import math
 import pickle
 import random
+import subprocess
+import sys
+import types
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
@@ -456,6 +459,46 @@ def test_exception_from_wire_never_imports() -> None:
     not_exc = exception_from_wire({"type": "builtins:int", "args": [1], "message": "1",
                                    "traceback": ""})
     assert isinstance(not_exc, RemoteTaskError)
+
+
+def test_exception_from_wire_never_runs_a_module_getattr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy module attribute hook (numpy's imports numpy.testing and numpy.f2py)
+    is never called while rebuilding an exception class."""
+    lazy = types.ModuleType("shmrunner_lazy_module")
+    calls: list[str] = []
+
+    def module_getattr(name: str) -> Any:
+        calls.append(name)
+        return CustomError
+
+    lazy.__getattr__ = module_getattr  # type: ignore[method-assign]
+    lazy.Real = CustomError  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "shmrunner_lazy_module", lazy)
+    back = exception_from_wire({"type": "shmrunner_lazy_module:Lazy", "args": [1, "x"],
+                                "message": "m", "traceback": ""})
+    assert type(back) is RemoteTaskError and calls == []
+    real = exception_from_wire({"type": "shmrunner_lazy_module:Real", "args": [1, "x"],
+                                "message": "m", "traceback": ""})
+    assert type(real) is CustomError and calls == []
+    not_exc = exception_from_wire({"type": "shmrunner_lazy_module:__getattr__", "args": None,
+                                   "message": "m", "traceback": ""})
+    assert type(not_exc) is RemoteTaskError
+
+
+def test_decoding_numpy_lazy_names_imports_nothing() -> None:
+    """In a fresh interpreter (numpy.testing is imported here already)."""
+    code = (
+        "import sys, numpy\n"
+        "from shmrunner.transport.protocol import exception_from_wire\n"
+        "before = set(sys.modules)\n"
+        "names = ['numpy:testing.TestCase', 'numpy:f2py.Error', 'numpy:testing',\n"
+        "         'numpy:linalg.LinAlgError', 'numpy.testing:AssertionError', 'numpy:ma.x']\n"
+        "for name in names:\n"
+        "    exception_from_wire({'type': name, 'args': [], 'message': 'm', 'traceback': ''})\n"
+        "print(sorted(set(sys.modules) - before))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_exception_args_not_on_the_wire_fall_back_to_the_message() -> None:

@@ -32,6 +32,7 @@ import pickle
 import re
 import reprlib
 import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast, get_args
@@ -624,12 +625,20 @@ def exception_to_wire(exc: BaseException, tb_text: str) -> dict[str, Any]:
 
 def _exception_class(type_name: str) -> type[Exception] | None:
     """The class named ``type_name`` if its module is already imported here: a peer
-    never makes this process import anything."""
+    never makes this process import anything. Names are looked up in ``__dict__``,
+    never with ``getattr``: a module ``__getattr__`` (numpy's, for one) imports
+    submodules lazily, and a class's metaclass could run code."""
     module_name, _, qualname = type_name.partition(":")
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split(".") if obj is not None else ():
-        obj = getattr(obj, part, None)
-    if isinstance(obj, type) and issubclass(obj, Exception):
+        if not isinstance(obj, (types.ModuleType, type)):
+            return None
+        try:
+            namespace = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            return None
+        obj = namespace.get(part) if isinstance(namespace, Mapping) else None
+    if isinstance(obj, type) and issubclass(obj, BaseException) and issubclass(obj, Exception):
         return obj
     return None
 
