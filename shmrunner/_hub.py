@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,12 @@ class Hub:
         self._stops: collections.deque[tuple[Job, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
         self._closing = False
+        # Task ids restart at 0 in every Scheduler: results name this session (sent
+        # in the welcome), so a result for an old scheduler's task 3 is never taken
+        # for this one's task 3.
+        self.session = secrets.token_hex(8)
+        self._ignored = 0  # results for a session or task this hub does not know
+        self._lost = 0
         # Its own context: term() in _release waits until libzmq has really closed
         # the socket, so the port is free when shutdown() returns. With CURVE the
         # process-wide context, where the ZAP authenticator (zmq.auth) listens.
@@ -98,8 +105,15 @@ class Hub:
 
     @property
     def rejected(self) -> int:
-        """Messages refused as malformed, oversized or of the wrong version."""
-        return self._channel.rejected
+        """Messages refused: malformed, oversized, of the wrong version, or results
+        for a session or task this hub does not know."""
+        return self._channel.rejected + self._ignored
+
+    def status(self) -> dict[str, Any]:
+        """The remote tier at a glance: its session, the workers, and counters
+        (``rejected`` messages, workers ``lost``)."""
+        return {"session": self.session, "workers": self.workers(),
+                "rejected": self.rejected, "lost": self._lost}
 
     def room(self) -> int:
         workers = list(self._workers.workers.values())
@@ -179,7 +193,11 @@ class Hub:
             if msg.type == "hello":
                 self._hello(peer, msg.body)
             elif worker is None:
-                continue  # a worker we do not know (yet, or any more): it will say hello
+                # A peer we do not know (yet, or any more): it will say hello. Its
+                # results belong to no task of ours.
+                if msg.type in ("result", "results"):
+                    self._ignore(peer, "a result from a peer that has not said hello")
+                continue
             elif msg.type == "result":
                 self._pace(worker)
                 self._result(worker, msg.body)
@@ -203,13 +221,20 @@ class Hub:
                  peer.name, peer.host, peer.pid, peer.capacity)
         self._send(worker, Message("welcome", {
             "heartbeat_interval": self._settings.heartbeat_interval,
-            "heartbeat_timeout": self._settings.heartbeat_timeout}))
+            "heartbeat_timeout": self._settings.heartbeat_timeout,
+            "session": self.session}))
         self._scheduler._pump()
 
     def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+        if body.get("session") != self.session:
+            self._ignore(worker.endpoint.identity, f"a result of task {body.get('task_id')} "
+                         f"from session {body.get('session')!r}, not this one")
+            return
         job = self._workers.finish(worker, body.get("task_id", -1))
-        if job is None:
-            return  # a task this worker no longer holds (stopped, or from an old session)
+        if job is None:  # not one this worker holds (stopped, lost, or never sent)
+            self._ignore(worker.endpoint.identity,
+                         f"a result of task {body.get('task_id')}, which it does not hold")
+            return
         if body["ok"]:
             ok, value = True, body["value"]
         else:
@@ -317,9 +342,16 @@ class Hub:
         except ChannelError:
             self._lose(worker, "unreachable")
 
+    def _ignore(self, identity: bytes, what: str) -> None:
+        self._ignored += 1
+        if self._ignored <= 10 or self._ignored % 1000 == 0:  # a flood must not flood the log
+            log.warning("ignored %s (peer %s; %d ignored so far)", what, identity.hex(),
+                        self._ignored)
+
     def _lose(self, worker: Worker[Job], why: str) -> None:
         if worker.id not in self._workers.workers:
             return
+        self._lost += 1
         loss = self._workers.lose(worker)
         self._by_identity.pop(worker.endpoint.identity, None)
         peer: _Peer = worker.endpoint

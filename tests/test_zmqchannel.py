@@ -19,6 +19,7 @@ import pytest
 import zmq
 
 from shmrunner.errors import ConfigError
+from shmrunner.transport.protocol import PROTOCOL_VERSION as V
 from shmrunner.transport.protocol import Message, encode
 from shmrunner.transport.zmqchannel import (
     ChannelClosedError,
@@ -94,7 +95,7 @@ def test_dealer_and_router_exchange_arrays(sockets: Sockets) -> None:
     big = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)
     small = np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4))
     dealer.send(hello())
-    tracker = dealer.send(Message("result", {"task_id": 3, "ok": True,
+    tracker = dealer.send(Message("result", {"session": "s", "task_id": 3, "ok": True,
                                              "value": (big, {"s": small})}), track=True)
     assert tracker is not None
     peer, msg = must_recv(router)
@@ -129,13 +130,13 @@ def garbage(good: list[Any], max_bytes: int) -> list[list[Any]]:
         [b"\xc1"],
         [b"definitely not msgpack"],
         [b""],
-        [header(2, "hello", {})],
-        [header(1, "launch", {})],
-        [header(1, "hello", {"name": "w"})],
+        [header(V + 1, "hello", {})],
+        [header(V, "launch", {})],
+        [header(V, "hello", {"name": "w"})],
         [good[0][:-3]],
         [*good, b"trailing frame"],
-        [header(1, "status_reply", {"status": {"v": array_ref}}), bytes(32)],
-        [header(1, "status_reply", {"status": msgpack.ExtType(3, pickle.dumps(1))})],
+        [header(V, "status_reply", {"status": {"v": array_ref}}), bytes(32)],
+        [header(V, "status_reply", {"status": msgpack.ExtType(3, pickle.dumps(1))})],
         [good[0], *[bytes(max_bytes // 2)] * 3],   # every frame fits, the whole does not
     ]
 
@@ -157,7 +158,7 @@ def test_router_rejects_garbage_and_keeps_serving(sockets: Sockets,
     assert router.rejected == len(bad)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 10 and lines[0].startswith("rejected message #1 from peer ")
-    assert any("protocol version 2, expected 1" in line for line in lines)
+    assert any(f"protocol version {V + 1}, expected {V}" in line for line in lines)
 
 
 def test_recv_deadline_holds_against_a_stream_of_garbage(sockets: Sockets) -> None:
@@ -196,7 +197,8 @@ def test_dealer_rejects_garbage_from_its_router(sockets: Sockets) -> None:
     dealer.send(hello())
     identity, *frames = raw.recv_multipart()
     assert frames == encode(hello())
-    good = encode(Message("welcome", {"heartbeat_interval": 1, "heartbeat_timeout": 3}))
+    good = encode(Message("welcome", {"heartbeat_interval": 1, "heartbeat_timeout": 3,
+                                      "session": "s"}))
     bad = garbage(good, 64 * 1024)
     for frames in bad:
         raw.send_multipart([identity, *frames])

@@ -47,12 +47,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_HEADER_BYTES", "MAX_NESTING",
-    "MESSAGE_TYPES", "MAX_BATCH", "MessageType", "Message", "RemoteTaskError",
+    "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MessageType", "Message", "RemoteTaskError",
     "encode", "decode", "function_ref", "resolve_function",
     "exception_to_wire", "exception_from_wire",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_BYTES = 1 << 30           # a whole message, header and array frames
 DEFAULT_MAX_HEADER_BYTES = 64 << 20   # frame 0: msgpack can grow ~64x into Python objects
 MAX_NESTING = 32                      # ext inside ext: each level is a nested C unpacker
@@ -149,21 +149,29 @@ _OPTIONS: _Check = ("a map of retries (int >= 0) and timeout (None or number > 0
 _ERROR: _Check = ("an error map {type, message, traceback: str; args: list or None}",
                   _wire_error)
 _ANY: _Check = ("anything", lambda v: True)
+_SESSION: _Check = ("a str of 1 to 64 characters", lambda v: type(v) is str and 0 < len(v) <= 64)
 _OPT_JOB: _Check = ("a str or None", lambda v: v is None or type(v) is str)
 MAX_BATCH = 1024  # messages one tasks/results message may carry
 _BATCH: _Check = (f"a list of 1 to {MAX_BATCH} maps with str keys",
                   lambda v: type(v) is list and 0 < len(v) <= MAX_BATCH
                   and all(_str_map(item) for item in v))
 
+MAX_CAPACITY = 4096  # tasks one worker may run at once: a scheduler sends it this many
+# Why a bound: the scheduler sends a worker up to its advertised capacity of tasks;
+# one claiming 2**62 slots took every task and returned none.
+_CAPACITY: _Check = (f"an int from 1 to {MAX_CAPACITY} (tasks the worker runs at once)",
+                     lambda v: type(v) is int and 1 <= v <= MAX_CAPACITY)
+
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
-    "hello": ({"name": _STR, "host": _STR, "pid": _ID,
-               "capacity": ("an int >= 1", lambda v: type(v) is int and v >= 1)}, {}),
-    "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR}),
+    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
+    "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
+                               "session": _SESSION}),
     "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
-    "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE}, {}),
+    "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
+                 "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
     "tasks": ({"tasks": _BATCH}, {}),
     "cancel": ({}, {"task_id": _ID, "job_id": _STR}),
@@ -195,6 +203,10 @@ def _check_body(type_: str, body: dict[str, Any]) -> None:
         return
     if type_ in ("result", "cancel") and ("task_id" in body) == ("job_id" in body):
         raise _Invalid(f"{type_} message needs exactly one of 'task_id' and 'job_id'")
+    if type_ == "result" and "task_id" in body and "session" not in body:
+        # Task ids restart with every scheduler: only the session tells an old
+        # scheduler's task 3 from this one's.
+        raise _Invalid("result of a task lacks field 'session' (the welcome's)")
     if type_ == "result" and ("value" if body["ok"] else "error") not in body:
         raise _Invalid(f"result with ok={body['ok']} lacks field "
                        f"{'value' if body['ok'] else 'error'!r}")

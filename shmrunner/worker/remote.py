@@ -37,9 +37,10 @@ import zmq
 from .._poolcore import Core, Task
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
-from ..errors import ShmrunnerError, TaskTimeoutError
+from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
 from ..transport.protocol import (
     MAX_BATCH,
+    MAX_CAPACITY,
     Message,
     _pickle_dumps,
     exception_to_wire,
@@ -55,17 +56,21 @@ _ACCEPT = frozenset({"welcome", "task", "tasks", "heartbeat", "cancel", "shutdow
 _DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
 
 
+_Key = tuple[str, int]  # (the scheduler's session, its task id): unique across restarts
+
+
 class _Reply:
-    """The result object the engine settles: queues (task_id, ok, value)."""
+    """The result object the engine settles: queues (key, task, ok, value)."""
 
-    __slots__ = ("agent", "task_id")
+    __slots__ = ("agent", "key", "task")
 
-    def __init__(self, agent: Agent, task_id: int) -> None:
+    def __init__(self, agent: Agent, key: _Key) -> None:
         self.agent = agent
-        self.task_id = task_id
+        self.key = key
+        self.task: Task | None = None
 
     def _set(self, index: int, ok: bool, value: Any) -> None:
-        self.agent._completed(self.task_id, ok, value)
+        self.agent._completed(self.key, self.task, ok, value)
 
 
 class Agent:
@@ -77,9 +82,16 @@ class Agent:
         self.processes = settings.processes or os.cpu_count() or 1
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self._ctx = context or multiprocessing.get_context()
-        self._done: collections.deque[tuple[int, bool, Any]] = collections.deque()
-        self._running: dict[int, Task] = {}
-        self._cancels: dict[int, BaseException] = {}  # cancels Core.kill put off
+        self._done: collections.deque[tuple[_Key, Task | None, bool, Any]] = \
+            collections.deque()
+        self._running: dict[_Key, Task] = {}
+        self._cancels: dict[_Key, BaseException] = {}  # cancels Core.kill put off
+        # The session of the scheduler this agent last joined, and the one of the
+        # current connection (None until its welcome): tasks and cancels belong to
+        # the connection's session, and results are sent only to their own session.
+        self._joined: str | None = None
+        self._session_id: str | None = None
+        self.refused = 0  # tasks that arrived before a welcome (no session to file them)
         self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
@@ -113,10 +125,12 @@ class Agent:
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
             accept=_ACCEPT, curve=client_keys(settings.curve_secret_key,
                                               settings.curve_server_key)))
+        self._session_id = None
         try:
             channel.connect(settings.connect or "")
             hello = Message("hello", {"name": self.name, "host": socket.gethostname(),
-                                      "pid": os.getpid(), "capacity": self.processes,
+                                      "pid": os.getpid(),
+                                      "capacity": min(self.processes, MAX_CAPACITY),
                                       "allow_pickle": settings.allow_pickle})
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
@@ -183,61 +197,93 @@ class Agent:
     def _handle(self, msg: Message, batch: list[Task]) -> bool:
         """Act on one message (tasks are appended to ``batch``); False on shutdown."""
         assert self._core is not None
-        if msg.type == "task":
+        if msg.type in ("task", "tasks") and self._session_id is None:
+            self.refused += 1  # a scheduler always welcomes first: not one to trust
+            log.warning("refused a %s message that came before the welcome", msg.type)
+        elif msg.type == "task":
             self._accept(msg.body, batch)
         elif msg.type == "tasks":
             for body in msg.body["tasks"]:
                 self._accept(body, batch)
         elif msg.type == "welcome":
             self._beat = (msg.body["heartbeat_interval"], msg.body["heartbeat_timeout"])
-        elif msg.type == "cancel":
-            task_id = msg.body.get("task_id", -1)
-            if task_id in self._running:
-                self._cancels[task_id] = TaskTimeoutError(
-                    f"task {task_id} ran past its timeout and was stopped")
+            self._join(msg.body["session"])
+        elif msg.type == "cancel" and self._session_id is not None:
+            # Only a task of this connection's session that is still running here:
+            # task ids repeat across sessions, and a finished one has nothing to stop.
+            key = (self._session_id, msg.body.get("task_id", -1))
+            if key in self._running:
+                self._cancels[key] = TaskTimeoutError(
+                    f"task {key[1]} ran past its timeout and was stopped")
                 self._retry_cancels()
         elif msg.type == "shutdown":
             return False
         return True
 
+    def _join(self, session: str) -> None:
+        """The connection's welcome named ``session``. A different one than the
+        last means that scheduler is gone (it restarted): its results can never
+        be delivered, so they are dropped and its tasks stopped, freeing the
+        processes for the new scheduler's work (_send_results drops their results)."""
+        self._session_id = session
+        if self._joined is not None and session != self._joined:
+            gone = self._joined
+            for key in list(self._running):
+                if key[0] != session:
+                    self._cancels[key] = TaskCancelledError(
+                        f"task {key[1]} belongs to scheduler session {gone}, which ended")
+            log.info("joined scheduler session %s; dropped the work of session %s",
+                     session, gone)
+            self._retry_cancels()
+        self._joined = session
+
     def _retry_cancels(self) -> None:
         """Core.kill refuses a task still queued behind another on its process
         ("ask again later"): ask again until it is running (then it is killed)."""
         assert self._core is not None
-        for task_id, reason in list(self._cancels.items()):
-            held = self._running.get(task_id)
+        for key, reason in list(self._cancels.items()):
+            held = self._running.get(key)
             if held is None or self._core.kill(held, reason):
-                del self._cancels[task_id]
+                del self._cancels[key]
 
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
-        assert self._core is not None
+        assert self._core is not None and self._session_id is not None
         task_id = body["task_id"]
+        key = (self._session_id, task_id)
         try:
             fn = body["fn"]
             if isinstance(fn, str):
                 fn = _resolve(fn)
             else:  # arrived pickled (cloudpickle): the engine's plain pickle may refuse it
                 fn = functools.partial(_call_pickled, _pickle_dumps(fn))
-            task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
-                                       _Reply(self, task_id))
+            reply = _Reply(self, key)
+            task = reply.task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
+                                                    reply)
         except Exception as exc:
-            self._completed(task_id, False, exc)
+            self._completed(key, None, False, exc)
             return
-        self._running[task_id] = task
+        self._running[key] = task
         batch.append(task)
 
-    def _completed(self, task_id: int, ok: bool, value: Any) -> None:
+    def _completed(self, key: _Key, task: Task | None, ok: bool, value: Any) -> None:
         """Called on the engine's thread: hand the result to the agent loop."""
-        self._done.append((task_id, ok, value))
+        self._done.append((key, task, ok, value))
         self._wakeup.wake()
 
     def _send_results(self, channel: ZmqChannel) -> None:
-        """Send what finished since the last round, as one message when several."""
+        """Send what finished since the last round, as one message when several;
+        only to the session that sent the task (others' results are dropped)."""
+        session = self._session_id
+        if session is None:
+            return  # not welcomed yet on this connection: keep them until then
         bodies: list[dict[str, Any]] = []
         while self._done and len(bodies) < MAX_BATCH:
-            task_id, ok, value = self._done.popleft()
-            self._running.pop(task_id, None)
-            bodies.append(_result_body(task_id, ok, value))
+            key, task, ok, value = self._done.popleft()
+            if task is not None and self._running.get(key) is task:
+                del self._running[key]  # not a newer attempt that reuses the id
+            if key[0] != session:
+                continue  # for a scheduler that is gone
+            bodies.append(_result_body(session, key[1], ok, value))
         if len(bodies) > 1:
             try:
                 channel.send(Message("results", {"results": bodies}))
@@ -248,8 +294,9 @@ class Agent:
             try:
                 channel.send(Message("result", body))
             except (TypeError, ValueError) as exc:
-                channel.send(Message("result", _result_body(body["task_id"], False, TypeError(
-                    f"the result of task {body['task_id']} cannot be sent back: {exc}"))))
+                channel.send(Message("result", _result_body(
+                    session, body["task_id"], False,
+                    TypeError(f"the result of task {body['task_id']} cannot be sent back: {exc}"))))
         if self._done:
             self._wakeup.wake()  # more than one batch finished: go round again
 
@@ -268,12 +315,13 @@ def _writable(channel: ZmqChannel) -> bool:
     return bool(channel.socket.poll(0, zmq.POLLOUT))
 
 
-def _result_body(task_id: int, ok: bool, value: Any) -> dict[str, Any]:
+def _result_body(session: str, task_id: int, ok: bool, value: Any) -> dict[str, Any]:
     if ok:
-        return {"task_id": task_id, "ok": True, "value": value}
+        return {"session": session, "task_id": task_id, "ok": True, "value": value}
     cause = value.__cause__
     tb = str(getattr(cause, "tb", "")) if cause is not None else ""
-    return {"task_id": task_id, "ok": False, "error": exception_to_wire(value, tb)}
+    return {"session": session, "task_id": task_id, "ok": False,
+            "error": exception_to_wire(value, tb)}
 
 
 def run_agent(settings: WorkerSettings) -> int:
