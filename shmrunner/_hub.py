@@ -47,13 +47,15 @@ log = logging.getLogger("shmrunner.scheduler")
 _ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye"})
 _FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
 _FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
+_OUTBOX = 1000  # messages queued for one worker that it has not taken: then it is lost
+_RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get their turn
 
 
 class _Peer:
     """A remote worker as the hub knows it."""
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result",
-                 "allow_pickle")
+                 "allow_pickle", "outbox")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -64,6 +66,10 @@ class _Peer:
         self.last_seen = time.monotonic()
         self.last_result = 0.0
         self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
+        # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
+        # sent): one stuck at the head for heartbeat_timeout means the peer stopped
+        # reading. Small ones are copied by pyzmq and never tracked.
+        self.outbox: collections.deque[tuple[zmq.MessageTracker, float]] = collections.deque()
 
 
 class Hub:
@@ -90,9 +96,12 @@ class Hub:
         self._own_context = curve is None
         self._context: zmq.Context[Any] = (zmq.Context(io_threads=1) if self._own_context
                                            else zmq.Context.instance())
+        # The hub never waits for a peer: it sends with try_send (a full per-peer
+        # queue of _OUTBOX messages means that peer is lost), so one peer that
+        # stops reading cannot hold up the heartbeats that keep the others alive.
         self._channel = ZmqChannel("router", ChannelOptions(
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
-            accept=_ACCEPT, curve=curve), context=self._context)
+            accept=_ACCEPT, curve=curve, send_hwm=_OUTBOX), context=self._context)
         try:
             self.address = self._channel.bind(settings.listen)
         except BaseException:
@@ -181,7 +190,10 @@ class Hub:
         self._wakeup.close()
 
     def _receive(self) -> None:
+        until = time.monotonic() + _RECEIVE_SLICE
         for _ in range(256):  # bounded: heartbeats and stops get their turn
+            if time.monotonic() > until:  # a flood of (even rejected) messages too
+                return
             received = self._channel.recv(0)
             if received is None:
                 return
@@ -274,14 +286,12 @@ class Hub:
                        "timeout": job.timeout} for job in jobs]
             try:
                 if len(bodies) == 1:
-                    self._channel.send(Message("task", bodies[0]), worker.endpoint.identity)
+                    self._send(worker, Message("task", bodies[0]))
                 else:
                     self._send_batch(worker, jobs, bodies)
             except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
                 self._workers.finish(worker, jobs[0].id)
                 self._scheduler._finish(jobs[0], False, exc)
-            except ChannelError:
-                self._lose(worker, "unreachable")
 
     def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
         """Fail here the calls that need a pickle: this worker would reject them
@@ -305,13 +315,15 @@ class Hub:
         for start in range(0, len(bodies), MAX_BATCH):
             chunk = bodies[start:start + MAX_BATCH]
             try:
-                self._channel.send(Message("tasks", {"tasks": chunk}), worker.endpoint.identity)
+                if not self._send(worker, Message("tasks", {"tasks": chunk})):
+                    return  # lost: what it held is rerun
             except (TypeError, ValueError):
                 # One call in the batch cannot travel: send them one by one so
                 # only that one fails.
                 for job, body in zip(jobs[start:start + MAX_BATCH], chunk, strict=True):
                     try:
-                        self._channel.send(Message("task", body), worker.endpoint.identity)
+                        if not self._send(worker, Message("task", body)):
+                            return
                     except (TypeError, ValueError) as exc:
                         self._workers.finish(worker, job.id)
                         self._scheduler._finish(job, False, exc)
@@ -329,18 +341,37 @@ class Hub:
                     self._send(worker, Message("cancel", {"task_id": job.id}))
 
     def _heartbeat(self) -> None:
-        deadline = time.monotonic() - self._settings.heartbeat_timeout
+        timeout = self._settings.heartbeat_timeout
+        deadline = time.monotonic() - timeout
         for worker in self._workers:
-            if worker.endpoint.last_seen < deadline:
-                self._lose(worker, f"silent for over {self._settings.heartbeat_timeout} s")
+            peer: _Peer = worker.endpoint
+            while peer.outbox and peer.outbox[0][0].done:
+                peer.outbox.popleft()
+            if peer.last_seen < deadline:
+                self._lose(worker, f"silent for over {timeout} s")
+            elif peer.outbox and peer.outbox[0][1] < deadline:
+                self._lose(worker, f"it took nothing of what it was sent for over {timeout} s: "
+                           "it stopped reading")
             else:
                 self._send(worker, Message("heartbeat", {}))
 
-    def _send(self, worker: Worker[Job], msg: Message) -> None:
+    def _send(self, worker: Worker[Job], msg: Message) -> bool:
+        """Hand ``msg`` to ZeroMQ without waiting; False when the worker is lost
+        instead (gone, or its queue is full: it stopped reading). Raises
+        ``TypeError``/``ValueError`` for a message the protocol cannot carry."""
+        peer: _Peer = worker.endpoint
         try:
-            self._channel.send(msg, worker.endpoint.identity)
+            sent = self._channel.try_send(msg, peer.identity, track=True)
         except ChannelError:
             self._lose(worker, "unreachable")
+            return False
+        if sent is False:
+            self._lose(worker, f"its queue is full ({_OUTBOX} messages it has not taken): "
+                       "it stopped reading")
+            return False
+        if isinstance(sent, zmq.MessageTracker) and not sent.done:
+            peer.outbox.append((sent, time.monotonic()))
+        return True
 
     def _ignore(self, identity: bytes, what: str) -> None:
         self._ignored += 1

@@ -8,21 +8,23 @@ victim's memory stays bounded (RSS from /proc), and that it keeps serving.
 from __future__ import annotations
 
 import os
-import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
+from test_remote import Workers
 
 import _sched_tasks as tasks
 from _util import wait_until
 from shmrunner import Scheduler
 from shmrunner.config import SchedulerSettings
 from shmrunner.errors import ConfigError
-from shmrunner.transport.protocol import MAX_CAPACITY, PROTOCOL_VERSION, Message, encode
+from shmrunner.transport.protocol import MAX_CAPACITY, PROTOCOL_VERSION, Message, decode, encode
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
@@ -122,4 +124,167 @@ def test_prefetch_is_bounded() -> None:
     assert SchedulerSettings(prefetch=MAX_CAPACITY).prefetch == MAX_CAPACITY
 
 
-_ = (random, Path, tasks, rss, frames)
+# --- a peer that stops reading ----------------------------------------------------------
+
+
+class StuckWorker(threading.Thread):
+    """A fake worker (a raw DEALER): says hello, then sends heartbeats forever and
+    never reads a byte (its receive queue and buffer are tiny), so whatever the
+    hub sends it piles up."""
+
+    def __init__(self, context: zmq.Context[Any], address: str, capacity: int) -> None:
+        super().__init__(name="stuck-worker", daemon=True)
+        self.context, self.address, self.capacity = context, address, capacity
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        sock: zmq.Socket[Any] = self.context.socket(zmq.DEALER)
+        try:
+            sock.linger = 0
+            sock.rcvhwm = 1
+            sock.setsockopt(zmq.RCVBUF, 4096)
+            sock.sndtimeo = 1000
+            sock.connect(self.address)
+            sock.send_multipart(hello(self.capacity, "stuck"))
+            beat = frames(Message("heartbeat"))
+            while not self.stop.wait(BEAT):
+                sock.send_multipart(beat)
+        finally:
+            sock.close(linger=0)
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_that_stops_reading_never_blocks_the_hub(tmp_path: Path, raw: Raw) -> None:
+    """Tasks with big arrays go to a worker that never reads (and keeps sending
+    heartbeats): the hub loses it once nothing it was sent moves for a heartbeat
+    timeout, never waits for it, and its tasks rerun on the real agent, whose
+    heartbeats kept it alive all along."""
+    sched = hub_scheduler()
+    workers = Workers(tmp_path)
+    stuck: StuckWorker | None = None
+    try:
+        assert sched.address is not None
+        hub = sched._remote
+        agent = workers.start(sched.address, "real")
+        wait_until(lambda: len(hub.status()["workers"]) == 1, RESULT, message="the agent to join")
+        stuck = StuckWorker(raw.context, sched.address, capacity=8)
+        stuck.start()
+        wait_until(lambda: len(hub.status()["workers"]) == 2, RESULT,
+                   message="the stuck worker to join")
+        big = np.arange(4 * MiB, dtype=np.float64)  # 32 MiB: more than any socket buffers
+        futures = [sched.submit(tasks.checksum, big, retries=3) for _ in range(12)]
+        assert [f.result(RESULT) for f in futures] == [float(big.sum())] * 12
+        status = hub.status()
+        assert [w["pid"] for w in status["workers"]] == [agent.pid]
+        assert status["lost"] == 1  # the stuck one; never the real agent
+    finally:
+        if stuck is not None:
+            stuck.stop.set()
+            stuck.join(RESULT)
+        workers.stop_all()
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
+# --- limits hold before memory is spent ---------------------------------------------------
+
+
+def expanding_header(n: int = MiB, empty: bytes = b"\x90") -> list[bytes]:
+    """A valid-looking header of ``n`` bytes of empty lists (or maps): ~70 bytes
+    each once decoded (1 MiB of them took 74 MiB)."""
+    return [b"\x93" + msgpack.packb(PROTOCOL_VERSION) + msgpack.packb("status_reply")
+            + b"\xdd" + n.to_bytes(4, "big") + empty * n]
+
+
+ATTACKS = [
+    ("empty lists", lambda: expanding_header(), 32 * MiB),
+    ("empty maps", lambda: expanding_header(empty=b"\x80"), 32 * MiB),
+    ("300,000 empty frames", lambda: [b""] * 300_000, 96 * MiB),  # was 173 MiB each
+]
+
+
+def attack(send: Any, rejected: Any, pid: int | str) -> None:
+    """Send each attack three times; each must be counted, and the victim's RSS
+    must grow by less than the attack's bound."""
+    for name, make, bound in ATTACKS:
+        before, count = rss(pid), rejected()
+        for _ in range(3):
+            send(make())
+        wait_until(lambda c=count: rejected() >= c + 3, RESULT,
+                   message=f"the {name} to be rejected")
+        grown = rss(pid) - before
+        assert grown < bound, f"{name}: RSS grew by {grown / MiB:.0f} MiB"
+
+
+@pytest.mark.timeout(120)
+def test_hub_refuses_frame_floods_and_expanding_headers(tmp_path: Path, raw: Raw) -> None:
+    sched = hub_scheduler()
+    workers = Workers(tmp_path)
+    try:
+        assert sched.address is not None
+        hub = sched._remote
+        agent = workers.start(sched.address, "real")
+        wait_until(lambda: len(hub.status()["workers"]) == 1, RESULT, message="the agent to join")
+        sock = raw.dealer(sched.address)
+        attack(sock.send_multipart, lambda: hub.status()["rejected"], "self")
+        assert [w["pid"] for w in hub.status()["workers"]] == [agent.pid]
+        assert sched.submit(tasks.add, 2, 3).result(RESULT) == 5
+    finally:
+        workers.stop_all()
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
+class FakeScheduler:
+    """A raw ROUTER a real agent connects to: welcomes it, then sends what the
+    test says; answers heartbeats so the agent stays connected."""
+
+    def __init__(self, raw: Raw) -> None:
+        self.sock: zmq.Socket[Any] = raw.context.socket(zmq.ROUTER)
+        raw.sockets.append(self.sock)
+        self.sock.linger = 0
+        self.sock.sndtimeo = self.sock.rcvtimeo = RESULT * 1000
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.peer = b""
+        self.welcome = frames(Message("welcome", {
+            "heartbeat_interval": BEAT, "heartbeat_timeout": 5.0, "session": "fake"}))
+
+    def next(self) -> Message:
+        peer, *parts = self.sock.recv_multipart(copy=False)
+        msg = decode(parts, max_bytes=1 << 30, allow_pickle=False)
+        if msg.type == "hello":
+            self.peer = peer.bytes
+            self.sock.send_multipart([self.peer, *self.welcome])
+        elif msg.type == "heartbeat":
+            self.sock.send_multipart([peer.bytes, *frames(Message("heartbeat"))])
+        return msg
+
+    def send(self, parts: list[bytes]) -> None:
+        self.sock.send_multipart([self.peer, *parts])
+
+    def result(self, task_id: int) -> dict[str, Any]:
+        while True:
+            msg = self.next()
+            if msg.type == "result" and msg.body["task_id"] == task_id:
+                return msg.body
+
+
+def rejected_by(workers: Workers, name: str) -> Any:
+    """The agent's rejected count, from its log: it logs every thousandth and the
+    first ten, and these tests stay under ten."""
+    return lambda: workers.log(name).count("rejected message")
+
+
+@pytest.mark.timeout(120)
+def test_agent_refuses_frame_floods_and_expanding_headers(tmp_path: Path, raw: Raw) -> None:
+    fake = FakeScheduler(raw)
+    workers = Workers(tmp_path)
+    try:
+        agent = workers.start(f"tcp://127.0.0.1:{fake.port}", "victim")
+        while fake.next().type != "hello":
+            pass
+        attack(fake.send, rejected_by(workers, "victim"), agent.pid)
+        fake.send(frames(Message("task", {"task_id": 7, "fn": "_sched_tasks:add",
+                                          "args": [2, 3], "kwargs": {}})))
+        assert fake.result(7) == {"session": "fake", "task_id": 7, "ok": True, "value": 5}
+        assert agent.poll() is None
+    finally:
+        workers.stop_all()

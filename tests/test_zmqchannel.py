@@ -297,3 +297,39 @@ def test_curve(sockets: Sockets) -> None:
     impostor.connect(endpoint)
     impostor.send(hello("impostor"))   # queued: the handshake never completes
     assert router.recv(0.5) is None and router.rejected == 0
+
+
+def test_try_send_reports_a_full_peer_queue_instead_of_waiting(sockets: Sockets) -> None:
+    """A peer that never reads: its queue (send_hwm messages, past what the
+    socket buffers hold) fills, and try_send says so at once, where send would
+    wait send_timeout."""
+    router, endpoint = sockets.router(ChannelOptions(send_hwm=2, send_timeout=60.0))
+    stuck = sockets.raw(zmq.DEALER)
+    stuck.rcvhwm = 1
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.connect(endpoint)
+    stuck.send_multipart(encode(hello("stuck")))
+    peer, _ = must_recv(router)
+    assert peer is not None
+    big = Message("status_reply", {"status": {"a": np.zeros(1 << 20)}})  # 8 MiB each
+    results = [router.try_send(big, peer) for _ in range(20)]
+    assert results[0] is True and results[-1] is False
+    tracker = router.try_send(Message("heartbeat"), peer, track=True)
+    assert tracker is False
+    with pytest.raises(ChannelError, match="not connected"):
+        router.try_send(Message("heartbeat"), b"no-such-peer")
+
+
+def test_frame_and_byte_limits_hold_while_receiving(sockets: Sockets) -> None:
+    """Too many frames, or too many bytes in many frames: the rest of the message
+    is read and dropped, the message counted, and the next one served."""
+    router, endpoint = sockets.router(ChannelOptions(max_frames=10, max_bytes=64 * 1024))
+    raw = sockets.raw(zmq.DEALER)
+    raw.connect(endpoint)
+    good = encode(hello("after"))
+    raw.send_multipart([b""] * 11)                      # one frame too many
+    raw.send_multipart([good[0], *[bytes(8 * 1024)] * 9])  # 10 frames, over 64 KiB
+    raw.send_multipart([b""] * 100_000)                 # a flood of empty frames
+    raw.send_multipart(good)
+    _, msg = must_recv(router)
+    assert msg == hello("after") and router.rejected == 3
