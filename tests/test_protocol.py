@@ -26,6 +26,7 @@ import zmq
 
 from shmrunner.errors import ProtocolError, WorkerLostError
 from shmrunner.transport.protocol import (
+    MAX_FRAMES,
     MAX_NESTING,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -650,6 +651,29 @@ def test_size_limits() -> None:
         decode(frames, max_bytes=total - 1, allow_pickle=False)
     with pytest.raises(ProtocolError, match="header of .* bytes exceeds the limit of 10"):
         decode(frames, max_bytes=LIMIT, allow_pickle=False, max_header_bytes=10)
+
+
+def test_expanding_headers_are_refused_before_they_expand() -> None:
+    n = 1 << 20   # 1 MiB of empty lists (or maps) decoded to 74 MiB
+    for empty in (b"\x90", b"\x80"):
+        frames = [b"\x93" + msgpack.packb(V) + msgpack.packb("status_reply") + b"\xdd"
+                  + n.to_bytes(4, "big") + empty * n]
+        with pytest.raises(ProtocolError, match="more than .* lists, maps and tuples"):
+            decode(frames, max_bytes=LIMIT, allow_pickle=False)
+    tuples = [header(V, "status_reply", {"status": {"t": [(i,) for i in range(100_000)]}})]
+    assert len(decode(tuples, max_bytes=LIMIT, allow_pickle=False).body["status"]["t"]) \
+        == 100_000   # 1-tuples of small ints, the densest common case, still travel
+
+
+def test_frame_count_limit() -> None:
+    arrays = [np.zeros(1) for _ in range(MAX_FRAMES - 1)]
+    frames = received(encode(Message("status_reply", {"status": {"a": arrays}})))
+    assert len(decode(frames, max_bytes=LIMIT, allow_pickle=False).body["status"]["a"]) \
+        == MAX_FRAMES - 1
+    with pytest.raises(ProtocolError, match=f"{MAX_FRAMES} frames exceeds the limit of 10"):
+        decode(frames, max_bytes=LIMIT, allow_pickle=False, max_frames=10)
+    with pytest.raises(ValueError, match="8193 arrays: the limit is 8192"):
+        encode(Message("status_reply", {"status": {"a": [*arrays, np.zeros(1)]}}))
 
 
 # --- fuzz ----------------------------------------------------------------------------
