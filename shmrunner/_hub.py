@@ -32,7 +32,7 @@ import zmq
 
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
-from .errors import WorkerLostError
+from .errors import ShmrunnerError, WorkerLostError
 from .transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 from .worker.lifecycle import Lifecycle, Worker
@@ -49,6 +49,7 @@ _FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
 _FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
 _OUTBOX = 1000  # messages queued for one worker that it has not taken: then it is lost
 _RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get their turn
+_MAX_FAILURES = 100  # rounds in a row that raise before the hub gives up (no busy loop)
 
 
 class _Peer:
@@ -90,6 +91,9 @@ class Hub:
         self.session = secrets.token_hex(8)
         self._ignored = 0  # results for a session or task this hub does not know
         self._lost = 0
+        self._errors = 0  # unexpected exceptions the hub thread recovered from
+        self._broken: BaseException | None = None  # why the hub thread died, if it did
+        self._crash_lock = threading.Lock()
         # Its own context: term() in _release waits until libzmq has really closed
         # the socket, so the port is free when shutdown() returns. With CURVE the
         # process-wide context, where the ZAP authenticator (zmq.auth) listens.
@@ -122,14 +126,20 @@ class Hub:
         """The remote tier at a glance: its session, the workers, and counters
         (``rejected`` messages, workers ``lost``)."""
         return {"session": self.session, "workers": self.workers(),
-                "rejected": self.rejected, "lost": self._lost}
+                "rejected": self.rejected, "lost": self._lost, "errors": self._errors,
+                "alive": self._thread.is_alive()}
 
     def room(self) -> int:
+        if self._broken is not None:  # take the jobs, to fail them (start), not to hold them
+            return 1 << 30
         workers = list(self._workers.workers.values())
         return sum(worker.free for worker in workers) - len(self._inbox)
 
     def start(self, jobs: list[Job]) -> None:
-        self._inbox.extend(jobs)
+        with self._crash_lock:  # either the crash path fails them, or this raises
+            if self._broken is not None:
+                raise self._broken
+            self._inbox.extend(jobs)
         self._wake()
 
     def stop(self, job: Job, reason: BaseException) -> bool:
@@ -164,24 +174,53 @@ class Hub:
         poller.register(self._wakeup.fd, zmq.POLLIN)
         interval = self._settings.heartbeat_interval
         next_beat = time.monotonic() + interval
+        failures = 0  # rounds in a row that raised
+        stopped: BaseException = WorkerLostError(None, None, "the scheduler's remote tier stopped")
         try:
             while not self._closing:
-                wait = max(0.0, next_beat - time.monotonic())
-                events = dict(poller.poll(round(wait * 1000)))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                if self._channel.socket in events:
-                    self._receive()
-                self._assign()
-                self._apply_stops()
-                if time.monotonic() >= next_beat:
-                    self._heartbeat()
-                    next_beat = time.monotonic() + interval
-        except Exception:
-            log.exception("the scheduler's remote tier crashed")
+                try:
+                    wait = max(0.0, next_beat - time.monotonic())
+                    events = dict(poller.poll(round(wait * 1000)))
+                    if self._wakeup.fd in events:
+                        self._wakeup.drain()
+                    if self._channel.socket in events:
+                        self._receive()
+                    self._assign()
+                    self._apply_stops()
+                    if time.monotonic() >= next_beat:
+                        self._heartbeat()
+                        next_beat = time.monotonic() + interval
+                    failures = 0
+                except Exception as exc:  # a bug, or a hostile input we did not foresee
+                    failures += 1
+                    if failures >= _MAX_FAILURES:
+                        raise
+                    self._recover(exc)
+        except BaseException as exc:
+            log.exception("the scheduler's remote tier crashed; every task it held fails")
+            stopped = ShmrunnerError(f"the scheduler's remote tier crashed: {exc!r}")
+            stopped.__cause__ = exc
+            with self._crash_lock:
+                self._broken = stopped
         finally:
-            self._fail_all(WorkerLostError(None, None, "the scheduler's remote tier stopped"))
+            self._fail_all(stopped)
             self._release()
+            if self._broken is not None:
+                self._scheduler._pump()  # jobs queued for want of room now fail (start)
+
+    def _recover(self, exc: Exception) -> None:
+        """A round raised: the workers' bookkeeping may be half done, so start
+        over from a clean slate. Every task a worker held fails with
+        WorkerLostError (rerun if its retries allow); the workers are forgotten
+        and say hello again once our heartbeats stop (their results meanwhile
+        are ignored). Queued tasks stay queued."""
+        self._errors += 1
+        if self._errors <= 10 or self._errors % 1000 == 0:
+            log.error("the scheduler's remote tier hit an unexpected error (#%d); its workers' "
+                      "tasks are rerun or failed, and the workers rejoin", self._errors,
+                      exc_info=exc)
+        for worker in self._workers:
+            self._lose(worker, f"the remote tier recovered from {exc!r}")
 
     def _release(self) -> None:
         self._channel.close()

@@ -41,7 +41,7 @@ import zmq
 import _sched_tasks as tasks
 from _sched_tasks import Gates
 from _util import children, is_alive, wait_until
-from shmrunner import Scheduler, TaskTimeoutError, WorkerLostError
+from shmrunner import Scheduler, ShmrunnerError, TaskTimeoutError, WorkerLostError
 from shmrunner.transport.protocol import PROTOCOL_VERSION as V
 from shmrunner.transport.protocol import Message, decode, encode
 from shmrunner.transport.zmqchannel import ChannelError
@@ -520,6 +520,105 @@ def test_a_restarted_schedulers_tasks_get_their_own_results(tmp_path: Path,
         finally:
             if second is not None:
                 second.shutdown(wait=True, cancel_futures=True)
+
+
+# --- threads that cannot die silently -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_hub_recovers_from_an_unexpected_error(tmp_path: Path, gates: Gates,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round of the hub thread raises once, after tasks went out: the tasks the
+    workers held are rerun (or fail with WorkerLostError), none stays pending, the
+    workers rejoin and the hub serves on."""
+    from shmrunner._hub import Hub
+
+    sched, workers = start_cluster(tmp_path, gates, n=1)
+    try:
+        hub = sched._remote
+        original = Hub._assign
+        raised: list[bool] = []
+
+        def assign_then_fail(self: Hub) -> None:
+            busy = bool(self._inbox)
+            original(self)
+            if busy and not raised:
+                raised.append(True)
+                raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(Hub, "_assign", assign_then_fail)
+        rerun = sched.submit(tasks.add, 1, 2, retries=2)
+        concurrent.futures.wait([rerun], RESULT)
+        assert rerun.result(0) == 3 and raised
+        once = sched.submit(tasks.add, 2, 2, retries=0)
+        assert once.result(RESULT) == 4
+        status = hub.status()
+        assert status["errors"] == 1 and status["alive"]
+        wait_until(lambda: registered(sched) == [workers.procs[0].pid], JOIN,
+                   message="the worker to rejoin")
+    finally:
+        stop_cluster(sched, workers, gates)
+
+
+@pytest.mark.timeout(60)
+def test_hub_that_keeps_failing_fails_every_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub thread that fails round after round gives up: every future it held,
+    and every one submitted after, fails with a clear error instead of pending."""
+    from shmrunner._hub import Hub
+
+    sched = remote_scheduler()
+    try:
+        hub = sched._remote
+        queued = sched.submit(tasks.add, 1, 1)  # no worker: waits in the hub
+
+        def fail(self: Hub) -> None:
+            raise RuntimeError("injected, every round")
+
+        monkeypatch.setattr(Hub, "_heartbeat", fail)
+        wait_until(lambda: not hub.status()["alive"], RESULT, message="the hub to give up")
+        with pytest.raises(ShmrunnerError, match="remote tier crashed"):
+            queued.result(RESULT)
+        later = sched.submit(tasks.add, 2, 2)
+        with pytest.raises(ShmrunnerError, match="remote tier crashed"):
+            later.result(RESULT)
+    finally:
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(60)
+def test_agent_recovers_from_an_unexpected_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's loop raises once while sending a result: the agent logs it,
+    counts it and reconnects; the task is rerun and nothing stays pending."""
+    from shmrunner.config import WorkerSettings
+    from shmrunner.worker import remote
+
+    sched = remote_scheduler()
+    assert sched.address is not None
+    agent = remote.Agent(WorkerSettings(connect=sched.address, processes=1, name="inproc",
+                                        heartbeat_interval=BEAT,
+                                        heartbeat_timeout=BEAT_TIMEOUT))
+    original = remote._result_body
+    raised: list[bool] = []
+
+    def fail_once(*args: Any) -> dict[str, Any]:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("injected failure")
+        return original(*args)
+
+    monkeypatch.setattr(remote, "_result_body", fail_once)
+    thread = threading.Thread(target=agent.run, name="agent", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: registered(sched) == [os.getpid()], JOIN, message="the agent to join")
+        assert sched.submit(tasks.add, 3, 4, retries=2).result(RESULT) == 7
+        assert raised and agent.errors == 1 and thread.is_alive()
+        assert sched.submit(tasks.add, 5, 5).result(RESULT) == 10
+    finally:
+        agent.stop()
+        thread.join(RESULT)
+        sched.shutdown(wait=True, cancel_futures=True)
+    assert not thread.is_alive()
 
 
 @pytest.mark.timeout(60)

@@ -92,6 +92,7 @@ class Agent:
         self._joined: str | None = None
         self._session_id: str | None = None
         self.refused = 0  # tasks that arrived before a welcome (no session to file them)
+        self.errors = 0  # unexpected exceptions the agent loop recovered from
         self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
@@ -156,13 +157,15 @@ class Agent:
                     self._wakeup.drain()
                 if channel.socket in events:
                     batch: list[Task] = []
-                    while (received := channel.recv(0)) is not None:
-                        last_heard = time.monotonic()
-                        if not self._handle(received.message, batch):
-                            self._stopping.set()
-                    if batch:  # one hand-over to the engine: they travel together
-                        assert self._core is not None
-                        self._core.submit(batch)
+                    try:
+                        while (received := channel.recv(0)) is not None:
+                            last_heard = time.monotonic()
+                            if not self._handle(received.message, batch):
+                                self._stopping.set()
+                    finally:  # accepted is accepted, even if a later message raised
+                        if batch:  # one hand-over to the engine: they travel together
+                            assert self._core is not None
+                            self._core.submit(batch)
                     # A welcome may have shortened the interval.
                     next_beat = min(next_beat, last_heard + self._beat[0])
                 self._retry_cancels()
@@ -190,6 +193,16 @@ class Agent:
         except ChannelError as exc:
             log.warning("connection to %s failed (%s); reconnecting", settings.connect, exc)
             self._stopping.wait(settings.heartbeat_interval)  # pacing a retry; SIGTERM ends it
+            return self._stopping.is_set()
+        except Exception as exc:
+            # A bug, or an input nobody foresaw: the agent must not die of it with
+            # tasks in hand. A new connection starts clean; the scheduler loses the
+            # old one (reruns what it held) and ignores its late results.
+            self.errors += 1
+            if self.errors <= 10 or self.errors % 1000 == 0:
+                log.error("unexpected error (#%d) serving %s; reconnecting", self.errors,
+                          settings.connect, exc_info=exc)
+            self._stopping.wait(settings.heartbeat_interval)
             return self._stopping.is_set()
         finally:
             channel.close()
