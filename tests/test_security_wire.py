@@ -20,6 +20,7 @@ import zmq
 from test_remote import Workers
 
 import _sched_tasks as tasks
+from _sched_tasks import Gates
 from _util import wait_until
 from shmrunner import Scheduler
 from shmrunner.config import SchedulerSettings
@@ -287,4 +288,64 @@ def test_agent_refuses_frame_floods_and_expanding_headers(tmp_path: Path, raw: R
         assert fake.result(7) == {"session": "fake", "task_id": 7, "ok": True, "value": 5}
         assert agent.poll() is None
     finally:
+        workers.stop_all()
+
+
+# --- cancels and sessions at the agent --------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_agent_stops_only_a_task_of_its_session_that_still_runs(tmp_path: Path,
+                                                                raw: Raw) -> None:
+    """Task ids repeat across sessions: a cancel stops task N only while task N
+    of the connection's session runs there; a new session's welcome drops the
+    old session's work, and its own task N gets its own result."""
+    fake = FakeScheduler(raw)
+    workers = Workers(tmp_path)
+    gates = Gates(tmp_path)
+    try:
+        agent = workers.start(f"tcp://127.0.0.1:{fake.port}", "victim", "--processes", "2")
+        while fake.next().type != "hello":
+            pass
+
+        def task(task_id: int, fn: str, *args: Any) -> list[bytes]:
+            return frames(Message("task", {"task_id": task_id, "fn": fn, "args": list(args),
+                                           "kwargs": {}}))
+
+        def cancel(task_id: int) -> list[bytes]:
+            return frames(Message("cancel", {"task_id": task_id}))
+
+        started, gate = gates.new()
+        fake.send(task(1, "_sched_tasks:gated", started, gate, "one"))
+        gates.started(started)
+        fake.send(cancel(2))                       # never sent: ignored
+        fake.send(task(3, "_sched_tasks:add", 1, 2))
+        assert fake.result(3)["value"] == 3        # task 1 was not stopped: it still runs
+        fake.send(cancel(1))                       # running: stopped
+        stopped = fake.result(1)
+        assert stopped["ok"] is False and stopped["session"] == "fake"
+        assert stopped["error"]["type"].endswith("TaskTimeoutError")
+        fake.send(cancel(1))                       # finished: nothing to stop
+        fake.send(task(4, "_sched_tasks:add", 2, 2))
+        assert fake.result(4)["value"] == 4
+
+        # A scheduler restart, as the agent sees it: a welcome with a new session
+        # while the old one's task 5 runs. Task 5 of the new session is another task.
+        started, gate = gates.new()
+        fake.send(task(5, "_sched_tasks:gated", started, gate, "old"))
+        gates.started(started)
+        fake.welcome = frames(Message("welcome", {
+            "heartbeat_interval": BEAT, "heartbeat_timeout": 5.0, "session": "new"}))
+        fake.send(fake.welcome)
+        fake.send(cancel(5))                       # the new session's 5 is not running yet
+        fake.send(task(5, "_sched_tasks:add", 5, 5))
+        gates.open(gate)
+        new = fake.result(5)
+        assert new == {"session": "new", "task_id": 5, "ok": True, "value": 10}
+        fake.send(task(6, "_sched_tasks:add", 3, 3))
+        assert fake.result(6) == {"session": "new", "task_id": 6, "ok": True, "value": 6}
+        assert "dropped the work of session fake" in workers.log("victim")
+        assert agent.poll() is None
+    finally:
+        gates.open_all()
         workers.stop_all()
