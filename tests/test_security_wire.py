@@ -8,6 +8,7 @@ victim's memory stays bounded (RSS from /proc), and that it keeps serving.
 from __future__ import annotations
 
 import os
+import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,3 +350,106 @@ def test_agent_stops_only_a_task_of_its_session_that_still_runs(tmp_path: Path,
     finally:
         gates.open_all()
         workers.stop_all()
+
+
+# --- fuzz ---------------------------------------------------------------------------------
+
+FUZZ_MESSAGES = int(os.environ.get("SHMRUNNER_FUZZ_MESSAGES", "100000"))
+FIELDS = ["name", "host", "pid", "capacity", "task_id", "job_id", "ok", "value", "error",
+          "session", "results", "reason", "tasks", "fn", "args", "kwargs", "timeout", "x"]
+TYPES = ["hello", "result", "results", "heartbeat", "bye", "task", "welcome", "submit", "nope"]
+
+
+class Fuzzer:
+    """Random messages, cheap enough to make 100,000 of them in a few seconds."""
+
+    def __init__(self, seed: int, session: str) -> None:
+        self.rng = random.Random(seed)
+        self.session = session
+
+    def value(self, depth: int = 0) -> Any:
+        rng = self.rng
+        kind = rng.randrange(12 if depth < 3 else 8)
+        if kind == 0:
+            return None
+        if kind == 1:
+            return rng.random() < 0.5
+        if kind == 2:
+            return rng.choice([0, 1, -1, 7, 2**31, 2**62, 2**64 - 1, -(2**63), MAX_CAPACITY])
+        if kind == 3:
+            return rng.random() * rng.choice([1, 1e300, -1])
+        if kind == 4:
+            return rng.choice(["", "s", self.session, "x" * 65, "_sched_tasks:add", "os:system"])
+        if kind == 5:
+            return rng.randbytes(rng.randrange(16))
+        if kind == 6:
+            return msgpack.ExtType(rng.choice([0, 1, 2, 3, 4, 127]), rng.randbytes(
+                rng.randrange(12)))
+        if kind == 7:
+            return rng.randrange(1 << 16)
+        if kind in (8, 9):
+            return [self.value(depth + 1) for _ in range(rng.randrange(4))]
+        return {rng.choice(FIELDS): self.value(depth + 1) for _ in range(rng.randrange(4))}
+
+    def body(self, type_: str) -> dict[str, Any]:
+        rng = self.rng
+        if type_ == "hello":
+            return {"name": "fuzz", "host": "h", "pid": rng.randrange(100),
+                    "capacity": rng.choice([0, 1, 4, MAX_CAPACITY, MAX_CAPACITY + 1, 2**62])}
+        if type_ in ("result", "results"):
+            one = {"session": rng.choice([self.session, "other", 3]),
+                   "task_id": rng.choice([0, 1, 2, 99, -1, 2**63]),
+                   "ok": rng.choice([True, False, 1]), "value": self.value(1)}
+            return {"results": [one] * rng.randrange(3)} if type_ == "results" else one
+        return {rng.choice(FIELDS): self.value(1) for _ in range(rng.randrange(5))}
+
+    def message(self) -> list[bytes]:
+        rng = self.rng
+        roll = rng.random()
+        if roll < 0.3:      # random frames of random bytes
+            return [rng.randbytes(rng.randrange(40)) for _ in range(1 + rng.randrange(4))]
+        if roll < 0.55:     # a msgpack header of random values, with stray frames
+            head = [rng.choice([PROTOCOL_VERSION, PROTOCOL_VERSION, 1, 3, "2"]),
+                    rng.choice(TYPES), self.value()]
+            extra = [rng.randbytes(rng.randrange(24)) for _ in range(rng.randrange(3))]
+            return [msgpack.packb(head[:rng.choice([3, 3, 3, 2, 4])]), *extra]
+        type_ = rng.choice(["hello", "result", "results", "heartbeat", "bye", "result"])
+        header = msgpack.packb([PROTOCOL_VERSION, type_, self.body(type_)], use_bin_type=True)
+        if rng.random() < 0.1:      # valid-looking, cut or flipped
+            cut = bytearray(header[:rng.randrange(1, len(header) + 1)])
+            cut[rng.randrange(len(cut))] ^= 1 << rng.randrange(8)
+            header = bytes(cut)
+        return [header]
+
+
+@pytest.mark.timeout(120)
+def test_fuzz_the_hub_with_random_messages(tmp_path: Path, raw: Raw) -> None:
+    """FUZZ_MESSAGES random messages from a few raw peers at a real Scheduler's
+    worker endpoint: the hub keeps running, counts what it refused, stays within
+    a memory bound, and then runs a task on a real agent."""
+    sched = hub_scheduler()
+    workers = Workers(tmp_path)
+    try:
+        assert sched.address is not None
+        hub = sched._remote
+        agent = workers.start(sched.address, "real")
+        wait_until(lambda: len(hub.status()["workers"]) == 1, RESULT, message="the agent to join")
+        fuzzer = Fuzzer(20261202, hub.session)
+        peers = [raw.dealer(sched.address) for _ in range(4)]
+        before_rss, before = rss(), hub.status()["rejected"]
+        for i in range(FUZZ_MESSAGES):
+            peers[i % len(peers)].send_multipart(fuzzer.message())
+        for i in range(20):   # a few over the frame limit among them
+            peers[i % len(peers)].send_multipart([b""] * 10_000)
+        wait_until(lambda: hub.status()["rejected"] - before >= FUZZ_MESSAGES // 2, 60,
+                   message="at least half the messages to be refused")
+        assert hub.status()["alive"] and hub.status()["errors"] == 0
+        # The fuzzers that said a valid hello fall silent and are lost; the agent stays.
+        wait_until(lambda: [w["pid"] for w in hub.status()["workers"]] == [agent.pid], RESULT,
+                   message="only the real agent to remain")
+        assert sched.submit(tasks.add, 20, 22).result(RESULT) == 42
+        grown = rss() - before_rss
+        assert grown < 128 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
+    finally:
+        workers.stop_all()
+        sched.shutdown(wait=True, cancel_futures=True)
