@@ -7,9 +7,12 @@ Data flow::
                                                                      v
     hub thread (owns the socket): zmq.Poller over the ROUTER socket and the wake pipe
         hello      -> Lifecycle.add (capacity = advertised + prefetch), welcome
-        task out   <- inbox, to the worker Lifecycle.pick() names
-        result     -> Lifecycle.finish -> Scheduler._finish (retry or settle)
-        heartbeat  -> last_seen; silence past heartbeat_timeout -> Lifecycle.lose:
+                      (with this hub's random session)
+        task out   <- inbox, to the worker Lifecycle.pick() names (try_send: never waits)
+        result     -> of this session and a task the worker holds? Lifecycle.finish ->
+                      Scheduler._finish (retry or settle); else ignored, counted
+        heartbeat  -> last_seen; silence past heartbeat_timeout, a full send queue,
+                      or a big message not taken for as long -> Lifecycle.lose:
                       every task the worker held fails with WorkerLostError
                       (the Scheduler retries those it may)
         bye        -> the worker is draining: no new tasks; forgotten once empty
@@ -17,6 +20,9 @@ Data flow::
 Only the hub thread touches the socket (ZeroMQ sockets are not thread-safe);
 other threads hand it work through deques and a wake-up pipe the poller
 watches. A worker is never sent more than its capacity plus the prefetch.
+Guarantees: no peer can block the hub thread (sends never wait); a round that
+raises is logged, counted and recovered from (the workers' tasks rerun), and a
+hub that cannot recover fails every future it holds or is given.
 """
 
 from __future__ import annotations

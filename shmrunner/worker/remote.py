@@ -7,12 +7,18 @@ Data flow::
                   host: shared-memory workers, the same lifecycle as the Pool
                   (a dead process is reaped, replaced, its task reported lost)
         cancel -> Core.kill: the process running the task is killed, the task
-                  fails with TaskTimeoutError
+                  fails with TaskTimeoutError (only a task of this connection's
+                  session still running here)
         results <- the engine's thread appends to a deque and writes a wake-up
-                   byte; this loop sends them (only this thread uses the socket)
+                   byte; this loop sends them (only this thread uses the socket),
+                   each to the session whose task it was, or nowhere
+        welcome -> names the scheduler's session; a new one means the old
+                   scheduler is gone: its tasks are stopped, its results dropped
         heartbeats both ways; no word from the scheduler for heartbeat_timeout
         -> the agent drops the connection and says hello again (the scheduler
-        restarted, or the network was cut): it reconnects by itself.
+        restarted, or the network was cut): it reconnects by itself. An
+        unexpected error in this loop is logged, counted and ends the
+        connection the same way, never the agent.
 
 SIGTERM or SIGINT: the agent says ``bye`` (the scheduler stops sending work),
 finishes the tasks it holds, sends their results and exits 0.
