@@ -352,6 +352,34 @@ def test_agent_stops_only_a_task_of_its_session_that_still_runs(tmp_path: Path,
         workers.stop_all()
 
 
+@pytest.mark.timeout(60)
+def test_agent_drains_on_sigterm_while_its_scheduler_is_gone(tmp_path: Path, raw: Raw) -> None:
+    """Its scheduler fell silent while a task ran; the agent reconnected and was
+    never welcomed again. The task's result has nowhere to go, yet SIGTERM still
+    drains (the finished task is no longer running) and exits 0."""
+    fake = FakeScheduler(raw)
+    fake.welcome = frames(Message("welcome", {
+        "heartbeat_interval": BEAT, "heartbeat_timeout": 0.5, "session": "fake"}))
+    workers = Workers(tmp_path)
+    gates = Gates(tmp_path)
+    try:
+        workers.start(f"tcp://127.0.0.1:{fake.port}", "orphan")
+        while fake.next().type != "hello":
+            pass
+        started, gate = gates.new()
+        fake.send(frames(Message("task", {"task_id": 1, "fn": "_sched_tasks:gated",
+                                          "args": [started, gate, 1], "kwargs": {}})))
+        gates.started(started)
+        while True:   # no more answers from here on: the agent reconnects, unwelcomed
+            _, *parts = fake.sock.recv_multipart()
+            if decode(parts, max_bytes=1 << 20, allow_pickle=False).type == "hello":
+                break
+        gates.open(gate)
+    finally:
+        gates.open_all()
+        workers.stop_all()   # asserts: exit 0 within its grace after SIGTERM
+
+
 # --- fuzz ---------------------------------------------------------------------------------
 
 FUZZ_MESSAGES = int(os.environ.get("SHMRUNNER_FUZZ_MESSAGES", "100000"))

@@ -293,8 +293,11 @@ class Agent:
         """Send what finished since the last round, as one message when several;
         only to the session that sent the task (others' results are dropped)."""
         session = self._session_id
-        if session is None:
-            return  # not welcomed yet on this connection: keep them until then
+        if session is None:  # not welcomed yet on this connection: keep them until then,
+            for key, task, _, _ in list(self._done):  # but they are no longer running
+                if task is not None and self._running.get(key) is task:
+                    del self._running[key]  # (a drain must not wait for a welcome)
+            return
         bodies: list[dict[str, Any]] = []
         while self._done and len(bodies) < MAX_BATCH:
             key, task, ok, value = self._done.popleft()
