@@ -415,6 +415,8 @@ class Hub:
                        "it stopped reading")
             return False
         if isinstance(sent, zmq.MessageTracker) and not sent.done:
+            while peer.outbox and peer.outbox[0][0].done:
+                peer.outbox.popleft()
             peer.outbox.append((sent, time.monotonic()))
         return True
 
