@@ -7,9 +7,12 @@ Data flow::
                                                                      v
     hub thread (owns the socket): zmq.Poller over the ROUTER socket and the wake pipe
         hello      -> Lifecycle.add (capacity = advertised + prefetch), welcome
-        task out   <- inbox, to the worker Lifecycle.pick() names
-        result     -> Lifecycle.finish -> Scheduler._finish (retry or settle)
-        heartbeat  -> last_seen; silence past heartbeat_timeout -> Lifecycle.lose:
+                      (with this hub's random session)
+        task out   <- inbox, to the worker Lifecycle.pick() names (try_send: never waits)
+        result     -> of this session and a task the worker holds? Lifecycle.finish ->
+                      Scheduler._finish (retry or settle); else ignored, counted
+        heartbeat  -> last_seen; silence past heartbeat_timeout, a full send queue,
+                      or a big message not taken for as long -> Lifecycle.lose:
                       every task the worker held fails with WorkerLostError
                       (the Scheduler retries those it may)
         bye        -> the worker is draining: no new tasks; forgotten once empty
@@ -17,12 +20,16 @@ Data flow::
 Only the hub thread touches the socket (ZeroMQ sockets are not thread-safe);
 other threads hand it work through deques and a wake-up pipe the poller
 watches. A worker is never sent more than its capacity plus the prefetch.
+Guarantees: no peer can block the hub thread (sends never wait); a round that
+raises is logged, counted and recovered from (the workers' tasks rerun), and a
+hub that cannot recover fails every future it holds or is given.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import secrets
 import threading
 import time
 from dataclasses import replace
@@ -33,7 +40,7 @@ import zmq
 from ._endpoints import secure_ipc_socket
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
-from .errors import ConfigError, WorkerLostError
+from .errors import ConfigError, ShmrunnerError, WorkerLostError
 from .transport.curve import authorize, load_public_keys, release
 from .transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
@@ -49,6 +56,9 @@ log = logging.getLogger("shmrunner.scheduler")
 _ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye"})
 _FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
 _FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
+_OUTBOX = 1000  # messages queued for one worker that it has not taken: then it is lost
+_RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get their turn
+_MAX_FAILURES = 100  # rounds in a row that raise before the hub gives up (no busy loop)
 
 
 _warned: set[str] = set()
@@ -68,7 +78,7 @@ class _Peer:
     """A remote worker as the hub knows it."""
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result",
-                 "allow_pickle")
+                 "allow_pickle", "outbox")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -79,6 +89,10 @@ class _Peer:
         self.last_seen = time.monotonic()
         self.last_result = 0.0
         self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
+        # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
+        # sent): one stuck at the head for heartbeat_timeout means the peer stopped
+        # reading. Small ones are copied by pyzmq and never tracked.
+        self.outbox: collections.deque[tuple[zmq.MessageTracker, float]] = collections.deque()
 
 
 class Hub:
@@ -93,12 +107,24 @@ class Hub:
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
         self._closing = False
+        # Task ids restart at 0 in every Scheduler: results name this session (sent
+        # in the welcome), so a result for an old scheduler's task 3 is never taken
+        # for this one's task 3.
+        self.session = secrets.token_hex(8)
+        self._ignored = 0  # results for a session or task this hub does not know
+        self._lost = 0
+        self._errors = 0  # unexpected exceptions the hub thread recovered from
+        self._broken: BaseException | None = None  # why the hub thread died, if it did
+        self._crash_lock = threading.Lock()
         # Its own context: term() in _release waits until libzmq has really closed
         # the socket, so the port is free when shutdown() returns. With CURVE the
         # process-wide context, where the ZAP authenticator (zmq.auth) listens.
         self._own_context = curve is None
         self._context: zmq.Context[Any] = (zmq.Context(io_threads=1) if self._own_context
                                            else zmq.Context.instance())
+        # The hub never waits for a peer: it sends with try_send (a full per-peer
+        # queue of _OUTBOX messages means that peer is lost), so one peer that
+        # stops reading cannot hold up the heartbeats that keep the others alive.
         self._zap_domain: str | None = None
         try:
             if curve is not None:
@@ -107,7 +133,7 @@ class Hub:
                 _warn_unauthenticated(settings.listen)
             self._channel = ZmqChannel("router", ChannelOptions(
                 max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
-                accept=_ACCEPT, curve=curve), context=self._context)
+                accept=_ACCEPT, curve=curve, send_hwm=_OUTBOX), context=self._context)
         except BaseException:
             self._release_zap()
             self._wakeup.close()
@@ -146,15 +172,28 @@ class Hub:
 
     @property
     def rejected(self) -> int:
-        """Messages refused as malformed, oversized or of the wrong version."""
-        return self._channel.rejected
+        """Messages refused: malformed, oversized, of the wrong version, or results
+        for a session or task this hub does not know."""
+        return self._channel.rejected + self._ignored
+
+    def status(self) -> dict[str, Any]:
+        """The remote tier at a glance: its session, the workers, and counters
+        (``rejected`` messages, workers ``lost``)."""
+        return {"session": self.session, "workers": self.workers(),
+                "rejected": self.rejected, "lost": self._lost, "errors": self._errors,
+                "alive": self._thread.is_alive()}
 
     def room(self) -> int:
+        if self._broken is not None:  # take the jobs, to fail them (start), not to hold them
+            return 1 << 30
         workers = list(self._workers.workers.values())
         return sum(worker.free for worker in workers) - len(self._inbox)
 
     def start(self, jobs: list[Job]) -> None:
-        self._inbox.extend(jobs)
+        with self._crash_lock:  # either the crash path fails them, or this raises
+            if self._broken is not None:
+                raise self._broken
+            self._inbox.extend(jobs)
         self._wake()
 
     def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
@@ -189,24 +228,53 @@ class Hub:
         poller.register(self._wakeup.fd, zmq.POLLIN)
         interval = self._settings.heartbeat_interval
         next_beat = time.monotonic() + interval
+        failures = 0  # rounds in a row that raised
+        stopped: BaseException = WorkerLostError(None, None, "the scheduler's remote tier stopped")
         try:
             while not self._closing:
-                wait = max(0.0, next_beat - time.monotonic())
-                events = dict(poller.poll(round(wait * 1000)))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                if self._channel.socket in events:
-                    self._receive()
-                self._assign()
-                self._apply_stops()
-                if time.monotonic() >= next_beat:
-                    self._heartbeat()
-                    next_beat = time.monotonic() + interval
-        except Exception:
-            log.exception("the scheduler's remote tier crashed")
+                try:
+                    wait = max(0.0, next_beat - time.monotonic())
+                    events = dict(poller.poll(round(wait * 1000)))
+                    if self._wakeup.fd in events:
+                        self._wakeup.drain()
+                    if self._channel.socket in events:
+                        self._receive()
+                    self._assign()
+                    self._apply_stops()
+                    if time.monotonic() >= next_beat:
+                        self._heartbeat()
+                        next_beat = time.monotonic() + interval
+                    failures = 0
+                except Exception as exc:  # a bug, or a hostile input we did not foresee
+                    failures += 1
+                    if failures >= _MAX_FAILURES:
+                        raise
+                    self._recover(exc)
+        except BaseException as exc:
+            log.exception("the scheduler's remote tier crashed; every task it held fails")
+            stopped = ShmrunnerError(f"the scheduler's remote tier crashed: {exc!r}")
+            stopped.__cause__ = exc
+            with self._crash_lock:
+                self._broken = stopped
         finally:
-            self._fail_all(WorkerLostError(None, None, "the scheduler's remote tier stopped"))
+            self._fail_all(stopped)
             self._release()
+            if self._broken is not None:
+                self._scheduler._pump()  # jobs queued for want of room now fail (start)
+
+    def _recover(self, exc: Exception) -> None:
+        """A round raised: the workers' bookkeeping may be half done, so start
+        over from a clean slate. Every task a worker held fails with
+        WorkerLostError (rerun if its retries allow); the workers are forgotten
+        and say hello again once our heartbeats stop (their results meanwhile
+        are ignored). Queued tasks stay queued."""
+        self._errors += 1
+        if self._errors <= 10 or self._errors % 1000 == 0:
+            log.error("the scheduler's remote tier hit an unexpected error (#%d); its workers' "
+                      "tasks are rerun or failed, and the workers rejoin", self._errors,
+                      exc_info=exc)
+        for worker in self._workers:
+            self._lose(worker, f"the remote tier recovered from {exc!r}")
 
     def _release(self) -> None:
         self._channel.close()
@@ -216,7 +284,10 @@ class Hub:
         self._wakeup.close()
 
     def _receive(self) -> None:
+        until = time.monotonic() + _RECEIVE_SLICE
         for _ in range(256):  # bounded: heartbeats and stops get their turn
+            if time.monotonic() > until:  # a flood of (even rejected) messages too
+                return
             received = self._channel.recv(0)
             if received is None:
                 return
@@ -228,7 +299,11 @@ class Hub:
             if msg.type == "hello":
                 self._hello(peer, msg.body)
             elif worker is None:
-                continue  # a worker we do not know (yet, or any more): it will say hello
+                # A peer we do not know (yet, or any more): it will say hello. Its
+                # results belong to no task of ours.
+                if msg.type in ("result", "results"):
+                    self._ignore(peer, "a result from a peer that has not said hello")
+                continue
             elif msg.type == "result":
                 self._pace(worker)
                 self._result(worker, msg.body)
@@ -252,13 +327,20 @@ class Hub:
                  peer.name, peer.host, peer.pid, peer.capacity)
         self._send(worker, Message("welcome", {
             "heartbeat_interval": self._settings.heartbeat_interval,
-            "heartbeat_timeout": self._settings.heartbeat_timeout}))
+            "heartbeat_timeout": self._settings.heartbeat_timeout,
+            "session": self.session}))
         self._scheduler._pump()
 
     def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+        if body.get("session") != self.session:
+            self._ignore(worker.endpoint.identity, f"a result of task {body.get('task_id')} "
+                         f"from session {body.get('session')!r}, not this one")
+            return
         job = self._workers.finish(worker, body.get("task_id", -1))
-        if job is None:
-            return  # a task this worker no longer holds (stopped, or from an old session)
+        if job is None:  # not one this worker holds (stopped, lost, or never sent)
+            self._ignore(worker.endpoint.identity,
+                         f"a result of task {body.get('task_id')}, which it does not hold")
+            return
         if body["ok"]:
             ok, value = True, body["value"]
         else:
@@ -298,14 +380,12 @@ class Hub:
                        "timeout": job.timeout} for job in jobs]
             try:
                 if len(bodies) == 1:
-                    self._channel.send(Message("task", bodies[0]), worker.endpoint.identity)
+                    self._send(worker, Message("task", bodies[0]))
                 else:
                     self._send_batch(worker, jobs, bodies)
             except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
                 self._workers.finish(worker, jobs[0].id)
                 self._scheduler._finish(jobs[0], False, exc)
-            except ChannelError:
-                self._lose(worker, "unreachable")
 
     def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
         """Fail here the calls that need a pickle: this worker would reject them
@@ -329,13 +409,15 @@ class Hub:
         for start in range(0, len(bodies), MAX_BATCH):
             chunk = bodies[start:start + MAX_BATCH]
             try:
-                self._channel.send(Message("tasks", {"tasks": chunk}), worker.endpoint.identity)
+                if not self._send(worker, Message("tasks", {"tasks": chunk})):
+                    return  # lost: what it held is rerun
             except (TypeError, ValueError):
                 # One call in the batch cannot travel: send them one by one so
                 # only that one fails.
                 for job, body in zip(jobs[start:start + MAX_BATCH], chunk, strict=True):
                     try:
-                        self._channel.send(Message("task", body), worker.endpoint.identity)
+                        if not self._send(worker, Message("task", body)):
+                            return
                     except (TypeError, ValueError) as exc:
                         self._workers.finish(worker, job.id)
                         self._scheduler._finish(job, False, exc)
@@ -355,22 +437,50 @@ class Hub:
                     self._send(worker, Message("cancel", {"task_id": job.id}))
 
     def _heartbeat(self) -> None:
-        deadline = time.monotonic() - self._settings.heartbeat_timeout
+        timeout = self._settings.heartbeat_timeout
+        deadline = time.monotonic() - timeout
         for worker in self._workers:
-            if worker.endpoint.last_seen < deadline:
-                self._lose(worker, f"silent for over {self._settings.heartbeat_timeout} s")
+            peer: _Peer = worker.endpoint
+            while peer.outbox and peer.outbox[0][0].done:
+                peer.outbox.popleft()
+            if peer.last_seen < deadline:
+                self._lose(worker, f"silent for over {timeout} s")
+            elif peer.outbox and peer.outbox[0][1] < deadline:
+                self._lose(worker, f"it took nothing of what it was sent for over {timeout} s: "
+                           "it stopped reading")
             else:
                 self._send(worker, Message("heartbeat", {}))
 
-    def _send(self, worker: Worker[Job], msg: Message) -> None:
+    def _send(self, worker: Worker[Job], msg: Message) -> bool:
+        """Hand ``msg`` to ZeroMQ without waiting; False when the worker is lost
+        instead (gone, or its queue is full: it stopped reading). Raises
+        ``TypeError``/``ValueError`` for a message the protocol cannot carry."""
+        peer: _Peer = worker.endpoint
         try:
-            self._channel.send(msg, worker.endpoint.identity)
+            sent = self._channel.try_send(msg, peer.identity, track=True)
         except ChannelError:
             self._lose(worker, "unreachable")
+            return False
+        if sent is False:
+            self._lose(worker, f"its queue is full ({_OUTBOX} messages it has not taken): "
+                       "it stopped reading")
+            return False
+        if isinstance(sent, zmq.MessageTracker) and not sent.done:
+            while peer.outbox and peer.outbox[0][0].done:
+                peer.outbox.popleft()
+            peer.outbox.append((sent, time.monotonic()))
+        return True
+
+    def _ignore(self, identity: bytes, what: str) -> None:
+        self._ignored += 1
+        if self._ignored <= 10 or self._ignored % 1000 == 0:  # a flood must not flood the log
+            log.warning("ignored %s (peer %s; %d ignored so far)", what, identity.hex(),
+                        self._ignored)
 
     def _lose(self, worker: Worker[Job], why: str) -> None:
         if worker.id not in self._workers.workers:
             return
+        self._lost += 1
         loss = self._workers.lose(worker)
         self._by_identity.pop(worker.endpoint.identity, None)
         peer: _Peer = worker.endpoint

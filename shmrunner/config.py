@@ -45,6 +45,11 @@ _optional_count = _check(lambda v: v is None or (_is_int(v) and v >= 0),
                          "a whole number >= 0, or null for the CPU count")
 _optional_positive = _check(lambda v: v is None or (_is_int(v) and v >= 1),
                             "a whole number >= 1, or null for the CPU count")
+# As protocol.MAX_CAPACITY (not imported: config stays light): a worker holds at
+# most its capacity plus the prefetch, both bounded.
+_MAX_PREFETCH = 4096
+_prefetch = _check(lambda v: _is_int(v) and 0 <= v <= _MAX_PREFETCH,
+                   f"a whole number from 0 to {_MAX_PREFETCH}")
 _seconds = _check(lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
 _optional_seconds = _check(lambda v: v is None or (_is_number(v) and v > 0),
                            "a number of seconds > 0, or null for none")
@@ -104,7 +109,7 @@ class SchedulerSettings:
         "submit() blocks (null: a quarter of the memory available at start)")
     max_message_bytes: int = _setting(
         1 << 31, _positive, "largest message accepted from the network, in bytes")
-    prefetch: int = _setting(1, _count, "tasks sent to a remote worker beyond its capacity")
+    prefetch: int = _setting(1, _prefetch, "tasks sent to a remote worker beyond its capacity")
     start_method: str | None = _setting(
         None, _start_method, "how local workers start (default: multiprocessing's)")
     allowed_functions: tuple[str, ...] | None = _setting(

@@ -289,20 +289,25 @@ class Scheduler(Executor):
         worker), ``running`` (handed to a worker), ``local_workers``,
         ``workers`` (each connected remote worker: name, host, pid, capacity,
         busy, seconds since its last heartbeat), ``rejected`` (messages
-        refused from the network), and ``pending_bytes`` of array and bytes
+        refused from the network), ``lost_workers`` (remote workers declared
+        lost), ``remote_errors`` (unexpected errors the remote tier's thread
+        recovered from), and ``pending_bytes`` of array and bytes
         arguments held by queued and running tasks against their budget
         ``max_pending_bytes``."""
         with self._lock:
             queued, running, held = len(self._queue), len(self._running), self._held_bytes
-        hub = self._remote
+        remote = self._remote.status() if self._remote is not None else {
+            "workers": [], "rejected": 0, "lost": 0, "errors": 0}
         return {
             "queued": queued,
             "running": running,
             "pending_bytes": held,
             "max_pending_bytes": self._byte_budget,
             "local_workers": self.local_capacity(),
-            "workers": hub.workers() if hub is not None else [],
-            "rejected": hub.rejected if hub is not None else 0,
+            "workers": remote["workers"],
+            "rejected": remote["rejected"],
+            "lost_workers": remote["lost"],
+            "remote_errors": remote["errors"],
         }
 
     @property

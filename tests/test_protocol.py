@@ -13,6 +13,9 @@ import functools
 import math
 import pickle
 import random
+import subprocess
+import sys
+import types
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
@@ -23,6 +26,7 @@ import zmq
 
 from shmrunner.errors import ProtocolError, WorkerLostError
 from shmrunner.transport.protocol import (
+    MAX_FRAMES,
     MAX_NESTING,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -39,6 +43,7 @@ from shmrunner.transport.protocol import (
 pytestmark = pytest.mark.timeout(60)
 
 LIMIT = 1 << 24
+V = PROTOCOL_VERSION
 
 
 def received(frames: list[Any]) -> list[bytes]:
@@ -127,13 +132,15 @@ ARR = np.arange(6, dtype=np.float64).reshape(2, 3)
 
 SAMPLES = [
     Message("hello", {"name": "w1", "host": "node7", "pid": 4242, "capacity": 8}),
-    Message("result", {"task_id": 7, "ok": True, "value": {"y": ARR, "pair": (1, "a")}}),
-    Message("result", {"task_id": 8, "ok": False,
+    Message("result", {"session": "s1", "task_id": 7, "ok": True,
+                       "value": {"y": ARR, "pair": (1, "a")}}),
+    Message("result", {"session": "s1", "task_id": 8, "ok": False,
                        "error": exception_to_wire(ValueError("bad", 3), "Traceback ...")}),
     Message("result", {"job_id": "j-1", "ok": True, "value": None}),
     Message("heartbeat"),
     Message("bye", {"reason": "SIGTERM"}),
-    Message("welcome", {"heartbeat_interval": 0.5, "heartbeat_timeout": 5}),
+    Message("welcome", {"heartbeat_interval": 0.5, "heartbeat_timeout": 5,
+                        "session": "0123abcd"}),
     Message("task", {"task_id": 1, "fn": "math:hypot", "args": (ARR, 2),
                      "kwargs": {"k": [1, 2.5, "s", b"b", None, True, -(2**63), 2**64 - 1]},
                      "timeout": 3.5}),
@@ -142,8 +149,9 @@ SAMPLES = [
         {"task_id": 3, "fn": "math:hypot", "args": (ARR, 2), "kwargs": {}},
         {"task_id": 4, "fn": "math:sqrt", "args": [ARR], "kwargs": {}, "timeout": 1.0}]}),
     Message("results", {"results": [
-        {"task_id": 3, "ok": True, "value": ARR},
-        {"task_id": 4, "ok": False, "error": exception_to_wire(KeyError("k"), "tb")}]}),
+        {"session": "s1", "task_id": 3, "ok": True, "value": ARR},
+        {"session": "s1", "task_id": 4, "ok": False,
+         "error": exception_to_wire(KeyError("k"), "tb")}]}),
     Message("cancel", {"task_id": 1}),
     Message("cancel", {"job_id": "j-1"}),
     Message("shutdown"),
@@ -158,7 +166,7 @@ SAMPLES = [
                                         "per_worker": {"w1": {"running": 1}}}}),
     Message("error", {"reason": "no such job", "job_id": "j-9"}),
     Message("hello", {"name": "w2", "host": "h", "pid": 1, "capacity": 1,
-                      "future_field": "ignored by v1 receivers"}),
+                      "future_field": "ignored by receivers"}),
 ]
 
 
@@ -417,7 +425,7 @@ def test_pickles_are_refused_without_being_loaded() -> None:
 # --- exceptions ----------------------------------------------------------------------
 
 def rebuilt(exc: BaseException, tb: str = "Traceback: remote") -> BaseException:
-    body = roundtrip(Message("result", {"task_id": 1, "ok": False,
+    body = roundtrip(Message("result", {"session": "s", "task_id": 1, "ok": False,
                                         "error": exception_to_wire(exc, tb)})).body
     return exception_from_wire(body["error"])
 
@@ -458,6 +466,46 @@ def test_exception_from_wire_never_imports() -> None:
     assert isinstance(not_exc, RemoteTaskError)
 
 
+def test_exception_from_wire_never_runs_a_module_getattr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy module attribute hook (numpy's imports numpy.testing and numpy.f2py)
+    is never called while rebuilding an exception class."""
+    lazy = types.ModuleType("shmrunner_lazy_module")
+    calls: list[str] = []
+
+    def module_getattr(name: str) -> Any:
+        calls.append(name)
+        return CustomError
+
+    lazy.__getattr__ = module_getattr  # type: ignore[method-assign]
+    lazy.Real = CustomError  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "shmrunner_lazy_module", lazy)
+    back = exception_from_wire({"type": "shmrunner_lazy_module:Lazy", "args": [1, "x"],
+                                "message": "m", "traceback": ""})
+    assert type(back) is RemoteTaskError and calls == []
+    real = exception_from_wire({"type": "shmrunner_lazy_module:Real", "args": [1, "x"],
+                                "message": "m", "traceback": ""})
+    assert type(real) is CustomError and calls == []
+    not_exc = exception_from_wire({"type": "shmrunner_lazy_module:__getattr__", "args": None,
+                                   "message": "m", "traceback": ""})
+    assert type(not_exc) is RemoteTaskError
+
+
+def test_decoding_numpy_lazy_names_imports_nothing() -> None:
+    """In a fresh interpreter (numpy.testing is imported here already)."""
+    code = (
+        "import sys, numpy\n"
+        "from shmrunner.transport.protocol import exception_from_wire\n"
+        "before = set(sys.modules)\n"
+        "names = ['numpy:testing.TestCase', 'numpy:f2py.Error', 'numpy:testing',\n"
+        "         'numpy:linalg.LinAlgError', 'numpy.testing:AssertionError', 'numpy:ma.x']\n"
+        "for name in names:\n"
+        "    exception_from_wire({'type': name, 'args': [], 'message': 'm', 'traceback': ''})\n"
+        "print(sorted(set(sys.modules) - before))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_exception_args_not_on_the_wire_fall_back_to_the_message() -> None:
     wire = exception_to_wire(ValueError(object()), "")
     assert wire["args"] is None and wire["message"].startswith("<object")
@@ -476,10 +524,10 @@ def array_ext(index: Any, descr: Any, shape: Any, strides: Any) -> msgpack.ExtTy
 
 
 def status(value: Any, *frames: bytes) -> list[bytes]:
-    return [header(1, "status_reply", {"status": {"v": value}}), *frames]
+    return [header(V, "status_reply", {"status": {"v": value}}), *frames]
 
 
-CANCEL = header(1, "cancel", {"task_id": 1})
+CANCEL = header(V, "cancel", {"task_id": 1})
 deep: Any = msgpack.packb([])
 for _ in range(MAX_NESTING + 1):
     deep = msgpack.packb(msgpack.ExtType(2, deep))
@@ -491,38 +539,50 @@ INVALID: list[tuple[str, list[Any], str]] = [
     ("no frames", [], "empty message"),
     ("empty header", [b""], "header frame is empty"),
     ("not msgpack", [b"\xc1\x00"], "not a msgpack list"),
-    ("garbage in list", [b"\x93\x01\xc1"], "not valid msgpack"),
+    ("garbage in list", [b"\x93\x02\xc1"], "not valid msgpack"),
     ("truncated header", [CANCEL[:-1]], "not valid msgpack"),
     ("trailing bytes", [CANCEL + b"\x00"], "not valid msgpack"),
     ("header is a map", [msgpack.packb({"v": 1})], "not a msgpack list"),
-    ("header of 2", [header(1, "cancel")], "3-element list"),
-    ("header of 4", [header(1, "cancel", {"task_id": 1}, 0)], "3-element list"),
-    ("version 2", [header(2, "cancel", {"task_id": 1})], r"protocol version 2, expected 1"),
-    ("version 300", [header(300, "x")], r"protocol version 300, expected 1"),
+    ("header of 2", [header(V, "cancel")], "3-element list"),
+    ("header of 4", [header(V, "cancel", {"task_id": 1}, 0)], "3-element list"),
+    ("version 1", [header(1, "cancel", {"task_id": 1})], r"protocol version 1, expected 2"),
+    ("version 3", [header(3, "cancel", {"task_id": 1})], r"protocol version 3, expected 2"),
+    ("version 300", [header(300, "x")], r"protocol version 300, expected 2"),
     ("version str", [header("1", "cancel", {"task_id": 1})], "protocol version '1'"),
     ("version negative", [header(-1, "cancel", {"task_id": 1})], "protocol version -1"),
-    ("unknown type", [header(1, "launch", {})], "unknown message type 'launch'"),
-    ("type not str", [header(1, 5, {})], "unknown message type 5"),
-    ("body a list", [header(1, "cancel", [1])], "must be a map"),
-    ("body int keys", [header(1, "cancel", {1: 1})], "map with str keys"),
-    ("missing field", [header(1, "hello", {"name": "w"})], "lacks field 'host'"),
-    ("mistyped field", [header(1, "cancel", {"task_id": "1"})], "'task_id' must be an int"),
-    ("bool is no int", [header(1, "cancel", {"task_id": True})], "'task_id' must be an int"),
-    ("negative id", [header(1, "cancel", {"task_id": -1})], "'task_id' must be an int >= 0"),
-    ("both ids", [header(1, "cancel", {"task_id": 1, "job_id": "j"})], "exactly one"),
-    ("no id", [header(1, "result", {"ok": True, "value": 1})], "exactly one"),
-    ("ok without value", [header(1, "result", {"task_id": 1, "ok": True})], "lacks field 'value'"),
-    ("error map", [header(1, "result", {"task_id": 1, "ok": False, "error": {"type": 1}})],
+    ("unknown type", [header(V, "launch", {})], "unknown message type 'launch'"),
+    ("type not str", [header(V, 5, {})], "unknown message type 5"),
+    ("body a list", [header(V, "cancel", [1])], "must be a map"),
+    ("body int keys", [header(V, "cancel", {1: 1})], "map with str keys"),
+    ("missing field", [header(V, "hello", {"name": "w"})], "lacks field 'host'"),
+    ("mistyped field", [header(V, "cancel", {"task_id": "1"})], "'task_id' must be an int"),
+    ("bool is no int", [header(V, "cancel", {"task_id": True})], "'task_id' must be an int"),
+    ("negative id", [header(V, "cancel", {"task_id": -1})], "'task_id' must be an int >= 0"),
+    ("both ids", [header(V, "cancel", {"task_id": 1, "job_id": "j"})], "exactly one"),
+    ("no id", [header(V, "result", {"ok": True, "value": 1})], "exactly one"),
+    ("ok without value", [header(V, "result", {"session": "s", "task_id": 1, "ok": True})],
+     "lacks field 'value'"),
+    ("error map", [header(V, "result", {"session": "s", "task_id": 1, "ok": False,
+                                        "error": {"type": 1}})],
      "'error' must be an error map"),
-    ("capacity 0", [header(1, "hello", {"name": "w", "host": "h", "pid": 1, "capacity": 0})],
-     "'capacity' must be an int >= 1"),
-    ("interval 0", [header(1, "welcome", {"heartbeat_interval": 0, "heartbeat_timeout": 1})],
+    ("capacity 0", [header(V, "hello", {"name": "w", "host": "h", "pid": 1, "capacity": 0})],
+     "'capacity' must be an int from 1 to 4096"),
+    ("capacity 2**62", [header(V, "hello", {"name": "w", "host": "h", "pid": 1,
+                                            "capacity": 2**62})], "'capacity' must be an int"),
+    ("task result without session", [header(V, "result", {"task_id": 1, "ok": True, "value": 1})],
+     "lacks field 'session'"),
+    ("session not a str", [header(V, "result", {"session": 5, "task_id": 1, "ok": True,
+                                                "value": 1})], "'session' must be a str"),
+    ("welcome without session", [header(V, "welcome", {"heartbeat_interval": 1,
+                                                       "heartbeat_timeout": 2})],
+     "lacks field 'session'"),
+    ("interval 0", [header(V, "welcome", {"heartbeat_interval": 0, "heartbeat_timeout": 1})],
      "'heartbeat_interval' must be a number > 0"),
-    ("fn not a ref", [header(1, "task", {"task_id": 1, "fn": "os.system", "args": [],
+    ("fn not a ref", [header(V, "task", {"task_id": 1, "fn": "os.system", "args": [],
                                          "kwargs": {}})], "'fn' must be a function reference"),
-    ("kwargs int keys", [header(1, "task", {"task_id": 1, "fn": "m:f", "args": [],
+    ("kwargs int keys", [header(V, "task", {"task_id": 1, "fn": "m:f", "args": [],
                                             "kwargs": {1: 2}})], "'kwargs' must be a map"),
-    ("unknown option", [header(1, "submit", {"fn": "m:f", "args": [], "kwargs": {},
+    ("unknown option", [header(V, "submit", {"fn": "m:f", "args": [], "kwargs": {},
                                              "options": {"retires": 1}})], "'options' must be"),
     ("frame index too big", status(array_ext(2, "<f8", [1], [8]), bytes(8)),
      r"refers to frame 2, the message has array frames 1..1"),
@@ -558,13 +618,13 @@ INVALID: list[tuple[str, list[Any], str]] = [
     ("tuple of int", status(msgpack.ExtType(2, msgpack.packb(5))), "tuple ext holds int"),
     ("tuples too deep", status(msgpack.ExtType(2, deep)), "nested more than"),
     ("tuples far too deep", status(msgpack.ExtType(2, very_deep)), "nested more than"),
-    ("lists too deep", [b"\x93\x01\xa6status" + b"\x91" * 5000], "not valid msgpack"),
+    ("lists too deep", [b"\x93\x02\xa6status" + b"\x91" * 5000], "not valid msgpack"),
     ("pickle refused", status(msgpack.ExtType(3, pickle.dumps(Tripwire()))),
      "pickled payload refused"),
-    ("bad utf-8", [b"\x93\x01\xa6cancel\x81\xa7task_id\xa2\xff\xfe"], "not valid msgpack"),
-    ("bad timestamp", [b"\x93\x01\xacstatus_reply\x81\xa6status\x81\xa1v\xd5\xff\x00\x01"],
+    ("bad utf-8", [b"\x93\x02\xa6cancel\x81\xa7task_id\xa2\xff\xfe"], "not valid msgpack"),
+    ("bad timestamp", [b"\x93\x02\xacstatus_reply\x81\xa6status\x81\xa1v\xd5\xff\x00\x01"],
      "not valid msgpack"),
-    ("unhashable key", [b"\x93\x01\xacstatus_reply\x81\xa6status\x81\x90\x01"],
+    ("unhashable key", [b"\x93\x02\xacstatus_reply\x81\xa6status\x81\x90\x01"],
      "not valid msgpack"),
 ]
 
@@ -591,6 +651,29 @@ def test_size_limits() -> None:
         decode(frames, max_bytes=total - 1, allow_pickle=False)
     with pytest.raises(ProtocolError, match="header of .* bytes exceeds the limit of 10"):
         decode(frames, max_bytes=LIMIT, allow_pickle=False, max_header_bytes=10)
+
+
+def test_expanding_headers_are_refused_before_they_expand() -> None:
+    n = 1 << 20   # 1 MiB of empty lists (or maps) decoded to 74 MiB
+    for empty in (b"\x90", b"\x80"):
+        frames = [b"\x93" + msgpack.packb(V) + msgpack.packb("status_reply") + b"\xdd"
+                  + n.to_bytes(4, "big") + empty * n]
+        with pytest.raises(ProtocolError, match="more than .* lists, maps and tuples"):
+            decode(frames, max_bytes=LIMIT, allow_pickle=False)
+    tuples = [header(V, "status_reply", {"status": {"t": [(i,) for i in range(100_000)]}})]
+    assert len(decode(tuples, max_bytes=LIMIT, allow_pickle=False).body["status"]["t"]) \
+        == 100_000   # 1-tuples of small ints, the densest common case, still travel
+
+
+def test_frame_count_limit() -> None:
+    arrays = [np.zeros(1) for _ in range(MAX_FRAMES - 1)]
+    frames = received(encode(Message("status_reply", {"status": {"a": arrays}})))
+    assert len(decode(frames, max_bytes=LIMIT, allow_pickle=False).body["status"]["a"]) \
+        == MAX_FRAMES - 1
+    with pytest.raises(ProtocolError, match=f"{MAX_FRAMES} frames exceeds the limit of 10"):
+        decode(frames, max_bytes=LIMIT, allow_pickle=False, max_frames=10)
+    with pytest.raises(ValueError, match="8193 arrays: the limit is 8192"):
+        encode(Message("status_reply", {"status": {"a": [*arrays, np.zeros(1)]}}))
 
 
 # --- fuzz ----------------------------------------------------------------------------

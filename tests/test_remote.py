@@ -41,7 +41,8 @@ import zmq
 import _sched_tasks as tasks
 from _sched_tasks import Gates
 from _util import children, is_alive, wait_until
-from shmrunner import Scheduler, TaskTimeoutError, WorkerLostError
+from shmrunner import Scheduler, ShmrunnerError, TaskTimeoutError, WorkerLostError
+from shmrunner.transport.protocol import PROTOCOL_VERSION as V
 from shmrunner.transport.protocol import Message, decode, encode
 from shmrunner.transport.zmqchannel import ChannelError
 
@@ -460,6 +461,166 @@ def test_workers_reconnect_after_a_scheduler_restart(tmp_path: Path, gates: Gate
                 second.shutdown(wait=True, cancel_futures=True)
 
 
+_SCHEDULER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import _sched_tasks as tasks
+from shmrunner import Scheduler
+sched = Scheduler(local_workers=0, listen={address!r}, heartbeat_interval={beat},
+                  heartbeat_timeout={timeout})
+sched.submit(tasks.gated, {started!r}, {gate!r}, "old session").result()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_restarted_schedulers_tasks_get_their_own_results(tmp_path: Path,
+                                                            gates: Gates) -> None:
+    """Task ids restart at 0 in every Scheduler. A scheduler process is killed
+    while the agent runs its task 0; a new one on the same port sends its own
+    task 0 (and more) to the same agent: each gets its own result, never the
+    old task's."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    started, gate = gates.new()
+    old = subprocess.Popen([sys.executable, "-c", _SCHEDULER_SCRIPT.format(
+        tests=TESTS_DIR, address=address, beat=BEAT, timeout=BEAT_TIMEOUT, started=started,
+        gate=gate)], cwd=REPO, stdin=subprocess.DEVNULL)
+    workers = Workers(tmp_path)
+    second: Scheduler | None = None
+    try:
+        agent = workers.start(address, "w1")
+        assert gates.started(started)["ppid"] == agent.pid  # the old task 0 runs there
+        old.kill()
+        old.wait(RESULT)
+
+        def bind_again() -> bool:
+            nonlocal second
+            try:
+                second = remote_scheduler(listen=address)
+            except ChannelError:
+                return False
+            return True
+
+        wait_until(bind_again, 10, message="the port to be free again")
+        assert second is not None
+        wait_until(lambda: registered(second) == [agent.pid], JOIN,
+                   message="the agent to join the new scheduler")
+        futures = [second.submit(tasks.add, i, 1000) for i in range(6)]
+        gates.open(gate)  # the old task may finish now: its result must go nowhere
+        assert [f.result(RESULT) for f in futures] == [i + 1000 for i in range(6)]
+        assert list(second.map(tasks.square, range(10))) == [i * i for i in range(10)]
+        assert agent.poll() is None
+        assert "dropped the work of session" in workers.log("w1")
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait(RESULT)
+        gates.open_all()
+        try:
+            workers.stop_all()
+        finally:
+            if second is not None:
+                second.shutdown(wait=True, cancel_futures=True)
+
+
+# --- threads that cannot die silently -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_hub_recovers_from_an_unexpected_error(tmp_path: Path, gates: Gates,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round of the hub thread raises once, after tasks went out: the tasks the
+    workers held are rerun (or fail with WorkerLostError), none stays pending, the
+    workers rejoin and the hub serves on."""
+    from shmrunner._hub import Hub
+
+    sched, workers = start_cluster(tmp_path, gates, n=1)
+    try:
+        hub = sched._remote
+        original = Hub._assign
+        raised: list[bool] = []
+
+        def assign_then_fail(self: Hub) -> None:
+            busy = bool(self._inbox)
+            original(self)
+            if busy and not raised:
+                raised.append(True)
+                raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(Hub, "_assign", assign_then_fail)
+        rerun = sched.submit(tasks.add, 1, 2, retries=2)
+        concurrent.futures.wait([rerun], RESULT)
+        assert rerun.result(0) == 3 and raised
+        once = sched.submit(tasks.add, 2, 2, retries=0)
+        assert once.result(RESULT) == 4
+        status = hub.status()
+        assert status["errors"] == 1 and status["alive"]
+        wait_until(lambda: registered(sched) == [workers.procs[0].pid], JOIN,
+                   message="the worker to rejoin")
+    finally:
+        stop_cluster(sched, workers, gates)
+
+
+@pytest.mark.timeout(60)
+def test_hub_that_keeps_failing_fails_every_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub thread that fails round after round gives up: every future it held,
+    and every one submitted after, fails with a clear error instead of pending."""
+    from shmrunner._hub import Hub
+
+    sched = remote_scheduler()
+    try:
+        hub = sched._remote
+        queued = sched.submit(tasks.add, 1, 1)  # no worker: waits in the hub
+
+        def fail(self: Hub) -> None:
+            raise RuntimeError("injected, every round")
+
+        monkeypatch.setattr(Hub, "_heartbeat", fail)
+        wait_until(lambda: not hub.status()["alive"], RESULT, message="the hub to give up")
+        with pytest.raises(ShmrunnerError, match="remote tier crashed"):
+            queued.result(RESULT)
+        later = sched.submit(tasks.add, 2, 2)
+        with pytest.raises(ShmrunnerError, match="remote tier crashed"):
+            later.result(RESULT)
+    finally:
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(60)
+def test_agent_recovers_from_an_unexpected_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's loop raises once while sending a result: the agent logs it,
+    counts it and reconnects; the task is rerun and nothing stays pending."""
+    from shmrunner.config import WorkerSettings
+    from shmrunner.worker import remote
+
+    sched = remote_scheduler()
+    assert sched.address is not None
+    agent = remote.Agent(WorkerSettings(connect=sched.address, processes=1, name="inproc",
+                                        heartbeat_interval=BEAT,
+                                        heartbeat_timeout=BEAT_TIMEOUT))
+    original = remote._result_body
+    raised: list[bool] = []
+
+    def fail_once(*args: Any) -> dict[str, Any]:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("injected failure")
+        return original(*args)
+
+    monkeypatch.setattr(remote, "_result_body", fail_once)
+    thread = threading.Thread(target=agent.run, name="agent", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: registered(sched) == [os.getpid()], JOIN, message="the agent to join")
+        assert sched.submit(tasks.add, 3, 4, retries=2).result(RESULT) == 7
+        assert raised and agent.errors == 1 and thread.is_alive()
+        assert sched.submit(tasks.add, 5, 5).result(RESULT) == 10
+    finally:
+        agent.stop()
+        thread.join(RESULT)
+        sched.shutdown(wait=True, cancel_futures=True)
+    assert not thread.is_alive()
+
+
 @pytest.mark.timeout(60)
 def test_port_is_free_when_shutdown_returns() -> None:
     # With a few peers connected a round fails about a third of the time (here, on
@@ -515,7 +676,7 @@ def _raw_dealer(ctx: zmq.Context[Any], address: str) -> zmq.Socket[Any]:
 def _garbage(max_bytes: int) -> list[list[bytes]]:
     """Messages that break the protocol, each one a list of frames."""
     header_with_array, array_frame = encode(Message("result", {
-        "task_id": 1, "ok": True, "value": np.arange(1000, dtype=np.int64)}))
+        "session": "s", "task_id": 1, "ok": True, "value": np.arange(1000, dtype=np.int64)}))
     hello = bytes(encode(Message("hello", {"name": "x", "host": "h", "pid": 1,
                                            "capacity": 1}))[0])
     half = max_bytes // 2 + 1
@@ -526,13 +687,13 @@ def _garbage(max_bytes: int) -> list[list[bytes]]:
         [bytes(header_with_array), bytes(array_frame)[:100]],       # truncated array frame
         [bytes(header_with_array)],                                 # array frame missing
         [msgpack.packb([99, "hello", {}])],                         # wrong version
-        [msgpack.packb([1, "no_such_type", {}])],                   # unknown type
-        [msgpack.packb([1, "task", {"task_id": 1, "fn": "m:f",      # not for a scheduler
+        [msgpack.packb([V, "no_such_type", {}])],                   # unknown type
+        [msgpack.packb([V, "task", {"task_id": 1, "fn": "m:f",      # not for a scheduler
                                     "args": [], "kwargs": {}}])],
-        [msgpack.packb([1, "hello", {"name": 1}])],                 # bad body
-        [msgpack.packb([1, "heartbeat", {}]), b"x" * half, b"y" * half],  # oversized total
+        [msgpack.packb([V, "hello", {"name": 1}])],                 # bad body
+        [msgpack.packb([V, "heartbeat", {}]), b"x" * half, b"y" * half],  # oversized total
         [msgpack.packb({"not": "a list"})],                         # header not a list
-        [msgpack.packb([1, "heartbeat", {}]) + b"trailing"],        # trailing bytes
+        [msgpack.packb([V, "heartbeat", {}]) + b"trailing"],        # trailing bytes
     ]
 
 
@@ -551,13 +712,17 @@ def test_garbage_to_the_scheduler_is_rejected_and_counted(tmp_path: Path, gates:
             sock.send_multipart(frames)
         wait_until(lambda: sched._remote.rejected == before + len(garbage), RESULT,
                    message="every bad message to be counted")
+        # A well-formed message from a stranger is not a worker: its result is
+        # ignored (and counted), its heartbeat ignored.
+        sock.send_multipart([bytes(f) for f in encode(Message("result", {
+            "session": sched._remote.session, "task_id": 0, "ok": True, "value": 1}))])
+        sock.send_multipart([bytes(f) for f in encode(Message("heartbeat"))])
+        wait_until(lambda: sched._remote.rejected == before + len(garbage) + 1, RESULT,
+                   message="the stranger's result to be counted")
+        before += 1
         # One frame over the limit: libzmq (MAXMSGSIZE) drops the connection before
         # the channel sees it (docs/protocol.md, Limits); the scheduler serves on.
         sock.send(b"z" * (limit + 1))
-        # A well-formed message from a stranger is not a worker.
-        sock.send_multipart([bytes(f) for f in encode(Message("result", {
-            "task_id": 0, "ok": True, "value": 1}))])
-        sock.send_multipart([bytes(f) for f in encode(Message("heartbeat"))])
         # More garbage on a fresh connection still counts, and the flood did not
         # disturb the real workers.
         sock2 = _raw_dealer(ctx, sched.address)
@@ -601,10 +766,14 @@ def test_garbage_to_a_worker_is_rejected_and_it_keeps_serving(tmp_path: Path) ->
         peer, msg = next_message()
         assert msg.type == "hello" and msg.body["pid"] == proc.pid
         garbage = _garbage(limit) + [
-            [msgpack.packb([1, "result", {"task_id": 1, "ok": True, "value": 1}])],  # not for it
-            [msgpack.packb([1, "task", {"task_id": -1, "fn": "m:f", "args": [],
+            [msgpack.packb([V, "result", {"session": "s", "task_id": 1, "ok": True,
+                                          "value": 1}])],                          # not for it
+            [msgpack.packb([V, "task", {"task_id": -1, "fn": "m:f", "args": [],
                                         "kwargs": {}}])],                          # bad id
         ]
+        welcome = [bytes(f) for f in encode(Message("welcome", {
+            "heartbeat_interval": BEAT, "heartbeat_timeout": 2.0, "session": "fake"}))]
+        router.send_multipart([peer, *welcome])
         for frames in garbage:
             router.send_multipart([peer, *frames])
         # Then a real task; the worker may have reconnected (new identity) meanwhile.
@@ -618,10 +787,11 @@ def test_garbage_to_a_worker_is_rejected_and_it_keeps_serving(tmp_path: Path) ->
             if msg.type == "result":
                 results[msg.body["task_id"]] = msg.body
             elif msg.type == "hello":
+                router.send_multipart([sender, *welcome])
                 router.send_multipart([sender, *task])
             elif msg.type == "heartbeat":
                 router.send_multipart([sender, *[bytes(f) for f in encode(Message("heartbeat"))]])
-        assert results.get(7) == {"task_id": 7, "ok": True, "value": 5}
+        assert results.get(7) == {"session": "fake", "task_id": 7, "ok": True, "value": 5}
         # The one well-formed task among the garbage ("m:f") failed cleanly.
         assert results[1]["ok"] is False and "ImportError" in results[1]["error"]["type"]
         assert proc.poll() is None

@@ -19,6 +19,7 @@ import pytest
 import zmq
 
 from shmrunner.errors import ConfigError
+from shmrunner.transport.protocol import PROTOCOL_VERSION as V
 from shmrunner.transport.protocol import Message, encode
 from shmrunner.transport.zmqchannel import (
     ChannelClosedError,
@@ -94,7 +95,7 @@ def test_dealer_and_router_exchange_arrays(sockets: Sockets) -> None:
     big = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)
     small = np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4))
     dealer.send(hello())
-    tracker = dealer.send(Message("result", {"task_id": 3, "ok": True,
+    tracker = dealer.send(Message("result", {"session": "s", "task_id": 3, "ok": True,
                                              "value": (big, {"s": small})}), track=True)
     assert tracker is not None
     peer, msg = must_recv(router)
@@ -129,13 +130,13 @@ def garbage(good: list[Any], max_bytes: int) -> list[list[Any]]:
         [b"\xc1"],
         [b"definitely not msgpack"],
         [b""],
-        [header(2, "hello", {})],
-        [header(1, "launch", {})],
-        [header(1, "hello", {"name": "w"})],
+        [header(V + 1, "hello", {})],
+        [header(V, "launch", {})],
+        [header(V, "hello", {"name": "w"})],
         [good[0][:-3]],
         [*good, b"trailing frame"],
-        [header(1, "status_reply", {"status": {"v": array_ref}}), bytes(32)],
-        [header(1, "status_reply", {"status": msgpack.ExtType(3, pickle.dumps(1))})],
+        [header(V, "status_reply", {"status": {"v": array_ref}}), bytes(32)],
+        [header(V, "status_reply", {"status": msgpack.ExtType(3, pickle.dumps(1))})],
         [good[0], *[bytes(max_bytes // 2)] * 3],   # every frame fits, the whole does not
     ]
 
@@ -157,7 +158,7 @@ def test_router_rejects_garbage_and_keeps_serving(sockets: Sockets,
     assert router.rejected == len(bad)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 10 and lines[0].startswith("rejected message #1 from peer ")
-    assert any("protocol version 2, expected 1" in line for line in lines)
+    assert any(f"protocol version {V + 1}, expected {V}" in line for line in lines)
 
 
 def test_recv_deadline_holds_against_a_stream_of_garbage(sockets: Sockets) -> None:
@@ -196,7 +197,8 @@ def test_dealer_rejects_garbage_from_its_router(sockets: Sockets) -> None:
     dealer.send(hello())
     identity, *frames = raw.recv_multipart()
     assert frames == encode(hello())
-    good = encode(Message("welcome", {"heartbeat_interval": 1, "heartbeat_timeout": 3}))
+    good = encode(Message("welcome", {"heartbeat_interval": 1, "heartbeat_timeout": 3,
+                                      "session": "s"}))
     bad = garbage(good, 64 * 1024)
     for frames in bad:
         raw.send_multipart([identity, *frames])
@@ -295,3 +297,39 @@ def test_curve(sockets: Sockets) -> None:
     impostor.connect(endpoint)
     impostor.send(hello("impostor"))   # queued: the handshake never completes
     assert router.recv(0.5) is None and router.rejected == 0
+
+
+def test_try_send_reports_a_full_peer_queue_instead_of_waiting(sockets: Sockets) -> None:
+    """A peer that never reads: its queue (send_hwm messages, past what the
+    socket buffers hold) fills, and try_send says so at once, where send would
+    wait send_timeout."""
+    router, endpoint = sockets.router(ChannelOptions(send_hwm=2, send_timeout=60.0))
+    stuck = sockets.raw(zmq.DEALER)
+    stuck.rcvhwm = 1
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.connect(endpoint)
+    stuck.send_multipart(encode(hello("stuck")))
+    peer, _ = must_recv(router)
+    assert peer is not None
+    big = Message("status_reply", {"status": {"a": np.zeros(1 << 20)}})  # 8 MiB each
+    results = [router.try_send(big, peer) for _ in range(20)]
+    assert results[0] is True and results[-1] is False
+    tracker = router.try_send(Message("heartbeat"), peer, track=True)
+    assert tracker is False
+    with pytest.raises(ChannelError, match="not connected"):
+        router.try_send(Message("heartbeat"), b"no-such-peer")
+
+
+def test_frame_and_byte_limits_hold_while_receiving(sockets: Sockets) -> None:
+    """Too many frames, or too many bytes in many frames: the rest of the message
+    is read and dropped, the message counted, and the next one served."""
+    router, endpoint = sockets.router(ChannelOptions(max_frames=10, max_bytes=64 * 1024))
+    raw = sockets.raw(zmq.DEALER)
+    raw.connect(endpoint)
+    good = encode(hello("after"))
+    raw.send_multipart([b""] * 11)                      # one frame too many
+    raw.send_multipart([good[0], *[bytes(8 * 1024)] * 9])  # 10 frames, over 64 KiB
+    raw.send_multipart([b""] * 100_000)                 # a flood of empty frames
+    raw.send_multipart(good)
+    _, msg = must_recv(router)
+    assert msg == hello("after") and router.rejected == 3

@@ -47,15 +47,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_HEADER_BYTES", "MAX_NESTING",
-    "MESSAGE_TYPES", "MAX_BATCH", "MessageType", "Message", "RemoteTaskError",
+    "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_FRAMES", "MessageType", "Message",
+    "RemoteTaskError",
     "encode", "decode", "function_ref", "resolve_function",
     "exception_to_wire", "exception_from_wire",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_BYTES = 1 << 30           # a whole message, header and array frames
 DEFAULT_MAX_HEADER_BYTES = 64 << 20   # frame 0: msgpack can grow ~64x into Python objects
 MAX_NESTING = 32                      # ext inside ext: each level is a nested C unpacker
+MAX_FRAMES = 8193                     # frames of one message: the header and 8192 arrays
+# Why MAX_FRAMES: frames cost memory however small they are (~600 bytes each as
+# zmq.Frame objects: 300,000 empty frames took 173 MiB), and a peer sends them freely.
 # Why MAX_NESTING: msgpack's unpacker keeps a ~40 KiB stack on the C stack, and a
 # tuple ext is unpacked by a nested call; a few thousand nested tuples in one
 # header overflow the C stack and segfault the process (seen with msgpack 1.x).
@@ -149,21 +153,29 @@ _OPTIONS: _Check = ("a map of retries (int >= 0) and timeout (None or number > 0
 _ERROR: _Check = ("an error map {type, message, traceback: str; args: list or None}",
                   _wire_error)
 _ANY: _Check = ("anything", lambda v: True)
+_SESSION: _Check = ("a str of 1 to 64 characters", lambda v: type(v) is str and 0 < len(v) <= 64)
 _OPT_JOB: _Check = ("a str or None", lambda v: v is None or type(v) is str)
 MAX_BATCH = 1024  # messages one tasks/results message may carry
 _BATCH: _Check = (f"a list of 1 to {MAX_BATCH} maps with str keys",
                   lambda v: type(v) is list and 0 < len(v) <= MAX_BATCH
                   and all(_str_map(item) for item in v))
 
+MAX_CAPACITY = 4096  # tasks one worker may run at once: a scheduler sends it this many
+# Why a bound: the scheduler sends a worker up to its advertised capacity of tasks;
+# one claiming 2**62 slots took every task and returned none.
+_CAPACITY: _Check = (f"an int from 1 to {MAX_CAPACITY} (tasks the worker runs at once)",
+                     lambda v: type(v) is int and 1 <= v <= MAX_CAPACITY)
+
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
-    "hello": ({"name": _STR, "host": _STR, "pid": _ID,
-               "capacity": ("an int >= 1", lambda v: type(v) is int and v >= 1)}, {}),
-    "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR}),
+    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
+    "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
+                               "session": _SESSION}),
     "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
-    "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE}, {}),
+    "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
+                 "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
     "tasks": ({"tasks": _BATCH}, {}),
     "cancel": ({}, {"task_id": _ID, "job_id": _STR}),
@@ -195,6 +207,10 @@ def _check_body(type_: str, body: dict[str, Any]) -> None:
         return
     if type_ in ("result", "cancel") and ("task_id" in body) == ("job_id" in body):
         raise _Invalid(f"{type_} message needs exactly one of 'task_id' and 'job_id'")
+    if type_ == "result" and "task_id" in body and "session" not in body:
+        # Task ids restart with every scheduler: only the session tells an old
+        # scheduler's task 3 from this one's.
+        raise _Invalid("result of a task lacks field 'session' (the welcome's)")
     if type_ == "result" and ("value" if body["ok"] else "error") not in body:
         raise _Invalid(f"result with ok={body['ok']} lacks field "
                        f"{'value' if body['ok'] else 'error'!r}")
@@ -309,27 +325,52 @@ def encode(msg: Message, *, allow_pickle: bool = False) -> list[bytes | memoryvi
         raise ValueError(f"cannot encode: {exc}") from None
     encoder = _Encoder(allow_pickle)
     encoder.frames[0] = encoder.pack([PROTOCOL_VERSION, msg.type, body])
+    if len(encoder.frames) > MAX_FRAMES:   # the peer would refuse it unread
+        raise ValueError(f"cannot encode a {msg.type} message with {len(encoder.frames) - 1} "
+                         f"arrays: the limit is {MAX_FRAMES - 1}; send fewer, larger arrays")
     return encoder.frames
 
 
 # -- decode ---------------------------------------------------------------------------
 
-class _Decoder:
-    """State of one decode: the frames, which of them arrays used, the ext depth."""
+def _container_budget(header_bytes: int) -> int:
+    """Lists, maps and tuples a header of ``header_bytes`` may decode into.
 
-    __slots__ = ("views", "allow_pickle", "used", "depth")
+    An empty list or map is one byte on the wire and ~70 bytes in Python: 1 MiB
+    of them took 74 MiB. One container per 4 header bytes (a 1-tuple of a small
+    int, the densest common case, is 4 bytes) bounds a header's decoded size to
+    about 20x its bytes, as scalars are anyway."""
+    return header_bytes // 4 + 4096
+
+
+class _Decoder:
+    """State of one decode: the frames, which of them arrays used, the ext depth,
+    and how many more containers the header may hold."""
+
+    __slots__ = ("views", "allow_pickle", "used", "depth", "budget", "limit")
 
     def __init__(self, views: list[memoryview], allow_pickle: bool) -> None:
         self.views = views
         self.allow_pickle = allow_pickle
         self.used: set[int] = set()
         self.depth = 0
+        self.limit = self.budget = _container_budget(views[0].nbytes)
 
     def unpack(self, data: bytes | memoryview) -> Any:
         n = len(data)
         return msgpack.unpackb(data, ext_hook=self.ext, raw=False, strict_map_key=False,
                                timestamp=3, max_str_len=n, max_bin_len=n, max_ext_len=n,
-                               max_array_len=n, max_map_len=n // 2)
+                               max_array_len=n, max_map_len=n // 2,
+                               list_hook=self.container, object_hook=self.container)
+
+    def container(self, value: Any) -> Any:
+        """Called by msgpack as each list or map is complete: stops a header that
+        expands past its budget before it has used much more memory."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise ProtocolError(f"header holds more than {self.limit} lists, maps and tuples; "
+                                "send bulk data as numpy arrays")
+        return value
 
     def ext(self, code: int, data: bytes) -> Any:
         if code == EXT_TUPLE:
@@ -342,7 +383,7 @@ class _Decoder:
                 self.depth -= 1
             if type(items) is not list:
                 raise ProtocolError(f"tuple ext holds {_describe(items)}, not a list")
-            return tuple(items)
+            return self.container(tuple(items))
         if code == EXT_ARRAY:
             return self.array(data)
         if code == EXT_PICKLE:
@@ -475,7 +516,8 @@ def _peek_version(header: memoryview) -> None:
 
 
 def decode(frames: Sequence[Frame], *, max_bytes: int, allow_pickle: bool,
-           max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Message:
+           max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+           max_frames: int = MAX_FRAMES) -> Message:
     """The message in ``frames`` (bytes, memoryviews or ``zmq.Frame``), validated.
 
     Arrays are views of the frames' buffers, writable when the buffers are (as
@@ -484,6 +526,8 @@ def decode(frames: Sequence[Frame], *, max_bytes: int, allow_pickle: bool,
     """
     if len(frames) == 0:
         raise ProtocolError("empty message: no frames")
+    if len(frames) > max_frames:
+        raise ProtocolError(f"message of {len(frames)} frames exceeds the limit of {max_frames}")
     views = [_as_view(frame, i) for i, frame in enumerate(frames)]
     total = sum(view.nbytes for view in views)
     if total > max_bytes:
@@ -631,12 +675,20 @@ def exception_to_wire(exc: BaseException, tb_text: str) -> dict[str, Any]:
 
 def _exception_class(type_name: str) -> type[Exception] | None:
     """The class named ``type_name`` if its module is already imported here: a peer
-    never makes this process import anything."""
+    never makes this process import anything. Names are looked up in ``__dict__``,
+    never with ``getattr``: a module ``__getattr__`` (numpy's, for one) imports
+    submodules lazily, and a class's metaclass could run code."""
     module_name, _, qualname = type_name.partition(":")
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split(".") if obj is not None else ():
-        obj = getattr(obj, part, None)
-    if isinstance(obj, type) and issubclass(obj, Exception):
+        if not isinstance(obj, (types.ModuleType, type)):
+            return None
+        try:
+            namespace = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            return None
+        obj = namespace.get(part) if isinstance(namespace, Mapping) else None
+    if isinstance(obj, type) and issubclass(obj, BaseException) and issubclass(obj, Exception):
         return obj
     return None
 

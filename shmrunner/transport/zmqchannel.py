@@ -31,6 +31,7 @@ from .curve import CurveKeys, client_keys
 from .protocol import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
+    MAX_FRAMES,
     MESSAGE_TYPES,
     Message,
     decode,
@@ -49,8 +50,10 @@ class ChannelOptions:
 
     max_bytes: int = DEFAULT_MAX_BYTES
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_frames: int = MAX_FRAMES          # frames of one message (header + arrays)
     allow_pickle: bool = False
     send_timeout: float = 10.0            # seconds a send may wait for queue space
+    send_hwm: int | None = None           # messages queued per peer (None: ZeroMQ's 1000)
     curve: CurveKeys | None = None
     accept: frozenset[str] | None = None  # message types this end may receive
 
@@ -60,6 +63,10 @@ class ChannelOptions:
         if type(self.max_header_bytes) is not int or self.max_header_bytes < 1:
             raise ConfigError(f"max_header_bytes must be an int >= 1, "
                               f"got {self.max_header_bytes!r}")
+        if type(self.max_frames) is not int or self.max_frames < 1:
+            raise ConfigError(f"max_frames must be an int >= 1, got {self.max_frames!r}")
+        if self.send_hwm is not None and (type(self.send_hwm) is not int or self.send_hwm < 1):
+            raise ConfigError(f"send_hwm must be None or an int >= 1, got {self.send_hwm!r}")
         if not isinstance(self.send_timeout, (int, float)) or not self.send_timeout > 0:
             raise ConfigError(f"send_timeout must be > 0 seconds, got {self.send_timeout!r}")
         if self.accept is not None and not self.accept <= MESSAGE_TYPES:
@@ -93,6 +100,8 @@ class ZmqChannel:
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.setsockopt(zmq.MAXMSGSIZE, options.max_bytes)
             self._socket.setsockopt(zmq.SNDTIMEO, max(1, round(options.send_timeout * 1000)))
+            if options.send_hwm is not None:  # per peer: each pipe gets its own queue
+                self._socket.setsockopt(zmq.SNDHWM, options.send_hwm)
             if kind == "router":   # an unknown peer is an error, not a silent drop
                 self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if identity is not None:
@@ -151,8 +160,22 @@ class ZmqChannel:
              track: bool = False) -> zmq.MessageTracker | None:
         """Send ``msg`` (to ``peer``, on a ROUTER) without copying its arrays:
         do not modify them until ZeroMQ is done with them (``track=True``
-        returns a tracker that says when). Raises ``TypeError`` or
-        ``ValueError`` for a message the protocol cannot carry."""
+        returns a tracker that says when). Waits up to ``send_timeout`` for
+        queue space. Raises ``TypeError`` or ``ValueError`` for a message the
+        protocol cannot carry."""
+        sent = self._send(msg, peer, track, 0)
+        return sent if isinstance(sent, zmq.MessageTracker) else None
+
+    def try_send(self, msg: Message, peer: bytes | None = None, *,
+                 track: bool = False) -> zmq.MessageTracker | bool:
+        """Like :meth:`send`, but never waits: False when the peer's queue is
+        full (``send_hwm`` messages it has not taken), else True (or the tracker,
+        with ``track=True``). Whoever must not be blocked by one slow peer (the
+        scheduler's hub) sends this way."""
+        return self._send(msg, peer, track, zmq.NOBLOCK)
+
+    def _send(self, msg: Message, peer: bytes | None, track: bool,
+              flags: int) -> zmq.MessageTracker | bool:
         self._check_open()
         if (peer is None) == (self.kind == "router"):
             raise ValueError("a router channel sends to a peer identity; a dealer takes none")
@@ -160,8 +183,11 @@ class ZmqChannel:
         if peer is not None:
             frames.insert(0, peer)
         try:
-            return self._socket.send_multipart(frames, copy=False, track=track)
+            tracker = self._socket.send_multipart(frames, flags, copy=False, track=track)
         except zmq.Again as exc:
+            if flags & zmq.NOBLOCK:
+                return False
+
             raise ChannelError(f"send of a {msg.type} message timed out after "
                                f"{self.options.send_timeout}s: no peer, or its queue is full"
                                ) from exc
@@ -169,6 +195,7 @@ class ZmqChannel:
             if exc.errno == zmq.EHOSTUNREACH:
                 raise ChannelError(f"peer {_name(peer)} is not connected") from exc
             raise ChannelError(f"send of a {msg.type} message failed: {exc}") from exc
+        return tracker if tracker is not None else True
 
     def recv(self, timeout: float) -> Received | None:
         """The next valid message, or None when ``timeout`` seconds pass without
@@ -180,16 +207,18 @@ class ZmqChannel:
             try:
                 if not self._socket.poll(wait_ms, zmq.POLLIN):
                     return None
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                peer, frames, problem = self._recv_frames()
             except zmq.Again:
                 continue
             except zmq.ZMQError as exc:
                 raise ChannelError(f"receive on the {self.kind} channel failed: {exc}") from exc
-            peer = frames.pop(0).bytes if self.kind == "router" else None
             try:
+                if problem is not None:
+                    raise ProtocolError(problem)
                 msg = decode(frames, max_bytes=self.options.max_bytes,
                              allow_pickle=self.options.allow_pickle,
-                             max_header_bytes=self.options.max_header_bytes)
+                             max_header_bytes=self.options.max_header_bytes,
+                             max_frames=self.options.max_frames)
                 if self.options.accept is not None and msg.type not in self.options.accept:
                     raise ProtocolError(f"unexpected {msg.type} message on this channel")
             except ProtocolError as exc:
@@ -198,6 +227,34 @@ class ZmqChannel:
                     return None
                 continue
             return Received(peer, msg)
+
+    def _recv_frames(self) -> tuple[bytes | None, list[zmq.Frame], str | None]:
+        """One message, frame by frame, holding no more than the limits allow:
+        past ``max_frames`` frames or ``max_bytes`` bytes the rest of it is read
+        and dropped (libzmq delivers a multipart message whole, so it is all
+        here), and the problem is returned instead of the frames."""
+        sock, options = self._socket, self.options
+        frame: zmq.Frame = sock.recv(zmq.NOBLOCK, copy=False)
+        peer: bytes | None = None
+        if self.kind == "router":   # the identity ROUTER adds; not the peer's to spend
+            peer = frame.bytes
+            frame = sock.recv(copy=False) if frame.more else frame
+        frames: list[zmq.Frame] = [frame]
+        count, total = 1, len(frame)
+        while frame.more:
+            frame = sock.recv(copy=False)
+            count += 1
+            total += len(frame)
+            if count <= options.max_frames and total <= options.max_bytes:
+                frames.append(frame)
+            else:
+                frames.clear()   # keep reading to the end of the message, keeping nothing
+        if count > options.max_frames:
+            return peer, [], (f"message of {count} frames exceeds the limit of "
+                              f"{options.max_frames}")
+        if total > options.max_bytes:
+            return peer, [], f"message of {total} bytes exceeds the limit of {options.max_bytes}"
+        return peer, frames, None
 
     def _reject(self, peer: bytes | None, exc: ProtocolError) -> None:
         self.rejected += 1

@@ -7,12 +7,18 @@ Data flow::
                   host: shared-memory workers, the same lifecycle as the Pool
                   (a dead process is reaped, replaced, its task reported lost)
         cancel -> Core.kill: the process running the task is killed, the task
-                  fails with TaskTimeoutError
+                  fails with TaskTimeoutError (only a task of this connection's
+                  session still running here)
         results <- the engine's thread appends to a deque and writes a wake-up
-                   byte; this loop sends them (only this thread uses the socket)
+                   byte; this loop sends them (only this thread uses the socket),
+                   each to the session whose task it was, or nowhere
+        welcome -> names the scheduler's session; a new one means the old
+                   scheduler is gone: its tasks are stopped, its results dropped
         heartbeats both ways; no word from the scheduler for heartbeat_timeout
         -> the agent drops the connection and says hello again (the scheduler
-        restarted, or the network was cut): it reconnects by itself.
+        restarted, or the network was cut): it reconnects by itself. An
+        unexpected error in this loop is logged, counted and ends the
+        connection the same way, never the agent.
 
 SIGTERM or SIGINT: the agent says ``bye`` (the scheduler stops sending work),
 finishes the tasks it holds, sends their results and exits 0.
@@ -38,9 +44,10 @@ from .._allowlist import AllowList
 from .._poolcore import Core, Task
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
-from ..errors import ShmrunnerError, TaskTimeoutError
+from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
 from ..transport.protocol import (
     MAX_BATCH,
+    MAX_CAPACITY,
     Message,
     _pickle_dumps,
     exception_to_wire,
@@ -56,17 +63,21 @@ _ACCEPT = frozenset({"welcome", "task", "tasks", "heartbeat", "cancel", "shutdow
 _DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
 
 
+_Key = tuple[str, int]  # (the scheduler's session, its task id): unique across restarts
+
+
 class _Reply:
-    """The result object the engine settles: queues (task_id, ok, value)."""
+    """The result object the engine settles: queues (key, task, ok, value)."""
 
-    __slots__ = ("agent", "task_id")
+    __slots__ = ("agent", "key", "task")
 
-    def __init__(self, agent: Agent, task_id: int) -> None:
+    def __init__(self, agent: Agent, key: _Key) -> None:
         self.agent = agent
-        self.task_id = task_id
+        self.key = key
+        self.task: Task | None = None
 
     def _set(self, index: int, ok: bool, value: Any) -> None:
-        self.agent._completed(self.task_id, ok, value)
+        self.agent._completed(self.key, self.task, ok, value)
 
 
 class Agent:
@@ -78,10 +89,19 @@ class Agent:
         self.processes = settings.processes or os.cpu_count() or 1
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self._ctx = context or multiprocessing.get_context()
-        self._done: collections.deque[tuple[int, bool, Any]] = collections.deque()
-        self._running: dict[int, Task] = {}
-        self._timeouts: dict[int, float] = {}  # the running tasks' timeouts (those with one)
-        self._cancels: dict[int, tuple[BaseException, float]] = {}  # cancels Core.kill put off
+        self._done: collections.deque[tuple[_Key, Task | None, bool, Any]] = \
+            collections.deque()
+        self._running: dict[_Key, Task] = {}
+        # Cancels Core.kill put off, with the seconds the task must have run first.
+        self._cancels: dict[_Key, tuple[BaseException, float]] = {}
+        self._timeouts: dict[_Key, float] = {}  # the running tasks' timeouts (those with one)
+        # The session of the scheduler this agent last joined, and the one of the
+        # current connection (None until its welcome): tasks and cancels belong to
+        # the connection's session, and results are sent only to their own session.
+        self._joined: str | None = None
+        self._session_id: str | None = None
+        self.refused = 0  # tasks that arrived before a welcome (no session to file them)
+        self.errors = 0  # unexpected exceptions the agent loop recovered from
         self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
@@ -116,10 +136,12 @@ class Agent:
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
             accept=_ACCEPT, curve=client_keys(settings.curve_secret_key,
                                               settings.curve_server_key)))
+        self._session_id = None
         try:
             channel.connect(settings.connect or "")
             hello = Message("hello", {"name": self.name, "host": socket.gethostname(),
-                                      "pid": os.getpid(), "capacity": self.processes,
+                                      "pid": os.getpid(),
+                                      "capacity": min(self.processes, MAX_CAPACITY),
                                       "allow_pickle": settings.allow_pickle})
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
@@ -145,13 +167,15 @@ class Agent:
                     self._wakeup.drain()
                 if channel.socket in events:
                     batch: list[Task] = []
-                    while (received := channel.recv(0)) is not None:
-                        last_heard = time.monotonic()
-                        if not self._handle(received.message, batch):
-                            self._stopping.set()
-                    if batch:  # one hand-over to the engine: they travel together
-                        assert self._core is not None
-                        self._core.submit(batch)
+                    try:
+                        while (received := channel.recv(0)) is not None:
+                            last_heard = time.monotonic()
+                            if not self._handle(received.message, batch):
+                                self._stopping.set()
+                    finally:  # accepted is accepted, even if a later message raised
+                        if batch:  # one hand-over to the engine: they travel together
+                            assert self._core is not None
+                            self._core.submit(batch)
                     # A welcome may have shortened the interval.
                     next_beat = min(next_beat, last_heard + self._beat[0])
                 self._retry_cancels()
@@ -180,44 +204,78 @@ class Agent:
             log.warning("connection to %s failed (%s); reconnecting", settings.connect, exc)
             self._stopping.wait(settings.heartbeat_interval)  # pacing a retry; SIGTERM ends it
             return self._stopping.is_set()
+        except Exception as exc:
+            # A bug, or an input nobody foresaw: the agent must not die of it with
+            # tasks in hand. A new connection starts clean; the scheduler loses the
+            # old one (reruns what it held) and ignores its late results.
+            self.errors += 1
+            if self.errors <= 10 or self.errors % 1000 == 0:
+                log.error("unexpected error (#%d) serving %s; reconnecting", self.errors,
+                          settings.connect, exc_info=exc)
+            self._stopping.wait(settings.heartbeat_interval)
+            return self._stopping.is_set()
         finally:
             channel.close()
 
     def _handle(self, msg: Message, batch: list[Task]) -> bool:
         """Act on one message (tasks are appended to ``batch``); False on shutdown."""
         assert self._core is not None
-        if msg.type == "task":
+        if msg.type in ("task", "tasks") and self._session_id is None:
+            self.refused += 1  # a scheduler always welcomes first: not one to trust
+            log.warning("refused a %s message that came before the welcome", msg.type)
+        elif msg.type == "task":
             self._accept(msg.body, batch)
         elif msg.type == "tasks":
             for body in msg.body["tasks"]:
                 self._accept(body, batch)
         elif msg.type == "welcome":
             self._beat = (msg.body["heartbeat_interval"], msg.body["heartbeat_timeout"])
-        elif msg.type == "cancel":
-            task_id = msg.body.get("task_id", -1)
-            if task_id in self._running:
-                self._cancels[task_id] = (TaskTimeoutError(
-                    f"task {task_id} ran past its timeout and was stopped"),
-                    self._timeouts.get(task_id) or 0.0)
+            self._join(msg.body["session"])
+        elif msg.type == "cancel" and self._session_id is not None:
+            # Only a task of this connection's session that is still running here:
+            # task ids repeat across sessions, and a finished one has nothing to stop.
+            key = (self._session_id, msg.body.get("task_id", -1))
+            if key in self._running:
+                self._cancels[key] = (TaskTimeoutError(
+                    f"task {key[1]} ran past its timeout and was stopped"),
+                    self._timeouts.get(key) or 0.0)
                 self._retry_cancels()
         elif msg.type == "shutdown":
             return False
         return True
 
+    def _join(self, session: str) -> None:
+        """The connection's welcome named ``session``. A different one than the
+        last means that scheduler is gone (it restarted): its results can never
+        be delivered, so they are dropped and its tasks stopped, freeing the
+        processes for the new scheduler's work (_send_results drops their results)."""
+        self._session_id = session
+        if self._joined is not None and session != self._joined:
+            gone = self._joined
+            for key in list(self._running):
+                if key[0] != session:
+                    self._cancels[key] = (TaskCancelledError(
+                        f"task {key[1]} belongs to scheduler session {gone}, which ended"), 0.0)
+            log.info("joined scheduler session %s; dropped the work of session %s",
+                     session, gone)
+            self._retry_cancels()
+        self._joined = session
+
     def _retry_cancels(self) -> None:
         """Core.kill refuses a task still queued behind another on its process
         ("ask again later"): ask again until it is running (then it is killed)."""
         assert self._core is not None
-        for task_id, (reason, timeout) in list(self._cancels.items()):
-            held = self._running.get(task_id)
+        for key, (reason, timeout) in list(self._cancels.items()):
+            held = self._running.get(key)
             # The scheduler's clock started when it sent the task: the kill
             # waits until the task has *run* for its timeout here.
             if held is None or self._core.kill(held, reason, ran_for=timeout):
-                del self._cancels[task_id]
+                del self._cancels[key]
 
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
-        assert self._core is not None
+        assert self._core is not None and self._session_id is not None
         task_id = body["task_id"]
+        key = (self._session_id, task_id)
         try:
             fn = body["fn"]
             self._allowed.check(fn, body["args"])  # before anything is imported
@@ -225,29 +283,41 @@ class Agent:
                 fn = _resolve(fn)
             else:  # arrived pickled (cloudpickle): the engine's plain pickle may refuse it
                 fn = functools.partial(_call_pickled, _pickle_dumps(fn))
-            task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
-                                       _Reply(self, task_id))
+            reply = _Reply(self, key)
+            task = reply.task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
+                                                    reply)
         except Exception as exc:
-            self._completed(task_id, False, exc)
+            self._completed(key, None, False, exc)
             return
-        self._running[task_id] = task
+        self._running[key] = task
         if body.get("timeout"):
-            self._timeouts[task_id] = body["timeout"]
+            self._timeouts[key] = body["timeout"]
         batch.append(task)
 
-    def _completed(self, task_id: int, ok: bool, value: Any) -> None:
+    def _completed(self, key: _Key, task: Task | None, ok: bool, value: Any) -> None:
         """Called on the engine's thread: hand the result to the agent loop."""
-        self._done.append((task_id, ok, value))
+        self._done.append((key, task, ok, value))
         self._wakeup.wake()
 
     def _send_results(self, channel: ZmqChannel) -> None:
-        """Send what finished since the last round, as one message when several."""
+        """Send what finished since the last round, as one message when several;
+        only to the session that sent the task (others' results are dropped)."""
+        session = self._session_id
+        if session is None:  # not welcomed yet on this connection: keep them until then,
+            for key, task, _, _ in list(self._done):  # but they are no longer running
+                if task is not None and self._running.get(key) is task:
+                    del self._running[key]  # (a drain must not wait for a welcome)
+                    self._timeouts.pop(key, None)
+            return
         bodies: list[dict[str, Any]] = []
         while self._done and len(bodies) < MAX_BATCH:
-            task_id, ok, value = self._done.popleft()
-            self._running.pop(task_id, None)
-            self._timeouts.pop(task_id, None)
-            bodies.append(_result_body(task_id, ok, value))
+            key, task, ok, value = self._done.popleft()
+            if task is not None and self._running.get(key) is task:
+                del self._running[key]  # not a newer attempt that reuses the id
+                self._timeouts.pop(key, None)
+            if key[0] != session:
+                continue  # for a scheduler that is gone
+            bodies.append(_result_body(session, key[1], ok, value))
         if len(bodies) > 1:
             try:
                 channel.send(Message("results", {"results": bodies}))
@@ -258,8 +328,9 @@ class Agent:
             try:
                 channel.send(Message("result", body))
             except (TypeError, ValueError) as exc:
-                channel.send(Message("result", _result_body(body["task_id"], False, TypeError(
-                    f"the result of task {body['task_id']} cannot be sent back: {exc}"))))
+                channel.send(Message("result", _result_body(
+                    session, body["task_id"], False,
+                    TypeError(f"the result of task {body['task_id']} cannot be sent back: {exc}"))))
         if self._done:
             self._wakeup.wake()  # more than one batch finished: go round again
 
@@ -278,12 +349,13 @@ def _writable(channel: ZmqChannel) -> bool:
     return bool(channel.socket.poll(0, zmq.POLLOUT))
 
 
-def _result_body(task_id: int, ok: bool, value: Any) -> dict[str, Any]:
+def _result_body(session: str, task_id: int, ok: bool, value: Any) -> dict[str, Any]:
     if ok:
-        return {"task_id": task_id, "ok": True, "value": value}
+        return {"session": session, "task_id": task_id, "ok": True, "value": value}
     cause = value.__cause__
     tb = str(getattr(cause, "tb", "")) if cause is not None else ""
-    return {"task_id": task_id, "ok": False, "error": exception_to_wire(value, tb)}
+    return {"session": session, "task_id": task_id, "ok": False,
+            "error": exception_to_wire(value, tb)}
 
 
 def run_agent(settings: WorkerSettings) -> int:
