@@ -61,11 +61,13 @@ def check_private_dir(path: str, what: str, *, create: bool = False) -> None:
                           f"users could reach the socket; run: chmod 700 {path}")
 
 
-def daemon_addresses(settings: DaemonSettings, curve: bool) -> tuple[str, str]:
+def daemon_addresses(settings: DaemonSettings, curve: bool) -> tuple[str, str, list[str]]:
     """The (clients, workers) addresses the daemon binds, after refusing any that
-    an unauthenticated stranger could reach. Creates the private runtime
-    directory when a default address is used."""
+    an unauthenticated stranger could reach, and the warnings to log once the
+    daemon has started (a refusal to start stays one line). Creates the
+    private runtime directory when a default address is used."""
     addresses = []
+    warnings = []
     for key in ("clients", "workers"):
         what = f"daemon.{key}"
         configured: str | None = getattr(settings, key)
@@ -77,9 +79,9 @@ def daemon_addresses(settings: DaemonSettings, curve: bool) -> tuple[str, str]:
         if curve:
             continue
         if settings.allow_unauthenticated:
-            log.warning("%s %s serves peers without authentication "
-                        "(daemon.allow_unauthenticated): anyone who can reach it can run "
-                        "code as this user", what, configured)
+            warnings.append(f"{what} {configured} serves peers without authentication "
+                            "(daemon.allow_unauthenticated): anyone who can reach it can run "
+                            "code as this user")
             continue
         path = ipc_path(configured)
         if path is None:
@@ -90,7 +92,7 @@ def daemon_addresses(settings: DaemonSettings, curve: bool) -> tuple[str, str]:
                 "daemon.curve_authorized_workers), use an ipc:// socket in a private "
                 "directory, or set daemon.allow_unauthenticated: true")
         check_private_dir(os.path.dirname(os.path.abspath(path)), what)
-    return addresses[0], addresses[1]
+    return addresses[0], addresses[1], warnings
 
 
 def client_address(address: str | None, endpoint: str) -> str:

@@ -86,7 +86,8 @@ class Daemon:
         self._done = self._failed = 0
         self._allowed = AllowList(scheduler.allowed_functions, "scheduler.allowed_functions")
         # Who can reach the endpoints is settled before anything is opened.
-        clients, workers = daemon_addresses(daemon, curve=daemon.curve_secret_key is not None)
+        clients, workers, warnings = daemon_addresses(
+            daemon, curve=daemon.curve_secret_key is not None)
         self._zap_domain: str | None = None
         clients_curve, workers_curve = self._start_curve()
         try:
@@ -105,6 +106,8 @@ class Daemon:
         except BaseException:
             self._close()
             raise
+        for warning in warnings:
+            log.warning("%s", warning)
 
     @property
     def workers_address(self) -> str | None:
