@@ -149,13 +149,13 @@ class ShmRemote(_Executor):
                     )
                 )
             deadline = time.monotonic() + min(timeout, 60.0)
-            while len(sched._remote.workers()) < WORKERS:
+            while len(sched.status()["workers"]) < WORKERS:
                 dead = [p.args for p in h[1] if p.poll() is not None]
                 if dead:
                     raise RuntimeError(f"worker agent exited during start-up: {dead[0]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"only {len(sched._remote.workers())} of {WORKERS} agents said hello"
+                        f"only {len(sched.status()["workers"])} of {WORKERS} agents said hello"
                     )
                 time.sleep(0.02)
             sched.submit(_tasks.inc, 0).result(timeout)
