@@ -155,7 +155,7 @@ class ShmRemote(_Executor):
                     raise RuntimeError(f"worker agent exited during start-up: {dead[0]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"only {len(sched.status()["workers"])} of {WORKERS} agents said hello"
+                        f"only {len(sched.status()['workers'])} of {WORKERS} agents said hello"
                     )
                 time.sleep(0.02)
             sched.submit(_tasks.inc, 0).result(timeout)
