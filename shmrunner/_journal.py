@@ -430,12 +430,12 @@ def _explain(exc: BaseException, path: Path) -> str:
             return (f"{path} is locked by another process ({exc}); stop whatever holds it "
                     "open, or point daemon.journal at another file")
         if name.startswith("SQLITE_FULL"):
-            return f"the disk holding {path} is full; free some space and restart"
+            return f"the disk holding {path} is full; free some space on it"
         return f"{path}: {exc} ({name or 'sqlite3 error'})"
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return (f"the disk holding {path} is full (or a file size limit was reached): "
-                    f"{exc.strerror}; free some space and restart")
+                    f"{exc.strerror}; free some space on it")
         if exc.errno == errno.ELOOP:
             return (f"{exc.filename or path} is a symlink; the journal does not follow "
                     "symlinks: point daemon.journal at the real file")
