@@ -159,7 +159,7 @@ class _Outcome:
         self.tier = tier
         self.job = job
 
-    def _set(self, index: int, ok: bool, value: Any) -> None:
+    def settle(self, index: int, ok: bool, value: Any) -> None:
         self.tier.done(self.job, ok, value)
 
 
