@@ -304,7 +304,7 @@ class Core:
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         result, index = task.result, task.index
         task.fn = task.args = task.kwargs = task.result = None  # type: ignore[assignment]
-        result._set(index, ok, value)
+        result.settle(index, ok, value)
 
     def kill(self, task: Task, reason: BaseException, ran_for: float = 0.0) -> bool:
         """Stop ``task`` and fail it with ``reason``, once it has run for

@@ -2,9 +2,10 @@
 
 ``ApplyResult`` (apply_async), ``MapResult`` (map_async, starmap_async),
 ``IMapIterator`` and ``IMapUnorderedIterator`` (imap, imap_unordered). The
-manager thread delivers outcomes with ``_set(index, ok, value)``; callbacks
-run there before waiters wake, as in ``multiprocessing``. A callback that
-raises is logged, never allowed to kill the thread that serves the pool.
+manager thread delivers outcomes with ``settle(index, ok, value)`` (each is a
+:class:`~shmrunner._sink.ResultSink`); callbacks run there before waiters
+wake, as in ``multiprocessing``. A callback that raises is logged, never
+allowed to kill the thread that serves the pool.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class ApplyResult:
             return self._value
         raise self._value
 
-    def _set(self, index: int, ok: bool, value: Any) -> None:
+    def settle(self, index: int, ok: bool, value: Any) -> None:
         self._success, self._value = ok, value
         if ok and self._callback is not None:
             _call(self._callback, value)
@@ -83,9 +84,9 @@ class MapResult(ApplyResult):
         self._success = True
         self._left = -(-length // chunksize) if chunksize else 0
         if self._left == 0:
-            super()._set(0, True, self._value)
+            super().settle(0, True, self._value)
 
-    def _set(self, index: int, ok: bool, value: Any) -> None:
+    def settle(self, index: int, ok: bool, value: Any) -> None:
         with self._lock:
             if self._event.is_set():
                 return  # already failed: later chunks are dropped, as in multiprocessing
@@ -97,7 +98,7 @@ class MapResult(ApplyResult):
             else:
                 done = True
         if done:
-            super()._set(index, ok, self._value if ok else value)
+            super().settle(index, ok, self._value if ok else value)
 
 
 class IMapIterator:
@@ -133,7 +134,7 @@ class IMapIterator:
 
     __next__ = next
 
-    def _set(self, index: int, ok: bool, value: Any) -> None:
+    def settle(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
             if index == self._index:
                 self._items.append((ok, value))
@@ -157,7 +158,7 @@ class IMapIterator:
 class IMapUnorderedIterator(IMapIterator):
     """Results of ``imap_unordered`` in completion order."""
 
-    def _set(self, index: int, ok: bool, value: Any) -> None:
+    def settle(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
             self._items.append((ok, value))
             self._index += 1

@@ -355,15 +355,15 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         assert self.scheduler is not None
-        hub = self.scheduler._remote
+        scheduler = self.scheduler.status()
         return {
-            "workers": hub.workers() if hub is not None else [],
-            "local_workers": self.scheduler.local_capacity(),
+            "workers": scheduler["workers"],
+            "local_workers": scheduler["local_workers"],
             "queued": self.scheduler.queued() + len(self._backlog),
             "running": len(self._running),
             "done": self._done,
             "failed": self._failed,
-            "rejected": self._channel.rejected + (hub.rejected if hub is not None else 0),
+            "rejected": self._channel.rejected + scheduler["rejected"],
             "uptime": round(time.monotonic() - self._started, 3),
             "draining": self._stop.is_set(),
             "dropped_replies": self._dropped,

@@ -224,13 +224,13 @@ def _feed(core: Core, result: IMapIterator, func: Callable[[Any], Any],
                         break
             if not core.wait_for_room():
                 # Terminated: end the iterator rather than leave next() waiting.
-                result._set(index, False, TaskCancelledError("the pool was terminated"))
+                result.settle(index, False, TaskCancelledError("the pool was terminated"))
                 result._set_length(index + 1)
                 return
             try:
                 chunk = list(itertools.islice(items, chunksize))
             except Exception as exc:
-                result._set(index, False, exc)
+                result.settle(index, False, exc)
                 result._set_length(index + 1)
                 return
             if not chunk:

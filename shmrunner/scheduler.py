@@ -4,14 +4,18 @@ workers and remote workers.
 Data flow::
 
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
-                                                          |
-                       +-- local tier: the Pool engine (_poolcore.Core), arrays
-                       |   by shared-memory handle; results come back on the
-                       |   pool's manager thread
-                       +-- remote tier: ZeroMQ ROUTER socket (_hub.Hub), one
-                           thread; results come back on that thread
-    results --> _finish(): retry (worker lost / timed out, retries left) or
-                settle the Future; then _pump() again (capacity was freed)
+                                                          |  Tier.start(jobs)
+                       +-- local tier (tiers/local.py): the Pool engine
+                       |   (_poolcore.Core), arrays by shared-memory handle;
+                       |   results come back on the pool's manager thread
+                       +-- remote tier (tiers/remote.py): ZeroMQ ROUTER socket,
+                           one thread; results come back on that thread
+    TierEvents.on_done --> _finish(): retry (worker lost / timed out, retries
+                left) or settle the Future; then _pump() again (capacity was
+                freed; a tier delivering a batch calls on_room once after it)
+
+The tiers know only the :class:`~shmrunner.tiers.base.TierEvents` they are
+given (``_Events`` here), never the Scheduler.
 
 Placement is by free capacity: the local tier first (no network, no copy),
 then the remote worker with the most room. ``_pump`` runs on whichever thread
@@ -33,9 +37,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from ._payload import default_budget, payload_bytes
+from ._job import Job
+from ._payload import default_budget
 from ._streams import Progress, chunked_calls, stream, total_of
 from .config import SchedulerSettings, load
 from .errors import (
@@ -45,92 +50,16 @@ from .errors import (
     TaskTimeoutError,
     WorkerLostError,
 )
+from .tiers.base import Tier
+from .tiers.local import LocalTier
 
 if TYPE_CHECKING:
+    from .tiers.remote import RemoteTier
     from .transport.zmqchannel import CurveKeys
 
 __all__ = ["Scheduler"]
 
 log = logging.getLogger("shmrunner.scheduler")
-
-
-class Job:
-    """One submitted call and its bookkeeping."""
-
-    __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
-                 "handle", "tier", "nbytes")
-
-    def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], retries: int, timeout: float | None) -> None:
-        self.id = job_id
-        self.future = future
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
-        self.retries = retries
-        self.timeout = timeout
-        self.attempts = 0
-        self.handle: Any = None  # the tier's handle of the current attempt
-        self.tier: Tier | None = None
-        self.nbytes = payload_bytes(args, kwargs)  # counted in the byte budget until settled
-
-
-class Tier(Protocol):
-    """Where jobs run. ``start`` hands a job over; the tier later calls
-    ``Scheduler._finish(job, ok, value)`` exactly once per start. ``stop``
-    stops one attempt of a job (``job.attempts`` when it was started), and
-    only while that attempt is the one running; False means "not running
-    yet, ask again later"."""
-
-    def room(self) -> int: ...
-    def start(self, jobs: list[Job]) -> None: ...
-    def stop(self, job: Job, attempt: int, reason: BaseException) -> bool: ...
-    def close(self, wait: bool) -> None: ...
-
-
-class _LocalTier:
-    """Jobs run on the Pool engine's worker processes."""
-
-    def __init__(self, scheduler: Scheduler, processes: int, settings: SchedulerSettings) -> None:
-        import multiprocessing
-
-        from ._poolcore import Core
-
-        ctx = multiprocessing.get_context(settings.start_method)
-        self._scheduler = scheduler
-        self.core = Core(processes, None, (), None, ctx, settings.shm_threshold)
-        self.core.after_results = scheduler._pump
-
-    def room(self) -> int:
-        # The engine's own view (it lets workers with tiny tasks hold more);
-        # read without its lock: a stale answer only delays or queues a task.
-        workers = list(self.core.lifecycle.workers.values())
-        return sum(worker.free for worker in workers) - len(self.core.pending)
-
-    def done(self, job: Job, ok: bool, value: Any) -> None:
-        # On the engine's thread, _pump runs once per batch (after_results).
-        pump = threading.current_thread() is not self.core.thread
-        self._scheduler._finish(job, ok, value, pump)
-
-    def start(self, jobs: list[Job]) -> None:
-        tasks = []
-        for job in jobs:
-            fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
-            job.handle = (job.attempts, self.core.new_task(fn, job.args, job.kwargs,
-                                                           _Outcome(self, job)))
-            tasks.append(job.handle[1])
-        self.core.submit(tasks)
-
-    def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
-        handle_attempt, task = job.handle
-        if handle_attempt != attempt:
-            return True  # that attempt is over; the engine's task is another one's
-        return self.core.kill(task, reason, ran_for=job.timeout or 0.0)
-
-    def close(self, wait: bool) -> None:
-        self.core.close()
-        if wait:
-            self.core.join()
 
 
 def _resolve(ref: str) -> Callable[..., Any]:
@@ -148,19 +77,6 @@ def _reference(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
         return function_ref(fn)
     except (TypeError, ValueError):
         return fn
-
-
-class _Outcome:
-    """The result object the Pool engine settles; forwards to the scheduler."""
-
-    __slots__ = ("tier", "job")
-
-    def __init__(self, tier: _LocalTier, job: Job) -> None:
-        self.tier = tier
-        self.job = job
-
-    def _set(self, index: int, ok: bool, value: Any) -> None:
-        self.tier.done(self.job, ok, value)
 
 
 class _Timers:
@@ -216,6 +132,21 @@ def _run_chunk(fn: Callable[..., Any] | str, chunk: list[tuple[Any, ...]]) -> li
     return [fn(*args) for args in chunk]
 
 
+class _Events:
+    """The Scheduler as its tiers see it (:class:`~shmrunner.tiers.base.TierEvents`)."""
+
+    __slots__ = ("_scheduler",)
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def on_done(self, job: Job, ok: bool, value: Any, *, batch: bool = False) -> None:
+        self._scheduler._finish(job, ok, value, pump=not batch)
+
+    def on_room(self) -> None:
+        self._scheduler._pump()
+
+
 class Scheduler(Executor):
     """A ``concurrent.futures.Executor`` over local shared-memory workers and
     remote workers that connect over ZeroMQ.
@@ -246,26 +177,28 @@ class Scheduler(Executor):
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
         self._queue: collections.deque[Job] = collections.deque()
-        self._running: set[Job] = set()
+        self._running: dict[Job, Tier] = {}  # each job handed to a tier, and which
         self._all_done = threading.Condition(self._lock)
         self._ids = itertools.count()
+        self._submitted = 0  # tasks accepted by submit, ever
         self._shutdown = False
         self._creator = os.getpid()
         self._held_bytes = 0  # payload bytes of the jobs queued or running
         self._byte_budget = self.settings.max_pending_bytes or default_budget()
         self._timers = _Timers()
-        self._tiers: list[Any] = []
-        self._local: _LocalTier | None = None
-        self._remote: Any = None
+        self._tiers: list[Tier] = []
+        self._local: LocalTier | None = None
+        self._remote: RemoteTier | None = None
+        events = _Events(self)
         try:
             workers = self.settings.local_workers
             if workers != 0:
-                self._local = _LocalTier(self, workers or os.cpu_count() or 1, self.settings)
+                self._local = LocalTier(events, workers or os.cpu_count() or 1, self.settings)
                 self._tiers.append(self._local)
             if self.settings.listen is not None:
-                from ._hub import Hub
+                from .tiers.remote import RemoteTier
 
-                self._remote = Hub(self, self.settings, curve)
+                self._remote = RemoteTier(events, self.settings, curve)
                 self._tiers.append(self._remote)
         except BaseException:
             self._close_tiers(wait=False)
@@ -282,32 +215,41 @@ class Scheduler(Executor):
 
     def local_capacity(self) -> int:
         """Local worker processes (0 for a remote-only scheduler)."""
-        return len(self._local.core.lifecycle) if self._local is not None else 0
+        return self._local.status()["workers"] if self._local is not None else 0
 
     def status(self) -> dict[str, Any]:
         """A snapshot for people and monitoring: ``queued`` (waiting for a
-        worker), ``running`` (handed to a worker), ``local_workers``,
-        ``workers`` (each connected remote worker: name, host, pid, capacity,
-        busy, seconds since its last heartbeat), ``rejected`` (messages
-        refused from the network), ``lost_workers`` (remote workers declared
-        lost), ``remote_errors`` (unexpected errors the remote tier's thread
-        recovered from), and ``pending_bytes`` of array and bytes
-        arguments held by queued and running tasks against their budget
+        worker), ``running`` (handed to a worker), ``submitted`` (tasks
+        accepted since the start; a chunk of a map counts once),
+        ``shutdown`` (``shutdown()`` was called: new tasks are refused),
+        ``local_workers``, ``workers`` (each connected remote worker: id of
+        its registration, name, host, pid, capacity, busy, draining, seconds
+        since its last heartbeat), ``rejected`` (messages refused from the
+        network), ``lost_workers`` (remote workers declared lost),
+        ``remote_errors`` (unexpected errors the remote tier's thread
+        recovered from), ``remote_alive`` (False once the remote tier gave up;
+        None without one), ``session`` (the remote tier's session id, which
+        workers log; None without one), and ``pending_bytes`` of array and
+        bytes arguments held by queued and running tasks against their budget
         ``max_pending_bytes``."""
         with self._lock:
             queued, running, held = len(self._queue), len(self._running), self._held_bytes
-        remote = self._remote.status() if self._remote is not None else {
-            "workers": [], "rejected": 0, "lost": 0, "errors": 0}
+            submitted, shutdown = self._submitted, self._shutdown
+        remote = self._remote.status() if self._remote is not None else None
         return {
             "queued": queued,
             "running": running,
+            "submitted": submitted,
+            "shutdown": shutdown,
             "pending_bytes": held,
             "max_pending_bytes": self._byte_budget,
             "local_workers": self.local_capacity(),
-            "workers": remote["workers"],
-            "rejected": remote["rejected"],
-            "lost_workers": remote["lost"],
-            "remote_errors": remote["errors"],
+            "workers": remote["workers"] if remote is not None else [],
+            "rejected": remote["rejected"] if remote is not None else 0,
+            "lost_workers": remote["lost"] if remote is not None else 0,
+            "remote_errors": remote["errors"] if remote is not None else 0,
+            "remote_alive": remote["alive"] if remote is not None else None,
+            "session": remote["session"] if remote is not None else None,
         }
 
     @property
@@ -370,6 +312,7 @@ class Scheduler(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._held_bytes += job.nbytes
+            self._submitted += 1
             self._queue.append(job)
         self._pump()
         return future
@@ -465,8 +408,7 @@ class Scheduler(Executor):
                         self._release(job)
                         continue  # cancelled while queued
                     job.attempts += 1
-                    job.tier = tier
-                    self._running.add(job)
+                    self._running[job] = tier
                     jobs.append(job)
                     room -= 1
                 if jobs:
@@ -482,13 +424,14 @@ class Scheduler(Executor):
                 continue
             for job in jobs:
                 if job.timeout is not None:
-                    self._arm(job)
+                    self._arm(job, tier)
 
-    def _arm(self, job: Job) -> None:
-        attempt, tier = job.attempts, job.tier
-        if tier is not None:
-            self._timers.call_at(time.monotonic() + (job.timeout or 0.0),
-                                 lambda: self._expire(job, attempt, tier))
+    def _arm(self, job: Job, tier: Tier) -> None:
+        attempt = job.attempts
+        if self._running.get(job) is not tier:
+            return  # that attempt is over already
+        self._timers.call_at(time.monotonic() + (job.timeout or 0.0),
+                             lambda: self._expire(job, attempt, tier))
 
     def _expire(self, job: Job, attempt: int, tier: Tier) -> None:
         """The timeout of one attempt of ``job`` on ``tier`` is due. The attempt
@@ -496,7 +439,7 @@ class Scheduler(Executor):
         tier's ``stop`` is aimed at that attempt and does nothing once it is
         over, so a late timer never stops anything else."""
         with self._lock:
-            if job.future.done() or job.attempts != attempt or job.tier is not tier:
+            if job.future.done() or job.attempts != attempt or self._running.get(job) is not tier:
                 return
         reason = TaskTimeoutError(f"task {job.id} ran longer than its timeout of {job.timeout} s")
         if not tier.stop(job, attempt, reason):
@@ -509,8 +452,7 @@ class Scheduler(Executor):
         retry = (not ok and isinstance(value, (WorkerLostError, TaskTimeoutError))
                  and job.retries > 0)
         with self._lock:
-            self._running.discard(job)
-            job.tier = None
+            self._running.pop(job, None)
             if retry:
                 job.retries -= 1
                 self._queue.appendleft(job)

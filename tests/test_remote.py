@@ -130,7 +130,7 @@ class Workers:
 
 def registered(sched: Scheduler) -> list[int]:
     """Pids of the remote workers the scheduler currently knows."""
-    return sorted(w["pid"] for w in sched._remote.workers())
+    return sorted(w["pid"] for w in sched.status()["workers"])
 
 
 def free_port() -> int:
@@ -407,7 +407,7 @@ def test_shutdown_cancel_futures_settles_a_task_waiting_for_retry(tmp_path: Path
         workers.procs[0].send_signal(signal.SIGKILL)
         workers.procs[0].wait(RESULT)
         # Lost, requeued for its retry, and no worker left to run it.
-        wait_until(lambda: not registered(sched) and len(sched._queue) == 1, RESULT,
+        wait_until(lambda: not registered(sched) and sched.status()["queued"] == 1, RESULT,
                    message="the task to be requeued")
         sched.shutdown(wait=True, cancel_futures=True)
         concurrent.futures.wait([fut], HANG)
@@ -531,29 +531,28 @@ def test_hub_recovers_from_an_unexpected_error(tmp_path: Path, gates: Gates,
     """A round of the hub thread raises once, after tasks went out: the tasks the
     workers held are rerun (or fail with WorkerLostError), none stays pending, the
     workers rejoin and the hub serves on."""
-    from shmrunner._hub import Hub
+    from shmrunner.tiers.remote import RemoteTier
 
     sched, workers = start_cluster(tmp_path, gates, n=1)
     try:
-        hub = sched._remote
-        original = Hub._assign
+        original = RemoteTier._assign
         raised: list[bool] = []
 
-        def assign_then_fail(self: Hub) -> None:
+        def assign_then_fail(self: RemoteTier) -> None:
             busy = bool(self._inbox)
             original(self)
             if busy and not raised:
                 raised.append(True)
                 raise RuntimeError("injected failure")
 
-        monkeypatch.setattr(Hub, "_assign", assign_then_fail)
+        monkeypatch.setattr(RemoteTier, "_assign", assign_then_fail)
         rerun = sched.submit(tasks.add, 1, 2, retries=2)
         concurrent.futures.wait([rerun], RESULT)
         assert rerun.result(0) == 3 and raised
         once = sched.submit(tasks.add, 2, 2, retries=0)
         assert once.result(RESULT) == 4
-        status = hub.status()
-        assert status["errors"] == 1 and status["alive"]
+        status = sched.status()
+        assert status["remote_errors"] == 1 and status["remote_alive"]
         wait_until(lambda: registered(sched) == [workers.procs[0].pid], JOIN,
                    message="the worker to rejoin")
     finally:
@@ -564,18 +563,18 @@ def test_hub_recovers_from_an_unexpected_error(tmp_path: Path, gates: Gates,
 def test_hub_that_keeps_failing_fails_every_future(monkeypatch: pytest.MonkeyPatch) -> None:
     """A hub thread that fails round after round gives up: every future it held,
     and every one submitted after, fails with a clear error instead of pending."""
-    from shmrunner._hub import Hub
+    from shmrunner.tiers.remote import RemoteTier
 
     sched = remote_scheduler()
     try:
-        hub = sched._remote
         queued = sched.submit(tasks.add, 1, 1)  # no worker: waits in the hub
 
-        def fail(self: Hub) -> None:
+        def fail(self: RemoteTier) -> None:
             raise RuntimeError("injected, every round")
 
-        monkeypatch.setattr(Hub, "_heartbeat", fail)
-        wait_until(lambda: not hub.status()["alive"], RESULT, message="the hub to give up")
+        monkeypatch.setattr(RemoteTier, "_heartbeat", fail)
+        wait_until(lambda: sched.status()["remote_alive"] is False, RESULT,
+                   message="the hub to give up")
         with pytest.raises(ShmrunnerError, match="remote tier crashed"):
             queued.result(RESULT)
         later = sched.submit(tasks.add, 2, 2)
@@ -635,7 +634,7 @@ def test_port_is_free_when_shutdown_returns() -> None:
             peers = [_raw_dealer(ctx, address) for _ in range(5)]
             for peer in peers:
                 peer.send_multipart(hello)
-            wait_until(lambda s=sched: len(s._remote.workers()) == 5, RESULT,
+            wait_until(lambda s=sched: len(s.status()["workers"]) == 5, RESULT,
                        message="the peers to connect")
             sched.shutdown(wait=True)
             try:
@@ -705,19 +704,19 @@ def test_garbage_to_the_scheduler_is_rejected_and_counted(tmp_path: Path, gates:
     try:
         cluster = Cluster(sched, workers, gates)
         assert sched.address is not None
-        before = sched._remote.rejected
+        before = sched.status()["rejected"]
         garbage = _garbage(limit)
         sock = _raw_dealer(ctx, sched.address)
         for frames in garbage:
             sock.send_multipart(frames)
-        wait_until(lambda: sched._remote.rejected == before + len(garbage), RESULT,
+        wait_until(lambda: sched.status()["rejected"] == before + len(garbage), RESULT,
                    message="every bad message to be counted")
         # A well-formed message from a stranger is not a worker: its result is
         # ignored (and counted), its heartbeat ignored.
         sock.send_multipart([bytes(f) for f in encode(Message("result", {
-            "session": sched._remote.session, "task_id": 0, "ok": True, "value": 1}))])
+            "session": sched.status()["session"], "task_id": 0, "ok": True, "value": 1}))])
         sock.send_multipart([bytes(f) for f in encode(Message("heartbeat"))])
-        wait_until(lambda: sched._remote.rejected == before + len(garbage) + 1, RESULT,
+        wait_until(lambda: sched.status()["rejected"] == before + len(garbage) + 1, RESULT,
                    message="the stranger's result to be counted")
         before += 1
         # One frame over the limit: libzmq (MAXMSGSIZE) drops the connection before
@@ -728,7 +727,7 @@ def test_garbage_to_the_scheduler_is_rejected_and_counted(tmp_path: Path, gates:
         sock2 = _raw_dealer(ctx, sched.address)
         for frames in garbage:
             sock2.send_multipart(frames)
-        wait_until(lambda: sched._remote.rejected == before + 2 * len(garbage), RESULT,
+        wait_until(lambda: sched.status()["rejected"] == before + 2 * len(garbage), RESULT,
                    message="the second round of bad messages to be counted")
         assert registered(sched) == cluster.pids
         cluster.both_serve()
@@ -736,7 +735,7 @@ def test_garbage_to_the_scheduler_is_rejected_and_counted(tmp_path: Path, gates:
         big_ok = np.arange(limit // 16, dtype=np.float64)  # half the limit: fits
         np.testing.assert_array_equal(sched.submit(tasks.double, big_ok).result(RESULT),
                                       big_ok * 2)
-        assert sched._remote.rejected == before + 2 * len(garbage)
+        assert sched.status()["rejected"] == before + 2 * len(garbage)
     finally:
         ctx.destroy(linger=0)
         stop_cluster(sched, workers, gates)
@@ -847,7 +846,7 @@ def test_timeout_of_a_task_queued_behind_another_on_a_worker(cluster: Cluster) -
     # Goes to a worker's prefetch slot, behind a gated task; its timeout expires there.
     # (6 s: long enough to tell, short enough for the worker to drain at teardown.)
     fut = sched.submit(tasks.count_and_sleep, attempts, 6, timeout=0.5)
-    wait_until(lambda: sum(w["busy"] for w in sched._remote.workers()) == 3, RESULT,
+    wait_until(lambda: sum(w["busy"] for w in sched.status()["workers"]) == 3, RESULT,
                message="the third task to reach a worker")
     expired = time.monotonic() + 0.5 + 0.5
     # An observation window, not a synchronisation: the timeout must expire (and the
@@ -876,8 +875,8 @@ def test_sigterm_worker_finishes_its_task_and_exits_0(cluster: Cluster) -> None:
     other = [p for p in cluster.workers.procs if p is not holder][0]
     holder.send_signal(signal.SIGTERM)
     # The worker says bye: the scheduler sends it nothing new.
-    wait_until(lambda: any(w.retiring for w in sched._remote._workers
-                           if w.endpoint.pid == holder.pid), RESULT,
+    wait_until(lambda: any(w["draining"] for w in sched.status()["workers"]
+                           if w["pid"] == holder.pid), RESULT,
                message="the worker to announce it is draining")
     assert [f.result(RESULT)["ppid"] for f in [sched.submit(tasks.where) for _ in range(4)]] \
         == [other.pid] * 4
@@ -900,7 +899,7 @@ def test_shutdown_waits_and_runs_queued_tasks(cluster: Cluster) -> None:
     queued = [sched.submit(tasks.square, i) for i in range(6)]
     stopper = threading.Thread(target=sched.shutdown, kwargs={"wait": True})
     stopper.start()
-    wait_until(lambda: sched._shutdown, RESULT, message="shutdown to begin")
+    wait_until(lambda: sched.status()["shutdown"], RESULT, message="shutdown to begin")
     with pytest.raises(RuntimeError):
         sched.submit(tasks.square, 1)
     assert stopper.is_alive()
@@ -919,7 +918,7 @@ def test_shutdown_cancel_futures_cancels_queued_tasks(cluster: Cluster) -> None:
     for i in range(4):
         s, g = gates.new()
         held.append((sched.submit(tasks.gated, s, g, i), s, g))
-    wait_until(lambda: sum(w["busy"] for w in sched._remote.workers()) == 4, RESULT,
+    wait_until(lambda: sum(w["busy"] for w in sched.status()["workers"]) == 4, RESULT,
                message="both workers to hold two tasks")
     ran = [gates.path(f"victim-{i}") for i in range(5)]
     victims = [sched.submit(tasks.mark_run, p) for p in ran]
@@ -946,11 +945,11 @@ def test_worker_follows_the_schedulers_heartbeat_settings(tmp_path: Path,
         assert sched.address is not None
         proc = workers.start(sched.address, "defaults", config=None)
         wait_until(lambda: registered(sched) == [proc.pid], JOIN, message="the worker to join")
-        (first,) = list(sched._remote._workers)
+        (first,) = sched.status()["workers"]
         # Observe for several heartbeat timeouts: the same registration stays.
         until = time.monotonic() + 3 * BEAT_TIMEOUT
         while time.monotonic() < until:
-            assert [w.id for w in sched._remote._workers] == [first.id]
+            assert [w["id"] for w in sched.status()["workers"]] == [first["id"]]
             time.sleep(0.05)
         assert "lost" not in Path(workers.log_path("defaults")).read_text()
     finally:

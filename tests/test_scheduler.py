@@ -100,11 +100,11 @@ def test_map_results_in_order_and_chunksize(sched: Scheduler) -> None:
     assert list(sched.map(tasks.square, range(20))) == [i * i for i in range(20)]
     assert list(sched.map(tasks.add, range(5), range(10, 15))) == [10, 12, 14, 16, 18]
     assert list(sched.map(tasks.square, [])) == []
-    first = next(sched._ids)
+    first = sched.status()["submitted"]
     got = list(sched.map(tasks.square, range(100), chunksize=7))
     assert got == [i * i for i in range(100)]
     # 100 items in chunks of 7 travel as ceil(100 / 7) tasks.
-    assert next(sched._ids) - first - 1 == math.ceil(100 / 7)
+    assert sched.status()["submitted"] - first == math.ceil(100 / 7)
     assert list(sched.map(tasks.add, range(10), range(10), chunksize=3)) == \
         [2 * i for i in range(10)]
     with pytest.raises(ValueError):
@@ -296,7 +296,7 @@ def test_shutdown_wait_waits_for_running_tasks(sched: Scheduler, gates: Gates) -
     gates.started(s)
     stopper = threading.Thread(target=sched.shutdown, kwargs={"wait": True})
     stopper.start()
-    wait_until(lambda: sched._shutdown, RESULT, message="shutdown to begin")
+    wait_until(lambda: sched.status()["shutdown"], RESULT, message="shutdown to begin")
     with pytest.raises(RuntimeError):
         sched.submit(tasks.square, 1)
     assert stopper.is_alive() and not fut.done()
@@ -334,7 +334,7 @@ def test_shutdown_without_cancel_runs_queued_tasks(sched: Scheduler, gates: Gate
     queued = [sched.submit(tasks.square, i) for i in range(5)]
     stopper = threading.Thread(target=sched.shutdown, kwargs={"wait": True})
     stopper.start()
-    wait_until(lambda: sched._shutdown, RESULT, message="shutdown to begin")
+    wait_until(lambda: sched.status()["shutdown"], RESULT, message="shutdown to begin")
     for _, g in held:
         gates.open(g)
     stopper.join(RESULT)
@@ -380,11 +380,12 @@ def test_backpressure_blocks_submit_until_tasks_finish(gates: Gates) -> None:
         thread.start()
         # The queue fills up to max_pending behind the tasks the workers hold,
         # then submit() blocks: nothing finishes while the gate is closed.
-        wait_until(lambda: len(s._queue) == 4 and submitted == len(s._running) + 4,
+        wait_until(lambda: s.status()["queued"] == 4
+                   and submitted == s.status()["running"] + 4,
                    RESULT, message="the queue to fill up")
         assert thread.is_alive()
         assert submitted < total
-        held = len(s._running)
+        held = s.status()["running"]
         assert 2 <= held <= 2 * 2  # each worker holds at most two tasks
         wait_until(lambda: sum(os.path.exists(gates.path(f"started-{i}"))
                                for i in range(total)) == 2, RESULT,

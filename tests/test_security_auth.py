@@ -250,9 +250,9 @@ def test_tcp_without_curve_is_refused_unless_opted_in(tmp_path: Path) -> None:
 
 
 def test_an_unauthenticated_tcp_scheduler_warns(caplog: pytest.LogCaptureFixture) -> None:
-    from shmrunner import _hub
+    from shmrunner.tiers import _admission
 
-    _hub._warned.clear()  # once per process: start from a clean slate
+    _admission._warned.clear()  # once per process: start from a clean slate
     caplog.set_level(logging.WARNING, logger="shmrunner.scheduler")
     with shmrunner.Scheduler(local_workers=1, listen="tcp://127.0.0.1:*"):
         pass

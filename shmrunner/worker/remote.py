@@ -67,7 +67,8 @@ _Key = tuple[str, int]  # (the scheduler's session, its task id): unique across 
 
 
 class _Reply:
-    """The result object the engine settles: queues (key, task, ok, value)."""
+    """The engine's :class:`~shmrunner._sink.ResultSink` for one task: queues
+    (key, task, ok, value) for the agent loop to send."""
 
     __slots__ = ("agent", "key", "task")
 
@@ -76,7 +77,7 @@ class _Reply:
         self.key = key
         self.task: Task | None = None
 
-    def _set(self, index: int, ok: bool, value: Any) -> None:
+    def settle(self, index: int, ok: bool, value: Any) -> None:
         self.agent._completed(self.key, self.task, ok, value)
 
 

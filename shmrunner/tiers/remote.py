@@ -6,13 +6,14 @@ Data flow::
     Scheduler._expire (timer)    --stop(job)----> stops --wake pipe--+
                                                                      v
     hub thread (owns the socket): zmq.Poller over the ROUTER socket and the wake pipe
-        hello      -> Lifecycle.add (capacity = advertised + prefetch), welcome
-                      (with this hub's random session)
+        hello      -> Peers.join (capacity = advertised + prefetch), welcome
+                      (with this hub's random session), events.on_room
         task out   <- inbox, to the worker Lifecycle.pick() names (try_send: never waits)
         result     -> of this session and a task the worker holds? Lifecycle.finish ->
-                      Scheduler._finish (retry or settle); else ignored, counted
+                      events.on_done (the Scheduler retries or settles); else
+                      ignored, counted
         heartbeat  -> last_seen; silence past heartbeat_timeout, a full send queue,
-                      or a big message not taken for as long -> Lifecycle.lose:
+                      or a big message not taken for as long -> Peers.lose:
                       every task the worker held fails with WorkerLostError
                       (the Scheduler retries those it may)
         bye        -> the worker is draining: no new tasks; forgotten once empty
@@ -23,6 +24,10 @@ watches. A worker is never sent more than its capacity plus the prefetch.
 Guarantees: no peer can block the hub thread (sends never wait); a round that
 raises is logged, counted and recovered from (the workers' tasks rerun), and a
 hub that cannot recover fails every future it holds or is given.
+
+The hub reports only through the :class:`~shmrunner.tiers.base.TierEvents` it
+is given. The roster of workers is ``_peers.py``; who may join (CURVE, ZAP),
+``_admission.py``.
 """
 
 from __future__ import annotations
@@ -32,24 +37,24 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 import zmq
 
-from ._endpoints import secure_ipc_socket
-from ._wakeup import Wakeup
-from .config import SchedulerSettings
-from .errors import ConfigError, ShmrunnerError, WorkerLostError
-from .transport.curve import authorize, load_public_keys, release
-from .transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
-from .transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
-from .worker.lifecycle import Lifecycle, Worker
+from .._endpoints import secure_ipc_socket
+from .._job import Job
+from .._wakeup import Wakeup
+from ..config import SchedulerSettings
+from ..errors import ShmrunnerError, WorkerLostError
+from ..transport.curve import release
+from ..transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
+from ..transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
+from ..worker.lifecycle import Worker
+from ._admission import admit_workers, warn_unauthenticated
+from ._peers import Peer, Peers, WorkerStatus
+from .base import TierEvents
 
-if TYPE_CHECKING:
-    from .scheduler import Job, Scheduler
-
-__all__ = ["Hub"]
+__all__ = ["RemoteTier", "RemoteStatus"]
 
 log = logging.getLogger("shmrunner.scheduler")
 
@@ -61,48 +66,24 @@ _RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get th
 _MAX_FAILURES = 100  # rounds in a row that raise before the hub gives up (no busy loop)
 
 
-_warned: set[str] = set()
+class RemoteStatus(TypedDict):
+    session: str  # this hub's random session, in every welcome and result
+    workers: list[WorkerStatus]
+    rejected: int  # messages refused (see RemoteTier.rejected)
+    lost: int  # workers declared lost
+    errors: int  # unexpected exceptions the hub thread recovered from
+    alive: bool  # False once the hub thread gave up (every job then fails)
 
 
-def _warn_unauthenticated(listen: str) -> None:
-    """Once per process: an explicit library call may listen on TCP without
-    CURVE, but its owner should know what that opens."""
-    if not _warned:
-        _warned.add(listen)
-        log.warning("Scheduler listening on %s without CURVE: anyone who can reach that port "
-                    "can join as a worker, receive tasks and their arguments, and forge "
-                    "results; pass curve= to authenticate workers", listen)
+class RemoteTier:
+    """Jobs run on remote workers that connect to ``settings.listen``."""
 
-
-class _Peer:
-    """A remote worker as the hub knows it."""
-
-    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result",
-                 "allow_pickle", "outbox")
-
-    def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
-        self.identity = identity
-        self.name: str = body["name"]
-        self.host: str = body["host"]
-        self.pid: int = body["pid"]
-        self.capacity: int = body["capacity"]
-        self.last_seen = time.monotonic()
-        self.last_result = 0.0
-        self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
-        # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
-        # sent): one stuck at the head for heartbeat_timeout means the peer stopped
-        # reading. Small ones are copied by pyzmq and never tracked.
-        self.outbox: collections.deque[tuple[zmq.MessageTracker, float]] = collections.deque()
-
-
-class Hub:
-    def __init__(self, scheduler: Scheduler, settings: SchedulerSettings,
+    def __init__(self, events: TierEvents, settings: SchedulerSettings,
                  curve: CurveKeys | None = None) -> None:
         assert settings.listen is not None
-        self._scheduler = scheduler
+        self._events = events
         self._settings = settings
-        self._workers: Lifecycle[Job] = Lifecycle(None, 0)
-        self._by_identity: dict[bytes, Worker[Job]] = {}
+        self._peers = Peers(settings.prefetch)
         self._inbox: collections.deque[Job] = collections.deque()
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
@@ -112,7 +93,6 @@ class Hub:
         # for this one's task 3.
         self.session = secrets.token_hex(8)
         self._ignored = 0  # results for a session or task this hub does not know
-        self._lost = 0
         self._errors = 0  # unexpected exceptions the hub thread recovered from
         self._broken: BaseException | None = None  # why the hub thread died, if it did
         self._crash_lock = threading.Lock()
@@ -128,9 +108,9 @@ class Hub:
         self._zap_domain: str | None = None
         try:
             if curve is not None:
-                curve = self._authorize(curve)
+                curve, self._zap_domain = admit_workers(self._context, curve)
             elif settings.listen.startswith("tcp://"):
-                _warn_unauthenticated(settings.listen)
+                warn_unauthenticated(settings.listen)
             self._channel = ZmqChannel("router", ChannelOptions(
                 max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
                 accept=_ACCEPT, curve=curve, send_hwm=_OUTBOX), context=self._context)
@@ -149,20 +129,6 @@ class Hub:
         self._thread = threading.Thread(target=self._run, name="shmrunner-hub", daemon=True)
         self._thread.start()
 
-    def _authorize(self, curve: CurveKeys) -> CurveKeys:
-        """Admit only the workers whose keys are in ``curve.authorized``: the ZAP
-        domain is registered before the socket binds, so no stranger gets in."""
-        if curve.server_key is not None:
-            raise ConfigError("Scheduler(curve=...): these are a client's keys (they name a "
-                              "server_key); pass the scheduler's own key pair")
-        if curve.authorized is None:
-            raise ConfigError("Scheduler(curve=...): no directory of authorised worker keys "
-                              "(CurveKeys.authorized); without one any key pair could join "
-                              "and receive tasks")
-        keys = load_public_keys(curve.authorized, "authorised worker keys")
-        self._zap_domain = authorize(self._context, "workers", keys, "workers")
-        return replace(curve, zap_domain=self._zap_domain)
-
     def _release_zap(self) -> None:
         if self._zap_domain is not None:
             release(self._context, self._zap_domain)
@@ -176,18 +142,17 @@ class Hub:
         for a session or task this hub does not know."""
         return self._channel.rejected + self._ignored
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RemoteStatus:
         """The remote tier at a glance: its session, the workers, and counters
         (``rejected`` messages, workers ``lost``)."""
         return {"session": self.session, "workers": self.workers(),
-                "rejected": self.rejected, "lost": self._lost, "errors": self._errors,
+                "rejected": self.rejected, "lost": self._peers.lost, "errors": self._errors,
                 "alive": self._thread.is_alive()}
 
     def room(self) -> int:
         if self._broken is not None:  # take the jobs, to fail them (start), not to hold them
             return 1 << 30
-        workers = list(self._workers.workers.values())
-        return sum(worker.free for worker in workers) - len(self._inbox)
+        return self._peers.free() - len(self._inbox)
 
     def start(self, jobs: list[Job]) -> None:
         with self._crash_lock:  # either the crash path fails them, or this raises
@@ -209,13 +174,9 @@ class Hub:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> list[WorkerStatus]:
         """What ``status`` shows of each connected worker."""
-        now = time.monotonic()
-        return [{"name": w.endpoint.name, "host": w.endpoint.host, "pid": w.endpoint.pid,
-                 "capacity": w.endpoint.capacity, "busy": len(w.tasks),
-                 "last_heartbeat": round(now - w.endpoint.last_seen, 3)}
-                for w in list(self._workers.workers.values())]
+        return self._peers.status()
 
     def _wake(self) -> None:
         self._wakeup.wake()
@@ -260,7 +221,7 @@ class Hub:
             self._fail_all(stopped)
             self._release()
             if self._broken is not None:
-                self._scheduler._pump()  # jobs queued for want of room now fail (start)
+                self._events.on_room()  # jobs queued for want of room now fail (start)
 
     def _recover(self, exc: Exception) -> None:
         """A round raised: the workers' bookkeeping may be half done, so start
@@ -273,7 +234,7 @@ class Hub:
             log.error("the scheduler's remote tier hit an unexpected error (#%d); its workers' "
                       "tasks are rerun or failed, and the workers rejoin", self._errors,
                       exc_info=exc)
-        for worker in self._workers:
+        for worker in self._peers:
             self._lose(worker, f"the remote tier recovered from {exc!r}")
 
     def _release(self) -> None:
@@ -293,7 +254,7 @@ class Hub:
                 return
             peer, msg = received
             assert peer is not None
-            worker = self._by_identity.get(peer)
+            worker = self._peers.get(peer)
             if worker is not None:
                 worker.endpoint.last_seen = time.monotonic()
             if msg.type == "hello":
@@ -317,26 +278,25 @@ class Hub:
                     self._forget(worker)
 
     def _hello(self, identity: bytes, body: dict[str, Any]) -> None:
-        old = self._by_identity.get(identity)
+        old = self._peers.get(identity)
         if old is not None:  # it reconnected: what it held under the old session is lost
             self._lose(old, "reconnected")
-        peer = _Peer(identity, body)
-        worker = self._workers.add(peer, peer.capacity + self._settings.prefetch)
-        self._by_identity[identity] = worker
+        worker = self._peers.join(identity, body)
+        peer: Peer = worker.endpoint
         log.info("worker %s (%s pid %d) joined with capacity %d",
                  peer.name, peer.host, peer.pid, peer.capacity)
         self._send(worker, Message("welcome", {
             "heartbeat_interval": self._settings.heartbeat_interval,
             "heartbeat_timeout": self._settings.heartbeat_timeout,
             "session": self.session}))
-        self._scheduler._pump()
+        self._events.on_room()
 
     def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
         if body.get("session") != self.session:
             self._ignore(worker.endpoint.identity, f"a result of task {body.get('task_id')} "
                          f"from session {body.get('session')!r}, not this one")
             return
-        job = self._workers.finish(worker, body.get("task_id", -1))
+        job = self._peers.lifecycle.finish(worker, body.get("task_id", -1))
         if job is None:  # not one this worker holds (stopped, lost, or never sent)
             self._ignore(worker.endpoint.identity,
                          f"a result of task {body.get('task_id')}, which it does not hold")
@@ -347,13 +307,13 @@ class Hub:
             ok, value = False, exception_from_wire(body["error"])
         if worker.retiring and not worker.tasks:
             self._forget(worker)
-        self._scheduler._finish(job, ok, value)
+        self._events.on_done(job, ok, value)
 
     def _pace(self, worker: Worker[Job]) -> None:
         """Let a worker that turns tasks around fast hold many more, so tiny
         tasks are pipelined over the network instead of paying a round trip
         each; slow tasks keep capacity + prefetch, which keeps load balanced."""
-        peer: _Peer = worker.endpoint
+        peer: Peer = worker.endpoint
         now = time.monotonic()
         fast = now - peer.last_result < _FAST_TASK
         peer.last_result = now
@@ -365,11 +325,11 @@ class Hub:
         round instead of one each."""
         batches: dict[Worker[Job], list[Job]] = {}
         while self._inbox:
-            worker = self._workers.pick()
+            worker = self._peers.lifecycle.pick()
             if worker is None:
                 break
             job = self._inbox.popleft()
-            self._workers.assign(worker, job)
+            self._peers.lifecycle.assign(worker, job)
             batches.setdefault(worker, []).append(job)
         for worker, jobs in batches.items():
             if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
@@ -384,8 +344,8 @@ class Hub:
                 else:
                     self._send_batch(worker, jobs, bodies)
             except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
-                self._workers.finish(worker, jobs[0].id)
-                self._scheduler._finish(jobs[0], False, exc)
+                self._peers.lifecycle.finish(worker, jobs[0].id)
+                self._events.on_done(jobs[0], False, exc)
 
     def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
         """Fail here the calls that need a pickle: this worker would reject them
@@ -396,8 +356,8 @@ class Hub:
                 encode(Message("task", {"task_id": job.id, "fn": job.fn, "args": job.args,
                                         "kwargs": job.kwargs}), allow_pickle=False)
             except TypeError as exc:
-                self._workers.finish(worker, job.id)
-                self._scheduler._finish(job, False, TypeError(
+                self._peers.lifecycle.finish(worker, job.id)
+                self._events.on_done(job, False, TypeError(
                     f"{exc} (worker {worker.endpoint.name} does not accept pickles: start "
                     "it with --allow-pickle)"))
             else:
@@ -419,8 +379,8 @@ class Hub:
                         if not self._send(worker, Message("task", body)):
                             return
                     except (TypeError, ValueError) as exc:
-                        self._workers.finish(worker, job.id)
-                        self._scheduler._finish(job, False, exc)
+                        self._peers.lifecycle.finish(worker, job.id)
+                        self._events.on_done(job, False, exc)
 
     def _apply_stops(self) -> None:
         while self._stops:
@@ -429,9 +389,9 @@ class Hub:
                 continue  # that attempt is over (the job was retried since)
             if job in self._inbox:
                 self._inbox.remove(job)
-                self._scheduler._finish(job, False, reason)
+                self._events.on_done(job, False, reason)
                 continue
-            for worker in self._workers:
+            for worker in self._peers:
                 if job in worker.tasks:
                     # The agent kills the process running it and reports the timeout.
                     self._send(worker, Message("cancel", {"task_id": job.id}))
@@ -439,15 +399,10 @@ class Hub:
     def _heartbeat(self) -> None:
         timeout = self._settings.heartbeat_timeout
         deadline = time.monotonic() - timeout
-        for worker in self._workers:
-            peer: _Peer = worker.endpoint
-            while peer.outbox and peer.outbox[0][0].done:
-                peer.outbox.popleft()
-            if peer.last_seen < deadline:
-                self._lose(worker, f"silent for over {timeout} s")
-            elif peer.outbox and peer.outbox[0][1] < deadline:
-                self._lose(worker, f"it took nothing of what it was sent for over {timeout} s: "
-                           "it stopped reading")
+        for worker in self._peers:
+            why = self._peers.verdict(worker, timeout, deadline)
+            if why is not None:
+                self._lose(worker, why)
             else:
                 self._send(worker, Message("heartbeat", {}))
 
@@ -455,7 +410,7 @@ class Hub:
         """Hand ``msg`` to ZeroMQ without waiting; False when the worker is lost
         instead (gone, or its queue is full: it stopped reading). Raises
         ``TypeError``/``ValueError`` for a message the protocol cannot carry."""
-        peer: _Peer = worker.endpoint
+        peer: Peer = worker.endpoint
         try:
             sent = self._channel.try_send(msg, peer.identity, track=True)
         except ChannelError:
@@ -466,9 +421,7 @@ class Hub:
                        "it stopped reading")
             return False
         if isinstance(sent, zmq.MessageTracker) and not sent.done:
-            while peer.outbox and peer.outbox[0][0].done:
-                peer.outbox.popleft()
-            peer.outbox.append((sent, time.monotonic()))
+            self._peers.track(worker, sent)
         return True
 
     def _ignore(self, identity: bytes, what: str) -> None:
@@ -478,28 +431,21 @@ class Hub:
                         self._ignored)
 
     def _lose(self, worker: Worker[Job], why: str) -> None:
-        if worker.id not in self._workers.workers:
+        held = self._peers.lose(worker)
+        if held is None:
             return
-        self._lost += 1
-        loss = self._workers.lose(worker)
-        self._by_identity.pop(worker.endpoint.identity, None)
-        peer: _Peer = worker.endpoint
+        peer: Peer = worker.endpoint
         log.warning("worker %s (%s pid %d) lost: %s", peer.name, peer.host, peer.pid, why)
-        # A remote worker runs many tasks at once: any of them may have started.
-        held = ([loss.running] if loss.running is not None else []) + loss.unstarted
         for job in held:
-            self._scheduler._finish(job, False, WorkerLostError(
+            self._events.on_done(job, False, WorkerLostError(
                 peer.pid, None, f"{job.id} on {peer.name}@{peer.host} ({why})"))
 
     def _forget(self, worker: Worker[Job]) -> None:
-        self._workers.lose(worker)
-        self._by_identity.pop(worker.endpoint.identity, None)
+        self._peers.forget(worker)
 
     def _fail_all(self, error: BaseException) -> None:
         jobs = list(self._inbox)
         self._inbox.clear()
-        for worker in self._workers:
-            loss = self._workers.lose(worker)
-            jobs += ([loss.running] if loss.running is not None else []) + loss.unstarted
+        jobs += self._peers.drop_all()
         for job in jobs:
-            self._scheduler._finish(job, False, error, pump=False)
+            self._events.on_done(job, False, error, batch=True)

@@ -1,0 +1,38 @@
+"""Job: one call submitted to the Scheduler, as the Scheduler and its tiers
+share it.
+
+The Scheduler creates a job per ``submit`` and owns its bookkeeping
+(``retries``, ``attempts``, ``nbytes``); a tier reads the call (``fn``,
+``args``, ``kwargs``, ``timeout``) and may keep its own handle of the
+current attempt in ``handle``. Kept apart from ``scheduler.py`` so the tiers
+need not import the Scheduler.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any
+
+from ._payload import payload_bytes
+
+__all__ = ["Job"]
+
+
+class Job:
+    """One submitted call and its bookkeeping."""
+
+    __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
+                 "handle", "nbytes")
+
+    def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], retries: int, timeout: float | None) -> None:
+        self.id = job_id
+        self.future = future
+        self.fn = fn  # a callable or a 'module:function' reference; None once settled
+        self.args = args
+        self.kwargs = kwargs
+        self.retries = retries
+        self.timeout = timeout
+        self.attempts = 0
+        self.handle: Any = None  # the tier's own record of the current attempt
+        self.nbytes = payload_bytes(args, kwargs)  # counted in the byte budget until settled

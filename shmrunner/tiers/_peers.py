@@ -1,0 +1,147 @@
+"""The remote tier's roster: the workers that said hello, and what the hub
+knows of each.
+
+Data flow (on the hub thread; only ``free`` and ``status`` are read from
+others, over a copy, where a stale answer is harmless)::
+
+    hello         -> join: a Peer (identity, advertised capacity, clocks) in the
+                     shared Lifecycle bookkeeping (capacity + prefetch slots)
+    any message   -> last_seen (the hub's _pace also adjusts a fast worker's
+                     capacity on results)
+    send          -> track: a big message ZeroMQ has not taken yet
+    heartbeat     -> verdict: silent too long, or stopped reading -> lose
+    lose/forget   -> out of the roster; lose hands back every job it held
+
+Which jobs a worker holds, who has room and which job a lost worker was
+running are :class:`~shmrunner.worker.lifecycle.Lifecycle`'s, as for local
+processes; this module adds what only a network peer has.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+from typing import Any, TypedDict
+
+import zmq
+
+from .._job import Job
+from ..worker.lifecycle import Lifecycle, Worker
+
+__all__ = ["Peer", "Peers", "WorkerStatus"]
+
+class WorkerStatus(TypedDict):
+    """One connected worker in :meth:`Scheduler.status`."""
+
+    id: int  # its registration: a worker that rejoins gets a new one
+    name: str
+    host: str
+    pid: int
+    capacity: int
+    busy: int  # tasks it holds (running or queued on it)
+    draining: bool  # it said bye: it finishes what it holds and gets nothing new
+    last_heartbeat: float  # seconds since it was last heard from
+
+
+class Peer:
+    """A remote worker as the hub knows it."""
+
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result",
+                 "allow_pickle", "outbox")
+
+    def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
+        self.identity = identity
+        self.name: str = body["name"]
+        self.host: str = body["host"]
+        self.pid: int = body["pid"]
+        self.capacity: int = body["capacity"]
+        self.last_seen = time.monotonic()
+        self.last_result = 0.0
+        self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
+        # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
+        # sent): one stuck at the head for heartbeat_timeout means the peer stopped
+        # reading. Small ones are copied by pyzmq and never tracked.
+        self.outbox: collections.deque[tuple[zmq.MessageTracker, float]] = collections.deque()
+
+
+class Peers:
+    """The connected workers, by registration (``lifecycle``) and by ZeroMQ
+    identity; ``lost`` counts the workers declared lost."""
+
+    def __init__(self, prefetch: int) -> None:
+        self._prefetch = prefetch
+        self.lifecycle: Lifecycle[Job] = Lifecycle(None, 0)
+        self._by_identity: dict[bytes, Worker[Job]] = {}
+        self.lost = 0
+
+    def __iter__(self) -> Iterator[Worker[Job]]:
+        return iter(self.lifecycle)
+
+    def free(self) -> int:
+        """Jobs the workers can take now (read from any thread: a stale answer
+        only delays or queues a job)."""
+        workers = list(self.lifecycle.workers.values())
+        return sum(worker.free for worker in workers)
+
+    def get(self, identity: bytes) -> Worker[Job] | None:
+        return self._by_identity.get(identity)
+
+    def join(self, identity: bytes, body: dict[str, Any]) -> Worker[Job]:
+        """Register a worker from its (validated) hello."""
+        peer = Peer(identity, body)
+        worker = self.lifecycle.add(peer, peer.capacity + self._prefetch)
+        self._by_identity[identity] = worker
+        return worker
+
+    def lose(self, worker: Worker[Job]) -> list[Job] | None:
+        """Declare ``worker`` lost: the jobs it held (None if it was gone already)."""
+        if worker.id not in self.lifecycle.workers:
+            return None
+        self.lost += 1
+        loss = self.lifecycle.lose(worker)
+        self._by_identity.pop(worker.endpoint.identity, None)
+        # A remote worker runs many tasks at once: any of them may have started.
+        return ([loss.running] if loss.running is not None else []) + loss.unstarted
+
+    def forget(self, worker: Worker[Job]) -> None:
+        """A drained worker that holds nothing leaves quietly."""
+        self.lifecycle.lose(worker)
+        self._by_identity.pop(worker.endpoint.identity, None)
+
+    def drop_all(self) -> list[Job]:
+        """The tier is ending: every job any worker held."""
+        jobs: list[Job] = []
+        for worker in self.lifecycle:
+            loss = self.lifecycle.lose(worker)
+            jobs += ([loss.running] if loss.running is not None else []) + loss.unstarted
+        return jobs
+
+    @staticmethod
+    def track(worker: Worker[Job], sent: zmq.MessageTracker) -> None:
+        """``sent`` is a big message ZeroMQ has not taken yet: watch it."""
+        peer: Peer = worker.endpoint
+        while peer.outbox and peer.outbox[0][0].done:
+            peer.outbox.popleft()
+        peer.outbox.append((sent, time.monotonic()))
+
+    @staticmethod
+    def verdict(worker: Worker[Job], timeout: float, deadline: float) -> str | None:
+        """Why ``worker`` is lost, at a heartbeat: silent for ``timeout`` (since
+        before ``deadline``), or it took nothing it was sent for as long; None
+        while it is alive."""
+        peer: Peer = worker.endpoint
+        while peer.outbox and peer.outbox[0][0].done:
+            peer.outbox.popleft()
+        if peer.last_seen < deadline:
+            return f"silent for over {timeout} s"
+        if peer.outbox and peer.outbox[0][1] < deadline:
+            return f"it took nothing of what it was sent for over {timeout} s: it stopped reading"
+        return None
+
+    def status(self) -> list[WorkerStatus]:
+        now = time.monotonic()
+        return [{"id": w.id, "name": w.endpoint.name, "host": w.endpoint.host,
+                 "pid": w.endpoint.pid, "capacity": w.endpoint.capacity, "busy": len(w.tasks),
+                 "draining": w.retiring, "last_heartbeat": round(now - w.endpoint.last_seen, 3)}
+                for w in list(self.lifecycle.workers.values())]

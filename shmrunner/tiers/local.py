@@ -1,0 +1,98 @@
+"""The Scheduler's local tier: jobs run on the Pool engine's worker processes.
+
+Data flow::
+
+    Scheduler._pump (any thread) --start(jobs)--> Core.submit (arrays by
+                                                  shared-memory handle)
+    Scheduler timer --stop(job, attempt)--------> Core.kill (the process running
+                                                  the task is killed)
+    Core's manager thread --_Outcome.settle--> events.on_done(batch=True) per
+                                               task, then events.on_room()
+                                               once per batch (after_results)
+
+The engine does the work (spawn, reap, respawn, shared memory); this module
+only translates between a :class:`~shmrunner._job.Job` and an engine task.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypedDict
+
+from .._job import Job
+from ..config import SchedulerSettings
+from .base import TierEvents
+
+__all__ = ["LocalTier", "LocalStatus"]
+
+
+class LocalStatus(TypedDict):
+    workers: int  # the engine's worker processes
+
+
+class LocalTier:
+    """Jobs run on the Pool engine's worker processes."""
+
+    def __init__(self, events: TierEvents, processes: int, settings: SchedulerSettings) -> None:
+        import multiprocessing
+
+        from .._poolcore import Core
+
+        ctx = multiprocessing.get_context(settings.start_method)
+        self._events = events
+        self.core = Core(processes, None, (), None, ctx, settings.shm_threshold)
+        self.core.after_results = events.on_room
+
+    def room(self) -> int:
+        # The engine's own view (it lets workers with tiny tasks hold more);
+        # read without its lock: a stale answer only delays or queues a task.
+        workers = list(self.core.lifecycle.workers.values())
+        return sum(worker.free for worker in workers) - len(self.core.pending)
+
+    def done(self, job: Job, ok: bool, value: Any) -> None:
+        # On the engine's thread, on_room runs once per batch (after_results).
+        batch = threading.current_thread() is self.core.thread
+        self._events.on_done(job, ok, value, batch=batch)
+
+    def start(self, jobs: list[Job]) -> None:
+        tasks = []
+        for job in jobs:
+            fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
+            job.handle = (job.attempts, self.core.new_task(fn, job.args, job.kwargs,
+                                                           _Outcome(self, job)))
+            tasks.append(job.handle[1])
+        self.core.submit(tasks)
+
+    def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
+        handle_attempt, task = job.handle
+        if handle_attempt != attempt:
+            return True  # that attempt is over; the engine's task is another one's
+        return self.core.kill(task, reason, ran_for=job.timeout or 0.0)
+
+    def close(self, wait: bool) -> None:
+        self.core.close()
+        if wait:
+            self.core.join()
+
+    def status(self) -> LocalStatus:
+        return {"workers": len(self.core.lifecycle)}
+
+
+def _resolve(ref: str) -> Callable[..., Any]:
+    from ..transport.protocol import resolve_function
+
+    return resolve_function(ref)
+
+
+class _Outcome:
+    """The engine's :class:`~shmrunner._sink.ResultSink` for one job's attempt."""
+
+    __slots__ = ("tier", "job")
+
+    def __init__(self, tier: LocalTier, job: Job) -> None:
+        self.tier = tier
+        self.job = job
+
+    def settle(self, index: int, ok: bool, value: Any) -> None:
+        self.tier.done(self.job, ok, value)
