@@ -73,7 +73,7 @@ from .errors import (
     attach_remote_traceback,
 )
 from .shm import DEFAULT_THRESHOLD
-from .transport.fdchannel import ChannelClosed, FdChannel
+from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import Encoded, close_fds, dumps, loads
 from .worker.lifecycle import Lifecycle, Worker
 from .worker.loop import BYE, INIT_FAILED, TASK_ID, worker_main
@@ -295,7 +295,7 @@ class Core:
                 channel: FdChannel = worker.endpoint.channel
                 # A worker that is gone drops what it is sent; its sentinel fires
                 # and _reap requeues its tasks.
-                channel.send_many([m[:3] for m in messages], [m[3] for m in messages])
+                channel.send_batch_nowait([m[:3] for m in messages], [m[3] for m in messages])
                 wake = wake or channel.wants_write
         if wake or requeue:
             self.wake()  # the manager watches writability, or dispatches the requeued
@@ -511,7 +511,7 @@ class Core:
         channel: FdChannel = worker.endpoint.channel
         try:
             messages = channel.read_ready()
-        except ChannelClosed as exc:
+        except PeerClosed as exc:
             # The process is exiting; its sentinel will fire and _reap accounts for it.
             self.selector.unregister(channel.sock)
             if exc.args:
@@ -591,7 +591,7 @@ class Core:
         try:  # results the worker sent before it died still count
             while messages := ep.channel.read_ready():
                 self._handle(worker, messages)
-        except ChannelClosed:
+        except PeerClosed:
             pass
         ep.process.join()
         for fileobj in (ep.channel.sock, ep.process.sentinel):
