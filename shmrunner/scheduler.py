@@ -5,7 +5,7 @@ Data flow::
 
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
                                                           |
-                       +-- local tier: the Pool engine (_poolcore.Core), arrays
+                       +-- local tier: the process engine (_engine.py), arrays
                        |   by shared-memory handle; results come back on the
                        |   pool's manager thread
                        +-- remote tier: ZeroMQ ROUTER socket (_hub.Hub), one
@@ -94,23 +94,23 @@ class _LocalTier:
     def __init__(self, scheduler: Scheduler, processes: int, settings: SchedulerSettings) -> None:
         import multiprocessing
 
-        from ._poolcore import Core
+        from ._engine import EngineSettings, ProcessEngine
 
-        ctx = multiprocessing.get_context(settings.start_method)
         self._scheduler = scheduler
-        self.core = Core(processes, None, (), None, ctx, settings.shm_threshold)
-        self.core.after_results = scheduler._pump
+        self.core = ProcessEngine(EngineSettings(
+            processes=processes, context=multiprocessing.get_context(settings.start_method),
+            shm_threshold=settings.shm_threshold), on_results=scheduler._pump)
 
     def room(self) -> int:
-        # The engine's own view (it lets workers with tiny tasks hold more);
-        # read without its lock: a stale answer only delays or queues a task.
-        workers = list(self.core.lifecycle.workers.values())
-        return sum(worker.free for worker in workers) - len(self.core.pending)
+        # The engine's own view (it lets workers with tiny tasks hold more).
+        return self.core.room()
+
+    def workers(self) -> int:
+        return self.core.capacity()
 
     def done(self, job: Job, ok: bool, value: Any) -> None:
-        # On the engine's thread, _pump runs once per batch (after_results).
-        pump = threading.current_thread() is not self.core.thread
-        self._scheduler._finish(job, ok, value, pump)
+        # On the engine's thread, _pump runs once per batch (on_results).
+        self._scheduler._finish(job, ok, value, not self.core.is_engine_thread())
 
     def start(self, jobs: list[Job]) -> None:
         tasks = []
@@ -282,7 +282,7 @@ class Scheduler(Executor):
 
     def local_capacity(self) -> int:
         """Local worker processes (0 for a remote-only scheduler)."""
-        return len(self._local.core.lifecycle) if self._local is not None else 0
+        return self._local.workers() if self._local is not None else 0
 
     def status(self) -> dict[str, Any]:
         """A snapshot for people and monitoring: ``queued`` (waiting for a
