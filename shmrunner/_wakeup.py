@@ -2,7 +2,8 @@
 
 ZeroMQ sockets belong to one thread; the others hand it work through a deque
 and call :meth:`Wakeup.wake`, which makes the pipe readable in that thread's
-``zmq.Poller``. Writes are non-blocking: a full pipe already means "awake".
+``zmq.Poller`` (or the process engine's ``selectors`` loop). Writes are
+non-blocking: a full pipe already means "awake".
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class Wakeup:
             os.write(fd, b"\0")
         except OSError:
             pass  # already pending (pipe full), or closed
+
+    def fds(self) -> tuple[int, int]:
+        """Both ends: a fork() child that must not keep them closes them."""
+        return self.fd, self._write_fd
 
     def drain(self) -> None:
         try:

@@ -3,7 +3,7 @@ never hangs when a worker dies.
 
 This module is the facade with ``multiprocessing.Pool``'s API and the imap
 feeder threads; the engine (queue, workers, manager thread) and its data flow
-are in ``_poolcore.py``.
+are in ``_engine.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import itertools
 import multiprocessing
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ._poolcore import CLOSE, RUN, TERMINATE, Core, resolve_threshold, run_chunk
+from ._engine import CLOSE, RUN, TERMINATE, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
+from ._tasks import resolve_threshold, run_chunk
 from .errors import TaskCancelledError
 
 __all__ = ["Pool"]
@@ -43,19 +43,13 @@ class Pool:
         self._state = "INIT"  # __del__ warns only about a pool that started
         if processes is None:
             processes = os.cpu_count() or 1
-        if processes < 1:
-            raise ValueError("Number of processes must be at least 1")
-        if maxtasksperchild is not None and (
-            not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool)
-            or maxtasksperchild <= 0
-        ):
-            raise ValueError("maxtasksperchild must be a positive int or None")
-        if initializer is not None and not callable(initializer):
-            raise TypeError("initializer must be a callable")
-        ctx = context if context is not None else multiprocessing.get_context()
+        settings = EngineSettings(  # validates, as multiprocessing.Pool does
+            processes=processes, initializer=initializer, initargs=tuple(initargs),
+            maxtasksperchild=maxtasksperchild,
+            context=context if context is not None else multiprocessing.get_context(),
+            shm_threshold=resolve_threshold(shm_threshold))
         self._processes = processes
-        self._core = Core(processes, initializer, tuple(initargs), maxtasksperchild, ctx,
-                          resolve_threshold(shm_threshold))
+        self._engine = ProcessEngine(settings)
         self._state = RUN
 
     # --- multiprocessing.Pool's API --------------------------------------------------------
@@ -71,7 +65,7 @@ class Pool:
                     ) -> ApplyResult:
         self._check_running()
         result = ApplyResult(callback, error_callback)
-        self._core.submit([self._core.new_task(func, tuple(args), dict(kwds), result)])
+        self._engine.submit([self._engine.new_task(func, tuple(args), dict(kwds), result)])
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
@@ -107,18 +101,18 @@ class Pool:
         """Accept no more tasks; workers exit once every submitted task is done."""
         if self._state == RUN:
             self._state = CLOSE
-        self._core.close()
+        self._engine.close()
 
     def terminate(self) -> None:
         """Stop the workers now; tasks not finished fail with TaskCancelledError."""
         self._state = TERMINATE
-        self._core.terminate()
+        self._engine.terminate()
 
     def join(self) -> None:
         """Wait for the workers to exit; call close() or terminate() first."""
         if self._state == RUN:
             raise ValueError("Pool is still running")
-        self._core.join()
+        self._engine.join()
 
     def __enter__(self) -> Pool:
         self._check_running()
@@ -132,34 +126,30 @@ class Pool:
                 f"state={self._state} pool_size={self._processes}>")
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
-        core = getattr(self, "_core", None)
-        if core is not None and not core.in_owner():
+        engine = getattr(self, "_engine", None)
+        if engine is not None and not engine.in_owner():
             return  # a fork() child's copy: the pool is the parent's to stop
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
                   source=self)
-            core = getattr(self, "_core", None)
-            if core is not None:
-                core.terminate()
+            engine = getattr(self, "_engine", None)
+            if engine is not None:
+                engine.terminate()
 
     # --- what multiprocessing's own tests reach into ---------------------------------------
 
     @property
     def _pool(self) -> list[BaseProcess]:
-        with self._core.lock:
-            return [worker.endpoint.process for worker in self._core.lifecycle]
+        return self._engine.processes()
 
     def _repopulate_pool(self) -> None:
         """Wait (up to 5 s) until every worker slot holds a process again."""
-        deadline = time.monotonic() + 5.0
-        self._core.wake()
-        while len(self._core.lifecycle) < self._processes and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self._engine.wait_for_workers(5.0)
 
     # --- internals -----------------------------------------------------------------------------
 
     def _check_running(self) -> None:
-        self._core.check_process()
+        self._engine.check_process()
         if self._state != RUN:
             raise ValueError("Pool not running")
 
@@ -180,9 +170,9 @@ class Pool:
         if not items:
             chunksize = 0
         result = MapResult(len(items), chunksize, callback, error_callback)
-        core = self._core
-        core.submit([
-            core.new_task(run_chunk, (func, items[start:start + chunksize], star), {},
+        engine = self._engine
+        engine.submit([
+            engine.new_task(run_chunk, (func, items[start:start + chunksize], star), {},
                           result, index)
             for index, start in enumerate(range(0, len(items), chunksize or 1))
         ])
@@ -200,19 +190,18 @@ class Pool:
                 raise ValueError("buffersize must be None or > 0")
         budget = threading.Semaphore(buffersize) if buffersize is not None else None
         result = kind(budget.release if budget is not None else None)
-        core = self._core
+        engine = self._engine
         feeder = threading.Thread(target=_feed,
-                                  args=(core, result, func, iter(iterable), chunksize, budget),
+                                  args=(engine, result, func, iter(iterable), chunksize, budget),
                                   name="shmrunner-imap-feeder", daemon=True)
-        with core.lock:
-            core.feeders.add(feeder)
+        engine.add_feeder(feeder)
         feeder.start()
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
 
 
-def _feed(core: Core, result: IMapIterator, func: Callable[[Any], Any],
+def _feed(engine: ProcessEngine, result: IMapIterator, func: Callable[[Any], Any],
           items: Iterator[Any], chunksize: int, budget: threading.Semaphore | None) -> None:
     """An imap's feeder thread: read the input lazily, at the pace the pool runs it."""
     index = 0
@@ -220,9 +209,9 @@ def _feed(core: Core, result: IMapIterator, func: Callable[[Any], Any],
         while True:
             if budget is not None:
                 while not budget.acquire(timeout=0.5):
-                    if core.state == TERMINATE:
+                    if engine.terminated:
                         break
-            if not core.wait_for_room():
+            if not engine.wait_for_room():
                 # Terminated: end the iterator rather than leave next() waiting.
                 result.settle(index, False, TaskCancelledError("the pool was terminated"))
                 result._set_length(index + 1)
@@ -237,14 +226,12 @@ def _feed(core: Core, result: IMapIterator, func: Callable[[Any], Any],
                 result._set_length(index)
                 return
             fn, args = (func, (chunk[0],)) if chunksize == 1 else (run_chunk, (func, chunk, False))
-            core.submit([core.new_task(fn, args, {}, result, index)])
+            engine.submit([engine.new_task(fn, args, {}, result, index)])
             index += 1
-            if core.broken is not None:
+            if engine.broken is not None:
                 # The pool cannot run anything any more (submit failed this item):
                 # end the iterator instead of draining the input.
                 result._set_length(index)
                 return
     finally:
-        with core.lock:
-            core.feeders.discard(threading.current_thread())
-        core.wake()
+        engine.remove_feeder(threading.current_thread())

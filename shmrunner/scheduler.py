@@ -6,7 +6,7 @@ Data flow::
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
                                                           |  Tier.start(jobs)
                        +-- local tier (tiers/local.py): the Pool engine
-                       |   (_poolcore.Core), arrays by shared-memory handle;
+                       |   (_engine.py), arrays by shared-memory handle;
                        |   results come back on the pool's manager thread
                        +-- remote tier (tiers/remote.py): ZeroMQ ROUTER socket,
                            one thread; results come back on that thread

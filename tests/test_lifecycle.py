@@ -302,3 +302,51 @@ def test_full_cycle_accounts_for_every_task() -> None:
             finished.append(life.finish(worker, worker.tasks[0].id))
     assert not requeue
     assert sorted(t.id for t in finished + lost_running) == list(range(40))
+
+
+# --- pacing: one rule for every tier ----------------------------------------------------
+
+
+def test_pace_gives_a_fast_worker_its_fast_capacity_and_a_slow_one_its_base() -> None:
+    life: Lifecycle[Task] = Lifecycle(FakeSpawner(), size=1, capacity=2, fast_capacity=16,
+                                      fast_task=0.001)
+    (w,) = life.populate()
+    assert (w.capacity, w.base_capacity, w.fast_capacity) == (2, 2, 16)
+    life.pace(w, 1, now=10.0)  # the first results: long after "time 0"
+    assert w.capacity == 2
+    life.pace(w, 1, now=10.0005)  # 0.5 ms for one task: fast
+    assert w.capacity == 16
+    life.pace(w, 10, now=10.0125)  # 1.2 ms each for ten tasks: slow
+    assert w.capacity == 2
+    life.pace(w, 10, now=10.0175)  # 0.5 ms each
+    assert w.capacity == 16
+    life.pace(w, 0, now=99.0)  # no results: nothing learnt
+    assert w.capacity == 16
+
+
+def test_pace_is_the_same_rule_for_a_remote_worker() -> None:
+    # A remote worker's base and fast capacity are its own (advertised + prefetch).
+    life: Lifecycle[Task] = Lifecycle(None, 0, fast_task=0.002)
+    w = life.add("peer", capacity=5, fast_capacity=36)
+    life.pace(w, 1, now=1.0)
+    assert w.capacity == 5
+    life.pace(w, 4, now=1.006)  # 1.5 ms per task
+    assert w.capacity == 36 and w.free == 36
+    life.pace(w, 1, now=2.0)
+    assert w.capacity == 5
+
+
+def test_a_worker_without_a_fast_capacity_is_never_paced() -> None:
+    life, _ = make(size=1, capacity=2)
+    (w,) = life.populate()
+    life.pace(w, 1, now=1.0)
+    life.pace(w, 100, now=1.0)
+    assert w.capacity == 2
+
+
+def test_retire_stops_new_work_and_losing_it_loses_nothing() -> None:
+    life, _ = make(size=1, capacity=2)
+    (w,) = life.populate()
+    life.retire(w)
+    assert w.free == 0 and life.pick() is None
+    assert life.lose(w).running is None

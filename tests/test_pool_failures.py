@@ -940,18 +940,20 @@ def test_manager_thread_crash_fails_every_pending_result(fault: str, tmp_path: A
     for the stopped workers too) fails every result still pending with a
     clear ShmrunnerError, stops every worker, and leaves the pool refusing new
     work instead of hanging it."""
-    from shmrunner._poolcore import Core
+    from shmrunner._manager import Manager
+    from shmrunner.worker.lifecycle import ProcessLifecycle
 
-    pace = Core._pace
+    pace = ProcessLifecycle.pace
     injected = threading.Event()
 
-    def crash_once(self: Core, worker: Any, results: int) -> None:
+    def crash_once(self: ProcessLifecycle, worker: Any, results: int,
+                   now: float | None = None) -> None:
         if results and not injected.is_set():
             injected.set()
             raise RuntimeError("injected fault")
-        pace(self, worker, results)
+        pace(self, worker, results, now)
 
-    def fail_again(self: Core, worker: Any) -> None:
+    def fail_again(self: Manager, worker: Any) -> None:
         raise RuntimeError("injected fault while crashing")
 
     blocker_pid = str(tmp_path / "blocker")
@@ -960,9 +962,9 @@ def test_manager_thread_crash_fails_every_pending_result(fault: str, tmp_path: A
         workers = pool_pids(pool)
         blocked = pool.apply_async(tasks.hold_and_block, (blocker_pid,))
         read_pid(blocker_pid)  # running: only a dead manager thread could fail it now
-        monkeypatch.setattr(Core, "_pace", crash_once)
+        monkeypatch.setattr(ProcessLifecycle, "pace", crash_once)
         if fault == "again":  # accounting for the workers fails too
-            monkeypatch.setattr(Core, "_reap", fail_again)
+            monkeypatch.setattr(Manager, "_reap", fail_again)
         many = [pool.apply_async(tasks.add_one, (i,)) for i in range(40)]
         mapped = pool.map_async(tasks.add_one, range(40), chunksize=1)
         for result in [blocked, mapped, *many]:

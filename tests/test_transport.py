@@ -28,7 +28,7 @@ import shmrunner
 from _util import shm_segments
 from shmrunner.shm import DEFAULT_THRESHOLD, segment_of
 from shmrunner.transport import pickling
-from shmrunner.transport.fdchannel import ChannelClosed, FdChannel, channel_pair
+from shmrunner.transport.fdchannel import FdChannel, PeerClosed, channel_pair
 
 THRESHOLD = DEFAULT_THRESHOLD
 BIG = THRESHOLD // 8 * 2  # float64 elements: twice the threshold
@@ -379,6 +379,23 @@ def test_more_than_max_fds_arrays_still_round_trip(pair) -> None:
     assert shared[0][0] == -1
 
 
+def test_one_fd_limit_for_pickling_and_channel(pair) -> None:
+    """One limit: a message carries as many fds as one sendmsg can (the
+    kernel's SCM_MAX_FD), all of them arrive."""
+    from shmrunner.transport import fdchannel
+
+    assert pickling.MAX_FDS == fdchannel.MAX_FDS == 253
+    shared = [shmrunner.share(np.full(2, i, np.int64)) for i in range(fdchannel.MAX_FDS)]
+    out, enc = transfer(pair, shared)
+    assert len(enc.fds) == fdchannel.MAX_FDS
+    assert all(shmrunner.is_shared(a) and a.tolist() == [i, i] for i, a in enumerate(out))
+
+
+def test_peer_closed_is_not_the_closed_by_you_error() -> None:
+    assert issubclass(PeerClosed, EOFError)
+    assert not issubclass(PeerClosed, shmrunner.errors.ChannelClosedError)
+
+
 def test_view_of_an_already_sent_segment_past_max_fds_keeps_identity(pair) -> None:
     shared = [shmrunner.zeros(4, np.int64) for _ in range(pickling.MAX_FDS)]
     out, enc = transfer(pair, [*shared, shared[0][1:]])
@@ -574,14 +591,14 @@ def test_send_nowait_queues_and_flush_delivers_to_a_slow_reader(pair) -> None:
     pickling.close_fds([fd for fds in owned for fd in fds])
 
 
-def test_send_many_coalesces_and_keeps_fd_order(pair) -> None:
+def test_send_batch_nowait_coalesces_and_keeps_fd_order(pair) -> None:
     a, b = pair
     n = 400  # 2 fds each: more than one sendmsg's worth of fds
     done_calls = []
     owned = [[labelled_fd(f"m{i}a", "many"), labelled_fd(f"m{i}b", "many")] if i % 4 else []
              for i in range(n)]
     messages = [(b"msg%d" % i, owned[i], (lambda i=i: done_calls.append(i))) for i in range(n)]
-    a.send_many(messages)
+    a.send_batch_nowait(messages)
 
     def drain() -> None:
         deadline = time.monotonic() + TIMEOUT
@@ -632,7 +649,7 @@ def test_read_ready_collects_everything_from_a_slow_writer(pair) -> None:
                 continue
             try:
                 got.extend(b.read_ready())
-            except ChannelClosed:
+            except PeerClosed:
                 closed_after = len(got)
     sent.result(TIMEOUT)
     assert closed_after == n  # EOF only once every message was handed out
@@ -655,11 +672,11 @@ def test_eof_after_every_complete_message_blocking(pair) -> None:
     assert data == b"two" and [label_of(f) for f in fds] == ["eof"]
     pickling.close_fds(fds)
     assert b.recv() == (bytearray(b""), [])
-    with pytest.raises(ChannelClosed):
+    with pytest.raises(PeerClosed):
         b.recv()
-    with pytest.raises(ChannelClosed):  # and stays closed
+    with pytest.raises(PeerClosed):  # and stays closed
         b.recv()
-    assert issubclass(ChannelClosed, EOFError)
+    assert issubclass(PeerClosed, EOFError)
 
 
 def test_eof_after_every_complete_message_nonblocking(pair) -> None:
@@ -668,7 +685,7 @@ def test_eof_after_every_complete_message_nonblocking(pair) -> None:
         a.send(b"m%d" % i)
     a.close()
     got = []
-    with pytest.raises(ChannelClosed):
+    with pytest.raises(PeerClosed):
         for _ in range(10):
             got.extend(b.read_ready())
     assert [bytes(d) for d, _ in got] == [b"m%d" % i for i in range(5)]
@@ -679,7 +696,7 @@ def test_truncated_message_then_eof_is_channel_closed(pair, mode: str) -> None:
     a, b = pair
     a.sock.sendall(struct.pack("<QI", 100, 0) + b"x" * 10)
     a.close()
-    with pytest.raises(ChannelClosed):
+    with pytest.raises(PeerClosed):
         for _ in range(10):
             assert (b.recv() if mode == "recv" else b.read_ready()) in ([], None)
 
@@ -754,7 +771,7 @@ def test_header_announcing_more_fds_than_arrived_is_channel_closed(mode: str,
         # so give the blocking read a deadline of its own.
         if mode == "recv":
             b.sock.settimeout(10)
-        with pytest.raises(ChannelClosed):
+        with pytest.raises(PeerClosed):
             for _ in range(10):
                 b.recv() if mode == "recv" else b.read_ready()
     finally:
@@ -794,7 +811,7 @@ def test_fds_dropped_by_a_full_fd_table_are_marked_lost_and_the_channel_stays_in
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        a.send_many([(b"m%d" % i, fds, None) for i, fds in enumerate(sent)])
+        a.send_batch_nowait([(b"m%d" % i, fds, None) for i, fds in enumerate(sent)])
         lowest_free = os.open("/dev/null", os.O_RDONLY)
         os.close(lowest_free)
         b.sock.settimeout(TIMEOUT)

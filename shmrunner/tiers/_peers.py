@@ -6,8 +6,8 @@ others, over a copy, where a stale answer is harmless)::
 
     hello         -> join: a Peer (identity, advertised capacity, clocks) in the
                      shared Lifecycle bookkeeping (capacity + prefetch slots)
-    any message   -> last_seen (the hub's _pace also adjusts a fast worker's
-                     capacity on results)
+    any message   -> last_seen (results also go through Lifecycle.pace, the
+                     one pacing rule, which gives a fast worker more slots)
     send          -> track: a big message ZeroMQ has not taken yet
     heartbeat     -> verdict: silent too long, or stopped reading -> lose
     lose/forget   -> out of the roster; lose hands back every job it held
@@ -31,6 +31,9 @@ from ..worker.lifecycle import Lifecycle, Worker
 
 __all__ = ["Peer", "Peers", "WorkerStatus"]
 
+_FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
+_FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
+
 class WorkerStatus(TypedDict):
     """One connected worker in :meth:`Scheduler.status`."""
 
@@ -47,7 +50,7 @@ class WorkerStatus(TypedDict):
 class Peer:
     """A remote worker as the hub knows it."""
 
-    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen", "last_result",
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen",
                  "allow_pickle", "outbox")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
@@ -57,7 +60,6 @@ class Peer:
         self.pid: int = body["pid"]
         self.capacity: int = body["capacity"]
         self.last_seen = time.monotonic()
-        self.last_result = 0.0
         self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
         # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
         # sent): one stuck at the head for heartbeat_timeout means the peer stopped
@@ -71,7 +73,9 @@ class Peers:
 
     def __init__(self, prefetch: int) -> None:
         self._prefetch = prefetch
-        self.lifecycle: Lifecycle[Job] = Lifecycle(None, 0)
+        # The pacing rule (Lifecycle.pace) lets a worker that turns tasks around
+        # fast hold many more, so tiny tasks are pipelined over the network.
+        self.lifecycle: Lifecycle[Job] = Lifecycle(None, 0, fast_task=_FAST_TASK)
         self._by_identity: dict[bytes, Worker[Job]] = {}
         self.lost = 0
 
@@ -90,7 +94,8 @@ class Peers:
     def join(self, identity: bytes, body: dict[str, Any]) -> Worker[Job]:
         """Register a worker from its (validated) hello."""
         peer = Peer(identity, body)
-        worker = self.lifecycle.add(peer, peer.capacity + self._prefetch)
+        worker = self.lifecycle.add(peer, peer.capacity + self._prefetch,
+                                    fast_capacity=peer.capacity + _FAST_PREFETCH)
         self._by_identity[identity] = worker
         return worker
 

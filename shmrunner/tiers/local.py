@@ -2,13 +2,13 @@
 
 Data flow::
 
-    Scheduler._pump (any thread) --start(jobs)--> Core.submit (arrays by
+    Scheduler._pump (any thread) --start(jobs)--> engine.submit (arrays by
                                                   shared-memory handle)
-    Scheduler timer --stop(job, attempt)--------> Core.kill (the process running
+    Scheduler timer --stop(job, attempt)--------> engine.kill (the process running
                                                   the task is killed)
-    Core's manager thread --_Outcome.settle--> events.on_done(batch=True) per
-                                               task, then events.on_room()
-                                               once per batch (after_results)
+    engine's manager thread --_Outcome.settle--> events.on_done(batch=True) per
+                                                 task, then events.on_room()
+                                                 once per batch (on_results)
 
 The engine does the work (spawn, reap, respawn, shared memory); this module
 only translates between a :class:`~shmrunner._job.Job` and an engine task.
@@ -16,7 +16,6 @@ only translates between a :class:`~shmrunner._job.Job` and an engine task.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -37,46 +36,44 @@ class LocalTier:
     def __init__(self, events: TierEvents, processes: int, settings: SchedulerSettings) -> None:
         import multiprocessing
 
-        from .._poolcore import Core
+        from .._engine import EngineSettings, ProcessEngine
 
-        ctx = multiprocessing.get_context(settings.start_method)
         self._events = events
-        self.core = Core(processes, None, (), None, ctx, settings.shm_threshold)
-        self.core.after_results = events.on_room
+        self.engine = ProcessEngine(EngineSettings(
+            processes=processes, context=multiprocessing.get_context(settings.start_method),
+            shm_threshold=settings.shm_threshold), on_results=events.on_room)
 
     def room(self) -> int:
-        # The engine's own view (it lets workers with tiny tasks hold more);
-        # read without its lock: a stale answer only delays or queues a task.
-        workers = list(self.core.lifecycle.workers.values())
-        return sum(worker.free for worker in workers) - len(self.core.pending)
+        # The engine's own view (it lets workers with tiny tasks hold more).
+        return self.engine.room()
 
     def done(self, job: Job, ok: bool, value: Any) -> None:
         # On the engine's thread, on_room runs once per batch (after_results).
-        batch = threading.current_thread() is self.core.thread
+        batch = self.engine.is_engine_thread()
         self._events.on_done(job, ok, value, batch=batch)
 
     def start(self, jobs: list[Job]) -> None:
         tasks = []
         for job in jobs:
             fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
-            job.handle = (job.attempts, self.core.new_task(fn, job.args, job.kwargs,
+            job.handle = (job.attempts, self.engine.new_task(fn, job.args, job.kwargs,
                                                            _Outcome(self, job)))
             tasks.append(job.handle[1])
-        self.core.submit(tasks)
+        self.engine.submit(tasks)
 
     def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
         handle_attempt, task = job.handle
         if handle_attempt != attempt:
             return True  # that attempt is over; the engine's task is another one's
-        return self.core.kill(task, reason, ran_for=job.timeout or 0.0)
+        return self.engine.kill(task, reason, ran_for=job.timeout or 0.0)
 
     def close(self, wait: bool) -> None:
-        self.core.close()
+        self.engine.close()
         if wait:
-            self.core.join()
+            self.engine.join()
 
     def status(self) -> LocalStatus:
-        return {"workers": len(self.core.lifecycle)}
+        return {"workers": self.engine.capacity()}
 
 
 def _resolve(ref: str) -> Callable[..., Any]:

@@ -59,8 +59,6 @@ __all__ = ["RemoteTier", "RemoteStatus"]
 log = logging.getLogger("shmrunner.scheduler")
 
 _ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye"})
-_FAST_TASK = 2e-3  # seconds between results under which a worker counts as fast
-_FAST_PREFETCH = 32  # tasks a fast worker may hold beyond its capacity
 _OUTBOX = 1000  # messages queued for one worker that it has not taken: then it is lost
 _RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get their turn
 _MAX_FAILURES = 100  # rounds in a row that raise before the hub gives up (no busy loop)
@@ -266,10 +264,11 @@ class RemoteTier:
                     self._ignore(peer, "a result from a peer that has not said hello")
                 continue
             elif msg.type == "result":
-                self._pace(worker)
+                self._peers.lifecycle.pace(worker, 1)
                 self._result(worker, msg.body)
             elif msg.type == "results":
-                self._pace(worker)
+                # Paced per message: the agent batches what finished together.
+                self._peers.lifecycle.pace(worker, 1)
                 for body in msg.body["results"]:
                     self._result(worker, body)
             elif msg.type == "bye":
@@ -308,16 +307,6 @@ class RemoteTier:
         if worker.retiring and not worker.tasks:
             self._forget(worker)
         self._events.on_done(job, ok, value)
-
-    def _pace(self, worker: Worker[Job]) -> None:
-        """Let a worker that turns tasks around fast hold many more, so tiny
-        tasks are pipelined over the network instead of paying a round trip
-        each; slow tasks keep capacity + prefetch, which keeps load balanced."""
-        peer: Peer = worker.endpoint
-        now = time.monotonic()
-        fast = now - peer.last_result < _FAST_TASK
-        peer.last_result = now
-        worker.capacity = peer.capacity + (_FAST_PREFETCH if fast else self._settings.prefetch)
 
     def _assign(self) -> None:
         """Give queued jobs to workers with room; a worker's share of one round

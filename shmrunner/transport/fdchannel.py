@@ -24,8 +24,9 @@ Two ways to use one end:
   :meth:`FdChannel.flush` sends more when it is writable; :meth:`FdChannel.read_ready`
   drains what has arrived and returns the complete messages.
 
-Closed by the peer (EOF) is reported as :class:`ChannelClosed`, distinct from
-any message.
+Closed by the peer (EOF) is reported as :class:`PeerClosed`, distinct from
+any message (and from :class:`~shmrunner.errors.ChannelClosedError`, which
+means *you* closed a channel).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-__all__ = ["ChannelClosed", "FdChannel", "LOST_FD", "channel_pair"]
+__all__ = ["PeerClosed", "FdChannel", "LOST_FD", "MAX_FDS", "channel_pair"]
 
 _HEADER = struct.Struct("<QI")
-_MAX_FDS = 253
-_ANCBUF = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+#: The most fds one ``sendmsg`` may carry (Linux ``SCM_MAX_FD``); a message's
+#: fds ride on one ``sendmsg``, so this is the most one message can carry.
+MAX_FDS = 253
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _RECV_CHUNK = 1 << 16
 _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
@@ -50,8 +53,9 @@ _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 LOST_FD = -1
 
 
-class ChannelClosed(EOFError):
-    """The other end of the channel closed (or its process died)."""
+class PeerClosed(EOFError):
+    """The other end of the channel closed (or its process died), or sent a
+    frame out of step (then ``args`` says how): nothing more can be read."""
 
 
 def channel_pair() -> tuple[FdChannel, FdChannel]:
@@ -100,19 +104,19 @@ class FdChannel:
 
     def send(self, payload: bytes, fds: list[int] = []) -> None:  # noqa: B006 (never mutated)
         """Send one message, blocking until the socket has taken all of it."""
-        self.send_all([(payload, fds, None)])
+        self.send_batch([(payload, fds, None)])
 
-    def send_all(self, messages: list[tuple[bytes, list[int], Callable[[], None] | None]],
-                 ) -> None:
+    def send_batch(self, messages: list[tuple[bytes, list[int], Callable[[], None] | None]],
+                   ) -> None:
         """Send several messages, coalesced, blocking until all are sent (or
         the peer is gone: then they are dropped and the next recv sees EOF)."""
-        self.send_many(messages)
+        self.send_batch_nowait(messages)
         while self._pending:
             select.select([], [self.sock], [])
             self.flush()
 
     def recv(self) -> tuple[bytearray, list[int]]:
-        """Receive one message, blocking; raise ChannelClosed at EOF."""
+        """Receive one message, blocking; raise PeerClosed at EOF."""
         while True:
             message = self._next_message()
             if message is not None:
@@ -136,12 +140,13 @@ class FdChannel:
         ``done`` runs once the message's fds have been handed to the kernel
         (or the message is dropped at close): the place to close owned fds.
         """
-        self.send_many([(payload, fds, done)])
+        self.send_batch_nowait([(payload, fds, done)])
 
-    def send_many(self, messages: Sequence[tuple[bytes, list[int], Callable[[], None] | None]],
-                  tags: Sequence[object] = ()) -> None:
-        """:meth:`send_nowait` for several messages, coalesced into as few
-        ``sendmsg`` calls as the per-call fd limit allows. ``tags`` (one per
+    def send_batch_nowait(
+            self, messages: Sequence[tuple[bytes, list[int], Callable[[], None] | None]],
+            tags: Sequence[object] = ()) -> None:
+        """:meth:`send_nowait` for several messages (never blocks), coalesced
+        into as few ``sendmsg`` calls as the per-call fd limit allows. ``tags`` (one per
         message) name them in :meth:`undelivered`."""
         frames: list[bytes] = []
         group_fds: list[int] = []
@@ -195,7 +200,7 @@ class FdChannel:
     def read_ready(self) -> list[tuple[bytearray, list[int]]]:
         """Drain the socket without blocking; return the complete messages.
 
-        Raises ChannelClosed at EOF, after the caller has had every complete
+        Raises PeerClosed at EOF, after the caller has had every complete
         message received before it (call again to collect them: see below).
         """
         messages = []
@@ -206,19 +211,19 @@ class FdChannel:
             for _ in range(16):
                 if self._receive_some(blocking=False) < _RECV_CHUNK:
                     break
-        except ChannelClosed:
+        except PeerClosed:
             closed = True
         while (message := self._next_message()) is not None:
             messages.append(message)
         if closed and not messages:
-            raise ChannelClosed
+            raise PeerClosed
         return messages
 
     # --- internals ----------------------------------------------------------------
 
     def _receive_some(self, blocking: bool) -> int:
         """One recvmsg; the bytes received (0 if it would block). Raises
-        ChannelClosed at EOF."""
+        PeerClosed at EOF."""
         flags = _CLOEXEC | (0 if blocking else socket.MSG_DONTWAIT)
         size = max(_RECV_CHUNK, min(self._missing(), 1 << 24))
         try:
@@ -235,7 +240,7 @@ class FdChannel:
         if fds or truncated:
             self._rfds.append((fds.tolist(), truncated))
         if not data:
-            raise ChannelClosed
+            raise PeerClosed
         self._rbuf += data
         return len(data)
 
@@ -262,7 +267,7 @@ class FdChannel:
         if len(fds) != nfds and not truncated:
             for fd in fds:
                 _close(fd)
-            raise ChannelClosed(f"message announced {nfds} fds but {len(fds)} arrived")
+            raise PeerClosed(f"message announced {nfds} fds but {len(fds)} arrived")
         for fd in fds[nfds:]:
             _close(fd)
         # Truncated: the kernel installed the first fds and dropped the rest.
@@ -278,7 +283,7 @@ class FdChannel:
         while got < missing:
             n = self.sock.recv_into(view[got:])
             if n == 0:
-                raise ChannelClosed
+                raise PeerClosed
             got += n
         self._rbuf += chunk
 

@@ -43,13 +43,11 @@ from ..shm import (
     segment_of,
     warn_fallback,
 )
-from .fdchannel import LOST_FD
+from .fdchannel import LOST_FD, MAX_FDS
 
 __all__ = ["Encoded", "MAX_FDS", "dumps", "loads", "close_fds"]
 
-# SCM_RIGHTS carries at most 253 fds per message (Linux SCM_MAX_FD); arrays
-# past this count in one message are pickled inline.
-MAX_FDS = 250
+# Arrays past the channel's MAX_FDS in one message are pickled inline.
 
 
 class Encoded:

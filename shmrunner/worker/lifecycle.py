@@ -1,36 +1,67 @@
-"""Worker lifecycle: spawn, account, reap, respawn -- for any tier.
+"""Worker lifecycle: spawn, account, pace, reap, respawn, retire -- for any tier.
 
 Data flow::
 
-    tier (Pool manager thread, later the remote scheduler)
-        |  spawn(worker_id) -> endpoint         (the tier builds the process/peer)
+    tier (the process engine's manager thread; the remote tier's hub thread)
+        |  local:  ProcessLifecycle.spawn_missing()  starts processes, watches
+        |          their channels and sentinels in the engine's selector
+        |  remote: Lifecycle.add(peer, capacity)     an agent said hello
         v
     Lifecycle ---- workers: {id -> Worker(endpoint, tasks deque, sent count)}
-        |  assign(worker, task)   tasks are appended in the order they are sent
-        |  finish(worker, task_id)
-        |  lose(worker) -> Loss(running task, tasks to requeue)
+        |  pick() -> worker with room;  assign(worker, task)  (in send order)
+        |  finish(worker, task_id);  pace(worker, results)
+        |  lose(worker) -> Loss(running task, tasks never started)
         v
-    a dead worker's first outstanding task is the one it was running (a worker
+    a lost worker's first outstanding task is the one it was running (a worker
     runs its tasks in the order received); every later one was never started
     and is safe to run elsewhere.
 
-The module knows nothing of queues or sockets: a *tier* supplies a spawn
-function and calls :meth:`Lifecycle.lose` when it learns a worker is gone
-(a process sentinel fired, a heartbeat expired). It tells the tier who can take
-work (:meth:`Lifecycle.pick`), honouring per-worker capacity and
-``max_tasks`` (a worker that will retire after N tasks is never given more).
+What "reap" and "respawn" mean per tier:
 
-Not thread-safe by itself: the tier serialises calls (the Pool holds its lock).
+* local processes (:class:`ProcessLifecycle`): a process sentinel fires; the
+  process is joined, and :meth:`ProcessLifecycle.reap` says which of its tasks
+  fail (the one running, with :class:`~shmrunner.WorkerLostError`, or the
+  reason it was killed for) and which run again; ``spawn_missing`` starts a
+  replacement. A worker that has run ``maxtasksperchild`` tasks says ``BYE``
+  (:meth:`Lifecycle.retire`) and exits; it is never sent more meanwhile.
+* remote agents (``_hub.py``): the heartbeat verdict is the reap (the hub calls
+  :meth:`Lifecycle.lose`), and the agent reconnecting is the respawn (a new
+  hello, :meth:`Lifecycle.add`).
+
+Pacing is one rule for every tier (:meth:`Lifecycle.pace`): a worker whose
+results come back less than ``fast_task`` seconds apart per task holds its
+``fast_capacity``, so tiny tasks travel many per message; any other holds its
+base capacity, which keeps slow tasks balanced across workers.
+
+Not thread-safe by itself: the tier serialises calls (the engine holds its
+lock), except where a method says it runs on the tier's own thread.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import selectors
+import socket
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Lifecycle", "Loss", "Worker", "TaskLike"]
+from .._tasks import Task
+from ..errors import WorkerLostError
+from ..transport.fdchannel import FdChannel, PeerClosed
+from .loop import worker_main
+
+__all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
+           "TERMINATE_GRACE"]
+
+TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when stopping all processes
+_CAPACITY = 2  # tasks a local worker holds: one running, one queued behind it
+_FAST_CAPACITY = 16  # ... when its tasks take under _FAST_TASK seconds each
+_FAST_TASK = 500e-6
 
 
 class TaskLike(Protocol):
@@ -51,6 +82,14 @@ class Worker(Generic[T]):
     tasks: collections.deque[T] = field(default_factory=collections.deque)
     sent: int = 0
     retiring: bool = False
+    # Pacing (Lifecycle.pace): ``capacity`` moves between these two.
+    base_capacity: int = 0
+    fast_capacity: int | None = None
+    last_result: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.base_capacity:
+            self.base_capacity = self.capacity
 
     @property
     def free(self) -> int:
@@ -74,12 +113,17 @@ class Loss(Generic[T]):
 
 
 class Lifecycle(Generic[T]):
+    """The workers of one tier and the tasks each holds."""
+
     def __init__(self, spawn: Callable[[int], Any] | None, size: int, capacity: int = 1,
-                 max_tasks: int | None = None) -> None:
+                 max_tasks: int | None = None, *, fast_capacity: int | None = None,
+                 fast_task: float = 0.0) -> None:
         self._spawn = spawn
         self.size = size
         self.capacity = capacity
         self.max_tasks = max_tasks
+        self.fast_capacity = fast_capacity
+        self.fast_task = fast_task
         self.workers: dict[int, Worker[T]] = {}
         self._next_id = 0
 
@@ -96,16 +140,17 @@ class Lifecycle(Generic[T]):
             worker_id = self._next_id
             self._next_id += 1
             endpoint = self._spawn(worker_id)
-            worker: Worker[T] = Worker(worker_id, endpoint, self.capacity, self.max_tasks)
+            worker: Worker[T] = Worker(worker_id, endpoint, self.capacity, self.max_tasks,
+                                       fast_capacity=self.fast_capacity)
             self.workers[worker_id] = worker
             new.append(worker)
         return new
 
-    def add(self, endpoint: Any, capacity: int) -> Worker[T]:
+    def add(self, endpoint: Any, capacity: int, fast_capacity: int | None = None) -> Worker[T]:
         """Register a worker that arrived by itself (a remote agent's hello)."""
         worker_id = self._next_id
         self._next_id += 1
-        worker: Worker[T] = Worker(worker_id, endpoint, capacity)
+        worker: Worker[T] = Worker(worker_id, endpoint, capacity, fast_capacity=fast_capacity)
         self.workers[worker_id] = worker
         return worker
 
@@ -136,6 +181,26 @@ class Lifecycle(Generic[T]):
                 return task
         return None
 
+    def pace(self, worker: Worker[T], results: int, now: float | None = None) -> None:
+        """The pacing rule: ``results`` arrived together from ``worker``. Fast
+        (under ``fast_task`` seconds per task since its last results): it may
+        hold its ``fast_capacity``, so tiny tasks and their results travel
+        many per syscall or message; otherwise its base capacity, which keeps
+        the load balanced when tasks take longer."""
+        if not results:
+            return
+        now = time.monotonic() if now is None else now
+        per_task = (now - worker.last_result) / results
+        worker.last_result = now
+        if worker.fast_capacity is not None:
+            fast = per_task < self.fast_task
+            worker.capacity = worker.fast_capacity if fast else worker.base_capacity
+
+    def retire(self, worker: Worker[T]) -> None:
+        """``worker`` said it is leaving on purpose (``maxtasksperchild`` reached,
+        an agent draining): it gets no more tasks, and is not lost when it goes."""
+        worker.retiring = True
+
     def lose(self, worker: Worker[T], undelivered: Collection[int] = ()) -> Loss[T]:
         """Forget a worker that is gone and account for what it held.
 
@@ -150,3 +215,223 @@ class Lifecycle(Generic[T]):
 
     def busy(self) -> int:
         return sum(len(w.tasks) for w in self.workers.values())
+
+    def room(self) -> int:
+        """Tasks the workers may be sent now, all together (under the tier's lock)."""
+        return sum(worker.free for worker in self.workers.values())
+
+
+# --- local processes ------------------------------------------------------------------
+
+
+class Process:
+    """A local worker process and the parent's end of its channel."""
+
+    __slots__ = ("process", "channel", "stopping", "killed")
+
+    def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
+        self.process = process
+        self.channel = channel
+        self.stopping = False
+        # Killed on purpose (kill()): only the tasks marked with a kill_reason
+        # fail when it is reaped; whatever else it held runs again elsewhere.
+        self.killed = False
+
+
+class ProcessLifecycle(Lifecycle[Task]):
+    """The process engine's workers: processes started from its manager thread
+    (the kernel's parent-death signal follows the thread that forked), each
+    with its own AF_UNIX channel; channel and sentinel are watched in the
+    engine's selector with the data ``("chan", worker)`` and ``("dead", worker)``.
+
+    Spawning and reaping run on the manager thread; the rest under the
+    engine's lock, like :class:`Lifecycle`.
+    """
+
+    def __init__(self, *, size: int, context: BaseContext,
+                 initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
+                 maxtasks: int | None, threshold: int, selector: selectors.BaseSelector,
+                 parent_fds: tuple[int, ...]) -> None:
+        super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
+                         fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK)
+        self._context = context
+        self._initializer = initializer
+        self._initargs = initargs
+        self._maxtasks = maxtasks
+        self._threshold = threshold
+        self._selector = selector
+        self._parent_fds = parent_fds  # fds a fork() child must close (the engine's own)
+
+    def _start(self, worker_id: int) -> Process:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        method = self._context.get_start_method()
+        inherited: list[int] = []
+        if method == "fork":
+            inherited = [w.endpoint.channel.fileno() for w in self]
+            inherited += [*self._parent_fds, parent_end.fileno()]
+        process = self._context.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(child_end, os.getpid(), method != "forkserver", self._initializer,
+                  self._initargs, self._maxtasks, self._threshold, inherited),
+            name=f"shmrunner-worker-{worker_id}",
+            daemon=True,
+        )
+        try:
+            process.start()
+        finally:
+            child_end.close()
+        return Process(process, FdChannel(parent_end))
+
+    def spawn_missing(self) -> bool:
+        """Start (or replace) processes until there are ``size``, and watch
+        them; True if any was started (new capacity). Manager thread, locked."""
+        new = self.populate()
+        for worker in new:
+            ep: Process = worker.endpoint
+            self._selector.register(ep.channel.sock, selectors.EVENT_READ, ("chan", worker))
+            self._selector.register(ep.process.sentinel, selectors.EVENT_READ, ("dead", worker))
+        return bool(new)
+
+    def processes(self) -> list[BaseProcess]:
+        return [worker.endpoint.process for worker in self]
+
+    def stop_idle(self) -> None:
+        """Ask every worker to exit once it has nothing left (the engine is
+        closed and its work done): the empty message means "stop"."""
+        for worker in self:
+            ep: Process = worker.endpoint
+            if not ep.stopping:
+                ep.stopping = True
+                ep.channel.send_nowait(b"", [])
+
+    def watch_writes(self) -> None:
+        """Watch for writability exactly the channels with output queued."""
+        for worker in self:
+            channel = worker.endpoint.channel
+            events = selectors.EVENT_READ
+            if channel.wants_write:
+                events |= selectors.EVENT_WRITE
+            try:
+                if self._selector.get_key(channel.sock).events != events:
+                    self._selector.modify(channel.sock, events, ("chan", worker))
+            except (KeyError, ValueError):
+                pass
+
+    def unreadable(self, worker: Worker[Task], error: PeerClosed) -> None:
+        """``worker``'s channel reached EOF (its sentinel will fire: it is
+        reaped then) or went out of step. Manager thread."""
+        ep: Process = worker.endpoint
+        self._selector.unregister(ep.channel.sock)
+        if error.args:
+            # Not an EOF but a frame out of step: the channel cannot be read any
+            # more, and a live worker nobody reads would hold its tasks forever.
+            # Replace it; reap accounts for its tasks.
+            ep.process.kill()
+
+    def kill(self, task: Task, reason: BaseException, ran_for: float) -> bool | None:
+        """SIGKILL the worker running ``task`` once it has run ``ran_for``
+        seconds (True); False if it is queued behind another task or has not
+        run long enough yet; None if no worker holds it."""
+        for worker in self:
+            if task in worker.tasks:
+                started = task.started
+                if (worker.tasks[0] is not task or started is None
+                        or time.monotonic() - started < ran_for):
+                    return False
+                task.kill_reason = reason
+                worker.endpoint.killed = True
+                worker.endpoint.process.kill()
+                return True
+        return None
+
+    def leftovers(self, worker: Worker[Task]) -> Iterator[list[tuple[bytearray, list[int]]]]:
+        """The batches of messages a dead worker sent before it died (they
+        still count); then its process is joined and unwatched. Manager thread."""
+        ep: Process = worker.endpoint
+        try:
+            while messages := ep.channel.read_ready():
+                yield messages
+        except PeerClosed:
+            pass
+        ep.process.join()
+        for fileobj in (ep.channel.sock, ep.process.sentinel):
+            try:
+                self._selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
+
+    def reap(self, worker: Worker[Task], stopped: BaseException | None,
+             ) -> tuple[list[tuple[Task, BaseException]], list[Task]]:
+        """Account for a dead worker after :meth:`leftovers`: the tasks that
+        fail (with their error) and those to run again elsewhere, in order.
+
+        ``stopped``: the engine's error when it is terminated or broken (every
+        task fails with it). Otherwise the tasks a kill was aimed at fail with
+        its reason; the running one fails with WorkerLostError unless the kill
+        was aimed elsewhere (then it is innocent and runs again, as does every
+        task never started).
+        """
+        ep: Process = worker.endpoint
+        undelivered = {tag for tag in ep.channel.undelivered() if isinstance(tag, int)}
+        loss = self.lose(worker, undelivered)
+        ep.channel.close()
+        if stopped is not None:
+            lost = loss.unstarted + ([loss.running] if loss.running is not None else [])
+            return [(task, stopped) for task in lost], []
+        held = ([loss.running] if loss.running is not None else []) + loss.unstarted
+        failed: list[tuple[Task, BaseException]] = [
+            (task, task.kill_reason) for task in held if task.kill_reason is not None]
+        rerun = [task for task in loss.unstarted if task.kill_reason is None]
+        running = loss.running
+        if running is not None and running.kill_reason is None:
+            if ep.killed:
+                rerun.insert(0, running)  # killed for a task it had already finished
+            else:
+                failed.append((running, WorkerLostError(
+                    ep.process.pid, ep.process.exitcode, running.describe())))
+        for task in rerun:
+            task.started = None  # its timeout counts from its next start
+        return failed, rerun
+
+    def terminate_all(self) -> list[Worker[Task]]:
+        """SIGTERM every process, SIGKILL those alive after the grace period,
+        join them all; the caller then reaps them. Manager thread, unlocked."""
+        workers = list(self)
+        for worker in workers:
+            if worker.endpoint.process.exitcode is None:
+                worker.endpoint.process.terminate()
+        deadline = time.monotonic() + TERMINATE_GRACE
+        for worker in workers:
+            process = worker.endpoint.process
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+        return workers
+
+    def lose_all(self) -> tuple[list[Process], list[Task]]:
+        """Forget every worker (the engine crashed); return their processes,
+        for :meth:`destroy`, and every task they held."""
+        ends: list[Process] = []
+        tasks: list[Task] = []
+        for worker in self:
+            loss = self.lose(worker)
+            ends.append(worker.endpoint)
+            tasks += ([loss.running] if loss.running is not None else []) + loss.unstarted
+        return ends, tasks
+
+    @staticmethod
+    def destroy(ends: list[Process]) -> None:
+        """Kill and join processes nobody accounts for any more (unlocked):
+        the last resort, relying on nothing else."""
+        for ep in ends:
+            try:
+                ep.process.kill()
+                ep.process.join(TERMINATE_GRACE)
+            except (OSError, ValueError, AssertionError):
+                pass  # reaped already
+            ep.channel.close()
+
+    def close(self) -> None:
+        for worker in self:
+            worker.endpoint.channel.close()

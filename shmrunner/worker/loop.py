@@ -33,7 +33,7 @@ from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined
 from typing import Any
 
 from ..shm import raise_fd_limit
-from ..transport.fdchannel import ChannelClosed, FdChannel
+from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
 
 __all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED"]
@@ -60,14 +60,14 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         try:
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001 (reported to the parent)
-            channel.send_all([_encode(INIT_FAILED, False, (exc, traceback.format_exc()),
+            channel.send_batch([_encode(INIT_FAILED, False, (exc, traceback.format_exc()),
                                       threshold)])
             return
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
             payload, fds = channel.recv()
-        except ChannelClosed:
+        except PeerClosed:
             return  # the parent is gone
         if not payload:
             break
@@ -77,11 +77,11 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         # Sent before the next task starts: a result held back while another
         # task runs would be lost if that task killed us, and the parent could
         # no longer tell which of its tasks we were running.
-        channel.send_all([_encode(task_id, ok, value, threshold)])
+        channel.send_batch([_encode(task_id, ok, value, threshold)])
         del value  # unmap this task's arrays before waiting for the next
         done += 1
     if maxtasks is not None and done >= maxtasks:
-        channel.send_all([_encode(BYE, True, None, threshold)])
+        channel.send_batch([_encode(BYE, True, None, threshold)])
 
 
 def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:

@@ -3,10 +3,10 @@
 Data flow::
 
     scheduler ROUTER <== DEALER socket (this thread only) ==> agent loop
-        task   -> resolve the function -> Pool engine (_poolcore.Core) on this
+        task   -> resolve the function -> process engine (_engine.py) on this
                   host: shared-memory workers, the same lifecycle as the Pool
                   (a dead process is reaped, replaced, its task reported lost)
-        cancel -> Core.kill: the process running the task is killed, the task
+        cancel -> ProcessEngine.kill: the process running the task is killed, the task
                   fails with TaskTimeoutError (only a task of this connection's
                   session still running here)
         results <- the engine's thread appends to a deque and writes a wake-up
@@ -41,7 +41,7 @@ from typing import Any
 import zmq
 
 from .._allowlist import AllowList
-from .._poolcore import Core, Task
+from .._engine import EngineSettings, ProcessEngine, Task
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
@@ -93,7 +93,7 @@ class Agent:
         self._done: collections.deque[tuple[_Key, Task | None, bool, Any]] = \
             collections.deque()
         self._running: dict[_Key, Task] = {}
-        # Cancels Core.kill put off, with the seconds the task must have run first.
+        # Cancels ProcessEngine.kill put off, with the seconds the task must have run first.
         self._cancels: dict[_Key, tuple[BaseException, float]] = {}
         self._timeouts: dict[_Key, float] = {}  # the running tasks' timeouts (those with one)
         # The session of the scheduler this agent last joined, and the one of the
@@ -106,7 +106,7 @@ class Agent:
         self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
-        self._core: Core | None = None
+        self._core: ProcessEngine | None = None
         self._allowed = AllowList(settings.allowed_functions, "worker.allowed_functions")
 
     def stop(self) -> None:
@@ -115,7 +115,9 @@ class Agent:
         self._wakeup.wake()
 
     def run(self) -> int:
-        self._core = Core(self.processes, None, (), None, self._ctx, self.settings.shm_threshold)
+        self._core = ProcessEngine(EngineSettings(
+            processes=self.processes, context=self._ctx,
+            shm_threshold=self.settings.shm_threshold))
         try:
             while True:
                 if self._session():
@@ -263,7 +265,7 @@ class Agent:
         self._joined = session
 
     def _retry_cancels(self) -> None:
-        """Core.kill refuses a task still queued behind another on its process
+        """ProcessEngine.kill refuses a task still queued behind another on its process
         ("ask again later"): ask again until it is running (then it is killed)."""
         assert self._core is not None
         for key, (reason, timeout) in list(self._cancels.items()):

@@ -1,0 +1,177 @@
+"""The process engine's queue and dispatch: tasks waiting for a worker, and
+how they are handed over.
+
+Data flow::
+
+    submit(tasks) --> pending (deque) --take_locked()--> pickled outside the lock
+         any thread      | (no more than the workers        | (user __reduce__,
+                         |  have room for, counting the     |  array copies)
+                         |  tasks still being pickled)      v
+                         |                        send(): under the lock, each to
+                         +-- requeue_locked() <--  the worker Lifecycle.pick() names,
+                             (a worker died or      one send_batch_nowait per worker
+                              shrank meanwhile)
+
+One lock guards the queue, the engine's state and the workers' bookkeeping
+(:class:`~shmrunner.worker.lifecycle.ProcessLifecycle`): assigning a task and
+sending it happen in one locked step, so each worker's send order is its
+assignment order (the lifecycle's accounting relies on it), and a worker that
+died meanwhile is simply not picked. No user code runs under the lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from ._tasks import Task, deliver, encode_task, frame
+from .errors import TaskCancelledError
+from .transport.fdchannel import FdChannel
+from .transport.pickling import Encoded
+from .worker.lifecycle import ProcessLifecycle, Worker
+
+__all__ = ["TaskQueue", "RUN", "CLOSE", "TERMINATE"]
+
+# The states multiprocessing.pool uses (its tests read and write ``_state``).
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+_Frame = tuple[bytes, list[int], Callable[[], None]]
+
+
+class TaskQueue:
+    def __init__(self, lifecycle: ProcessLifecycle, threshold: int, feed_limit: int,
+                 wake: Callable[[], None]) -> None:
+        self.lock = threading.Lock()
+        # Notified when the queue shrinks while feeders wait, when the state
+        # changes to TERMINATE and when workers are spawned.
+        self.changed = threading.Condition(self.lock)
+        self.pending: collections.deque[Task] = collections.deque()
+        self.encoding = 0  # tasks taken from pending, being pickled outside the lock
+        self.state = RUN
+        self.broken: BaseException | None = None
+        self.feeders: set[threading.Thread] = set()  # imap feeders: they wait for room
+        self.feed_limit = feed_limit
+        self.lifecycle = lifecycle
+        self._threshold = threshold
+        self._wake = wake  # the manager thread: watch writability, dispatch the requeued
+
+    def stopped_locked(self) -> BaseException | None:
+        """Why no task can run any more (broken, terminated), or None."""
+        if self.broken is None and self.state == TERMINATE:
+            return TaskCancelledError("the pool was terminated")
+        return self.broken
+
+    def submit(self, tasks: Iterable[Task]) -> None:
+        taken: list[Task] = []
+        with self.lock:
+            stopped = self.stopped_locked()
+            if stopped is not None:
+                failed = [(task, stopped) for task in tasks]
+            else:
+                self.pending.extend(tasks)
+                failed = []
+                taken = self.take_locked()
+        if taken:
+            failed = self.send(taken)
+        for task, error in failed:
+            deliver(task, False, error)
+
+    def dispatch(self) -> None:
+        with self.lock:
+            taken = self.take_locked()
+        if taken:
+            for task, error in self.send(taken):
+                deliver(task, False, error)
+
+    def wait_for_room(self) -> bool:
+        """Block a feeder until the queue has room; False once terminated."""
+        with self.changed:
+            # Woken by every change that ends the wait (take_locked,
+            # remove_locked and clear_locked notify; so does terminating).
+            while len(self.pending) >= self.feed_limit and self.state != TERMINATE:
+                self.changed.wait()
+            return self.state != TERMINATE
+
+    def take_locked(self) -> list[Task]:
+        """Take from the queue as many tasks as the workers have room for,
+        counting those other threads are still encoding; the caller encodes and
+        sends them with :meth:`send` once it has released the lock."""
+        pending = self.pending
+        if not pending or self.state == TERMINATE:
+            return []
+        room = self.lifecycle.room() - self.encoding
+        if room <= 0:
+            return []
+        taken = [pending.popleft() for _ in range(min(room, len(pending)))]
+        self.encoding += len(taken)
+        if self.feeders:  # the only threads that wait for room
+            self.changed.notify_all()
+        return taken
+
+    def send(self, tasks: list[Task]) -> list[tuple[Task, BaseException]]:
+        """Pickle ``tasks`` without the lock, then under it give each to a
+        worker with room and send, one syscall per worker. Returns the tasks
+        to fail once no lock is held (their callbacks must not run under it)."""
+        failed: list[tuple[Task, BaseException]] = []
+        encoded: list[tuple[Task, Encoded]] = []
+        for task in tasks:
+            try:
+                encoded.append((task, encode_task(task, self._threshold)))
+            except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
+                failed.append((task, exc))
+        batches: dict[Worker[Task], tuple[list[_Frame], list[int]]] = {}
+        requeue: list[Task] = []
+        wake = False
+        with self.lock:
+            self.encoding -= len(tasks)
+            stopped = self.stopped_locked()
+            lifecycle = self.lifecycle
+            for task, message in encoded:
+                worker = lifecycle.pick() if stopped is None else None
+                if worker is None:
+                    message.release()
+                    if stopped is not None:
+                        failed.append((task, stopped))
+                    else:  # a worker died or shrank its capacity meanwhile
+                        requeue.append(task)
+                    continue
+                lifecycle.assign(worker, task)
+                if worker.tasks[0] is task:
+                    task.started = time.monotonic()
+                frames, ids = batches.setdefault(worker, ([], []))
+                frames.append(frame(task, message))
+                ids.append(task.id)
+            if requeue:
+                self.pending.extendleft(reversed(requeue))
+            for worker, (frames, ids) in batches.items():
+                channel: FdChannel = worker.endpoint.channel
+                # A worker that is gone drops what it is sent; its sentinel fires
+                # and the engine reaps it, requeueing its tasks.
+                channel.send_batch_nowait(frames, ids)
+                wake = wake or channel.wants_write
+        if wake or requeue:
+            self._wake()
+        return failed
+
+    def requeue_locked(self, tasks: list[Task]) -> None:
+        """Put ``tasks`` back at the head of the queue (pickled again at dispatch)."""
+        self.pending.extendleft(reversed(tasks))
+
+    def remove_locked(self, task: Task) -> bool:
+        """Drop ``task`` from the queue if it is still there."""
+        try:
+            self.pending.remove(task)
+        except ValueError:
+            return False
+        self.changed.notify_all()
+        return True
+
+    def clear_locked(self) -> list[Task]:
+        """Empty the queue (terminate, a broken engine); return what it held."""
+        tasks = list(self.pending)
+        self.pending.clear()
+        self.changed.notify_all()
+        return tasks
+

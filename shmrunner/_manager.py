@@ -1,0 +1,224 @@
+"""The process engine's manager thread: one ``selectors`` loop over the
+workers' channels (results), their process sentinels (deaths) and a
+:class:`~shmrunner._wakeup.Wakeup` (close, terminate, queued output).
+
+It delivers results and refills workers (``_dispatch.py``), reaps dead
+workers and respawns them (``worker/lifecycle.py``), stops idle workers once
+the engine is closed, and, should it crash, fails every task rather than
+leave one pending forever. It only ever does non-blocking socket work, so it
+can never deadlock with a worker blocked sending to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import threading
+import time
+from collections.abc import Callable
+
+from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
+from ._tasks import Task, decode_outcome, deliver
+from ._wakeup import Wakeup
+from .errors import InitializerError, ShmrunnerError
+from .transport.fdchannel import FdChannel, PeerClosed
+from .transport.pickling import close_fds
+from .worker.lifecycle import ProcessLifecycle, Worker
+from .worker.loop import BYE, INIT_FAILED, TASK_ID
+
+__all__ = ["Manager"]
+
+log = logging.getLogger("shmrunner.pool")
+
+
+class Manager:
+    def __init__(self, queue: TaskQueue, lifecycle: ProcessLifecycle,
+                 selector: selectors.BaseSelector, wakeup: Wakeup,
+                 initializer: Callable[..., object] | None,
+                 on_results: Callable[[], None] | None) -> None:
+        self._queue = queue
+        self._lifecycle = lifecycle
+        self._selector = selector
+        self._wakeup = wakeup
+        self._initializer = initializer
+        self._on_results = on_results
+        self._started = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    def wait_started(self) -> BaseException | None:
+        """Wait until the first workers are spawned; the error if they could not be."""
+        self._started.wait()
+        return self._startup_error
+
+    def run(self) -> None:
+        try:
+            with self._queue.lock:
+                self._lifecycle.spawn_missing()
+        except BaseException as exc:
+            self._startup_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        workers = self._lifecycle.workers
+        try:
+            while True:
+                chores = False  # results alone need no housekeeping: the hot path
+                for key, mask in self._selector.select():
+                    kind, worker = key.data
+                    if kind == "wake":
+                        self._wakeup.drain()
+                        chores = True
+                    elif worker.id not in workers:
+                        continue  # reaped earlier in this batch of events
+                    elif kind == "chan":
+                        if mask & selectors.EVENT_WRITE:
+                            with self._queue.lock:
+                                worker.endpoint.channel.flush()
+                            chores = True
+                        if mask & selectors.EVENT_READ:
+                            self._read(worker)
+                    elif kind == "dead":
+                        self._reap(worker)
+                        chores = True
+                # Once closed, every round may be the one after the last result.
+                if (chores or self._queue.state != RUN) and self._housekeeping():
+                    break
+        except BaseException as exc:
+            log.exception("shmrunner pool manager thread crashed; terminating the pool")
+            self._crash(exc)
+        finally:
+            self.close_resources()
+
+    def _read(self, worker: Worker[Task]) -> None:
+        channel: FdChannel = worker.endpoint.channel
+        try:
+            messages = channel.read_ready()
+        except PeerClosed as exc:
+            if exc.args:
+                log.error("worker pid %s: %s; replacing it", worker.endpoint.process.pid, exc)
+            self._lifecycle.unreadable(worker, exc)
+            return
+        self._handle(worker, messages)
+
+    def _handle(self, worker: Worker[Task], messages: list[tuple[bytearray, list[int]]]) -> None:
+        """Decode a worker's messages, then under one lock: retire finished
+        tasks and refill the worker; callbacks run after the lock is released."""
+        outcomes = []
+        lifecycle = self._lifecycle
+        for payload, fds in messages:
+            (task_id,) = TASK_ID.unpack_from(payload)
+            if task_id == BYE:
+                lifecycle.retire(worker)
+                close_fds(fds)
+                continue
+            task_id, ok, value = decode_outcome(payload, fds)
+            if task_id == INIT_FAILED:
+                self._break(value)
+                return
+            outcomes.append((task_id, ok, value))
+        lifecycle.pace(worker, len(outcomes))
+        queue = self._queue
+        with queue.lock:
+            finished = [(lifecycle.finish(worker, task_id), ok, value)
+                        for task_id, ok, value in outcomes]
+            if worker.tasks and worker.tasks[0].started is None:
+                worker.tasks[0].started = time.monotonic()  # next in line: running now
+            taken = queue.take_locked()
+        failed = queue.send(taken) if taken else []
+        for task, ok, value in finished:
+            if task is not None:
+                deliver(task, ok, value)
+        for task, error in failed:
+            deliver(task, False, error)
+        if self._on_results is not None:
+            self._on_results()
+
+    def _break(self, cause: BaseException) -> None:
+        name = getattr(self._initializer, "__qualname__", repr(self._initializer))
+        error = InitializerError(f"the pool's initializer {name} raised {cause!r}; "
+                                 "fix the initializer: no worker can start")
+        error.__cause__ = cause
+        with self._queue.lock:
+            self._queue.broken = error
+            failed = self._queue.clear_locked()
+        for task in failed:
+            deliver(task, False, error)
+
+    def _reap(self, worker: Worker[Task]) -> None:
+        for messages in self._lifecycle.leftovers(worker):
+            self._handle(worker, messages)
+        queue = self._queue
+        with queue.lock:
+            failed, rerun = self._lifecycle.reap(worker, queue.stopped_locked())
+            queue.requeue_locked(rerun)
+        for task, error in failed:
+            deliver(task, False, error)
+        if self._on_results is not None:
+            self._on_results()
+
+    def _housekeeping(self) -> bool:
+        """Respawn, stop idle workers once closed, watch writability; True to exit."""
+        spawned = False
+        queue, lifecycle = self._queue, self._lifecycle
+        with queue.lock:
+            state = queue.state
+            if state != TERMINATE:
+                work_left = bool(queue.pending or queue.encoding or lifecycle.busy()
+                                 or queue.feeders)
+                if queue.broken is None and (state == RUN or work_left):
+                    spawned = lifecycle.spawn_missing()
+                    if spawned:
+                        queue.changed.notify_all()  # wait_for_workers
+                if state == CLOSE and not work_left:
+                    lifecycle.stop_idle()
+                    if not len(lifecycle):
+                        return True
+                lifecycle.watch_writes()
+        if state == TERMINATE:
+            self._kill_all()
+            return True
+        queue.dispatch()
+        if spawned and self._on_results is not None:
+            self._on_results()  # a respawn added capacity: the Scheduler may have work
+        return False
+
+    def _kill_all(self) -> None:
+        for worker in self._lifecycle.terminate_all():
+            if worker.id in self._lifecycle.workers:
+                self._reap(worker)
+
+    def _crash(self, cause: BaseException) -> None:
+        """The manager thread cannot go on: fail every task rather than leave
+        any result pending forever, and stop the workers."""
+        error = ShmrunnerError(f"the pool's manager thread crashed: {cause!r}")
+        error.__cause__ = cause
+        queue = self._queue
+        with queue.lock:
+            queue.broken = error
+            queue.state = TERMINATE
+            failed = queue.clear_locked()
+        for task in failed:
+            self._deliver_quietly(task, error)
+        try:
+            self._kill_all()
+        except BaseException:  # noqa: BLE001 (the thread is ending either way)
+            log.exception("shmrunner pool manager thread: stopping the workers failed too")
+        # Whatever _kill_all could not account for (it failed as well): fail
+        # those tasks here and make sure no worker outlives the engine.
+        with queue.lock:
+            ends, held = self._lifecycle.lose_all()
+        self._lifecycle.destroy(ends)
+        for task in held:
+            self._deliver_quietly(task, error)
+
+    def _deliver_quietly(self, task: Task, error: BaseException) -> None:
+        try:
+            deliver(task, False, error)
+        except BaseException:  # noqa: BLE001 (one failing delivery must not strand the rest)
+            log.exception("shmrunner pool: failing task %s after a crash raised", task.id)
+
+    def close_resources(self) -> None:
+        self._lifecycle.close()
+        self._selector.close()
+        self._wakeup.close()
+

@@ -1,0 +1,105 @@
+"""The process engine's task: what a caller hands over, how it travels to a
+worker process and how its outcome comes back.
+
+A :class:`Task` carries the call and the result object that settles it.
+:func:`encode_task` pickles it (arrays as memfd fds, ``transport/pickling.py``)
+into ``<task id: u64><pickle>`` for the worker's channel, and
+:func:`decode_outcome` turns a worker's reply back into ``(task id, ok,
+value)``, with a task's exception carrying its remote traceback. The task
+id travels outside the pickle both ways (``worker/loop.py``), so a call
+that cannot be pickled or unpickled still fails against the right task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._sink import ResultSink
+from .errors import attach_remote_traceback
+from .shm import DEFAULT_THRESHOLD
+from .transport.pickling import Encoded, dumps, loads
+from .worker.loop import TASK_ID
+
+__all__ = ["Task", "run_chunk", "encode_task", "frame", "decode_outcome", "deliver",
+           "resolve_threshold"]
+
+
+class Task:
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "kill_reason", "started")
+
+    def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any], result: ResultSink | None, index: int) -> None:
+        self.id = task_id
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.result = result
+        self.index = index
+        # Set when the engine kills this task's worker on purpose (a timeout):
+        # reported instead of WorkerLostError.
+        self.kill_reason: BaseException | None = None
+        # When its worker started it (monotonic), as the engine sees it: the task
+        # at the head of a worker's queue is the one running.
+        self.started: float | None = None
+
+    def describe(self) -> str:
+        fn = self.args[0] if self.fn is run_chunk else self.fn
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        return f"{self.id} ({name})"
+
+
+def run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]:
+    if star:
+        return list(itertools.starmap(fn, chunk))
+    return list(map(fn, chunk))
+
+
+def encode_task(task: Task, threshold: int) -> Encoded:
+    """Pickle ``task``'s call; raises whatever user ``__reduce__`` code raises."""
+    return dumps((task.fn, task.args, task.kwargs), threshold)
+
+
+def frame(task: Task, message: Encoded) -> tuple[bytes, list[int], Callable[[], None]]:
+    """``message`` as the worker channel's frame: id, pickle, fds, release."""
+    return TASK_ID.pack(task.id) + message.data, message.fds, message.release
+
+
+def decode_outcome(payload: bytearray, fds: list[int]) -> tuple[int, bool, Any]:
+    """A worker's reply (not a control message) as ``(task id, ok, value)``;
+    ``value`` is the result or the exception, with its remote traceback."""
+    (task_id,) = TASK_ID.unpack_from(payload)
+    try:
+        ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
+    except BaseException as exc:  # noqa: BLE001 (user code in __setstate__: this task fails)
+        ok, value = False, (exc, "")
+    if not ok:
+        error, tb = value
+        value = attach_remote_traceback(error, tb) if tb else error
+    return task_id, ok, value
+
+
+def deliver(task: Task, ok: bool, value: Any) -> None:
+    """Settle ``task``'s result object; the task lets go of the call (its
+    arrays are unmapped as soon as nobody else holds them)."""
+    result, index = task.result, task.index
+    task.fn = task.args = task.kwargs = task.result = None  # type: ignore[assignment]
+    if result is not None:  # None: delivered already
+        result.settle(index, ok, value)
+
+
+def resolve_threshold(threshold: int | None) -> int:
+    if threshold is not None:
+        return int(threshold)
+    env = os.environ.get("SHMRUNNER_SHM_THRESHOLD")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise ValueError(
+                f"SHMRUNNER_SHM_THRESHOLD={env!r} is not a whole number of bytes; "
+                "set it to e.g. 65536 or unset it"
+            ) from None
+    return DEFAULT_THRESHOLD
