@@ -27,7 +27,6 @@ import heapq
 import logging
 import threading
 import time
-import traceback
 import uuid
 from concurrent.futures import Future
 from dataclasses import replace
@@ -501,7 +500,4 @@ def _result_message(job_id: str, future: Future[Any]) -> Message:
 
 
 def _error_message(job_id: str, exc: BaseException) -> Message:
-    cause = exc.__cause__
-    tb = str(getattr(cause, "tb", "")) or "".join(traceback.format_exception(exc))
-    return Message("result", {"job_id": job_id, "ok": False,
-                              "error": exception_to_wire(exc, tb)})
+    return Message("result", {"job_id": job_id, "ok": False, "error": exception_to_wire(exc)})

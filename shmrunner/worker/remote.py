@@ -352,10 +352,8 @@ def _writable(channel: ZmqChannel) -> bool:
 def _result_body(session: str, task_id: int, ok: bool, value: Any) -> dict[str, Any]:
     if ok:
         return {"session": session, "task_id": task_id, "ok": True, "value": value}
-    cause = value.__cause__
-    tb = str(getattr(cause, "tb", "")) if cause is not None else ""
     return {"session": session, "task_id": task_id, "ok": False,
-            "error": exception_to_wire(value, tb)}
+            "error": exception_to_wire(value)}
 
 
 def run_agent(settings: WorkerSettings) -> int:
