@@ -346,13 +346,13 @@ class Client(Executor):
     def _round(self) -> None:
         """Wait for a message, a wake-up (work from another thread), room to
         send what is stuck, or the next timer; then do what is due."""
-        ready = self._channel.poll(self._next_timer(), wakeup=self._wakeup,
-                                   writable=bool(self._outbox))
+        readable = self._channel.poll(self._next_timer(), wakeup=self._wakeup,
+                                      writable=bool(self._outbox))
         while self._outbox:
             if not self._channel.try_send_frames(self._outbox[0]):
                 break  # no connection takes it now (refused?): when one does
             self._outbox.popleft()
-        if ready.readable:
+        if readable:
             while (received := self._channel.recv(0)) is not None:
                 self._receive(received.message)
         self._check_acks()

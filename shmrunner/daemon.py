@@ -151,7 +151,7 @@ class Daemon:
         failed_rounds = 0
         while not self._stop.is_set():
             try:
-                if self._channel.poll(self._poll_wait(), wakeup=self._wakeup).readable:
+                if self._channel.poll(self._poll_wait(), wakeup=self._wakeup):
                     self._serve_requests()
                 self._feed()
                 self._settle()
@@ -373,7 +373,7 @@ class Daemon:
             try:
                 # Completions and requests wake the poll; the only deadline is the drain's.
                 wait = max(0.0, deadline - time.monotonic())
-                if self._channel.poll(wait, wakeup=self._wakeup).readable:
+                if self._channel.poll(wait, wakeup=self._wakeup):
                     self._refuse_submits()
                 self._settle()
                 failed_rounds = 0

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from .._wakeup import Wakeup
 
 __all__ = ["ChannelError", "ChannelClosedError", "CurveKeys", "ChannelOptions", "Received",
-           "Ready", "ZmqChannel", "client_keys"]
+           "ZmqChannel", "client_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ class Received(NamedTuple):
     message: Message
 
 
-class Ready(NamedTuple):
-    """What :meth:`ZmqChannel.poll` found."""
-
-    readable: bool   # a message (valid or not) waits: recv(0) next
-    writable: bool   # a send would not wait (asked for with writable=True)
-
+_POLLIN_OUT = zmq.POLLIN | zmq.POLLOUT
 
 class ZmqChannel:
     """One DEALER or ROUTER socket sending and receiving protocol messages."""
@@ -110,7 +105,7 @@ class ZmqChannel:
         self.rejected = 0
         self._closed = False
         self._poller: zmq.Poller | None = None
-        self._polled: tuple[int, int] = (-1, 0)   # (wake-up fd, socket events) registered
+        self._polled_fd, self._polled_events = -1, 0   # what the poller has registered
         ctx = context if context is not None else zmq.Context.instance()
         socket_type = zmq.ROUTER if kind == "router" else zmq.DEALER
         try:
@@ -224,31 +219,36 @@ class ZmqChannel:
             raise ChannelError(f"poll of the {self.kind} channel failed: {exc}") from exc
 
     def poll(self, timeout: float | None, *, wakeup: Wakeup | None = None,
-             writable: bool = False) -> Ready:
+             writable: bool = False) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) until a message can
         be received, ``wakeup`` is woken (it is drained here), or, with
-        ``writable``, a send would not wait. The owner passes the time to its
-        next deadline: no wait polls on a fixed tick."""
+        ``writable``, a send would not wait; True when a message waits
+        (``recv(0)`` next). The owner passes the time to its next deadline:
+        no wait polls on a fixed tick."""
         self._check_open()
-        events = zmq.POLLIN | (zmq.POLLOUT if writable else 0)
+        events = _POLLIN_OUT if writable else zmq.POLLIN
         fd = -1 if wakeup is None else wakeup.fd
         poller = self._poller
-        if poller is None or self._polled != (fd, events):
-            if poller is None or self._polled[0] != fd:
+        if poller is None or self._polled_fd != fd or self._polled_events != events:
+            if poller is None or self._polled_fd != fd:
                 poller = self._poller = zmq.Poller()
                 if fd >= 0:
                     poller.register(fd, zmq.POLLIN)
             poller.register(self._socket, events)   # a second register modifies
-            self._polled = (fd, events)
-        wait_ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+            self._polled_fd, self._polled_events = fd, events
+        wait_ms = None if timeout is None else (
+            0 if timeout <= 0 else math.ceil(timeout * 1000))
         try:
-            ready = dict(poller.poll(wait_ms))
+            ready = poller.poll(wait_ms)
         except zmq.ZMQError as exc:
             raise ChannelError(f"poll of the {self.kind} channel failed: {exc}") from exc
-        if wakeup is not None and fd in ready:
-            wakeup.drain()
-        found = ready.get(self._socket, 0)
-        return Ready(bool(found & zmq.POLLIN), bool(found & zmq.POLLOUT))
+        readable = False
+        for which, found in ready:
+            if which is self._socket:
+                readable = bool(found & zmq.POLLIN)
+            elif wakeup is not None:
+                wakeup.drain()
+        return readable
 
     def _send(self, msg: Message, peer: bytes | None, track: bool,
               flags: int) -> zmq.MessageTracker | bool:
@@ -274,7 +274,8 @@ class ZmqChannel:
             if exc.errno == zmq.EHOSTUNREACH:
                 raise ChannelError(f"{_name(peer)} is not connected") from exc
             raise ChannelError(f"send of a {what} message failed: {exc}") from exc
-        return tracker if tracker is not None else True
+        # pyzmq returns a tracker for any zero-copy frame: only one asked for counts.
+        return tracker if track and tracker is not None else True
 
     def recv(self, timeout: float) -> Received | None:
         """The next valid message, or None when ``timeout`` seconds pass without

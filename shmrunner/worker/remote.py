@@ -169,9 +169,8 @@ class Agent:
                     wake_at = min(wake_at, self._cancel_at)
                 if idle_since is not None:
                     wake_at = min(wake_at, idle_since + _DRAIN_GRACE)
-                ready = channel.poll(max(0.0, wake_at - time.monotonic()),
-                                     wakeup=self._wakeup, writable=not said_hello)
-                if ready.readable:
+                if channel.poll(max(0.0, wake_at - time.monotonic()),
+                                wakeup=self._wakeup, writable=not said_hello):
                     batch: list[Task] = []
                     try:
                         while (received := channel.recv(0)) is not None:
@@ -274,6 +273,9 @@ class Agent:
         is the latest time to ask again: when the task will have run for its
         timeout, or after a backoff while it has not started."""
         assert self._core is not None
+        if not self._cancels:
+            self._cancel_at = None
+            return
         now = time.monotonic()
         retry_at: float | None = None
         for key, (reason, timeout, tries) in list(self._cancels.items()):
