@@ -4,7 +4,9 @@ Data flow::
 
     submit()/result()/status() (any thread) --> outbox + wake pipe --+
                                                                      v
-    client thread (owns the DEALER socket): sends, receives, re-asks
+    client thread (owns the DEALER socket): sends, receives, re-asks; it sleeps
+        until a message, a wake-up, or its next timer (one heap: acknowledgement
+        deadlines, re-asks every refetch_interval, busy backoffs)
         accepted -> the job is journaled (durable): future.accepted() is True
         result   -> settles the job's Future and any result(job_id) waiting
         error    -> busy: the submit is sent again after a backoff;
@@ -38,6 +40,7 @@ and later calls raise it at once.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -45,8 +48,6 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
-
-import zmq
 
 from ._jobid import check_job_id
 from ._streams import Progress, chunked_calls, stream, total_of
@@ -66,6 +67,9 @@ _MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thr
 _FINAL_FETCH_CODES = frozenset({"unknown", "journal", "invalid"})
 # What runs a chunk of map(chunksize=) items: the daemon's scheduler's own runner.
 _CHUNK_RUNNER = "shmrunner.scheduler:_run_chunk"
+# The client thread's timers (in one heap, ordered by when they are due).
+_ACK, _REFETCH, _RETRY = 0, 1, 2
+_Timer = tuple[float, int, str]  # (when, which, job id)
 
 
 class JobFuture(Future[Any]):
@@ -142,6 +146,10 @@ class Client(Executor):
         # know this client is waiting.
         self._refetch_at: dict[str, float] = {}
         self._fetches: dict[str, list[_Call]] = {}
+        # The deadlines above, soonest first, so the client thread sleeps until
+        # the next one. The dicts are the truth: an entry whose time no longer
+        # matches its dict's (answered, re-armed) is stale and skipped.
+        self._timers: list[_Timer] = []
         self._status_calls: collections.deque[_Call] = collections.deque()
         self._closed = False
         self._broken: ShmrunnerError | None = None
@@ -190,7 +198,8 @@ class Client(Executor):
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._futures[job_id] = future
-            self._unacked[job_id] = time.monotonic() + self.ack_timeout
+            self._unacked[job_id] = when = time.monotonic() + self.ack_timeout
+            heapq.heappush(self._timers, (when, _ACK, job_id))
             self._submits[job_id] = frames
             self._submits_bytes += nbytes
             self._outbox.append(frames)
@@ -243,7 +252,9 @@ class Client(Executor):
             if self._broken is not None:
                 raise self._broken
             self._fetches.setdefault(job_id, []).append(call)
-            self._refetch_at.setdefault(job_id, time.monotonic() + self.refetch_interval)
+            if job_id not in self._refetch_at:
+                self._refetch_at[job_id] = when = time.monotonic() + self.refetch_interval
+                heapq.heappush(self._timers, (when, _REFETCH, job_id))
             self._outbox.append(encode(Message("fetch", {"job_id": job_id, "timeout": timeout})))
         self._wake()
         if not call.event.wait(timeout):
@@ -300,8 +311,8 @@ class Client(Executor):
                     future.exception()
                 except BaseException:  # noqa: BLE001 (cancelled: nothing to wait for)
                     pass
+        self._stop = True  # before the wake: the thread may sleep with no deadline
         self._wake()
-        self._stop = True
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -310,14 +321,11 @@ class Client(Executor):
     _stop = False
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wakeup.fd, zmq.POLLIN)
         failed_rounds = 0
         try:
             while not self._stop:
                 try:
-                    self._round(poller)
+                    self._round()
                     failed_rounds = 0
                 except ChannelError:
                     raise
@@ -335,23 +343,37 @@ class Client(Executor):
             self._channel.close()
             self._wakeup.close()
 
-    def _round(self, poller: zmq.Poller) -> None:
-        events = dict(poller.poll(200))
-        if self._wakeup.fd in events:
-            self._wakeup.drain()
+    def _round(self) -> None:
+        """Wait for a message, a wake-up (work from another thread), room to
+        send what is stuck, or the next timer; then do what is due."""
+        readable = self._channel.poll(self._next_timer(), wakeup=self._wakeup,
+                                      writable=bool(self._outbox))
         while self._outbox:
-            try:
-                self._channel.socket.send_multipart(self._outbox[0], copy=False,
-                                                    flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break  # no connection that takes it now (refused?): next round
-            except zmq.ZMQError as exc:
-                raise ChannelError(f"cannot reach the daemon: {exc}") from exc
+            if not self._channel.try_send_frames(self._outbox[0]):
+                break  # no connection takes it now (refused?): when one does
             self._outbox.popleft()
-        if self._channel.socket in events:
+        if readable:
             while (received := self._channel.recv(0)) is not None:
                 self._receive(received.message)
         self._check_acks()
+
+    def _next_timer(self) -> float | None:
+        """Seconds to the next live timer (None: none; a wake-up brings new ones)."""
+        with self._lock:
+            timers = self._timers
+            while timers and not self._live(timers[0]):
+                heapq.heappop(timers)
+            return max(0.0, timers[0][0] - time.monotonic()) if timers else None
+
+    def _live(self, timer: _Timer) -> bool:
+        """Under the lock: whether ``timer`` is still the deadline its dict holds."""
+        when, which, job_id = timer
+        if which == _ACK:
+            return self._unacked.get(job_id) == when
+        if which == _REFETCH:
+            return self._refetch_at.get(job_id) == when
+        retry = self._retry_at.get(job_id)
+        return retry is not None and retry[0] == when
 
     def _receive(self, msg: Message) -> None:
         body = msg.body
@@ -362,7 +384,8 @@ class Client(Executor):
                 self._drop_submit(job_id)
                 self._retry_at.pop(job_id, None)
                 if self._unacked.pop(job_id, None) is not None:
-                    self._refetch_at[job_id] = time.monotonic() + self.refetch_interval
+                    self._refetch_at[job_id] = when = time.monotonic() + self.refetch_interval
+                    heapq.heappush(self._timers, (when, _REFETCH, job_id))
             if future is not None:
                 future._set_accepted()
         elif msg.type == "status_reply":
@@ -420,6 +443,8 @@ class Client(Executor):
             self._retry_at[job_id] = (now + backoff, backoff)
             # The daemon answered, so it is not the acknowledgement that is late.
             self._unacked[job_id] = now + backoff + self.ack_timeout
+            heapq.heappush(self._timers, (now + backoff, _RETRY, job_id))
+            heapq.heappush(self._timers, (self._unacked[job_id], _ACK, job_id))
 
     def _settle_calls(self, job_id: str, msg: Message) -> None:
         with self._lock:
@@ -455,27 +480,40 @@ class Client(Executor):
             found.set_exception(exception_from_wire(body["error"]))
 
     def _check_acks(self) -> None:
+        """Act on the timers that are due: ask again about jobs someone waits
+        for, send again the submits the daemon was too busy to take, fail the
+        submits it never acknowledged."""
         now = time.monotonic()
+        late = []
         with self._lock:
-            for job_id, when in list(self._refetch_at.items()):
-                if when >= now:
+            timers = self._timers
+            while timers and timers[0][0] <= now:
+                timer = heapq.heappop(timers)
+                if not self._live(timer):
                     continue
-                if job_id in self._fetches or (job_id in self._futures
-                                               and job_id not in self._unacked):
-                    self._refetch_at[job_id] = now + self.refetch_interval
-                    self._outbox.append(encode(Message("fetch", {"job_id": job_id})))
+                _, which, job_id = timer
+                if which == _REFETCH:
+                    if job_id in self._fetches or (job_id in self._futures
+                                                   and job_id not in self._unacked):
+                        self._refetch_at[job_id] = when = now + self.refetch_interval
+                        heapq.heappush(timers, (when, _REFETCH, job_id))
+                        self._outbox.append(encode(Message("fetch", {"job_id": job_id})))
+                    else:
+                        del self._refetch_at[job_id]  # nobody waits for it any more
+                elif which == _RETRY:
+                    if job_id in self._submits:
+                        self._retry_at[job_id] = (float("inf"), self._retry_at[job_id][1])
+                        self._outbox.append(self._submits[job_id])
                 else:
-                    del self._refetch_at[job_id]  # nobody waits for it any more
-            for job_id, (when, _) in list(self._retry_at.items()):
-                if when < now and job_id in self._submits:
-                    self._retry_at[job_id] = (float("inf"), self._retry_at[job_id][1])
-                    self._outbox.append(self._submits[job_id])
-            late = [job_id for job_id, deadline in self._unacked.items() if deadline < now]
-            for job_id in late:
-                del self._unacked[job_id]
-                self._drop_submit(job_id)
-                self._retry_at.pop(job_id, None)
+                    del self._unacked[job_id]
+                    self._drop_submit(job_id)
+                    self._retry_at.pop(job_id, None)
+                    late.append(job_id)
             futures = [(job_id, self._futures.pop(job_id, None)) for job_id in late]
+            live = len(self._unacked) + len(self._refetch_at) + len(self._retry_at)
+            if len(timers) > 2 * live + 1024:  # mostly stale: answered long before due
+                self._timers = [t for t in timers if self._live(t)]
+                heapq.heapify(self._timers)
         for job_id, future in futures:
             if future is not None and not future.done():
                 future.set_exception(ShmrunnerError(

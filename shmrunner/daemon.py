@@ -27,7 +27,6 @@ import heapq
 import logging
 import threading
 import time
-import traceback
 import uuid
 from concurrent.futures import Future
 from dataclasses import replace
@@ -43,6 +42,7 @@ from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
 from .errors import (
     ChannelClosedError,
+    ChannelError,
     ConfigError,
     JournalError,
     SchedulerBusyError,
@@ -126,11 +126,8 @@ class Daemon:
         holds stay journaled for the next start."""
         try:
             self._replay()
-            poller = zmq.Poller()
-            poller.register(self._channel.socket, zmq.POLLIN)
-            poller.register(self._wakeup.fd, zmq.POLLIN)
-            self._serve(poller)
-            return self._drain(poller)
+            self._serve()
+            return self._drain()
         except JournalError as exc:
             raise JournalError(f"{exc}; the daemon stops (unfinished jobs stay journaled "
                                "and run again after a restart)") from None
@@ -149,15 +146,12 @@ class Daemon:
         log.info("daemon serving clients on %s, workers on %s", self.address,
                  self.workers_address)
 
-    def _serve(self, poller: zmq.Poller) -> None:
+    def _serve(self) -> None:
         next_expiry = time.monotonic()
         failed_rounds = 0
         while not self._stop.is_set():
             try:
-                events = dict(poller.poll(round(self._poll_wait() * 1000)))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                if self._channel.socket in events:
+                if self._channel.poll(self._poll_wait(), wakeup=self._wakeup):
                     self._serve_requests()
                 self._feed()
                 self._settle()
@@ -369,7 +363,7 @@ class Daemon:
             "dropped_replies": self._dropped,
         }
 
-    def _drain(self, poller: zmq.Poller) -> int:
+    def _drain(self) -> int:
         # Jobs still in the backlog never started: they stay journaled, nothing to wait for.
         log.info("draining: %d jobs running; new submits are refused",
                  len(self._running) - len(self._backlog))
@@ -377,10 +371,9 @@ class Daemon:
         failed_rounds = 0
         while len(self._running) > len(self._backlog) and time.monotonic() < deadline:
             try:
-                events = dict(poller.poll(100))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                if self._channel.socket in events:
+                # Completions and requests wake the poll; the only deadline is the drain's.
+                wait = max(0.0, deadline - time.monotonic())
+                if self._channel.poll(wait, wakeup=self._wakeup):
                     self._refuse_submits()
                 self._settle()
                 failed_rounds = 0
@@ -443,16 +436,15 @@ class Daemon:
         loses this reply instead of stalling the others. Its futures settle
         anyway: the client asks about its running jobs again every
         ``refetch_interval``."""
-        # TODO(unify): ZmqChannel is getting a non-blocking send; use it then.
         try:
-            self._channel.socket.send_multipart([peer, *frames], copy=False,
-                                                flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            self._dropped += 1
-            if self._dropped <= 10 or self._dropped % 1000 == 0:
-                why = ("its queue is full (not reading?)" if exc.errno == zmq.EAGAIN
-                       else "it is gone" if exc.errno == zmq.EHOSTUNREACH else str(exc))
-                log.info("reply #%d dropped: peer %s: %s", self._dropped, peer.hex(), why)
+            if self._channel.try_send_frames(frames, peer):
+                return
+            why = f"peer {peer.hex()}: its queue is full (not reading?)"
+        except ChannelError as exc:  # "peer … is not connected" (gone), or the socket failed
+            why = str(exc)
+        self._dropped += 1
+        if self._dropped <= 10 or self._dropped % 1000 == 0:
+            log.info("reply #%d dropped: %s", self._dropped, why)
 
     def _wake(self) -> None:
         self._wakeup.wake()
@@ -501,7 +493,4 @@ def _result_message(job_id: str, future: Future[Any]) -> Message:
 
 
 def _error_message(job_id: str, exc: BaseException) -> Message:
-    cause = exc.__cause__
-    tb = str(getattr(cause, "tb", "")) or "".join(traceback.format_exception(exc))
-    return Message("result", {"job_id": job_id, "ok": False,
-                              "error": exception_to_wire(exc, tb)})
+    return Message("result", {"job_id": job_id, "ok": False, "error": exception_to_wire(exc)})

@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import shmrunner
 from _daemon_tasks import Daemon, TaskFailed, Worker, named, stopped
 from _util import children, wait_until
 from shmrunner.client import Client
+from shmrunner.transport.zmqchannel import ZmqChannel
 
 
 @pytest.fixture
@@ -266,6 +268,37 @@ def test_wait_accepted_says_when_the_job_is_journaled(daemons) -> None:
 
 
 # --- the client thread cannot die silently -------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_client_thread_sleeps_until_its_next_deadline(tmp_path: Path, daemons,
+                                                          monkeypatch) -> None:
+    """No fixed tick: while a job runs the client thread sleeps until its next
+    re-ask (refetch_interval), and with nothing outstanding until woken."""
+    d = daemons().start()
+    waits: list[float | None] = []
+    real_poll = ZmqChannel.poll
+
+    def recording_poll(self: ZmqChannel, timeout: float | None, **kw: Any) -> bool:
+        if threading.current_thread().name == "shmrunner-client":
+            waits.append(timeout)
+        return real_poll(self, timeout, **kw)
+
+    monkeypatch.setattr(ZmqChannel, "poll", recording_poll)
+    client = d.client(refetch_interval=20.0)
+    started, release = tmp_path / "started", tmp_path / "release"
+    future = client.submit("_daemon_tasks:hold", str(started), str(release))
+    assert future.wait_accepted(30)
+    wait_until(started.exists, timeout=30, message="the job to start")
+    wait_until(lambda: len(waits) >= 2, timeout=30, message="the client thread to sleep")
+    held = list(waits)
+    # Its last sleep runs to the re-ask of the held job, ~20 s away (not 0.2 s).
+    assert held[-1] is not None and held[-1] > 5.0
+    release.touch()
+    assert future.result(timeout=30) > 0
+    wait_until(lambda: waits[-1] is None, timeout=30,
+               message="the idle client thread to sleep without a deadline")
+    assert client.status()["done"] >= 1   # a wake-up still serves it at once
+
 
 @pytest.mark.timeout(60)
 def test_the_client_thread_survives_an_unexpected_error(daemons, monkeypatch) -> None:

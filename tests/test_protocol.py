@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import zmq
 
-from shmrunner.errors import ProtocolError, WorkerLostError
+from shmrunner.errors import ProtocolError, WorkerLostError, attach_remote_traceback
 from shmrunner.transport.protocol import (
     MAX_FRAMES,
     MAX_NESTING,
@@ -37,6 +37,7 @@ from shmrunner.transport.protocol import (
     exception_from_wire,
     exception_to_wire,
     function_ref,
+    remote_traceback,
     resolve_function,
 )
 
@@ -439,6 +440,24 @@ def test_exception_comes_back_as_itself_with_remote_traceback() -> None:
     assert type(custom) is CustomError and custom.code == 7
     lost = rebuilt(WorkerLostError(12, -9, 3))
     assert type(lost) is WorkerLostError and lost.signal == 9 and lost.task == 3
+
+
+def test_the_traceback_sent_is_the_workers_own_else_the_error_formatted_here() -> None:
+    """One helper for the daemon and the remote worker: a task's exception
+    carries its worker's traceback; an error of the runner itself (nothing
+    attached) is formatted where it was raised, never sent without one."""
+    task_error = attach_remote_traceback(ValueError("in the task"), "Traceback: in the worker")
+    assert remote_traceback(task_error) == "Traceback: in the worker"
+    assert exception_to_wire(task_error)["traceback"] == "Traceback: in the worker"
+    try:
+        raise LookupError("refused here")
+    except LookupError as exc:
+        own = exc
+    text = remote_traceback(own)
+    assert "LookupError: refused here" in text and "test_the_traceback_sent" in text
+    assert exception_to_wire(own)["traceback"] == text
+    assert "WorkerLostError" in exception_to_wire(WorkerLostError(1, -9, 2))["traceback"]
+    assert exception_to_wire(own, "given")["traceback"] == "given"
 
 
 @pytest.mark.parametrize("exc", [

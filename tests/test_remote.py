@@ -276,8 +276,11 @@ def test_string_function_references(cluster: Cluster) -> None:
     assert sched.submit("_sched_tasks:square", 12).result(RESULT) == 144
     with pytest.raises(ImportError, match="no_such_module_xyz"):
         sched.submit("no_such_module_xyz:fn").result(RESULT)
-    with pytest.raises(ImportError, match="nothing_here"):
+    with pytest.raises(ImportError, match="nothing_here") as info:
         sched.submit("_sched_tasks:nothing_here").result(RESULT)
+    # The worker's own error carries its traceback, as through the daemon.
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "ImportError: cannot resolve function" in str(info.value.__cause__)
     assert sched.submit(tasks.square, 5).result(RESULT) == 25
 
 

@@ -9,6 +9,7 @@ timeout, if any socket were left open). Every receive has a timeout.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
+from shmrunner._wakeup import Wakeup
 from shmrunner.errors import ConfigError
 from shmrunner.transport.protocol import PROTOCOL_VERSION as V
 from shmrunner.transport.protocol import Message, encode
@@ -167,7 +169,7 @@ def test_recv_deadline_holds_against_a_stream_of_garbage(sockets: Sockets) -> No
     raw.connect(endpoint)
     for _ in range(3):
         raw.send(b"garbage")
-    assert router.socket.poll(int(WAIT * 1000), zmq.POLLIN)
+    assert router.poll(WAIT)
     assert router.recv(0) is None   # past its deadline after the first rejection
     assert router.rejected == 1
     raw.send_multipart(encode(hello()))
@@ -243,7 +245,7 @@ def test_close_is_idempotent_and_final(sockets: Sockets) -> None:
     router, _ = sockets.router()
     with router:
         pass
-    assert router.closed and router.socket.closed
+    assert router.closed
     router.close()
     with pytest.raises(ChannelClosedError):
         router.send(hello(), b"x")
@@ -318,6 +320,83 @@ def test_try_send_reports_a_full_peer_queue_instead_of_waiting(sockets: Sockets)
     assert tracker is False
     with pytest.raises(ChannelError, match="not connected"):
         router.try_send(Message("heartbeat"), b"no-such-peer")
+
+
+def test_prepared_frames_are_sent_as_they_are_and_again(sockets: Sockets) -> None:
+    """A message encoded once (a submit kept to send again after "busy") goes
+    out as often as asked, both ways, and its frame list is left as it was."""
+    router, endpoint = sockets.router()
+    dealer = sockets.channel("dealer", identity=b"client-1")
+    dealer.connect(endpoint)
+    array = np.arange(10.0)
+    frames = encode(Message("status_reply", {"status": {"a": array}}))
+    kept = list(frames)
+    dealer.send_frames(frames)
+    assert dealer.try_send_frames(frames) is True
+    for _ in range(2):
+        peer, msg = must_recv(router)
+        assert peer == b"client-1"
+        np.testing.assert_array_equal(msg.body["status"]["a"], array)
+    assert frames == kept
+    tracker = router.send_frames(frames, b"client-1", track=True)
+    assert isinstance(tracker, zmq.MessageTracker)
+    assert router.try_send_frames(frames, b"client-1") is True
+    for _ in range(2):
+        np.testing.assert_array_equal(must_recv(dealer).message.body["status"]["a"], array)
+    with pytest.raises(ChannelError, match="not connected"):
+        router.try_send_frames(frames, b"no-such-peer")
+    with pytest.raises(ValueError, match="peer identity"):
+        router.send_frames(frames)
+    with pytest.raises(ValueError, match="peer identity"):
+        dealer.try_send_frames(frames, b"x")
+
+
+def test_try_send_frames_reports_a_full_peer_queue(sockets: Sockets) -> None:
+    """As try_send: a peer that never reads fills its queue, and the prepared
+    send says so at once (the daemon then drops that reply and counts it)."""
+    router, endpoint = sockets.router(ChannelOptions(send_hwm=2, send_timeout=60.0))
+    stuck = sockets.raw(zmq.DEALER)
+    stuck.rcvhwm = 1
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.connect(endpoint)
+    stuck.send_multipart(encode(hello("stuck")))
+    peer, _ = must_recv(router)
+    assert peer is not None
+    big = encode(Message("status_reply", {"status": {"a": np.zeros(1 << 20)}}))  # 8 MiB
+    results = [router.try_send_frames(big, peer) for _ in range(20)]
+    assert results[0] is True and results[-1] is False
+
+
+def test_poll_ends_at_a_message_a_wakeup_room_to_send_or_its_timeout(
+        sockets: Sockets) -> None:
+    router, endpoint = sockets.router()
+    lonely = sockets.channel("dealer")      # connected to nothing: nowhere to send
+    assert not lonely.writable()
+    assert lonely.poll(0.05, writable=True) is False
+    dealer = sockets.channel("dealer")
+    dealer.connect(endpoint)
+    wakeup = Wakeup()
+    try:
+        assert router.poll(0, wakeup=wakeup) is False
+        wakeup.wake()
+        assert router.poll(WAIT, wakeup=wakeup) is False   # woken, no message
+        assert router.poll(0, wakeup=wakeup) is False      # and drained
+        with pytest.raises(BlockingIOError):
+            os.read(wakeup.fd, 1)
+        dealer.send(hello())
+        assert router.poll(WAIT, wakeup=wakeup) is True
+        assert must_recv(router).message == hello()
+        assert dealer.writable()
+        assert dealer.poll(WAIT, writable=True) is False   # room to send: returns at once
+    finally:
+        wakeup.close()
+    router.close()
+    with pytest.raises(ChannelClosedError):
+        router.poll(0)
+    with pytest.raises(ChannelClosedError):
+        router.writable()
+    with pytest.raises(ChannelClosedError):
+        router.try_send_frames(encode(hello()), b"x")
 
 
 def test_frame_and_byte_limits_hold_while_receiving(sockets: Sockets) -> None:

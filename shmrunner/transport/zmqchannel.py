@@ -2,11 +2,19 @@
 
 ::
 
-    send(msg, peer)   -> encode -> send_multipart(copy=False)  ~~> peer
-    recv(timeout)     <- decode <- recv_multipart(copy=False)  <~~ peer
-                              |
-                              +-> ProtocolError: counted in ``rejected``, one log
-                                  line, and the channel waits for the next message
+    send(msg, peer)          -> encode -> send_multipart(copy=False)  ~~> peer
+    send_frames(frames, peer)  (frames encoded once, e.g. kept to send again)
+    recv(timeout)            <- decode <- recv_multipart(copy=False)  <~~ peer
+                                     |
+                                     +-> ProtocolError: counted in ``rejected``, one
+                                         log line, and the channel waits for the next
+    poll(timeout, wakeup=)   waits for a message, room to send, or the owner's
+                             wake-up pipe, until a deadline (the owner's timers)
+
+Every ZeroMQ call of the client, the daemon and the remote worker goes through
+this class (the scheduler's hub too, except that it registers ``socket`` in
+its own poller). The ``try_`` sends never wait: False means the peer's queue
+is full, so one slow peer cannot stall whoever serves the others.
 
 Guarantees: a peer cannot crash or stall the reader (bad messages are counted,
 never raised; every wait has a deadline; inbound frames are capped by
@@ -21,8 +29,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import zmq
 
@@ -37,6 +46,9 @@ from .protocol import (
     decode,
     encode,
 )
+
+if TYPE_CHECKING:
+    from .._wakeup import Wakeup
 
 __all__ = ["ChannelError", "ChannelClosedError", "CurveKeys", "ChannelOptions", "Received",
            "ZmqChannel", "client_keys"]
@@ -79,6 +91,8 @@ class Received(NamedTuple):
     message: Message
 
 
+_POLLIN_OUT = zmq.POLLIN | zmq.POLLOUT
+
 class ZmqChannel:
     """One DEALER or ROUTER socket sending and receiving protocol messages."""
 
@@ -90,6 +104,8 @@ class ZmqChannel:
         self.options = options = options or ChannelOptions()
         self.rejected = 0
         self._closed = False
+        self._poller: zmq.Poller | None = None
+        self._polled_fd, self._polled_events = -1, 0   # what the poller has registered
         ctx = context if context is not None else zmq.Context.instance()
         socket_type = zmq.ROUTER if kind == "router" else zmq.DEALER
         try:
@@ -128,7 +144,8 @@ class ZmqChannel:
 
     @property
     def socket(self) -> zmq.Socket[Any]:
-        """The socket, for a ``zmq.Poller``; send and receive through the channel."""
+        """The socket, for an owner's own ``zmq.Poller``; send, receive and
+        poll through the channel."""
         return self._socket
 
     @property
@@ -174,28 +191,91 @@ class ZmqChannel:
         scheduler's hub) sends this way."""
         return self._send(msg, peer, track, zmq.NOBLOCK)
 
+    def send_frames(self, frames: Sequence[Any], peer: bytes | None = None, *,
+                    track: bool = False) -> zmq.MessageTracker | None:
+        """Send frames :func:`~shmrunner.transport.protocol.encode` made
+        (encoded once: a message kept to send again is not encoded again), as
+        :meth:`send` does. ``frames`` is not modified."""
+        self._check_open()
+        sent = self._send_frames(frames, peer, track, 0, "prepared")
+        return sent if isinstance(sent, zmq.MessageTracker) else None
+
+    def try_send_frames(self, frames: Sequence[Any], peer: bytes | None = None, *,
+                        track: bool = False) -> zmq.MessageTracker | bool:
+        """:meth:`send_frames` that never waits, as :meth:`try_send`: False
+        when the peer's queue is full. A peer a ROUTER does not know (gone)
+        is a :class:`ChannelError`."""
+        self._check_open()
+        return self._send_frames(frames, peer, track, zmq.NOBLOCK, "prepared")
+
+    def writable(self) -> bool:
+        """Whether a send would not wait now. A DEALER whose only connection
+        failed its handshake (a CURVE key the server refused) has nowhere to
+        send, and a send would wait the whole send timeout."""
+        self._check_open()
+        try:
+            return bool(self._socket.poll(0, zmq.POLLOUT))
+        except zmq.ZMQError as exc:
+            raise ChannelError(f"poll of the {self.kind} channel failed: {exc}") from exc
+
+    def poll(self, timeout: float | None, *, wakeup: Wakeup | None = None,
+             writable: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) until a message can
+        be received, ``wakeup`` is woken (it is drained here), or, with
+        ``writable``, a send would not wait; True when a message waits
+        (``recv(0)`` next). The owner passes the time to its next deadline:
+        no wait polls on a fixed tick."""
+        self._check_open()
+        events = _POLLIN_OUT if writable else zmq.POLLIN
+        fd = -1 if wakeup is None else wakeup.fd
+        poller = self._poller
+        if poller is None or self._polled_fd != fd or self._polled_events != events:
+            if poller is None or self._polled_fd != fd:
+                poller = self._poller = zmq.Poller()
+                if fd >= 0:
+                    poller.register(fd, zmq.POLLIN)
+            poller.register(self._socket, events)   # a second register modifies
+            self._polled_fd, self._polled_events = fd, events
+        wait_ms = None if timeout is None else (
+            0 if timeout <= 0 else math.ceil(timeout * 1000))
+        try:
+            ready = poller.poll(wait_ms)
+        except zmq.ZMQError as exc:
+            raise ChannelError(f"poll of the {self.kind} channel failed: {exc}") from exc
+        readable = False
+        for which, found in ready:
+            if which is self._socket:
+                readable = bool(found & zmq.POLLIN)
+            elif wakeup is not None:
+                wakeup.drain()
+        return readable
+
     def _send(self, msg: Message, peer: bytes | None, track: bool,
               flags: int) -> zmq.MessageTracker | bool:
         self._check_open()
+        return self._send_frames(encode(msg, allow_pickle=self.options.allow_pickle), peer,
+                                 track, flags, msg.type)
+
+    def _send_frames(self, frames: Sequence[Any], peer: bytes | None, track: bool,
+                     flags: int, what: str) -> zmq.MessageTracker | bool:
         if (peer is None) == (self.kind == "router"):
             raise ValueError("a router channel sends to a peer identity; a dealer takes none")
-        frames: list[Any] = encode(msg, allow_pickle=self.options.allow_pickle)
         if peer is not None:
-            frames.insert(0, peer)
+            frames = [peer, *frames]
         try:
             tracker = self._socket.send_multipart(frames, flags, copy=False, track=track)
         except zmq.Again as exc:
             if flags & zmq.NOBLOCK:
                 return False
-
-            raise ChannelError(f"send of a {msg.type} message timed out after "
+            raise ChannelError(f"send of a {what} message timed out after "
                                f"{self.options.send_timeout}s: no peer, or its queue is full"
                                ) from exc
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
-                raise ChannelError(f"peer {_name(peer)} is not connected") from exc
-            raise ChannelError(f"send of a {msg.type} message failed: {exc}") from exc
-        return tracker if tracker is not None else True
+                raise ChannelError(f"{_name(peer)} is not connected") from exc
+            raise ChannelError(f"send of a {what} message failed: {exc}") from exc
+        # pyzmq returns a tracker for any zero-copy frame: only one asked for counts.
+        return tracker if track and tracker is not None else True
 
     def recv(self, timeout: float) -> Received | None:
         """The next valid message, or None when ``timeout`` seconds pass without

@@ -38,8 +38,6 @@ import threading
 import time
 from typing import Any
 
-import zmq
-
 from .._allowlist import AllowList
 from .._engine import EngineSettings, ProcessEngine, Task
 from .._wakeup import Wakeup
@@ -61,6 +59,10 @@ log = logging.getLogger("shmrunner.worker")
 
 _ACCEPT = frozenset({"welcome", "task", "tasks", "heartbeat", "cancel", "shutdown"})
 _DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
+# How soon to ask ProcessEngine.kill again about a task that is not running yet (its start
+# usually comes with another task's result, which wakes the loop anyway): the
+# first retry, doubled up to the cap.
+_CANCEL_RETRY, _CANCEL_RETRY_MAX = 0.02, 1.0
 
 
 _Key = tuple[str, int]  # (the scheduler's session, its task id): unique across restarts
@@ -93,8 +95,10 @@ class Agent:
         self._done: collections.deque[tuple[_Key, Task | None, bool, Any]] = \
             collections.deque()
         self._running: dict[_Key, Task] = {}
-        # Cancels ProcessEngine.kill put off, with the seconds the task must have run first.
-        self._cancels: dict[_Key, tuple[BaseException, float]] = {}
+        # Cancels ProcessEngine.kill put off: why, the seconds the task must have run
+        # first, and how many times it was asked; when to ask again at the latest.
+        self._cancels: dict[_Key, tuple[BaseException, float, int]] = {}
+        self._cancel_at: float | None = None
         self._timeouts: dict[_Key, float] = {}  # the running tasks' timeouts (those with one)
         # The session of the scheduler this agent last joined, and the one of the
         # current connection (None until its welcome): tasks and cancels belong to
@@ -149,9 +153,6 @@ class Agent:
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
             self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
-            poller = zmq.Poller()
-            poller.register(channel.socket, zmq.POLLIN)
-            poller.register(self._wakeup.fd, zmq.POLLIN)
             last_heard = time.monotonic()
             next_beat = last_heard + self._beat[0]
             said_bye = False
@@ -159,16 +160,20 @@ class Agent:
             while True:
                 # Sent once the connection is up: a send with no pipe blocks for
                 # the whole send timeout (a refused CURVE key), deaf to SIGTERM.
-                if not said_hello and _writable(channel):
+                if not said_hello and channel.writable():
                     channel.send(hello)
                     said_hello = True
-                wait = max(0.0, next_beat - time.monotonic())
-                if self._cancels or not said_hello:  # check often until then
-                    wait = min(wait, 0.02)
-                events = dict(poller.poll(round(wait * 1000)))
-                if self._wakeup.fd in events:
-                    self._wakeup.drain()
-                if channel.socket in events:
+                # Sleep until the next deadline (a heartbeat, a cancel to ask
+                # again, the end of a drain's grace); a message, a result (the
+                # engine wakes the pipe), a stop, or before the hello room to
+                # send it, end the sleep sooner.
+                wake_at = next_beat
+                if self._cancel_at is not None:
+                    wake_at = min(wake_at, self._cancel_at)
+                if idle_since is not None:
+                    wake_at = min(wake_at, idle_since + _DRAIN_GRACE)
+                if channel.poll(max(0.0, wake_at - time.monotonic()),
+                                wakeup=self._wakeup, writable=not said_hello):
                     batch: list[Task] = []
                     try:
                         while (received := channel.recv(0)) is not None:
@@ -186,7 +191,7 @@ class Agent:
                 now = time.monotonic()
                 if self._stopping.is_set():
                     if not said_bye:
-                        if _writable(channel):
+                        if channel.writable():
                             channel.send(Message("bye", {"reason": "draining"}))
                         said_bye = True
                     if self._running:
@@ -196,7 +201,7 @@ class Agent:
                     elif now - idle_since > _DRAIN_GRACE:
                         return True
                 if now >= next_beat:
-                    if _writable(channel):  # no pipe: e.g. the scheduler refused our key
+                    if channel.writable():  # no pipe: e.g. the scheduler refused our key
                         channel.send(Message("heartbeat", {}))
                     next_beat = now + self._beat[0]
                     if now - last_heard > self._beat[1]:
@@ -241,7 +246,7 @@ class Agent:
             if key in self._running:
                 self._cancels[key] = (TaskTimeoutError(
                     f"task {key[1]} ran past its timeout and was stopped"),
-                    self._timeouts.get(key) or 0.0)
+                    self._timeouts.get(key) or 0.0, 0)
                 self._retry_cancels()
         elif msg.type == "shutdown":
             return False
@@ -258,7 +263,7 @@ class Agent:
             for key in list(self._running):
                 if key[0] != session:
                     self._cancels[key] = (TaskCancelledError(
-                        f"task {key[1]} belongs to scheduler session {gone}, which ended"), 0.0)
+                        f"task {key[1]} belongs to scheduler session {gone}, which ended"), 0.0, 0)
             log.info("joined scheduler session %s; dropped the work of session %s",
                      session, gone)
             self._retry_cancels()
@@ -266,14 +271,29 @@ class Agent:
 
     def _retry_cancels(self) -> None:
         """ProcessEngine.kill refuses a task still queued behind another on its process
-        ("ask again later"): ask again until it is running (then it is killed)."""
+        ("ask again later"): ask again until it is running (then it is killed).
+        Every round asks (a result may have started the task); ``_cancel_at``
+        is the latest time to ask again: when the task will have run for its
+        timeout, or after a backoff while it has not started."""
         assert self._core is not None
-        for key, (reason, timeout) in list(self._cancels.items()):
+        if not self._cancels:
+            self._cancel_at = None
+            return
+        now = time.monotonic()
+        retry_at: float | None = None
+        for key, (reason, timeout, tries) in list(self._cancels.items()):
             held = self._running.get(key)
             # The scheduler's clock started when it sent the task: the kill
             # waits until the task has *run* for its timeout here.
             if held is None or self._core.kill(held, reason, ran_for=timeout):
                 del self._cancels[key]
+                continue
+            self._cancels[key] = (reason, timeout, tries + 1)
+            started = held.started
+            when = started + timeout if started is not None and started + timeout > now \
+                else now + min(_CANCEL_RETRY_MAX, _CANCEL_RETRY * 2 ** min(tries, 16))
+            retry_at = when if retry_at is None else min(retry_at, when)
+        self._cancel_at = retry_at
 
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
         assert self._core is not None and self._session_id is not None
@@ -345,20 +365,11 @@ def _call_pickled(blob: bytes, /, *args: Any, **kwargs: Any) -> Any:
     return pickle.loads(blob)(*args, **kwargs)
 
 
-def _writable(channel: ZmqChannel) -> bool:
-    """Whether a send would not block. After a failed handshake (a CURVE key the
-    scheduler refused) libzmq drops the socket's only pipe and a send would wait
-    the whole send timeout; the heartbeat timeout then reconnects instead."""
-    return bool(channel.socket.poll(0, zmq.POLLOUT))
-
-
 def _result_body(session: str, task_id: int, ok: bool, value: Any) -> dict[str, Any]:
     if ok:
         return {"session": session, "task_id": task_id, "ok": True, "value": value}
-    cause = value.__cause__
-    tb = str(getattr(cause, "tb", "")) if cause is not None else ""
     return {"session": session, "task_id": task_id, "ok": False,
-            "error": exception_to_wire(value, tb)}
+            "error": exception_to_wire(value)}
 
 
 def run_agent(settings: WorkerSettings) -> int:

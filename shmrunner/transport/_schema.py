@@ -1,0 +1,172 @@
+"""The protocol's schema: message types, the fields each one carries, versioning.
+
+A message is ``[PROTOCOL_VERSION, type, body]`` on the wire (the codec,
+:mod:`._codec`, turns it into frames); this module says which ``type`` exists
+and what its ``body`` must hold. Receivers ignore fields they do not know
+(a version may gain optional fields); anything else that changes a message
+bumps ``PROTOCOL_VERSION`` (docs/protocol.md, Versioning). Checks are pure
+predicates over decoded values: :func:`_check_body` raises ``_Invalid``, which
+the codec turns into ``ProtocolError`` on decode and ``ValueError`` on encode.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import reprlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+__all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MessageType",
+           "Message"]
+
+PROTOCOL_VERSION = 2
+
+MessageType = Literal[
+    "hello", "result", "results", "heartbeat", "bye",             # worker -> scheduler
+    "welcome", "task", "tasks", "cancel", "shutdown",             # scheduler -> worker
+    "submit", "accepted", "fetch", "status", "status_reply", "error",  # client <-> daemon
+]
+MESSAGE_TYPES: frozenset[str] = frozenset(get_args(MessageType))
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One protocol message: its ``type`` and its ``body`` (string keys)."""
+
+    type: MessageType
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+# -- body schemas ---------------------------------------------------------------------
+
+class _Invalid(Exception):
+    """A body breaks its schema: ProtocolError on decode, ValueError on encode."""
+
+
+_Check = tuple[str, Callable[[Any], bool]]   # (what the value must be, predicate)
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {_short.repr(value)}"
+
+
+def _reason(exc: BaseException) -> str:
+    """A lower layer's exception in a few words (never the peer's whole payload)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _number(v: object) -> bool:
+    return type(v) is int or (type(v) is float and math.isfinite(v))
+
+
+def _is_ref(s: str) -> bool:
+    """Whether ``s`` reads 'package.module:qualname' (cached: refs repeat)."""
+    return _is_short_ref(s) if len(s) <= 200 else _ref_syntax(s)
+
+
+def _ref_syntax(s: str) -> bool:
+    module, sep, qualname = s.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) \
+        and all(p.isidentifier() for p in qualname.split("."))
+
+
+_is_short_ref = functools.lru_cache(maxsize=1024)(_ref_syntax)
+
+
+
+def _str_map(v: object) -> bool:
+    return type(v) is dict and all(type(k) is str for k in v)
+
+
+def _options(v: Any) -> bool:
+    return _str_map(v) and set(v) <= {"retries", "timeout"} \
+        and ("retries" not in v or _ID[1](v["retries"])) \
+        and ("timeout" not in v or _TIMEOUT[1](v["timeout"]))
+
+
+def _wire_error(v: Any) -> bool:
+    return _str_map(v) and all(type(v.get(k)) is str for k in ("type", "message", "traceback")) \
+        and (v.get("args") is None or type(v["args"]) in (list, tuple))
+
+
+_ID: _Check = ("an int >= 0", lambda v: type(v) is int and v >= 0)
+_STR: _Check = ("a str", lambda v: type(v) is str)
+_BOOL: _Check = ("a bool", lambda v: type(v) is bool)
+_POSITIVE: _Check = ("a number > 0", lambda v: _number(v) and v > 0)
+_TIMEOUT: _Check = ("None or a number > 0", lambda v: v is None or (_number(v) and v > 0))
+_WAIT: _Check = ("None or a number >= 0", lambda v: v is None or (_number(v) and v >= 0))
+_FN: _Check = ("a function reference 'package.module:qualname'",
+               lambda v: (type(v) is str and _is_ref(v)) or (type(v) is not str and callable(v)))
+_ARGS: _Check = ("a list or tuple", lambda v: type(v) in (list, tuple))
+_MAP: _Check = ("a map with str keys", _str_map)
+_OPTIONS: _Check = ("a map of retries (int >= 0) and timeout (None or number > 0)", _options)
+_ERROR: _Check = ("an error map {type, message, traceback: str; args: list or None}",
+                  _wire_error)
+_ANY: _Check = ("anything", lambda v: True)
+_SESSION: _Check = ("a str of 1 to 64 characters", lambda v: type(v) is str and 0 < len(v) <= 64)
+_OPT_JOB: _Check = ("a str or None", lambda v: v is None or type(v) is str)
+MAX_BATCH = 1024  # messages one tasks/results message may carry
+_BATCH: _Check = (f"a list of 1 to {MAX_BATCH} maps with str keys",
+                  lambda v: type(v) is list and 0 < len(v) <= MAX_BATCH
+                  and all(_str_map(item) for item in v))
+
+MAX_CAPACITY = 4096  # tasks one worker may run at once: a scheduler sends it this many
+# Why a bound: the scheduler sends a worker up to its advertised capacity of tasks;
+# one claiming 2**62 slots took every task and returned none.
+_CAPACITY: _Check = (f"an int from 1 to {MAX_CAPACITY} (tasks the worker runs at once)",
+                     lambda v: type(v) is int and 1 <= v <= MAX_CAPACITY)
+
+# type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
+_SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
+    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
+    "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
+                               "session": _SESSION}),
+    "results": ({"results": _BATCH}, {}),
+    "heartbeat": ({}, {}),
+    "bye": ({}, {"reason": _STR}),
+    "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
+                 "session": _SESSION}, {}),
+    "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
+    "tasks": ({"tasks": _BATCH}, {}),
+    "cancel": ({}, {"task_id": _ID, "job_id": _STR}),
+    "shutdown": ({}, {}),
+    "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
+               {"job_id": _OPT_JOB, "options": _OPTIONS}),
+    "accepted": ({"job_id": _STR}, {}),
+    "fetch": ({"job_id": _STR}, {"timeout": _WAIT}),
+    "status": ({}, {}),
+    "status_reply": ({"status": _MAP}, {}),
+    "error": ({"reason": _STR}, {"job_id": _OPT_JOB}),
+}
+assert set(_SCHEMAS) == MESSAGE_TYPES
+
+
+def _check_body(type_: str, body: dict[str, Any]) -> None:
+    required, optional = _SCHEMAS[type_]
+    for name, (what, ok) in required.items():
+        if name not in body:
+            raise _Invalid(f"{type_} message lacks field {name!r}")
+        if not ok(body[name]):
+            raise _Invalid(f"{type_} field {name!r} must be {what}, got {_describe(body[name])}")
+    for name, (what, ok) in optional.items():
+        if name in body and not ok(body[name]):
+            raise _Invalid(f"{type_} field {name!r} must be {what}, got {_describe(body[name])}")
+    if type_ in ("tasks", "results"):
+        for item in body[type_]:
+            _check_body(type_[:-1], item)  # each one as the single message would be
+        return
+    if type_ in ("result", "cancel") and ("task_id" in body) == ("job_id" in body):
+        raise _Invalid(f"{type_} message needs exactly one of 'task_id' and 'job_id'")
+    if type_ == "result" and "task_id" in body and "session" not in body:
+        # Task ids restart with every scheduler: only the session tells an old
+        # scheduler's task 3 from this one's.
+        raise _Invalid("result of a task lacks field 'session' (the welcome's)")
+    if type_ == "result" and ("value" if body["ok"] else "error") not in body:
+        raise _Invalid(f"result with ok={body['ok']} lacks field "
+                       f"{'value' if body['ok'] else 'error'!r}")
+
