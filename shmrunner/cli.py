@@ -28,10 +28,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .config import WorkerSettings, load, with_overrides
+    from .config import resolve, with_overrides
     from .worker.remote import run_agent
 
-    settings = load(args.config).worker if args.config else WorkerSettings()
+    settings = resolve(args.config, sections=("worker",), sets=args.set or ()).worker
+    # The command's own options are the last word, as --set is.
     overrides = {key: value for key, value in (
         ("connect", args.connect), ("processes", args.processes), ("name", args.name))
         if value is not None}
@@ -49,29 +50,11 @@ def _worker(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     import signal
 
-    from .config import Settings, load, with_overrides
+    from .config import resolve
     from .daemon import Daemon
 
-    settings = load(args.config) if args.config else Settings()
+    settings = resolve(args.config, sections=("daemon", "scheduler"), sets=args.set or ())
     daemon_settings, scheduler_settings = settings.daemon, settings.scheduler
-    for assignment in args.set or []:
-        key, equals, raw = assignment.partition("=")
-        section, _, name = key.partition(".")
-        if not equals or not name or section not in ("daemon", "scheduler"):
-            raise ConfigError(f"--set {assignment}: expected daemon.KEY=VALUE or "
-                              "scheduler.KEY=VALUE")
-        import yaml
-
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"--set {assignment}: VALUE is not valid YAML: {problem}") \
-                from None
-        if section == "daemon":
-            daemon_settings = with_overrides(daemon_settings, {name: value}, "daemon")
-        else:
-            scheduler_settings = with_overrides(scheduler_settings, {name: value}, "scheduler")
     logging.getLogger().setLevel(args.log_level or daemon_settings.log_level)
     daemon = Daemon(daemon_settings, scheduler_settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,19 +113,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """Options every command takes, before or after its name. After it, their
+    default is SUPPRESS: a command's parser must not overwrite what was given
+    before the command's name."""
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"shmrunner {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--log-level", default=default,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level on stderr (default: WARNING; the daemon: "
+                             "daemon.log_level)")
+
+
+def _set_option(parser: argparse.ArgumentParser, sections: str, example: str) -> None:
+    parser.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append",
+                        help=f"override one setting of the {sections} section(s), e.g. --set "
+                             f"{example} (repeatable; VALUE is read as YAML; wins over "
+                             "--config and SHMRUNNER_<SECTION>__<KEY> variables)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="shmrunner",
         description="Run Python functions in worker processes, numpy arrays in shared memory.",
+        epilog="Settings: defaults < --config FILE < SHMRUNNER_<SECTION>__<KEY> environment "
+               "variables < --set SECTION.KEY=VALUE (see README.md, Configuration).",
     )
-    parser.add_argument("--log-level", default=None,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging level on stderr (default: WARNING; the daemon: "
-                             "daemon.log_level)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _global_options(parser, None)
+    common = _Parser(add_help=False)
+    _global_options(common, argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
 
     demo = commands.add_parser(
-        "demo", help="map a function over large arrays with shmrunner.Pool and "
+        "demo", parents=[common],
+        help="map a function over large arrays with shmrunner.Pool and "
                      "multiprocessing.Pool and compare the times",
         description="Maps a function over large numpy arrays twice, with shmrunner.Pool and "
                     "with multiprocessing.Pool, checks both give the same results and prints "
@@ -156,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     worker = commands.add_parser(
-        "worker", help="run a remote worker agent that connects to a scheduler",
+        "worker", parents=[common],
+        help="run a remote worker agent that connects to a scheduler",
         description="Connects to a scheduler (or daemon), advertises --processes slots and "
                     "runs the tasks it is sent on this host's shared-memory pool. Reconnects "
                     "by itself; SIGTERM finishes the tasks it holds, then exits 0.")
@@ -171,10 +179,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="YAML settings file (its worker: section)")
     worker.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled functions and arguments (trusted networks only)")
+    _set_option(worker, "worker", "worker.join_timeout=120")
     worker.set_defaults(run=_worker)
 
     daemon = commands.add_parser(
-        "daemon", help="run the runner daemon (scheduler, journal, client and worker endpoints)",
+        "daemon", parents=[common],
+        help="run the runner daemon (scheduler, journal, client and worker endpoints)",
         description="Runs a long-lived scheduler: local shared-memory workers, remote workers "
                     "on daemon.workers, clients on daemon.clients, accepted jobs journaled in "
                     "SQLite. Without --config it uses an embedded default: ipc sockets in a "
@@ -183,13 +193,12 @@ def _parser() -> argparse.ArgumentParser:
                     "daemon.allow_unauthenticated. SIGTERM/SIGINT drain and exit 0.")
     daemon.add_argument("--config", metavar="FILE", default=None,
                         help="YAML settings file (daemon: and scheduler: sections)")
-    daemon.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append",
-                        help="override one setting, e.g. --set scheduler.local_workers=2 "
-                             "(repeatable; VALUE is read as YAML)")
+    _set_option(daemon, "daemon and scheduler", "scheduler.local_workers=2")
     daemon.set_defaults(run=_daemon)
 
     status = commands.add_parser(
-        "status", help="show a daemon's workers, queue depth, running, done and failed jobs",
+        "status", parents=[common],
+        help="show a daemon's workers, queue depth, running, done and failed jobs",
         description="Asks the daemon at --connect (default: this user's daemon on this "
                     "host) for its status and prints it.")
     status.add_argument("--connect", metavar="ADDR", default=None,
@@ -205,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(run=_status)
 
     keygen = commands.add_parser(
-        "keygen", help="write a CURVE key pair for a daemon, worker or client",
+        "keygen", parents=[common],
+        help="write a CURVE key pair for a daemon, worker or client",
         description="Writes NAME.key (public: give it to the other side) and NAME.key_secret "
                     "(private, mode 0600) into DIRECTORY (created 0700; never a symlink or "
                     "a directory others can write). Put clients' public keys in "

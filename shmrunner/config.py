@@ -6,13 +6,20 @@ whose fields carry their default and a validator; :func:`load` reads a YAML
 file and fails on the first problem with one :class:`ConfigError` line naming
 the file, the key and the fix. Unknown keys are errors, never ignored. The
 environment is read only here, when settings are resolved (never at import).
+
+A command's settings come from :func:`resolve`, each layer over the last::
+
+    defaults < the YAML file < SHMRUNNER_<SECTION>__<KEY> variables < --set SECTION.KEY=VALUE
+
+Every layer goes through the same key check and the same validators, and a
+bad value is one ``ConfigError`` line naming where it came from.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +27,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 __all__ = ["DaemonSettings", "SchedulerSettings", "WorkerSettings", "Settings", "load", "parse",
+           "resolve", "with_overrides", "ENV_PREFIX", "SHM_THRESHOLD_ALIAS",
            "default_address", "runtime_dir", "state_dir"]
 
 _ADDRESS = re.compile(r"^(tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5}|\*)|ipc://.+)$")
@@ -138,6 +146,11 @@ class WorkerSettings:
     heartbeat_interval: float = _setting(1.0, _seconds, "seconds between heartbeats")
     heartbeat_timeout: float = _setting(
         5.0, _seconds, "seconds without a scheduler heartbeat before reconnecting")
+    join_timeout: float | None = _setting(
+        30.0, _optional_seconds, "seconds a worker that was never welcomed by a scheduler "
+        "waits for one before it exits with status 1, naming the address (a wrong one, such "
+        "as a daemon's clients address); once welcomed it reconnects forever. null: wait "
+        "forever (agents started long before their scheduler)")
     allow_pickle: bool = _setting(False, _flag, "accept pickled functions and arguments")
     shm_threshold: int = _setting(64 * 1024, _count, "as scheduler.shm_threshold")
     max_message_bytes: int = _setting(1 << 31, _positive, "as scheduler.max_message_bytes")
@@ -288,7 +301,9 @@ _REPLACED = {
 }
 
 
-def _check_keys(known: set[str], section: str, keys: Any) -> None:
+def _check_keys(cls: type[Any], section: str, keys: Iterable[Any]) -> None:
+    """The one unknown-key check (files, overrides, the environment, --set)."""
+    known = {f.name for f in fields(cls)}
     for key in keys:
         replaced = _REPLACED.get((section, key))
         if replaced is not None:
@@ -298,10 +313,12 @@ def _check_keys(known: set[str], section: str, keys: Any) -> None:
                               f"{', '.join(sorted(known))}")
 
 
-def _build(cls: type[S], section: str, values: Mapping[str, Any]) -> S:
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    _check_keys(known, section, values)
-    return cls(**values)
+def _section(name: Any) -> type[Any]:
+    """The settings class of section ``name`` (ConfigError for an unknown one)."""
+    cls = _SECTIONS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ConfigError(f"{name}: unknown section; known sections are {', '.join(_SECTIONS)}")
+    return cls
 
 
 def parse(data: object, source: str = "<config>") -> Settings:
@@ -314,14 +331,13 @@ def parse(data: object, source: str = "<config>") -> Settings:
                               f"({', '.join(_SECTIONS)}), got {type(data).__name__}")
         sections: dict[str, Any] = {}
         for name, values in data.items():
-            if name not in _SECTIONS:
-                raise ConfigError(f"{name}: unknown section; known sections are "
-                                  f"{', '.join(_SECTIONS)}")
+            cls = _section(name)
             if values is None:
                 values = {}
             if not isinstance(values, Mapping):
                 raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
-            sections[name] = _build(_SECTIONS[name], name, values)
+            _check_keys(cls, name, values)
+            sections[name] = cls(**values)
         return Settings(**sections)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -339,6 +355,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not valid YAML: not UTF-8 text (byte "
                           f"0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    except ValueError as exc:  # a NUL in the path: no file can have that name
+        raise ConfigError(f"{source!r}: cannot read the file: {exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -351,9 +369,118 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
 def with_overrides(settings: S, overrides: Mapping[str, Any], section: str) -> S:
     """``settings`` with the given keys replaced (validated like the file)."""
-    known = {f.name for f in fields(settings)}  # type: ignore[arg-type]
-    _check_keys(known, section, overrides)
+    _check_keys(type(settings), section, overrides)
     return replace(settings, **overrides)  # type: ignore[type-var]
+
+
+# --- resolving a command's settings: file < environment < --set ------------------------------
+
+ENV_PREFIX = "SHMRUNNER_"
+# The Pool's threshold variable, older than the sections: for the commands it is
+# scheduler.shm_threshold and worker.shm_threshold, below their own variables.
+SHM_THRESHOLD_ALIAS = "SHMRUNNER_SHM_THRESHOLD"
+
+
+class _Override:
+    """One value for ``section.key`` and where it came from (for the error line)."""
+
+    __slots__ = ("source", "section", "key", "value")
+
+    def __init__(self, source: str, section: str, key: str, value: Any) -> None:
+        self.source, self.section, self.key, self.value = source, section, key, value
+
+
+def _yaml_value(text: str, source: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: the value is not valid YAML: {problem}") from None
+
+
+def _from_environment(environ: Mapping[str, str]) -> list[_Override]:
+    """``SHMRUNNER_<SECTION>__<KEY>`` variables, every one checked (an unknown one
+    is an error whatever the command reads: a typo must not be ignored)."""
+    found: list[_Override] = []
+    alias = environ.get(SHM_THRESHOLD_ALIAS)
+    if alias:  # set but empty was ignored before: it still is
+        source = f"environment variable {SHM_THRESHOLD_ALIAS}"
+        value = _yaml_value(alias, source)
+        found += [_Override(source, section, "shm_threshold", value)
+                  for section in ("scheduler", "worker")]
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX):].partition("__")
+        section, key = section.lower(), key.lower()
+        try:
+            _check_keys(_section(section), section, [key])
+        except ConfigError as exc:
+            raise ConfigError(f"environment variable {name}: {exc} (the variables are "
+                              f"{ENV_PREFIX}<SECTION>__<KEY>)") from None
+        source = f"environment variable {name}"
+        found.append(_Override(source, section, key, _yaml_value(environ[name], source)))
+    return found
+
+
+def _from_assignments(assignments: Iterable[str], sections: Collection[str]) -> list[_Override]:
+    found = []
+    for assignment in assignments:
+        source = f"--set {assignment}"
+        key, equals, raw = assignment.partition("=")
+        section, _, name = key.partition(".")
+        if not equals or not name or section not in sections:
+            expected = " or ".join(f"{s}.KEY=VALUE" for s in sections)
+            raise ConfigError(f"{source}: expected {expected}")
+        try:
+            _check_keys(_section(section), section, [name])
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        found.append(_Override(source, section, name, _yaml_value(raw, source)))
+    return found
+
+
+def _apply(settings: Settings, overrides: Sequence[_Override]) -> Settings:
+    """``settings`` with one layer of overrides (within a layer the last wins)."""
+    changed: dict[str, Any] = {}
+    for name in _SECTIONS:
+        layer = [o for o in overrides if o.section == name]
+        if not layer:
+            continue
+        values: dict[str, Any] = {}
+        for o in layer:
+            check = next(f for f in fields(_SECTIONS[name]) if f.name == o.key).metadata["check"]
+            problem = check(o.value)
+            if problem is not None:
+                raise ConfigError(f"{o.source}: {name}.{o.key}: expected {problem}, "
+                                  f"got {o.value!r}")
+            values[o.key] = o.value
+        try:
+            changed[name] = replace(getattr(settings, name), **values)
+        except ConfigError as exc:  # a rule across keys (heartbeats, CURVE files)
+            sources = ", ".join(dict.fromkeys(o.source for o in layer))
+            raise ConfigError(f"{sources}: {exc}") from None
+    return replace(settings, **changed) if changed else settings
+
+
+def resolve(path: str | os.PathLike[str] | None = None, *,
+            sections: Collection[str] = tuple(_SECTIONS), sets: Iterable[str] = (),
+            environ: Mapping[str, str] | None = None) -> Settings:
+    """A command's settings: the defaults, the YAML file at ``path`` over them,
+    the ``SHMRUNNER_<SECTION>__<KEY>`` environment variables over that, and the
+    ``--set SECTION.KEY=VALUE`` assignments ``sets`` last. Values from the
+    environment and ``--set`` are read as YAML and validated like the file's.
+    Only ``sections`` (those the command reads) take overrides; every
+    ``SHMRUNNER_*__*`` variable must still name a real setting. ``environ``:
+    default ``os.environ``, read now."""
+    settings = load(path) if path is not None else Settings()
+    from_env = _from_environment(os.environ if environ is None else environ)
+    from_sets = _from_assignments(sets, sections)
+    for layer in (from_env, from_sets):
+        settings = _apply(settings, [o for o in layer if o.section in sections])
+    return settings
 
 
 def describe(cls: type[Any]) -> list[tuple[str, Any, str]]:

@@ -19,14 +19,17 @@ from _daemon_tasks import Daemon, Proc, Worker, cli, env, named, run_cli
 from _util import wait_until
 
 # Every option each command must document in its --help (DESIGN.md, issue 4).
+# The global options (--version, --log-level) are accepted after every command too.
+GLOBAL = ["--version", "--log-level"]
 OPTIONS = {
-    (): ["--help", "--log-level", "demo", "worker", "daemon", "status", "keygen"],
-    ("demo",): ["--help", "--arrays", "--mib", "--processes"],
-    ("worker",): ["--help", "--connect", "--processes", "--name", "--config", "--allow-pickle"],
-    ("daemon",): ["--help", "--config", "--set"],
-    ("status",): ["--help", "--connect", "--timeout", "--json", "--curve-secret-key",
+    (): ["--help", *GLOBAL, "demo", "worker", "daemon", "status", "keygen"],
+    ("demo",): ["--help", *GLOBAL, "--arrays", "--mib", "--processes"],
+    ("worker",): ["--help", *GLOBAL, "--connect", "--processes", "--name", "--config",
+                  "--allow-pickle", "--set"],
+    ("daemon",): ["--help", *GLOBAL, "--config", "--set"],
+    ("status",): ["--help", *GLOBAL, "--connect", "--timeout", "--json", "--curve-secret-key",
                   "--curve-server-key"],
-    ("keygen",): ["--help", "directory", "--name", "--force"],
+    ("keygen",): ["--help", *GLOBAL, "directory", "--name", "--force"],
 }
 
 
@@ -51,6 +54,7 @@ BAD_OPTIONS = [
     pytest.param(["nosuch"], "nosuch", id="unknown-command"),
     pytest.param([], "COMMAND", id="no-command"),
     pytest.param(["--log-level", "LOUD", "demo"], "--log-level", id="bad-log-level"),
+    pytest.param(["demo", "--log-level", "LOUD"], "--log-level", id="bad-log-level-after"),
     pytest.param(["daemon", "--bogus"], "--bogus", id="daemon-unknown-option"),
     pytest.param(["daemon", "--config"], "--config", id="daemon-config-without-value"),
     pytest.param(["worker", "--processes", "0"], "--processes", id="worker-processes-0"),
@@ -95,6 +99,14 @@ def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
     pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "0.5",
                   "--curve-secret-key", "/nonexistent"], ["curve_server_key"],
                  id="status-half-curve"),
+    pytest.param(["worker", "--set", "worker.processes=0"],
+                 ["shmrunner worker: --set worker.processes=0", "whole number >= 1"],
+                 id="worker-set-bad-value"),
+    pytest.param(["worker", "--set", "daemon.journal=x"],
+                 ["--set daemon.journal=x", "expected worker.KEY=VALUE"],
+                 id="worker-set-other-section"),
+    pytest.param(["worker", "--set", "worker.join_timeout=-1"], ["worker.join_timeout"],
+                 id="worker-set-bad-join-timeout"),
 ])
 def test_bad_worker_and_status_settings_are_one_line(args: list[str], words: list[str]) -> None:
     done = run_cli(*args, timeout=30)
@@ -296,3 +308,73 @@ def test_demo_runs_prints_a_ratio_and_stops_everything_it_started(tmp_path: Path
     assert "same results" in out, out
     assert "results correct" in out, out  # the daemon + worker + client part
     assert not leftovers, f"the demo left processes behind: {leftovers}\n{out}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [["--version"], ["worker", "--version"],
+                                  ["daemon", "--set", "x", "--version"]],
+                         ids=["global", "after-worker", "after-daemon"])
+def test_version(args: list[str]) -> None:
+    import shmrunner
+
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"shmrunner {shmrunner.__version__}\n" and done.stderr == ""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("variable, value, words, commands", [
+    ("SHMRUNNER_WORKER__PROCESSES", "0", ["SHMRUNNER_WORKER__PROCESSES", "worker.processes"],
+     ["worker"]),
+    ("SHMRUNNER_SCHEDULER__MAX_PENDING", "[1", ["SHMRUNNER_SCHEDULER__MAX_PENDING", "YAML"],
+     ["daemon"]),
+    # A misspelt or unknown variable is an error for every command.
+    ("SHMRUNNER_WORKER__PROCESES", "2", ["SHMRUNNER_WORKER__PROCESES", "unknown key"],
+     ["worker", "daemon"]),
+    ("SHMRUNNER_DAEMON__NOPE", "2", ["SHMRUNNER_DAEMON__NOPE", "unknown key"],
+     ["worker", "daemon"]),
+    ("SHMRUNNER_SHM_THRESHOLD", "64k", ["SHMRUNNER_SHM_THRESHOLD", "shm_threshold"],
+     ["worker", "daemon"]),
+])
+def test_a_bad_environment_variable_is_one_line_and_exit_2(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
+        words: list[str], commands: list[str]) -> None:
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # never this user's real daemon
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    for name in commands:
+        command = ["worker", "--connect", "tcp://127.0.0.1:1"] if name == "worker" else [name]
+        done = run_cli(*command, timeout=30)
+        assert done.returncode == 2, (command, done.stderr)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"shmrunner {command[0]}: "), lines
+        for word in words:
+            assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.timeout(90)
+def test_daemon_settings_precedence_file_environment_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """default < --config file < SHMRUNNER_<SECTION>__<KEY> < --set, seen in the
+    addresses the daemon prints once it serves."""
+    from _daemon_tasks import READY, free_port
+
+    a, b, c, d, e = (f"tcp://127.0.0.1:{free_port()}" for _ in range(5))
+    config = tmp_path / "daemon.yaml"
+    config.write_text(f"daemon:\n  clients: {a}\n  workers: {b}\n  allow_unauthenticated: true\n"
+                      f"  journal: {tmp_path / 'journal.sqlite'}\n"
+                      "scheduler:\n  local_workers: 1\n")
+    monkeypatch.setenv("SHMRUNNER_DAEMON__CLIENTS", c)
+    monkeypatch.setenv("SHMRUNNER_DAEMON__WORKERS", d)
+    daemon = Proc(["daemon", "--config", str(config), "--set", f"daemon.workers={e}",
+                   "--log-level", "WARNING"], tmp_path / "daemon.err")
+    try:
+        wait_until(lambda: READY in daemon.text() or not daemon.alive(), timeout=30,
+                   message="the daemon's ready line")
+        line = next(line for line in daemon.text().splitlines() if READY in line)
+        # the environment beat the file; --set beat the environment
+        assert line == f"{READY}{c}, workers on {e}", line
+    finally:
+        leftovers = daemon.stop()
+    assert daemon.popen.returncode == 0, daemon.text()
+    assert not leftovers, leftovers

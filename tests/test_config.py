@@ -346,3 +346,127 @@ def test_default_addresses_are_resolved_from_the_environment_when_used(
     assert settings.clients_address() == f"ipc://{tmp_path}/state/shmrunner/clients.sock"
     assert DaemonSettings(clients="tcp://10.0.0.1:5560").clients_address() \
         == "tcp://10.0.0.1:5560"
+
+
+# --- resolve: defaults < file < environment < --set ------------------------------------------
+
+
+def test_precedence_default_file_environment_set(tmp_path: Path) -> None:
+    from shmrunner.config import resolve
+
+    path = write(tmp_path, "scheduler:\n  max_pending: 5\n  retries: 1\n  prefetch: 2\n")
+    env = {"SHMRUNNER_SCHEDULER__MAX_PENDING": "10", "SHMRUNNER_SCHEDULER__RETRIES": "3"}
+    s = resolve(path, environ=env, sets=["scheduler.max_pending=20"]).scheduler
+    assert s.max_pending == 20  # --set beats the environment and the file
+    assert s.retries == 3       # the environment beats the file
+    assert s.prefetch == 2      # the file beats the default
+    assert s.timeout is None    # the default
+    assert resolve(path, environ=env).scheduler.max_pending == 10
+    assert resolve(path, environ={}).scheduler.max_pending == 5
+    assert resolve(environ={}).scheduler.max_pending == SchedulerSettings().max_pending
+
+
+def test_environment_values_are_yaml_and_validated_like_the_file(tmp_path: Path) -> None:
+    from shmrunner.config import resolve
+
+    env = {"SHMRUNNER_DAEMON__CLIENTS": "ipc:///tmp/x/clients.sock",
+           "SHMRUNNER_DAEMON__ALLOW_UNAUTHENTICATED": "true",
+           "SHMRUNNER_SCHEDULER__TIMEOUT": "1.5",
+           "SHMRUNNER_SCHEDULER__LOCAL_WORKERS": "null",
+           "SHMRUNNER_WORKER__ALLOWED_FUNCTIONS": "[mypkg.jobs, 'a:b_*']"}
+    settings = resolve(environ=env)
+    assert settings.daemon.clients == "ipc:///tmp/x/clients.sock"
+    assert settings.daemon.allow_unauthenticated is True
+    assert settings.scheduler.timeout == 1.5 and settings.scheduler.local_workers is None
+    assert settings.worker.allowed_functions == ("mypkg.jobs", "a:b_*")
+    for name, value, words in [
+        ("SHMRUNNER_SCHEDULER__MAX_PENDING", "0", ["scheduler.max_pending", "whole number"]),
+        ("SHMRUNNER_SCHEDULER__TIMEOUT", "soon", ["scheduler.timeout", "'soon'"]),
+        ("SHMRUNNER_DAEMON__CLIENTS", "localhost:1", ["daemon.clients", "ZeroMQ address"]),
+        ("SHMRUNNER_SCHEDULER__RETRIES", "[1", ["not valid YAML"]),
+        ("SHMRUNNER_SCHEDULER__HEARTBEAT_INTERVAL", "9", ["scheduler.heartbeat_timeout"]),
+        ("SHMRUNNER_SCHEDULER__MAX_PENDNG", "3", ["scheduler.max_pendng", "unknown key",
+                                                  "max_pending"]),
+        ("SHMRUNNER_SCHEDULR__RETRIES", "3", ["schedulr", "unknown section"]),
+        ("SHMRUNNER_DAEMON__CURVE_AUTHORIZED_KEYS", "/tmp", ["curve_authorized_clients"]),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            resolve(environ={name: value})
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"environment variable {name}: "), \
+            message
+        for word in words:
+            assert word in message, (word, message)
+
+
+def test_only_the_sections_a_command_reads_take_overrides(tmp_path: Path) -> None:
+    from shmrunner.config import resolve
+
+    # A worker host may carry the daemon's variables; their names are still checked.
+    env = {"SHMRUNNER_DAEMON__CURVE_SECRET_KEY": str(tmp_path / "absent"),
+           "SHMRUNNER_WORKER__PROCESSES": "3"}
+    settings = resolve(environ=env, sections=("worker",))
+    assert settings.worker.processes == 3 and settings.daemon.curve_secret_key is None
+    with pytest.raises(ConfigError, match="daemon.curve_secret_key"):
+        resolve(environ=env, sections=("daemon",))
+    with pytest.raises(ConfigError, match=r"^--set daemon\.journal=x: expected worker\.KEY"):
+        resolve(sections=("worker",), sets=["daemon.journal=x"], environ={})
+    with pytest.raises(ConfigError, match="SHMRUNNER_DAEMON__NOPE"):
+        resolve(environ={"SHMRUNNER_DAEMON__NOPE": "1"}, sections=("worker",))
+
+
+def test_the_environment_is_read_when_resolved_never_at_import(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from shmrunner.config import resolve
+
+    monkeypatch.setenv("SHMRUNNER_WORKER__NAME", "from-env")
+    assert resolve().worker.name == "from-env"
+    monkeypatch.setenv("SHMRUNNER_WORKER__NAME", "changed")
+    assert resolve().worker.name == "changed"
+    # Other SHMRUNNER_ variables without a section are not settings: left alone.
+    monkeypatch.setenv("SHMRUNNER_FUZZ_MESSAGES", "10")
+    assert resolve().worker.name == "changed"
+    # Importing the package reads no setting.
+    code = ("import shmrunner, shmrunner.config, shmrunner.cli; print('ok')")
+    env = {**os.environ, "SHMRUNNER_SCHEDULER__NOPE": "1", "PYTHONPATH": REPO}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+def test_shm_threshold_variable_is_an_alias_below_the_sections_own(tmp_path: Path) -> None:
+    from shmrunner.config import resolve
+
+    s = resolve(environ={"SHMRUNNER_SHM_THRESHOLD": "1024"})
+    assert s.scheduler.shm_threshold == 1024 and s.worker.shm_threshold == 1024
+    s = resolve(environ={"SHMRUNNER_SHM_THRESHOLD": "1024",
+                         "SHMRUNNER_WORKER__SHM_THRESHOLD": "2048"},
+                sets=["scheduler.shm_threshold=4096"])
+    assert (s.scheduler.shm_threshold, s.worker.shm_threshold) == (4096, 2048)
+    assert resolve(environ={"SHMRUNNER_SHM_THRESHOLD": ""}) == Settings()  # empty: unset
+    with pytest.raises(ConfigError, match=r"^environment variable SHMRUNNER_SHM_THRESHOLD: "
+                                          r"scheduler\.shm_threshold: expected"):
+        resolve(environ={"SHMRUNNER_SHM_THRESHOLD": "64k"})
+
+
+def test_set_assignments(tmp_path: Path) -> None:
+    from shmrunner.config import resolve
+
+    s = resolve(sets=["worker.processes=2", "worker.name=box", "worker.processes=4"],
+                sections=("worker",), environ={})
+    assert (s.worker.processes, s.worker.name) == (4, "box")  # the last one wins
+    for bad, words in [("worker.processes=0", ["--set worker.processes=0",
+                                               "worker.processes", "whole number"]),
+                       ("worker.procs=2", ["worker.procs", "unknown key", "processes"]),
+                       ("worker.processes", ["expected worker.KEY=VALUE"]),
+                       ("processes=2", ["expected worker.KEY=VALUE"]),
+                       ("worker.name=[x", ["not valid YAML"])]:
+        with pytest.raises(ConfigError) as info:
+            resolve(sets=[bad], sections=("worker",), environ={})
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_nul_in_the_config_path_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load("settings\0.yaml")

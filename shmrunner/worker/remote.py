@@ -19,6 +19,11 @@ Data flow::
         restarted, or the network was cut): it reconnects by itself. An
         unexpected error in this loop is logged, counted and ends the
         connection the same way, never the agent.
+        never welcomed -> until its first welcome the agent may be talking to
+        the wrong thing (a daemon's clients address, another program): an
+        answer that is not the protocol's, or no welcome within join_timeout,
+        ends the agent with one line naming the address (run() raises
+        ShmrunnerError). Once welcomed, it reconnects forever.
 
 SIGTERM or SIGINT: the agent says ``bye`` (the scheduler stops sending work),
 finishes the tasks it holds, sends their results and exits 0.
@@ -105,6 +110,10 @@ class Agent:
         # the connection's session, and results are sent only to their own session.
         self._joined: str | None = None
         self._session_id: str | None = None
+        # Until the first welcome, whoever answers may be no scheduler at all:
+        # when the agent first said hello, and why it gave up (then run() raises).
+        self._first_hello: float | None = None
+        self._wrong_endpoint: str | None = None
         self.refused = 0  # tasks that arrived before a welcome (no session to file them)
         self.errors = 0  # unexpected exceptions the agent loop recovered from
         self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
@@ -125,6 +134,8 @@ class Agent:
         try:
             while True:
                 if self._session():
+                    if self._wrong_endpoint is not None:
+                        raise ShmrunnerError(self._wrong_endpoint)
                     return 0
         finally:
             if self._running:
@@ -145,6 +156,10 @@ class Agent:
                                               settings.curve_server_key)))
         self._session_id = None
         try:
+            if self._first_hello is None:
+                self._first_hello = time.monotonic()
+            elif self._not_a_scheduler(0):
+                return True
             channel.connect(settings.connect or "")
             hello = Message("hello", {"name": self.name, "host": socket.gethostname(),
                                       "pid": os.getpid(),
@@ -186,6 +201,8 @@ class Agent:
                             self._core.submit(batch)
                     # A welcome may have shortened the interval.
                     next_beat = min(next_beat, last_heard + self._beat[0])
+                if self._joined is None and self._not_a_scheduler(channel.rejected):
+                    return True
                 self._retry_cancels()
                 self._send_results(channel)
                 now = time.monotonic()
@@ -224,6 +241,28 @@ class Agent:
             return self._stopping.is_set()
         finally:
             channel.close()
+
+    def _not_a_scheduler(self, rejected: int) -> bool:
+        """Before the first welcome: whether to give up on this address (True,
+        with the reason in ``_wrong_endpoint``): it answered with messages that
+        are not the protocol's (``rejected``, or tasks before a welcome), or no
+        welcome came within join_timeout. Not while draining: SIGTERM exits 0."""
+        if self._joined is not None or self._stopping.is_set() or self._first_hello is None:
+            return False
+        address, timeout = self.settings.connect, self.settings.join_timeout
+        hint = ("is it the daemon's workers address (daemon.workers, not daemon.clients) or "
+                "a Scheduler's listen address, is that running, and does it accept this "
+                "worker's CURVE key?")
+        if rejected or self.refused:
+            self._wrong_endpoint = (
+                f"{address} did not answer as a shmrunner scheduler (it sent "
+                f"{rejected + self.refused} message(s) that are not a scheduler's welcome): "
+                f"{hint}")
+        elif timeout is not None and time.monotonic() - self._first_hello > timeout:
+            self._wrong_endpoint = (
+                f"{address} did not answer as a shmrunner scheduler: no welcome within "
+                f"{timeout:g} s of this worker's hello (worker.join_timeout): {hint}")
+        return self._wrong_endpoint is not None
 
     def _handle(self, msg: Message, batch: list[Task]) -> bool:
         """Act on one message (tasks are appended to ``batch``); False on shutdown."""
