@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._sink import ResultSink
-from .errors import attach_remote_traceback
+from .errors import ConfigError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
 from .transport.pickling import Encoded, dumps, loads
 from .worker.loop import TASK_ID
@@ -98,7 +98,7 @@ def resolve_threshold(threshold: int | None) -> int:
         try:
             return int(env)
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"SHMRUNNER_SHM_THRESHOLD={env!r} is not a whole number of bytes; "
                 "set it to e.g. 65536 or unset it"
             ) from None

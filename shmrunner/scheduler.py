@@ -44,6 +44,7 @@ from ._payload import default_budget
 from ._streams import Progress, chunked_calls, stream, total_of
 from .config import SchedulerSettings, load
 from .errors import (
+    ConfigError,
     SchedulerBusyError,
     ShmrunnerError,
     TaskCancelledError,
@@ -172,7 +173,7 @@ class Scheduler(Executor):
             options["listen"] = listen
         self.settings = with_overrides(base, options, "scheduler") if options else base
         if self.settings.local_workers == 0 and self.settings.listen is None:
-            raise ValueError("a Scheduler with local_workers=0 needs listen= for remote "
+            raise ConfigError("a Scheduler with local_workers=0 needs listen= for remote "
                              "workers, or it could run nothing")
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
