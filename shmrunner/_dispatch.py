@@ -138,7 +138,7 @@ class TaskQueue:
                         requeue.append(task)
                     continue
                 lifecycle.assign(worker, task)
-                if worker.tasks[0] is task:
+                if worker.tasks[0] is task and not task.report_start:
                     task.started = time.monotonic()
                 frames, ids = batches.setdefault(worker, ([], []))
                 frames.append(frame(task, message))

@@ -62,6 +62,7 @@ from typing import Any
 from ._atexit import stop_at_exit
 from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
 from ._manager import Manager
+from ._sink import ResultSink
 from ._tasks import Task, deliver
 from ._wakeup import Wakeup
 from .errors import ShmrunnerError, TaskCancelledError
@@ -148,9 +149,11 @@ class ProcessEngine:
     # --- the API, from any thread -----------------------------------------------------------
 
     def new_task(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
-                 result: Any, index: int = 0) -> Task:
-        """A task whose outcome settles ``result`` (a :class:`~shmrunner._sink.ResultSink`)."""
-        return Task(next(self._ids), fn, args, kwargs, result, index)
+                 result: ResultSink, index: int = 0, *, report_start: bool = False) -> Task:
+        """A task whose outcome settles ``result``. ``report_start``: its worker
+        says when it really starts it (one more message), so that a timeout
+        (:meth:`kill` with ``ran_for``) counts from then; for tasks with one."""
+        return Task(next(self._ids), fn, args, kwargs, result, index, report_start)
 
     def submit(self, tasks: Iterable[Task]) -> None:
         """Queue ``tasks``, sending at once what the workers have room for;

@@ -24,7 +24,7 @@ from .errors import InitializerError, ShmrunnerError
 from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import close_fds
 from .worker.lifecycle import ProcessLifecycle, Worker
-from .worker.loop import BYE, INIT_FAILED, TASK_ID
+from .worker.loop import BYE, INIT_FAILED, STARTED, TASK_ID
 
 __all__ = ["Manager"]
 
@@ -104,12 +104,16 @@ class Manager:
         """Decode a worker's messages, then under one lock: retire finished
         tasks and refill the worker; callbacks run after the lock is released."""
         outcomes = []
+        started: list[int] = []  # tasks the worker says it starts (those with a timeout)
         lifecycle = self._lifecycle
         for payload, fds in messages:
             (task_id,) = TASK_ID.unpack_from(payload)
             if task_id == BYE:
                 lifecycle.retire(worker)
                 close_fds(fds)
+                continue
+            if task_id == STARTED:
+                started.append(TASK_ID.unpack_from(payload, TASK_ID.size)[0])
                 continue
             task_id, ok, value = decode_outcome(payload, fds)
             if task_id == INIT_FAILED:
@@ -121,8 +125,14 @@ class Manager:
         with queue.lock:
             finished = [(lifecycle.finish(worker, task_id), ok, value)
                         for task_id, ok, value in outcomes]
-            if worker.tasks and worker.tasks[0].started is None:
-                worker.tasks[0].started = time.monotonic()  # next in line: running now
+            now = time.monotonic()
+            if started:
+                for held in worker.tasks:
+                    if held.id in started:
+                        held.started = now
+            head = worker.tasks[0] if worker.tasks else None
+            if head is not None and head.started is None and not head.report_start:
+                head.started = now  # next in line: running now
             taken = queue.take_locked()
         failed = queue.send(taken) if taken else []
         for task, ok, value in finished:

@@ -21,17 +21,19 @@ from ._sink import ResultSink
 from .errors import ConfigError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
 from .transport.pickling import Encoded, dumps, loads
-from .worker.loop import TASK_ID
+from .worker.loop import REPORT_START, TASK_ID
 
 __all__ = ["Task", "run_chunk", "encode_task", "frame", "decode_outcome", "deliver",
            "resolve_threshold"]
 
 
 class Task:
-    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "kill_reason", "started")
+    __slots__ = ("id", "fn", "args", "kwargs", "result", "index", "kill_reason", "started",
+                 "report_start")
 
     def __init__(self, task_id: int, fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: Mapping[str, Any], result: ResultSink | None, index: int) -> None:
+                 kwargs: Mapping[str, Any], result: ResultSink | None, index: int,
+                 report_start: bool = False) -> None:
         self.id = task_id
         self.fn = fn
         self.args = args
@@ -42,8 +44,10 @@ class Task:
         # reported instead of WorkerLostError.
         self.kill_reason: BaseException | None = None
         # When its worker started it (monotonic), as the engine sees it: the task
-        # at the head of a worker's queue is the one running.
+        # at the head of a worker's queue is the one running; with report_start
+        # (a task with a timeout), when the worker said it starts it.
         self.started: float | None = None
+        self.report_start = report_start
 
     def describe(self) -> str:
         fn = self.args[0] if self.fn is run_chunk else self.fn
@@ -64,7 +68,8 @@ def encode_task(task: Task, threshold: int) -> Encoded:
 
 def frame(task: Task, message: Encoded) -> tuple[bytes, list[int], Callable[[], None]]:
     """``message`` as the worker channel's frame: id, pickle, fds, release."""
-    return TASK_ID.pack(task.id) + message.data, message.fds, message.release
+    task_id = task.id | REPORT_START if task.report_start else task.id
+    return TASK_ID.pack(task_id) + message.data, message.fds, message.release
 
 
 def decode_outcome(payload: bytearray, fds: list[int]) -> tuple[int, bool, Any]:

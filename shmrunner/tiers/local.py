@@ -56,8 +56,9 @@ class LocalTier:
         tasks = []
         for job in jobs:
             fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
-            job.handle = (job.attempts, self.engine.new_task(fn, job.args, job.kwargs,
-                                                           _Outcome(self, job)))
+            job.handle = (job.attempts, self.engine.new_task(
+                fn, job.args, job.kwargs, _Outcome(self, job),
+                report_start=job.timeout is not None))
             tasks.append(job.handle[1])
         self.engine.submit(tasks)
 

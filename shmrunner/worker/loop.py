@@ -7,7 +7,10 @@ Messages on the worker's channel (see ``transport/fdchannel.py``):
 * worker -> parent: ``<task id: u64><pickle of (ok, value)>``; ``value`` is
   the result, or ``(exception, formatted traceback)``. Two ids are control
   messages: ``BYE`` (retiring after ``maxtasks``, said before exiting so the
-  parent does not count the worker lost) and ``INIT_FAILED``.
+  parent does not count the worker lost) and ``INIT_FAILED``; and ``STARTED``
+  followed by a task id, sent just before running a task whose id carries the
+  ``REPORT_START`` bit (a task with a timeout: its clock starts when it
+  really starts, so a timeout never stops a task short of its time).
 
 The task id travels outside the pickle both ways, so that a task whose
 arguments cannot be unpickled here, or whose result cannot be unpickled
@@ -36,11 +39,13 @@ from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
 
-__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED"]
+__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "REPORT_START"]
 
 TASK_ID = struct.Struct("<Q")
 BYE = (1 << 64) - 1
 INIT_FAILED = (1 << 64) - 2
+STARTED = (1 << 64) - 3
+REPORT_START = 1 << 63  # a bit of a task's id on its way to the worker
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,6 +77,9 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         if not payload:
             break
         (task_id,) = TASK_ID.unpack_from(payload)
+        if task_id & REPORT_START:
+            task_id ^= REPORT_START
+            channel.send_batch([(TASK_ID.pack(STARTED) + TASK_ID.pack(task_id), [], _nothing)])
         ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
         del payload, fds
         # Sent before the next task starts: a result held back while another
@@ -82,6 +90,10 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         done += 1
     if maxtasks is not None and done >= maxtasks:
         channel.send_batch([_encode(BYE, True, None, threshold)])
+
+
+def _nothing() -> None:
+    pass
 
 
 def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:

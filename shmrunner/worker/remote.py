@@ -347,7 +347,7 @@ class Agent:
                 fn = functools.partial(_call_pickled, _pickle_dumps(fn))
             reply = _Reply(self, key)
             task = reply.task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
-                                                    reply)
+                                                    reply, report_start=bool(body.get("timeout")))
         except Exception as exc:
             self._completed(key, None, False, exc)
             return
