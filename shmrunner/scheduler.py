@@ -4,6 +4,7 @@ workers and remote workers.
 Data flow::
 
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
+                       (_backlog.py: the queue, the running jobs, the budgets)
                                                           |  Tier.start(jobs)
                        +-- local tier (tiers/local.py): the Pool engine
                        |   (_engine.py), arrays by shared-memory handle;
@@ -22,16 +23,14 @@ then the remote worker with the most room. ``_pump`` runs on whichever thread
 freed capacity or queued work, so a task never waits for a thread hop when a
 worker is free. Timeouts are armed when a task is handed to a tier; on expiry
 the tier stops the task (the local tier kills the process running it) and the
-task fails, or is retried, with :class:`TaskTimeoutError`. No future is left
-pending: shutdown and tier failures settle every one.
+task fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
+thread, ``_timers.py``). No future is left pending: shutdown and tier failures
+settle every one.
 """
 
 from __future__ import annotations
 
-import collections
-import heapq
 import itertools
-import logging
 import os
 import threading
 import time
@@ -39,13 +38,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
+from ._backlog import Backlog
 from ._job import Job
 from ._payload import default_budget
 from ._streams import Progress, chunked_calls, stream, total_of
+from ._timers import Timers
 from .config import SchedulerSettings, load
 from .errors import (
     ConfigError,
-    SchedulerBusyError,
     ShmrunnerError,
     TaskCancelledError,
     TaskTimeoutError,
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
     from .transport.zmqchannel import CurveKeys
 
 __all__ = ["Scheduler"]
-
-log = logging.getLogger("shmrunner.scheduler")
 
 
 def _resolve(ref: str) -> Callable[..., Any]:
@@ -78,53 +76,6 @@ def _reference(fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
         return function_ref(fn)
     except (TypeError, ValueError):
         return fn
-
-
-class _Timers:
-    """One thread that calls callbacks at deadlines."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            heapq.heappush(self._heap, (deadline, next(self._seq), callback))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="shmrunner-timers",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._heap.clear()
-            self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and (
-                        not self._heap or self._heap[0][0] > time.monotonic()):
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(wait)
-                if self._closed:
-                    return
-                _, _, callback = heapq.heappop(self._heap)
-            try:
-                callback()
-            except Exception:
-                # One failed callback must not end the thread: every later
-                # timeout would then silently never fire.
-                log.exception("a scheduler timer callback failed; timers keep running")
 
 
 def _run_chunk(fn: Callable[..., Any] | str, chunk: list[tuple[Any, ...]]) -> list[Any]:
@@ -175,18 +126,11 @@ class Scheduler(Executor):
         if self.settings.local_workers == 0 and self.settings.listen is None:
             raise ConfigError("a Scheduler with local_workers=0 needs listen= for remote "
                              "workers, or it could run nothing")
-        self._lock = threading.Lock()
-        self._not_full = threading.Condition(self._lock)
-        self._queue: collections.deque[Job] = collections.deque()
-        self._running: dict[Job, Tier] = {}  # each job handed to a tier, and which
-        self._all_done = threading.Condition(self._lock)
+        self._backlog = Backlog(self.settings.max_pending,
+                                self.settings.max_pending_bytes or default_budget())
         self._ids = itertools.count()
-        self._submitted = 0  # tasks accepted by submit, ever
-        self._shutdown = False
         self._creator = os.getpid()
-        self._held_bytes = 0  # payload bytes of the jobs queued or running
-        self._byte_budget = self.settings.max_pending_bytes or default_budget()
-        self._timers = _Timers()
+        self._timers = Timers()
         self._tiers: list[Tier] = []
         self._local: LocalTier | None = None
         self._remote: RemoteTier | None = None
@@ -212,7 +156,7 @@ class Scheduler(Executor):
 
     def queued(self) -> int:
         """Tasks waiting for a worker."""
-        return len(self._queue)
+        return self._backlog.queued()
 
     def local_capacity(self) -> int:
         """Local worker processes (0 for a remote-only scheduler)."""
@@ -233,17 +177,11 @@ class Scheduler(Executor):
         workers log; None without one), and ``pending_bytes`` of array and
         bytes arguments held by queued and running tasks against their budget
         ``max_pending_bytes``."""
-        with self._lock:
-            queued, running, held = len(self._queue), len(self._running), self._held_bytes
-            submitted, shutdown = self._submitted, self._shutdown
+        backlog = self._backlog.snapshot()
         remote = self._remote.status() if self._remote is not None else None
         return {
-            "queued": queued,
-            "running": running,
-            "submitted": submitted,
-            "shutdown": shutdown,
-            "pending_bytes": held,
-            "max_pending_bytes": self._byte_budget,
+            **backlog,
+            "max_pending_bytes": self._backlog.byte_budget,
             "local_workers": self.local_capacity(),
             "workers": remote["workers"] if remote is not None else [],
             "rejected": remote["rejected"] if remote is not None else 0,
@@ -298,23 +236,7 @@ class Scheduler(Executor):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         future: Future[Any] = Future()
         job = Job(next(self._ids), future, fn, args, kwargs, retries, timeout)
-        with self._not_full:
-            # Blocks on either budget; a task larger than the byte budget alone
-            # is let in once nothing else is held, or it could never run.
-            while not self._shutdown and (
-                    len(self._queue) >= self.settings.max_pending
-                    or (self._held_bytes and self._held_bytes + job.nbytes > self._byte_budget)):
-                if not block:
-                    raise SchedulerBusyError(
-                        f"{len(self._queue)} tasks ({self._held_bytes} bytes of arguments) "
-                        "already wait for a worker (scheduler.max_pending, "
-                        "max_pending_bytes); submit again later")
-                self._not_full.wait()
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._held_bytes += job.nbytes
-            self._submitted += 1
-            self._queue.append(job)
+        self._backlog.admit(job, block)
         self._pump()
         return future
 
@@ -367,14 +289,7 @@ class Scheduler(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         if os.getpid() != self._creator:
             return  # a fork() child's copy: the workers and sockets are the parent's
-        with self._lock:
-            self._shutdown = True
-            cancelled = list(self._queue) if cancel_futures else []
-            if cancel_futures:
-                self._queue.clear()
-                for job in cancelled:
-                    self._release(job)
-            self._not_full.notify_all()
+        cancelled = self._backlog.shut_down(cancel_futures)
         for job in cancelled:
             # A job waiting for a retry is already RUNNING: cancel() cannot settle it.
             if not job.future.cancel() and not job.future.done():
@@ -382,9 +297,7 @@ class Scheduler(Executor):
                     f"task {job.id} was waiting for a retry when the scheduler shut down "
                     "with cancel_futures=True"))
         if wait:
-            with self._all_done:
-                while self._queue or self._running:
-                    self._all_done.wait()
+            self._backlog.wait_idle()
             self._close_tiers(wait=True)
         else:
             threading.Thread(target=self.shutdown, kwargs={"wait": True},
@@ -396,26 +309,7 @@ class Scheduler(Executor):
         """Hand queued jobs to the tiers with room: the local tier first (no
         network, arrays stay in shared memory), then the remote one; each tier
         gets its jobs in one call, so they travel together."""
-        batches: list[tuple[Tier, list[Job]]] = []
-        with self._lock:
-            for tier in self._tiers:
-                if not self._queue:
-                    break
-                room = tier.room()
-                jobs = []
-                while room > 0 and self._queue:
-                    job = self._queue.popleft()
-                    if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
-                        self._release(job)
-                        continue  # cancelled while queued
-                    job.attempts += 1
-                    self._running[job] = tier
-                    jobs.append(job)
-                    room -= 1
-                if jobs:
-                    batches.append((tier, jobs))
-            self._not_full.notify_all()
-            self._all_done.notify_all()
+        batches = self._backlog.place(self._tiers)
         for tier, jobs in batches:
             try:
                 tier.start(jobs)
@@ -429,7 +323,7 @@ class Scheduler(Executor):
 
     def _arm(self, job: Job, tier: Tier) -> None:
         attempt = job.attempts
-        if self._running.get(job) is not tier:
+        if self._backlog.running_on(job) is not tier:
             return  # that attempt is over already
         self._timers.call_at(time.monotonic() + (job.timeout or 0.0),
                              lambda: self._expire(job, attempt, tier))
@@ -439,9 +333,8 @@ class Scheduler(Executor):
         may have finished (or been retried) on another thread meanwhile: the
         tier's ``stop`` is aimed at that attempt and does nothing once it is
         over, so a late timer never stops anything else."""
-        with self._lock:
-            if job.future.done() or job.attempts != attempt or self._running.get(job) is not tier:
-                return
+        if not self._backlog.is_current(job, attempt, tier):
+            return
         reason = TaskTimeoutError(f"task {job.id} ran longer than its timeout of {job.timeout} s")
         if not tier.stop(job, attempt, reason):
             # Still queued on its worker behind another task: check again shortly.
@@ -452,14 +345,7 @@ class Scheduler(Executor):
         """A tier reports one attempt's outcome: retry it or settle the future."""
         retry = (not ok and isinstance(value, (WorkerLostError, TaskTimeoutError))
                  and job.retries > 0)
-        with self._lock:
-            self._running.pop(job, None)
-            if retry:
-                job.retries -= 1
-                self._queue.appendleft(job)
-            else:
-                self._release(job)
-            self._all_done.notify_all()
+        self._backlog.finish(job, retry)
         if not retry:
             if ok:
                 job.future.set_result(value)
@@ -469,22 +355,11 @@ class Scheduler(Executor):
         if pump:
             self._pump()
 
-    def _release(self, job: Job) -> None:
-        """Under the lock: ``job`` no longer holds its arguments' bytes."""
-        if job.nbytes:
-            self._held_bytes -= job.nbytes
-            job.nbytes = 0
-            self._not_full.notify_all()
-
     def _close_tiers(self, wait: bool) -> None:
         self._timers.close()
         for tier in self._tiers:
             tier.close(wait)
-        with self._lock:
-            leftover = list(self._queue) + list(self._running)
-            self._queue.clear()
-            self._running.clear()
-        for job in leftover:
+        for job in self._backlog.drain():
             if not job.future.done():
                 if job.future.running():
                     job.future.set_exception(ShmrunnerError("the scheduler shut down"))

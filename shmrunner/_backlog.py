@@ -1,0 +1,164 @@
+"""Backlog: the Scheduler's queued and running jobs, under one lock, with the
+budgets that make ``submit`` block.
+
+Data flow::
+
+    submit() --admit()--> queue (waits while max_pending jobs are queued or
+                          the held argument bytes would pass the byte budget)
+    _pump()  --place()--> each tier with room gets its jobs --> running {job: tier}
+    on_done  --finish()-> running --> settled (the bytes are released), or back
+                          to the front of the queue for a retry
+    shutdown --shut_down() / wait_idle() / drain()
+
+One lock guards the queue, the running map and the counters; ``submit``
+waits on one condition of it (room in the budgets) and ``shutdown`` on
+another (nothing queued or running). A job holds its arguments' bytes from
+``admit`` until it is settled or cancelled, so the byte budget counts running
+tasks too: their arguments are still in memory. The order of the tiers given
+to :meth:`Backlog.place` is the placement policy (the Scheduler puts the local
+tier first); the Backlog only fills each tier's room in that order.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ._job import Job
+from .errors import SchedulerBusyError
+from .tiers.base import Tier
+
+__all__ = ["Backlog"]
+
+
+class Backlog:
+    """Queued and running jobs, the task-count and byte budgets, the shutdown flag."""
+
+    def __init__(self, max_pending: int, byte_budget: int) -> None:
+        self.byte_budget = byte_budget
+        self._max_pending = max_pending
+        self._lock = threading.Lock()
+        self._not_full = threading.Condition(self._lock)
+        self._all_done = threading.Condition(self._lock)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: dict[Job, Tier] = {}  # each job handed to a tier, and which
+        self._submitted = 0  # tasks accepted by submit, ever
+        self._shutdown = False
+        self._held_bytes = 0  # payload bytes of the jobs queued or running
+
+    def queued(self) -> int:
+        """Jobs waiting for a worker."""
+        return len(self._queue)
+
+    def snapshot(self) -> dict[str, Any]:
+        """``queued``, ``running``, ``submitted``, ``shutdown`` and ``pending_bytes``,
+        taken together."""
+        with self._lock:
+            return {"queued": len(self._queue), "running": len(self._running),
+                    "submitted": self._submitted, "shutdown": self._shutdown,
+                    "pending_bytes": self._held_bytes}
+
+    def admit(self, job: Job, block: bool) -> None:
+        """Queue ``job`` once both budgets have room (``block=False``: raise
+        :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown."""
+        with self._not_full:
+            # Blocks on either budget; a task larger than the byte budget alone
+            # is let in once nothing else is held, or it could never run.
+            while not self._shutdown and (
+                    len(self._queue) >= self._max_pending
+                    or (self._held_bytes and self._held_bytes + job.nbytes > self.byte_budget)):
+                if not block:
+                    raise SchedulerBusyError(
+                        f"{len(self._queue)} tasks ({self._held_bytes} bytes of arguments) "
+                        "already wait for a worker (scheduler.max_pending, "
+                        "max_pending_bytes); submit again later")
+                self._not_full.wait()
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._held_bytes += job.nbytes
+            self._submitted += 1
+            self._queue.append(job)
+
+    def place(self, tiers: Sequence[Tier]) -> list[tuple[Tier, list[Job]]]:
+        """Take queued jobs for the tiers with room, in the order given; each
+        taken job is counted as an attempt and marked running on its tier
+        (jobs cancelled while queued are dropped)."""
+        batches: list[tuple[Tier, list[Job]]] = []
+        with self._lock:
+            for tier in tiers:
+                if not self._queue:
+                    break
+                room = tier.room()
+                jobs = []
+                while room > 0 and self._queue:
+                    job = self._queue.popleft()
+                    if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
+                        self._release(job)
+                        continue  # cancelled while queued
+                    job.attempts += 1
+                    self._running[job] = tier
+                    jobs.append(job)
+                    room -= 1
+                if jobs:
+                    batches.append((tier, jobs))
+            self._not_full.notify_all()
+            self._all_done.notify_all()
+        return batches
+
+    def running_on(self, job: Job) -> Tier | None:
+        """The tier running ``job`` now (None once that attempt is over)."""
+        return self._running.get(job)
+
+    def is_current(self, job: Job, attempt: int, tier: Tier) -> bool:
+        """Whether attempt ``attempt`` of ``job`` is still running on ``tier``."""
+        with self._lock:
+            return (not job.future.done() and job.attempts == attempt
+                    and self._running.get(job) is tier)
+
+    def finish(self, job: Job, retry: bool) -> None:
+        """One attempt of ``job`` is over: queue it first for a retry (one
+        retry used), or release it for good."""
+        with self._lock:
+            self._running.pop(job, None)
+            if retry:
+                job.retries -= 1
+                self._queue.appendleft(job)
+            else:
+                self._release(job)
+            self._all_done.notify_all()
+
+    def shut_down(self, cancel_futures: bool) -> list[Job]:
+        """Refuse new jobs from now on; with ``cancel_futures``, take every
+        queued job out (returned, for the caller to cancel)."""
+        with self._lock:
+            self._shutdown = True
+            cancelled = list(self._queue) if cancel_futures else []
+            if cancel_futures:
+                self._queue.clear()
+                for job in cancelled:
+                    self._release(job)
+            self._not_full.notify_all()
+        return cancelled
+
+    def wait_idle(self) -> None:
+        """Wait until no job is queued or running."""
+        with self._all_done:
+            while self._queue or self._running:
+                self._all_done.wait()
+
+    def drain(self) -> list[Job]:
+        """Take out every job still queued or running (the tiers are closed)."""
+        with self._lock:
+            leftover = list(self._queue) + list(self._running)
+            self._queue.clear()
+            self._running.clear()
+        return leftover
+
+    def _release(self, job: Job) -> None:
+        """Under the lock: ``job`` no longer holds its arguments' bytes."""
+        if job.nbytes:
+            self._held_bytes -= job.nbytes
+            job.nbytes = 0
+            self._not_full.notify_all()

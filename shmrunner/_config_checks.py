@@ -1,0 +1,90 @@
+"""The validators of the settings' fields, and the field helper that carries them.
+
+Each validator takes a value and returns None when it is acceptable, else
+what was expected ("a whole number >= 0"), which the caller turns into one
+:class:`~shmrunner.errors.ConfigError` line naming the section and the key.
+Stateless: the section dataclasses (``_config_sections.py``) attach one
+validator to each field with :func:`setting`, :func:`validate` runs them when
+a section is built, and the override layers (``_config_overrides.py``) run the
+same one on a value before it replaces a field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+Check = Callable[[Any], str | None]
+
+_ADDRESS = re.compile(r"^(tcp://(\*|[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5}|\*)|ipc://.+)$")
+
+
+def check(predicate: Callable[[Any], bool], expected: str) -> Check:
+    """A validator: ``expected`` unless ``predicate`` holds."""
+    def checker(value: Any) -> str | None:
+        return None if predicate(value) else expected
+    return checker
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+count = check(lambda v: is_int(v) and v >= 0, "a whole number >= 0")
+positive = check(lambda v: is_int(v) and v >= 1, "a whole number >= 1")
+optional_count = check(lambda v: v is None or (is_int(v) and v >= 0),
+                       "a whole number >= 0, or null for the CPU count")
+optional_positive = check(lambda v: v is None or (is_int(v) and v >= 1),
+                          "a whole number >= 1, or null for the CPU count")
+# As protocol.MAX_CAPACITY (not imported: config stays light): a worker holds at
+# most its capacity plus the prefetch, both bounded.
+_MAX_PREFETCH = 4096
+prefetch = check(lambda v: is_int(v) and 0 <= v <= _MAX_PREFETCH,
+                 f"a whole number from 0 to {_MAX_PREFETCH}")
+seconds = check(lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
+optional_seconds = check(lambda v: v is None or (_is_number(v) and v > 0),
+                         "a number of seconds > 0, or null for none")
+flag = check(lambda v: isinstance(v, bool), "true or false")
+address = check(lambda v: isinstance(v, str) and bool(_ADDRESS.match(v)),
+                "a ZeroMQ address such as tcp://127.0.0.1:5560")
+optional_address = check(lambda v: v is None or (isinstance(v, str) and bool(_ADDRESS.match(v))),
+                         "a ZeroMQ address such as tcp://127.0.0.1:5560, or null")
+start_method = check(lambda v: v in (None, "fork", "spawn", "forkserver"),
+                     "one of fork, spawn, forkserver, or null for the default")
+optional_path = check(lambda v: v is None or (isinstance(v, str) and v != ""),
+                      "a file or directory path, or null")
+level = check(lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
+              "one of DEBUG, INFO, WARNING, ERROR")
+name = check(lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 200),
+             "a short name, or null for the host name and pid")
+# A function pattern: "module" or "module:qualname", fnmatch wildcards allowed.
+_PATTERN = re.compile(r"^[\w.*?\[\]!-]+(:[\w.*?\[\]!-]+)?$")
+MAX_PATTERNS = 1000
+patterns = check(
+    lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) <= MAX_PATTERNS and all(
+        isinstance(p, str) and len(p) <= 300 and bool(_PATTERN.match(p)) for p in v)),
+    "a list of 'module' or 'module:qualname' patterns (* and ? wildcards allowed), "
+    "or null for any importable function")
+
+
+def setting(default: Any, checker: Check, doc: str) -> Any:
+    """A dataclass field with its default, its validator and its one-line doc."""
+    return field(default=default, metadata={"check": checker, "doc": doc})
+
+
+def validate(settings: object, section: str) -> None:
+    """Run every field's validator on the built ``settings``; the first problem
+    is one ConfigError line naming ``section.key``."""
+    for f in fields(settings):  # type: ignore[arg-type]
+        problem = f.metadata["check"](getattr(settings, f.name))
+        if problem is not None:
+            raise ConfigError(f"{section}.{f.name}: expected {problem}, "
+                              f"got {getattr(settings, f.name)!r}")
