@@ -1,0 +1,225 @@
+"""memfd segments: create, seal, reserve, attach (verified), copy into.
+
+A :class:`Segment` is one anonymous ``memfd`` and its ``MAP_SHARED`` mapping,
+the buffer behind every shared numpy array (see ``shm.py`` for why memfd).
+Data flow: the sender either allocates a segment for an array made in shared
+memory (:meth:`Segment.allocate`) or copies a private array into a fresh
+memfd whose fd it owns until the message carrying it is sent
+(:func:`copy_to_memfd`, :func:`close_copies`); the fd crosses over an AF_UNIX
+socket and the receiver maps it with :meth:`Segment.attach` once it has
+checked the seals and size.
+
+Lifetimes: a :class:`Segment` owns one fd and one mapping; both are released
+when the last numpy array viewing the mapping is garbage collected
+(``weakref.finalize``). Under the ``fork`` start method a worker inherits, as
+fork does, every segment its parent held at that moment (a task may use a
+module-level shared array), and keeps those alive until it exits; ``spawn``
+and ``forkserver`` workers hold only what they are sent. An fd is kept open
+while the mapping lives so the array can be passed on again by handle (a
+worker returning the array it received costs no copy). Segments are created ``MFD_CLOEXEC``.
+
+Sealed size: every memfd is sealed against shrinking and growing (and against
+further seals) as soon as it is sized, and a receiver maps only a segment
+that carries those seals and is as large as its handle says. Without them,
+any process holding the fd could ``ftruncate`` it and every process mapping
+it would die of SIGBUS on its next access; with them the ``ftruncate`` fails
+(EPERM). Contents stay writable by design: shared arrays are shared.
+
+State: the fds :func:`copy_to_memfd` made and no message has closed yet
+(``_copies``), which a forked child closes at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import weakref
+from typing import Any
+
+import numpy as np
+
+from ._shmlimits import check_fits, mib
+from .errors import ProtocolError, SharedMemoryError
+
+__all__ = ["Segment", "close_copies", "copy_to_memfd"]
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+# Populating maps every page up front (one syscall instead of one fault per
+# page); past this size a receiver that touches a slice should not pay for all.
+_POPULATE_LIMIT = 1 << 30
+# Set on every segment once sized; required of every segment received.
+_SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class Segment(mmap.mmap):
+    """One memfd and its shared mapping; numpy arrays use it as their buffer.
+
+    The fd stays open as long as the mapping is referenced, so the segment can
+    be sent on by handle; both are released by the garbage collector.
+    """
+
+    fd: int
+    address: int
+
+    @classmethod
+    def attach(cls, fd: int, size: int) -> Segment:
+        """Map an fd received from another process; once this returns, the
+        segment owns ``fd`` (on failure the caller still does).
+
+        Refuses (ProtocolError) an fd that is not a memfd sealed against
+        resizing, or smaller than ``size``: mapping it would let its sender
+        crash this process with SIGBUS by shrinking it later."""
+        _check_sealed(fd, size)
+        flags = mmap.MAP_SHARED | (_MAP_POPULATE if size <= _POPULATE_LIMIT else 0)
+        seg = cls(fd, size, flags=flags)
+        seg._own(fd)
+        return seg
+
+    @classmethod
+    def allocate(cls, nbytes: int) -> Segment:
+        """A new zero-filled segment of ``nbytes`` whose pages are reserved up front."""
+        size = max(nbytes, 1)  # mmap refuses an empty file
+        fd = _new_memfd(size)
+        try:
+            _reserve(fd, size)
+            seg = cls(fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        seg._own(fd)
+        return seg
+
+    def _own(self, fd: int) -> None:
+        self.fd = fd
+        probe = np.ndarray((1,), np.uint8, buffer=self)
+        self.address = probe.ctypes.data
+        del probe
+        weakref.finalize(self, os.close, fd)
+
+
+def _new_memfd(size: int) -> int:
+    """A memfd of ``size`` bytes whose size is sealed (see the module docstring)."""
+    fd = os.memfd_create("shmrunner", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the pages now: a full tmpfs or memory cgroup then fails here
+    with a SharedMemoryError instead of a SIGBUS on a later write through a map."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise SharedMemoryError(
+                f"cannot reserve {mib(size)} of shared memory: {exc.strerror}; "
+                "free memory, release arrays you no longer use, or use smaller arrays"
+            ) from exc
+        raise
+
+
+def _check_sealed(fd: int, size: int) -> None:
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        actual = os.fstat(fd).st_size
+    except OSError as exc:  # EINVAL: not a memfd (a file, a pipe, a socket)
+        raise ProtocolError(
+            f"refused a shared array: its fd is not a shared memory segment ({exc.strerror}); "
+            "it was not sent by shmrunner"
+        ) from exc
+    if seals & _SIZE_SEALS != _SIZE_SEALS:
+        raise ProtocolError(
+            "refused a shared array: its segment is not sealed against resizing, so its "
+            "sender could crash this process (SIGBUS); it was not sent by shmrunner"
+        )
+    if actual < size:
+        raise ProtocolError(
+            f"refused a shared array: its segment holds {actual} bytes but its handle "
+            f"says {size}; it was not sent by shmrunner"
+        )
+
+
+# --- transfer: plain arrays copied into a fresh segment ------------------------
+
+
+def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...]]:
+    """Copy a private array into a new memfd; return ``(fd, size, strides)``.
+
+    The caller owns the fd and closes it once it has been sent. Raises OSError
+    when shared memory cannot be used (the caller falls back to pickling) and
+    SharedMemoryError when the array cannot fit.
+    """
+    nbytes = array.nbytes
+    check_fits(nbytes)
+    size = max(nbytes, 1)
+    fd = _new_memfd(size)
+    _copies.add(fd)
+    try:
+        if array.flags.c_contiguous or array.flags.f_contiguous:
+            # Same memory order on both sides; pwrite is one kernel copy and
+            # reports ENOSPC instead of faulting.
+            flat = (array if array.flags.c_contiguous else array.T).reshape(-1)
+            _pwrite_all(fd, memoryview(flat.view(np.uint8)))  # type: ignore[arg-type]
+            strides = array.strides
+        else:
+            _reserve(fd, size)  # a write through the map would SIGBUS on a full tmpfs
+            with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as mapping:
+                dst = np.ndarray(array.shape, array.dtype, buffer=mapping)
+                np.copyto(dst, array, casting="no")
+                strides = dst.strides
+                del dst
+    except BaseException:
+        close_copies([fd])
+        raise
+    return fd, size, tuple(strides)
+
+
+# Fds made by copy_to_memfd and not yet closed by their message. Pickling runs
+# outside the pool's lock, so the pool may fork a worker meanwhile: the child
+# closes these at once instead of holding a copy of each array until it exits.
+_copies: set[int] = set()
+
+
+def close_copies(fds: list[int]) -> None:
+    """Close fds returned by :func:`copy_to_memfd` (once sent, or dropped)."""
+    for fd in fds:
+        # Forgotten before closed: a fork in between leaks one fd into the
+        # child, where the other order could close an unrelated reused fd.
+        _copies.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _close_copies_in_child() -> None:
+    for fd in _copies:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _copies.clear()
+
+
+os.register_at_fork(after_in_child=_close_copies_in_child)
+
+
+def _pwrite_all(fd: int, data: memoryview) -> None:
+    offset = 0
+    try:
+        while offset < len(data):
+            offset += os.pwrite(fd, data[offset:], offset)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise SharedMemoryError(
+                f"cannot copy {mib(len(data))} into shared memory: {exc.strerror}; "
+                "free memory, release arrays you no longer use, or use smaller arrays"
+            ) from exc
+        raise
