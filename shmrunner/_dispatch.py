@@ -32,12 +32,22 @@ from .transport.fdchannel import FdChannel
 from .transport.pickling import Encoded
 from .worker.lifecycle import ProcessLifecycle, Worker
 
-__all__ = ["TaskQueue", "RUN", "CLOSE", "TERMINATE"]
+__all__ = ["TaskQueue", "Budget", "RUN", "CLOSE", "TERMINATE"]
 
 # The states multiprocessing.pool uses (its tests read and write ``_state``).
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 _Frame = tuple[bytes, list[int], Callable[[], None]]
+
+
+class Budget:
+    """How many more tasks an imap feeder may submit (its ``buffersize``):
+    one is spent per task, one given back per result its consumer takes."""
+
+    __slots__ = ("free",)
+
+    def __init__(self, size: int) -> None:
+        self.free = size
 
 
 class TaskQueue:
@@ -85,14 +95,28 @@ class TaskQueue:
             for task, error in self.send(taken):
                 deliver(task, False, error)
 
-    def wait_for_room(self) -> bool:
-        """Block a feeder until the queue has room; False once terminated."""
+    def wait_for_room(self, budget: Budget | None = None) -> bool:
+        """Block a feeder until the queue has room and its ``budget`` a task
+        to spend (then spent); False once terminated."""
         with self.changed:
             # Woken by every change that ends the wait (take_locked,
-            # remove_locked and clear_locked notify; so does terminating).
-            while len(self.pending) >= self.feed_limit and self.state != TERMINATE:
+            # remove_locked, clear_locked and give_back notify; so does
+            # terminating).
+            while self.state != TERMINATE and (
+                    len(self.pending) >= self.feed_limit
+                    or (budget is not None and budget.free <= 0)):
                 self.changed.wait()
-            return self.state != TERMINATE
+            if self.state == TERMINATE:
+                return False
+            if budget is not None:
+                budget.free -= 1
+            return True
+
+    def give_back(self, budget: Budget) -> None:
+        """A result of ``budget``'s imap was consumed: its feeder may read on."""
+        with self.changed:
+            budget.free += 1
+            self.changed.notify_all()
 
     def take_locked(self) -> list[Task]:
         """Take from the queue as many tasks as the workers have room for,

@@ -60,7 +60,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ._atexit import stop_at_exit
-from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
+from ._dispatch import CLOSE, RUN, TERMINATE, Budget, TaskQueue
 from ._manager import Manager
 from ._sink import ResultSink
 from ._tasks import Task, deliver
@@ -69,7 +69,7 @@ from .errors import ShmrunnerError, TaskCancelledError
 from .shm import DEFAULT_THRESHOLD
 from .worker.lifecycle import TERMINATE_GRACE, ProcessLifecycle
 
-__all__ = ["ProcessEngine", "EngineSettings", "EngineStatus", "Task", "RUN", "CLOSE",
+__all__ = ["ProcessEngine", "EngineSettings", "EngineStatus", "Budget", "Task", "RUN", "CLOSE",
            "TERMINATE"]
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,9 +210,19 @@ class ProcessEngine:
             self._queue.feeders.discard(feeder)
         self._wakeup.wake()
 
-    def wait_for_room(self) -> bool:
-        """Block a feeder until the queue has room; False once terminated."""
-        return self._queue.wait_for_room()
+    def wait_for_room(self, budget: Budget | None = None) -> bool:
+        """Block a feeder until the queue has room (and ``budget``, from
+        :meth:`new_budget`, a task to spend); False once terminated."""
+        return self._queue.wait_for_room(budget)
+
+    @staticmethod
+    def new_budget(size: int) -> Budget:
+        """A feeder's allowance of ``size`` tasks ahead of its consumer."""
+        return Budget(size)
+
+    def give_back(self, budget: Budget) -> None:
+        """The consumer took a result: ``budget``'s feeder may submit one more."""
+        self._queue.give_back(budget)
 
     def kill(self, task: Task, reason: BaseException, ran_for: float = 0.0) -> bool:
         """Stop ``task`` and fail it with ``reason``, once it has run for

@@ -8,6 +8,7 @@ are in ``_engine.py``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ._engine import CLOSE, RUN, TERMINATE, EngineSettings, ProcessEngine
+from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from ._tasks import resolve_threshold, run_chunk
 from .errors import TaskCancelledError
@@ -188,9 +189,10 @@ class Pool:
                 raise TypeError("buffersize must be an integer or None")
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
-        budget = threading.Semaphore(buffersize) if buffersize is not None else None
-        result = kind(budget.release if budget is not None else None)
         engine = self._engine
+        budget = engine.new_budget(buffersize) if buffersize is not None else None
+        result = kind(functools.partial(engine.give_back, budget) if budget is not None
+                      else None)
         feeder = threading.Thread(target=_feed,
                                   args=(engine, result, func, iter(iterable), chunksize, budget),
                                   name="shmrunner-imap-feeder", daemon=True)
@@ -202,16 +204,12 @@ class Pool:
 
 
 def _feed(engine: ProcessEngine, result: IMapIterator, func: Callable[[Any], Any],
-          items: Iterator[Any], chunksize: int, budget: threading.Semaphore | None) -> None:
+          items: Iterator[Any], chunksize: int, budget: Budget | None) -> None:
     """An imap's feeder thread: read the input lazily, at the pace the pool runs it."""
     index = 0
     try:
         while True:
-            if budget is not None:
-                while not budget.acquire(timeout=0.5):
-                    if engine.terminated:
-                        break
-            if not engine.wait_for_room():
+            if not engine.wait_for_room(budget):
                 # Terminated: end the iterator rather than leave next() waiting.
                 result.settle(index, False, TaskCancelledError("the pool was terminated"))
                 result._set_length(index + 1)

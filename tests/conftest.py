@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +45,21 @@ def _is_session_helper(pid: int) -> bool:
     except OSError:
         return False
     return b"forkserver" in cmdline or b"resource_tracker" in cmdline
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Make daemons (``_daemon_tasks.Daemon``, or ``cls=`` a subclass; not
+    started); every one is stopped, with all it started."""
+    from _daemon_tasks import Daemon
+
+    made: list[Daemon] = []
+
+    def make(cls: type[Daemon] = Daemon, **options: Any) -> Daemon:
+        d = cls(tmp_path, name=f"daemon{len(made)}", **options)
+        made.append(d)
+        return d
+
+    yield make
+    leftovers = [pid for d in made for pid in d.close()]
+    assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +16,10 @@ import pytest
 
 import _daemon_tasks
 import shmrunner
-from _daemon_tasks import Daemon, TaskFailed, Worker, named, stopped
+from _daemon_tasks import TaskFailed, Worker, named, stopped
 from _util import children, wait_until
 from shmrunner.client import Client
 from shmrunner.transport.zmqchannel import ZmqChannel
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Make daemons (not started); every one is stopped, with all it started."""
-    made: list[Daemon] = []
-
-    def make(**options: object) -> Daemon:
-        d = Daemon(tmp_path, name=f"daemon{len(made)}", **options)  # type: ignore[arg-type]
-        made.append(d)
-        return d
-
-    yield make
-    leftovers = [pid for d in made for pid in d.close()]
-    assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"
 
 
 @pytest.fixture

@@ -43,21 +43,6 @@ from shmrunner.transport.protocol import PROTOCOL_VERSION, Message, decode, enco
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Make daemons (not started); every one is stopped, with all it started."""
-    made: list[Daemon] = []
-
-    def make(**options: Any) -> Daemon:
-        d = Daemon(tmp_path, name=f"daemon{len(made)}", **options)
-        made.append(d)
-        return d
-
-    yield make
-    leftovers = [pid for d in made for pid in d.close()]
-    assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"
-
-
-@pytest.fixture
 def workers() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,6 @@ from shmrunner.config import default_address
 from shmrunner.transport.curve import CurveKeys, server_keys
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(cls: type[Daemon] = Daemon, **options: Any) -> Daemon:
-        d = cls(tmp_path, name=f"daemon{len(made)}", **options)
-        made.append(d)
-        return d
-
-    yield make
-    leftovers = [pid for d in made for pid in d.close()]
-    assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,11 @@ import numpy as np
 import pytest
 
 import shmrunner
-from _daemon_tasks import Daemon, RawPeer
+from _daemon_tasks import RawPeer
 from _util import wait_until
 from shmrunner._jobid import job_id_problem
 from shmrunner.errors import JournalError
 from shmrunner.transport.protocol import PROTOCOL_VERSION, Message
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Make daemons (not started); every one is stopped, with all it started."""
-    made: list[Daemon] = []
-
-    def make(**options: Any) -> Daemon:
-        d = Daemon(tmp_path, name=f"daemon{len(made)}", **options)
-        made.append(d)
-        return d
-
-    yield make
-    leftovers = [pid for d in made for pid in d.close()]
-    assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"
 
 
 def _tree(root: Path, skip: Path) -> set[str]:
