@@ -1,14 +1,27 @@
 """How the daemon's front thread answers its clients: never waiting.
 
-The front thread serves every client from one ROUTER socket, so a reply that
-cannot go at once (the peer stopped reading and its queue is at the high-water
-mark, or it has gone) is dropped and counted (``dropped``, the status field
-``dropped_replies``) instead of stalling the others. Nothing is lost for good:
-a client asks about its running jobs again every ``refetch_interval``.
+Data flow::
+
+    reply(peer, msg) --> try_send (ZeroMQ's per-peer queue) --> the client
+           | the peer's queue is full (a burst: it is busy sending)
+           v
+    that peer's backlog (bounded: _BACKLOG_BYTES) --flush() each round--> ZeroMQ
+           | over the bound, or the peer is gone
+           v
+    dropped, counted (``dropped_replies``)
+
+The front thread serves every client from one ROUTER socket, so it never
+blocks on one of them. A client that submits thousands of jobs at once is not
+reading while it sends: its replies wait in its backlog, in order, and go as
+soon as it reads again. Only a client that stops reading for good (or has
+gone) loses replies, which are dropped and counted instead of stalling the
+others or filling the daemon's memory. Nothing is lost for good: a client asks
+about its running jobs again every ``refetch_interval``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
@@ -20,6 +33,16 @@ __all__ = ["Replier", "refusal"]
 
 log = logging.getLogger("shmrunner.daemon")
 
+_BACKLOG_BYTES = 32 << 20  # replies held for one client whose queue is full, at most
+
+
+class _Backlog:
+    __slots__ = ("frames", "nbytes")
+
+    def __init__(self) -> None:
+        self.frames: collections.deque[tuple[list[Any], int]] = collections.deque()
+        self.nbytes = 0
+
 
 class Replier:
     """Sends replies on the front thread's channel; counts the dropped ones."""
@@ -27,7 +50,14 @@ class Replier:
     def __init__(self, channel: ZmqChannel, *, allow_pickle: bool) -> None:
         self._channel = channel
         self._allow_pickle = allow_pickle
-        self.dropped = 0  # replies dropped: the peer's queue was full, or it was gone
+        self.dropped = 0  # replies dropped: the peer's backlog was full, or it was gone
+        self._backlogs: dict[bytes, _Backlog] = {}
+
+    @property
+    def waiting(self) -> bool:
+        """Whether replies wait in a backlog (ZeroMQ does not say when a peer's
+        queue has room again: the front thread flushes them every few ms)."""
+        return bool(self._backlogs)
 
     def reply(self, peer: bytes, msg: Message) -> None:
         try:
@@ -39,15 +69,44 @@ class Replier:
 
     def reply_frames(self, peer: bytes, frames: list[Any]) -> None:
         """Send without ever waiting (see the module's docstring)."""
-        try:
-            if self._channel.try_send_frames(frames, peer):
+        backlog = self._backlogs.get(peer)
+        if backlog is None:  # in order: nothing of this peer's waits
+            try:
+                if self._channel.try_send_frames(frames, peer):
+                    return
+            except ChannelError as exc:  # "peer … is not connected" (gone), or the socket failed
+                self._drop(1, str(exc))
                 return
-            why = f"peer {peer.hex()}: its queue is full (not reading?)"
-        except ChannelError as exc:  # "peer … is not connected" (gone), or the socket failed
-            why = str(exc)
-        self.dropped += 1
-        if self.dropped <= 10 or self.dropped % 1000 == 0:
-            log.info("reply #%d dropped: %s", self.dropped, why)
+            backlog = self._backlogs[peer] = _Backlog()
+        nbytes = sum(memoryview(frame).nbytes for frame in frames)
+        if backlog.nbytes + nbytes > _BACKLOG_BYTES:
+            self._drop(1, f"peer {peer.hex()}: over {_BACKLOG_BYTES >> 20} MiB of replies wait "
+                          "for it (not reading?)")
+            return
+        backlog.frames.append((frames, nbytes))
+        backlog.nbytes += nbytes
+
+    def flush(self) -> None:
+        """Send what waits in the backlogs, as far as each peer takes it."""
+        for peer, backlog in list(self._backlogs.items()):
+            while backlog.frames:
+                frames, nbytes = backlog.frames[0]
+                try:
+                    if not self._channel.try_send_frames(frames, peer):
+                        break
+                except ChannelError as exc:  # gone: what waits for it can never go
+                    self._drop(len(backlog.frames), str(exc))
+                    backlog.frames.clear()
+                    break
+                backlog.frames.popleft()
+                backlog.nbytes -= nbytes
+            if not backlog.frames:
+                del self._backlogs[peer]
+
+    def _drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        if self.dropped <= 10 or self.dropped % 1000 < count:
+            log.info("%d reply(ies) dropped (%d in all): %s", count, self.dropped, why)
 
 
 def refusal(reason: str, job_id: str | None, code: str) -> Message:

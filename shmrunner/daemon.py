@@ -141,6 +141,7 @@ class Daemon:
                     self._serve_requests()
                 self._feed()
                 self._settle()
+                self._replier.flush()
                 self._expire_waiters()
                 if time.monotonic() >= next_expiry:
                     self.journal.expire(self.settings.result_ttl)
@@ -168,7 +169,7 @@ class Daemon:
     def _poll_wait(self) -> float:
         # A backlog waits for room in the scheduler's queue, which frees without
         # waking us: look again soon.
-        longest = _BACKLOG_POLL if self._intake.backlog else 1.0
+        longest = _BACKLOG_POLL if self._intake.backlog or self._replier.waiting else 1.0
         deadline = self._waiters.next_deadline()
         if deadline is None:
             return longest
@@ -289,9 +290,11 @@ class Daemon:
             try:
                 # Completions and requests wake the poll; the only deadline is the drain's.
                 wait = max(0.0, deadline - time.monotonic())
-                if self._channel.poll(wait, wakeup=self._wakeup):
+                if self._channel.poll(min(wait, _BACKLOG_POLL) if self._replier.waiting
+                                      else wait, wakeup=self._wakeup):
                     self._refuse_submits()
                 self._settle()
+                self._replier.flush()
                 failed_rounds = 0
             except (JournalError, ChannelClosedError):
                 raise

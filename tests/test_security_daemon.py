@@ -135,12 +135,14 @@ def test_a_lost_or_truncated_spill_file_fails_that_job_and_the_daemon_starts(
 @pytest.mark.timeout(120)
 def test_a_peer_that_never_reads_cannot_stall_the_daemon(daemons) -> None:
     d = daemons().start()
-    n = 800  # accepted + results: more replies than its queue (and the kernel's) can hold
+    # Accepted + results: more replies than ZeroMQ's queue for it (1,000) and its
+    # backlog in the daemon (32 MiB) hold: the rest are dropped, not waited for.
+    n = 2000
     hog = RawPeer(d.address, rcvhwm=1)
     try:
         for i in range(n):
             hog.send(Message("submit", {"job_id": f"hog-{i}", "fn": "_daemon_tasks:blob",
-                                        "args": (65536,), "kwargs": {}}))
+                                        "args": (64 << 10,), "kwargs": {}}))
         client = d.client()
         # Every status call has a short deadline: a front thread stuck sending to the
         # hog (10 s per reply before) misses it.
