@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import ConfigError, ShmrunnerError
 
@@ -65,20 +66,43 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    import json
-
     from .client import Client
 
     client = Client(args.connect, ack_timeout=args.timeout,
                     curve_secret_key=args.curve_secret_key,
                     curve_server_key=args.curve_server_key)
     try:
-        status = client.status(timeout=args.timeout)
+        if args.watch is None:
+            _show_status(client.status(timeout=args.timeout), args.json)
+            return EXIT_OK
+        # One table per --watch seconds, redrawn in place on a terminal.
+        clear = sys.stdout.isatty() and not args.json
+        shown = 0
+        try:
+            while args.count is None or shown < args.count:
+                status = client.status(timeout=args.timeout)
+                if clear:
+                    print("\x1b[H\x1b[2J", end="")
+                elif shown:
+                    print()
+                _show_status(status, args.json)
+                sys.stdout.flush()
+                shown += 1
+                if args.count is None or shown < args.count:
+                    time.sleep(args.watch)  # the refresh period: nothing to wait for
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
     finally:
         client.shutdown(wait=False)
-    if args.json:
+
+
+def _show_status(status: dict[str, Any], as_json: bool) -> None:
+    import json
+
+    if as_json:
         print(json.dumps(status, indent=2))
-        return EXIT_OK
+        return
     print(f"uptime {status['uptime']:.0f} s   local workers {status['local_workers']}   "
           f"queued {status['queued']}   running {status['running']}   done {status['done']}   "
           f"failed {status['failed']}   rejected messages {status['rejected']}"
@@ -90,7 +114,6 @@ def _status(args: argparse.Namespace) -> int:
         for w in workers:
             print(f"  {w['name']:<24} {w['host']:<16} {w['capacity']:>8} {w['busy']:>5} "
                   f"{w['last_heartbeat']:>8.1f} s")
-    return EXIT_OK
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -207,6 +230,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for an answer (default: 5)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--watch", type=_positive_float, metavar="SECONDS", default=None,
+                        help="refresh the status every SECONDS (in place on a terminal) "
+                             "until Ctrl-C")
+    status.add_argument("--count", type=_positive_int, metavar="N", default=None,
+                        help="with --watch: stop after N refreshes")
     status.add_argument("--curve-secret-key", metavar="FILE", default=None,
                         help="this client's CURVE .key_secret file (with --curve-server-key)")
     status.add_argument("--curve-server-key", metavar="FILE", default=None,
@@ -236,6 +264,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a number of seconds > 0")
     return value
 
 

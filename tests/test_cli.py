@@ -27,8 +27,8 @@ OPTIONS = {
     ("worker",): ["--help", *GLOBAL, "--connect", "--processes", "--name", "--config",
                   "--allow-pickle", "--set"],
     ("daemon",): ["--help", *GLOBAL, "--config", "--set"],
-    ("status",): ["--help", *GLOBAL, "--connect", "--timeout", "--json", "--curve-secret-key",
-                  "--curve-server-key"],
+    ("status",): ["--help", *GLOBAL, "--connect", "--timeout", "--json", "--watch", "--count",
+                  "--curve-secret-key", "--curve-server-key"],
     ("keygen",): ["--help", *GLOBAL, "directory", "--name", "--force"],
 }
 
@@ -58,6 +58,8 @@ BAD_OPTIONS = [
     pytest.param(["daemon", "--bogus"], "--bogus", id="daemon-unknown-option"),
     pytest.param(["daemon", "--config"], "--config", id="daemon-config-without-value"),
     pytest.param(["worker", "--processes", "0"], "--processes", id="worker-processes-0"),
+    pytest.param(["status", "--watch", "0"], "--watch", id="status-watch-0"),
+    pytest.param(["status", "--watch", "1", "--count", "0"], "--count", id="status-count-0"),
     pytest.param(["worker", "--processes", "many"], "--processes", id="worker-processes-word"),
     pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "soon"],
                  "--timeout", id="status-bad-timeout"),
@@ -291,6 +293,15 @@ def test_status_prints_workers_queue_and_counts(tmp_path: Path, daemon: Daemon,
     row = next(line for line in text.splitlines() if "cli-worker" in line)
     assert re.search(r"cli-worker\s+\S+\s+1\s+0\s+\d+\.\d s", row), row
     assert worker.alive()
+
+    # --watch: a fresh table every period (not a terminal here: one after another).
+    done = run_cli("status", "--connect", daemon.address, "--watch", "0.3", "--count", "3",
+                   timeout=30)
+    assert done.returncode == 0, done.stderr
+    uptimes = [float(u) for u in re.findall(r"^uptime (\d+) s", done.stdout, re.M)]
+    assert len(uptimes) == 3, done.stdout
+    assert uptimes == sorted(uptimes), uptimes
+    assert done.stdout.count("cli-worker") == 3
 
 
 @pytest.mark.timeout(120)
