@@ -76,8 +76,12 @@ class MapResult(ApplyResult):
     """The pending result of a map: ``length`` items in chunks of ``chunksize``."""
 
     def __init__(self, length: int, chunksize: int, callback: Callback = None,
-                 error_callback: Callback = None) -> None:
+                 error_callback: Callback = None,
+                 on_chunk: Callable[[int], object] | None = None) -> None:
         super().__init__(callback, error_callback)
+        # Told each chunk's length once it is in (or -1 when the map failed):
+        # how map(progress=) follows the work from the caller's thread.
+        self._on_chunk = on_chunk
         self._lock = threading.Lock()
         self._chunksize = chunksize
         self._value = [None] * length
@@ -99,6 +103,8 @@ class MapResult(ApplyResult):
                 done = True
         if done:
             super().settle(index, ok, self._value if ok else value)
+        if self._on_chunk is not None:
+            self._on_chunk(len(value) if ok else -1)
 
 
 class IMapIterator:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["Progress", "stream", "chunked_calls", "total_of"]
+__all__ = ["Progress", "Meter", "stream", "chunked_calls", "total_of", "metered"]
 
 # What ``progress=`` accepts: True (a tqdm bar when tqdm is installed), False
 # or None (nothing), or a callable(done, total) with total None when unknown.
@@ -53,7 +53,7 @@ def total_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
         return None
 
 
-class _Meter:
+class Meter:
     """Counts results for ``progress=``; tqdm is imported only when asked for."""
 
     def __init__(self, progress: Progress, total: int | None) -> None:
@@ -83,6 +83,16 @@ class _Meter:
             self._bar.close()
 
 
+def metered(items: Iterator[Any], meter: Meter) -> Iterator[Any]:
+    """``items``, counting each one the consumer takes on ``meter``."""
+    try:
+        for item in items:
+            meter.add(1)
+            yield item
+    finally:
+        meter.close()
+
+
 def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]], *,
            ordered: bool, buffersize: int, timeout: float | None = None,
            chunked: bool = False, progress: Progress = None,
@@ -97,7 +107,7 @@ def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
     if buffersize < 1:
         raise ValueError(f"buffersize must be >= 1, got {buffersize!r}")
     deadline = None if timeout is None else time.monotonic() + timeout
-    meter = _Meter(progress, total)
+    meter = Meter(progress, total)
     if ordered:
         window: collections.deque[Future[Any]] = collections.deque(
             submit(*call) for call in itertools.islice(calls, buffersize))
@@ -115,7 +125,7 @@ def _remaining(deadline: float | None) -> float | None:
 
 def _ordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
              pending: collections.deque[Future[Any]], deadline: float | None, chunked: bool,
-             meter: _Meter) -> Iterator[Any]:
+             meter: Meter) -> Iterator[Any]:
     try:
         while pending:
             value = pending.popleft().result(_remaining(deadline))
@@ -141,7 +151,7 @@ def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
 
 def _unordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
                pending: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]],
-               deadline: float | None, chunked: bool, meter: _Meter) -> Iterator[Any]:
+               deadline: float | None, chunked: bool, meter: Meter) -> Iterator[Any]:
     try:
         while pending:
             try:

@@ -12,6 +12,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
+from ._streams import Meter, Progress, metered, total_of
 from ._tasks import resolve_threshold, run_chunk
 from .errors import TaskCancelledError
 
@@ -70,8 +72,8 @@ class Pool:
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: int | None = None) -> list[Any]:
-        return self._map_async(func, iterable, False, chunksize).get()  # type: ignore[no-any-return]
+            chunksize: int | None = None, *, progress: Progress = None) -> list[Any]:
+        return self._map(func, iterable, False, chunksize, progress)
 
     def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                   chunksize: int | None = None,
@@ -80,8 +82,8 @@ class Pool:
         return self._map_async(func, iterable, False, chunksize, callback, error_callback)
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None) -> list[Any]:
-        return self._map_async(func, iterable, True, chunksize).get()  # type: ignore[no-any-return]
+                chunksize: int | None = None, *, progress: Progress = None) -> list[Any]:
+        return self._map(func, iterable, True, chunksize, progress)
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None,
@@ -91,12 +93,15 @@ class Pool:
         return self._map_async(func, iterable, True, chunksize, callback, error_callback)
 
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1,
-             buffersize: int | None = None) -> Iterator[Any]:
-        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+             buffersize: int | None = None, *, progress: Progress = None) -> Iterator[Any]:
+        results = self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+        return metered(results, Meter(progress, total_of((iterable,)))) if progress else results
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-                       chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
+                       chunksize: int = 1, buffersize: int | None = None, *,
+                       progress: Progress = None) -> Iterator[Any]:
+        results = self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
+        return metered(results, Meter(progress, total_of((iterable,)))) if progress else results
 
     def close(self) -> None:
         """Accept no more tasks; workers exit once every submitted task is done."""
@@ -154,11 +159,30 @@ class Pool:
         if self._state != RUN:
             raise ValueError("Pool not running")
 
+    def _map(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
+             chunksize: int | None, progress: Progress) -> list[Any]:
+        if not progress:
+            return self._map_async(func, iterable, star, chunksize).get()  # type: ignore[no-any-return]
+        # The caller waits anyway: it follows the chunks as they come in.
+        chunks: queue.SimpleQueue[int] = queue.SimpleQueue()
+        items = list(iterable)
+        result = self._map_async(func, items, star, chunksize, on_chunk=chunks.put)
+        meter = Meter(progress, len(items))
+        try:
+            while meter.done < len(items):
+                count = chunks.get()
+                if count < 0:
+                    break  # the map failed: get() raises why
+                meter.add(count)
+        finally:
+            meter.close()
+        return result.get()  # type: ignore[no-any-return]
+
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
                    chunksize: int | None,
                    callback: Callable[[Any], object] | None = None,
                    error_callback: Callable[[BaseException], object] | None = None,
-                   ) -> MapResult:
+                   on_chunk: Callable[[int], object] | None = None) -> MapResult:
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
         items = list(items)
@@ -170,7 +194,7 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
         if not items:
             chunksize = 0
-        result = MapResult(len(items), chunksize, callback, error_callback)
+        result = MapResult(len(items), chunksize, callback, error_callback, on_chunk)
         engine = self._engine
         engine.submit([
             engine.new_task(run_chunk, (func, items[start:start + chunksize], star), {},

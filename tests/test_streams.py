@@ -211,3 +211,28 @@ def test_a_stream_of_large_arrays_through_the_daemon_keeps_the_client_bounded(
         assert peak - base < 3 * budget, (base, peak)
     finally:
         assert not daemon.close()
+
+
+def test_pool_maps_report_progress_too() -> None:
+    import shmrunner
+
+    with shmrunner.Pool(2) as pool:
+        seen: list[tuple[int, int | None]] = []
+        assert pool.map(tasks.square, range(40), chunksize=7,
+                        progress=lambda d, t: seen.append((d, t))) == [i * i for i in range(40)]
+        # One report per chunk as it comes in, ending at the whole.
+        assert seen[-1] == (40, 40) and len(seen) == 6
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        seen.clear()
+        assert pool.starmap(tasks.add, [(i, i) for i in range(5)],
+                            progress=lambda d, t: seen.append((d, t))) == [0, 2, 4, 6, 8]
+        assert seen[-1] == (5, 5)
+        seen.clear()
+        out = list(pool.imap_unordered(tasks.square, range(10), progress=lambda d, t: seen.append(
+            (d, t))))
+        assert sorted(out) == [i * i for i in range(10)]
+        assert seen == [(i, 10) for i in range(1, 11)]
+        seen.clear()
+        with pytest.raises(ValueError, match="boom"):
+            pool.map(tasks.raise_value_error, ["boom"] * 3,
+                     progress=lambda d, t: seen.append((d, t)))
