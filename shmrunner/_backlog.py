@@ -7,7 +7,8 @@ Data flow::
                           the held argument bytes would pass the byte budget)
     _pump()  --place()--> each tier with room gets its jobs --> running {job: tier}
     on_done  --finish()-> running --> settled (the bytes are released), or back
-                          to the front of the queue for a retry
+                          to the front of the queue for a retry, or, with a
+                          retry backoff, waiting --resume()--> front of the queue
     shutdown --shut_down() / wait_idle() / drain()
 
 One lock guards the queue, the running map and the counters; ``submit``
@@ -44,6 +45,9 @@ class Backlog:
         self._all_done = threading.Condition(self._lock)
         self._queue: collections.deque[Job] = collections.deque()
         self._running: dict[Job, Tier] = {}  # each job handed to a tier, and which
+        # Jobs sitting out a retry backoff: neither queued nor running, but not
+        # settled either, so shutdown waits for them, cancels or drains them.
+        self._waiting: set[Job] = set()
         self._submitted = 0  # tasks accepted by submit, ever
         self._shutdown = False
         self._held_bytes = 0  # payload bytes of the jobs queued or running
@@ -53,10 +57,11 @@ class Backlog:
         return len(self._queue)
 
     def snapshot(self) -> dict[str, Any]:
-        """``queued``, ``running``, ``submitted``, ``shutdown`` and ``pending_bytes``,
-        taken together."""
+        """``queued``, ``running``, ``retry_waiting`` (sitting out a retry backoff),
+        ``submitted``, ``shutdown`` and ``pending_bytes``, taken together."""
         with self._lock:
             return {"queued": len(self._queue), "running": len(self._running),
+                    "retry_waiting": len(self._waiting),
                     "submitted": self._submitted, "shutdown": self._shutdown,
                     "pending_bytes": self._held_bytes}
 
@@ -117,43 +122,59 @@ class Backlog:
             return (not job.future.done() and job.attempts == attempt
                     and self._running.get(job) is tier)
 
-    def finish(self, job: Job, retry: bool) -> None:
+    def finish(self, job: Job, retry: bool, wait: bool = False) -> None:
         """One attempt of ``job`` is over: queue it first for a retry (one
-        retry used), or release it for good."""
+        retry used; with ``wait``, it waits for :meth:`resume` instead), or
+        release it for good."""
         with self._lock:
             self._running.pop(job, None)
             if retry:
                 job.retries -= 1
-                self._queue.appendleft(job)
+                if wait:
+                    self._waiting.add(job)
+                else:
+                    self._queue.appendleft(job)
             else:
                 self._release(job)
             self._all_done.notify_all()
+
+    def resume(self, job: Job) -> bool:
+        """``job``'s retry backoff is over: queue it first. False when it no
+        longer waits (cancelled or drained by a shutdown meanwhile)."""
+        with self._lock:
+            if job not in self._waiting:
+                return False
+            self._waiting.discard(job)
+            self._queue.appendleft(job)
+            return True
 
     def shut_down(self, cancel_futures: bool) -> list[Job]:
         """Refuse new jobs from now on; with ``cancel_futures``, take every
         queued job out (returned, for the caller to cancel)."""
         with self._lock:
             self._shutdown = True
-            cancelled = list(self._queue) if cancel_futures else []
+            cancelled = list(self._queue) + list(self._waiting) if cancel_futures else []
             if cancel_futures:
                 self._queue.clear()
+                self._waiting.clear()
                 for job in cancelled:
                     self._release(job)
             self._not_full.notify_all()
         return cancelled
 
     def wait_idle(self) -> None:
-        """Wait until no job is queued or running."""
+        """Wait until no job is queued, running or waiting for a retry."""
         with self._all_done:
-            while self._queue or self._running:
+            while self._queue or self._running or self._waiting:
                 self._all_done.wait()
 
     def drain(self) -> list[Job]:
         """Take out every job still queued or running (the tiers are closed)."""
         with self._lock:
-            leftover = list(self._queue) + list(self._running)
+            leftover = list(self._queue) + list(self._running) + list(self._waiting)
             self._queue.clear()
             self._running.clear()
+            self._waiting.clear()
         return leftover
 
     def _release(self, job: Job) -> None:

@@ -75,6 +75,19 @@ patterns = check(
     "or null for any importable function")
 
 
+# An exception class by name: "module:qualname", "module.Name", or a builtin's bare
+# name; never imported, matched against the names of a raised exception's classes.
+_EXCEPTION_NAME = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$")
+MAX_RETRY_ON = 100
+exception_names = check(
+    lambda v: isinstance(v, (list, tuple)) and len(v) <= MAX_RETRY_ON and all(
+        isinstance(n, str) and len(n) <= 300 and bool(_EXCEPTION_NAME.match(n)) for n in v),
+    f"a list (at most {MAX_RETRY_ON}) of exception class names such as ConnectionError or "
+    "'mypkg.errors:Flaky', or [] for none")
+optional_backoff = check(lambda v: _is_number(v) and v >= 0,
+                         "a number of seconds >= 0 (0: retry at once)")
+
+
 def setting(default: Any, checker: Check, doc: str) -> Any:
     """A dataclass field with its default, its validator and its one-line doc."""
     return field(default=default, metadata={"check": checker, "doc": doc})

@@ -37,9 +37,19 @@ class SchedulerSettings:
     listen: str | None = setting(
         None, checks.optional_address, "address remote workers connect to (null: local only)")
     retries: int = setting(
-        0, checks.count, "default times a task is retried when its worker is lost")
+        0, checks.count, "default times a task is retried when its worker is lost, it times "
+                         "out, or it raises one of retry_on")
     timeout: float | None = setting(
         None, checks.optional_seconds, "default seconds a task may run before it is stopped")
+    retry_on: tuple[str, ...] = setting(
+        (), checks.exception_names, "exception classes a task is retried on while its retries "
+        "allow (as Celery's autoretry_for): 'module:qualname' names, or a builtin's bare name; "
+        "a raised exception matches when its class or a base has one of these names")
+    retry_backoff: float = setting(
+        0.0, checks.optional_backoff, "seconds before a task's first retry, doubled for each "
+                                      "further retry (0: retry at once)")
+    retry_backoff_max: float = setting(
+        60.0, checks.seconds, "most seconds between retries (the cap of the doubling)")
     heartbeat_interval: float = setting(1.0, checks.seconds, "seconds between heartbeats")
     heartbeat_timeout: float = setting(
         5.0, checks.seconds, "seconds of silence after which a remote worker is declared lost")
@@ -69,6 +79,13 @@ class SchedulerSettings:
     def __post_init__(self) -> None:
         validate(self, "scheduler")
         _freeze_patterns(self, "scheduler")
+        # A tuple: settings stay hashable and immutable.
+        object.__setattr__(self, "retry_on", tuple(self.retry_on))
+        if self.retry_backoff > self.retry_backoff_max:
+            raise ConfigError(
+                f"scheduler.retry_backoff ({self.retry_backoff}) must not be larger than "
+                f"scheduler.retry_backoff_max ({self.retry_backoff_max}); raise the cap or "
+                "lower the first backoff")
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError(
                 f"scheduler.heartbeat_timeout ({self.heartbeat_timeout}) must be larger than "

@@ -2,7 +2,7 @@
 share it.
 
 The Scheduler creates a job per ``submit`` and owns its bookkeeping
-(``retries``, ``attempts``, ``nbytes``); a tier reads the call (``fn``,
+(``retries``, ``retry_on``, ``attempts``, ``nbytes``); a tier reads the call (``fn``,
 ``args``, ``kwargs``, ``timeout``) and may keep its own handle of the
 current attempt in ``handle``. Kept apart from ``scheduler.py`` so the tiers
 need not import the Scheduler.
@@ -22,10 +22,11 @@ class Job:
     """One submitted call and its bookkeeping."""
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
-                 "handle", "nbytes")
+                 "handle", "nbytes", "retry_on")
 
     def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], retries: int, timeout: float | None) -> None:
+                 kwargs: dict[str, Any], retries: int, timeout: float | None,
+                 retry_on: frozenset[str] = frozenset()) -> None:
         self.id = job_id
         self.future = future
         self.fn = fn  # a callable or a 'module:function' reference; None once settled
@@ -36,3 +37,4 @@ class Job:
         self.attempts = 0
         self.handle: Any = None  # the tier's own record of the current attempt
         self.nbytes = payload_bytes(args, kwargs)  # counted in the byte budget until settled
+        self.retry_on = retry_on  # 'module:qualname' of the exceptions it is retried on

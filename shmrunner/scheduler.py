@@ -11,9 +11,11 @@ Data flow::
                        |   results come back on the pool's manager thread
                        +-- remote tier (tiers/remote.py): ZeroMQ ROUTER socket,
                            one thread; results come back on that thread
-    TierEvents.on_done --> _finish(): retry (worker lost / timed out, retries
-                left) or settle the Future; then _pump() again (capacity was
-                freed; a tier delivering a batch calls on_room once after it)
+    TierEvents.on_done --> _finish(): retry (worker lost / timed out / raised
+                one of retry_on, retries left; after the retry backoff, if any,
+                on the timers' thread) or settle the Future; then _pump() again
+                (capacity was freed; a tier delivering a batch calls on_room
+                once after it)
 
 The tiers know only the :class:`~shmrunner.tiers.base.TierEvents` they are
 given (``_Events`` here), never the Scheduler.
@@ -38,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
+from . import _retry
 from ._backlog import Backlog
 from ._job import Job
 from ._payload import default_budget
@@ -108,8 +111,9 @@ class Scheduler(Executor):
     ``curve``: CURVE keys for that address (workers must then present an
     authorised key; see ``shmrunner keygen``).
     Keyword options are :class:`~shmrunner.config.SchedulerSettings` fields
-    (``retries``, ``timeout``, ``heartbeat_interval``, ...); ``retries`` and
-    ``timeout`` are the defaults of every ``submit``.
+    (``retries``, ``timeout``, ``retry_on``, ``retry_backoff``,
+    ``heartbeat_interval``, ...); ``retries``, ``timeout`` and ``retry_on`` are
+    the defaults of every ``submit``.
     """
 
     def __init__(self, local_workers: int | None = None, listen: str | None = None, *,
@@ -129,6 +133,7 @@ class Scheduler(Executor):
         self._backlog = Backlog(self.settings.max_pending,
                                 self.settings.max_pending_bytes or default_budget())
         self._ids = itertools.count()
+        self._retry_on = _retry.names(self.settings.retry_on)
         self._creator = os.getpid()
         self._timers = Timers()
         self._tiers: list[Tier] = []
@@ -164,7 +169,9 @@ class Scheduler(Executor):
 
     def status(self) -> dict[str, Any]:
         """A snapshot for people and monitoring: ``queued`` (waiting for a
-        worker), ``running`` (handed to a worker), ``submitted`` (tasks
+        worker), ``running`` (handed to a worker), ``retry_waiting`` (failed
+        tasks sitting out their ``retry_backoff`` before they are queued
+        again), ``submitted`` (tasks
         accepted since the start; a chunk of a map counts once),
         ``shutdown`` (``shutdown()`` was called: new tasks are refused),
         ``local_workers``, ``workers`` (each connected remote worker: id of
@@ -201,22 +208,27 @@ class Scheduler(Executor):
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any,  # type: ignore[override]
                retries: int | None = None, timeout: float | None = None,
+               retry_on: Iterable[type[BaseException] | str] | None = None,
                **kwargs: Any) -> Future[Any]:
-        """Schedule ``fn(*args, **kwargs)``; ``retries`` and ``timeout`` override
-        the scheduler's defaults for this task (to pass arguments of those names
-        to ``fn`` itself, wrap it in ``functools.partial``)."""
-        return self._submit(fn, args, kwargs, retries, timeout, block=True)
+        """Schedule ``fn(*args, **kwargs)``; ``retries``, ``timeout`` and
+        ``retry_on`` (exception classes, or their 'module:qualname' names, that
+        the task is retried on while its retries allow) override the scheduler's
+        defaults for this task (to pass arguments of those names to ``fn``
+        itself, wrap it in ``functools.partial``)."""
+        return self._submit(fn, args, kwargs, retries, timeout, retry_on, block=True)
 
     def try_submit(self, fn: Callable[..., Any] | str, /, *args: Any,
                    retries: int | None = None, timeout: float | None = None,
+                   retry_on: Iterable[type[BaseException] | str] | None = None,
                    **kwargs: Any) -> Future[Any]:
         """``submit``, but never waits: raises :class:`SchedulerBusyError` when
         ``max_pending`` tasks already wait (for a caller that must not block,
         such as the daemon's front thread)."""
-        return self._submit(fn, args, kwargs, retries, timeout, block=False)
+        return self._submit(fn, args, kwargs, retries, timeout, retry_on, block=False)
 
     def _submit(self, fn: Callable[..., Any] | str, args: tuple[Any, ...],
                 kwargs: dict[str, Any], retries: int | None, timeout: float | None,
+                retry_on: Iterable[type[BaseException] | str] | None,
                 block: bool) -> Future[Any]:
         if os.getpid() != self._creator:
             # A fork() child would send on its parent's sockets and steal its results.
@@ -234,8 +246,9 @@ class Scheduler(Executor):
             timeout = self.settings.timeout
         elif not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        names = self._retry_on if retry_on is None else _retry.names(retry_on)
         future: Future[Any] = Future()
-        job = Job(next(self._ids), future, fn, args, kwargs, retries, timeout)
+        job = Job(next(self._ids), future, fn, args, kwargs, retries, timeout, names)
         self._backlog.admit(job, block)
         self._pump()
         return future
@@ -342,10 +355,17 @@ class Scheduler(Executor):
                                  lambda: self._expire(job, attempt, tier))
 
     def _finish(self, job: Job, ok: bool, value: Any, pump: bool = True) -> None:
-        """A tier reports one attempt's outcome: retry it or settle the future."""
-        retry = (not ok and isinstance(value, (WorkerLostError, TaskTimeoutError))
-                 and job.retries > 0)
-        self._backlog.finish(job, retry)
+        """A tier reports one attempt's outcome: retry it (at once, or after
+        the backoff, from the timers' thread) or settle the future."""
+        retry = (not ok and job.retries > 0
+                 and (isinstance(value, (WorkerLostError, TaskTimeoutError))
+                      or (isinstance(value, BaseException)
+                          and _retry.matches(value, job.retry_on))))
+        wait = _retry.delay(self.settings.retry_backoff, self.settings.retry_backoff_max,
+                            job.attempts) if retry else 0.0
+        self._backlog.finish(job, retry, wait=wait > 0)
+        if wait > 0:
+            self._timers.call_at(time.monotonic() + wait, lambda: self._resume(job))
         if not retry:
             if ok:
                 job.future.set_result(value)
@@ -353,6 +373,11 @@ class Scheduler(Executor):
                 job.future.set_exception(value)
             job.fn, job.args, job.kwargs = None, (), {}  # free the arguments now
         if pump:
+            self._pump()
+
+    def _resume(self, job: Job) -> None:
+        """``job``'s retry backoff is over (on the timers' thread)."""
+        if self._backlog.resume(job):
             self._pump()
 
     def _close_tiers(self, wait: bool) -> None:

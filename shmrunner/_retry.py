@@ -1,0 +1,66 @@
+"""Retry policy: which task exceptions are retried, and how long to wait first.
+
+Data flow::
+
+    settings.retry_on / submit(retry_on=...) --names()--> frozenset of
+        'module:qualname' names (classes are named, names are never imported)
+    a failed attempt --matches(exc, names)--> retry it? (the Scheduler's _finish)
+    a retry --delay(backoff, cap, attempt)--> seconds before it is queued again
+
+Matching is by name over the exception's class and its bases, so a setting
+in a YAML file can name a class of a package the scheduler never imports, and
+a remote task's exception that could not be rebuilt here
+(:class:`~shmrunner.errors.RemoteTaskError`) still matches by its original
+class's name. Stateless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import RemoteTaskError
+
+__all__ = ["names", "matches", "delay"]
+
+
+def _canonical(name: str) -> str:
+    """``name`` as 'module:qualname': a bare name is a builtin's, 'a.b.C' is C of a.b."""
+    if ":" in name:
+        return name
+    module, dot, qualname = name.rpartition(".")
+    return f"{module}:{qualname}" if dot else f"builtins:{name}"
+
+
+def names(spec: Iterable[type[BaseException] | str]) -> frozenset[str]:
+    """The 'module:qualname' names of ``spec``'s exception classes and class names
+    (TypeError for anything else)."""
+    if isinstance(spec, (str, bytes)) or isinstance(spec, type):
+        raise TypeError(f"retry_on must be a list or tuple of exception classes or names, "
+                        f"got {spec!r}")
+    out = set()
+    for item in spec:
+        if isinstance(item, type) and issubclass(item, BaseException):
+            out.add(f"{item.__module__}:{item.__qualname__}")
+        elif isinstance(item, str) and item:
+            out.add(_canonical(item))
+        else:
+            raise TypeError(f"retry_on takes exception classes or their names "
+                            f"('module:qualname'), got {item!r}")
+    return frozenset(out)
+
+
+def matches(exc: BaseException, retry_on: frozenset[str]) -> bool:
+    """Whether ``exc``'s class or one of its bases is named in ``retry_on``."""
+    if not retry_on:
+        return False
+    if isinstance(exc, RemoteTaskError) and _canonical(exc.type_name) in retry_on:
+        return True  # a remote class not rebuilt here: only its own name is known
+    return any(f"{cls.__module__}:{cls.__qualname__}" in retry_on for cls in type(exc).__mro__)
+
+
+def delay(backoff: float, cap: float, attempt: int) -> float:
+    """Seconds to wait before retrying after failed attempt number ``attempt``
+    (1 for the first): ``backoff`` doubled per earlier retry, at most ``cap``."""
+    if backoff <= 0:
+        return 0.0
+    return min(cap, backoff * 2.0 ** min(attempt - 1, 64))
