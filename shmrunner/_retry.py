@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ._config_checks import exception_names
 from .errors import RemoteTaskError
 
 __all__ = ["names", "matches", "delay"]
@@ -33,7 +34,7 @@ def _canonical(name: str) -> str:
 
 def names(spec: Iterable[type[BaseException] | str]) -> frozenset[str]:
     """The 'module:qualname' names of ``spec``'s exception classes and class names
-    (TypeError for anything else)."""
+    (TypeError for anything else, ValueError for a string that is no class name)."""
     if isinstance(spec, (str, bytes)) or isinstance(spec, type):
         raise TypeError(f"retry_on must be a list or tuple of exception classes or names, "
                         f"got {spec!r}")
@@ -41,7 +42,11 @@ def names(spec: Iterable[type[BaseException] | str]) -> frozenset[str]:
     for item in spec:
         if isinstance(item, type) and issubclass(item, BaseException):
             out.add(f"{item.__module__}:{item.__qualname__}")
-        elif isinstance(item, str) and item:
+        elif isinstance(item, str):
+            if exception_names([item]) is not None:  # as the setting's names
+                raise ValueError(f"retry_on: {item!r} is not an exception class name; use "
+                                 "'module:qualname' (e.g. 'mypkg.errors:Flaky') or a "
+                                 "builtin's name (e.g. 'ConnectionError')")
             out.add(_canonical(item))
         else:
             raise TypeError(f"retry_on takes exception classes or their names "

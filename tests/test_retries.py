@@ -119,6 +119,14 @@ def test_per_call_retry_on_must_be_classes_or_names(retry_on: object) -> None:
         assert sched.status()["submitted"] == 0
 
 
+def test_per_call_retry_on_names_are_checked() -> None:
+    with Scheduler(local_workers=1) as sched:
+        with pytest.raises(ValueError, match="not an exception class name"):
+            sched.submit(tasks.fail_first, "/nonexistent", 0, "ValueError",
+                         retry_on=["not a name"])
+        assert sched.status()["submitted"] == 0
+
+
 # --- backoff -----------------------------------------------------------------------
 
 
