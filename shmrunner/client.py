@@ -143,6 +143,7 @@ class Client(Executor):
                         allow_pickle=self._allow_pickle)
         future = JobFuture(job_id)
         future.set_running_or_notify_cancel()
+        future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
             self._wake()
         return future
@@ -255,6 +256,14 @@ class Client(Executor):
                                  timeout)[0]
         state: str = job["state"]
         return state
+
+    def _cancel_soon(self, job_id: str) -> None:
+        """JobFuture.cancel(): send the cancel, nobody waits for the answer."""
+        try:
+            self._ledger.add_jobs(WaitingCall(), Message("cancel", {"job_id": job_id}))
+        except ShmrunnerError:
+            return  # the client is broken: the future settles with that
+        self._wake()
 
     def _jobs_request(self, msg: Message, timeout: float) -> list[dict[str, Any]]:
         call = WaitingCall()

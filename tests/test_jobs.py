@@ -142,3 +142,15 @@ def test_shmrunner_jobs_lists_recent_jobs(tmp_path: Path, daemons) -> None:
     assert len(lines) == 2 and lines[1].split()[:2] == ["second", "failed"]
     out = run_cli("jobs", "--connect", d.address, "--limit", "5000")
     assert out.returncode != 0 and "--limit 5000: at most 1000" in out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_future_cancel_sends_the_cancel_to_the_daemon(tmp_path: Path, daemons) -> None:
+    d = daemons(scheduler={"local_workers": 0}).start()  # nothing ever starts
+    client = d.client()
+    future = client.submit("_daemon_tasks:inc", 1, job_id="drop-me")
+    assert future.wait_accepted(30)
+    assert future.cancel() is False  # running, as concurrent.futures has it ...
+    with pytest.raises(TaskCancelledError):  # ... but the daemon dropped it unrun
+        future.result(timeout=30)
+    assert client.job_state("drop-me") == "cancelled"
