@@ -6,6 +6,8 @@ Data flow::
         feed(): backlog -> Scheduler.try_submit while its queue has room (never
                 waiting for room: a replay or a burst larger than max_pending
                 waits here); a request that cannot run settles as a failure
+    front thread: state(job_id) / cancel(job_id): a job not yet handed to a
+        worker (backlog, or the scheduler's queue) settles as cancelled
     scheduler threads: future done -> completions deque + wake-up
     front thread: settle(): Journal.finish (one commit for all completions),
         then the result to every peer waiting for the job (FetchWaiters)
@@ -109,8 +111,14 @@ class Intake:
         """"queued" or "running" for a job this intake holds, else None (ask the journal)."""
         if job_id not in self._running:
             return None
+        if job_id in self._cancelled:
+            return "cancelled"
         future = self._futures.get(job_id)
-        return "running" if future is not None and future.running() else "queued"
+        if future is None:
+            return "queued"
+        # A finished future not yet journaled still counts as running: done/failed
+        # is said only once the journal holds the result.
+        return "running" if future.running() or future.done() else "queued"
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not started (in the backlog or the scheduler's

@@ -8,6 +8,8 @@ Data flow::
         fetch   -> result from the journal now, or when the job finishes (or "error" at
                    the fetch's timeout)
         status  -> workers, queue depth, running, done, failed, uptime
+        jobs    -> states by id (the intake's, else the journal's), or recent jobs
+        cancel  -> a job not yet on a worker settles as cancelled (journaled)
     Scheduler (local shared-memory workers + the worker ROUTER of its hub)
         future done -> completions deque + wake pipe -> front thread:
                    Journal.finish (one commit per round) -> results to waiting peers
