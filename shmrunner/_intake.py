@@ -6,6 +6,8 @@ Data flow::
         feed(): backlog -> Scheduler.try_submit while its queue has room (never
                 waiting for room: a replay or a burst larger than max_pending
                 waits here); a request that cannot run settles as a failure
+    front thread: state(job_id) / cancel(job_id): a job not yet handed to a
+        worker (backlog, or the scheduler's queue) settles as cancelled
     scheduler threads: future done -> completions deque + wake-up
     front thread: settle(): Journal.finish (one commit for all completions),
         then the result to every peer waiting for the job (FetchWaiters)
@@ -28,7 +30,7 @@ from ._journal import Journal
 from ._replier import Replier
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
-from .errors import JournalError, SchedulerBusyError
+from .errors import JournalError, SchedulerBusyError, TaskCancelledError
 from .scheduler import Scheduler
 from .transport.protocol import Message, decode, encode, exception_to_wire
 
@@ -55,6 +57,9 @@ class Intake:
         self._running: set[str] = set()  # accepted, not finished (backlog included)
         # Journaled jobs not yet handed to the scheduler (its queue was full).
         self._backlog: collections.deque[tuple[str, Request]] = collections.deque()
+        # Jobs handed to the scheduler, until settled: their state, and a cancel.
+        self._futures: dict[str, Future[Any]] = {}
+        self._cancelled: set[str] = set()  # cancelled by a client, not yet journaled
         self.done = self.failed = 0
 
     @property
@@ -99,7 +104,41 @@ class Intake:
                 future = Future()
                 future.set_exception(exc)
             self._backlog.popleft()
+            self._futures[job_id] = future
             future.add_done_callback(functools.partial(self._completed, job_id))
+
+    def state(self, job_id: str) -> str | None:
+        """"queued" or "running" for a job this intake holds, else None (ask the journal)."""
+        if job_id not in self._running:
+            return None
+        if job_id in self._cancelled:
+            return "cancelled"
+        future = self._futures.get(job_id)
+        if future is None:
+            return "queued"
+        # A finished future not yet journaled still counts as running: done/failed
+        # is said only once the journal holds the result.
+        return "running" if future.running() or future.done() else "queued"
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not started (in the backlog or the scheduler's
+        queue): it settles as cancelled with TaskCancelledError. False if it
+        runs already (a running task cannot be stopped from here) or is not held."""
+        if job_id not in self._running:
+            return False
+        future = self._futures.get(job_id)
+        if future is not None:
+            if not future.cancel():  # running (or finishing): cannot be cancelled
+                return False
+            self._cancelled.add(job_id)  # its done callback queues the completion
+            return True
+        for index, (queued_id, _) in enumerate(self._backlog):
+            if queued_id == job_id:
+                del self._backlog[index]
+                self._cancelled.add(job_id)
+                self._completed(job_id, Future())  # never set: settle() sees a cancel
+                return True
+        return False
 
     def _completed(self, job_id: str, future: Future[Any]) -> None:
         self._completions.append((job_id, future))
@@ -115,7 +154,12 @@ class Intake:
         while self._completions:
             job_id, future = self._completions.popleft()
             self._running.discard(job_id)
-            msg = _result_message(job_id, future)
+            self._futures.pop(job_id, None)
+            if job_id in self._cancelled:
+                msg = _error_message(job_id, TaskCancelledError(
+                    f"job {job_id} was cancelled before it started"))
+            else:
+                msg = _result_message(job_id, future)
             try:
                 frames = encode(msg, allow_pickle=self._settings.allow_pickle)
             except (TypeError, ValueError) as exc:
@@ -129,7 +173,8 @@ class Intake:
                 self.failed += 1
             outcomes.append((job_id, ok, frames))
             replies += [(peer, frames) for peer in self._waiters.pop(job_id)]
-        self._journal.finish(outcomes)
+        cancelled, self._cancelled = self._cancelled, set()
+        self._journal.finish(outcomes, cancelled)
         for peer, frames in replies:
             self._replier.reply_frames(peer, frames)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,8 +28,19 @@ class JobFuture(Future[Any]):
         super().__init__()
         self.job_id = job_id
         self._accepted = False
+        # Set by the Client: sends the daemon a cancel of this job (never blocks).
+        self.cancel_in_daemon: Callable[[str], None] | None = None
         self._decided = threading.Event()  # accepted, or settled without it
         self.add_done_callback(lambda _: self._decided.set())
+
+    def cancel(self) -> bool:
+        """Ask the daemon to cancel the job (without waiting for its answer): a
+        job that has not started there settles with TaskCancelledError. Returns
+        False as ``concurrent.futures`` does for a running future: the job is
+        the daemon's from submit on (use ``Client.cancel(job_id)`` to learn the outcome)."""
+        if not self.done() and self.cancel_in_daemon is not None:
+            self.cancel_in_daemon(self.job_id)
+        return super().cancel()
 
     def accepted(self) -> bool:
         """Whether the daemon said it journaled the job (durably accepted)."""

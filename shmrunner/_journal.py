@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,9 +53,9 @@ from ._journalfiles import JournalLock, chmod_private, create_private, make_priv
 from ._spill import SPILL_BYTES, Frames, SpillFiles, legacy_name
 from .errors import ConfigError, JournalError
 
-__all__ = ["Journal", "PENDING", "DONE", "FAILED", "SPILL_BYTES"]
+__all__ = ["Journal", "PENDING", "DONE", "FAILED", "CANCELLED", "SPILL_BYTES"]
 
-PENDING, DONE, FAILED = "pending", "done", "failed"
+PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -156,8 +156,11 @@ class Journal:
                     self._request_files[job_id] = name
             return [row[0] for row in rows]
 
-    def finish(self, outcomes: Iterable[tuple[str, bool, Frames]]) -> None:
-        """Record results (``ok`` and the result message's frames) in one transaction."""
+    def finish(self, outcomes: Iterable[tuple[str, bool, Frames]],
+               cancelled: Collection[str] = ()) -> None:
+        """Record results (``ok`` and the result message's frames) in one
+        transaction; the jobs in ``cancelled`` are recorded as cancelled (never
+        run again after a restart)."""
         with self._failing("record results"):
             now = time.time()
             rows = []
@@ -167,7 +170,8 @@ class Journal:
                     blob, name = self._spill.store(frames)
                     if name is not None:
                         written.append(name)
-                    rows.append((DONE if ok else FAILED, blob, name, now, job_id))
+                    state = CANCELLED if job_id in cancelled else DONE if ok else FAILED
+                    rows.append((state, blob, name, now, job_id))
                 if written:
                     self._spill.sync()
                 with self._transaction():
@@ -230,6 +234,25 @@ class Journal:
             if name is not None:
                 self._spill.unlink(name)
         return len(gone)
+
+    def states(self, job_ids: Sequence[str]) -> dict[str, tuple[str, float | None]]:
+        """job id -> (state, finished time or None) of the journaled ones among ``job_ids``."""
+        found: dict[str, tuple[str, float | None]] = {}
+        with self._failing("read job states"):
+            for start in range(0, len(job_ids), 500):
+                chunk = list(job_ids[start:start + 500])
+                for job_id, state, finished in self._db_().execute(
+                        "SELECT job_id, state, finished FROM jobs WHERE job_id IN "
+                        f"({','.join('?' * len(chunk))})", chunk):
+                    found[job_id] = (state, finished)
+        return found
+
+    def recent(self, limit: int) -> list[tuple[str, str, float, float | None]]:
+        """The ``limit`` most recently accepted jobs: (id, state, created, finished)."""
+        with self._failing("list recent jobs"):
+            return [(r[0], r[1], r[2], r[3]) for r in self._db_().execute(
+                "SELECT job_id, state, created, finished FROM jobs "
+                "ORDER BY created DESC LIMIT ?", (limit,))]
 
     def counts(self) -> dict[str, int]:
         with self._failing("count jobs"):

@@ -73,6 +73,8 @@ class Ledger:
         self._fetches: dict[str, list[WaitingCall]] = {}
         self._timers: list[_Timer] = []
         self._status_calls: collections.deque[WaitingCall] = collections.deque()
+        # "jobs" and "cancel" requests: the daemon answers them in the order sent.
+        self._jobs_calls: collections.deque[WaitingCall] = collections.deque()
         self.closed = False
         self._broken: ShmrunnerError | None = None
 
@@ -135,6 +137,20 @@ class Ledger:
             if call in self._status_calls:
                 self._status_calls.remove(call)
 
+    def add_jobs(self, call: WaitingCall, msg: Message) -> None:
+        """Queue a "jobs" or "cancel" request that ``call`` waits for (raises if broken)."""
+        with self._lock:
+            if self._broken is not None:
+                raise self._broken
+            self._jobs_calls.append(call)
+            self.outbox.append(encode(msg))
+
+    def drop_jobs(self, call: WaitingCall) -> None:
+        """``call`` stopped waiting: the next jobs reply is not its."""
+        with self._lock:
+            if call in self._jobs_calls:
+                self._jobs_calls.remove(call)
+
     def close(self) -> None:
         """No more submits; one waiting for room gives up."""
         with self._lock:
@@ -181,6 +197,11 @@ class Ledger:
         elif msg.type == "status_reply":
             with self._lock:
                 call = self._status_calls.popleft() if self._status_calls else None
+            if call is not None:
+                call.settle(msg)
+        elif msg.type == "jobs_reply" or (msg.type == "error" and body.get("jobs")):
+            with self._lock:
+                call = self._jobs_calls.popleft() if self._jobs_calls else None
             if call is not None:
                 call.settle(msg)
         elif msg.type == "error" and body.get("fetch"):
@@ -325,8 +346,10 @@ class Ledger:
             self._room.notify_all()
             self._retry_at.clear()
             calls = [c for cs in self._fetches.values() for c in cs] + list(self._status_calls)
+            calls += self._jobs_calls
             self._fetches.clear()
             self._status_calls.clear()
+            self._jobs_calls.clear()
         for future in futures:
             if not future.done():
                 future.set_exception(error)

@@ -97,6 +97,33 @@ def _status(args: argparse.Namespace) -> int:
         client.shutdown(wait=False)
 
 
+def _jobs(args: argparse.Namespace) -> int:
+    import json
+
+    from .client import Client
+    from .transport._schema import MAX_JOBS_LIMIT
+
+    if args.limit > MAX_JOBS_LIMIT:
+        raise ConfigError(f"--limit {args.limit}: at most {MAX_JOBS_LIMIT}")
+    client = Client(args.connect, ack_timeout=args.timeout,
+                    curve_secret_key=args.curve_secret_key,
+                    curve_server_key=args.curve_server_key)
+    try:
+        jobs = client.jobs(limit=args.limit, timeout=args.timeout)
+    finally:
+        client.shutdown(wait=False)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return EXIT_OK
+    print(f"{'JOB':<34} {'STATE':<10} FINISHED")
+    for job in jobs:
+        finished = job.get("finished")
+        when = "-" if finished is None else time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(finished))
+        print(f"{job['job_id']:<34} {job['state']:<10} {when}")
+    return EXIT_OK
+
+
 def _show_status(status: dict[str, Any], as_json: bool) -> None:
     import json
 
@@ -240,6 +267,27 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--curve-server-key", metavar="FILE", default=None,
                         help="the daemon's CURVE public .key file")
     status.set_defaults(run=_status)
+
+    jobs = commands.add_parser(
+        "jobs", parents=[common],
+        help="list a daemon's recent jobs (id, state, finished time)",
+        description="Asks the daemon at --connect (default: this user's daemon on this "
+                    "host) for its most recently accepted jobs, newest first: queued, "
+                    "running, done, failed or cancelled (finished results are kept for "
+                    "daemon.result_ttl).")
+    jobs.add_argument("--connect", metavar="ADDR", default=None,
+                      help="the daemon's client address (default: the same-host daemon's "
+                           "ipc socket)")
+    jobs.add_argument("--limit", type=_positive_int, metavar="N", default=20,
+                      help="how many jobs, 1 to 1000 (default: 20)")
+    jobs.add_argument("--timeout", type=float, default=5.0,
+                      help="seconds to wait for an answer (default: 5)")
+    jobs.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    jobs.add_argument("--curve-secret-key", metavar="FILE", default=None,
+                      help="this client's CURVE .key_secret file (with --curve-server-key)")
+    jobs.add_argument("--curve-server-key", metavar="FILE", default=None,
+                      help="the daemon's CURVE public .key file")
+    jobs.set_defaults(run=_jobs)
 
     keygen = commands.add_parser(
         "keygen", parents=[common],

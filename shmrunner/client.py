@@ -55,6 +55,7 @@ from ._ledger import Ledger
 from ._streams import Progress, chunked_calls, stream, total_of
 from ._wakeup import Wakeup
 from .errors import ResultTimeoutError, ShmrunnerError
+from .transport._schema import MAX_JOB_IDS, MAX_JOBS_LIMIT
 from .transport.protocol import Message, encode, exception_from_wire, function_ref
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
@@ -62,7 +63,7 @@ __all__ = ["Client", "JobFuture", "connect"]
 
 log = logging.getLogger("shmrunner.client")
 
-_ACCEPT = frozenset({"accepted", "result", "error", "status_reply"})
+_ACCEPT = frozenset({"accepted", "result", "error", "status_reply", "jobs_reply"})
 _MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thread gives up
 # What runs a chunk of map(chunksize=) items: the daemon's scheduler's own runner.
 _CHUNK_RUNNER = "shmrunner.scheduler:_run_chunk"
@@ -142,6 +143,7 @@ class Client(Executor):
                         allow_pickle=self._allow_pickle)
         future = JobFuture(job_id)
         future.set_running_or_notify_cancel()
+        future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
             self._wake()
         return future
@@ -220,6 +222,63 @@ class Client(Executor):
             raise ShmrunnerError(call.reply.body["reason"])
         status: dict[str, Any] = call.reply.body["status"]
         return status
+
+    # --- job control ----------------------------------------------------------------------
+
+    def job_state(self, job_id: str, timeout: float = 10.0) -> str:
+        """The state of job ``job_id`` in the daemon: "queued" (journaled, not
+        started), "running", "done", "failed", "cancelled" or "unknown"."""
+        return self.job_states([job_id], timeout)[job_id]
+
+    def job_states(self, job_ids: Iterable[str], timeout: float = 10.0) -> dict[str, str]:
+        """job id -> state (as :meth:`job_state`) for up to 256 ids."""
+        ids = [check_job_id(job_id) for job_id in job_ids]
+        if not 0 < len(ids) <= MAX_JOB_IDS:
+            raise ValueError(f"job_states takes 1 to {MAX_JOB_IDS} job ids, got {len(ids)}: "
+                             "ask in batches")
+        jobs = self._jobs_request(Message("jobs", {"job_ids": ids}), timeout)
+        return {job["job_id"]: job["state"] for job in jobs}
+
+    def jobs(self, limit: int = 20, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The ``limit`` (1 to 1000) most recently accepted jobs the daemon's
+        journal holds, newest first: maps of job_id, state, created, finished
+        (Unix times; finished None until then)."""
+        if type(limit) is not int or not 1 <= limit <= MAX_JOBS_LIMIT:
+            raise ValueError(f"limit must be an int from 1 to {MAX_JOBS_LIMIT}, got {limit!r}")
+        return self._jobs_request(Message("jobs", {"limit": limit}), timeout)
+
+    def cancel(self, job_id: str, timeout: float = 10.0) -> str:
+        """Cancel job ``job_id`` if it has not started (its result becomes
+        :class:`TaskCancelledError`, and a restarted daemon does not run it);
+        return its state afterwards: "cancelled", or the state it keeps (a
+        running job is not stopped: "running")."""
+        job = self._jobs_request(Message("cancel", {"job_id": check_job_id(job_id)}),
+                                 timeout)[0]
+        state: str = job["state"]
+        return state
+
+    def _cancel_soon(self, job_id: str) -> None:
+        """JobFuture.cancel(): send the cancel, nobody waits for the answer."""
+        try:
+            self._ledger.add_jobs(WaitingCall(), Message("cancel", {"job_id": job_id}))
+        except ShmrunnerError:
+            return  # the client is broken: the future settles with that
+        self._wake()
+
+    def _jobs_request(self, msg: Message, timeout: float) -> list[dict[str, Any]]:
+        call = WaitingCall()
+        self._ledger.add_jobs(call, msg)
+        self._wake()
+        if not call.event.wait(timeout):
+            self._ledger.drop_jobs(call)
+            raise ShmrunnerError(f"no answer to {msg.type!r} from the daemon at {self.address} "
+                                 f"within {timeout} s: is it running (and as new as this "
+                                 "client)?")
+        assert call.reply is not None
+        if call.reply.type == "error":
+            raise ShmrunnerError(call.reply.body["reason"])
+        jobs: list[dict[str, Any]] = call.reply.body["jobs"]
+        return jobs
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop submitting; with ``wait``, wait for the outstanding jobs' results

@@ -8,6 +8,8 @@ Data flow::
         fetch   -> result from the journal now, or when the job finishes (or "error" at
                    the fetch's timeout)
         status  -> workers, queue depth, running, done, failed, uptime
+        jobs    -> states by id (the intake's, else the journal's), or recent jobs
+        cancel  -> a job not yet on a worker settles as cancelled (journaled)
     Scheduler (local shared-memory workers + the worker ROUTER of its hub)
         future done -> completions deque + wake pipe -> front thread:
                    Journal.finish (one commit per round) -> results to waiting peers
@@ -37,7 +39,7 @@ from ._endpoints import daemon_addresses, secure_ipc_socket
 from ._fetchwaiters import FetchWaiters
 from ._intake import Intake, Request
 from ._jobid import job_id_problem
-from ._journal import DONE, FAILED, Journal
+from ._journal import CANCELLED, DONE, FAILED, PENDING, Journal
 from ._replier import Replier, refusal
 from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
@@ -50,7 +52,8 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("shmrunner.daemon")
 
-_ACCEPT = frozenset({"submit", "fetch", "status"})
+_ACCEPT = frozenset({"submit", "fetch", "status", "jobs", "cancel"})
+_RECENT_JOBS = 20  # jobs a "jobs" listing without ids or limit names
 _EXPIRE_EVERY = 60.0  # longest time between sweeps of expired results
 _BACKLOG_POLL = 0.02  # how soon to retry the scheduler while jobs wait in the backlog
 _MAX_FAILED_ROUNDS = 10  # unexpected errors in a row before the front thread gives up
@@ -207,6 +210,8 @@ class Daemon:
                 fetches.append((peer, msg))
             elif msg.type == "status":
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
+            else:
+                self._control(peer, msg)
         if accepted:
             try:
                 new = set(self.journal.add([(job_id, frames)
@@ -252,11 +257,64 @@ class Daemon:
                                                           "accepted, or its result expired)",
                                                 "job_id": job_id, "fetch": True,
                                                 "code": "unknown"}))
-        elif found[0] in (DONE, FAILED) and found[1] is not None:
+        elif found[0] in (DONE, FAILED, CANCELLED) and found[1] is not None:
             self._replier.reply_frames(peer, found[1])
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
             self._waiters.add(job_id, peer, deadline)
+
+    # --- job control: "jobs" (states) and "cancel" ----------------------------------------
+
+    def _control(self, peer: bytes, msg: Message) -> None:
+        """Answer a "jobs" query or a "cancel" with a jobs_reply; a bad job id is
+        refused (an error with ``jobs: True``, which the client matches)."""
+        job_ids: list[str] = ([msg.body.get("job_id", "")] if msg.type == "cancel"
+                              else msg.body.get("job_ids") or [])
+        for job_id in job_ids:  # a cancel by task_id (a worker's message) has "" here
+            problem = job_id_problem(job_id)
+            if problem is not None:
+                self._reply(peer, Message("error", {"reason": problem, "code": "invalid",
+                                                    "jobs": True}))
+                return
+        try:
+            if msg.type == "cancel":
+                jobs = [self._cancel(job_ids[0])]
+            elif job_ids:
+                jobs = self._states(job_ids)
+            else:
+                jobs = [{"job_id": job_id, "state": self._intake.state(job_id) or
+                         ("queued" if state == PENDING else state),
+                         "created": created, "finished": finished}
+                        for job_id, state, created, finished in self.journal.recent(
+                            msg.body.get("limit", _RECENT_JOBS))]
+        except JournalError as exc:
+            self._reply(peer, Message("error", {"reason": f"the journal cannot answer: {exc}",
+                                                "code": "journal", "jobs": True}))
+            return
+        self._reply(peer, Message("jobs_reply", {"jobs": jobs}))
+
+    def _states(self, job_ids: list[str]) -> list[dict[str, Any]]:
+        journaled = self.journal.states([j for j in job_ids if self._intake.state(j) is None])
+        jobs = []
+        for job_id in job_ids:
+            state = self._intake.state(job_id)
+            finished = None
+            if state is None:
+                state, finished = journaled.get(job_id, ("unknown", None))
+                if state == PENDING:  # journaled, not held: a drain left it for the restart
+                    state = "queued"
+            jobs.append({"job_id": job_id, "state": state, "finished": finished})
+        return jobs
+
+    def _cancel(self, job_id: str) -> dict[str, Any]:
+        if self._intake.cancel(job_id):
+            self._settle()  # journaled as cancelled before anyone hears so
+            return {"job_id": job_id, "state": CANCELLED, "cancelled": True}
+        job = self._states([job_id])[0]
+        job["cancelled"] = False
+        if job["state"] == "running":
+            job["reason"] = f"job {job_id} is running: it cannot be cancelled"
+        return job
 
     def _expire_waiters(self) -> None:
         for peer, job_id in self._waiters.expired(time.monotonic()):
@@ -319,6 +377,8 @@ class Daemon:
                 self._refuse(peer, msg)
             elif msg.type == "fetch":
                 self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
+            elif msg.type in ("jobs", "cancel"):
+                self._control(peer, msg)
             else:
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
 

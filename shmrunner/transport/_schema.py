@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-__all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MessageType",
-           "Message"]
+__all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_JOB_IDS",
+           "MAX_JOBS_LIMIT", "MessageType", "Message"]
 
 PROTOCOL_VERSION = 2
 
@@ -27,6 +27,7 @@ MessageType = Literal[
     "hello", "result", "results", "heartbeat", "bye",             # worker -> scheduler
     "welcome", "task", "tasks", "cancel", "shutdown",             # scheduler -> worker
     "submit", "accepted", "fetch", "status", "status_reply", "error",  # client <-> daemon
+    "jobs", "jobs_reply",                                        # client <-> daemon
 ]
 MESSAGE_TYPES: frozenset[str] = frozenset(get_args(MessageType))
 
@@ -121,6 +122,16 @@ MAX_CAPACITY = 4096  # tasks one worker may run at once: a scheduler sends it th
 _CAPACITY: _Check = (f"an int from 1 to {MAX_CAPACITY} (tasks the worker runs at once)",
                      lambda v: type(v) is int and 1 <= v <= MAX_CAPACITY)
 
+MAX_JOB_IDS = 256      # job ids one "jobs" query may name
+MAX_JOBS_LIMIT = 1000  # recent jobs one "jobs" listing may ask for
+_JOB_IDS: _Check = (f"a list of 1 to {MAX_JOB_IDS} str",
+                    lambda v: type(v) is list and 0 < len(v) <= MAX_JOB_IDS
+                    and all(type(item) is str for item in v))
+_LIMIT: _Check = (f"an int from 1 to {MAX_JOBS_LIMIT}",
+                  lambda v: type(v) is int and 1 <= v <= MAX_JOBS_LIMIT)
+_JOB_LIST: _Check = ("a list of maps with str keys",
+                     lambda v: type(v) is list and all(_str_map(item) for item in v))
+
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
@@ -142,6 +153,8 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "status": ({}, {}),
     "status_reply": ({"status": _MAP}, {}),
     "error": ({"reason": _STR}, {"job_id": _OPT_JOB}),
+    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT}),
+    "jobs_reply": ({"jobs": _JOB_LIST}, {}),
 }
 assert set(_SCHEMAS) == MESSAGE_TYPES
 
