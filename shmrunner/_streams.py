@@ -26,7 +26,7 @@ import collections
 import itertools
 import queue
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -111,12 +111,13 @@ def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
     if ordered:
         window: collections.deque[Future[Any]] = collections.deque(
             submit(*call) for call in itertools.islice(calls, buffersize))
-        return _ordered(submit, calls, window, deadline, chunked, meter)
+        return _deliver(_ordered(submit, calls, window, deadline), window, chunked, meter)
     finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
     running: set[Future[Any]] = set()
     for call in itertools.islice(calls, buffersize):
         _launch(submit, call, running, finished)
-    return _unordered(submit, calls, running, finished, deadline, chunked, meter)
+    return _deliver(_unordered(submit, calls, running, finished, deadline), running, chunked,
+                    meter)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -124,22 +125,13 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def _ordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
-             pending: collections.deque[Future[Any]], deadline: float | None, chunked: bool,
-             meter: Meter) -> Iterator[Any]:
-    try:
-        while pending:
-            value = pending.popleft().result(_remaining(deadline))
-            for call in itertools.islice(calls, 1):
-                pending.append(submit(*call))
-            meter.add(len(value) if chunked else 1)
-            if chunked:
-                yield from value
-            else:
-                yield value
-    finally:
-        meter.close()
-        for future in pending:
-            future.cancel()
+             pending: collections.deque[Future[Any]],
+             deadline: float | None) -> Iterator[Any]:
+    while pending:
+        value = pending.popleft().result(_remaining(deadline))
+        for call in itertools.islice(calls, 1):
+            pending.append(submit(*call))
+        yield value
 
 
 def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
@@ -151,18 +143,25 @@ def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
 
 def _unordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
                pending: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]],
-               deadline: float | None, chunked: bool, meter: Meter) -> Iterator[Any]:
+               deadline: float | None) -> Iterator[Any]:
+    while pending:
+        try:
+            future = finished.get(timeout=_remaining(deadline))
+        except queue.Empty:
+            raise TimeoutError(f"the stream's timeout ran out with {len(pending)} "
+                               "tasks unfinished") from None
+        pending.discard(future)
+        for call in itertools.islice(calls, 1):
+            _launch(submit, call, pending, finished)
+        yield future.result()
+
+
+def _deliver(results: Iterator[Any], pending: Collection[Future[Any]], chunked: bool,
+             meter: Meter) -> Iterator[Any]:
+    """Each task's result (a chunk's items one by one), counted on ``meter``;
+    when the consumer stops early, the tasks not started are cancelled."""
     try:
-        while pending:
-            try:
-                future = finished.get(timeout=_remaining(deadline))
-            except queue.Empty:
-                raise TimeoutError(f"the stream's timeout ran out with {len(pending)} "
-                                   "tasks unfinished") from None
-            pending.discard(future)
-            for call in itertools.islice(calls, 1):
-                _launch(submit, call, pending, finished)
-            value = future.result()
+        for value in results:
             meter.add(len(value) if chunked else 1)
             if chunked:
                 yield from value
@@ -170,5 +169,5 @@ def _unordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ..
                 yield value
     finally:
         meter.close()
-        for future in pending:
+        for future in list(pending):
             future.cancel()
