@@ -41,7 +41,8 @@ class LocalTier:
         self._events = events
         self.engine = ProcessEngine(EngineSettings(
             processes=processes, context=multiprocessing.get_context(settings.start_method),
-            shm_threshold=settings.shm_threshold), on_results=events.on_room)
+            shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit),
+            on_results=events.on_room)
 
     def room(self) -> int:
         # The engine's own view (it lets workers with tiny tasks hold more).
