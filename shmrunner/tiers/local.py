@@ -28,6 +28,8 @@ __all__ = ["LocalTier", "LocalStatus"]
 
 class LocalStatus(TypedDict):
     workers: int  # the engine's worker processes
+    memory_kills: int  # ... killed for exceeding memory_limit
+    oom_kills: int  # ... killed by the kernel's OOM killer
 
 
 class LocalTier:
@@ -75,7 +77,9 @@ class LocalTier:
             self.engine.join()
 
     def status(self) -> LocalStatus:
-        return {"workers": self.engine.capacity()}
+        status = self.engine.status()
+        return {"workers": status.workers, "memory_kills": status.memory_kills,
+                "oom_kills": status.oom_kills}
 
 
 def _resolve(ref: str) -> Callable[..., Any]:

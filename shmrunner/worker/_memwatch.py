@@ -4,7 +4,10 @@ and the evidence that the kernel's OOM killer killed a worker.
 Data flow::
 
     manager thread, every WATCH_INTERVAL while a memory_limit is set:
-        private_memory(pid) <- /proc/PID/statm (resident minus shared pages)
+        anonymous_memory(pid) <- /proc/PID/statm: a cheap upper bound
+        over the limit -> private_memory(pid) <- /proc/PID/smaps: the exact
+                          figure (ms; at most every EXACT_INTERVAL per worker
+                          while the bound alone is over)
         over the limit -> ProcessLifecycle SIGKILLs the worker; its reap fails
                           the running task with MemoryLimitError
     spawn:  oom_snapshot(pid) <- the worker's memory cgroup (/proc/PID/cgroup)
@@ -13,38 +16,65 @@ Data flow::
     reap of a SIGKILL nobody here sent: oom_evidence(snapshot) -> what rose
             (the kernel's OOM killer did it) or None (an anonymous SIGKILL)
 
-What counts against a limit is the worker's *private* memory: its resident
-anonymous pages (``RssAnon``: the heap, numpy arrays it allocates). Shared
-pages are not counted: the caller's shared arrays a task maps (memfd pages,
-``RssShmem``) belong to the caller and are charged there, and file pages
-(``RssFile``: code, libraries, mapped files) can be dropped by the kernel.
-Arrays a task itself creates in shared memory (``shmrunner.empty``) are
-shared pages too and not counted. Stateless, except the cgroup mount points,
-read once per process.
+What counts against a limit is the worker's *private* memory: the resident
+anonymous pages that it alone maps (the heap, numpy arrays it allocates).
+Not counted: the caller's shared arrays a task maps (memfd pages,
+``RssShmem``: they belong to the caller), file pages (``RssFile``: code,
+libraries, mapped files, which the kernel can drop), and, under the ``fork``
+start method, the parent's pages a worker still shares copy-on-write (they
+are the parent's until the worker writes to them; ``RssAnon`` counts them,
+which is why it is only the cheap first test). Arrays a task itself creates
+in shared memory (``shmrunner.empty``) are shared pages and not counted
+either. Swapped-out pages are not counted. Stateless, except the cgroup
+mount points, read once per process.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 
-__all__ = ["WATCH_INTERVAL", "private_memory", "OomSnapshot", "oom_snapshot", "oom_evidence",
-           "memory_cgroup", "cgroup_limit"]
+__all__ = ["WATCH_INTERVAL", "EXACT_INTERVAL", "anonymous_memory", "private_memory",
+           "OomSnapshot", "oom_snapshot", "oom_evidence", "memory_cgroup", "cgroup_limit"]
 
 WATCH_INTERVAL = 0.1  # seconds between two readings of the workers' memory
+EXACT_INTERVAL = 1.0  # most often a worker's exact figure is read while the bound is over
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_SMAPS = re.compile(rb"^(Private_Clean|Private_Dirty|Anonymous):\s+(\d+) kB", re.M)
 
 
-def private_memory(pid: int) -> int | None:
-    """Bytes of private (anonymous, resident) memory of process ``pid``; None
-    once it is gone. ``statm``'s resident minus shared pages: ``RssAnon``."""
+def anonymous_memory(pid: int) -> int | None:
+    """Bytes of resident anonymous memory of process ``pid`` (``RssAnon``:
+    ``statm``'s resident minus shared pages), None once it is gone. An upper
+    bound of :func:`private_memory`, read in microseconds."""
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
             fields = f.read().split()
         return (int(fields[1]) - int(fields[2])) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
+
+
+def private_memory(pid: int) -> int | None:
+    """Bytes of resident anonymous memory that process ``pid`` alone maps
+    (not shared copy-on-write with its parent), None once it is gone: per
+    mapping of ``/proc/PID/smaps``, its anonymous pages, at most its private
+    ones. Milliseconds for a large process: read only when the bound is over."""
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    total = private = 0
+    for name, kib in _SMAPS.findall(data):  # in each mapping: Private_*, then Anonymous
+        if name == b"Anonymous":
+            total += min(int(kib), private)
+            private = 0
+        else:
+            private += int(kib)
+    return total * 1024
 
 
 @functools.lru_cache(maxsize=1)

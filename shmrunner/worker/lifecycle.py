@@ -239,7 +239,7 @@ class Lifecycle(Generic[T]):
 class Process:
     """A local worker process and the parent's end of its channel."""
 
-    __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "oom")
+    __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "oom", "measured")
 
     def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
         self.process = process
@@ -251,6 +251,9 @@ class Process:
         # Killed for its memory (check_memory): the bytes it used then; the
         # task it was running fails with MemoryLimitError.
         self.over_limit: int | None = None
+        # The last exact reading of its private memory: (when, the cheap bound
+        # then, the exact figure), so that check_memory reads smaps rarely.
+        self.measured: tuple[float, int, int] | None = None
         # The OOM-kill counter to read should it die of a SIGKILL nobody sent.
         self.oom = _memwatch.oom_snapshot(process.pid) if process.pid is not None else None
 
@@ -373,13 +376,26 @@ class ProcessLifecycle(Lifecycle[Task]):
         limit = self.memory_limit
         if limit is None:
             return
+        now = time.monotonic()
         for worker in self:
             ep: Process = worker.endpoint
             pid = ep.process.pid
             if ep.over_limit is not None or not worker.sent or pid is None:
                 continue
+            bound = _memwatch.anonymous_memory(pid)
+            if bound is None or bound <= limit:
+                continue
+            # The bound counts pages shared with the parent since fork: read
+            # the exact figure, unless one read lately has room for the growth.
+            last = ep.measured
+            if (last is not None and now - last[0] < _memwatch.EXACT_INTERVAL
+                    and last[2] + bound - last[1] <= limit):
+                continue
             size = _memwatch.private_memory(pid)
-            if size is not None and size > limit:
+            if size is None:
+                continue
+            ep.measured = (now, bound, size)
+            if size > limit:
                 ep.over_limit = size
                 self.memory_kills += 1
                 ep.process.kill()
