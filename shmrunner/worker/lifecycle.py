@@ -399,10 +399,10 @@ class ProcessLifecycle(Lifecycle[Task]):
                 ep.over_limit = size
                 self.memory_kills += 1
                 ep.process.kill()
-                held = worker.tasks[0].describe() if worker.tasks else "none"
+                held = [task.describe() for task in list(worker.tasks)[:1]] or ["none"]
                 log.warning("worker pid %s uses %s of private memory, over its memory_limit of "
                             "%s: killed (task running: %s); a new worker replaces it",
-                            pid, describe_size(size), describe_size(limit), held)
+                            pid, describe_size(size), describe_size(limit), held[0])
 
     def leftovers(self, worker: Worker[Task]) -> Iterator[list[tuple[bytearray, list[int]]]]:
         """The batches of messages a dead worker sent before it died (they
