@@ -37,6 +37,15 @@ def hog_once(marker: str, mib: int) -> str:
     return "done"
 
 
+_kept: list[Any] = []
+
+
+def leak(mib: int) -> int:
+    """Keep ``mib`` MiB of private memory after returning (a leak, a cache); the pid."""
+    _kept.append(np.ones(mib * MiB // 8))
+    return os.getpid()
+
+
 def where() -> int:
     return os.getpid()
 

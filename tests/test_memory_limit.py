@@ -154,6 +154,35 @@ def test_scheduler_local_task_over_the_limit_fails_then_retries_apply(tmp_path: 
         assert sched.status()["memory_kills"] == 4
 
 
+@pytest.mark.timeout(120)
+def test_an_idle_worker_left_over_the_limit_is_replaced() -> None:
+    # A task that leaves memory behind (returned, or killed while still running:
+    # either way the memory is not kept by a live worker) and the next task runs.
+    with Scheduler(local_workers=1, memory_limit=LIMIT) as sched:
+        leaker = sched.submit(tasks.leak, HOG)
+        wait_until(lambda: sched.status()["memory_kills"] == 1, timeout=RESULT,
+                   message="the worker holding the leaked memory to be killed")
+        error = leaker.exception(RESULT)
+        pid = error.pid if isinstance(error, MemoryLimitError) else leaker.result()
+        assert sched.submit(tasks.where).result(RESULT) != pid
+        assert sched.status()["memory_kills"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_fraction_of_the_host_memory_is_a_limit_in_bytes() -> None:
+    from shmrunner.worker._memwatch import cgroup_limit
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cgroup = cgroup_limit()
+    if cgroup is not None and cgroup < physical:
+        pytest.skip("this process's memory cgroup is smaller than the host: fractions are of it")
+    fraction = LIMIT / physical
+    with shmrunner.Pool(1, memory_limit=fraction) as pool:
+        with pytest.raises(MemoryLimitError) as caught:
+            pool.apply(tasks.hog, (HOG,))
+    assert caught.value.limit == int(fraction * physical)
+
+
 # --- remote: an agent, and a daemon's client --------------------------------------------------
 
 

@@ -399,10 +399,13 @@ class ProcessLifecycle(Lifecycle[Task]):
                 ep.over_limit = size
                 self.memory_kills += 1
                 ep.process.kill()
-                held = [task.describe() for task in list(worker.tasks)[:1]] or ["none"]
-                log.warning("worker pid %s uses %s of private memory, over its memory_limit of "
-                            "%s: killed (task running: %s); a new worker replaces it",
-                            pid, describe_size(size), describe_size(limit), held[0])
+                held = [task.describe() for task in list(worker.tasks)[:1]]
+                # With a task, its MemoryLimitError tells the caller; idle, only this does.
+                log.log(logging.INFO if held else logging.WARNING,
+                        "worker pid %s uses %s of private memory, over its memory_limit of "
+                        "%s: killed (task running: %s); a new worker replaces it",
+                        pid, describe_size(size), describe_size(limit),
+                        held[0] if held else "none")
 
     def leftovers(self, worker: Worker[Task]) -> Iterator[list[tuple[bytearray, list[int]]]]:
         """The batches of messages a dead worker sent before it died (they
@@ -465,8 +468,8 @@ class ProcessLifecycle(Lifecycle[Task]):
             evidence = _memwatch.oom_evidence(ep.oom)
             if evidence is not None:
                 self.oom_kills += 1
-                log.warning("worker pid %s was killed by the kernel's OOM killer (%s) while "
-                            "running task %s", pid, evidence, running.describe())
+                log.info("worker pid %s was killed by the kernel's OOM killer (%s) while "
+                         "running task %s", pid, evidence, running.describe())
                 return MemoryLimitError(pid, exitcode, running.describe(),
                                         limit=self.memory_limit, oom_killer=True,
                                         evidence=evidence)
