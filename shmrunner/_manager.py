@@ -47,6 +47,7 @@ class Manager:
         self._on_results = on_results
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
+        self._memory_errors = 0  # unexpected errors reading the workers' memory
 
     def wait_started(self) -> BaseException | None:
         """Wait until the first workers are spawned; the error if they could not be."""
@@ -92,7 +93,7 @@ class Manager:
                 if watch:  # a killed worker's sentinel fires: it is reaped in a later round
                     now = time.monotonic()
                     if now >= next_watch:
-                        self._lifecycle.check_memory()
+                        self._check_memory()
                         next_watch = now + WATCH_INTERVAL
                     timeout = max(0.0, next_watch - now)
         except BaseException as exc:
@@ -100,6 +101,14 @@ class Manager:
             self._crash(exc)
         finally:
             self.close_resources()
+
+    def _check_memory(self) -> None:
+        try:
+            self._lifecycle.check_memory()
+        except Exception:  # a /proc surprise must not break the pool: read again next time
+            self._memory_errors += 1
+            if self._memory_errors <= 3:
+                log.exception("shmrunner pool: reading the workers' memory failed")
 
     def _read(self, worker: Worker[Task]) -> None:
         channel: FdChannel = worker.endpoint.channel

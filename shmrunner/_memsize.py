@@ -11,8 +11,10 @@ Stateless; reads ``/proc`` and ``/sys`` only in :func:`host_memory`.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
+from typing import SupportsIndex
 
 __all__ = ["MIN_LIMIT", "EXPECTED", "problem", "resolve", "host_memory", "describe"]
 
@@ -34,6 +36,8 @@ def _parse(value: object) -> int | float | None:
     """Bytes (int) or a fraction (float, 0 < x <= 1) for ``value``; None if invalid."""
     if isinstance(value, bool):
         return None
+    if not isinstance(value, (int, float, str)) and isinstance(value, SupportsIndex):
+        value = operator.index(value)  # numpy's integers
     if isinstance(value, int):
         return value if MIN_LIMIT <= value <= _MAX_BYTES else None
     if isinstance(value, float):
