@@ -267,12 +267,14 @@ def test_memory_limit_from_the_environment() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_worker_command_refuses_a_bad_memory_limit_in_one_line() -> None:
-    done = run_cli("worker", "--connect", "tcp://127.0.0.1:9", "--set",
-                   "worker.memory_limit=lots")
+@pytest.mark.parametrize("option", [["--set", "worker.memory_limit=lots"],
+                                    ["--memory-limit", "lots"], ["--memory-limit", "2"]])
+def test_worker_command_refuses_a_bad_memory_limit_in_one_line(option: list[str]) -> None:
+    done = run_cli("worker", "--connect", "tcp://127.0.0.1:9", *option)
     assert done.returncode == 2, done
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "worker.memory_limit" in lines[0], done.stderr
+    assert len(lines) == 1 and ("memory_limit" in lines[0] or "--memory-limit" in lines[0]), \
+        done.stderr
 
 
 # --- the kernel's OOM killer ------------------------------------------------------------------
