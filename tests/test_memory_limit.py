@@ -286,7 +286,7 @@ import shmrunner, _memory_tasks as tasks
 with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))  # this process and the workers it starts: in the cgroup
 if __name__ == "__main__":
-    with shmrunner.Pool(1) as pool:  # no memory_limit of its own: the cgroup's is the bound
+    with shmrunner.Pool(2) as pool:  # no memory_limit of its own: the cgroup's is the bound
         try:
             pool.apply(tasks.hog, (int(sys.argv[2]),))
             out = {"error": None}
@@ -294,6 +294,15 @@ if __name__ == "__main__":
             out = {"error": type(err).__name__, "oom_killer": getattr(err, "oom_killer", None),
                    "text": str(err), "pid": err.pid}
         out["next"] = pool.apply(tasks.where)
+        # Then both workers (the one that lived through the OOM kill, and its new
+        # neighbour) die of a plain SIGKILL: one OOM kill explains one death only.
+        later = [pool.apply_async(tasks.die_by_sigkill) for _ in range(2)]
+        out["later"] = []
+        for result in later:
+            try:
+                result.get(60)
+            except shmrunner.WorkerLostError as err:
+                out["later"].append(type(err).__name__)
     print(json.dumps(out))
 """
 
@@ -348,3 +357,4 @@ def test_a_worker_killed_by_the_kernel_oom_killer_is_reported_as_such(
     assert f"worker pid {out['pid']} was killed by the kernel's OOM killer" in out["text"]
     assert "oom_kill count rose" in out["text"] and os.path.basename(oom_cgroup) in out["text"]
     assert out["next"] != out["pid"]  # replaced, and the next task ran
+    assert out["later"] == ["WorkerLostError", "WorkerLostError"]

@@ -170,14 +170,19 @@ def oom_snapshot(pid: int) -> OomSnapshot | None:
     return OomSnapshot("/proc/vmstat", count) if count is not None else None
 
 
-def oom_evidence(snapshot: OomSnapshot | None) -> str | None:
+def oom_evidence(snapshot: OomSnapshot | None, claimed: dict[str, int]) -> str | None:
     """For a worker that died of a SIGKILL nobody here sent: how we know the
-    kernel's OOM killer sent it (its counter rose since ``snapshot``), or None."""
+    kernel's OOM killer sent it (its counter rose since ``snapshot``), or None.
+    ``claimed`` maps each counter to the last count a death was put down to
+    (this call updates it): one OOM kill explains one death, not every worker
+    that happens to die of a SIGKILL later in the same cgroup."""
     if snapshot is None:
         return None
     now = _counter(snapshot.path)
-    if now is None or now <= snapshot.count:
+    before = max(snapshot.count, claimed.get(snapshot.path, snapshot.count))
+    if now is None or now <= before:
         return None
+    claimed[snapshot.path] = before + 1
     where = ("the system's" if snapshot.path == "/proc/vmstat"
              else f"its memory cgroup's ({os.path.dirname(snapshot.path)})")
     return f"{where} oom_kill count rose from {snapshot.count} to {now} while it ran"

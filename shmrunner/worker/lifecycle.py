@@ -284,6 +284,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         self.memory_limit = memory_limit  # bytes of private memory per worker, or None
         self.memory_kills = 0  # workers killed for exceeding memory_limit
         self.oom_kills = 0  # workers the kernel's OOM killer killed
+        self._oom_claimed: dict[str, int] = {}  # OOM-kill counts already put down to a death
 
     def _start(self, worker_id: int) -> Process:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -465,7 +466,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         since it started, is the OOM killer's (MemoryLimitError); else lost."""
         pid, exitcode = ep.process.pid, ep.process.exitcode
         if exitcode == -signal.SIGKILL:
-            evidence = _memwatch.oom_evidence(ep.oom)
+            evidence = _memwatch.oom_evidence(ep.oom, self._oom_claimed)
             if evidence is not None:
                 self.oom_kills += 1
                 log.info("worker pid %s was killed by the kernel's OOM killer (%s) while "
