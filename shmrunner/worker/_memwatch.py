@@ -13,8 +13,9 @@ Data flow::
     spawn:  oom_snapshot(pid) <- the worker's memory cgroup (/proc/PID/cgroup)
             and its oom_kill counter (v1 memory.oom_control, v2 memory.events),
             else the system's (/proc/vmstat oom_kill)
-    reap of a SIGKILL nobody here sent: oom_evidence(snapshot) -> what rose
-            (the kernel's OOM killer did it) or None (an anonymous SIGKILL)
+    reap of a SIGKILL nobody here sent: oom_evidence(snapshot, claimed) ->
+            what rose (the kernel's OOM killer did it) or None (an anonymous
+            SIGKILL); each OOM kill counted explains one death at most
 
 What counts against a limit is the worker's *private* memory: the resident
 anonymous pages that it alone maps (the heap, numpy arrays it allocates).
@@ -26,7 +27,8 @@ are the parent's until the worker writes to them; ``RssAnon`` counts them,
 which is why it is only the cheap first test). Arrays a task itself creates
 in shared memory (``shmrunner.empty``) are shared pages and not counted
 either. Swapped-out pages are not counted. Stateless, except the cgroup
-mount points, read once per process.
+mount points, read once per process (the lifecycle keeps the snapshots and
+the claimed counts).
 """
 
 from __future__ import annotations
