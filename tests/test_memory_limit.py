@@ -235,6 +235,18 @@ def test_daemon_client_gets_the_memory_limit_error_of_a_remote_worker(
     assert client.submit("_memory_tasks:where").result(timeout=RESULT) != caught.value.pid
 
 
+@pytest.mark.timeout(120)
+def test_daemon_local_workers_take_scheduler_memory_limit(daemons: Any) -> None:
+    d = daemons(scheduler={"local_workers": 1, "memory_limit": "200MiB"}).start()
+    client = d.client()
+    with pytest.raises(MemoryLimitError) as caught:
+        client.submit("_memory_tasks:hog", HOG).result(timeout=RESULT)
+    assert_memory_limit_error(caught.value)
+    assert client.submit("_memory_tasks:where").result(timeout=RESULT) != caught.value.pid
+    status = d.status()
+    assert (status["memory_kills"], status["oom_kills"]) == (1, 0)
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 
