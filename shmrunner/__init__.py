@@ -8,6 +8,7 @@ from .errors import (
     ConfigError,
     FunctionNotAllowedError,
     InitializerError,
+    MemoryLimitError,
     ProtocolError,
     RemoteTaskError,
     SharedMemoryError,
@@ -38,6 +39,7 @@ __all__ = [
     # errors and warnings
     "ShmrunnerError",
     "WorkerLostError",
+    "MemoryLimitError",
     "TaskTimeoutError",
     "TaskCancelledError",
     "InitializerError",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import field, fields
 from typing import Any
 
+from . import _memsize
 from .errors import ConfigError
 
 Check = Callable[[Any], str | None]
@@ -84,6 +85,7 @@ exception_names = check(
         isinstance(n, str) and len(n) <= 300 and bool(_EXCEPTION_NAME.match(n)) for n in v),
     f"a list (at most {MAX_RETRY_ON}) of exception class names such as ConnectionError or "
     "'mypkg.errors:Flaky', or [] for none")
+memory_limit = check(lambda v: _memsize.problem(v) is None, _memsize.EXPECTED)
 optional_backoff = check(lambda v: _is_number(v) and v >= 0,
                          "a number of seconds >= 0 (0: retry at once)")
 

@@ -71,6 +71,11 @@ class SchedulerSettings:
     prefetch: int = setting(1, checks.prefetch, "tasks sent to a remote worker beyond its capacity")
     start_method: str | None = setting(
         None, checks.start_method, "how local workers start (default: multiprocessing's)")
+    memory_limit: int | float | str | None = setting(
+        None, checks.memory_limit, "private memory each local worker process may use before "
+        "it is killed and replaced, its task failing with MemoryLimitError (retried as a lost "
+        "worker): bytes, a size such as '512MiB' or '2GB', or a fraction of this host's memory "
+        "such as 0.5 or '50%' (null: no limit)")
     allowed_functions: tuple[str, ...] | None = setting(
         None, checks.patterns, "functions the daemon runs for its clients: 'module' or "
                                "'module:qualname' patterns, * wildcards (null: any importable "
@@ -110,6 +115,10 @@ class WorkerSettings:
         "as a daemon's clients address); once welcomed it reconnects forever. null: wait "
         "forever (agents started long before their scheduler)")
     allow_pickle: bool = setting(False, checks.flag, "accept pickled functions and arguments")
+    memory_limit: int | float | str | None = setting(
+        None, checks.memory_limit, "private memory each worker process on this host may use "
+        "before it is killed and replaced, its task failing with MemoryLimitError: as "
+        "scheduler.memory_limit (a fraction is of this host's memory)")
     shm_threshold: int = setting(64 * 1024, checks.count, "as scheduler.shm_threshold")
     max_message_bytes: int = setting(1 << 31, checks.positive, "as scheduler.max_message_bytes")
     curve_secret_key: str | None = setting(

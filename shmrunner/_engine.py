@@ -59,6 +59,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from . import _memsize as memsize
 from ._atexit import stop_at_exit
 from ._dispatch import CLOSE, RUN, TERMINATE, Budget, TaskQueue
 from ._manager import Manager
@@ -82,6 +83,9 @@ class EngineSettings:
     maxtasksperchild: int | None = None
     context: BaseContext | None = None  # None: multiprocessing's default context
     shm_threshold: int = DEFAULT_THRESHOLD
+    # Private memory per worker before it is killed (bytes, '512MiB', 0.5 or
+    # '50%' of the host; _memsize.py), None for no limit.
+    memory_limit: int | float | str | None = None
 
     def __post_init__(self) -> None:
         # multiprocessing.Pool's own checks and messages (its tests expect them).
@@ -93,18 +97,25 @@ class EngineSettings:
             raise ValueError("maxtasksperchild must be a positive int or None")
         if self.initializer is not None and not callable(self.initializer):
             raise TypeError("initializer must be a callable")
+        if memsize.problem(self.memory_limit) is not None:
+            raise ValueError(f"memory_limit: expected {memsize.EXPECTED}, "
+                             f"got {self.memory_limit!r}")
 
 
 @dataclass(frozen=True)
 class EngineStatus:
     """A snapshot: ``state`` (RUN, CLOSE, TERMINATE), live ``workers``, tasks
-    ``running`` or sent to a worker, tasks ``queued`` for one, ``broken``."""
+    ``running`` or sent to a worker, tasks ``queued`` for one, ``broken``;
+    workers killed for exceeding ``memory_limit`` (``memory_kills``) and by the
+    kernel's OOM killer (``oom_kills``) since the start."""
 
     state: str
     workers: int
     running: int
     queued: int
     broken: bool
+    memory_kills: int = 0
+    oom_kills: int = 0
 
 
 class ProcessEngine:
@@ -131,7 +142,8 @@ class ProcessEngine:
             size=settings.processes, context=settings.context or get_context(),
             initializer=settings.initializer, initargs=settings.initargs,
             maxtasks=settings.maxtasksperchild, threshold=settings.shm_threshold,
-            selector=self._selector, parent_fds=self._wakeup.fds())
+            selector=self._selector, parent_fds=self._wakeup.fds(),
+            memory_limit=memsize.resolve(settings.memory_limit))
         self._queue = TaskQueue(self._lifecycle, settings.shm_threshold,
                                 max(8, 4 * settings.processes), self._wakeup.wake)
         self._manager = Manager(self._queue, self._lifecycle, self._selector, self._wakeup,
@@ -175,8 +187,10 @@ class ProcessEngine:
     def status(self) -> EngineStatus:
         queue = self._queue
         with queue.lock:
-            return EngineStatus(queue.state, len(self._lifecycle), self._lifecycle.busy(),
-                                len(queue.pending), queue.broken is not None)
+            lifecycle = self._lifecycle
+            return EngineStatus(queue.state, len(lifecycle), lifecycle.busy(),
+                                len(queue.pending), queue.broken is not None,
+                                lifecycle.memory_kills, lifecycle.oom_kills)
 
     def processes(self) -> list[BaseProcess]:
         with self._queue.lock:

@@ -5,7 +5,9 @@ workers' channels (results), their process sentinels (deaths) and a
 It delivers results and refills workers (``_dispatch.py``), reaps dead
 workers and respawns them (``worker/lifecycle.py``), stops idle workers once
 the engine is closed, and, should it crash, fails every task rather than
-leave one pending forever. It only ever does non-blocking socket work, so it
+leave one pending forever. With a ``memory_limit`` its wait has a timeout, so
+it reads the workers' memory every ``_memwatch.WATCH_INTERVAL`` (without one
+it waits on events only). It only ever does non-blocking socket work, so it
 can never deadlock with a worker blocked sending to it.
 """
 
@@ -23,6 +25,7 @@ from ._wakeup import Wakeup
 from .errors import InitializerError, ShmrunnerError
 from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import close_fds
+from .worker._memwatch import WATCH_INTERVAL
 from .worker.lifecycle import ProcessLifecycle, Worker
 from .worker.loop import BYE, INIT_FAILED, STARTED, TASK_ID
 
@@ -44,6 +47,7 @@ class Manager:
         self._on_results = on_results
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
+        self._memory_errors = 0  # unexpected errors reading the workers' memory
 
     def wait_started(self) -> BaseException | None:
         """Wait until the first workers are spawned; the error if they could not be."""
@@ -60,10 +64,13 @@ class Manager:
             return
         self._started.set()
         workers = self._lifecycle.workers
+        watch = self._lifecycle.memory_limit is not None
+        next_watch = time.monotonic()
+        timeout = WATCH_INTERVAL if watch else None
         try:
             while True:
                 chores = False  # results alone need no housekeeping: the hot path
-                for key, mask in self._selector.select():
+                for key, mask in self._selector.select(timeout):
                     kind, worker = key.data
                     if kind == "wake":
                         self._wakeup.drain()
@@ -83,11 +90,25 @@ class Manager:
                 # Once closed, every round may be the one after the last result.
                 if (chores or self._queue.state != RUN) and self._housekeeping():
                     break
+                if watch:  # a killed worker's sentinel fires: it is reaped in a later round
+                    now = time.monotonic()
+                    if now >= next_watch:
+                        self._check_memory()
+                        next_watch = now + WATCH_INTERVAL
+                    timeout = max(0.0, next_watch - now)
         except BaseException as exc:
             log.exception("shmrunner pool manager thread crashed; terminating the pool")
             self._crash(exc)
         finally:
             self.close_resources()
+
+    def _check_memory(self) -> None:
+        try:
+            self._lifecycle.check_memory()
+        except Exception:  # a /proc surprise must not break the pool: read again next time
+            self._memory_errors += 1
+            if self._memory_errors <= 3:
+                log.exception("shmrunner pool: reading the workers' memory failed")
 
     def _read(self, worker: Worker[Task]) -> None:
         channel: FdChannel = worker.endpoint.channel

@@ -35,7 +35,8 @@ def _worker(args: argparse.Namespace) -> int:
     settings = resolve(args.config, sections=("worker",), sets=args.set or ()).worker
     # The command's own options are the last word, as --set is.
     overrides = {key: value for key, value in (
-        ("connect", args.connect), ("processes", args.processes), ("name", args.name))
+        ("connect", args.connect), ("processes", args.processes), ("name", args.name),
+        ("memory_limit", args.memory_limit))
         if value is not None}
     if args.allow_pickle:
         overrides["allow_pickle"] = True
@@ -227,6 +228,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="how the scheduler lists this worker (default: host-pid)")
     worker.add_argument("--config", metavar="FILE", default=None,
                         help="YAML settings file (its worker: section)")
+    worker.add_argument("--memory-limit", metavar="SIZE", type=_memory_limit, default=None,
+                        help="private memory each worker process may use before it is killed "
+                             "and replaced (its task fails with MemoryLimitError): bytes, "
+                             "512MiB, 2GB, or a fraction of this host's memory: 0.5, 50%% "
+                             "(default: worker.memory_limit, else none)")
     worker.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled functions and arguments (trusted networks only)")
     _set_option(worker, "worker", "worker.join_timeout=120")
@@ -312,6 +318,21 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _memory_limit(text: str) -> int | float | str:
+    from ._memsize import EXPECTED, problem
+
+    value: int | float | str = text
+    for number in (int, float):
+        try:
+            value = number(text)
+            break
+        except ValueError:
+            pass
+    if problem(value) is not None:
+        raise argparse.ArgumentTypeError(f"expected {EXPECTED}, got {text!r}")
     return value
 
 

@@ -328,6 +328,8 @@ class Daemon:
         return {
             "workers": scheduler["workers"],
             "local_workers": scheduler["local_workers"],
+            "memory_kills": scheduler["memory_kills"],
+            "oom_kills": scheduler["oom_kills"],
             "queued": self.scheduler.queued() + self._intake.backlog,
             "running": self._intake.running,
             "done": self._intake.done,

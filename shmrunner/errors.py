@@ -4,6 +4,7 @@
 
     ShmrunnerError
      +-- WorkerLostError          a worker died while holding a task
+ |    +-- MemoryLimitError    ... killed for its memory: over memory_limit, or by the OOM killer
      +-- TaskTimeoutError         (also TimeoutError) a task ran past its timeout
      +-- ResultTimeoutError       (also TimeoutError) Client.result(job_id, timeout) ran out
      +-- TaskCancelledError       a task was dropped by terminate() or shutdown
@@ -30,9 +31,12 @@ import signal
 from multiprocessing.pool import RemoteTraceback  # type: ignore[attr-defined]
 from typing import Any
 
+from ._memsize import describe as _size
+
 __all__ = [
     "ShmrunnerError",
     "WorkerLostError",
+    "MemoryLimitError",
     "TaskTimeoutError",
     "ResultTimeoutError",
     "TaskCancelledError",
@@ -89,6 +93,42 @@ class WorkerLostError(ShmrunnerError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.pid, self.exitcode, self.task))
+
+
+class MemoryLimitError(WorkerLostError):
+    """Raised when the worker running a task was killed for the memory it used:
+    over its ``memory_limit`` (shmrunner killed it), or by the kernel's OOM
+    killer (``oom_killer`` True). A :class:`WorkerLostError`, so the Scheduler
+    retries it while the task's retries allow.
+
+    Carries ``limit`` (the worker's memory_limit in bytes, or None), ``size``
+    (the private memory measured when it was killed, or None) and
+    ``evidence`` (for the OOM killer: which kernel counter says so).
+    """
+
+    def __init__(self, pid: int | None, exitcode: int | None, task: object = None,
+                 limit: int | None = None, size: int | None = None,
+                 oom_killer: bool = False, evidence: str = "") -> None:
+        super().__init__(pid, exitcode, task)
+        self.limit = limit
+        self.size = size
+        self.oom_killer = oom_killer
+        self.evidence = evidence
+        self.args = (pid, exitcode, task, limit, size, oom_killer, evidence)
+
+    def __str__(self) -> str:
+        task = f" while running task {self.task}" if self.task is not None else ""
+        if self.oom_killer:
+            evidence = f" ({self.evidence})" if self.evidence else ""
+            limit = f" (its memory limit: {_size(self.limit)})" if self.limit is not None else ""
+            return (f"worker pid {self.pid} was killed by the kernel's OOM killer{task}"
+                    f"{evidence}: the host, or the worker's memory cgroup, ran out of memory"
+                    f"{limit}")
+        return (f"worker pid {self.pid} exceeded its memory limit of {_size(self.limit)} "
+                f"(private memory {_size(self.size)}){task}; it was killed and replaced")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), self.args)
 
 
 class TaskTimeoutError(ShmrunnerError, TimeoutError):

@@ -36,13 +36,17 @@ class Pool:
     arrays from :func:`shmrunner.empty`/``zeros``/``share`` by handle (workers
     see the same memory), plain arrays of at least ``shm_threshold`` bytes by
     one copy. A worker that dies fails only the task it was running, with
-    :class:`~shmrunner.WorkerLostError`, and is replaced.
+    :class:`~shmrunner.WorkerLostError`, and is replaced. ``memory_limit``
+    (bytes, ``"512MiB"``, or a fraction of the host's memory: ``0.5``,
+    ``"50%"``): a worker whose private memory exceeds it is killed and
+    replaced, its task failing with :class:`~shmrunner.MemoryLimitError`.
     """
 
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
-                 context: BaseContext | None = None, *, shm_threshold: int | None = None) -> None:
+                 context: BaseContext | None = None, *, shm_threshold: int | None = None,
+                 memory_limit: int | float | str | None = None) -> None:
         self._state = "INIT"  # __del__ warns only about a pool that started
         if processes is None:
             processes = os.cpu_count() or 1
@@ -50,7 +54,7 @@ class Pool:
             processes=processes, initializer=initializer, initargs=tuple(initargs),
             maxtasksperchild=maxtasksperchild,
             context=context if context is not None else multiprocessing.get_context(),
-            shm_threshold=resolve_threshold(shm_threshold))
+            shm_threshold=resolve_threshold(shm_threshold), memory_limit=memory_limit)
         self._processes = processes
         self._engine = ProcessEngine(settings)
         self._state = RUN

@@ -174,7 +174,9 @@ class Scheduler(Executor):
         again), ``submitted`` (tasks
         accepted since the start; a chunk of a map counts once),
         ``shutdown`` (``shutdown()`` was called: new tasks are refused),
-        ``local_workers``, ``workers`` (each connected remote worker: id of
+        ``local_workers``, ``memory_kills`` and ``oom_kills`` (local worker
+        processes killed for exceeding ``memory_limit``, and by the kernel's
+        OOM killer), ``workers`` (each connected remote worker: id of
         its registration, name, host, pid, capacity, busy, draining, seconds
         since its last heartbeat), ``rejected`` (messages refused from the
         network), ``lost_workers`` (remote workers declared lost),
@@ -186,10 +188,13 @@ class Scheduler(Executor):
         ``max_pending_bytes``."""
         backlog = self._backlog.snapshot()
         remote = self._remote.status() if self._remote is not None else None
+        local = self._local.status() if self._local is not None else None
         return {
             **backlog,
             "max_pending_bytes": self._backlog.byte_budget,
-            "local_workers": self.local_capacity(),
+            "local_workers": local["workers"] if local is not None else 0,
+            "memory_kills": local["memory_kills"] if local is not None else 0,
+            "oom_kills": local["oom_kills"] if local is not None else 0,
             "workers": remote["workers"] if remote is not None else [],
             "rejected": remote["rejected"] if remote is not None else 0,
             "lost_workers": remote["lost"] if remote is not None else 0,

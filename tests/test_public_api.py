@@ -33,7 +33,8 @@ EXPECTED_ALL = sorted([
     # shared arrays
     "empty", "zeros", "share", "is_shared",
     # errors and warnings
-    "ShmrunnerError", "WorkerLostError", "TaskTimeoutError", "TaskCancelledError",
+    "ShmrunnerError", "WorkerLostError", "MemoryLimitError", "TaskTimeoutError",
+    "TaskCancelledError",
     "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
     "ChannelError", "ChannelClosedError", "RemoteTaskError", "FunctionNotAllowedError",
     "SharedMemoryUnavailableWarning",
@@ -44,6 +45,7 @@ ERRORS = [
     shmrunner.TaskCancelledError, shmrunner.InitializerError, shmrunner.SharedMemoryError,
     shmrunner.ProtocolError, shmrunner.ConfigError, shmrunner.ChannelError,
     shmrunner.ChannelClosedError, shmrunner.RemoteTaskError, shmrunner.FunctionNotAllowedError,
+    shmrunner.MemoryLimitError,
 ]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +151,9 @@ def test_shared_memory_warning_is_a_runtime_warning() -> None:
         warnings.warn("x", shmrunner.SharedMemoryUnavailableWarning, stacklevel=1)
 
 
-@pytest.mark.parametrize("cls", [c for c in ERRORS[2:] if c is not shmrunner.RemoteTaskError],
+# (MemoryLimitError carries its evidence, as WorkerLostError: tests/test_memory_limit.py)
+@pytest.mark.parametrize("cls", [c for c in ERRORS[2:] if c not in (
+                             shmrunner.RemoteTaskError, shmrunner.MemoryLimitError)],
                          ids=lambda c: c.__name__)
 def test_plain_errors_survive_pickling(cls: type[BaseException]) -> None:
     err = cls("something went wrong: key 'x'")

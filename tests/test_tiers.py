@@ -84,7 +84,7 @@ def test_local_tier_reports_outcomes_and_room_through_its_events() -> None:
     events = Recorder()
     tier: Tier = LocalTier(events, 1, SchedulerSettings())
     try:
-        assert tier.status() == {"workers": 1}
+        assert tier.status() == {"workers": 1, "memory_kills": 0, "oom_kills": 0}
         quick = job(0, tasks.square, 7)
         by_ref = job(1, "_sched_tasks:add", 2, 3)
         started(tier, quick, by_ref)

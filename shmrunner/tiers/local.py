@@ -28,6 +28,8 @@ __all__ = ["LocalTier", "LocalStatus"]
 
 class LocalStatus(TypedDict):
     workers: int  # the engine's worker processes
+    memory_kills: int  # ... killed for exceeding memory_limit
+    oom_kills: int  # ... killed by the kernel's OOM killer
 
 
 class LocalTier:
@@ -41,7 +43,8 @@ class LocalTier:
         self._events = events
         self.engine = ProcessEngine(EngineSettings(
             processes=processes, context=multiprocessing.get_context(settings.start_method),
-            shm_threshold=settings.shm_threshold), on_results=events.on_room)
+            shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit),
+            on_results=events.on_room)
 
     def room(self) -> int:
         # The engine's own view (it lets workers with tiny tasks hold more).
@@ -74,7 +77,9 @@ class LocalTier:
             self.engine.join()
 
     def status(self) -> LocalStatus:
-        return {"workers": self.engine.capacity()}
+        status = self.engine.status()
+        return {"workers": status.workers, "memory_kills": status.memory_kills,
+                "oom_kills": status.oom_kills}
 
 
 def _resolve(ref: str) -> Callable[..., Any]:

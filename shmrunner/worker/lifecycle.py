@@ -24,6 +24,12 @@ What "reap" and "respawn" mean per tier:
   reason it was killed for) and which run again; ``spawn_missing`` starts a
   replacement. A worker that has run ``maxtasksperchild`` tasks says ``BYE``
   (:meth:`Lifecycle.retire`) and exits; it is never sent more meanwhile.
+  With a ``memory_limit``, the manager thread reads each worker's private
+  memory every ``_memwatch.WATCH_INTERVAL`` (:meth:`ProcessLifecycle.check_memory`)
+  and SIGKILLs one over the limit: its running task fails with
+  :class:`~shmrunner.MemoryLimitError`. A worker the kernel's OOM killer
+  killed is told from an anonymous SIGKILL by its memory cgroup's OOM-kill
+  counter (``_memwatch.py``) and reported with the same error.
 * remote agents (``_hub.py``): the heartbeat verdict is the reap (the hub calls
   :meth:`Lifecycle.lose`), and the agent reconnecting is the respawn (a new
   hello, :meth:`Lifecycle.add`).
@@ -40,8 +46,10 @@ lock), except where a method says it runs on the tier's own thread.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import selectors
+import signal
 import socket
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -50,13 +58,17 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar
 
+from .._memsize import describe as describe_size
 from .._tasks import Task
-from ..errors import WorkerLostError
+from ..errors import MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
+from . import _memwatch
 from .loop import worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
            "TERMINATE_GRACE"]
+
+log = logging.getLogger("shmrunner.pool")
 
 TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when stopping all processes
 _CAPACITY = 2  # tasks a local worker holds: one running, one queued behind it
@@ -227,7 +239,7 @@ class Lifecycle(Generic[T]):
 class Process:
     """A local worker process and the parent's end of its channel."""
 
-    __slots__ = ("process", "channel", "stopping", "killed")
+    __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "oom", "measured")
 
     def __init__(self, process: BaseProcess, channel: FdChannel) -> None:
         self.process = process
@@ -236,6 +248,14 @@ class Process:
         # Killed on purpose (kill()): only the tasks marked with a kill_reason
         # fail when it is reaped; whatever else it held runs again elsewhere.
         self.killed = False
+        # Killed for its memory (check_memory): the bytes it used then; the
+        # task it was running fails with MemoryLimitError.
+        self.over_limit: int | None = None
+        # The last exact reading of its private memory: (when, the cheap bound
+        # then, the exact figure), so that check_memory reads smaps rarely.
+        self.measured: tuple[float, int, int] | None = None
+        # The OOM-kill counter to read should it die of a SIGKILL nobody sent.
+        self.oom = _memwatch.oom_snapshot(process.pid) if process.pid is not None else None
 
 
 class ProcessLifecycle(Lifecycle[Task]):
@@ -251,7 +271,7 @@ class ProcessLifecycle(Lifecycle[Task]):
     def __init__(self, *, size: int, context: BaseContext,
                  initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
                  maxtasks: int | None, threshold: int, selector: selectors.BaseSelector,
-                 parent_fds: tuple[int, ...]) -> None:
+                 parent_fds: tuple[int, ...], memory_limit: int | None = None) -> None:
         super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
                          fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK)
         self._context = context
@@ -261,6 +281,10 @@ class ProcessLifecycle(Lifecycle[Task]):
         self._threshold = threshold
         self._selector = selector
         self._parent_fds = parent_fds  # fds a fork() child must close (the engine's own)
+        self.memory_limit = memory_limit  # bytes of private memory per worker, or None
+        self.memory_kills = 0  # workers killed for exceeding memory_limit
+        self.oom_kills = 0  # workers the kernel's OOM killer killed
+        self._oom_claimed: dict[str, int] = {}  # OOM-kill counts already put down to a death
 
     def _start(self, worker_id: int) -> Process:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -344,6 +368,46 @@ class ProcessLifecycle(Lifecycle[Task]):
                 return True
         return None
 
+    def check_memory(self) -> None:
+        """SIGKILL every worker whose private memory is over ``memory_limit``
+        (manager thread, every ``_memwatch.WATCH_INTERVAL``; unlocked: it only
+        reads /proc). A worker never sent a task is left alone (else one whose
+        initializer alone is over the limit would be replaced forever); it is
+        checked from its first task on, which then fails if it is still over."""
+        limit = self.memory_limit
+        if limit is None:
+            return
+        now = time.monotonic()
+        for worker in self:
+            ep: Process = worker.endpoint
+            pid = ep.process.pid
+            if ep.over_limit is not None or not worker.sent or pid is None:
+                continue
+            bound = _memwatch.anonymous_memory(pid)
+            if bound is None or bound <= limit:
+                continue
+            # The bound counts pages shared with the parent since fork: read
+            # the exact figure, unless one read lately has room for the growth.
+            last = ep.measured
+            if (last is not None and now - last[0] < _memwatch.EXACT_INTERVAL
+                    and last[2] + bound - last[1] <= limit):
+                continue
+            size = _memwatch.private_memory(pid)
+            if size is None:
+                continue
+            ep.measured = (now, bound, size)
+            if size > limit:
+                ep.over_limit = size
+                self.memory_kills += 1
+                ep.process.kill()
+                held = [task.describe() for task in list(worker.tasks)[:1]]
+                # With a task, its MemoryLimitError tells the caller; idle, only this does.
+                log.log(logging.INFO if held else logging.WARNING,
+                        "worker pid %s uses %s of private memory, over its memory_limit of "
+                        "%s: killed (task running: %s); a new worker replaces it",
+                        pid, describe_size(size), describe_size(limit),
+                        held[0] if held else "none")
+
     def leftovers(self, worker: Worker[Task]) -> Iterator[list[tuple[bytearray, list[int]]]]:
         """The batches of messages a dead worker sent before it died (they
         still count); then its process is joined and unwatched. Manager thread."""
@@ -384,14 +448,33 @@ class ProcessLifecycle(Lifecycle[Task]):
         rerun = [task for task in loss.unstarted if task.kill_reason is None]
         running = loss.running
         if running is not None and running.kill_reason is None:
-            if ep.killed:
+            if ep.over_limit is not None:  # the task it ran when it held too much memory
+                failed.append((running, MemoryLimitError(
+                    ep.process.pid, ep.process.exitcode, running.describe(),
+                    limit=self.memory_limit, size=ep.over_limit)))
+            elif ep.killed:
                 rerun.insert(0, running)  # killed for a task it had already finished
             else:
-                failed.append((running, WorkerLostError(
-                    ep.process.pid, ep.process.exitcode, running.describe())))
+                failed.append((running, self._lost(ep, running)))
         for task in rerun:
             task.started = None  # its timeout counts from its next start
         return failed, rerun
+
+    def _lost(self, ep: Process, running: Task) -> WorkerLostError:
+        """The error for a worker that died by itself while running ``running``:
+        a SIGKILL nobody here sent, with the kernel's OOM-kill counter risen
+        since it started, is the OOM killer's (MemoryLimitError); else lost."""
+        pid, exitcode = ep.process.pid, ep.process.exitcode
+        if exitcode == -signal.SIGKILL:
+            evidence = _memwatch.oom_evidence(ep.oom, self._oom_claimed)
+            if evidence is not None:
+                self.oom_kills += 1
+                log.info("worker pid %s was killed by the kernel's OOM killer (%s) while "
+                         "running task %s", pid, evidence, running.describe())
+                return MemoryLimitError(pid, exitcode, running.describe(),
+                                        limit=self.memory_limit, oom_killer=True,
+                                        evidence=evidence)
+        return WorkerLostError(pid, exitcode, running.describe())
 
     def terminate_all(self) -> list[Worker[Task]]:
         """SIGTERM every process, SIGKILL those alive after the grace period,

@@ -130,7 +130,8 @@ class Agent:
     def run(self) -> int:
         self._core = ProcessEngine(EngineSettings(
             processes=self.processes, context=self._ctx,
-            shm_threshold=self.settings.shm_threshold))
+            shm_threshold=self.settings.shm_threshold,
+            memory_limit=self.settings.memory_limit))
         try:
             while True:
                 if self._session():
