@@ -7,7 +7,10 @@ Data flow::
     client thread (owns the DEALER socket): sends, receives, re-asks; it sleeps
         until a message, a wake-up, or its next timer (one heap: acknowledgement
         deadlines, re-asks every refetch_interval, busy backoffs)
-        accepted -> the job is journaled (durable): future.accepted() is True
+        accepted -> the job is journaled (durable): future.accepted() is True, and
+                    the future goes from PENDING to RUNNING (a future cancelled
+                    before that is withdrawn: its submit is dropped and a
+                    cancel follows it, Ledger.withdraw)
         result   -> settles the job's Future and any result(job_id) waiting
         error    -> busy: the submit is sent again after a backoff;
                     unknown job: settles that job's Future and result() calls;
@@ -32,7 +35,8 @@ and ``submit`` blocks while the submits not yet accepted hold more than
 ``max_pending_bytes``: a producer never outruns the daemon by more than that.
 
 What the client knows about each job, and its timers, is in ``_ledger``; the
-Future type in ``_jobfuture``.
+Future type in ``_jobfuture``; following a batch by its ids (``progress``) in
+``_batchprogress``.
 
 Guarantee: every Future and every waiting call settles. The client thread
 survives an unexpected exception in one round (logged); if rounds keep
