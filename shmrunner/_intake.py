@@ -20,8 +20,9 @@ client has seen is never run again after a restart; a cancel is journaled
 before the daemon answers it, so a cancelled job is never run again either.
 
 Per-client counts (``clients()``, in the daemon's status): the jobs each
-submitting connection has held, queued or running, and those it saw finish
-in this daemon's life, for the most recent ``_CLIENTS`` connections.
+submitting connection holds, queued or running, and those that finished in
+this daemon's life (kept for the ``_CLIENTS`` connections that saw one finish
+most recently; at most ``_CLIENTS`` connections are reported).
 """
 
 from __future__ import annotations
@@ -179,13 +180,17 @@ class Intake:
 
     def clients(self) -> list[dict[str, Any]]:
         """Per submitting connection (hex id): its jobs queued and running now,
-        and done, failed and cancelled in this daemon's life (the most recent
-        connections only)."""
+        and done, failed and cancelled in this daemon's life (at most
+        ``_CLIENTS`` connections: those holding the most jobs)."""
         counts: dict[bytes, collections.Counter[str]] = {
             peer: collections.Counter(finished) for peer, finished in self._finished_by.items()}
         for job_id, peer in self._owners.items():
             state = self.state(job_id) or "queued"
             counts.setdefault(peer, collections.Counter())[state] += 1
+        if len(counts) > _CLIENTS:  # bounded: those holding the most jobs now
+            kept = sorted(counts, key=lambda p: counts[p]["queued"] + counts[p]["running"],
+                          reverse=True)[:_CLIENTS]
+            counts = {peer: counts[peer] for peer in kept}
         return [{"client": peer.hex(), **{k: c[k] for k in
                                           ("queued", "running", "done", "failed", "cancelled")}}
                 for peer, c in counts.items()]

@@ -168,7 +168,8 @@ def _show_status(status: dict[str, Any], as_json: bool) -> None:
         return
     print(f"uptime {status['uptime']:.0f} s   local workers {status['local_workers']}   "
           f"queued {status['queued']}   running {status['running']}   done {status['done']}   "
-          f"failed {status['failed']}   rejected messages {status['rejected']}"
+          f"failed {status['failed']}   cancelled {status.get('cancelled', 0)}   "
+          f"rejected messages {status['rejected']}"
           + ("   (draining)" if status.get("draining") else ""))
     workers = status["workers"]
     print(f"{len(workers)} remote worker(s)")

@@ -215,7 +215,8 @@ def test_a_timeout_stops_the_task_and_the_executor_keeps_serving(subject: Subjec
 def test_a_queued_task_can_be_cancelled(subject: Subject, gates: Gates) -> None:
     if subject.queued is None:
         pytest.skip("no cancel() before the task runs: AsyncResult has none, and a daemon "
-                    "job's future runs from its submit")
+                    "job's future runs once the daemon accepts it (a cancel before that: "
+                    "test_job_control.py)")
     queued = subject.queued
     gate = gates.path("gate")
     try:
