@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +258,12 @@ def test_progress_of_a_batch_from_another_client(tmp_path: Path, daemons: Any) -
     mine = [c for c in watcher.status()["clients"] if c["done"] == 5]
     assert mine and mine[0]["running"] == 1  # the submitter's connection, counted
     seen: list[tuple[int, int | None]] = []
-    threading.Timer(0.2, release.touch).start()
-    counts = watcher.progress(ids, progress=lambda done, total: seen.append((done, total)),
-                              interval=0.05, timeout=RESULT)
+
+    def report(done: int, total: int | None) -> None:
+        seen.append((done, total))
+        release.touch()  # the held job finishes only once the first count is in
+
+    counts = watcher.progress(ids, progress=report, interval=0.05, timeout=RESULT)
     assert counts["done"] == 6 and counts["total"] == 6
     assert seen[0] == (5, 6) and seen[-1] == (6, 6)
     # Ids the daemon never saw count as finished ("unknown"): a wait always ends.
