@@ -270,8 +270,9 @@ class Client(Executor):
         result becomes :class:`TaskCancelledError` (its future's too), it is
         not retried, and a restarted daemon does not run it. Returns its
         state afterwards: "cancelled", or the state it keeps ("done" or
-        "failed": it finished first; "unknown"). A future the daemon has not
-        accepted yet is cancelled as by ``future.cancel()``."""
+        "failed": it finished first; "running": it is finishing, its result
+        being recorded; "unknown"). A future the daemon has not accepted yet
+        is cancelled as by ``future.cancel()``."""
         if isinstance(job, JobFuture):
             if job.cancel():
                 return "cancelled"
