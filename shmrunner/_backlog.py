@@ -9,6 +9,9 @@ Data flow::
     on_done  --finish()-> running --> settled (the bytes are released), or back
                           to the front of the queue for a retry, or, with a
                           retry backoff, waiting --resume()--> front of the queue
+    cancel() --> a job queued for a retry or sitting out its backoff is taken
+                 out (the caller settles it); a running one is marked (never
+                 retried: finish() settles it) and its tier returned, to stop it
     shutdown --shut_down() / wait_idle() / drain()
 
 One lock guards the queue, the running map and the counters; ``submit``
@@ -122,12 +125,44 @@ class Backlog:
             return (not job.future.done() and job.attempts == attempt
                     and self._running.get(job) is tier)
 
-    def finish(self, job: Job, retry: bool, wait: bool = False) -> None:
+    def state(self, job: Job) -> str:
+        """"running" (handed to a tier) or "queued" (waiting for a worker, or
+        sitting out a retry backoff) for a job not settled yet."""
+        with self._lock:
+            return "running" if job in self._running else "queued"
+
+    def cancel(self, job: Job, reason: BaseException) -> Tier | bool:
+        """Mark ``job`` cancelled with ``reason``. Returns the tier running it
+        (for the caller to stop it there); True when it was taken out of the
+        queue or the retry backoff (the caller settles its future), or was
+        cancelled before; False when no attempt of it is held (settled, or
+        being settled right now)."""
+        with self._lock:
+            if job.cancelled is not None:
+                return True
+            tier = self._running.get(job)
+            if tier is not None:
+                job.cancelled = reason
+                return tier
+            if job in self._waiting:
+                self._waiting.discard(job)
+            elif job in self._queue:
+                self._queue.remove(job)
+            else:
+                return False
+            job.cancelled = reason
+            self._release(job)
+            self._not_full.notify_all()
+            self._all_done.notify_all()
+            return True
+
+    def finish(self, job: Job, retry: bool, wait: bool = False) -> bool:
         """One attempt of ``job`` is over: queue it first for a retry (one
         retry used; with ``wait``, it waits for :meth:`resume` instead), or
-        release it for good."""
+        release it for good. Returns whether it is retried (never once cancelled)."""
         with self._lock:
             self._running.pop(job, None)
+            retry = retry and job.cancelled is None
             if retry:
                 job.retries -= 1
                 if wait:
@@ -137,6 +172,7 @@ class Backlog:
             else:
                 self._release(job)
             self._all_done.notify_all()
+            return retry
 
     def resume(self, job: Job) -> bool:
         """``job``'s retry backoff is over: queue it first. False when it no

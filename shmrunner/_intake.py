@@ -6,14 +6,23 @@ Data flow::
         feed(): backlog -> Scheduler.try_submit while its queue has room (never
                 waiting for room: a replay or a burst larger than max_pending
                 waits here); a request that cannot run settles as a failure
-    front thread: state(job_id) / cancel(job_id): a job not yet handed to a
-        worker (backlog, or the scheduler's queue) settles as cancelled
+    front thread: describe(job_id): state, attempts, worker (Scheduler.describe)
+    front thread: cancel(job_id): a job in the backlog is dropped; one handed
+        to the scheduler is cancelled there (Scheduler.cancel: a running one is
+        stopped on its worker); either way it settles as cancelled at once
+        (the scheduler's own outcome, when it comes, is ignored)
     scheduler threads: future done -> completions deque + wake-up
     front thread: settle(): Journal.finish (one commit for all completions),
         then the result to every peer waiting for the job (FetchWaiters)
 
-Guarantee: a result is journaled before any client sees it, so a result a
-client has seen is never run again after a restart.
+Guarantees: a result is journaled before any client sees it, so a result a
+client has seen is never run again after a restart; a cancel is journaled
+before the daemon answers it, so a cancelled job is never run again either.
+
+Per-client counts (``clients()``, in the daemon's status): the jobs each
+submitting connection holds, queued or running, and those that finished in
+this daemon's life (kept for the ``_CLIENTS`` connections that saw one finish
+most recently; at most ``_CLIENTS`` connections are reported).
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from .transport.protocol import Message, decode, encode, exception_to_wire
 
 __all__ = ["Intake", "Request"]
 
+_CLIENTS = 64  # submitting connections whose finished-job counts are kept
+
 # A journaled job: the submit message, its frames as the journal kept them, or
 # why the journal could not give them back.
 Request = Message | list[Any] | JournalError
@@ -53,14 +64,20 @@ class Intake:
         self._allowed = allowed
         self._wakeup = wakeup
         self._stopping = stopping
-        self._completions: collections.deque[tuple[str, Future[Any]]] = collections.deque()
+        # Finished futures, or None for a job this intake cancelled itself.
+        self._completions: collections.deque[tuple[str, Future[Any] | None]] = (
+            collections.deque())
         self._running: set[str] = set()  # accepted, not finished (backlog included)
         # Journaled jobs not yet handed to the scheduler (its queue was full).
         self._backlog: collections.deque[tuple[str, Request]] = collections.deque()
         # Jobs handed to the scheduler, until settled: their state, and a cancel.
         self._futures: dict[str, Future[Any]] = {}
-        self._cancelled: set[str] = set()  # cancelled by a client, not yet journaled
-        self.done = self.failed = 0
+        # Cancelled by a client, not yet journaled: job id -> (attempts, worker, ran).
+        self._cancelled: dict[str, tuple[int, str | None, bool]] = {}
+        self._owners: dict[str, bytes] = {}  # held job -> the connection that submitted it
+        self._finished_by: collections.OrderedDict[bytes, collections.Counter[str]] = (
+            collections.OrderedDict())
+        self.done = self.failed = self.cancelled = 0
 
     @property
     def running(self) -> int:
@@ -76,9 +93,11 @@ class Intake:
         """Hand a journaled job to the scheduler; ``peer`` (if any) hears its result."""
         if peer is not None:
             self._waiters.add_submitter(job_id, peer)
+            self._owners[job_id] = peer
         self._running.add(job_id)
         self._backlog.append((job_id, request))
-        self.feed()
+        # Not fed here: the front thread feeds after the batch, so a cancel in
+        # the same batch finds the job still in the backlog (it never starts).
 
     def feed(self) -> None:
         """Move journaled jobs from the backlog into the scheduler while its queue
@@ -108,37 +127,73 @@ class Intake:
             future.add_done_callback(functools.partial(self._completed, job_id))
 
     def state(self, job_id: str) -> str | None:
-        """"queued" or "running" for a job this intake holds, else None (ask the journal)."""
+        """"queued", "running" or "cancelled" for a job this intake holds, else
+        None (ask the journal)."""
+        described = self.describe(job_id)
+        return None if described is None else str(described["state"])
+
+    def describe(self, job_id: str) -> dict[str, Any] | None:
+        """{state, attempts, worker} of a job this intake holds, else None. A
+        finished job not yet journaled still reads "running": done/failed is
+        said only once the journal holds the result."""
         if job_id not in self._running:
             return None
-        if job_id in self._cancelled:
-            return "cancelled"
+        cancelled = self._cancelled.get(job_id)
+        if cancelled is not None:
+            return {"state": "cancelled", "attempts": cancelled[0], "worker": cancelled[1]}
         future = self._futures.get(job_id)
-        if future is None:
-            return "queued"
-        # A finished future not yet journaled still counts as running: done/failed
-        # is said only once the journal holds the result.
-        return "running" if future.running() or future.done() else "queued"
+        described = None if future is None else self._scheduler.describe(future)
+        if described is None:
+            return {"state": "queued", "attempts": 0, "worker": None}
+        if described["state"] not in ("queued", "running"):
+            described["state"] = "running"
+        return described
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a job that has not started (in the backlog or the scheduler's
-        queue): it settles as cancelled with TaskCancelledError. False if it
-        runs already (a running task cannot be stopped from here) or is not held."""
-        if job_id not in self._running:
-            return False
+    def cancel(self, job_id: str, *, running: bool = True) -> bool:
+        """Cancel a job this intake holds: dropped from the backlog, cancelled in
+        the scheduler's queue, or (``running``) stopped on its worker. It
+        settles as cancelled (TaskCancelledError) at the next ``settle()``.
+        False if it is not held, finished already, or runs and not ``running``."""
+        if job_id not in self._running or job_id in self._cancelled:
+            return job_id in self._cancelled
         future = self._futures.get(job_id)
         if future is not None:
-            if not future.cancel():  # running (or finishing): cannot be cancelled
+            described = self._scheduler.describe(future) or {}
+            attempts, worker = described.get("attempts", 0), described.get("worker")
+            ran = attempts > 0
+            del self._futures[job_id]  # its own completion, when it comes, is ignored
+            stopped = (self._scheduler.cancel(future)
+                       if running or described.get("state") == "queued" else False)
+            if not stopped:
+                self._futures[job_id] = future
                 return False
-            self._cancelled.add(job_id)  # its done callback queues the completion
+            self._cancelled[job_id] = (attempts, worker, ran)
+            self._completions.append((job_id, None))
             return True
         for index, (queued_id, _) in enumerate(self._backlog):
             if queued_id == job_id:
                 del self._backlog[index]
-                self._cancelled.add(job_id)
-                self._completed(job_id, Future())  # never set: settle() sees a cancel
+                self._cancelled[job_id] = (0, None, False)
+                self._completions.append((job_id, None))
                 return True
         return False
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Per submitting connection (hex id): its jobs queued and running now,
+        and done, failed and cancelled in this daemon's life (at most
+        ``_CLIENTS`` connections: those holding the most jobs)."""
+        counts: dict[bytes, collections.Counter[str]] = {
+            peer: collections.Counter(finished) for peer, finished in self._finished_by.items()}
+        for job_id, peer in self._owners.items():
+            state = self.state(job_id) or "queued"
+            counts.setdefault(peer, collections.Counter())[state] += 1
+        if len(counts) > _CLIENTS:  # bounded: those holding the most jobs now
+            kept = sorted(counts, key=lambda p: counts[p]["queued"] + counts[p]["running"],
+                          reverse=True)[:_CLIENTS]
+            counts = {peer: counts[peer] for peer in kept}
+        return [{"client": peer.hex(), **{k: c[k] for k in
+                                          ("queued", "running", "done", "failed", "cancelled")}}
+                for peer, c in counts.items()]
 
     def _completed(self, job_id: str, future: Future[Any]) -> None:
         self._completions.append((job_id, future))
@@ -151,15 +206,26 @@ class Intake:
             return
         outcomes = []
         replies = []
+        runs: dict[str, tuple[int, str | None]] = {}
+        cancelled: set[str] = set()
         while self._completions:
             job_id, future = self._completions.popleft()
-            self._running.discard(job_id)
-            self._futures.pop(job_id, None)
-            if job_id in self._cancelled:
-                msg = _error_message(job_id, TaskCancelledError(
-                    f"job {job_id} was cancelled before it started"))
-            else:
+            if future is not None:
+                if self._futures.get(job_id) is not future:
+                    continue  # cancelled meanwhile: settled as such already
+                del self._futures[job_id]
+                described = self._scheduler.describe(future)
+                if described is not None:
+                    runs[job_id] = (described["attempts"], described["worker"])
                 msg = _result_message(job_id, future)
+            else:
+                attempts, worker, ran = self._cancelled.pop(job_id)
+                runs[job_id] = (attempts, worker)
+                cancelled.add(job_id)
+                msg = _error_message(job_id, TaskCancelledError(
+                    f"job {job_id} was cancelled " + ("while it ran (its worker was stopped)"
+                                                      if ran else "before it started")))
+            self._running.discard(job_id)
             try:
                 frames = encode(msg, allow_pickle=self._settings.allow_pickle)
             except (TypeError, ValueError) as exc:
@@ -167,16 +233,32 @@ class Intake:
                     f"the result of job {job_id} cannot be sent to clients: {exc}"))
                 frames = encode(msg)
             ok = bool(msg.body["ok"])
-            if ok:
+            if job_id in cancelled:
+                self.cancelled += 1
+                self._count(job_id, "cancelled")
+            elif ok:
                 self.done += 1
+                self._count(job_id, "done")
             else:
                 self.failed += 1
+                self._count(job_id, "failed")
             outcomes.append((job_id, ok, frames))
             replies += [(peer, frames) for peer in self._waiters.pop(job_id)]
-        cancelled, self._cancelled = self._cancelled, set()
-        self._journal.finish(outcomes, cancelled)
+        if not outcomes:
+            return
+        self._journal.finish(outcomes, cancelled, runs)
         for peer, frames in replies:
             self._replier.reply_frames(peer, frames)
+
+    def _count(self, job_id: str, outcome: str) -> None:
+        peer = self._owners.pop(job_id, None)
+        if peer is None:
+            return  # replayed after a restart: its connection is not known
+        finished = self._finished_by.pop(peer, None) or collections.Counter()
+        finished[outcome] += 1
+        self._finished_by[peer] = finished  # most recent last
+        while len(self._finished_by) > _CLIENTS:
+            self._finished_by.popitem(last=False)
 
 
 def _result_message(job_id: str, future: Future[Any]) -> Message:

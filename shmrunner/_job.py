@@ -2,10 +2,11 @@
 share it.
 
 The Scheduler creates a job per ``submit`` and owns its bookkeeping
-(``retries``, ``retry_on``, ``attempts``, ``nbytes``); a tier reads the call (``fn``,
-``args``, ``kwargs``, ``timeout``) and may keep its own handle of the
-current attempt in ``handle``. Kept apart from ``scheduler.py`` so the tiers
-need not import the Scheduler.
+(``retries``, ``retry_on``, ``attempts``, ``nbytes``, ``cancelled``); a tier
+reads the call (``fn``, ``args``, ``kwargs``, ``timeout``), may keep its own
+handle of the current attempt in ``handle``, and names the worker it gave the
+attempt to in ``worker`` (what ``Scheduler.describe`` reports). Kept apart
+from ``scheduler.py`` so the tiers need not import the Scheduler.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class Job:
     """One submitted call and its bookkeeping."""
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
-                 "handle", "nbytes", "retry_on")
+                 "handle", "nbytes", "retry_on", "worker", "cancelled")
 
     def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any], retries: int, timeout: float | None,
@@ -38,3 +39,8 @@ class Job:
         self.handle: Any = None  # the tier's own record of the current attempt
         self.nbytes = payload_bytes(args, kwargs)  # counted in the byte budget until settled
         self.retry_on = retry_on  # 'module:qualname' of the exceptions it is retried on
+        self.worker: str | None = None  # set by the tier: 'name@host' of the latest attempt's
+        # Set by Scheduler.cancel (under the Backlog's lock): the job is never
+        # retried, a tier stops it at once (not after its timeout's running
+        # time), and it settles with this error whatever its attempt reports.
+        self.cancelled: BaseException | None = None

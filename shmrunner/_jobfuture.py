@@ -1,10 +1,11 @@
 """What a caller of :class:`~shmrunner.client.Client` holds while it waits.
 
 A :class:`JobFuture` is settled by the client thread (the ``_ledger``): first
-``set_accepted`` when the daemon has journaled the job, then its result or
-exception. A :class:`WaitingCall` is one synchronous ``result(job_id)`` or
-``status()`` call: the calling thread blocks on its event, the client thread
-puts the daemon's reply in and sets it.
+``set_accepted`` when the daemon has journaled the job (PENDING -> RUNNING),
+then its result or exception. The caller may cancel it while PENDING: the
+Client then withdraws the job (``withdraw``). A :class:`WaitingCall` is one
+synchronous ``result(job_id)`` or ``status()`` call: the calling thread
+blocks on its event, the client thread puts the daemon's reply in and sets it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .transport.protocol import Message
@@ -22,25 +23,43 @@ __all__ = ["JobFuture", "WaitingCall"]
 
 class JobFuture(Future[Any]):
     """The Future of a job submitted to a daemon: ``job_id``, and whether the
-    daemon has journaled it (from then on it survives a daemon restart)."""
+    daemon has journaled it (from then on it survives a daemon restart).
+
+    It is PENDING until the daemon accepts the job, then RUNNING, as a
+    ``concurrent.futures`` future is until its executor starts the call: so
+    ``cancel()`` withdraws a job not accepted yet (True) and is False once it
+    was accepted (``Client.cancel(future)`` stops an accepted or running job)."""
 
     def __init__(self, job_id: str) -> None:
         super().__init__()
         self.job_id = job_id
         self._accepted = False
-        # Set by the Client: sends the daemon a cancel of this job (never blocks).
+        self._withdrawn = False
+        # Set by the Client (each never blocks): withdraw a job the user cancelled
+        # before it was accepted (drop its submit; the daemon cancels it if the
+        # submit had left), and ask the daemon to drop an accepted job that has
+        # not started.
+        self.withdraw: Callable[[str], None] | None = None
         self.cancel_in_daemon: Callable[[str], None] | None = None
         self._decided = threading.Event()  # accepted, or settled without it
         self.add_done_callback(lambda _: self._decided.set())
 
     def cancel(self) -> bool:
-        """Ask the daemon to cancel the job (without waiting for its answer): a
-        job that has not started there settles with TaskCancelledError. Returns
-        False as ``concurrent.futures`` does for a running future: the job is
-        the daemon's from submit on (use ``Client.cancel(job_id)`` to learn the outcome)."""
+        """Before the daemon accepted the job: cancel this future (True) and
+        withdraw the job (never sent, or cancelled in the daemon, even if it had
+        started there, when the submit had already left). Once accepted: False,
+        as ``concurrent.futures`` says of a running future; the daemon is
+        still asked to drop the job if it has not started (then the future
+        fails with TaskCancelledError). To stop an accepted job, running or
+        not, and learn the outcome: ``Client.cancel(future)``."""
+        if super().cancel():
+            if not self._withdrawn and self.withdraw is not None:
+                self._withdrawn = True
+                self.withdraw(self.job_id)
+            return True
         if not self.done() and self.cancel_in_daemon is not None:
             self.cancel_in_daemon(self.job_id)
-        return super().cancel()
+        return False
 
     def accepted(self) -> bool:
         """Whether the daemon said it journaled the job (durably accepted)."""
@@ -54,9 +73,33 @@ class JobFuture(Future[Any]):
 
     def set_accepted(self) -> None:
         """For the client thread only (as ``set_result`` is for an Executor):
-        the daemon journaled the job."""
+        the daemon journaled the job; the future is RUNNING from now on (unless
+        it was cancelled, or settled, meanwhile)."""
+        if self._accepted:
+            return
         self._accepted = True
+        try:
+            self.set_running_or_notify_cancel()
+        except (InvalidStateError, RuntimeError):
+            pass  # settled already (a result can come before the "accepted")
         self._decided.set()
+
+    # A future the user cancelled stays cancelled: what the daemon says of the
+    # job afterwards is not this future's any more.
+
+    def set_result(self, result: Any) -> None:
+        try:
+            super().set_result(result)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        try:
+            super().set_exception(exception)
+        except InvalidStateError:
+            if not self.cancelled():
+                raise
 
 
 class WaitingCall:

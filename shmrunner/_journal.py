@@ -44,9 +44,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ._journalerrors import explain
 from ._journalfiles import JournalLock, chmod_private, create_private, make_private_dirs
@@ -66,10 +67,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     created      REAL NOT NULL,
     finished     REAL,
     request_file TEXT,              -- the spill file's name (a token), if spilled
-    result_file  TEXT
+    result_file  TEXT,
+    attempts     INTEGER,           -- attempts started, once finished (NULL: not recorded)
+    worker       TEXT               -- 'name@host' of the last attempt's worker, once finished
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, finished);
 """
+
+
+_ROW = "job_id, state, created, finished, attempts, worker"
+
+
+def _row(row: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(("job_id", "state", "created", "finished", "attempts", "worker"), row,
+                    strict=True))
 
 
 class Journal:
@@ -101,11 +112,13 @@ class Journal:
             raise ConfigError(f"daemon.journal: {explain(exc, self.path)}") from None
 
     def _migrate(self) -> None:
-        """Journals written before spill files were named by tokens lack two columns."""
+        """Journals written before spill files were named by tokens lack two
+        columns; before job control recorded runs, two more."""
         columns = {row[1] for row in self._db_().execute("PRAGMA table_info(jobs)")}
-        for column in ("request_file", "result_file"):
+        for column, kind in (("request_file", "TEXT"), ("result_file", "TEXT"),
+                             ("attempts", "INTEGER"), ("worker", "TEXT")):
             if column not in columns:
-                self._db_().execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+                self._db_().execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _db_(self) -> sqlite3.Connection:
         assert self._db is not None
@@ -157,10 +170,12 @@ class Journal:
             return [row[0] for row in rows]
 
     def finish(self, outcomes: Iterable[tuple[str, bool, Frames]],
-               cancelled: Collection[str] = ()) -> None:
+               cancelled: Collection[str] = (),
+               runs: Mapping[str, tuple[int, str | None]] | None = None) -> None:
         """Record results (``ok`` and the result message's frames) in one
         transaction; the jobs in ``cancelled`` are recorded as cancelled (never
-        run again after a restart)."""
+        run again after a restart); ``runs``: job id -> (attempts, worker)."""
+        runs = runs or {}
         with self._failing("record results"):
             now = time.time()
             rows = []
@@ -171,13 +186,15 @@ class Journal:
                     if name is not None:
                         written.append(name)
                     state = CANCELLED if job_id in cancelled else DONE if ok else FAILED
-                    rows.append((state, blob, name, now, job_id))
+                    attempts, worker = runs.get(job_id, (None, None))
+                    rows.append((state, blob, name, now, attempts, worker, job_id))
                 if written:
                     self._spill.sync()
                 with self._transaction():
                     self._db_().executemany(
                         "UPDATE jobs SET state = ?, result = ?, result_file = ?, finished = ?, "
-                        "request = x'', request_file = NULL WHERE job_id = ?", rows)
+                        "attempts = ?, worker = ?, request = x'', request_file = NULL "
+                        "WHERE job_id = ?", rows)
             except BaseException:
                 for name in written:
                     self._spill.unlink(name)
@@ -235,24 +252,25 @@ class Journal:
                 self._spill.unlink(name)
         return len(gone)
 
-    def states(self, job_ids: Sequence[str]) -> dict[str, tuple[str, float | None]]:
-        """job id -> (state, finished time or None) of the journaled ones among ``job_ids``."""
-        found: dict[str, tuple[str, float | None]] = {}
+    def states(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """job id -> {job_id, state, created, finished, attempts, worker} of the
+        journaled ones among ``job_ids`` (finished, attempts and worker None
+        until it finished)."""
+        found: dict[str, dict[str, Any]] = {}
         with self._failing("read job states"):
             for start in range(0, len(job_ids), 500):
                 chunk = list(job_ids[start:start + 500])
-                for job_id, state, finished in self._db_().execute(
-                        "SELECT job_id, state, finished FROM jobs WHERE job_id IN "
+                for row in self._db_().execute(
+                        f"SELECT {_ROW} FROM jobs WHERE job_id IN "
                         f"({','.join('?' * len(chunk))})", chunk):
-                    found[job_id] = (state, finished)
+                    found[row[0]] = _row(row)
         return found
 
-    def recent(self, limit: int) -> list[tuple[str, str, float, float | None]]:
-        """The ``limit`` most recently accepted jobs: (id, state, created, finished)."""
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently accepted jobs, newest first (as :meth:`states`)."""
         with self._failing("list recent jobs"):
-            return [(r[0], r[1], r[2], r[3]) for r in self._db_().execute(
-                "SELECT job_id, state, created, finished FROM jobs "
-                "ORDER BY created DESC LIMIT ?", (limit,))]
+            return [_row(r) for r in self._db_().execute(
+                f"SELECT {_ROW} FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
 
     def counts(self) -> dict[str, int]:
         with self._failing("count jobs"):

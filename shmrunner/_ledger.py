@@ -8,6 +8,9 @@ Data flow::
                       bytes: add_submit waits for room), outbox
         add_fetch  -> fetches (a WaitingCall per result() call), refetch (+timer), outbox
         add_status -> status calls (answered in order), outbox
+        add_jobs   -> jobs/cancel calls (answered in order), outbox
+        withdraw   -> a job cancelled before it was accepted: forgotten, and a
+                      cancel after its submit (it may have left), outbox
     client thread (the only reader of the socket):
         outbox --> socket (it pops; callers append: a deque needs no lock)
         receive(reply) -> accepted: ACK timer becomes a REFETCH timer
@@ -144,6 +147,24 @@ class Ledger:
                 raise self._broken
             self._jobs_calls.append(call)
             self.outbox.append(encode(msg))
+
+    def withdraw(self, job_id: str, call: WaitingCall) -> None:
+        """The caller cancelled ``job_id``'s future before the daemon accepted
+        it: forget the job (its submit is not sent again, no timer waits for
+        it) and send the daemon a cancel, answered to ``call``: the submit may
+        have left already, and the daemon then cancels the job (stopping it if
+        it started). The cancel follows the submit on the same socket, so the
+        daemon never sees it first."""
+        with self._lock:
+            if self._futures.pop(job_id, None) is None or self._broken is not None:
+                return  # settled meanwhile, or nothing will ever be sent again
+            self._unacked.pop(job_id, None)
+            self._drop_submit(job_id)
+            self._retry_at.pop(job_id, None)
+            if job_id not in self._fetches:
+                self._refetch_at.pop(job_id, None)
+            self._jobs_calls.append(call)
+            self.outbox.append(encode(Message("cancel", {"job_id": job_id})))
 
     def drop_jobs(self, call: WaitingCall) -> None:
         """``call`` stopped waiting: the next jobs reply is not its."""

@@ -102,27 +102,63 @@ def _jobs(args: argparse.Namespace) -> int:
     import json
 
     from .client import Client
-    from .transport._schema import MAX_JOBS_LIMIT
+    from .transport._schema import MAX_JOB_IDS, MAX_JOBS_LIMIT
 
     if args.limit > MAX_JOBS_LIMIT:
         raise ConfigError(f"--limit {args.limit}: at most {MAX_JOBS_LIMIT}")
+    ids = _job_ids(args.job_ids, MAX_JOB_IDS)
     client = Client(args.connect, ack_timeout=args.timeout,
                     curve_secret_key=args.curve_secret_key,
                     curve_server_key=args.curve_server_key)
     try:
-        jobs = client.jobs(limit=args.limit, timeout=args.timeout)
+        jobs = (client.jobs(job_ids=ids, timeout=args.timeout) if ids
+                else client.jobs(limit=args.limit, timeout=args.timeout))
     finally:
         client.shutdown(wait=False)
     if args.json:
         print(json.dumps(jobs, indent=2))
         return EXIT_OK
-    print(f"{'JOB':<34} {'STATE':<10} FINISHED")
+    print(f"{'JOB':<34} {'STATE':<10} {'ATTEMPTS':<8} {'WORKER':<24} FINISHED")
     for job in jobs:
         finished = job.get("finished")
         when = "-" if finished is None else time.strftime(
             "%Y-%m-%d %H:%M:%S", time.localtime(finished))
-        print(f"{job['job_id']:<34} {job['state']:<10} {when}")
+        attempts = job.get("attempts")
+        print(f"{job['job_id']:<34} {job['state']:<10} "
+              f"{'-' if attempts is None else attempts!s:<8} {job.get('worker') or '-':<24} "
+              f"{when}")
     return EXIT_OK
+
+
+def _job_ids(ids: list[str], most: int) -> list[str]:
+    from ._jobid import job_id_problem
+
+    if len(ids) > most:
+        raise ConfigError(f"{len(ids)} job ids: at most {most} at once")
+    for job_id in ids:
+        problem = job_id_problem(job_id)
+        if problem is not None:
+            raise ConfigError(problem)
+    return ids
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from .client import Client
+    from .transport._schema import MAX_JOB_IDS
+
+    ids = _job_ids(args.job_ids, MAX_JOB_IDS)
+    client = Client(args.connect, ack_timeout=args.timeout,
+                    curve_secret_key=args.curve_secret_key,
+                    curve_server_key=args.curve_server_key)
+    failed = False
+    try:
+        for job_id in ids:
+            state = client.cancel(job_id, timeout=args.timeout)
+            print(f"{job_id} {state}")
+            failed = failed or state != "cancelled"
+    finally:
+        client.shutdown(wait=False)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _show_status(status: dict[str, Any], as_json: bool) -> None:
@@ -133,7 +169,8 @@ def _show_status(status: dict[str, Any], as_json: bool) -> None:
         return
     print(f"uptime {status['uptime']:.0f} s   local workers {status['local_workers']}   "
           f"queued {status['queued']}   running {status['running']}   done {status['done']}   "
-          f"failed {status['failed']}   rejected messages {status['rejected']}"
+          f"failed {status['failed']}   cancelled {status.get('cancelled', 0)}   "
+          f"rejected messages {status['rejected']}"
           + ("   (draining)" if status.get("draining") else ""))
     workers = status["workers"]
     print(f"{len(workers)} remote worker(s)")
@@ -276,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs = commands.add_parser(
         "jobs", parents=[common],
-        help="list a daemon's recent jobs (id, state, finished time)",
+        help="list a daemon's recent jobs (id, state, attempts, worker, finished time)",
         description="Asks the daemon at --connect (default: this user's daemon on this "
                     "host) for its most recently accepted jobs, newest first: queued, "
                     "running, done, failed or cancelled (finished results are kept for "
@@ -293,7 +330,29 @@ def _parser() -> argparse.ArgumentParser:
                       help="this client's CURVE .key_secret file (with --curve-server-key)")
     jobs.add_argument("--curve-server-key", metavar="FILE", default=None,
                       help="the daemon's CURVE public .key file")
+    jobs.add_argument("job_ids", nargs="*", metavar="ID",
+                      help="show these jobs (up to 256) instead of the most recent ones")
     jobs.set_defaults(run=_jobs)
+
+    cancel = commands.add_parser(
+        "cancel", parents=[common],
+        help="cancel jobs by id, queued or running",
+        description="Asks the daemon at --connect to cancel each job: a queued one never "
+                    "runs, a running one is stopped on its worker (its process is killed "
+                    "and replaced); either way it is not retried nor run again after a "
+                    "restart. Prints each id and its state afterwards; exits 1 when a job "
+                    "could not be cancelled (it had finished, or is unknown).")
+    cancel.add_argument("job_ids", nargs="+", metavar="ID", help="the jobs (up to 256)")
+    cancel.add_argument("--connect", metavar="ADDR", default=None,
+                        help="the daemon's client address (default: the same-host daemon's "
+                             "ipc socket)")
+    cancel.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for each answer (default: 5)")
+    cancel.add_argument("--curve-secret-key", metavar="FILE", default=None,
+                        help="this client's CURVE .key_secret file (with --curve-server-key)")
+    cancel.add_argument("--curve-server-key", metavar="FILE", default=None,
+                        help="the daemon's CURVE public .key file")
+    cancel.set_defaults(run=_cancel)
 
     keygen = commands.add_parser(
         "keygen", parents=[common],

@@ -7,7 +7,10 @@ Data flow::
     client thread (owns the DEALER socket): sends, receives, re-asks; it sleeps
         until a message, a wake-up, or its next timer (one heap: acknowledgement
         deadlines, re-asks every refetch_interval, busy backoffs)
-        accepted -> the job is journaled (durable): future.accepted() is True
+        accepted -> the job is journaled (durable): future.accepted() is True, and
+                    the future goes from PENDING to RUNNING (a future cancelled
+                    before that is withdrawn: its submit is dropped and a
+                    cancel follows it, Ledger.withdraw)
         result   -> settles the job's Future and any result(job_id) waiting
         error    -> busy: the submit is sent again after a backoff;
                     unknown job: settles that job's Future and result() calls;
@@ -32,7 +35,8 @@ and ``submit`` blocks while the submits not yet accepted hold more than
 ``max_pending_bytes``: a producer never outruns the daemon by more than that.
 
 What the client knows about each job, and its timers, is in ``_ledger``; the
-Future type in ``_jobfuture``.
+Future type in ``_jobfuture``; following a batch by its ids (``progress``) in
+``_batchprogress``.
 
 Guarantee: every Future and every waiting call settles. The client thread
 survives an unexpected exception in one round (logged); if rounds keep
@@ -141,8 +145,8 @@ class Client(Executor):
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
                                            "kwargs": kwargs, "options": options}),
                         allow_pickle=self._allow_pickle)
-        future = JobFuture(job_id)
-        future.set_running_or_notify_cancel()
+        future = JobFuture(job_id)  # PENDING until the daemon accepts the job
+        future.withdraw = self._withdraw
         future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
             self._wake()
@@ -232,40 +236,93 @@ class Client(Executor):
 
     def job_states(self, job_ids: Iterable[str], timeout: float = 10.0) -> dict[str, str]:
         """job id -> state (as :meth:`job_state`) for up to 256 ids."""
-        ids = [check_job_id(job_id) for job_id in job_ids]
-        if not 0 < len(ids) <= MAX_JOB_IDS:
-            raise ValueError(f"job_states takes 1 to {MAX_JOB_IDS} job ids, got {len(ids)}: "
-                             "ask in batches")
-        jobs = self._jobs_request(Message("jobs", {"job_ids": ids}), timeout)
-        return {job["job_id"]: job["state"] for job in jobs}
+        return {job["job_id"]: job["state"] for job in self.jobs(job_ids=job_ids,
+                                                                 timeout=timeout)}
 
-    def jobs(self, limit: int = 20, timeout: float = 10.0) -> list[dict[str, Any]]:
+    def job_info(self, job_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Job ``job_id`` as :meth:`jobs` describes it (state, attempts, worker, times)."""
+        return self.jobs(job_ids=[job_id], timeout=timeout)[0]
+
+    def jobs(self, limit: int = 20, timeout: float = 10.0, *,
+             job_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The ``limit`` (1 to 1000) most recently accepted jobs the daemon's
-        journal holds, newest first: maps of job_id, state, created, finished
-        (Unix times; finished None until then)."""
+        journal holds, newest first; or, with ``job_ids`` (1 to 256), those
+        jobs in that order. Each is a map of ``job_id``, ``state`` (as
+        :meth:`job_state`), ``attempts`` (started so far, retries included),
+        ``worker`` (``name@host`` of the worker that runs or ran its latest
+        attempt; ``local@host`` for the daemon's own processes; None before
+        the first), ``created`` and ``finished`` (Unix times; None until then
+        or for an unknown job)."""
+        if job_ids is not None:
+            ids = _check_ids(job_ids, "jobs")
+            named: list[dict[str, Any]] = self._jobs_request(
+                Message("jobs", {"job_ids": ids}), timeout)["jobs"]
+            return named
         if type(limit) is not int or not 1 <= limit <= MAX_JOBS_LIMIT:
             raise ValueError(f"limit must be an int from 1 to {MAX_JOBS_LIMIT}, got {limit!r}")
-        return self._jobs_request(Message("jobs", {"limit": limit}), timeout)
+        jobs: list[dict[str, Any]] = self._jobs_request(Message("jobs", {"limit": limit}),
+                                                        timeout)["jobs"]
+        return jobs
 
-    def cancel(self, job_id: str, timeout: float = 10.0) -> str:
-        """Cancel job ``job_id`` if it has not started (its result becomes
-        :class:`TaskCancelledError`, and a restarted daemon does not run it);
-        return its state afterwards: "cancelled", or the state it keeps (a
-        running job is not stopped: "running")."""
-        job = self._jobs_request(Message("cancel", {"job_id": check_job_id(job_id)}),
-                                 timeout)[0]
-        state: str = job["state"]
+    def cancel(self, job: str | JobFuture, timeout: float = 10.0) -> str:
+        """Cancel a job (by id, or its future), queued or running: a running one
+        is stopped on its worker (its process is killed and replaced). Its
+        result becomes :class:`TaskCancelledError` (its future's too), it is
+        not retried, and a restarted daemon does not run it. Returns its
+        state afterwards: "cancelled", or the state it keeps ("done" or
+        "failed": it finished first; "running": it is finishing, its result
+        being recorded; "unknown"). A future the daemon has not accepted yet
+        is cancelled as by ``future.cancel()``."""
+        if isinstance(job, JobFuture):
+            if job.cancel():
+                return "cancelled"
+            job = job.job_id
+        reply = self._jobs_request(Message("cancel", {"job_id": check_job_id(job)}), timeout)
+        state: str = reply["jobs"][0]["state"]
         return state
 
+    def progress(self, job_ids: Iterable[str], *, progress: Progress = None,
+                 wait: bool = True, interval: float = 0.5,
+                 timeout: float | None = None) -> dict[str, int]:
+        """Follow jobs submitted earlier, by this or any Client (ids the user
+        kept): how many are queued, running, done, failed, cancelled and
+        unknown (never accepted, or expired), and ``total``. With ``wait``,
+        ask every ``interval`` seconds until all have finished (unknown ones
+        count as finished), or raise :class:`ResultTimeoutError` after
+        ``timeout``; else answer once. ``progress``: True for a tqdm bar of
+        finished jobs (when tqdm is installed), or a callable(finished, total),
+        as map/imap take. Up to 1,000,000 ids, asked about 256 per request."""
+        from ._batchprogress import batch_progress
+
+        def ask(chunk: list[str]) -> dict[str, int]:
+            body = self._jobs_request(Message("jobs", {"job_ids": chunk, "summary": True}),
+                                      10.0)
+            counts = body.get("counts")
+            if counts is None:  # an older daemon: it answers every job's state
+                from ._batchprogress import job_counts
+
+                counts = job_counts(body["jobs"])
+            return dict(counts)
+
+        return batch_progress(ask, job_ids, progress=progress, wait=wait, interval=interval,
+                              timeout=timeout)
+
+    def _withdraw(self, job_id: str) -> None:
+        """JobFuture.cancel() before the job was accepted (never blocks)."""
+        self._ledger.withdraw(job_id, _WithdrawCall(job_id))
+        self._wake()
+
     def _cancel_soon(self, job_id: str) -> None:
-        """JobFuture.cancel(): send the cancel, nobody waits for the answer."""
+        """JobFuture.cancel() of an accepted job: ask the daemon to drop it if it
+        has not started; nobody waits for the answer."""
         try:
-            self._ledger.add_jobs(WaitingCall(), Message("cancel", {"job_id": job_id}))
+            self._ledger.add_jobs(WaitingCall(), Message("cancel", {"job_id": job_id,
+                                                                    "queued_only": True}))
         except ShmrunnerError:
             return  # the client is broken: the future settles with that
         self._wake()
 
-    def _jobs_request(self, msg: Message, timeout: float) -> list[dict[str, Any]]:
+    def _jobs_request(self, msg: Message, timeout: float) -> dict[str, Any]:
         call = WaitingCall()
         self._ledger.add_jobs(call, msg)
         self._wake()
@@ -277,8 +334,7 @@ class Client(Executor):
         assert call.reply is not None
         if call.reply.type == "error":
             raise ShmrunnerError(call.reply.body["reason"])
-        jobs: list[dict[str, Any]] = call.reply.body["jobs"]
-        return jobs
+        return call.reply.body
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop submitting; with ``wait``, wait for the outstanding jobs' results
@@ -347,6 +403,37 @@ class Client(Executor):
 
     def _wake(self) -> None:
         self._wakeup.wake()
+
+
+def _check_ids(job_ids: Iterable[str], what: str) -> list[str]:
+    if isinstance(job_ids, str):
+        raise TypeError(f"{what} takes an iterable of job ids, not one str")
+    ids = [check_job_id(job_id) for job_id in job_ids]
+    if not 0 < len(ids) <= MAX_JOB_IDS:
+        raise ValueError(f"{what} takes 1 to {MAX_JOB_IDS} job ids, got {len(ids)}: "
+                         "ask in batches")
+    return ids
+
+
+class _WithdrawCall(WaitingCall):
+    """The daemon's answer to the cancel of a job withdrawn before it was
+    accepted: nobody waits for it, but a job that had already finished there
+    is said in the log rather than silently forgotten."""
+
+    __slots__ = ("job_id",)
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+
+    def settle(self, reply: Message) -> None:
+        super().settle(reply)
+        jobs = reply.body.get("jobs") if reply.type == "jobs_reply" else None
+        state = jobs[0].get("state") if jobs else None
+        if state in ("done", "failed"):
+            log.warning("job %s, cancelled before the daemon acknowledged it, had already "
+                        "finished there (%s); its result is not this future's", self.job_id,
+                        state)
 
 
 def connect(address: str | None = None, **options: Any) -> Client:

@@ -7,9 +7,13 @@ Data flow::
                    -> Scheduler.submit; the submitting peer is told the result
         fetch   -> result from the journal now, or when the job finishes (or "error" at
                    the fetch's timeout)
-        status  -> workers, queue depth, running, done, failed, uptime
-        jobs    -> states by id (the intake's, else the journal's), or recent jobs
-        cancel  -> a job not yet on a worker settles as cancelled (journaled)
+        status  -> workers, queue depth, running, done, failed, cancelled, uptime,
+                   per-client job counts
+        jobs    -> states by id (the intake's, else the journal's) with attempts and
+                   worker, or only their counts ("summary"), or recent jobs
+        cancel  -> (after the batch's submits are journaled, before they start) the
+                   job settles as cancelled, journaled before the answer; a running
+                   one is stopped on its worker (Scheduler.cancel)
     Scheduler (local shared-memory workers + the worker ROUTER of its hub)
         future done -> completions deque + wake pipe -> front thread:
                    Journal.finish (one commit per round) -> results to waiting peers
@@ -34,6 +38,7 @@ import uuid
 from typing import Any
 
 from ._allowlist import AllowList
+from ._batchprogress import job_counts
 from ._daemonkeys import daemon_keys, release_clients_domain
 from ._endpoints import daemon_addresses, secure_ipc_socket
 from ._fetchwaiters import FetchWaiters
@@ -183,6 +188,10 @@ class Daemon:
         # Fetches wait for this batch's submits to be journaled: a client that
         # submits and at once asks for the result must not hear "unknown job".
         fetches: list[tuple[bytes, Message]] = []
+        # Cancels too, and they come before the batch's jobs are fed to the
+        # scheduler: a submit cancelled at once (a client's future cancelled
+        # before it was accepted) never starts.
+        cancels: list[tuple[bytes, Message]] = []
         assert self.scheduler is not None
         limit = self._scheduler_settings.max_pending
         room = limit - self.scheduler.queued() - self._intake.backlog
@@ -210,6 +219,8 @@ class Daemon:
                 fetches.append((peer, msg))
             elif msg.type == "status":
                 self._reply(peer, Message("status_reply", {"status": self.status()}))
+            elif msg.type == "cancel":
+                cancels.append((peer, msg))
             else:
                 self._control(peer, msg)
         if accepted:
@@ -230,6 +241,8 @@ class Daemon:
                     self._start(job_id, msg, peer)
                 else:  # a resubmission of a known job: answer as a fetch would
                     self._fetch(peer, job_id, None)
+        for peer, msg in cancels:
+            self._control(peer, msg)
         for peer, msg in fetches:
             self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
 
@@ -276,44 +289,55 @@ class Daemon:
                 self._reply(peer, Message("error", {"reason": problem, "code": "invalid",
                                                     "jobs": True}))
                 return
+        body: dict[str, Any] = {}
         try:
             if msg.type == "cancel":
-                jobs = [self._cancel(job_ids[0])]
+                jobs = [self._cancel(job_ids[0], running=not msg.body.get("queued_only"))]
+            elif job_ids and msg.body.get("summary") is True:
+                jobs = []
+                body["counts"] = job_counts(self._states(job_ids))
             elif job_ids:
                 jobs = self._states(job_ids)
             else:
-                jobs = [{"job_id": job_id, "state": self._intake.state(job_id) or
-                         ("queued" if state == PENDING else state),
-                         "created": created, "finished": finished}
-                        for job_id, state, created, finished in self.journal.recent(
-                            msg.body.get("limit", _RECENT_JOBS))]
+                jobs = [self._held(job) for job in self.journal.recent(
+                    msg.body.get("limit", _RECENT_JOBS))]
         except JournalError as exc:
             self._reply(peer, Message("error", {"reason": f"the journal cannot answer: {exc}",
                                                 "code": "journal", "jobs": True}))
             return
-        self._reply(peer, Message("jobs_reply", {"jobs": jobs}))
+        self._reply(peer, Message("jobs_reply", {"jobs": jobs, **body}))
+
+    def _held(self, job: dict[str, Any]) -> dict[str, Any]:
+        """A journaled job's row, with the intake's state, attempts and worker
+        while it holds the job."""
+        described = self._intake.describe(job["job_id"])
+        if described is not None:
+            job.update(described)
+        elif job["state"] == PENDING:  # journaled, not held: a drain left it for the restart
+            job["state"] = "queued"
+        return job
 
     def _states(self, job_ids: list[str]) -> list[dict[str, Any]]:
-        journaled = self.journal.states([j for j in job_ids if self._intake.state(j) is None])
+        journaled = self.journal.states(job_ids)
         jobs = []
         for job_id in job_ids:
-            state = self._intake.state(job_id)
-            finished = None
-            if state is None:
-                state, finished = journaled.get(job_id, ("unknown", None))
-                if state == PENDING:  # journaled, not held: a drain left it for the restart
-                    state = "queued"
-            jobs.append({"job_id": job_id, "state": state, "finished": finished})
+            job = journaled.get(job_id) or {"job_id": job_id, "state": "unknown",
+                                            "created": None, "finished": None,
+                                            "attempts": None, "worker": None}
+            jobs.append(self._held(job))
         return jobs
 
-    def _cancel(self, job_id: str) -> dict[str, Any]:
-        if self._intake.cancel(job_id):
+    def _cancel(self, job_id: str, running: bool = True) -> dict[str, Any]:
+        if self._intake.cancel(job_id, running=running):
             self._settle()  # journaled as cancelled before anyone hears so
-            return {"job_id": job_id, "state": CANCELLED, "cancelled": True}
+            job = self._states([job_id])[0]
+            job["cancelled"] = True
+            return job
         job = self._states([job_id])[0]
-        job["cancelled"] = False
+        job["cancelled"] = job["state"] == CANCELLED
         if job["state"] == "running":
-            job["reason"] = f"job {job_id} is running: it cannot be cancelled"
+            job["reason"] = (f"job {job_id} is finishing: too late to cancel" if running
+                             else f"job {job_id} is running (queued_only: not stopped)")
         return job
 
     def _expire_waiters(self) -> None:
@@ -334,6 +358,8 @@ class Daemon:
             "running": self._intake.running,
             "done": self._intake.done,
             "failed": self._intake.failed,
+            "cancelled": self._intake.cancelled,
+            "clients": self._intake.clients(),
             "rejected": self._channel.rejected + scheduler["rejected"],
             "uptime": round(time.monotonic() - self._started, 3),
             "draining": self._stop.is_set(),

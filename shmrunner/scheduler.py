@@ -28,6 +28,14 @@ the tier stops the task (the local tier kills the process running it) and the
 task fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
 thread, ``_timers.py``). No future is left pending: shutdown and tier failures
 settle every one.
+
+:meth:`Scheduler.cancel` stops a task even while it runs, through the same
+``Tier.stop`` seam as a timeout (aimed at its current attempt, asked again
+while the tier says "not running yet"); the job is marked so that it is never
+retried and settles with :class:`TaskCancelledError`. :meth:`Scheduler.describe`
+reports a task's state, attempts and worker (the tiers name the worker in
+``Job.worker``); a settled task's last attempts and worker are kept as long as
+its future lives (a weak map).
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 from . import _retry
@@ -136,6 +145,12 @@ class Scheduler(Executor):
         self._retry_on = _retry.names(self.settings.retry_on)
         self._creator = os.getpid()
         self._timers = Timers()
+        # Each unsettled future's job (for cancel and describe), then, once it
+        # settled, its attempts and worker for as long as the future lives.
+        self._jobs_lock = threading.Lock()
+        self._jobs: dict[Future[Any], Job] = {}
+        self._settled: weakref.WeakKeyDictionary[Future[Any], tuple[int, str | None]] = (
+            weakref.WeakKeyDictionary())
         self._tiers: list[Tier] = []
         self._local: LocalTier | None = None
         self._remote: RemoteTier | None = None
@@ -254,9 +269,92 @@ class Scheduler(Executor):
         names = self._retry_on if retry_on is None else _retry.names(retry_on)
         future: Future[Any] = Future()
         job = Job(next(self._ids), future, fn, args, kwargs, retries, timeout, names)
-        self._backlog.admit(job, block)
+        with self._jobs_lock:
+            self._jobs[future] = job
+        # First of the future's callbacks: describe() knows the outcome's
+        # attempts and worker before anyone else hears of it.
+        future.add_done_callback(self._forget)
+        try:
+            self._backlog.admit(job, block)
+        except BaseException:
+            with self._jobs_lock:
+                self._jobs.pop(future, None)
+            raise
         self._pump()
         return future
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._jobs_lock:
+            job = self._jobs.pop(future, None)
+            if job is not None:
+                self._settled[future] = (job.attempts, job.worker)
+
+    # --- job control -------------------------------------------------------------------
+
+    def cancel(self, future: Future[Any]) -> bool:
+        """Cancel the task of ``future`` (one this Scheduler returned), even
+        while it runs, as Dask's ``client.cancel`` or Ray's
+        ``ray.cancel(ref, force=True)`` do. A task that has not started is
+        cancelled as by ``future.cancel()`` (``CancelledError``); one that runs
+        is stopped on its worker (a local worker process is killed and
+        replaced; a remote agent kills the process running it) and its future
+        fails with :class:`TaskCancelledError`; one waiting for a retry is
+        not retried. It is never retried after a cancel. Returns True when the
+        future is (or is about to be) cancelled that way, False when the task
+        finished already or ``future`` is not this Scheduler's.
+
+        ``future.cancel()`` itself keeps ``concurrent.futures``' meaning:
+        False, and nothing stops, once the task runs."""
+        if future.cancel():
+            return True
+        with self._jobs_lock:
+            job = self._jobs.get(future)
+        if job is None:
+            return False
+        reason = TaskCancelledError(f"task {job.id} was cancelled")
+        where = self._backlog.cancel(job, reason)
+        if where is False:
+            return False
+        if where is True:
+            if job.cancelled is reason:  # taken out of the queue or its retry backoff
+                self._settle(job, False, reason)
+                self._pump()
+            return True
+        self._stop(job, job.attempts, where)
+        return True
+
+    def _stop(self, job: Job, attempt: int, tier: Tier) -> None:
+        """Stop the running attempt of a cancelled ``job``; while its tier
+        says it has not started yet (queued behind another task on its
+        worker), ask again shortly (on the timers' thread)."""
+        if not self._backlog.is_current(job, attempt, tier):
+            return
+        assert job.cancelled is not None
+        if not tier.stop(job, attempt, job.cancelled):
+            self._timers.call_at(time.monotonic() + 0.05,
+                                 lambda: self._stop(job, attempt, tier))
+
+    def describe(self, future: Future[Any]) -> dict[str, Any] | None:
+        """The task of ``future`` at a glance, or None if it is not this
+        Scheduler's (or long gone): ``state`` ("queued", "running", "done",
+        "failed" or "cancelled"; a task waiting for a retry is "queued"),
+        ``attempts`` (started so far) and ``worker`` (``name@host`` of the
+        worker of its latest attempt; ``local@host`` for a local process;
+        None before its first)."""
+        with self._jobs_lock:
+            job = self._jobs.get(future)
+            info = (job.attempts, job.worker) if job is not None else self._settled.get(future)
+        if info is None:
+            return None
+        if future.done():
+            exc = None if future.cancelled() else future.exception()
+            state = ("cancelled" if future.cancelled() or isinstance(exc, TaskCancelledError)
+                     else "done" if exc is None else "failed")
+        elif job is not None:
+            state = self._backlog.state(job)
+        else:
+            state = "running"  # settling right now
+        return {"state": state, "attempts": info[0], "worker": info[1]}
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
             timeout: float | None = None, chunksize: int = 1, buffersize: int | None = None,
@@ -362,23 +460,33 @@ class Scheduler(Executor):
     def _finish(self, job: Job, ok: bool, value: Any, pump: bool = True) -> None:
         """A tier reports one attempt's outcome: retry it (at once, or after
         the backoff, from the timers' thread) or settle the future."""
-        retry = (not ok and job.retries > 0
+        retry = (not ok and job.retries > 0 and job.cancelled is None
                  and (isinstance(value, (WorkerLostError, TaskTimeoutError))
                       or (isinstance(value, BaseException)
                           and _retry.matches(value, job.retry_on))))
         wait = _retry.delay(self.settings.retry_backoff, self.settings.retry_backoff_max,
                             job.attempts) if retry else 0.0
-        self._backlog.finish(job, retry, wait=wait > 0)
-        if wait > 0:
+        retry = self._backlog.finish(job, retry, wait=wait > 0)  # False if cancelled meanwhile
+        if retry and wait > 0:
             self._timers.call_at(time.monotonic() + wait, lambda: self._resume(job))
         if not retry:
-            if ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
-            job.fn, job.args, job.kwargs = None, (), {}  # free the arguments now
+            if job.cancelled is not None:  # whatever the stopped attempt reported
+                ok, value = False, job.cancelled
+            self._settle(job, ok, value)
         if pump:
             self._pump()
+
+    @staticmethod
+    def _settle(job: Job, ok: bool, value: Any) -> None:
+        if not job.future.done():  # a shutdown may have cancelled it meanwhile
+            try:
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
+            except InvalidStateError:
+                pass
+        job.fn, job.args, job.kwargs = None, (), {}  # free the arguments now
 
     def _resume(self, job: Job) -> None:
         """``job``'s retry backoff is over (on the timers' thread)."""

@@ -12,6 +12,7 @@ shutdown. Remote workers are real ``shmrunner worker`` processes on
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -26,8 +27,9 @@ import pytest
 
 import _sched_tasks as tasks
 from _sched_tasks import Gates
-from _util import wait_until
+from _util import is_alive, wait_until
 from shmrunner import Pool, Scheduler, TaskTimeoutError, WorkerLostError
+from shmrunner.errors import TaskCancelledError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
@@ -56,6 +58,7 @@ class Subject:
     close: Callable[[], None]
     queued: Callable[[], int] | None = None  # tasks waiting for a worker (None: unknown)
     shutdown: Callable[[], None] | None = None  # wait for submitted work, refuse more
+    stop: Callable[[Any], bool] | None = None  # cancel a task even while it runs
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
@@ -99,7 +102,7 @@ def _scheduler(name: str, local: int, remote: int, tmp_path: Path) -> Subject:
         raise
     return Subject(name, sched.submit, lambda fn, xs: list(sched.map(fn, xs, timeout=RESULT)),
                    local + remote, True, close, queued=lambda: sched.status()["queued"],
-                   agents=agents, shutdown=sched.shutdown)
+                   agents=agents, shutdown=sched.shutdown, stop=sched.cancel)
 
 
 def _pool() -> Subject:
@@ -133,7 +136,7 @@ def _client(tmp_path: Path) -> Subject:
 
     return Subject("client", client.submit,
                    lambda fn, xs: list(client.map(fn, xs, timeout=RESULT)), 2, True, close,
-                   shutdown=shutdown)
+                   shutdown=shutdown, stop=lambda f: client.cancel(f) == "cancelled")
 
 
 @pytest.fixture(params=["pool", "sched-local", "sched-remote", "sched-mixed", "client"])
@@ -215,7 +218,8 @@ def test_a_timeout_stops_the_task_and_the_executor_keeps_serving(subject: Subjec
 def test_a_queued_task_can_be_cancelled(subject: Subject, gates: Gates) -> None:
     if subject.queued is None:
         pytest.skip("no cancel() before the task runs: AsyncResult has none, and a daemon "
-                    "job's future runs from its submit")
+                    "job's future runs once the daemon accepts it (a cancel before that: "
+                    "test_job_control.py)")
     queued = subject.queued
     gate = gates.path("gate")
     try:
@@ -233,6 +237,22 @@ def test_a_queued_task_can_be_cancelled(subject: Subject, gates: Gates) -> None:
     with pytest.raises(concurrent.futures.CancelledError):
         last.result(RESULT)
     assert not os.path.exists(gates.path("ran"))
+
+
+def test_a_running_task_can_be_stopped(subject: Subject, gates: Gates) -> None:
+    if subject.stop is None:
+        pytest.skip("no way to stop a running task (multiprocessing.Pool's API)")
+    started, gate = gates.new()
+    future = subject.submit(tasks.gated, started, gate, "never")
+    wait_until(lambda: os.path.exists(started), RESULT, message="the task to start")
+    pid = json.loads(Path(started).read_text())["pid"]
+    assert subject.stop(future)
+    with pytest.raises(TaskCancelledError):
+        future.result(RESULT)
+    # Stopped by killing the process that ran it, which is replaced.
+    wait_until(lambda: not is_alive(pid), RESULT, message="the task's process to be killed")
+    assert [subject.submit(tasks.add, i, 1).result(RESULT)
+            for i in range(2 * subject.capacity)] == list(range(1, 2 * subject.capacity + 1))
 
 
 def test_shutdown_waits_for_submitted_work_then_refuses_more(subject: Subject) -> None:

@@ -46,7 +46,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("script", SCRIPTS,
-                         ids=lambda s: "scheduler" if "Scheduler(" in s else "pool")
+                         ids=lambda s: "scheduler" if "Scheduler(" in s
+                         else "daemon" if "connect(" in s else "pool")
 def test_readme_script_runs(tmp_path: Path, script: str) -> None:
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)

@@ -5,7 +5,9 @@ Data flow::
     Scheduler._pump (any thread) --start(jobs)--> engine.submit (arrays by
                                                   shared-memory handle)
     Scheduler timer --stop(job, attempt)--------> engine.kill (the process running
-                                                  the task is killed)
+    or Scheduler.cancel                           the task is killed: a timed-out task
+                                                  once it has run for its timeout, a
+                                                  cancelled one at once)
     engine's manager thread --_Outcome.settle--> events.on_done(batch=True) per
                                                  task, then events.on_room()
                                                  once per batch (on_results)
@@ -16,6 +18,7 @@ only translates between a :class:`~shmrunner._job.Job` and an engine task.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -41,6 +44,7 @@ class LocalTier:
         from .._engine import EngineSettings, ProcessEngine
 
         self._events = events
+        self.name = f"local@{socket.gethostname()}"  # what Job.worker says of these workers
         self.engine = ProcessEngine(EngineSettings(
             processes=processes, context=multiprocessing.get_context(settings.start_method),
             shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit),
@@ -58,6 +62,7 @@ class LocalTier:
     def start(self, jobs: list[Job]) -> None:
         tasks = []
         for job in jobs:
+            job.worker = self.name
             fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
             job.handle = (job.attempts, self.engine.new_task(
                 fn, job.args, job.kwargs, _Outcome(self, job),
@@ -69,7 +74,9 @@ class LocalTier:
         handle_attempt, task = job.handle
         if handle_attempt != attempt:
             return True  # that attempt is over; the engine's task is another one's
-        return self.engine.kill(task, reason, ran_for=job.timeout or 0.0)
+        # A timeout counts running time; a cancelled job stops at once.
+        ran_for = 0.0 if job.cancelled is not None else job.timeout or 0.0
+        return self.engine.kill(task, reason, ran_for=ran_for)
 
     def close(self, wait: bool) -> None:
         self.engine.close()

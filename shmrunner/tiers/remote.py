@@ -4,6 +4,7 @@ Data flow::
 
     Scheduler._pump (any thread) --start(jobs)--> inbox --wake pipe--+
     Scheduler._expire (timer)    --stop(job)----> stops --wake pipe--+
+    or Scheduler.cancel (a "cancel" to the agent; "now" for a cancelled job)
                                                                      v
     hub thread (owns the socket): zmq.Poller over the ROUTER socket and the wake pipe
         hello      -> Peers.join (capacity = advertised + prefetch), welcome
@@ -319,6 +320,8 @@ class RemoteTier:
                 break
             job = self._inbox.popleft()
             self._peers.lifecycle.assign(worker, job)
+            peer: Peer = worker.endpoint
+            job.worker = f"{peer.name}@{peer.host}"
             batches.setdefault(worker, []).append(job)
         for worker, jobs in batches.items():
             if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
@@ -382,8 +385,12 @@ class RemoteTier:
                 continue
             for worker in self._peers:
                 if job in worker.tasks:
-                    # The agent kills the process running it and reports the timeout.
-                    self._send(worker, Message("cancel", {"task_id": job.id}))
+                    # The agent kills the process running it and reports the
+                    # timeout (once it has run for it) or, "now", the cancel.
+                    body: dict[str, Any] = {"task_id": job.id}
+                    if job.cancelled is not None:
+                        body["now"] = True
+                    self._send(worker, Message("cancel", body))
 
     def _heartbeat(self) -> None:
         timeout = self._settings.heartbeat_timeout

@@ -131,6 +131,9 @@ _LIMIT: _Check = (f"an int from 1 to {MAX_JOBS_LIMIT}",
                   lambda v: type(v) is int and 1 <= v <= MAX_JOBS_LIMIT)
 _JOB_LIST: _Check = ("a list of maps with str keys",
                      lambda v: type(v) is list and all(_str_map(item) for item in v))
+_COUNTS: _Check = ("a map of str to int >= 0 (jobs in each state)",
+                   lambda v: _str_map(v) and len(v) <= 64
+                   and all(type(n) is int and n >= 0 for n in v.values()))
 
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
@@ -144,7 +147,7 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
                  "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
     "tasks": ({"tasks": _BATCH}, {}),
-    "cancel": ({}, {"task_id": _ID, "job_id": _STR}),
+    "cancel": ({}, {"task_id": _ID, "job_id": _STR, "now": _BOOL, "queued_only": _BOOL}),
     "shutdown": ({}, {}),
     "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
                {"job_id": _OPT_JOB, "options": _OPTIONS}),
@@ -153,8 +156,8 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "status": ({}, {}),
     "status_reply": ({"status": _MAP}, {}),
     "error": ({"reason": _STR}, {"job_id": _OPT_JOB}),
-    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT}),
-    "jobs_reply": ({"jobs": _JOB_LIST}, {}),
+    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT, "summary": _BOOL}),
+    "jobs_reply": ({"jobs": _JOB_LIST}, {"counts": _COUNTS}),
 }
 assert set(_SCHEMAS) == MESSAGE_TYPES
 

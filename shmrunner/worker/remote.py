@@ -7,7 +7,8 @@ Data flow::
                   host: shared-memory workers, the same lifecycle as the Pool
                   (a dead process is reaped, replaced, its task reported lost)
         cancel -> ProcessEngine.kill: the process running the task is killed, the task
-                  fails with TaskTimeoutError (only a task of this connection's
+                  fails with TaskTimeoutError, or TaskCancelledError for a cancel
+                  marked "now" (killed at once) (only a task of this connection's
                   session still running here)
         results <- the engine's thread appends to a deque and writes a wake-up
                    byte; this loop sends them (only this thread uses the socket),
@@ -283,7 +284,11 @@ class Agent:
             # Only a task of this connection's session that is still running here:
             # task ids repeat across sessions, and a finished one has nothing to stop.
             key = (self._session_id, msg.body.get("task_id", -1))
-            if key in self._running:
+            if key in self._running and msg.body.get("now") is True:  # Scheduler.cancel
+                self._cancels[key] = (TaskCancelledError(
+                    f"task {key[1]} was cancelled by its scheduler"), 0.0, 0)
+                self._retry_cancels()
+            elif key in self._running:
                 self._cancels[key] = (TaskTimeoutError(
                     f"task {key[1]} ran past its timeout and was stopped"),
                     self._timeouts.get(key) or 0.0, 0)
