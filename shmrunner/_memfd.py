@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from . import _segcache
 from ._shmlimits import check_fits, mib
 from .errors import ProtocolError, SharedMemoryError
 
-__all__ = ["Segment", "close_copies", "copy_to_memfd"]
+__all__ = ["Segment", "close_copies", "copy_to_memfd", "fill_slot"]
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Populating maps every page up front (one syscall instead of one fault per
@@ -179,6 +180,35 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
         close_copies([fd])
         raise
     return fd, size, tuple(strides)
+
+
+def fill_slot(array: np.ndarray[Any, Any]) -> _segcache.Slot | None:
+    """Copy a contiguous private array into a recycled segment (``_segcache``),
+    or a new one that will be recycled; None when the cache is off or the
+    array is larger than its budget (the caller uses :func:`copy_to_memfd`).
+
+    A recycled segment already has its pages: the copy is one memcpy in the
+    kernel, without allocating (or later freeing) a page."""
+    nbytes = array.nbytes
+    size = _segcache.size_class(nbytes)
+    if size > _segcache.shm_cache_limit():
+        return None
+    slot = _segcache.acquire(nbytes)
+    if slot is None:
+        check_fits(size)
+        fd = _new_memfd(size)
+        try:
+            slot = _segcache.new_slot(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
+        flat = (array if array.flags.c_contiguous else array.T).reshape(-1)
+        _pwrite_all(slot.fd, memoryview(flat.view(np.uint8)))  # type: ignore[arg-type]
+    except BaseException:
+        _segcache.discard(slot)
+        raise
+    return slot
 
 
 # Fds made by copy_to_memfd and not yet closed by their message. Pickling runs

@@ -63,7 +63,7 @@ def run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]
 
 def encode_task(task: Task, threshold: int) -> Encoded:
     """Pickle ``task``'s call; raises whatever user ``__reduce__`` code raises."""
-    return dumps((task.fn, task.args, task.kwargs), threshold)
+    return dumps((task.fn, task.args, task.kwargs), threshold, lease=True)
 
 
 def frame(task: Task, message: Encoded) -> tuple[bytes, list[int], Callable[[], None]]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _segcache
+from .._memfd import fill_slot
 from ..errors import SharedMemoryError
 from ..shm import (
     Segment,
@@ -56,14 +58,17 @@ class Encoded:
     the shared segments whose fds it borrows (kept alive until it is sent:
     the arrays that held them may be gone by then)."""
 
-    __slots__ = ("data", "fds", "owned", "borrowed")
+    __slots__ = ("data", "fds", "owned", "borrowed", "leases")
 
     def __init__(self, data: bytes, fds: list[int], owned: list[int],
-                 borrowed: list[Segment]) -> None:
+                 borrowed: list[Segment], leases: list[_segcache.Slot] | None = None) -> None:
         self.data = data
         self.fds = fds
         self.owned = owned
         self.borrowed = borrowed
+        # Recycled segments (``_segcache``) carrying plain arrays: the sender
+        # lends them to the receiving worker, or gives them back unsent.
+        self.leases = leases if leases is not None else []
 
     def release(self) -> None:
         """Close the fds this message owns; call once it is sent or dropped."""
@@ -83,10 +88,12 @@ def close_fds(fds: list[int]) -> None:
 class _Sending:
     """Per-message state of a dump: the fds collected so far."""
 
-    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd")
+    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd", "lease", "leases")
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, lease: bool) -> None:
         self.threshold = threshold
+        self.lease = lease
+        self.leases: list[_segcache.Slot] = []
         self.fds: list[int] = []
         self.owned: list[int] = []
         self.borrowed: list[Segment] = []
@@ -115,11 +122,26 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
         if full and seg.fd not in state.index_of_fd:
             return array.__reduce__()  # a segment already in the message costs no new fd
         offset = array.ctypes.data - seg.address
+        _segcache.note_escaped(seg)
         index = state.add_fd(seg.fd, owned=False)
         state.borrowed.append(seg)
         return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
     if full or array.nbytes < state.threshold:
         return array.__reduce__()
+    if state.lease and (array.flags.c_contiguous or array.flags.f_contiguous):
+        try:
+            slot = fill_slot(array)
+        except SharedMemoryError:
+            raise
+        except OSError as exc:
+            warn_fallback(exc)
+            return array.__reduce__()
+        if slot is not None:
+            state.leases.append(slot)
+            index = state.add_fd(slot.fd, owned=False)
+            strides = array.strides
+            return _rebuild_array, (index, max(array.nbytes, 1), 0, array.shape, strides,
+                                    array.dtype)
     try:
         fd, size, strides = copy_to_memfd(array)
     except SharedMemoryError:
@@ -150,21 +172,25 @@ def _dispatch_table() -> dict[Any, Any]:
     return _table
 
 
-def dumps(obj: object, threshold: int) -> Encoded:
-    """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd."""
+def dumps(obj: object, threshold: int, lease: bool = False) -> Encoded:
+    """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd.
+
+    ``lease``: copy plain arrays into recycled segments (``_segcache``); the
+    caller then lends ``Encoded.leases`` to the receiver or gives them back."""
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = _dispatch_table()
     outer = getattr(_sending, "state", None)  # a dumps() from inside a __reduce__
-    state = _sending.state = _Sending(threshold)
+    state = _sending.state = _Sending(threshold, lease)
     try:
         pickler.dump(obj)
     except BaseException:
         close_copies(state.owned)
+        _segcache.give_back(state.leases)
         raise
     finally:
         _sending.state = outer
-    return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed)
+    return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed, state.leases)
 
 
 _receiving = threading.local()
@@ -181,7 +207,10 @@ def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
         return pickle.loads(data)
     finally:
         segments: dict[int, Segment] = _receiving.segments
-        close_fds([fd for i, fd in enumerate(fds) if i not in segments])
+        unmapped = [fd for i, fd in enumerate(fds) if i not in segments]
+        for fd in unmapped:
+            _segcache.note_unmapped_fd(fd)
+        close_fds(unmapped)
         _receiving.fds = _receiving.segments = None
 
 
@@ -199,6 +228,7 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise fd_limit_error("a shared array could not be mapped") from exc
             raise
+        _segcache.note_mapped(seg, fd)
     array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg, offset=offset,
                                              strides=strides)
     return array
