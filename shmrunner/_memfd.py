@@ -65,17 +65,22 @@ class Segment(mmap.mmap):
     address: int
 
     @classmethod
-    def attach(cls, fd: int, size: int) -> Segment:
+    def attach(cls, fd: int, size: int, sole: bool = False) -> Segment:
         """Map an fd received from another process; once this returns, the
         segment owns ``fd`` (on failure the caller still does).
 
         Refuses (ProtocolError) an fd that is not a memfd sealed against
         resizing, or smaller than ``size``: mapping it would let its sender
-        crash this process with SIGBUS by shrinking it later."""
+        crash this process with SIGBUS by shrinking it later.
+
+        ``sole``: its sender kept nothing of it (a private array's copy), so
+        once this process lets go of it, nobody maps it: its fd goes to the
+        segment cache for reuse instead of being closed, unless it was sent
+        on by handle (:meth:`shared_out`) or this process forked meanwhile."""
         _check_sealed(fd, size)
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if size <= _POPULATE_LIMIT else 0)
         seg = cls(fd, size, flags=flags)
-        seg._own(fd)
+        seg._own(fd, sole)
         return seg
 
     @classmethod
@@ -92,12 +97,40 @@ class Segment(mmap.mmap):
         seg._own(fd)
         return seg
 
-    def _own(self, fd: int) -> None:
+    def _own(self, fd: int, sole: bool = False) -> None:
         self.fd = fd
         probe = np.ndarray((1,), np.uint8, buffer=self)
         self.address = probe.ctypes.data
         del probe
-        weakref.finalize(self, os.close, fd)
+        self._sole = [sole and _segcache.adopting()]
+        if self._sole[0]:
+            _sole_segments.add(self)
+        weakref.finalize(self, _finish, fd, self._sole)
+
+    def shared_out(self) -> None:
+        """This segment is being sent to another process by handle."""
+        self._sole[0] = False
+
+
+# Segments whose fd may be recycled once collected (Segment.attach ``sole``).
+_sole_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+
+def _finish(fd: int, sole: list[bool]) -> None:
+    if sole[0]:
+        _segcache.adopt(fd)
+    else:
+        os.close(fd)
+
+
+def _fork_shares_all() -> None:
+    """A forked child maps every segment this process maps: none is sole any more."""
+    for seg in list(_sole_segments):
+        seg._sole[0] = False
+    _sole_segments.clear()
+
+
+os.register_at_fork(before=_fork_shares_all)
 
 
 def _new_memfd(size: int) -> int:
@@ -160,7 +193,10 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
     nbytes = array.nbytes
     check_fits(nbytes)
     size = max(nbytes, 1)
-    fd = _new_memfd(size)
+    # Sized to its cache size class: once its receiver lets go, the segment
+    # can serve any array of that class (``_segcache.adopt``); the tail stays
+    # a hole that costs nothing.
+    fd = _new_memfd(_segcache.size_class(size))
     _copies.add(fd)
     try:
         if array.flags.c_contiguous or array.flags.f_contiguous:

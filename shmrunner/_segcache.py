@@ -156,6 +156,25 @@ def discard(slot: Slot) -> None:
     _close([slot])
 
 
+def adopting() -> bool:
+    """Whether segments received here may be recycled (not in a worker, whose
+    recycled segments belong to its parent's cache)."""
+    return not _tracking
+
+
+def adopt(fd: int) -> None:
+    """``fd`` is a segment nobody maps any more (a result its receiver let go):
+    keep it as a free slot, or close it (wrong size, no room in the budget)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if st.st_size != size_class(st.st_size) or st.st_size > shm_cache_limit():
+        _close([Slot(fd, st.st_size, st.st_ino)])
+        return
+    _free_slots([Slot(fd, st.st_size, st.st_ino)])
+
+
 def lend(slots: list[Slot], holder: object) -> None:
     """``slots`` were sent to ``holder`` (a worker); they come back with
     :func:`released` or :func:`forget`."""

@@ -123,6 +123,7 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
             return array.__reduce__()  # a segment already in the message costs no new fd
         offset = array.ctypes.data - seg.address
         _segcache.note_escaped(seg)
+        seg.shared_out()
         index = state.add_fd(seg.fd, owned=False)
         state.borrowed.append(seg)
         return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
@@ -150,7 +151,7 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
         warn_fallback(exc)
         return array.__reduce__()
     index = state.add_fd(fd, owned=True)
-    return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype)
+    return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype, True)
 
 
 _table: dict[Any, Any] = {}
@@ -215,7 +216,9 @@ def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
 
 
 def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
-                   strides: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+                   strides: tuple[int, ...], dtype: np.dtype[Any],
+                   sole: bool = False) -> np.ndarray[Any, Any]:
+    """``sole``: the sender kept nothing of this segment (a copy it made)."""
     segments: dict[int, Segment] = _receiving.segments
     seg = segments.get(index)
     if seg is None:
@@ -223,7 +226,7 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
         if fd == LOST_FD:
             raise fd_limit_error("a shared array's file descriptor was dropped on arrival")
         try:
-            seg = segments[index] = Segment.attach(fd, size)
+            seg = segments[index] = Segment.attach(fd, size, sole is True)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise fd_limit_error("a shared array could not be mapped") from exc
