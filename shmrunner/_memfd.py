@@ -63,9 +63,10 @@ class Segment(mmap.mmap):
 
     fd: int
     address: int
+    origin: int = 0  # the file offset this mapping starts at
 
     @classmethod
-    def attach(cls, fd: int, size: int, sole: bool = False) -> Segment:
+    def attach(cls, fd: int, size: int, sole: bool = False, origin: int = 0) -> Segment:
         """Map an fd received from another process; once this returns, the
         segment owns ``fd`` (on failure the caller still does).
 
@@ -76,10 +77,16 @@ class Segment(mmap.mmap):
         ``sole``: its sender kept nothing of it (a private array's copy), so
         once this process lets go of it, nobody maps it: its fd goes to the
         segment cache for reuse instead of being closed, unless it was sent
-        on by handle (:meth:`shared_out`) or this process forked meanwhile."""
-        _check_sealed(fd, size)
+        on by handle (:meth:`shared_out`) or this process forked meanwhile.
+        ``origin``: map only ``size`` bytes from this page-aligned file offset
+        (a view of part of a large array)."""
+        if origin < 0 or origin % mmap.ALLOCATIONGRANULARITY:
+            raise ProtocolError(f"refused a shared array: its window starts at {origin}, "
+                                "not a page boundary; it was not sent by shmrunner")
+        _check_sealed(fd, origin + size)
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if size <= _POPULATE_LIMIT else 0)
-        seg = cls(fd, size, flags=flags)
+        seg = cls(fd, size, flags=flags, offset=origin)
+        seg.origin = origin
         seg._own(fd, sole)
         return seg
 

@@ -66,6 +66,7 @@ _free: dict[int, list[Slot]] = collections.defaultdict(list)  # size class -> sl
 _order: collections.OrderedDict[int, Slot] = collections.OrderedDict()  # inode -> free slot, LRU
 _free_bytes = 0
 _lent: dict[object, dict[int, Slot]] = {}  # holder -> inode -> slot
+_adopted: collections.deque[int] = collections.deque()  # fds adopt() queued
 _out: dict[int, Slot] = {}  # inode -> slot being filled or sent: neither free nor lent yet
 _limit: int | None = None
 _stats = {"hits": 0, "misses": 0, "evicted": 0, "recycled": 0, "dropped": 0}
@@ -109,6 +110,7 @@ def set_shm_cache(max_bytes: int | None) -> None:
         raise ValueError(f"max_bytes must be a whole number >= 0 or None, not {max_bytes!r}")
     with _lock:
         _limit = max_bytes
+    _take_in_adopted()
     limit = shm_cache_limit()
     with _lock:
         closing = _evict_locked(limit)
@@ -119,6 +121,7 @@ def shm_cache_info() -> dict[str, int]:
     """Counters of the segment cache: ``limit``, ``free_bytes``,
     ``free_segments``, ``lent_segments``, ``hits``, ``misses``, ``recycled``,
     ``evicted``, ``dropped``."""
+    _take_in_adopted()
     with _lock:
         lent = sum(len(held) for held in _lent.values())
         return {"limit": _limit if _limit is not None else -1, "free_bytes": _free_bytes,
@@ -128,6 +131,7 @@ def shm_cache_info() -> dict[str, int]:
 def acquire(nbytes: int) -> Slot | None:
     """A free slot for ``nbytes`` (removed from the cache: the caller lends or
     gives it back), or None when none fits (the caller makes a new one)."""
+    _take_in_adopted()
     size = size_class(nbytes)
     with _lock:
         slots = _free.get(size)
@@ -164,7 +168,24 @@ def adopting() -> bool:
 
 def adopt(fd: int) -> None:
     """``fd`` is a segment nobody maps any more (a result its receiver let go):
-    keep it as a free slot, or close it (wrong size, no room in the budget)."""
+    keep it as a free slot, or close it (wrong size, no room in the budget).
+
+    Called by a garbage collector's finalizer, which may run inside any
+    allocation, even one made under ``_lock``: only queued here, taken in by
+    the next :func:`acquire` (or info, or budget change)."""
+    _adopted.append(fd)
+
+
+def _take_in_adopted() -> None:
+    while _adopted:
+        try:
+            fd = _adopted.popleft()
+        except IndexError:
+            return
+        _adopt(fd)
+
+
+def _adopt(fd: int) -> None:
     try:
         st = os.fstat(fd)
     except OSError:
@@ -271,6 +292,8 @@ def _reset_in_child() -> None:
     _lock = threading.Lock()
     slots = (list(_order.values()) + list(_out.values())
              + [s for held in _lent.values() for s in held.values()])
+    slots += [Slot(fd, 0, 0) for fd in _adopted]
+    _adopted.clear()
     _out.clear()
     _free.clear()
     _order.clear()

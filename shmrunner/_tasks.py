@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from ._sink import ResultSink
 from .errors import ConfigError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
@@ -59,6 +61,26 @@ def run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]
     if star:
         return list(itertools.starmap(fn, chunk))
     return list(map(fn, chunk))
+
+
+def run_chunk_into(fn: Callable[..., Any], chunk: list[Any], star: bool, out: Any,
+                   first: int) -> list[None]:
+    """``run_chunk`` writing each result into ``out[i]`` (a view of the shared
+    array given to ``map(out=...)``; item ``first + i`` of the map) instead of
+    returning it: the gather costs no copy back to the caller."""
+    for i, item in enumerate(chunk):
+        value = fn(*item) if star else fn(item)
+        row = out[i]
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            shape = np.shape(value)
+        if tuple(shape) != row.shape:
+            raise ValueError(
+                f"map(out=...): result {first + i} has shape {tuple(shape)}, but "
+                f"out[{first + i}] has shape {row.shape}; make out's shape "
+                f"(len(items), *result shape)")
+        np.copyto(row, value, casting="same_kind")
+    return [None] * len(chunk)
 
 
 def encode_task(task: Task, threshold: int) -> Encoded:

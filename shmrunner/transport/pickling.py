@@ -26,6 +26,7 @@ from __future__ import annotations
 import copyreg
 import errno
 import io
+import mmap
 import os
 import pickle
 import threading
@@ -121,12 +122,13 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
     if seg is not None:
         if full and seg.fd not in state.index_of_fd:
             return array.__reduce__()  # a segment already in the message costs no new fd
-        offset = array.ctypes.data - seg.address
         _segcache.note_escaped(seg)
         seg.shared_out()
         index = state.add_fd(seg.fd, owned=False)
         state.borrowed.append(seg)
-        return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
+        origin, size, offset = _window(array, seg)
+        return _rebuild_array, (index, size, offset, array.shape, array.strides, array.dtype,
+                                False, origin)
     if full or array.nbytes < state.threshold:
         return array.__reduce__()
     if state.lease and (array.flags.c_contiguous or array.flags.f_contiguous):
@@ -152,6 +154,28 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
         return array.__reduce__()
     index = state.add_fd(fd, owned=True)
     return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype, True)
+
+
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def _window(array: np.ndarray[Any, Any], seg: Segment) -> tuple[int, int, int]:
+    """The part of ``seg``'s file that ``array`` views, as ``(origin, size,
+    offset)``: map ``size`` bytes from the page-aligned file offset ``origin``;
+    the array starts ``offset`` bytes in. A worker handed one row of a large
+    array maps (and populates) that row, not the whole array."""
+    start = seg.origin + array.ctypes.data - seg.address  # file offset of element 0
+    if array.size == 0:
+        return seg.origin, len(seg), start - seg.origin
+    lo = hi = start
+    for dim, stride in zip(array.shape, array.strides, strict=True):
+        if stride < 0:
+            lo += stride * (dim - 1)
+        else:
+            hi += stride * (dim - 1)
+    hi += array.itemsize
+    origin = lo - lo % _PAGE
+    return origin, hi - origin, start - origin
 
 
 _table: dict[Any, Any] = {}
@@ -217,21 +241,33 @@ def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
 
 def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
                    strides: tuple[int, ...], dtype: np.dtype[Any],
-                   sole: bool = False) -> np.ndarray[Any, Any]:
-    """``sole``: the sender kept nothing of this segment (a copy it made)."""
+                   sole: bool = False, origin: int = 0) -> np.ndarray[Any, Any]:
+    """``sole``: the sender kept nothing of this segment (a copy it made);
+    ``origin``, ``size``: the window of the file to map (see :func:`_window`)."""
     segments: dict[int, Segment] = _receiving.segments
     seg = segments.get(index)
-    if seg is None:
+    if seg is None or not (seg.origin <= origin and origin + size <= seg.origin + len(seg)):
         fd = _receiving.fds[index]
         if fd == LOST_FD:
             raise fd_limit_error("a shared array's file descriptor was dropped on arrival")
         try:
-            seg = segments[index] = Segment.attach(fd, size, sole is True)
+            # Another window of a segment mapped already: a mapping of its own.
+            fd = fd if seg is None else os.dup(fd)
+            try:
+                new = Segment.attach(fd, size, sole is True, origin)
+            except BaseException:
+                if seg is not None:
+                    os.close(fd)
+                raise
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise fd_limit_error("a shared array could not be mapped") from exc
             raise
+        if seg is None:
+            segments[index] = new
+        seg = new
         _segcache.note_mapped(seg, fd)
-    array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg, offset=offset,
+    array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg,
+                                             offset=offset + origin - seg.origin,
                                              strides=strides)
     return array
