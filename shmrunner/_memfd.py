@@ -35,9 +35,7 @@ import errno
 import fcntl
 import mmap
 import os
-import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -46,7 +44,7 @@ from . import _segcache
 from ._shmlimits import check_fits, mib
 from .errors import ProtocolError, SharedMemoryError
 
-__all__ = ["Segment", "close_copies", "copy_to_memfd", "fill_slot", "wait_copies"]
+__all__ = ["Segment", "close_copies", "copy_to_memfd", "fill_slot"]
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Populating maps every page up front (one syscall instead of one fault per
@@ -227,17 +225,13 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
     return fd, size, tuple(strides)
 
 
-def fill_slot(array: np.ndarray[Any, Any],
-              later: list[Future[None]] | None = None) -> _segcache.Slot | None:
+def fill_slot(array: np.ndarray[Any, Any]) -> _segcache.Slot | None:
     """Copy a contiguous private array into a recycled segment (``_segcache``),
     or a new one that will be recycled; None when the cache is off or the
     array is larger than its budget (the caller uses :func:`copy_to_memfd`).
 
     A recycled segment already has its pages: the copy is one memcpy in the
-    kernel, without allocating (or later freeing) a page. ``later``: copy a
-    large array on a helper thread (``pwrite`` releases the GIL, so several
-    arrays of one message are copied in parallel) and append its future; the
-    caller waits for them all before the message may be sent."""
+    kernel, without allocating (or later freeing) a page."""
     nbytes = array.nbytes
     size = _segcache.size_class(nbytes)
     if size > _segcache.shm_cache_limit():
@@ -251,52 +245,13 @@ def fill_slot(array: np.ndarray[Any, Any],
         except BaseException:
             os.close(fd)
             raise
-    flat = (array if array.flags.c_contiguous else array.T).reshape(-1)
-    data = memoryview(flat.view(np.uint8))  # type: ignore[arg-type]
-    if later is not None and nbytes >= _PARALLEL_COPY:
-        later.append(_copier().submit(_pwrite_all, slot.fd, data))
-        return slot
     try:
-        _pwrite_all(slot.fd, data)
+        flat = (array if array.flags.c_contiguous else array.T).reshape(-1)
+        _pwrite_all(slot.fd, memoryview(flat.view(np.uint8)))  # type: ignore[arg-type]
     except BaseException:
         _segcache.discard(slot)
         raise
     return slot
-
-
-# Arrays from this size are copied on helper threads when a message has several.
-_PARALLEL_COPY = 4 << 20
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-def _copier() -> ThreadPoolExecutor:
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                               thread_name_prefix="shmrunner-copy")
-    return _executor
-
-
-def wait_copies(later: list[Future[None]]) -> None:
-    """Wait for every copy :func:`fill_slot` started; raise the first error."""
-    error: BaseException | None = None
-    for future in later:
-        try:
-            future.result()
-        except BaseException as exc:  # noqa: BLE001 (raised below, once all are done)
-            error = error or exc
-    later.clear()
-    if error is not None:
-        raise error
-
-
-def _forget_copier_in_child() -> None:
-    global _executor, _executor_lock
-    _executor = None  # its threads do not exist in a fork() child
-    _executor_lock = threading.Lock()
 
 
 # Fds made by copy_to_memfd and not yet closed by their message. Pickling runs
@@ -327,7 +282,6 @@ def _close_copies_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_close_copies_in_child)
-os.register_at_fork(after_in_child=_forget_copier_in_child)
 
 
 def _pwrite_all(fd: int, data: memoryview) -> None:

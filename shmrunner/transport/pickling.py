@@ -30,14 +30,13 @@ import mmap
 import os
 import pickle
 import threading
-from concurrent.futures import Future
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 
 from .. import _segcache
-from .._memfd import fill_slot, wait_copies
+from .._memfd import fill_slot
 from ..errors import SharedMemoryError
 from ..shm import (
     Segment,
@@ -90,14 +89,12 @@ def close_fds(fds: list[int]) -> None:
 class _Sending:
     """Per-message state of a dump: the fds collected so far."""
 
-    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd", "lease", "leases",
-                 "copying")
+    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd", "lease", "leases")
 
     def __init__(self, threshold: int, lease: bool) -> None:
         self.threshold = threshold
         self.lease = lease
         self.leases: list[_segcache.Slot] = []
-        self.copying: list[Future[None]] = []  # copies into leases still running
         self.fds: list[int] = []
         self.owned: list[int] = []
         self.borrowed: list[Segment] = []
@@ -136,7 +133,7 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
         return array.__reduce__()
     if state.lease and (array.flags.c_contiguous or array.flags.f_contiguous):
         try:
-            slot = fill_slot(array, state.copying)
+            slot = fill_slot(array)
         except SharedMemoryError:
             raise
         except OSError as exc:
@@ -212,12 +209,7 @@ def dumps(obj: object, threshold: int, lease: bool = False) -> Encoded:
     state = _sending.state = _Sending(threshold, lease)
     try:
         pickler.dump(obj)
-        wait_copies(state.copying)
     except BaseException:
-        try:
-            wait_copies(state.copying)  # no copy may still write into a slot given back
-        except BaseException:  # noqa: BLE001 (the first error is being raised)
-            pass
         close_copies(state.owned)
         _segcache.give_back(state.leases)
         raise
