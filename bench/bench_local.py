@@ -269,6 +269,12 @@ def report(
                 row.append(NA)
         row += ["skipped"] * len(skipped)
         out.append(f"| **{w}** {WORKLOADS[w]} | " + " | ".join(row) + " |")
+    if copies and "W2" in wl:
+        lim = statistics.median(copies)
+        row = [f"W2 = ×{statistics.median(vals['W2'][s.key]) / lim:.2f} of the limit"
+               if vals["W2"].get(s.key) else NA for s in systems] + ["skipped"] * len(skipped)
+        out.append(f"| **W2 limit** allocate + copy the same bytes once: {lim:.3f} s | "
+                   + " | ".join(row) + " |")
     out.append("")
     if floor:
         out.append(

@@ -1,6 +1,7 @@
 """shmrunner: run Python functions in worker processes, with numpy arrays in
 shared memory locally and over ZeroMQ across hosts."""
 
+from ._segcache import set_shm_cache, shm_cache_info
 from .client import Client, connect
 from .errors import (
     ChannelClosedError,
@@ -36,6 +37,8 @@ __all__ = [
     "zeros",
     "share",
     "is_shared",
+    "set_shm_cache",
+    "shm_cache_info",
     # errors and warnings
     "ShmrunnerError",
     "WorkerLostError",

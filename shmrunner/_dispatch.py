@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from . import _segcache
 from ._tasks import Task, deliver, encode_task, frame
 from .errors import TaskCancelledError
 from .transport.fdchannel import FdChannel
@@ -155,6 +156,7 @@ class TaskQueue:
             for task, message in encoded:
                 worker = lifecycle.pick() if stopped is None else None
                 if worker is None:
+                    _segcache.give_back(message.leases)
                     message.release()
                     if stopped is not None:
                         failed.append((task, stopped))
@@ -162,6 +164,7 @@ class TaskQueue:
                         requeue.append(task)
                     continue
                 lifecycle.assign(worker, task)
+                _segcache.lend(message.leases, worker)
                 if worker.tasks[0] is task and not task.report_start:
                     task.started = time.monotonic()
                 frames, ids = batches.setdefault(worker, ([], []))

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import selectors
+import struct
 import threading
 import time
 from collections.abc import Callable
 
+from . import _segcache
 from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
 from ._tasks import Task, decode_outcome, deliver
 from ._wakeup import Wakeup
@@ -27,7 +29,7 @@ from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import close_fds
 from .worker._memwatch import WATCH_INTERVAL
 from .worker.lifecycle import ProcessLifecycle, Worker
-from .worker.loop import BYE, INIT_FAILED, STARTED, TASK_ID
+from .worker.loop import BYE, INIT_FAILED, RELEASED, STARTED, TASK_ID
 
 __all__ = ["Manager"]
 
@@ -136,6 +138,9 @@ class Manager:
             if task_id == STARTED:
                 started.append(TASK_ID.unpack_from(payload, TASK_ID.size)[0])
                 continue
+            if task_id == RELEASED:
+                self._released(worker, payload, fds)
+                continue
             task_id, ok, value = decode_outcome(payload, fds)
             if task_id == INIT_FAILED:
                 self._break(value)
@@ -164,6 +169,18 @@ class Manager:
         if self._on_results is not None:
             self._on_results()
 
+    def _released(self, worker: Worker[Task], payload: bytearray, fds: list[int]) -> None:
+        """The worker no longer maps these recycled segments (or passed them on)."""
+        close_fds(fds)
+        try:
+            free, gone = _segcache.decode_report(payload, TASK_ID.size)
+        except (ValueError, struct.error):
+            log.error("worker pid %s sent a malformed release report; ignored",
+                      worker.endpoint.process.pid)
+            return
+        _segcache.dropped(worker, gone)
+        _segcache.released(worker, free)
+
     def _break(self, cause: BaseException) -> None:
         name = getattr(self._initializer, "__qualname__", repr(self._initializer))
         error = InitializerError(f"the pool's initializer {name} raised {cause!r}; "
@@ -182,6 +199,7 @@ class Manager:
         with queue.lock:
             failed, rerun = self._lifecycle.reap(worker, queue.stopped_locked())
             queue.requeue_locked(rerun)
+        _segcache.forget(worker)
         for task, error in failed:
             deliver(task, False, error)
         if self._on_results is not None:

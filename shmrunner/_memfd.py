@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from . import _segcache
 from ._shmlimits import check_fits, mib
 from .errors import ProtocolError, SharedMemoryError
 
-__all__ = ["Segment", "close_copies", "copy_to_memfd"]
+__all__ = ["Segment", "close_copies", "copy_to_memfd", "fill_slot"]
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 # Populating maps every page up front (one syscall instead of one fault per
@@ -62,19 +63,31 @@ class Segment(mmap.mmap):
 
     fd: int
     address: int
+    origin: int = 0  # the file offset this mapping starts at
 
     @classmethod
-    def attach(cls, fd: int, size: int) -> Segment:
+    def attach(cls, fd: int, size: int, sole: bool = False, origin: int = 0) -> Segment:
         """Map an fd received from another process; once this returns, the
         segment owns ``fd`` (on failure the caller still does).
 
         Refuses (ProtocolError) an fd that is not a memfd sealed against
         resizing, or smaller than ``size``: mapping it would let its sender
-        crash this process with SIGBUS by shrinking it later."""
-        _check_sealed(fd, size)
+        crash this process with SIGBUS by shrinking it later.
+
+        ``sole``: its sender kept nothing of it (a private array's copy), so
+        once this process lets go of it, nobody maps it: its fd goes to the
+        segment cache for reuse instead of being closed, unless it was sent
+        on by handle (:meth:`shared_out`) or this process forked meanwhile.
+        ``origin``: map only ``size`` bytes from this page-aligned file offset
+        (a view of part of a large array)."""
+        if origin < 0 or origin % mmap.ALLOCATIONGRANULARITY:
+            raise ProtocolError(f"refused a shared array: its window starts at {origin}, "
+                                "not a page boundary; it was not sent by shmrunner")
+        _check_sealed(fd, origin + size)
         flags = mmap.MAP_SHARED | (_MAP_POPULATE if size <= _POPULATE_LIMIT else 0)
-        seg = cls(fd, size, flags=flags)
-        seg._own(fd)
+        seg = cls(fd, size, flags=flags, offset=origin)
+        seg.origin = origin
+        seg._own(fd, sole)
         return seg
 
     @classmethod
@@ -91,12 +104,40 @@ class Segment(mmap.mmap):
         seg._own(fd)
         return seg
 
-    def _own(self, fd: int) -> None:
+    def _own(self, fd: int, sole: bool = False) -> None:
         self.fd = fd
         probe = np.ndarray((1,), np.uint8, buffer=self)
         self.address = probe.ctypes.data
         del probe
-        weakref.finalize(self, os.close, fd)
+        self._sole = [sole and _segcache.adopting()]
+        if self._sole[0]:
+            _sole_segments.add(self)
+        weakref.finalize(self, _finish, fd, self._sole)
+
+    def shared_out(self) -> None:
+        """This segment is being sent to another process by handle."""
+        self._sole[0] = False
+
+
+# Segments whose fd may be recycled once collected (Segment.attach ``sole``).
+_sole_segments: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+
+def _finish(fd: int, sole: list[bool]) -> None:
+    if sole[0]:
+        _segcache.adopt(fd)
+    else:
+        os.close(fd)
+
+
+def _fork_shares_all() -> None:
+    """A forked child maps every segment this process maps: none is sole any more."""
+    for seg in list(_sole_segments):
+        seg._sole[0] = False
+    _sole_segments.clear()
+
+
+os.register_at_fork(before=_fork_shares_all)
 
 
 def _new_memfd(size: int) -> int:
@@ -159,7 +200,10 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
     nbytes = array.nbytes
     check_fits(nbytes)
     size = max(nbytes, 1)
-    fd = _new_memfd(size)
+    # Sized to its cache size class: once its receiver lets go, the segment
+    # can serve any array of that class (``_segcache.adopt``); the tail stays
+    # a hole that costs nothing.
+    fd = _new_memfd(_segcache.size_class(size))
     _copies.add(fd)
     try:
         if array.flags.c_contiguous or array.flags.f_contiguous:
@@ -179,6 +223,35 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
         close_copies([fd])
         raise
     return fd, size, tuple(strides)
+
+
+def fill_slot(array: np.ndarray[Any, Any]) -> _segcache.Slot | None:
+    """Copy a contiguous private array into a recycled segment (``_segcache``),
+    or a new one that will be recycled; None when the cache is off or the
+    array is larger than its budget (the caller uses :func:`copy_to_memfd`).
+
+    A recycled segment already has its pages: the copy is one memcpy in the
+    kernel, without allocating (or later freeing) a page."""
+    nbytes = array.nbytes
+    size = _segcache.size_class(nbytes)
+    if size > _segcache.shm_cache_limit():
+        return None
+    slot = _segcache.acquire(nbytes)
+    if slot is None:
+        check_fits(size)
+        fd = _new_memfd(size)
+        try:
+            slot = _segcache.new_slot(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+    try:
+        flat = (array if array.flags.c_contiguous else array.T).reshape(-1)
+        _pwrite_all(slot.fd, memoryview(flat.view(np.uint8)))  # type: ignore[arg-type]
+    except BaseException:
+        _segcache.discard(slot)
+        raise
+    return slot
 
 
 # Fds made by copy_to_memfd and not yet closed by their message. Pickling runs

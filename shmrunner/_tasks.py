@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from ._sink import ResultSink
 from .errors import ConfigError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
@@ -61,9 +63,29 @@ def run_chunk(fn: Callable[..., Any], chunk: list[Any], star: bool) -> list[Any]
     return list(map(fn, chunk))
 
 
+def run_chunk_into(fn: Callable[..., Any], chunk: list[Any], star: bool, out: Any,
+                   first: int) -> list[None]:
+    """``run_chunk`` writing each result into ``out[i]`` (a view of the shared
+    array given to ``map(out=...)``; item ``first + i`` of the map) instead of
+    returning it: the gather costs no copy back to the caller."""
+    for i, item in enumerate(chunk):
+        value = fn(*item) if star else fn(item)
+        row = out[i]
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            shape = np.shape(value)
+        if tuple(shape) != row.shape:
+            raise ValueError(
+                f"map(out=...): result {first + i} has shape {tuple(shape)}, but "
+                f"out[{first + i}] has shape {row.shape}; make out's shape "
+                f"(len(items), *result shape)")
+        np.copyto(row, value, casting="same_kind")
+    return [None] * len(chunk)
+
+
 def encode_task(task: Task, threshold: int) -> Encoded:
     """Pickle ``task``'s call; raises whatever user ``__reduce__`` code raises."""
-    return dumps((task.fn, task.args, task.kwargs), threshold)
+    return dumps((task.fn, task.args, task.kwargs), threshold, lease=True)
 
 
 def frame(task: Task, message: Encoded) -> tuple[bytes, list[int], Callable[[], None]]:

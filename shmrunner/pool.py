@@ -20,11 +20,14 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import numpy as np
+
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from ._streams import Meter, Progress, metered, total_of
-from ._tasks import resolve_threshold, run_chunk
+from ._tasks import resolve_threshold, run_chunk, run_chunk_into
 from .errors import TaskCancelledError
+from .shm import is_shared
 
 __all__ = ["Pool"]
 
@@ -76,8 +79,13 @@ class Pool:
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any],
-            chunksize: int | None = None, *, progress: Progress = None) -> list[Any]:
-        return self._map(func, iterable, False, chunksize, progress)
+            chunksize: int | None = None, *, progress: Progress = None,
+            out: np.ndarray[Any, Any] | None = None) -> Any:
+        """``multiprocessing.Pool.map``; with ``out=`` (a shared array from
+        :func:`shmrunner.empty` of shape ``(len(items), *result shape)``) each
+        worker writes result ``i`` into ``out[i]`` and ``out`` is returned:
+        no result travels back, nothing is stacked."""
+        return self._map(func, iterable, False, chunksize, progress, out)
 
     def map_async(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                   chunksize: int | None = None,
@@ -86,8 +94,10 @@ class Pool:
         return self._map_async(func, iterable, False, chunksize, callback, error_callback)
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None, *, progress: Progress = None) -> list[Any]:
-        return self._map(func, iterable, True, chunksize, progress)
+                chunksize: int | None = None, *, progress: Progress = None,
+                out: np.ndarray[Any, Any] | None = None) -> Any:
+        """``multiprocessing.Pool.starmap``; ``out=`` as in :meth:`map`."""
+        return self._map(func, iterable, True, chunksize, progress, out)
 
     def starmap_async(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None,
@@ -164,9 +174,13 @@ class Pool:
             raise ValueError("Pool not running")
 
     def _map(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
-             chunksize: int | None, progress: Progress) -> list[Any]:
+             chunksize: int | None, progress: Progress,
+             out: np.ndarray[Any, Any] | None = None) -> Any:
+        if out is not None:
+            self._map_async(func, iterable, star, chunksize, out=out).get()
+            return out
         if not progress:
-            return self._map_async(func, iterable, star, chunksize).get()  # type: ignore[no-any-return]
+            return self._map_async(func, iterable, star, chunksize).get()
         # The caller waits anyway: it follows the chunks as they come in.
         chunks: queue.SimpleQueue[int] = queue.SimpleQueue()
         items = list(iterable)
@@ -180,16 +194,19 @@ class Pool:
                 meter.add(count)
         finally:
             meter.close()
-        return result.get()  # type: ignore[no-any-return]
+        return result.get()
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
                    chunksize: int | None,
                    callback: Callable[[Any], object] | None = None,
                    error_callback: Callable[[BaseException], object] | None = None,
-                   on_chunk: Callable[[int], object] | None = None) -> MapResult:
+                   on_chunk: Callable[[int], object] | None = None,
+                   out: np.ndarray[Any, Any] | None = None) -> MapResult:
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
         items = list(items)
+        if out is not None:
+            _check_out(out, len(items))
         if chunksize is None:
             chunksize, extra = divmod(len(items), self._processes * 4)
             if extra:
@@ -202,7 +219,10 @@ class Pool:
         engine = self._engine
         engine.submit([
             engine.new_task(run_chunk, (func, items[start:start + chunksize], star), {},
-                          result, index)
+                            result, index) if out is None else
+            engine.new_task(run_chunk_into, (func, items[start:start + chunksize], star,
+                                             out[start:start + chunksize], start), {},
+                            result, index)
             for index, start in enumerate(range(0, len(items), chunksize or 1))
         ])
         return result
@@ -229,6 +249,20 @@ class Pool:
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
+
+
+def _check_out(out: object, length: int) -> None:
+    """map(out=...): one clear error for an array the workers cannot fill."""
+    if not is_shared(out):
+        raise TypeError(f"map(out=...) needs a shared array (shmrunner.empty, zeros or share) "
+                        f"the workers can write into, not {type(out).__name__}"
+                        + (" in private memory" if isinstance(out, np.ndarray) else ""))
+    assert isinstance(out, np.ndarray)
+    if out.ndim == 0 or len(out) != length:
+        raise ValueError(f"map(out=...): out has shape {out.shape} but there are {length} "
+                         f"items; make out's shape ({length}, *result shape)")
+    if not out.flags.writeable:
+        raise ValueError("map(out=...): out is read-only")
 
 
 def _feed(engine: ProcessEngine, result: IMapIterator, func: Callable[[Any], Any],

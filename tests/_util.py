@@ -75,3 +75,12 @@ def dev_shm_entries() -> list[str]:
         return sorted(name for name in os.listdir("/dev/shm") if "shmrunner" in name)
     except FileNotFoundError:
         return []
+
+
+def drop_shm_cache() -> None:
+    """Give back the recycled-segment cache's pages (it keeps populated memfds
+    on purpose), so that what remains in shm_segments() is what is in use."""
+    import shmrunner
+
+    shmrunner.set_shm_cache(0)
+    shmrunner.set_shm_cache(None)

@@ -42,7 +42,7 @@ import pytest
 
 import _failure_tasks as tasks
 import shmrunner
-from _util import children, is_alive, shm_segments, wait_until
+from _util import children, drop_shm_cache, is_alive, shm_segments, wait_until
 from shmrunner import (
     InitializerError,
     SharedMemoryError,
@@ -232,6 +232,7 @@ def test_worker_sigkilled_mid_task(method: str, kind: str, tmp_path: Any) -> Non
         # Drop every reference to the arguments and results: nothing may hold a segment.
         outcomes = error = value = results = items = arg = None  # type: ignore[assignment]
         gc.collect()
+        drop_shm_cache()
         # Under fork, a replacement worker forked while the parent held the shared
         # array inherits it (fork semantics, documented in shm.py) until it exits.
         inherited = method == "fork" and kind == "shared"

@@ -31,7 +31,7 @@ EXPECTED_ALL = sorted([
     # the runner daemon's client
     "connect", "Client",
     # shared arrays
-    "empty", "zeros", "share", "is_shared",
+    "empty", "zeros", "share", "is_shared", "set_shm_cache", "shm_cache_info",
     # errors and warnings
     "ShmrunnerError", "WorkerLostError", "MemoryLimitError", "TaskTimeoutError",
     "TaskCancelledError",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copyreg
 import errno
 import io
+import mmap
 import os
 import pickle
 import threading
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _segcache
+from .._memfd import fill_slot
 from ..errors import SharedMemoryError
 from ..shm import (
     Segment,
@@ -56,14 +59,17 @@ class Encoded:
     the shared segments whose fds it borrows (kept alive until it is sent:
     the arrays that held them may be gone by then)."""
 
-    __slots__ = ("data", "fds", "owned", "borrowed")
+    __slots__ = ("data", "fds", "owned", "borrowed", "leases")
 
     def __init__(self, data: bytes, fds: list[int], owned: list[int],
-                 borrowed: list[Segment]) -> None:
+                 borrowed: list[Segment], leases: list[_segcache.Slot] | None = None) -> None:
         self.data = data
         self.fds = fds
         self.owned = owned
         self.borrowed = borrowed
+        # Recycled segments (``_segcache``) carrying plain arrays: the sender
+        # lends them to the receiving worker, or gives them back unsent.
+        self.leases = leases if leases is not None else []
 
     def release(self) -> None:
         """Close the fds this message owns; call once it is sent or dropped."""
@@ -83,10 +89,12 @@ def close_fds(fds: list[int]) -> None:
 class _Sending:
     """Per-message state of a dump: the fds collected so far."""
 
-    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd")
+    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd", "lease", "leases")
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, lease: bool) -> None:
         self.threshold = threshold
+        self.lease = lease
+        self.leases: list[_segcache.Slot] = []
         self.fds: list[int] = []
         self.owned: list[int] = []
         self.borrowed: list[Segment] = []
@@ -114,12 +122,29 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
     if seg is not None:
         if full and seg.fd not in state.index_of_fd:
             return array.__reduce__()  # a segment already in the message costs no new fd
-        offset = array.ctypes.data - seg.address
+        _segcache.note_escaped(seg)
+        seg.shared_out()
         index = state.add_fd(seg.fd, owned=False)
         state.borrowed.append(seg)
-        return _rebuild_array, (index, len(seg), offset, array.shape, array.strides, array.dtype)
+        origin, size, offset = _window(array, seg)
+        return _rebuild_array, (index, size, offset, array.shape, array.strides, array.dtype,
+                                False, origin)
     if full or array.nbytes < state.threshold:
         return array.__reduce__()
+    if state.lease and (array.flags.c_contiguous or array.flags.f_contiguous):
+        try:
+            slot = fill_slot(array)
+        except SharedMemoryError:
+            raise
+        except OSError as exc:
+            warn_fallback(exc)
+            return array.__reduce__()
+        if slot is not None:
+            state.leases.append(slot)
+            index = state.add_fd(slot.fd, owned=False)
+            strides = array.strides
+            return _rebuild_array, (index, max(array.nbytes, 1), 0, array.shape, strides,
+                                    array.dtype)
     try:
         fd, size, strides = copy_to_memfd(array)
     except SharedMemoryError:
@@ -128,7 +153,29 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
         warn_fallback(exc)
         return array.__reduce__()
     index = state.add_fd(fd, owned=True)
-    return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype)
+    return _rebuild_array, (index, size, 0, array.shape, strides, array.dtype, True)
+
+
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def _window(array: np.ndarray[Any, Any], seg: Segment) -> tuple[int, int, int]:
+    """The part of ``seg``'s file that ``array`` views, as ``(origin, size,
+    offset)``: map ``size`` bytes from the page-aligned file offset ``origin``;
+    the array starts ``offset`` bytes in. A worker handed one row of a large
+    array maps (and populates) that row, not the whole array."""
+    start = seg.origin + array.ctypes.data - seg.address  # file offset of element 0
+    if array.size == 0:
+        return seg.origin, len(seg), start - seg.origin
+    lo = hi = start
+    for dim, stride in zip(array.shape, array.strides, strict=True):
+        if stride < 0:
+            lo += stride * (dim - 1)
+        else:
+            hi += stride * (dim - 1)
+    hi += array.itemsize
+    origin = lo - lo % _PAGE
+    return origin, hi - origin, start - origin
 
 
 _table: dict[Any, Any] = {}
@@ -150,21 +197,25 @@ def _dispatch_table() -> dict[Any, Any]:
     return _table
 
 
-def dumps(obj: object, threshold: int) -> Encoded:
-    """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd."""
+def dumps(obj: object, threshold: int, lease: bool = False) -> Encoded:
+    """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd.
+
+    ``lease``: copy plain arrays into recycled segments (``_segcache``); the
+    caller then lends ``Encoded.leases`` to the receiver or gives them back."""
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = _dispatch_table()
     outer = getattr(_sending, "state", None)  # a dumps() from inside a __reduce__
-    state = _sending.state = _Sending(threshold)
+    state = _sending.state = _Sending(threshold, lease)
     try:
         pickler.dump(obj)
     except BaseException:
         close_copies(state.owned)
+        _segcache.give_back(state.leases)
         raise
     finally:
         _sending.state = outer
-    return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed)
+    return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed, state.leases)
 
 
 _receiving = threading.local()
@@ -181,24 +232,42 @@ def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
         return pickle.loads(data)
     finally:
         segments: dict[int, Segment] = _receiving.segments
-        close_fds([fd for i, fd in enumerate(fds) if i not in segments])
+        unmapped = [fd for i, fd in enumerate(fds) if i not in segments]
+        for fd in unmapped:
+            _segcache.note_unmapped_fd(fd)
+        close_fds(unmapped)
         _receiving.fds = _receiving.segments = None
 
 
 def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
-                   strides: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+                   strides: tuple[int, ...], dtype: np.dtype[Any],
+                   sole: bool = False, origin: int = 0) -> np.ndarray[Any, Any]:
+    """``sole``: the sender kept nothing of this segment (a copy it made);
+    ``origin``, ``size``: the window of the file to map (see :func:`_window`)."""
     segments: dict[int, Segment] = _receiving.segments
     seg = segments.get(index)
-    if seg is None:
+    if seg is None or not (seg.origin <= origin and origin + size <= seg.origin + len(seg)):
         fd = _receiving.fds[index]
         if fd == LOST_FD:
             raise fd_limit_error("a shared array's file descriptor was dropped on arrival")
         try:
-            seg = segments[index] = Segment.attach(fd, size)
+            # Another window of a segment mapped already: a mapping of its own.
+            fd = fd if seg is None else os.dup(fd)
+            try:
+                new = Segment.attach(fd, size, sole is True, origin)
+            except BaseException:
+                if seg is not None:
+                    os.close(fd)
+                raise
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise fd_limit_error("a shared array could not be mapped") from exc
             raise
-    array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg, offset=offset,
+        if seg is None:
+            segments[index] = new
+        seg = new
+        _segcache.note_mapped(seg, fd)
+    array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg,
+                                             offset=offset + origin - seg.origin,
                                              strides=strides)
     return array

@@ -10,7 +10,9 @@ Messages on the worker's channel (see ``transport/fdchannel.py``):
   parent does not count the worker lost) and ``INIT_FAILED``; and ``STARTED``
   followed by a task id, sent just before running a task whose id carries the
   ``REPORT_START`` bit (a task with a timeout: its clock starts when it
-  really starts, so a timeout never stops a task short of its time).
+  really starts, so a timeout never stops a task short of its time);
+  ``RELEASED`` followed by the inodes of recycled segments this worker no
+  longer maps, or passed on (``_segcache.py``), sent before a result.
 
 The task id travels outside the pickle both ways, so that a task whose
 arguments cannot be unpickled here, or whose result cannot be unpickled
@@ -35,16 +37,19 @@ from collections.abc import Callable
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from typing import Any
 
+from .. import _segcache
 from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
 
-__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "REPORT_START"]
+__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "RELEASED",
+           "REPORT_START"]
 
 TASK_ID = struct.Struct("<Q")
 BYE = (1 << 64) - 1
 INIT_FAILED = (1 << 64) - 2
 STARTED = (1 << 64) - 3
+RELEASED = (1 << 64) - 4
 REPORT_START = 1 << 63  # a bit of a task's id on its way to the worker
 _PR_SET_PDEATHSIG = 1
 
@@ -55,6 +60,7 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
     _die_with_owner(owner_pid, direct_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_fd_limit()  # each shared array received holds two fds
+    _segcache.track_releases()
     for fd in inherited:  # fork: the parent's ends of the other workers' channels
         try:
             os.close(fd)
@@ -85,8 +91,10 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         # Sent before the next task starts: a result held back while another
         # task runs would be lost if that task killed us, and the parent could
         # no longer tell which of its tasks we were running.
-        channel.send_batch([_encode(task_id, ok, value, threshold)])
+        channel.send_batch([*_releases(), _encode(task_id, ok, value, threshold)])
         del value  # unmap this task's arrays before waiting for the next
+        if late := _releases():
+            channel.send_batch(late)  # the result held them: free them for reuse now
         done += 1
     if maxtasks is not None and done >= maxtasks:
         channel.send_batch([_encode(BYE, True, None, threshold)])
@@ -94,6 +102,14 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
 
 def _nothing() -> None:
     pass
+
+
+def _releases() -> list[tuple[bytes, list[int], Callable[[], None] | None]]:
+    """The RELEASED message for recycled segments no longer mapped here, if any."""
+    report = _segcache.pending_reports()
+    if report is None:
+        return []
+    return [(TASK_ID.pack(RELEASED) + _segcache.encode_report(*report), [], _nothing)]
 
 
 def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:

@@ -1,0 +1,401 @@
+"""Recycled segments: the pool's cache of memfds whose pages are already
+populated, lent out for plain arrays and taken back once no worker maps them.
+
+Why: copying a plain array into a *fresh* memfd makes the kernel allocate
+(and account, and later free) every page of it; that costs about twice the
+copy itself. A memfd that a previous array already filled has its pages:
+writing the next array of a fitting size into it is one memcpy.
+
+Data flow (parent side, this process)::
+
+    pickling (encode a task, lease=True)
+        acquire(nbytes) --> a free slot of the size class (or a new memfd)
+        pwrite the array into it; the message borrows its fd
+    _dispatch.send: the task goes to worker W
+        lend(slots, W)       (not sent after all: give_back(slots))
+    worker W, after the task: "released: inodes ..." / "dropped: inodes ..."
+        released(W, ...)  --> the slot is free again (within the byte budget,
+                              else its fd is closed and the pages go back)
+        dropped(W, ...)   --> the slot is closed, never reused
+    worker W dies / is reaped: forget(W) --> every slot lent to it is closed
+
+Worker side (:func:`track_releases`): every segment a worker maps is
+counted per inode; when the last mapping of an inode is gone the inode is
+reported released. A segment the worker sends on by handle (it returns it,
+passes it to another process) or that is mapped while the worker forks is
+reported dropped instead: another process may map it, so it must never be
+written again. The parent only ever reuses a slot that the one process it
+was lent to said it released, so a recycled segment is never handed out
+while any process still maps it. The parent itself never maps a slot (it
+writes with ``pwrite``), and keeps only its fd.
+
+Budget: the free slots' bytes never exceed :func:`shm_cache_limit` (default:
+an eighth of the memory available when first used; ``SHMRUNNER_SHM_CACHE``
+or :func:`set_shm_cache` override, 0 disables). Slots lent out are not
+counted: they are the arrays in flight, as without a cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from ._shmlimits import available_memory
+from .errors import ConfigError
+
+__all__ = ["Slot", "acquire", "lend", "give_back", "released", "dropped", "forget",
+           "set_shm_cache", "shm_cache_info", "shm_cache_limit", "size_class",
+           "track_releases", "note_mapped", "new_slot", "discard", "note_escaped",
+           "pending_reports", "encode_report", "decode_report"]
+
+
+@dataclass(eq=False)
+class Slot:
+    fd: int
+    size: int
+    inode: int
+
+
+_lock = threading.Lock()
+_free: dict[int, list[Slot]] = collections.defaultdict(list)  # size class -> slots
+_order: collections.OrderedDict[int, Slot] = collections.OrderedDict()  # inode -> free slot, LRU
+_free_bytes = 0
+_lent: dict[object, dict[int, Slot]] = {}  # holder -> inode -> slot
+_adopted: collections.deque[int] = collections.deque()  # fds adopt() queued
+_out: dict[int, Slot] = {}  # inode -> slot being filled or sent: neither free nor lent yet
+_limit: int | None = None
+_stats = {"hits": 0, "misses": 0, "evicted": 0, "recycled": 0, "dropped": 0}
+
+
+def size_class(nbytes: int) -> int:
+    """The segment size an array of ``nbytes`` is copied into: whole pages, and
+    past 1 MiB rounded up to 1/8 of a power of two, so that arrays of nearly
+    the same size share slots (at most 12.5 % of a slot unused)."""
+    page = 4096
+    size = max(-(-nbytes // page) * page, page)
+    if size > (1 << 20):
+        step = 1 << (size.bit_length() - 4)
+        size = -(-size // step) * step
+    return size
+
+
+def shm_cache_limit() -> int:
+    """The byte budget of free cached segments (see the module docstring)."""
+    global _limit
+    if _limit is None:
+        env = os.environ.get("SHMRUNNER_SHM_CACHE")
+        if env:
+            try:
+                _limit = max(int(env), 0)
+            except ValueError:
+                raise ConfigError(
+                    f"SHMRUNNER_SHM_CACHE={env!r} is not a whole number of bytes; "
+                    "set it to e.g. 1073741824, 0 to disable the cache, or unset it") from None
+        else:
+            _limit = available_memory() // 8
+    return _limit
+
+
+def set_shm_cache(max_bytes: int | None) -> None:
+    """Set the byte budget of recycled shared-memory segments kept for reuse
+    (0 disables the cache and gives its pages back now; None: the default)."""
+    global _limit
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool)
+                                  or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a whole number >= 0 or None, not {max_bytes!r}")
+    with _lock:
+        _limit = max_bytes
+    _take_in_adopted()
+    limit = shm_cache_limit()
+    with _lock:
+        closing = _evict_locked(limit)
+    _close(closing)
+
+
+def shm_cache_info() -> dict[str, int]:
+    """Counters of the segment cache: ``limit``, ``free_bytes``,
+    ``free_segments``, ``lent_segments``, ``hits``, ``misses``, ``recycled``,
+    ``evicted``, ``dropped``."""
+    _take_in_adopted()
+    with _lock:
+        lent = sum(len(held) for held in _lent.values())
+        return {"limit": _limit if _limit is not None else -1, "free_bytes": _free_bytes,
+                "free_segments": len(_order), "lent_segments": lent, **_stats}
+
+
+def acquire(nbytes: int) -> Slot | None:
+    """A free slot for ``nbytes`` (removed from the cache: the caller lends or
+    gives it back), or None when none fits (the caller makes a new one)."""
+    _take_in_adopted()
+    size = size_class(nbytes)
+    with _lock:
+        slots = _free.get(size)
+        if not slots:
+            _stats["misses"] += 1
+            return None
+        slot = slots.pop()
+        _take_locked(slot)
+        _out[slot.inode] = slot
+        _stats["hits"] += 1
+        return slot
+
+
+def new_slot(fd: int, size: int) -> Slot:
+    """A slot for a new memfd of ``size`` (the caller fills, then lends it)."""
+    slot = Slot(fd, size, os.fstat(fd).st_ino)
+    with _lock:
+        _out[slot.inode] = slot
+    return slot
+
+
+def discard(slot: Slot) -> None:
+    """A slot that could not be filled: close it."""
+    with _lock:
+        _out.pop(slot.inode, None)
+    _close([slot])
+
+
+def adopting() -> bool:
+    """Whether segments received here may be recycled (not in a worker, whose
+    recycled segments belong to its parent's cache)."""
+    return not _tracking
+
+
+def adopt(fd: int) -> None:
+    """``fd`` is a segment nobody maps any more (a result its receiver let go):
+    keep it as a free slot, or close it (wrong size, no room in the budget).
+
+    Called by a garbage collector's finalizer, which may run inside any
+    allocation, even one made under ``_lock``: only queued here, taken in by
+    the next :func:`acquire` (or info, or budget change)."""
+    _adopted.append(fd)
+
+
+def _take_in_adopted() -> None:
+    while _adopted:
+        try:
+            fd = _adopted.popleft()
+        except IndexError:
+            return
+        _adopt(fd)
+
+
+def _adopt(fd: int) -> None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if st.st_size != size_class(st.st_size) or st.st_size > shm_cache_limit():
+        _close([Slot(fd, st.st_size, st.st_ino)])
+        return
+    _free_slots([Slot(fd, st.st_size, st.st_ino)])
+
+
+def lend(slots: list[Slot], holder: object) -> None:
+    """``slots`` were sent to ``holder`` (a worker); they come back with
+    :func:`released` or :func:`forget`."""
+    if not slots:
+        return
+    with _lock:
+        held = _lent.setdefault(holder, {})
+        for slot in slots:
+            _out.pop(slot.inode, None)
+            held[slot.inode] = slot
+
+
+def give_back(slots: list[Slot]) -> None:
+    """``slots`` were never sent (the message was dropped): free again."""
+    _free_slots(slots)
+
+
+def released(holder: object, inodes: list[int]) -> None:
+    """``holder`` no longer maps these inodes: their slots may be reused."""
+    with _lock:
+        held = _lent.get(holder, {})
+        slots = [slot for slot in (held.pop(inode, None) for inode in inodes) if slot is not None]
+        _stats["recycled"] += len(slots)
+    _free_slots(slots)
+
+
+def dropped(holder: object, inodes: list[int]) -> None:
+    """``holder`` passed these inodes on (or forked): never reuse them."""
+    with _lock:
+        held = _lent.get(holder, {})
+        slots = [slot for slot in (held.pop(inode, None) for inode in inodes) if slot is not None]
+        _stats["dropped"] += len(slots)
+    _close(slots)
+
+
+def forget(holder: object) -> None:
+    """``holder`` is gone: close what it was lent (a process it forked may
+    still map those pages, so they are never reused)."""
+    with _lock:
+        slots = list(_lent.pop(holder, {}).values())
+        _stats["dropped"] += len(slots)
+    _close(slots)
+
+
+def _free_slots(slots: list[Slot]) -> None:
+    if not slots:
+        return
+    limit = shm_cache_limit()
+    global _free_bytes
+    closing: list[Slot] = []
+    with _lock:
+        for slot in slots:
+            _out.pop(slot.inode, None)
+            if slot.size > limit:
+                closing.append(slot)
+                continue
+            _free[slot.size].append(slot)
+            _order[slot.inode] = slot
+            _free_bytes += slot.size
+        closing += _evict_locked(limit)
+    _close(closing)
+
+
+def _take_locked(slot: Slot) -> None:
+    global _free_bytes
+    del _order[slot.inode]
+    _free_bytes -= slot.size
+
+
+def _evict_locked(limit: int) -> list[Slot]:
+    """Drop the least recently freed slots until the free bytes fit ``limit``."""
+    global _free_bytes
+    out = []
+    while _free_bytes > limit and _order:
+        _, slot = _order.popitem(last=False)
+        _free_bytes -= slot.size
+        _free[slot.size].remove(slot)
+        out.append(slot)
+    _stats["evicted"] += len(out)
+    return out
+
+
+def _close(slots: list[Slot]) -> None:
+    for slot in slots:
+        try:
+            os.close(slot.fd)
+        except OSError:
+            pass
+
+
+def _reset_in_child() -> None:
+    """A fork() child holds copies of the cache's fds: close them, start empty."""
+    global _lock, _free_bytes
+    _lock = threading.Lock()
+    slots = (list(_order.values()) + list(_out.values())
+             + [s for held in _lent.values() for s in held.values()])
+    slots += [Slot(fd, 0, 0) for fd in _adopted]
+    _adopted.clear()
+    _out.clear()
+    _free.clear()
+    _order.clear()
+    _lent.clear()
+    _free_bytes = 0
+    _close(slots)
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
+
+
+# --- worker side: which inodes this process still maps --------------------------
+
+_tracking = False
+_maps: dict[int, int] = {}  # inode -> live segments mapping it
+_escaped: set[int] = set()
+_to_release: list[int] = []
+_to_drop: list[int] = []
+REPORT = struct.Struct("<II")
+_MAX_REPORT = 1 << 16  # inodes per report, each way (a worker's report is bounded)
+
+
+def track_releases() -> None:
+    """Count this process's mappings per inode (a worker calls this once)."""
+    global _tracking
+    _tracking = True
+    os.register_at_fork(before=_escape_all)
+
+
+def note_mapped(segment: Any, fd: int) -> None:
+    """``segment`` maps the file of ``fd``: count it until it is collected."""
+    if not _tracking:
+        return
+    inode = os.fstat(fd).st_ino
+    _maps[inode] = _maps.get(inode, 0) + 1
+    weakref.finalize(segment, _unmapped, inode)
+
+
+def note_unmapped_fd(fd: int) -> None:
+    """An fd received but closed without being mapped (its message failed)."""
+    if not _tracking:
+        return
+    try:
+        inode = os.fstat(fd).st_ino
+    except OSError:
+        return
+    if not _maps.get(inode):
+        _to_release.append(inode)
+
+
+def note_escaped(segment: Any) -> None:
+    """``segment`` is being sent on by handle: its inode must never be reused."""
+    if _tracking:
+        inode = os.fstat(segment.fd).st_ino
+        if inode in _maps and inode not in _escaped:
+            _escaped.add(inode)
+            _to_drop.append(inode)
+
+
+def _unmapped(inode: int) -> None:
+    left = _maps.get(inode, 1) - 1
+    if left > 0:
+        _maps[inode] = left
+        return
+    _maps.pop(inode, None)
+    if inode in _escaped:
+        _escaped.discard(inode)  # reported dropped already
+    else:
+        _to_release.append(inode)
+
+
+def _escape_all() -> None:
+    for inode in _maps:
+        if inode not in _escaped:
+            _escaped.add(inode)
+            _to_drop.append(inode)
+
+
+def pending_reports() -> tuple[list[int], list[int]] | None:
+    """(released, dropped) inodes not yet reported, or None; clears them."""
+    if not _to_release and not _to_drop:
+        return None
+    rel, drop = _to_release[:_MAX_REPORT], _to_drop[:_MAX_REPORT]
+    del _to_release[:_MAX_REPORT], _to_drop[:_MAX_REPORT]
+    # Report a dropped inode only once; it can be mapped again (a parent's
+    # shared array sent twice) but its slot is gone already.
+    return rel, drop
+
+
+def encode_report(rel: list[int], drop: list[int]) -> bytes:
+    return REPORT.pack(len(rel), len(drop)) + struct.pack(f"<{len(rel) + len(drop)}Q",
+                                                          *rel, *drop)
+
+
+def decode_report(payload: bytes | bytearray | memoryview,
+                  offset: int) -> tuple[list[int], list[int]]:
+    """Inverse of :func:`encode_report`; raises ValueError on a malformed report."""
+    nrel, ndrop = REPORT.unpack_from(payload, offset)
+    if nrel > _MAX_REPORT or ndrop > _MAX_REPORT:
+        raise ValueError("report too long")
+    offset += REPORT.size
+    if len(payload) - offset != 8 * (nrel + ndrop):
+        raise ValueError("report length mismatch")
+    values = list(struct.unpack_from(f"<{nrel + ndrop}Q", payload, offset))
+    return values[:nrel], values[nrel:]
