@@ -89,14 +89,15 @@ def _tensor_reducer(fallback: _Reducer | None) -> _Reducer:
     return reduce
 
 
-def numpy_view(t: Any) -> np.ndarray[Any, Any] | None:
+def numpy_view(t: Any, shared: bool = False) -> np.ndarray[Any, Any] | None:
     """A numpy array sharing the memory of CPU tensor ``t`` (an integer view for
     dtypes numpy lacks), or None when ``t`` must go another way: shared by
-    the user (``share_memory_()``), not a plain strided CPU tensor, or a
-    non-leaf that requires grad (torch refuses to send those)."""
+    the user (``share_memory_()``, unless ``shared``), not a plain strided
+    CPU tensor, or a non-leaf that requires grad (torch refuses to send those)."""
     torch = sys.modules["torch"]
     if t.device.type != "cpu" or t.layout is not torch.strided or t.is_quantized \
-            or t.is_nested or t.is_shared() or (t.requires_grad and not t.is_leaf):
+            or t.is_nested or (t.is_shared() and not shared) \
+            or (t.requires_grad and not t.is_leaf):
         return None
     t = t.detach().resolve_conj().resolve_neg()
     try:
