@@ -51,16 +51,15 @@ EXT_FOREIGN = 4
 
 _LIBRARIES = frozenset(("torch", "pyarrow", "pandas"))
 
-# torch dtypes that travel, and the numpy dtype of their frames (None: an
-# integer view of the same item size, see _foreign._INT_OF_SIZE).
-_TORCH_DTYPES: dict[str, str | None] = {
+# torch dtypes that travel, and the numpy dtype of their frames (for dtypes
+# numpy lacks, an integer of the same item size, as _foreign.numpy_view makes).
+_TORCH_DTYPES: dict[str, str] = {
     "bool": "bool", "uint8": "uint8", "int8": "int8", "int16": "int16", "int32": "int32",
     "int64": "int64", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
     "float16": "float16", "float32": "float32", "float64": "float64",
     "complex64": "complex64", "complex128": "complex128",
-    "bfloat16": None, "float8_e4m3fn": None, "float8_e5m2": None,
+    "bfloat16": "int16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",
 }
-_INT_OF_SIZE = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
 _ARROW_KINDS = frozenset(("arrow.array", "arrow.chunked", "arrow.batch", "arrow.table",
                           "pandas.frame", "pandas.series"))
@@ -190,11 +189,11 @@ def _decode_tensor(payload: list[Any]) -> Any:
     if type(a) is not np.ndarray or type(requires_grad) is not bool:
         raise ProtocolError(f"torch value must hold an array and a bool, got "
                             f"{_describe(a)}, {_describe(requires_grad)}")
-    torch = _library("torch", "torch")
-    dtype = getattr(torch, name)
-    expected = _TORCH_DTYPES[name] or _INT_OF_SIZE[dtype.itemsize]
+    expected = _TORCH_DTYPES[name]
     if a.dtype != np.dtype(expected):
         raise ProtocolError(f"torch {name} tensor carried as {a.dtype}, expected {expected}")
+    torch = _library("torch", "torch")
+    dtype = getattr(torch, name)
     if not a.flags.writeable:   # torch has no read-only tensors: own a copy
         a = a.copy()
     try:
