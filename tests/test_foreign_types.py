@@ -276,6 +276,7 @@ def _bad_values() -> list[tuple[msgpack.ExtType, list[bytes], str]]:
         return cases
     one = pa.schema([pa.field("", pa.string())]).serialize().to_pybytes()
     nested = pa.schema([pa.field("", pa.list_(pa.int64()))]).serialize().to_pybytes()
+    null = pa.schema([pa.field("", pa.null())]).serialize().to_pybytes()   # no buffer bounds it
     # offsets 0 and 1000 into a 16-byte data buffer: reads past the frame if trusted
     offsets, offsets_frame = _array(np.array([0, 1000], np.int32).view(np.uint8), 1)
     data, data_frame = _array(np.zeros(16, np.uint8), 2)
@@ -283,6 +284,7 @@ def _bad_values() -> list[tuple[msgpack.ExtType, list[bytes], str]]:
         (_ext4(["arrow.array", one, [[[1, 0, 0, [None, offsets, data]]]]]),
          [offsets_frame, data_frame], "invalid Arrow string chunk"),
         (_ext4(["arrow.array", nested, [[[0, 0, 0, []]]]]), [], "only flat Arrow types"),
+        (_ext4(["arrow.array", null, [[[1 << 60, 0, 0, [None]]]]]), [], "only flat Arrow types"),
         (_ext4(["arrow.array", one, [[[1, 0, 0, [None, 5, u8]]]]]), [u8_frame],
          "1-d uint8 array or nil"),
         (_ext4(["arrow.array", one, [[[-1, 0, 0, []]]]]), [], "invalid length"),

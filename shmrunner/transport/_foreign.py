@@ -125,6 +125,8 @@ def _rebuild_tensor(array: np.ndarray[Any, Any], dtype: Any, requires_grad: bool
 # -- pyarrow --------------------------------------------------------------------------
 
 def _reduce_arrow_buffer(buf: Any) -> Any:
+    if not buf.is_cpu:   # device memory: pyarrow's own way
+        return buf.__reduce_ex__(5)
     return _rebuild_arrow_buffer, (np.frombuffer(buf, dtype=np.uint8),)
 
 

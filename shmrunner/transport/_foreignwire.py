@@ -21,8 +21,9 @@ Why not Arrow IPC streams: writing one copies every buffer into the stream,
 and a stream may hold compressed bodies whose decompressed size the receiver
 learns only by allocating it. Here only the schema is IPC (metadata, no
 bodies), column types are limited to flat ones (numbers, booleans,
-temporal, decimal, strings and binaries): nested, dictionary (pandas
-categorical) and extension columns are refused on encode with a
+temporal, decimal, strings and binaries) whose lengths their buffers bound:
+null, nested, dictionary (pandas categorical) and extension columns are
+refused on encode with a
 ``TypeError`` (pickled instead when pickling is allowed).
 
 The wire names nothing to import: a kind names one of the three fixed
@@ -148,7 +149,9 @@ def _encode_columns(pa: Any, schema: Any, columns: list[list[Any]],
 
 def _flat(pa: Any, t: Any) -> bool:
     types = pa.types
-    return bool(types.is_null(t) or types.is_boolean(t) or types.is_integer(t)
+    # Not the null type: a null column has no buffers, so its length would be
+    # bounded by nothing the receiver holds (to_pandas would then allocate it).
+    return bool(types.is_boolean(t) or types.is_integer(t)
                 or types.is_floating(t) or types.is_decimal(t) or types.is_temporal(t)
                 or types.is_string(t) or types.is_large_string(t) or types.is_binary(t)
                 or types.is_large_binary(t) or types.is_fixed_size_binary(t)) \
