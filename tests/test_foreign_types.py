@@ -320,3 +320,25 @@ def test_decoded_values_view_the_received_frames() -> None:
         assert back.equals(original) if torch is None or not isinstance(back, torch.Tensor) \
             else torch.equal(back, original)
         assert all(any(lo <= a < hi for lo, hi in regions) for a in ft.addresses(back))
+
+
+@pytest.mark.timeout(120)
+def test_through_the_runner_daemon_without_pickle(daemons: Any) -> None:
+    """Client -> daemon -> its workers and back: the daemon decodes, journals
+    and re-encodes these values like arrays."""
+    pa = pytest.importorskip("pyarrow")
+    pd = pytest.importorskip("pandas")
+    client = daemons().start().client()
+    try:
+        table = ft.make_table(BIG // 8)
+        frame = ft.make_frame(1000)
+        assert client.submit("_foreign_tasks:echo", table).result(timeout=RESULT).equals(table)
+        assert client.submit(ft.echo, frame).result(timeout=RESULT).equals(frame)
+        assert isinstance(table, pa.Table) and isinstance(frame, pd.DataFrame)
+        if _importable("torch"):
+            import torch
+
+            t = torch.arange(BIG // 4, dtype=torch.float32)
+            assert torch.equal(client.submit(ft.echo, t).result(timeout=RESULT), t)
+    finally:
+        client.shutdown(wait=True)
