@@ -73,6 +73,10 @@ def test_torch_tensors_travel_by_shared_memory_with_value_semantics(pool: Pool) 
     made = pool.apply(ft.make_tensor, (n,))
     assert torch.equal(made, torch.arange(n, dtype=torch.float32))
     assert ft.in_memfd(made.data_ptr())
+    # A tensor that arrived through shared memory goes on by handle, as a
+    # received numpy array does: the worker writes into the caller's copy.
+    assert pool.apply(ft.add_one, (made,)) == 1.0
+    assert float(made[0]) == 1.0
 
 
 @pytest.mark.timeout(120)

@@ -9,7 +9,9 @@ plain pickling stay in one place:
   ``(rebuild, (tensor.numpy() view, dtype, requires_grad))``: the numpy view
   shares the tensor's memory, so a large tensor is copied once, straight into
   a memfd, and the receiver gets ``torch.from_numpy`` over the mapping (value
-  semantics, like pickling: the caller's tensor is never touched). Dtypes
+  semantics, like pickling: the caller's tensor is never touched; a tensor
+  that arrived that way goes on by handle, as a received numpy array does,
+  see ``_origins``). Dtypes
   numpy lacks (bfloat16, float8, complex32) travel as an integer view of the
   same item size. A tensor the user placed in shared memory with
   ``share_memory_()`` keeps torch's own reducer and its meaning (the worker
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +102,11 @@ def numpy_view(t: Any, shared: bool = False) -> np.ndarray[Any, Any] | None:
             or t.is_nested or (t.is_shared() and not shared) \
             or (t.requires_grad and not t.is_leaf):
         return None
+    origin = _origins.get(id(t))
+    if origin is not None and origin.ctypes.data == t.data_ptr() \
+            and origin.shape == tuple(t.shape) \
+            and origin.strides == tuple(s * t.element_size() for s in t.stride()):
+        return origin   # a tensor rebuilt here: its array still knows its segment
     t = t.detach().resolve_conj().resolve_neg()
     try:
         view: np.ndarray[Any, Any] = t.numpy()
@@ -118,8 +126,21 @@ def _rebuild_tensor(array: np.ndarray[Any, Any], dtype: Any, requires_grad: bool
     if t.dtype != dtype:
         t = t.view(dtype)
     if cls is torch.nn.Parameter:
-        return torch.nn.Parameter(t, requires_grad=requires_grad)
-    return t.requires_grad_(requires_grad) if requires_grad else t
+        t = torch.nn.Parameter(t, requires_grad=requires_grad)
+    elif requires_grad:
+        t.requires_grad_(True)
+    _origins[id(t)] = array
+    weakref.finalize(t, _origins.pop, id(t), None)
+    return t
+
+
+# Tensors rebuilt over a shared segment -> the array they were made from. A
+# tensor's own numpy view no longer reaches the segment (its base is the
+# tensor), so without this a worker returning the tensor it was sent, or the
+# caller passing on a tensor a worker returned, would copy it again; with
+# it, such a tensor travels by handle, as a received numpy array does. Keyed
+# by id (a tensor's == is elementwise), forgotten when the tensor dies.
+_origins: dict[int, np.ndarray[Any, Any]] = {}
 
 
 # -- pyarrow --------------------------------------------------------------------------
