@@ -6,7 +6,7 @@ so every rule can be fuzzed without a network. A message is a list of frames::
     frame 0       msgpack header  [PROTOCOL_VERSION, type, body]
     frames 1..n   raw array bodies, one per distinct array in the body
 
-Inside ``body`` values are msgpack types plus three ext types:
+Inside ``body`` values are msgpack types plus four ext types:
 
     ext 1  array   [frame index, dtype str or descr, shape, strides] -> frame (:mod:`._arrays`)
     ext 2  tuple   the msgpack list of its items (so tuples stay tuples)
