@@ -69,7 +69,8 @@ _MAX_LENGTH = 1 << 62
 
 def is_foreign(cls: type) -> bool:
     """Whether values of ``cls`` may be one of ours (cheap: by module name)."""
-    return cls.__module__.partition(".")[0] in _LIBRARIES
+    module = getattr(cls, "__module__", None)
+    return type(module) is str and module.partition(".")[0] in _LIBRARIES
 
 
 # -- encode ---------------------------------------------------------------------------
