@@ -6,11 +6,12 @@ so every rule can be fuzzed without a network. A message is a list of frames::
     frame 0       msgpack header  [PROTOCOL_VERSION, type, body]
     frames 1..n   raw array bodies, one per distinct array in the body
 
-Inside ``body`` values are msgpack types plus three ext types:
+Inside ``body`` values are msgpack types plus four ext types:
 
     ext 1  array   [frame index, dtype str or descr, shape, strides] -> frame (:mod:`._arrays`)
     ext 2  tuple   the msgpack list of its items (so tuples stay tuples)
     ext 3  pickle  cloudpickle/pickle bytes, only if both ends allow pickles
+    ext 4  foreign [kind, ...]: torch, Arrow and pandas data as frames (:mod:`._foreignwire`)
 
 A header is bounded before and while it is parsed: its bytes, the frames of
 the message, the lists, maps and tuples it may expand into, the nesting of
@@ -32,6 +33,9 @@ import numpy as np
 
 from ..errors import ProtocolError
 from ._arrays import array_frame, array_from_ref, raw_layout
+from ._foreignwire import EXT_FOREIGN, is_foreign
+from ._foreignwire import decode as decode_foreign
+from ._foreignwire import encode as encode_foreign
 from ._funcref import function_ref
 from ._schema import (
     _SCHEMAS,
@@ -100,14 +104,24 @@ class _Encoder:
         if isinstance(obj, np.generic):   # Python scalar if msgpack has one, else a 0-d array
             item = obj.item()
             return item if type(item) in (bool, int, float, str, bytes) else self.array(obj)
+        if is_foreign(t):   # torch, pyarrow, pandas: frames even when pickling is allowed
+            try:
+                payload = encode_foreign(obj, self.array)
+            except TypeError:
+                if not self.allow_pickle:
+                    raise
+            else:
+                if payload is not None:
+                    return msgpack.ExtType(EXT_FOREIGN, self.pack(payload))
         if self.allow_pickle:
             return msgpack.ExtType(EXT_PICKLE, _pickle_dumps(obj))
         if t is int:
             raise TypeError(f"cannot encode int {obj}: outside msgpack's 64-bit range")
         raise TypeError(
             f"cannot encode a {t.__module__}.{t.__qualname__} object: the wire carries None, "
-            "bool, int, float, str, bytes, list, tuple, dict, tz-aware datetime and numpy "
-            "arrays; other objects travel only as pickles, when both ends allow pickling")
+            "bool, int, float, str, bytes, list, tuple, dict, tz-aware datetime, numpy "
+            "arrays, torch tensors, Arrow and pandas data; other objects travel only as "
+            "pickles, when both ends allow pickling")
 
     def array(self, obj: Any) -> msgpack.ExtType:
         ext = self.refs.get(id(obj))
@@ -234,6 +248,15 @@ class _Decoder:
             return self.container(tuple(items))
         if code == EXT_ARRAY:
             return self.array(data)
+        if code == EXT_FOREIGN:
+            if self.depth >= MAX_NESTING:
+                raise ProtocolError(f"exts nested more than {MAX_NESTING} deep")
+            self.depth += 1
+            try:
+                payload = self.unpack(data)
+            finally:
+                self.depth -= 1
+            return decode_foreign(payload)
         if code == EXT_PICKLE:
             if not self.allow_pickle:
                 raise ProtocolError(f"pickled payload refused: the peer sent a {len(data)}-byte "

@@ -46,6 +46,7 @@ from ..shm import (
     segment_of,
     warn_fallback,
 )
+from . import _foreign
 from .fdchannel import LOST_FD, MAX_FDS
 
 __all__ = ["Encoded", "MAX_FDS", "dumps", "loads", "close_fds"]
@@ -179,20 +180,22 @@ def _window(array: np.ndarray[Any, Any], seg: Segment) -> tuple[int, int, int]:
 
 
 _table: dict[Any, Any] = {}
-_table_sources = (0, 0)
+_table_sources = (0, 0, 0)
 
 
 def _dispatch_table() -> dict[Any, Any]:
-    """copyreg's and multiprocessing's reducers, plus ours for ndarray; rebuilt
-    only when one of those registries grew (building it per message costs
-    more than pickling a small task)."""
+    """copyreg's and multiprocessing's reducers, plus ours for ndarray (and for
+    torch tensors and Arrow buffers once those libraries are imported:
+    ``_foreign.py``); rebuilt only when one of those registries grew (building
+    it per message costs more than pickling a small task)."""
     global _table, _table_sources
     extra = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
-    sources = (len(copyreg.dispatch_table), len(extra))
+    sources = (len(copyreg.dispatch_table), len(extra), _foreign.libraries())
     if sources != _table_sources:
         table = dict(copyreg.dispatch_table)
         table.update(extra)
         table[np.ndarray] = _reduce_array
+        table.update(_foreign.reducers(table))
         _table, _table_sources = table, sources
     return _table
 
