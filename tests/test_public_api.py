@@ -34,14 +34,15 @@ EXPECTED_ALL = sorted([
     "empty", "zeros", "share", "is_shared",
     # errors and warnings
     "ShmrunnerError", "WorkerLostError", "TaskTimeoutError", "TaskCancelledError",
-    "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
+    "DependencyError", "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
     "ChannelError", "ChannelClosedError", "RemoteTaskError", "FunctionNotAllowedError",
     "SharedMemoryUnavailableWarning",
 ])
 
 ERRORS = [
     shmrunner.ShmrunnerError, shmrunner.WorkerLostError, shmrunner.TaskTimeoutError,
-    shmrunner.TaskCancelledError, shmrunner.InitializerError, shmrunner.SharedMemoryError,
+    shmrunner.TaskCancelledError, shmrunner.DependencyError, shmrunner.InitializerError,
+    shmrunner.SharedMemoryError,
     shmrunner.ProtocolError, shmrunner.ConfigError, shmrunner.ChannelError,
     shmrunner.ChannelClosedError, shmrunner.RemoteTaskError, shmrunner.FunctionNotAllowedError,
 ]

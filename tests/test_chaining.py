@@ -1,0 +1,221 @@
+"""Futures as arguments: a Scheduler resolves its own futures among a task's
+arguments before the task runs (shmrunner/_deps.py). Real worker processes;
+the remote chain runs on a real ``shmrunner worker`` agent over 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import _chain_tasks as ct
+import _sched_tasks as tasks
+from _sched_tasks import Gates
+from _util import wait_until
+from shmrunner import DependencyError, Scheduler
+
+RESULT = 30  # seconds: a healthy result arrives in well under one
+MiB = 1 << 20
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
+
+
+@pytest.fixture
+def gates(tmp_path: Path) -> Gates:
+    return Gates(tmp_path)
+
+
+@pytest.fixture
+def sched(gates: Gates) -> Iterator[Scheduler]:
+    s = Scheduler(local_workers=2)
+    try:
+        yield s
+    finally:
+        gates.open_all()
+        s.shutdown(wait=True, cancel_futures=True)
+
+
+def hold_workers(sched: Scheduler, gates: Gates, n: int = 6) -> list[str]:
+    """Occupy every worker with gated tasks (more than they take: some stay
+    queued); returns the gates."""
+    opened = []
+    started = []
+    for i in range(n):
+        s, g = gates.new()
+        sched.submit(tasks.gated, s, g, i)
+        opened.append(g)
+        started.append(s)
+    wait_until(lambda: sum(os.path.exists(s) for s in started) >= 1, RESULT,
+               message="a worker to run a gated task")
+    return opened
+
+
+def test_chain_of_three_passes_the_array_by_handle(sched: Scheduler) -> None:
+    a = sched.submit(ct.make, 8 * MiB // 8, 1.0)
+    b = sched.submit(ct.inc, a)
+    c = sched.submit(ct.poke, b)
+    assert c.result(RESULT) is True  # the last task got a shared array ...
+    # ... and it is the very memory of b's result: its write shows here.
+    assert b.result(RESULT)[0] == 42.0
+    assert b.result()[1] == 2.0
+    assert sched.status()["waiting_on_futures"] == 0
+
+
+def test_futures_nested_in_lists_tuples_dicts_and_sets(sched: Scheduler) -> None:
+    f1, f2, f3, f4 = (sched.submit(ct.inc, i) for i in range(4))
+    out = sched.submit(ct.echo, [f1, (f2, {"k": f3})], {f4}, f1, key={"deep": [[f2]]})
+    assert out.result(RESULT) == ([[1, (2, {"k": 3})], {4}, 1], {"key": {"deep": [[2]]}})
+
+
+def test_unhashable_results_in_a_set_fail_the_task_clearly(sched: Scheduler) -> None:
+    listed = sched.submit(ct.echo, 1)  # returns a tuple holding a list: unhashable
+    with pytest.raises(TypeError, match="unhashable"):
+        sched.submit(ct.echo, {listed}).result(RESULT)
+    assert sched.status()["waiting_on_futures"] == 0
+
+
+def test_a_dependency_already_done_is_resolved_at_once(sched: Scheduler) -> None:
+    a = sched.submit(ct.inc, 1)
+    assert a.result(RESULT) == 2
+    assert sched.submit(ct.inc, a).result(RESULT) == 3
+
+
+def test_diamond(sched: Scheduler) -> None:
+    top = sched.submit(ct.make, 1000, 1.0)
+    left = sched.submit(ct.inc, top)
+    right = sched.submit(ct.inc, top)
+    bottom = sched.submit(ct.total, left, right, top)
+    assert bottom.result(RESULT) == 1000 * (2 + 2 + 1)
+
+
+def test_failure_propagates_down_the_chain_with_its_cause(sched: Scheduler) -> None:
+    bad = sched.submit(ct.fail, "stage one broke")
+    middle = sched.submit(ct.inc, bad)
+    last = sched.submit(ct.inc, [middle])
+    with pytest.raises(DependencyError) as info:
+        last.result(RESULT)
+    assert isinstance(info.value.__cause__, DependencyError)
+    root = info.value.__cause__.__cause__
+    assert isinstance(root, ValueError) and str(root) == "stage one broke"
+    with pytest.raises(DependencyError) as direct:
+        middle.result(RESULT)
+    assert direct.value.__cause__ is root
+    assert "failed with ValueError: stage one broke" in str(direct.value)
+    assert sched.status()["waiting_on_futures"] == 0
+
+
+def test_a_waiting_dependent_can_be_cancelled(sched: Scheduler, gates: Gates,
+                                              tmp_path: Path) -> None:
+    s, g = gates.new()
+    dep = sched.submit(tasks.gated, s, g, 5)
+    trace = str(tmp_path / "ran")
+    dependent = sched.submit(tasks.mark_run, trace, dep)
+    assert not dependent.running()
+    assert sched.status()["waiting_on_futures"] == 1
+    assert dependent.cancel()
+    assert sched.status()["waiting_on_futures"] == 0
+    gates.open(g)
+    assert dep.result(RESULT) == 5
+    after = sched.submit(ct.inc, dep)  # the scheduler goes on resolving
+    assert after.result(RESULT) == 6
+    assert not os.path.exists(trace)
+
+
+def test_cancelling_a_dependency_cancels_its_dependents(sched: Scheduler,
+                                                        gates: Gates) -> None:
+    hold_workers(sched, gates)
+    queued = sched.submit(ct.inc, 1)
+    child = sched.submit(ct.inc, queued)
+    grandchild = sched.submit(ct.echo, {"x": child})
+    assert queued.cancel(), "the dependency should still be queued"
+    assert child.cancelled() and grandchild.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        grandchild.result(RESULT)
+    assert sched.status()["waiting_on_futures"] == 0
+
+
+def test_a_chain_longer_than_max_pending_does_not_deadlock() -> None:
+    with Scheduler(local_workers=1, max_pending=2) as s:
+        f = s.submit(ct.inc, 0)
+        for _ in range(30):
+            f = s.submit(ct.inc, f)
+        assert f.result(RESULT) == 31
+        firsts = [s.submit(ct.inc, i) for i in range(10)]
+        assert list(s.map(ct.inc, firsts, timeout=RESULT)) == [i + 2 for i in range(10)]
+
+
+def test_shutdown_cancel_futures_cancels_waiting_dependents(gates: Gates) -> None:
+    s = Scheduler(local_workers=1)
+    try:
+        started, g = gates.new()
+        dep = s.submit(tasks.gated, started, g, 1)
+        dependent = s.submit(ct.inc, dep)
+        Gates.started(started)
+    finally:
+        s.shutdown(wait=False, cancel_futures=True)
+        gates.open_all()
+    assert dependent.cancelled()
+    assert dep.result(RESULT) == 1
+
+
+def test_a_future_of_another_executor_is_refused(sched: Scheduler) -> None:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        foreign = pool.submit(int, 1)
+        foreign.result(RESULT)
+        before = sched.status()["submitted"]
+        with pytest.raises(TypeError, match="another executor"):
+            sched.submit(ct.inc, [foreign])
+    other = Scheduler(local_workers=1)
+    try:
+        theirs = other.submit(ct.inc, 1)
+        with pytest.raises(TypeError, match="future of another executor"):
+            sched.submit(ct.inc, theirs)
+        assert theirs.result(RESULT) == 2
+    finally:
+        other.shutdown(wait=True)
+    assert sched.status()["submitted"] == before
+
+
+def _agent(address: str, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO, env.get("PYTHONPATH", "")])
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shmrunner.cli", "worker", "--connect", address,
+             "--processes", "2", "--name", "chain-agent"],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+
+@pytest.mark.parametrize("local", [0, 1], ids=["remote", "mixed"])
+def test_chain_on_a_remote_worker(tmp_path: Path, local: int) -> None:
+    s = Scheduler(local_workers=local, listen="tcp://127.0.0.1:*",
+                  heartbeat_interval=0.2, heartbeat_timeout=5.0)
+    agent = None
+    try:
+        assert s.address is not None
+        agent = _agent(s.address, tmp_path / "agent.log")
+        wait_until(lambda: sum(w["capacity"] for w in s.status()["workers"]) == 2,
+                   RESULT, message="the agent to join")
+        n = 4 * MiB // 8
+        firsts = [s.submit(ct.make, n, float(i)) for i in range(4)]
+        seconds = [s.submit(ct.inc, f) for f in firsts]
+        thirds = [s.submit(ct.total, f) for f in seconds]
+        assert [t.result(RESULT) for t in thirds] == [float(n * (i + 1)) for i in range(4)]
+        bad = s.submit(ct.fail, "remote stage broke")
+        with pytest.raises(DependencyError) as info:
+            s.submit(ct.inc, bad).result(RESULT)
+        assert isinstance(info.value.__cause__, ValueError)
+    finally:
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        s.shutdown(wait=True, cancel_futures=True)
