@@ -13,7 +13,7 @@ Data flow::
 
     a job with futures of this Scheduler among its arguments (_deps.py):
     submit() --admit(deferred=True)--> deferred (counted against max_pending)
-             --ready()--> queue, once they all have results; --forget()--> gone
+             --ready()--> front of the queue, once they all have results; --forget()--> gone
              (a dependency failed or was cancelled, or the job itself was)
 
 One lock guards the queue, the running map and the counters; ``submit``
@@ -100,8 +100,10 @@ class Backlog:
                 self._queue.append(job)
 
     def ready(self, job: Job, nbytes: int) -> bool:
-        """The deferred ``job``'s futures have results: queue it (it was
+        """The deferred ``job``'s futures have results: queue it first (it was
         counted at ``admit``, so this never waits), now holding ``nbytes``.
+        First, because finishing a chain that has started frees its
+        intermediate results sooner than starting new ones (depth first).
         False when it is no longer deferred (cancelled, or drained)."""
         with self._lock:
             if job not in self._deferred:
@@ -109,7 +111,7 @@ class Backlog:
             self._deferred.discard(job)
             self._held_bytes += nbytes - job.nbytes
             job.nbytes = nbytes
-            self._queue.append(job)
+            self._queue.appendleft(job)
             return True
 
     def forget(self, job: Job) -> bool:
