@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -48,7 +48,8 @@ from ._job import Job
 from ._payload import payload_bytes
 from .errors import DependencyError
 
-__all__ = ["TaskFuture", "find", "substitute", "Dependents", "MAX_DEPTH", "MAX_VISITS"]
+__all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_DEPTH",
+           "MAX_VISITS"]
 
 MAX_DEPTH = 16  # container levels searched below the argument list
 MAX_VISITS = 10_000  # objects looked at per call, at most
@@ -67,29 +68,36 @@ class TaskFuture(Future[Any]):
         self.task_id = task_id
 
 
-def find(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object) -> list[TaskFuture]:
-    """The distinct futures of ``owner`` in the arguments; TypeError for a
-    future of anything else (another Scheduler, a Client, a
-    ThreadPoolExecutor): its result is not this Scheduler's to wait for."""
-    found: dict[int, TaskFuture] = {}
+def futures_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Future[Any]]:
+    """Every future among the arguments, where "anywhere" reaches (repeats
+    included), within ``MAX_DEPTH`` levels and ``MAX_VISITS`` objects."""
     visits = 0
     stack: list[tuple[Any, int]] = [(args, 0), (kwargs, 0)]
     while stack and visits < MAX_VISITS:
         obj, depth = stack.pop()
         visits += 1
         if isinstance(obj, Future):
-            if not isinstance(obj, TaskFuture) or obj.owner is not owner:
-                raise TypeError(
-                    f"{obj!r} among the arguments is a future of another executor; only "
-                    "futures of this Scheduler are resolved before the task runs (pass "
-                    "its result() instead)")
-            found.setdefault(id(obj), obj)
+            yield obj
         elif type(obj) in _CONTAINERS and depth < MAX_DEPTH:
             items = obj.values() if type(obj) is dict else obj
             # Never more than the visits left: a list of a million numbers
             # costs a bounded time to search.
             stack.extend((item, depth + 1)
                          for item in itertools.islice(items, MAX_VISITS - visits))
+
+
+def find(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object) -> list[TaskFuture]:
+    """The distinct futures of ``owner`` in the arguments; TypeError for a
+    future of anything else (another Scheduler, a Client, a
+    ThreadPoolExecutor): its result is not this Scheduler's to wait for."""
+    found: dict[int, TaskFuture] = {}
+    for obj in futures_in(args, kwargs):
+        if not isinstance(obj, TaskFuture) or obj.owner is not owner:
+            raise TypeError(
+                f"{obj!r} among the arguments is a future of another executor; only "
+                "futures of this Scheduler are resolved before the task runs (pass "
+                "its result() instead)")
+        found.setdefault(id(obj), obj)
     return list(found.values())
 
 

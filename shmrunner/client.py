@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+from ._deps import futures_in
 from ._jobfuture import JobFuture, WaitingCall
 from ._jobid import check_job_id
 from ._ledger import Ledger
@@ -132,6 +133,7 @@ class Client(Executor):
         default a random one) and ``wait_accepted()``."""
         if self._ledger.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        _refuse_futures(args, kwargs)
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
         options: dict[str, Any] = {}
         if retries is not None:
@@ -347,6 +349,17 @@ class Client(Executor):
 
     def _wake(self) -> None:
         self._wakeup.wake()
+
+
+def _refuse_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The daemon does not resolve futures among a job's arguments (only a
+    Scheduler resolves its own): one clear line instead of an encoding error."""
+    future = next(futures_in(args, kwargs), None)
+    if future is not None:
+        raise TypeError(
+            f"{future!r} among the arguments: a Client does not resolve futures in a "
+            "job's arguments (the daemon cannot wait for them); pass its result() "
+            "instead")
 
 
 def connect(address: str | None = None, **options: Any) -> Client:

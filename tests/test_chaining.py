@@ -8,8 +8,9 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +220,16 @@ def test_chain_on_a_remote_worker(tmp_path: Path, local: int) -> None:
                 agent.kill()
                 agent.wait()
         s.shutdown(wait=True, cancel_futures=True)
+
+
+def test_a_client_refuses_futures_among_a_jobs_arguments(daemons: Callable[..., Any]) -> None:
+    daemon = daemons(scheduler={"local_workers": 1}).start()
+    client = daemon.client()
+    try:
+        first = client.submit(ct.inc, 1)
+        with pytest.raises(TypeError, match="does not resolve futures"):
+            client.submit(ct.inc, {"x": [first]})
+        assert first.result(RESULT) == 2
+        assert client.submit(ct.inc, first.result()).result(RESULT) == 3
+    finally:
+        client.shutdown(wait=True)
