@@ -23,3 +23,21 @@ def plus_one(a: Any) -> Any:
 def total(a: Any) -> float:
     """Stage 3: a number."""
     return float(a.sum())
+
+
+def make_shared(i: int) -> Any:
+    """Stage 1, writing its output straight into shared memory: returned by handle."""
+    import shmrunner
+
+    a = shmrunner.empty(N, dtype=np.float64)
+    a.fill(i)
+    return a
+
+
+def plus_one_shared(a: Any) -> Any:
+    """Stage 2 into a fresh shared array: no copy on the way back either."""
+    import shmrunner
+
+    out = shmrunner.empty(a.shape, dtype=a.dtype)
+    np.add(a, 1, out=out)
+    return out

@@ -1,7 +1,8 @@
 """Chained futures: a 3-stage chain over 16 x 64 MiB arrays,
 make(i) -> plus_one(a) -> total(a), 16 chains at once on two workers.
 
-python bench/bench_chain.py [--reps 5] [--systems local,local-hand,remote,remote-hand,dask,ray]
+python bench/bench_chain.py [--reps 5]
+    [--systems local,local-shm,local-hand,remote,remote-hand,dask,ray]
                             [--out bench/RESULTS.md] [--timeout 300]
 
 * shmrunner chained: ``s.submit(plus_one, s.submit(make, i))``, then total of
@@ -9,6 +10,9 @@ python bench/bench_chain.py [--reps 5] [--systems local,local-hand,remote,remote
   intermediate arrays stay in shared memory and go to the next task by handle;
   on the remote tier (2 agents x 1 process) each one travels worker -> hub ->
   worker (shipped once each way).
+* shmrunner chained, shared outputs: the same, but stages 1 and 2 allocate
+  their outputs with ``shmrunner.empty``, so results return by handle too
+  (a plain array result is copied into shared memory once on its way back).
 * shmrunner by hand: ``result()`` of each stage, then ``submit`` of the next
   (in order: the caller waits for each result before it submits on).
 * Dask: ``client.submit`` chaining futures (LocalCluster, 2 worker processes x
@@ -64,6 +68,11 @@ def chained(ex: Any, timeout: float) -> list[Any]:
                     for i in range(N_ARRAYS)], timeout)
 
 
+def chained_shared(ex: Any, timeout: float) -> list[Any]:
+    return _gather([ex.submit(C.total, ex.submit(C.plus_one_shared, ex.submit(C.make_shared, i)))
+                    for i in range(N_ARRAYS)], timeout)
+
+
 def by_hand(ex: Any, timeout: float) -> list[Any]:
     deadline = time.monotonic() + timeout
 
@@ -107,6 +116,9 @@ class RayChain(R.Ray):
 SYSTEMS: dict[str, tuple[str, Callable[[], R.System], Callable[..., list[Any]]]] = {
     "local": ("shmrunner Scheduler(local_workers=2), chained futures", R.ShmLocal,
               lambda a, h, t: chained(a.ex(h), t)),
+    "local-shm": ("shmrunner Scheduler(local_workers=2), chained futures, stages write "
+                  "their outputs into shmrunner.empty", R.ShmLocal,
+                  lambda a, h, t: chained_shared(a.ex(h), t)),
     "local-hand": ("shmrunner Scheduler(local_workers=2), by hand (result() then submit)",
                    R.ShmLocal, lambda a, h, t: by_hand(a.ex(h), t)),
     "remote": ("shmrunner remote tier (2 agents x 1 proc), chained futures", R.ShmRemote,

@@ -24,9 +24,10 @@ class JobFuture(Future[Any]):
     """The Future of a job submitted to a daemon: ``job_id``, and whether the
     daemon has journaled it (from then on it survives a daemon restart)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, owner: object = None) -> None:
         super().__init__()
         self.job_id = job_id
+        self.owner = owner  # the Client that made it (its futures may be arguments)
         self._accepted = False
         # Set by the Client: sends the daemon a cancel of this job (never blocks).
         self.cancel_in_daemon: Callable[[str], None] | None = None

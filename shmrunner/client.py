@@ -49,13 +49,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
-from ._deps import futures_in
 from ._jobfuture import JobFuture, WaitingCall
 from ._jobid import check_job_id
+from ._jobrefs import extract
 from ._ledger import Ledger
 from ._streams import Progress, chunked_calls, stream, total_of
 from ._wakeup import Wakeup
-from .errors import ResultTimeoutError, ShmrunnerError
+from .errors import DependencyError, ResultTimeoutError, ShmrunnerError, TaskCancelledError
 from .transport._schema import MAX_JOB_IDS, MAX_JOBS_LIMIT
 from .transport.protocol import Message, encode, exception_from_wire, function_ref
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
@@ -133,17 +133,23 @@ class Client(Executor):
         default a random one) and ``wait_accepted()``."""
         if self._ledger.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        _refuse_futures(args, kwargs)
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
         options: dict[str, Any] = {}
         if retries is not None:
             options["retries"] = retries
         if timeout is not None:
             options["timeout"] = timeout
+        future = JobFuture(job_id, owner=self)
+        args, kwargs, refs = extract(args, kwargs, self)
+        if refs:
+            failed = _wait_accepted(refs)  # so the daemon knows every job referred to
+            if failed is not None:
+                future.set_exception(failed)
+                return future
+            options["refs"] = [[path, dep.job_id] for path, dep in refs]
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
                                            "kwargs": kwargs, "options": options}),
                         allow_pickle=self._allow_pickle)
-        future = JobFuture(job_id)
         future.set_running_or_notify_cancel()
         future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
@@ -351,15 +357,19 @@ class Client(Executor):
         self._wakeup.wake()
 
 
-def _refuse_futures(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """The daemon does not resolve futures among a job's arguments (only a
-    Scheduler resolves its own): one clear line instead of an encoding error."""
-    future = next(futures_in(args, kwargs), None)
-    if future is not None:
-        raise TypeError(
-            f"{future!r} among the arguments: a Client does not resolve futures in a "
-            "job's arguments (the daemon cannot wait for them); pass its result() "
-            "instead")
+def _wait_accepted(refs: list[tuple[list[Any], JobFuture]]) -> BaseException | None:
+    """Wait until the daemon has accepted every job referred to; the error the
+    dependent job then settles with, if one of them never will be."""
+    for _, dep in refs:
+        if dep.wait_accepted():
+            continue
+        cause = dep.exception() if not dep.cancelled() else TaskCancelledError(
+            f"job {dep.job_id} was cancelled")
+        error = DependencyError(f"job {dep.job_id}, whose future is among the arguments, "
+                                f"failed before the daemon accepted it: {cause}")
+        error.__cause__ = cause
+        return error
+    return None
 
 
 def connect(address: str | None = None, **options: Any) -> Client:

@@ -222,14 +222,56 @@ def test_chain_on_a_remote_worker(tmp_path: Path, local: int) -> None:
         s.shutdown(wait=True, cancel_futures=True)
 
 
-def test_a_client_refuses_futures_among_a_jobs_arguments(daemons: Callable[..., Any]) -> None:
+def test_a_client_chains_its_jobs_in_the_daemon(daemons: Callable[..., Any],
+                                                 tmp_path: Path) -> None:
+    daemon = daemons(scheduler={"local_workers": 2}).start()
+    client = daemon.client()
+    other = daemon.client()
+    try:
+        n = 2 * MiB // 8
+        first = client.submit(ct.make, n, 1.0)
+        second = client.submit(ct.inc, first)
+        third = client.submit(ct.total, second, first)
+        assert third.result(RESULT) == float(n * 3)
+        # A job finished long ago: its result comes from the daemon's journal.
+        assert client.submit(ct.echo, {"k": [first.job_id, second]}).result(
+            RESULT)[0][0]["k"][1][0] == 2.0
+        bad = client.submit(ct.fail, "daemon stage broke")
+        after_bad = client.submit(ct.inc, bad)
+        with pytest.raises(DependencyError, match="daemon stage broke"):
+            after_bad.result(RESULT)
+        with pytest.raises(DependencyError, match="daemon stage broke"):
+            client.submit(ct.inc, after_bad).result(RESULT)
+        with pytest.raises(TypeError, match="future of another executor"):
+            other.submit(ct.inc, first)
+        with Scheduler(local_workers=1) as sched:
+            with pytest.raises(TypeError, match="future of another executor"):
+                client.submit(ct.inc, sched.submit(ct.inc, 1))
+    finally:
+        client.shutdown(wait=True)
+        other.shutdown(wait=True)
+
+
+def test_cancelling_a_job_in_the_daemon_cancels_the_jobs_that_use_it(
+        daemons: Callable[..., Any], gates: Gates, tmp_path: Path) -> None:
+    from shmrunner import TaskCancelledError
+
     daemon = daemons(scheduler={"local_workers": 1}).start()
     client = daemon.client()
     try:
-        first = client.submit(ct.inc, 1)
-        with pytest.raises(TypeError, match="does not resolve futures"):
-            client.submit(ct.inc, {"x": [first]})
-        assert first.result(RESULT) == 2
-        assert client.submit(ct.inc, first.result()).result(RESULT) == 3
+        held = []
+        for i in range(4):  # the one worker busy, and its queue too
+            started, gate = gates.new()
+            held.append(client.submit(tasks.gated, started, gate, i))
+        Gates.started(str(tmp_path / "started-1"))
+        queued = client.submit(ct.inc, 1)
+        dependent = client.submit(ct.inc, queued)
+        assert queued.wait_accepted(RESULT) and dependent.wait_accepted(RESULT)
+        assert client.cancel(queued.job_id) == "cancelled"
+        with pytest.raises(TaskCancelledError):
+            dependent.result(RESULT)
+        gates.open_all()
+        assert [f.result(RESULT) for f in held] == [0, 1, 2, 3]
     finally:
+        gates.open_all()
         client.shutdown(wait=True)
