@@ -275,3 +275,63 @@ def test_cancelling_a_job_in_the_daemon_cancels_the_jobs_that_use_it(
     finally:
         gates.open_all()
         client.shutdown(wait=True)
+
+
+HOSTILE_REFS: list[tuple[Any, str]] = [
+    ([[[0]]], "pair"),
+    ([[[], "dep"]], "path must be"),
+    ([[[-1], "dep"]], "path must be"),
+    ([[[0.5], "dep"]], "path must be"),
+    ([[[0] * 40, "dep"]], "path must be"),
+    ([[["k" * 300], "dep"]], "path must be"),
+    ([[[0], "../x"]], "invalid job id"),
+    ([[[0], 7]], "job id must be a str"),
+    ([[[0], "dep"]] * 1025, "at most 1024"),
+    ([[[5], "dep"]], "points past the arguments"),
+    ([[["nokw"], "dep"]], "names no keyword"),
+    ([[[1], "dep"]], "does not lead to a placeholder"),
+    ([[[0, 3], "dep"]], "does not lead into the arguments"),
+    ([[[0], "never-accepted"]], "does not know"),
+]
+
+
+def test_hostile_job_references_fail_only_their_job(daemons: Callable[..., Any]) -> None:
+    from _daemon_tasks import RawPeer
+    from shmrunner.transport.protocol import Message
+
+    daemon = daemons(scheduler={"local_workers": 1}).start()
+    peer = RawPeer(daemon.address)
+    try:
+        peer.send(Message("submit", {"job_id": "dep", "fn": "_chain_tasks:inc",
+                                     "args": (1,), "kwargs": {}}))
+        replies = [peer.recv(timeout=RESULT) for _ in range(2)]
+        assert sorted(r.type for r in replies) == ["accepted", "result"]
+        for i, (refs, _) in enumerate(HOSTILE_REFS):
+            peer.send(Message("submit", {
+                "job_id": f"bad-{i}", "fn": "_chain_tasks:echo", "args": (None, 2),
+                "kwargs": {}, "options": {"refs": refs}}))
+        outcomes = {}
+        while len(outcomes) < len(HOSTILE_REFS):
+            reply = peer.recv(timeout=RESULT)
+            assert reply is not None, "the daemon stopped answering"
+            if reply.type in ("result", "error"):
+                outcomes[reply.body["job_id"]] = reply
+        for i, (_, reason) in enumerate(HOSTILE_REFS):
+            reply = outcomes[f"bad-{i}"]
+            text = reply.body["error"]["message"] if reply.type == "result" \
+                else reply.body["reason"]
+            assert reply.type == "error" or reply.body["ok"] is False
+            assert reason in text, (i, text)
+        # A good reference still works, and the daemon is unharmed.
+        peer.send(Message("submit", {"job_id": "good", "fn": "_chain_tasks:echo",
+                                     "args": (None, [None]), "kwargs": {"k": {"x": None}},
+                                     "options": {"refs": [[[0], "dep"], [[1, 0], "dep"],
+                                                          [["k", "x"], "dep"]]}}))
+        reply = None
+        while reply is None or reply.type != "result":
+            reply = peer.recv(timeout=RESULT)
+            assert reply is not None
+        assert reply.body["ok"], reply.body
+        assert reply.body["value"] == ([2, [2]], {"k": {"x": 2}})
+    finally:
+        peer.close()
