@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._deps import MAX_DEPTH, MAX_VISITS
+from ._deps import MAX_DEPTH, MAX_VISITS, futures_in
 from ._jobfuture import JobFuture
 from ._jobid import job_id_problem
 
@@ -45,6 +45,8 @@ def extract(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object
     Scheduler's), for futures in a set, and past ``MAX_REFS`` of them."""
     from concurrent.futures import Future
 
+    if next(futures_in(args, kwargs), None) is None:
+        return args, kwargs, []  # the common case: a bounded look, nothing rebuilt
     refs: list[tuple[Path, JobFuture]] = []
     visits = 0
 
