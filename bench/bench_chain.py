@@ -2,7 +2,7 @@
 make(i) -> plus_one(a) -> total(a), 16 chains at once on two workers.
 
 python bench/bench_chain.py [--reps 5]
-    [--systems local,local-shm,local-hand,remote,remote-hand,dask,ray]
+    [--systems local,local-shm,local-hand,remote,remote-hand,client,client-hand,dask,ray]
                             [--out bench/RESULTS.md] [--timeout 300]
 
 * shmrunner chained: ``s.submit(plus_one, s.submit(make, i))``, then total of
@@ -15,6 +15,11 @@ python bench/bench_chain.py [--reps 5]
   (a plain array result is copied into shared memory once on its way back).
 * shmrunner by hand: ``result()`` of each stage, then ``submit`` of the next
   (in order: the caller waits for each result before it submits on).
+* client -> daemon: the same two ways through ``shmrunner.connect`` to a
+  ``shmrunner daemon`` subprocess with 2 local workers (chained: the futures
+  travel as job references, results stay in the daemon; by hand: each 64 MiB
+  result comes back to the client and goes out again). The daemon journals
+  every job and result (spilled to files) in both.
 * Dask: ``client.submit`` chaining futures (LocalCluster, 2 worker processes x
   1 thread, 127.0.0.1); Ray: ``f.remote(ref)`` chaining object refs
   (``ray.init(num_cpus=2)``).
@@ -47,6 +52,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # agents, Dask's and Ray's workers 
     p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p
 )
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The daemon journals every result (1 GiB per stage here): let them expire soon.
+os.environ.setdefault("SHMRUNNER_DAEMON__RESULT_TTL", "20")
 
 import numpy as np  # noqa: E402
 import remote_systems as R  # noqa: E402
@@ -125,11 +132,28 @@ SYSTEMS: dict[str, tuple[str, Callable[[], R.System], Callable[..., list[Any]]]]
                lambda a, h, t: chained(a.ex(h), t)),
     "remote-hand": ("shmrunner remote tier (2 agents x 1 proc), by hand", R.ShmRemote,
                     lambda a, h, t: by_hand(a.ex(h), t)),
+    "client": ("client -> daemon(local_workers=2), chained futures (job references)",
+               lambda: _daemon_system("client"), lambda a, h, t: chained(a.ex(h), t)),
+    "client-hand": ("client -> daemon(local_workers=2), by hand", lambda: _daemon_system("client"),
+                    lambda a, h, t: by_hand(a.ex(h), t)),
     "dask": ("Dask distributed (2 procs x 1 thread), chained futures", R.Dask,
              lambda a, h, t: dask_chain(h, t)),
     "ray": ("Ray (num_cpus=2), chained object refs", RayChain,
             lambda a, h, t: a.run(h, t)),
 }
+
+
+_DAEMONS: dict[str, Any] = {}
+
+
+def _daemon_system(key: str) -> Any:
+    """bench_daemon's daemon (a real CLI subprocess, journal in a temporary
+    directory) and a client; one adapter shared by the chained and by-hand runs."""
+    if key not in _DAEMONS:
+        import bench_daemon
+
+        _DAEMONS[key] = bench_daemon.DaemonSys(key, "daemon", local_workers=2, agents=0)
+    return _DAEMONS[key]
 
 
 def compute_floor() -> float:
@@ -172,16 +196,18 @@ def main() -> None:
     # variants of a tier share it: the same workers, chained vs by hand).
     adapters: dict[str, R.System] = {}
     handles: dict[str, Any] = {}
-    started: dict[type, tuple[R.System, Any]] = {}
+    started: dict[Any, tuple[R.System, Any]] = {}
     skipped: dict[str, str] = {}
     try:
         for key in keys:
             factory = SYSTEMS[key][1]
             try:
-                if factory not in started:
+                # the same workers for a tier's chained and by-hand runs
+                token = factory if isinstance(factory, type) else id(factory())
+                if token not in started:
                     adapter = factory()
-                    started[factory] = (adapter, adapter.start(args.timeout))
-                adapters[key], handles[key] = started[factory]
+                    started[token] = (adapter, adapter.start(args.timeout))
+                adapters[key], handles[key] = started[token]
             except Exception as exc:  # noqa: BLE001 (reported as skipped)
                 skipped[key] = f"{type(exc).__name__}: {exc}"[:160]
                 print(f"skip {key}: {skipped[key]}", flush=True)
@@ -222,7 +248,9 @@ def report(out: Path, times: dict[str, list[float]], floors: dict[str, list[floa
     med = {k: statistics.median(v) for k, v in times.items() if v}
     compute = statistics.median(floors["compute"])
     copy = statistics.median(floors["copy"])
-    ref = med.get("local-hand")
+    ref = med.get("local")
+    hand = {"local": "local-hand", "local-shm": "local-hand", "remote": "remote-hand",
+            "client": "client-hand"}
     lines = [
         "## Chained futures (bench/bench_chain.py)",
         "",
@@ -231,15 +259,18 @@ def report(out: Path, times: dict[str, list[float]], floors: dict[str, list[floa
         f"workers, 127.0.0.1; median of {reps} interleaved rounds after a warm-up; "
         f"{platform.python_version()}, {os.cpu_count()} CPUs (shared with other jobs: noisy).",
         "",
-        "| system | median s | vs by hand (local) | x compute floor |",
-        "|---|---|---|---|",
+        "| system | median s | chained / by hand (same tier) | vs shmrunner local chained "
+        "| x compute floor |",
+        "|---|---|---|---|---|",
     ]
     for key, (label, _, _) in SYSTEMS.items():
         if key in med:
+            by_hand = f"x{med[key] / med[hand[key]]:.2f}" if hand.get(key) in med else ""
             ratio = f"x{med[key] / ref:.2f}" if ref else "n/a"
-            lines.append(f"| {label} | {med[key]:.3f} | {ratio} | x{med[key] / compute:.2f} |")
+            lines.append(f"| {label} | {med[key]:.3f} | {by_hand} | {ratio} "
+                         f"| x{med[key] / compute:.2f} |")
         elif key in skipped:
-            lines.append(f"| {label} | skipped: {skipped[key]} | | |")
+            lines.append(f"| {label} | skipped: {skipped[key]} | | | |")
     lines += [
         "",
         f"Limits measured in the same run: the chain's compute in one process on one "
