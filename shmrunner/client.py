@@ -130,7 +130,13 @@ class Client(Executor):
                job_id: str | None = None, **kwargs: Any) -> JobFuture:
         """Run ``fn(*args, **kwargs)`` in the daemon. The future has ``job_id``
         (``job_id=``: 1-128 characters of ``A-Za-z0-9._:-``, no leading dot; by
-        default a random one) and ``wait_accepted()``."""
+        default a random one) and ``wait_accepted()``.
+
+        This client's futures among the arguments (in lists, tuples and dict
+        values) travel as references to their jobs: the daemon passes their
+        results (without a trip through this client) once they finish; a
+        failed one fails this job with DependencyError, a cancelled one
+        cancels it. ``submit`` first waits until those jobs are accepted."""
         if self._ledger.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
@@ -142,6 +148,11 @@ class Client(Executor):
         future = JobFuture(job_id, owner=self)
         args, kwargs, refs = extract(args, kwargs, self)
         if refs:
+            if threading.current_thread() is self._thread and not all(
+                    dep.accepted() or dep.done() for _, dep in refs):
+                # (a done-callback: the thread that would hear the acceptance)
+                raise RuntimeError("a job referring to jobs not yet accepted cannot be "
+                                   "submitted from a future's done-callback")
             failed = _wait_accepted(refs)  # so the daemon knows every job referred to
             if failed is not None:
                 future.set_exception(failed)
