@@ -14,6 +14,11 @@ Data flow::
                  retried: finish() settles it) and its tier returned, to stop it
     shutdown --shut_down() / wait_idle() / drain()
 
+    a job with futures of this Scheduler among its arguments (_deps.py):
+    submit() --admit(deferred=True)--> deferred (counted against max_pending)
+             --ready()--> front of the queue, once they all have results; --forget()--> gone
+             (a dependency failed or was cancelled, or the job itself was)
+
 One lock guards the queue, the running map and the counters; ``submit``
 waits on one condition of it (room in the budgets) and ``shutdown`` on
 another (nothing queued or running). A job holds its arguments' bytes from
@@ -51,6 +56,9 @@ class Backlog:
         # Jobs sitting out a retry backoff: neither queued nor running, but not
         # settled either, so shutdown waits for them, cancels or drains them.
         self._waiting: set[Job] = set()
+        # Jobs waiting for futures among their arguments (_deps.py): admitted
+        # (they count against max_pending) but not queued yet.
+        self._deferred: set[Job] = set()
         self._submitted = 0  # tasks accepted by submit, ever
         self._shutdown = False
         self._held_bytes = 0  # payload bytes of the jobs queued or running
@@ -65,17 +73,19 @@ class Backlog:
         with self._lock:
             return {"queued": len(self._queue), "running": len(self._running),
                     "retry_waiting": len(self._waiting),
+                    "waiting_on_futures": len(self._deferred),
                     "submitted": self._submitted, "shutdown": self._shutdown,
                     "pending_bytes": self._held_bytes}
 
-    def admit(self, job: Job, block: bool) -> None:
+    def admit(self, job: Job, block: bool, deferred: bool = False) -> None:
         """Queue ``job`` once both budgets have room (``block=False``: raise
-        :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown."""
+        :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown.
+        ``deferred``: hold it aside until :meth:`ready` (it waits for futures)."""
         with self._not_full:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
             while not self._shutdown and (
-                    len(self._queue) >= self._max_pending
+                    len(self._queue) + len(self._deferred) >= self._max_pending
                     or (self._held_bytes and self._held_bytes + job.nbytes > self.byte_budget)):
                 if not block:
                     raise SchedulerBusyError(
@@ -87,7 +97,37 @@ class Backlog:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._held_bytes += job.nbytes
             self._submitted += 1
-            self._queue.append(job)
+            if deferred:
+                self._deferred.add(job)
+            else:
+                self._queue.append(job)
+
+    def ready(self, job: Job, nbytes: int) -> bool:
+        """The deferred ``job``'s futures have results: queue it first (it was
+        counted at ``admit``, so this never waits), now holding ``nbytes``.
+        First, because finishing a chain that has started frees its
+        intermediate results sooner than starting new ones (depth first).
+        False when it is no longer deferred (cancelled, or drained)."""
+        with self._lock:
+            if job not in self._deferred:
+                return False
+            self._deferred.discard(job)
+            self._held_bytes += nbytes - job.nbytes
+            job.nbytes = nbytes
+            self._queue.appendleft(job)
+            return True
+
+    def forget(self, job: Job) -> bool:
+        """Drop the deferred ``job`` (it will not run); True if it was
+        deferred, so exactly one caller settles its future."""
+        with self._lock:
+            if job not in self._deferred:
+                return False
+            self._deferred.discard(job)
+            self._release(job)
+            self._not_full.notify_all()
+            self._all_done.notify_all()
+            return True
 
     def place(self, tiers: Sequence[Tier]) -> list[tuple[Tier, list[Job]]]:
         """Take queued jobs for the tiers with room, in the order given; each
@@ -189,10 +229,12 @@ class Backlog:
         queued job out (returned, for the caller to cancel)."""
         with self._lock:
             self._shutdown = True
-            cancelled = list(self._queue) + list(self._waiting) if cancel_futures else []
+            cancelled = (list(self._queue) + list(self._waiting) + list(self._deferred)
+                         if cancel_futures else [])
             if cancel_futures:
                 self._queue.clear()
                 self._waiting.clear()
+                self._deferred.clear()
                 for job in cancelled:
                     self._release(job)
             self._not_full.notify_all()
@@ -201,14 +243,16 @@ class Backlog:
     def wait_idle(self) -> None:
         """Wait until no job is queued, running or waiting for a retry."""
         with self._all_done:
-            while self._queue or self._running or self._waiting:
+            while self._queue or self._running or self._waiting or self._deferred:
                 self._all_done.wait()
 
     def drain(self) -> list[Job]:
         """Take out every job still queued or running (the tiers are closed)."""
         with self._lock:
-            leftover = list(self._queue) + list(self._running) + list(self._waiting)
+            leftover = (list(self._queue) + list(self._running) + list(self._waiting)
+                        + list(self._deferred))
             self._queue.clear()
+            self._deferred.clear()
             self._running.clear()
             self._waiting.clear()
         return leftover

@@ -11,6 +11,9 @@ Data flow::
         to the scheduler is cancelled there (Scheduler.cancel: a running one is
         stopped on its worker); either way it settles as cancelled at once
         (the scheduler's own outcome, when it comes, is ignored)
+    front thread: start(): a job whose options carry refs to other jobs gets
+        their Scheduler futures, or their journaled results, in place
+        (_jobrefs.py)
     scheduler threads: future done -> completions deque + wake-up
     front thread: settle(): Journal.finish (one commit for all completions),
         then the result to every peer waiting for the job (FetchWaiters)
@@ -33,15 +36,23 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from . import _jobrefs
 from ._allowlist import AllowList
+from ._deps import TaskFuture
 from ._fetchwaiters import FetchWaiters
 from ._journal import Journal
 from ._replier import Replier
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
-from .errors import JournalError, SchedulerBusyError, TaskCancelledError
+from .errors import DependencyError, JournalError, SchedulerBusyError, TaskCancelledError
 from .scheduler import Scheduler
-from .transport.protocol import Message, decode, encode, exception_to_wire
+from .transport.protocol import (
+    Message,
+    decode,
+    encode,
+    exception_from_wire,
+    exception_to_wire,
+)
 
 __all__ = ["Intake", "Request"]
 
@@ -114,9 +125,12 @@ class Intake:
                 body = msg.body
                 self._allowed.check(body["fn"], body["args"])  # before anything is imported
                 options = body.get("options") or {}
+                args, kwargs = body["args"], body["kwargs"]
+                if options.get("refs"):  # other jobs' futures among the arguments
+                    args, kwargs = self._resolve(job_id, args, kwargs, options["refs"])
                 future = self._scheduler.try_submit(
-                    body["fn"], *body["args"], retries=options.get("retries"),
-                    timeout=options.get("timeout"), **body["kwargs"])
+                    body["fn"], *args, retries=options.get("retries"),
+                    timeout=options.get("timeout"), **kwargs)
             except SchedulerBusyError:
                 return
             except Exception as exc:
@@ -125,6 +139,44 @@ class Intake:
             self._backlog.popleft()
             self._futures[job_id] = future
             future.add_done_callback(functools.partial(self._completed, job_id))
+
+    def _resolve(self, job_id: str, args: Any, kwargs: dict[str, Any],
+                 refs: Any) -> tuple[Any, dict[str, Any]]:
+        """The arguments with each job reference replaced by that job's
+        Scheduler future (still running here: the Scheduler waits for it) or
+        its journaled result; DependencyError (TaskCancelledError for a
+        cancelled one) when a job referred to failed or is unknown."""
+        for path, dep_id in _jobrefs.parse(refs):
+            args, kwargs = _jobrefs.place(args, kwargs, path, self._dependency(job_id, dep_id))
+        return args, kwargs
+
+    def _dependency(self, job_id: str, dep_id: str) -> Any:
+        if dep_id in self._cancelled:
+            raise TaskCancelledError(f"job {job_id} was cancelled: job {dep_id}, whose "
+                                     "future is among its arguments, was cancelled")
+        future = self._futures.get(dep_id)
+        if future is not None:
+            if isinstance(future, TaskFuture):
+                return future
+            cause = future.exception()  # the intake's own: it could not be submitted
+            raise _dependency_error(job_id, dep_id, cause)
+        if dep_id in self._running:
+            raise DependencyError(f"job {job_id} refers to job {dep_id}, which was "
+                                  "accepted after it")
+        found = self._journal.get(dep_id)
+        if found is None or found[1] is None:
+            raise DependencyError(f"job {job_id} refers to job {dep_id}, which this daemon "
+                                  "does not know (never accepted, or its result expired)")
+        frames = found[1]  # the daemon's own result message, as it journaled it
+        reply = decode(frames, max_bytes=sum(memoryview(f).nbytes for f in frames),
+                       allow_pickle=self._settings.allow_pickle)
+        if reply.body.get("ok"):
+            return reply.body["value"]
+        cause = exception_from_wire(reply.body["error"])
+        if isinstance(cause, TaskCancelledError):
+            raise TaskCancelledError(f"job {job_id} was cancelled: job {dep_id}, whose "
+                                     "future is among its arguments, was cancelled")
+        raise _dependency_error(job_id, dep_id, cause)
 
     def state(self, job_id: str) -> str | None:
         """"queued", "running" or "cancelled" for a job this intake holds, else
@@ -217,7 +269,12 @@ class Intake:
                 described = self._scheduler.describe(future)
                 if described is not None:
                     runs[job_id] = (described["attempts"], described["worker"])
-                msg = _result_message(job_id, future)
+                if future.cancelled():  # e.g. cancelled with a job it depends on
+                    cancelled.add(job_id)
+                    msg = _error_message(job_id, TaskCancelledError(
+                        f"job {job_id} was cancelled before it started"))
+                else:
+                    msg = _result_message(job_id, future)
             else:
                 attempts, worker, ran = self._cancelled.pop(job_id)
                 runs[job_id] = (attempts, worker)
@@ -259,6 +316,13 @@ class Intake:
         self._finished_by[peer] = finished  # most recent last
         while len(self._finished_by) > _CLIENTS:
             self._finished_by.popitem(last=False)
+
+
+def _dependency_error(job_id: str, dep_id: str, cause: BaseException | None) -> DependencyError:
+    error = DependencyError(f"job {job_id} did not run: job {dep_id}, whose future is among "
+                            f"its arguments, failed with {type(cause).__name__}: {cause}")
+    error.__cause__ = cause
+    return error
 
 
 def _result_message(job_id: str, future: Future[Any]) -> Message:

@@ -30,9 +30,10 @@ class JobFuture(Future[Any]):
     ``cancel()`` withdraws a job not accepted yet (True) and is False once it
     was accepted (``Client.cancel(future)`` stops an accepted or running job)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, owner: object = None) -> None:
         super().__init__()
         self.job_id = job_id
+        self.owner = owner  # the Client that made it (its futures may be arguments)
         self._accepted = False
         self._withdrawn = False
         # Set by the Client (each never blocks): withdraw a job the user cancelled

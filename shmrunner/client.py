@@ -55,10 +55,11 @@ from typing import Any
 
 from ._jobfuture import JobFuture, WaitingCall
 from ._jobid import check_job_id
+from ._jobrefs import extract
 from ._ledger import Ledger
 from ._streams import Progress, chunked_calls, stream, total_of
 from ._wakeup import Wakeup
-from .errors import ResultTimeoutError, ShmrunnerError
+from .errors import DependencyError, ResultTimeoutError, ShmrunnerError, TaskCancelledError
 from .transport._schema import MAX_JOB_IDS, MAX_JOBS_LIMIT
 from .transport.protocol import Message, encode, exception_from_wire, function_ref
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
@@ -133,7 +134,13 @@ class Client(Executor):
                job_id: str | None = None, **kwargs: Any) -> JobFuture:
         """Run ``fn(*args, **kwargs)`` in the daemon. The future has ``job_id``
         (``job_id=``: 1-128 characters of ``A-Za-z0-9._:-``, no leading dot; by
-        default a random one) and ``wait_accepted()``."""
+        default a random one) and ``wait_accepted()``.
+
+        This client's futures among the arguments (in lists, tuples and dict
+        values) travel as references to their jobs: the daemon passes their
+        results (without a trip through this client) once they finish; a
+        failed one fails this job with DependencyError, a cancelled one
+        cancels it. ``submit`` first waits until those jobs are accepted."""
         if self._ledger.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
         job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
@@ -142,11 +149,23 @@ class Client(Executor):
             options["retries"] = retries
         if timeout is not None:
             options["timeout"] = timeout
+        future = JobFuture(job_id, owner=self)
+        args, kwargs, refs = extract(args, kwargs, self)
+        if refs:
+            if threading.current_thread() is self._thread and not all(
+                    dep.accepted() or dep.done() for _, dep in refs):
+                # (a done-callback: the thread that would hear the acceptance)
+                raise RuntimeError("a job referring to jobs not yet accepted cannot be "
+                                   "submitted from a future's done-callback")
+            failed = _wait_accepted(refs)  # so the daemon knows every job referred to
+            if failed is not None:
+                future.set_exception(failed)
+                return future
+            options["refs"] = [[path, dep.job_id] for path, dep in refs]
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
                                            "kwargs": kwargs, "options": options}),
                         allow_pickle=self._allow_pickle)
-        future = JobFuture(job_id)  # PENDING until the daemon accepts the job
-        future.withdraw = self._withdraw
+        future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
             self._wake()
@@ -434,6 +453,19 @@ class _WithdrawCall(WaitingCall):
             log.warning("job %s, cancelled before the daemon acknowledged it, had already "
                         "finished there (%s); its result is not this future's", self.job_id,
                         state)
+def _wait_accepted(refs: list[tuple[list[Any], JobFuture]]) -> BaseException | None:
+    """Wait until the daemon has accepted every job referred to; the error the
+    dependent job then settles with, if one of them never will be."""
+    for _, dep in refs:
+        if dep.wait_accepted():
+            continue
+        cause = dep.exception() if not dep.cancelled() else TaskCancelledError(
+            f"job {dep.job_id} was cancelled")
+        error = DependencyError(f"job {dep.job_id}, whose future is among the arguments, "
+                                f"failed before the daemon accepted it: {cause}")
+        error.__cause__ = cause
+        return error
+    return None
 
 
 def connect(address: str | None = None, **options: Any) -> Client:

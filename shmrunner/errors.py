@@ -8,6 +8,7 @@
      +-- TaskTimeoutError         (also TimeoutError) a task ran past its timeout
      +-- ResultTimeoutError       (also TimeoutError) Client.result(job_id, timeout) ran out
      +-- TaskCancelledError       a task was dropped by terminate() or shutdown
+     +-- DependencyError          a future among a task's arguments failed: it did not run
      +-- InitializerError         a worker's initializer raised; the pool is broken
      +-- SharedMemoryError        (also MemoryError) shared memory cannot hold an array
      +-- ProtocolError            a peer sent a message that breaks the wire protocol
@@ -40,6 +41,7 @@ __all__ = [
     "TaskTimeoutError",
     "ResultTimeoutError",
     "TaskCancelledError",
+    "DependencyError",
     "InitializerError",
     "SharedMemoryError",
     "ProtocolError",
@@ -142,6 +144,13 @@ class ResultTimeoutError(ShmrunnerError, TimeoutError):
 
 class TaskCancelledError(ShmrunnerError):
     """Raised for a task that was dropped unrun by ``terminate()`` or a shutdown."""
+
+
+class DependencyError(ShmrunnerError):
+    """Raised (as a task's outcome) when a future passed among the task's
+    arguments failed: the task did not run. ``__cause__`` is that future's
+    exception (a DependencyError itself when the failure came further up a
+    chain)."""
 
 
 class InitializerError(ShmrunnerError):

@@ -4,6 +4,8 @@ workers and remote workers.
 Data flow::
 
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
+        (a task with futures of this Scheduler among its arguments waits
+        aside until they settle, _deps.py, then joins the queue)
                        (_backlog.py: the queue, the running jobs, the budgets)
                                                           |  Tier.start(jobs)
                        +-- local tier (tiers/local.py): the Pool engine
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _retry
 from ._backlog import Backlog
+from ._deps import Dependents
 from ._job import Job
 from ._payload import default_budget
 from ._streams import Progress, chunked_calls, stream, total_of
@@ -142,6 +145,8 @@ class Scheduler(Executor):
         self._backlog = Backlog(self.settings.max_pending,
                                 self.settings.max_pending_bytes or default_budget())
         self._ids = itertools.count()
+        # Futures of this Scheduler among a task's arguments (_deps.py).
+        self._dependents = Dependents(self._backlog, self._pump)
         self._retry_on = _retry.names(self.settings.retry_on)
         self._creator = os.getpid()
         self._timers = Timers()
@@ -189,9 +194,10 @@ class Scheduler(Executor):
         again), ``submitted`` (tasks
         accepted since the start; a chunk of a map counts once),
         ``shutdown`` (``shutdown()`` was called: new tasks are refused),
-        ``local_workers``, ``memory_kills`` and ``oom_kills`` (local worker
-        processes killed for exceeding ``memory_limit``, and by the kernel's
-        OOM killer), ``workers`` (each connected remote worker: id of
+        ``waiting_on_futures`` (tasks whose argument futures have not all
+        settled), ``local_workers``, ``memory_kills`` and ``oom_kills`` (local
+        worker processes killed for exceeding ``memory_limit``, and by the
+        kernel's OOM killer), ``workers`` (each connected remote worker: id of
         its registration, name, host, pid, capacity, busy, draining, seconds
         since its last heartbeat), ``rejected`` (messages refused from the
         network), ``lost_workers`` (remote workers declared lost),
@@ -234,7 +240,15 @@ class Scheduler(Executor):
         ``retry_on`` (exception classes, or their 'module:qualname' names, that
         the task is retried on while its retries allow) override the scheduler's
         defaults for this task (to pass arguments of those names to ``fn``
-        itself, wrap it in ``functools.partial``)."""
+        itself, wrap it in ``functools.partial``).
+
+        A future this Scheduler returned, passed among the arguments (directly,
+        or inside lists, tuples, sets and dict values), is replaced by its
+        result before the task runs, without a trip through the caller (an
+        array result stays in shared memory); if it fails, this task fails
+        with :class:`DependencyError` (its ``__cause__`` is the dependency's
+        exception); if it is cancelled, this task is cancelled. A future of
+        another executor is refused (TypeError)."""
         return self._submit(fn, args, kwargs, retries, timeout, retry_on, block=True)
 
     def try_submit(self, fn: Callable[..., Any] | str, /, *args: Any,
@@ -267,15 +281,17 @@ class Scheduler(Executor):
         elif not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         names = self._retry_on if retry_on is None else _retry.names(retry_on)
-        future: Future[Any] = Future()
-        job = Job(next(self._ids), future, fn, args, kwargs, retries, timeout, names)
+        task_id = next(self._ids)
+        future = self._dependents.new_future(task_id)
+        job = Job(task_id, future, fn, args, kwargs, retries, timeout, names)
         with self._jobs_lock:
             self._jobs[future] = job
         # First of the future's callbacks: describe() knows the outcome's
         # attempts and worker before anyone else hears of it.
         future.add_done_callback(self._forget)
         try:
-            self._backlog.admit(job, block)
+            if not self._dependents.hold(job, block):  # futures among the arguments wait
+                self._backlog.admit(job, block)
         except BaseException:
             with self._jobs_lock:
                 self._jobs.pop(future, None)

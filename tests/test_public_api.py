@@ -34,7 +34,7 @@ EXPECTED_ALL = sorted([
     "empty", "zeros", "share", "is_shared", "set_shm_cache", "shm_cache_info",
     # errors and warnings
     "ShmrunnerError", "WorkerLostError", "MemoryLimitError", "TaskTimeoutError",
-    "TaskCancelledError",
+    "TaskCancelledError", "DependencyError",
     "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
     "ChannelError", "ChannelClosedError", "RemoteTaskError", "FunctionNotAllowedError",
     "SharedMemoryUnavailableWarning",
@@ -42,7 +42,8 @@ EXPECTED_ALL = sorted([
 
 ERRORS = [
     shmrunner.ShmrunnerError, shmrunner.WorkerLostError, shmrunner.TaskTimeoutError,
-    shmrunner.TaskCancelledError, shmrunner.InitializerError, shmrunner.SharedMemoryError,
+    shmrunner.TaskCancelledError, shmrunner.DependencyError, shmrunner.InitializerError,
+    shmrunner.SharedMemoryError,
     shmrunner.ProtocolError, shmrunner.ConfigError, shmrunner.ChannelError,
     shmrunner.ChannelClosedError, shmrunner.RemoteTaskError, shmrunner.FunctionNotAllowedError,
     shmrunner.MemoryLimitError,

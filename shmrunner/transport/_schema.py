@@ -85,9 +85,11 @@ def _str_map(v: object) -> bool:
 
 
 def _options(v: Any) -> bool:
-    return _str_map(v) and set(v) <= {"retries", "timeout"} \
+    # refs: [[path, job_id], ...] (job references, _jobrefs.py; checked in full there)
+    return _str_map(v) and set(v) <= {"retries", "timeout", "refs"} \
         and ("retries" not in v or _ID[1](v["retries"])) \
-        and ("timeout" not in v or _TIMEOUT[1](v["timeout"]))
+        and ("timeout" not in v or _TIMEOUT[1](v["timeout"])) \
+        and ("refs" not in v or type(v["refs"]) in (list, tuple))
 
 
 def _wire_error(v: Any) -> bool:
@@ -105,7 +107,8 @@ _FN: _Check = ("a function reference 'package.module:qualname'",
                lambda v: (type(v) is str and _is_ref(v)) or (type(v) is not str and callable(v)))
 _ARGS: _Check = ("a list or tuple", lambda v: type(v) in (list, tuple))
 _MAP: _Check = ("a map with str keys", _str_map)
-_OPTIONS: _Check = ("a map of retries (int >= 0) and timeout (None or number > 0)", _options)
+_OPTIONS: _Check = ("a map of retries (int >= 0), timeout (None or number > 0) and refs "
+                     "(a list)", _options)
 _ERROR: _Check = ("an error map {type, message, traceback: str; args: list or None}",
                   _wire_error)
 _ANY: _Check = ("anything", lambda v: True)

@@ -1,0 +1,231 @@
+"""Dependencies: futures of a Scheduler passed in another task's arguments.
+
+Data flow::
+
+    submit(fn, fut_a, [fut_b]) --find()--> the futures of this Scheduler in the
+        arguments (a future of another executor: TypeError, nothing queued)
+      --> Backlog.admit(job, deferred=True): counted against max_pending, but
+          not queued; job.future stays PENDING (it can be cancelled)
+      --> each dependency's done-callback (on the thread that settled it: a
+          tier's thread, or submit's own for one already done)
+            all succeeded  --substitute()--> the results in place of the
+                           futures --Backlog.ready()--> queue --> _pump()
+            one failed     --> the dependent fails with DependencyError,
+                           ``__cause__`` = the dependency's exception
+            one cancelled  --> the dependent is cancelled
+    dependent cancelled by the caller --> Backlog.forget(job) (its slot is freed)
+
+A result is substituted as the very object the dependency's future holds:
+an array a local worker returned lives in shared memory, so the next local
+task gets it by handle, without a copy and without a trip through the
+caller. Failure and cancellation propagate down a chain through the same
+callbacks (a dependent's own future settles, which settles its dependents).
+
+Where futures are looked for ("anywhere"): the positional and keyword
+arguments themselves and, recursively, the items of lists, tuples, sets,
+frozensets and the values of dicts (exact types, not subclasses: a
+namedtuple or a dataclass is passed as it is), up to ``MAX_DEPTH`` levels
+and ``MAX_VISITS`` objects per call. Futures anywhere else are not
+resolved (and fail to pickle).
+
+Why a deferred job counts against ``max_pending``: a chain is submitted in
+order, so its earliest unsettled task is always queued or running; counting
+the waiting ones keeps a long chain (or a map over futures) from holding
+unbounded memory, yet cannot deadlock, because the task that frees the next
+slot is never one that waits.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+from ._job import Job
+from ._payload import payload_bytes
+from .errors import DependencyError
+
+__all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_DEPTH",
+           "MAX_VISITS"]
+
+MAX_DEPTH = 16  # container levels searched below the argument list
+MAX_VISITS = 10_000  # objects looked at per call, at most
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+class TaskFuture(Future[Any]):
+    """The Future a Scheduler returns: it knows its Scheduler (an opaque token,
+    not a reference, so a kept future does not keep the Scheduler alive) and
+    its task id, which error messages name."""
+
+    def __init__(self, owner: object, task_id: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.task_id = task_id
+
+
+def futures_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Future[Any]]:
+    """Every future among the arguments, where "anywhere" reaches (repeats
+    included), within ``MAX_DEPTH`` levels and ``MAX_VISITS`` objects."""
+    visits = 0
+    stack: list[tuple[Any, int]] = [(args, 0), (kwargs, 0)]
+    while stack and visits < MAX_VISITS:
+        obj, depth = stack.pop()
+        visits += 1
+        if isinstance(obj, Future):
+            yield obj
+        elif type(obj) in _CONTAINERS and depth < MAX_DEPTH:
+            items = obj.values() if type(obj) is dict else obj
+            # Never more than the visits left: a list of a million numbers
+            # costs a bounded time to search.
+            stack.extend((item, depth + 1)
+                         for item in itertools.islice(items, MAX_VISITS - visits))
+
+
+def find(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object) -> list[TaskFuture]:
+    """The distinct futures of ``owner`` in the arguments; TypeError for a
+    future of anything else (another Scheduler, a Client, a
+    ThreadPoolExecutor): its result is not this Scheduler's to wait for."""
+    found: dict[int, TaskFuture] = {}
+    for obj in futures_in(args, kwargs):
+        if not isinstance(obj, TaskFuture) or obj.owner is not owner:
+            raise TypeError(
+                f"{obj!r} among the arguments is a future of another executor; only "
+                "futures of this Scheduler are resolved before the task runs (pass "
+                "its result() instead)")
+        found.setdefault(id(obj), obj)
+    return list(found.values())
+
+
+def substitute(args: tuple[Any, ...], kwargs: dict[str, Any], futures: list[TaskFuture]
+               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments with each of ``futures`` (all settled with a result)
+    replaced by its result, the same object, wherever :func:`find` could have
+    met it; containers holding none are kept as they are, the others are
+    rebuilt with their type (a set of futures whose results are unhashable:
+    TypeError)."""
+    results = {id(f): f.result(timeout=0) for f in futures}
+
+    def swap(obj: Any, depth: int) -> Any:
+        if isinstance(obj, Future):
+            return results.get(id(obj), obj)
+        kind = type(obj)
+        if kind not in _CONTAINERS or depth >= MAX_DEPTH:
+            return obj
+        if kind is dict:
+            values = {k: swap(v, depth + 1) for k, v in obj.items()}
+            same = all(values[k] is v for k, v in obj.items())
+            return obj if same else values
+        items = [swap(item, depth + 1) for item in obj]
+        if all(new is old for new, old in zip(items, obj, strict=True)):
+            return obj
+        return kind(items)
+
+    new_args = swap(args, 0)
+    new_kwargs = swap(kwargs, 0)
+    return new_args, new_kwargs
+
+
+class _Wait:
+    """One dependent job and the count of its dependencies not settled yet."""
+
+    __slots__ = ("job", "deps", "remaining", "lock", "over")
+
+    def __init__(self, job: Job, deps: list[TaskFuture]) -> None:
+        self.job = job
+        self.deps = deps
+        self.remaining = len(deps)
+        self.lock = threading.Lock()
+        self.over = False  # a dependency failed or was cancelled: the rest are moot
+
+
+class Dependents:
+    """Holds the jobs of one Scheduler that wait for futures in their
+    arguments, and releases them (``ready``), fails them or cancels them as
+    those futures settle. ``backlog`` is the Scheduler's
+    :class:`~shmrunner._backlog.Backlog`; ``pump`` places queued jobs."""
+
+    def __init__(self, backlog: Any, pump: Callable[[], None]) -> None:
+        self.token = object()  # what this Scheduler's futures carry as ``owner``
+        self._backlog = backlog
+        self._pump = pump
+
+    def new_future(self, task_id: int) -> TaskFuture:
+        return TaskFuture(self.token, task_id)
+
+    def hold(self, job: Job, block: bool) -> bool:
+        """Admit ``job`` as waiting for the futures in its arguments and watch
+        them; False (nothing done) when it has none. Raises TypeError for a
+        foreign future, before anything is admitted."""
+        deps = find(job.args, job.kwargs, self.token)
+        if not deps:
+            return False
+        self._backlog.admit(job, block, deferred=True)
+        job.future.add_done_callback(self._cancelled_by_caller(job))
+        wait = _Wait(job, deps)
+        for dep in deps:
+            dep.add_done_callback(functools.partial(self._settled, wait))
+        return True
+
+    def _cancelled_by_caller(self, job: Job) -> Callable[[Future[Any]], None]:
+        def done(future: Future[Any]) -> None:
+            if future.cancelled():
+                self._backlog.forget(job)
+        return done
+
+    def _settled(self, wait: _Wait, dep: Future[Any]) -> None:
+        """A dependency of ``wait.job`` settled (any thread)."""
+        with wait.lock:
+            if wait.over:
+                return
+            wait.remaining -= 1
+            failed = dep.cancelled() or dep.exception(timeout=0) is not None
+            if failed:
+                wait.over = True
+            elif wait.remaining > 0:
+                return
+        job = wait.job
+        if not failed:
+            self._release(job, wait.deps)
+            wait.deps = []
+        elif dep.cancelled():
+            if self._backlog.forget(job):
+                job.future.cancel()
+        elif self._backlog.forget(job):
+            self._fail(job, dep)
+
+    def _release(self, job: Job, deps: list[TaskFuture]) -> None:
+        try:
+            job.args, job.kwargs = substitute(job.args, job.kwargs, deps)
+            nbytes = payload_bytes(job.args, job.kwargs)
+        except Exception as exc:  # noqa: BLE001 (e.g. unhashable results in a set)
+            # On a future's callback an exception would only be logged: the
+            # task would wait forever. It fails instead.
+            if self._backlog.forget(job):
+                job.fn, job.args, job.kwargs = None, (), {}
+                _settle(job.future, exc)
+            return
+        if self._backlog.ready(job, nbytes):
+            self._pump()
+
+    def _fail(self, job: Job, dep: Future[Any]) -> None:
+        cause = dep.exception(timeout=0)
+        assert cause is not None
+        dep_id = dep.task_id if isinstance(dep, TaskFuture) else "?"
+        error = DependencyError(
+            f"task {job.id} did not run: task {dep_id}, whose future is among its "
+            f"arguments, failed with {type(cause).__name__}: {cause}")
+        error.__cause__ = cause
+        job.fn, job.args, job.kwargs = None, (), {}
+        _settle(job.future, error)
+
+
+def _settle(future: Future[Any], error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:  # cancelled by the caller meanwhile
+        pass
