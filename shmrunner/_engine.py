@@ -61,7 +61,7 @@ from typing import Any
 
 from ._atexit import stop_at_exit
 from ._dispatch import CLOSE, RUN, TERMINATE, Budget, TaskQueue
-from ._manager import Manager
+from ._manager import LogsCallback, Manager
 from ._sink import ResultSink
 from ._tasks import Task, deliver
 from ._wakeup import Wakeup
@@ -82,6 +82,9 @@ class EngineSettings:
     maxtasksperchild: int | None = None
     context: BaseContext | None = None  # None: multiprocessing's default context
     shm_threshold: int = DEFAULT_THRESHOLD
+    # (level, limit): workers capture each task's logs and printed text at that
+    # level, at most limit characters, and the engine hands them to on_logs.
+    task_logs: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # multiprocessing.Pool's own checks and messages (its tests expect them).
@@ -118,7 +121,8 @@ class ProcessEngine:
     """
 
     def __init__(self, settings: EngineSettings, *,
-                 on_results: Callable[[], None] | None = None) -> None:
+                 on_results: Callable[[], None] | None = None,
+                 on_logs: LogsCallback | None = None) -> None:
         self.settings = settings
         # Workers, sockets and the manager thread belong to this process: a
         # fork() child that used them would send on the parent's sockets.
@@ -131,11 +135,11 @@ class ProcessEngine:
             size=settings.processes, context=settings.context or get_context(),
             initializer=settings.initializer, initargs=settings.initargs,
             maxtasks=settings.maxtasksperchild, threshold=settings.shm_threshold,
-            selector=self._selector, parent_fds=self._wakeup.fds())
+            selector=self._selector, parent_fds=self._wakeup.fds(), logs=settings.task_logs)
         self._queue = TaskQueue(self._lifecycle, settings.shm_threshold,
                                 max(8, 4 * settings.processes), self._wakeup.wake)
         self._manager = Manager(self._queue, self._lifecycle, self._selector, self._wakeup,
-                                settings.initializer, on_results)
+                                settings.initializer, on_results, on_logs)
         self._thread = threading.Thread(target=self._manager.run, name="shmrunner-pool",
                                         daemon=True)
         self._thread.start()

@@ -23,10 +23,24 @@ from typing import Any
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from ._streams import Meter, Progress, metered, total_of
-from ._tasks import resolve_threshold, run_chunk
+from ._tasklogs import DEFAULT_LIMIT, HOST, emit, engine_setting, local_worker
+from ._tasks import Task, resolve_threshold, run_chunk
 from .errors import TaskCancelledError
 
 __all__ = ["Pool"]
+
+
+class _Forward:
+    """The engine's ``on_logs``: a task's records on the logger ``shmrunner.task``."""
+
+    __slots__ = ("level",)
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def __call__(self, task: Task, pid: int | None, records: list[Any]) -> None:
+        emit(records, level=self.level, worker=local_worker(pid), host=HOST, task_id=task.id,
+             pid=pid)
 
 
 class Pool:
@@ -42,17 +56,22 @@ class Pool:
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
-                 context: BaseContext | None = None, *, shm_threshold: int | None = None) -> None:
+                 context: BaseContext | None = None, *, shm_threshold: int | None = None,
+                 task_logs: str | None = None,
+                 task_log_bytes: int = DEFAULT_LIMIT) -> None:
         self._state = "INIT"  # __del__ warns only about a pool that started
+        # Off by default: multiprocessing's workers print on the inherited terminal.
+        logs = engine_setting(task_logs, task_log_bytes, "Pool task_logs")
         if processes is None:
             processes = os.cpu_count() or 1
         settings = EngineSettings(  # validates, as multiprocessing.Pool does
             processes=processes, initializer=initializer, initargs=tuple(initargs),
             maxtasksperchild=maxtasksperchild,
             context=context if context is not None else multiprocessing.get_context(),
-            shm_threshold=resolve_threshold(shm_threshold))
+            shm_threshold=resolve_threshold(shm_threshold), task_logs=logs)
         self._processes = processes
-        self._engine = ProcessEngine(settings)
+        self._engine = ProcessEngine(
+            settings, on_logs=None if logs is None else _Forward(logs[0]))
         self._state = RUN
 
     # --- multiprocessing.Pool's API --------------------------------------------------------

@@ -251,7 +251,7 @@ class ProcessLifecycle(Lifecycle[Task]):
     def __init__(self, *, size: int, context: BaseContext,
                  initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
                  maxtasks: int | None, threshold: int, selector: selectors.BaseSelector,
-                 parent_fds: tuple[int, ...]) -> None:
+                 parent_fds: tuple[int, ...], logs: tuple[int, int] | None = None) -> None:
         super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
                          fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK)
         self._context = context
@@ -261,6 +261,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         self._threshold = threshold
         self._selector = selector
         self._parent_fds = parent_fds  # fds a fork() child must close (the engine's own)
+        self._logs = logs  # (level, limit) of the task logs the workers capture, or None
 
     def _start(self, worker_id: int) -> Process:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -272,7 +273,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         process = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(child_end, os.getpid(), method != "forkserver", self._initializer,
-                  self._initargs, self._maxtasks, self._threshold, inherited),
+                  self._initargs, self._maxtasks, self._threshold, inherited, self._logs),
             name=f"shmrunner-worker-{worker_id}",
             daemon=True,
         )

@@ -10,7 +10,10 @@ Messages on the worker's channel (see ``transport/fdchannel.py``):
   parent does not count the worker lost) and ``INIT_FAILED``; and ``STARTED``
   followed by a task id, sent just before running a task whose id carries the
   ``REPORT_START`` bit (a task with a timeout: its clock starts when it
-  really starts, so a timeout never stops a task short of its time).
+  really starts, so a timeout never stops a task short of its time). And
+  ``LOGS`` followed by a task id and a pickled list of log records, sent
+  just before that task's result when the engine forwards task logs and the
+  task logged or printed something (``_tasklogs.py``).
 
 The task id travels outside the pickle both ways, so that a task whose
 arguments cannot be unpickled here, or whose result cannot be unpickled
@@ -24,7 +27,9 @@ unmapped as soon as neither side uses them.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import pickle
 import select
 import signal
 import socket
@@ -39,19 +44,23 @@ from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
 
-__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "REPORT_START"]
+__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "LOGS", "REPORT_START"]
 
 TASK_ID = struct.Struct("<Q")
 BYE = (1 << 64) - 1
 INIT_FAILED = (1 << 64) - 2
 STARTED = (1 << 64) - 3
+LOGS = (1 << 64) - 4
 REPORT_START = 1 << 63  # a bit of a task's id on its way to the worker
 _PR_SET_PDEATHSIG = 1
 
 
 def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
                 initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
-                maxtasks: int | None, threshold: int, inherited: list[int]) -> None:
+                maxtasks: int | None, threshold: int, inherited: list[int],
+                logs: tuple[int, int] | None = None) -> None:
+    """Serve tasks on ``sock``; ``logs``: (level, limit) to capture each
+    task's logs and printed text and send them with its result."""
     _die_with_owner(owner_pid, direct_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_fd_limit()  # each shared array received holds two fds
@@ -61,6 +70,8 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         except OSError:
             pass
     channel = FdChannel(sock)
+    # Handlers the root logger got through fork(): replaced by the capture's.
+    forked_handlers = list(logging.getLogger().handlers) if logs is not None else []
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -68,6 +79,12 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
             channel.send_batch([_encode(INIT_FAILED, False, (exc, traceback.format_exc()),
                                       threshold)])
             return
+    capture = None
+    if logs is not None:
+        from .._tasklogs import Capture
+
+        capture = Capture(*logs)
+        capture.install(forked_handlers)
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -85,8 +102,15 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         # Sent before the next task starts: a result held back while another
         # task runs would be lost if that task killed us, and the parent could
         # no longer tell which of its tasks we were running.
-        channel.send_batch([_encode(task_id, ok, value, threshold)])
-        del value  # unmap this task's arrays before waiting for the next
+        reply = _encode(task_id, ok, value, threshold)
+        records = capture.take() if capture is not None else None
+        if records:  # nothing logged: nothing more is sent (the common case)
+            channel.send_batch([(TASK_ID.pack(LOGS) + TASK_ID.pack(task_id)
+                                 + pickle.dumps(records, pickle.HIGHEST_PROTOCOL), [], _nothing),
+                                reply])
+        else:
+            channel.send_batch([reply])
+        del value, reply  # unmap this task's arrays before waiting for the next
         done += 1
     if maxtasks is not None and done >= maxtasks:
         channel.send_batch([_encode(BYE, True, None, threshold)])
