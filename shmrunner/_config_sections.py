@@ -80,8 +80,8 @@ class SchedulerSettings:
         "records on the logger shmrunner.task, from this level up (print: INFO, stderr: "
         "WARNING); off: nothing is captured or sent")
     task_log_bytes: int = setting(
-        64 * 1024, checks.positive, "characters of one task's log kept; the rest is dropped "
-        "and a '[... N characters truncated]' record says so")
+        64 * 1024, checks.task_log_bytes, "characters of one task's log kept (at most 1 MiB); the "
+        "rest is dropped and a '[... N characters truncated]' record says so")
 
     def __post_init__(self) -> None:
         validate(self, "scheduler")
@@ -129,7 +129,8 @@ class WorkerSettings:
     task_logs: str | bool = setting(
         "INFO", checks.task_logs, "as scheduler.task_logs: what this worker's tasks log and "
         "print is sent with their results (off: nothing)")
-    task_log_bytes: int = setting(64 * 1024, checks.positive, "as scheduler.task_log_bytes")
+    task_log_bytes: int = setting(64 * 1024, checks.task_log_bytes,
+                                  "as scheduler.task_log_bytes")
 
     def __post_init__(self) -> None:
         validate(self, "worker")

@@ -26,6 +26,7 @@ from typing import Any
 
 from ._allowlist import AllowList
 from ._fetchwaiters import FetchWaiters
+from ._joblogs import JobLogs
 from ._journal import Journal
 from ._replier import Replier
 from ._wakeup import Wakeup
@@ -44,7 +45,8 @@ Request = Message | list[Any] | JournalError
 class Intake:
     def __init__(self, scheduler: Scheduler, settings: SchedulerSettings, *,
                  journal: Journal, waiters: FetchWaiters, replier: Replier,
-                 allowed: AllowList, wakeup: Wakeup, stopping: threading.Event) -> None:
+                 allowed: AllowList, wakeup: Wakeup, stopping: threading.Event,
+                 logs: JobLogs | None = None) -> None:
         self._scheduler = scheduler
         self._settings = settings
         self._journal = journal
@@ -53,6 +55,7 @@ class Intake:
         self._allowed = allowed
         self._wakeup = wakeup
         self._stopping = stopping
+        self._logs = logs  # the jobs' task logs (kept by job id once settled)
         self._completions: collections.deque[tuple[str, Future[Any]]] = collections.deque()
         self._running: set[str] = set()  # accepted, not finished (backlog included)
         # Journaled jobs not yet handed to the scheduler (its queue was full).
@@ -120,6 +123,10 @@ class Intake:
         # is said only once the journal holds the result.
         return "running" if future.running() or future.done() else "queued"
 
+    def future(self, job_id: str) -> Future[Any] | None:
+        """The future of a job handed to the scheduler and not yet settled."""
+        return self._futures.get(job_id)
+
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not started (in the backlog or the scheduler's
         queue): it settles as cancelled with TaskCancelledError. False if it
@@ -155,6 +162,8 @@ class Intake:
             job_id, future = self._completions.popleft()
             self._running.discard(job_id)
             self._futures.pop(job_id, None)
+            if self._logs is not None:
+                self._logs.settle(job_id, future)
             if job_id in self._cancelled:
                 msg = _error_message(job_id, TaskCancelledError(
                     f"job {job_id} was cancelled before it started"))

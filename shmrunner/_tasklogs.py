@@ -52,10 +52,12 @@ LOGGER = "shmrunner.task"
 DEFAULT_LIMIT = 64 * 1024  # characters of one task's log kept (the rest counted, dropped)
 # Bounds on a log that arrives from the network (a remote agent's "logs" field):
 # whatever its agent's limit, a scheduler accepts no more than this per result.
-MAX_WIRE_CHARS = 1 << 20
-MAX_WIRE_RECORDS = 1 << 14
-_MAX_NAME = 200  # characters of a logger name kept
+# The settings' task_log_bytes is at most MAX_LIMIT, so an honest agent always fits.
+MAX_LIMIT = 1 << 20
 _RECORD_COST = 32  # characters a record counts for beyond its text (so empty ones are bounded)
+MAX_WIRE_CHARS = MAX_LIMIT + 256  # the truncation marker comes on top of the limit
+MAX_WIRE_RECORDS = MAX_LIMIT // _RECORD_COST + 1
+_MAX_NAME = 200  # characters of a logger name kept
 
 Record = tuple[float, int, str, str]  # (created, levelno, logger name or stdout/stderr, message)
 
@@ -164,7 +166,7 @@ class _Handler(logging.Handler):
         except Exception:  # noqa: BLE001 (a record that cannot format: logging's own rule)
             self.handleError(record)
             return
-        self._capture.add(record.created, record.levelno, record.name, message)
+        self._capture.add(record.created, record.levelno, record.name[:_MAX_NAME], message)
 
 
 class _Stream(io.TextIOBase):
@@ -224,6 +226,11 @@ def _is_record(item: Any) -> bool:
             and type(item[1]) is int and 0 <= item[1] <= 100
             and type(item[2]) is str and len(item[2]) <= _MAX_NAME
             and type(item[3]) is str)
+
+
+def wire_ok(value: Any) -> bool:
+    """Whether ``value`` is a log a peer may send (see :func:`checked`)."""
+    return checked(value) is not None
 
 
 def checked(value: Any) -> list[Record] | None:
@@ -289,9 +296,9 @@ HOST = socket.gethostname()
 def engine_setting(value: Any, limit: int, key: str = "task_logs") -> tuple[int, int] | None:
     """What a process engine's workers capture: (level, limit), or None (off)."""
     level = level_of(value, key)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ConfigError(f"{key} limit: expected a whole number of characters >= 1, "
-                          f"got {limit!r}")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_LIMIT:
+        raise ConfigError(f"{key} limit: expected a whole number of characters from 1 to "
+                          f"{MAX_LIMIT}, got {limit!r}")
     return None if level is None else (level, limit)
 
 

@@ -116,9 +116,10 @@ class Scheduler(Executor):
     ``listen``: the address remote workers connect to (None: local only).
     ``curve``: CURVE keys for that address (workers must then present an
     authorised key; see ``shmrunner keygen``).
-    ``on_task_log``: called with (future, records) when a task's log arrives
-    (records as ``(created, levelno, name, message)``; the runner daemon keeps
-    them per job); they are re-emitted on the logger ``shmrunner.task`` either way.
+    ``on_task_log``: called with (future, records, worker, host) when a task's
+    log arrives (records as ``(created, levelno, name, message)``; the runner
+    daemon keeps them per job); they are re-emitted on the logger
+    ``shmrunner.task`` either way.
     Keyword options are :class:`~shmrunner.config.SchedulerSettings` fields
     (``retries``, ``timeout``, ``retry_on``, ``retry_backoff``,
     ``heartbeat_interval``, ...); ``retries``, ``timeout`` and ``retry_on`` are
@@ -127,7 +128,8 @@ class Scheduler(Executor):
 
     def __init__(self, local_workers: int | None = None, listen: str | None = None, *,
                  settings: SchedulerSettings | None = None, curve: CurveKeys | None = None,
-                 on_task_log: Callable[[Future[Any], list[Record]], object] | None = None,
+                 on_task_log: Callable[[Future[Any], list[Record], str, str], object]
+                 | None = None,
                  **options: Any) -> None:
         from .config import with_overrides
 
@@ -395,7 +397,7 @@ class Scheduler(Executor):
         emit(records, level=self._log_level, worker=worker, host=host, task_id=job.id, pid=pid)
         if self._on_task_log is not None:
             try:
-                self._on_task_log(job.future, records)
+                self._on_task_log(job.future, records, worker, host)
             except Exception:  # noqa: BLE001 (a log must never cost a result)
                 logging.getLogger("shmrunner.scheduler").exception(
                     "on_task_log raised for task %s", job.id)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
+
 __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_JOB_IDS",
            "MAX_JOBS_LIMIT", "MessageType", "Message"]
 
@@ -132,11 +134,16 @@ _LIMIT: _Check = (f"an int from 1 to {MAX_JOBS_LIMIT}",
 _JOB_LIST: _Check = ("a list of maps with str keys",
                      lambda v: type(v) is list and all(_str_map(item) for item in v))
 
+# A task's log (_tasklogs.py): records [time, level, logger name, message], bounded.
+_LOGS: _Check = (f"a list of at most {MAX_WIRE_RECORDS} [time, level 0-100, name (<= 200 "
+                 f"characters), message] records of at most {MAX_WIRE_CHARS} characters in all",
+                 wire_ok)
+
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
-                               "session": _SESSION}),
+                               "session": _SESSION, "logs": _LOGS}),
     "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
@@ -153,7 +160,7 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "status": ({}, {}),
     "status_reply": ({"status": _MAP}, {}),
     "error": ({"reason": _STR}, {"job_id": _OPT_JOB}),
-    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT}),
+    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT, "log": _BOOL}),
     "jobs_reply": ({"jobs": _JOB_LIST}, {}),
 }
 assert set(_SCHEMAS) == MESSAGE_TYPES
