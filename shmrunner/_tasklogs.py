@@ -102,6 +102,7 @@ class Capture:
         self._used = 0
         self._dropped = 0
         self._streams: list[_Stream] = []
+        self.partial = False  # a stream holds the start of a line (take() ends it)
 
     def install(self, inherited: Sequence[logging.Handler] = ()) -> None:
         """Capture from now on. ``inherited``: root handlers the worker got from
@@ -139,11 +140,13 @@ class Capture:
 
     def take(self) -> list[Record]:
         """The records of the task that just ended (empty: nothing was logged)."""
-        for stream in self._streams:
-            if stream.partial:
-                stream.flush_line()
-        if not self._records and not self._dropped:
-            return []
+        if not (self._records or self._dropped or self.partial):
+            return []  # the common case, once per task: keep it this cheap
+        if self.partial:
+            self.partial = False
+            for stream in self._streams:
+                if stream.partial:
+                    stream.flush_line()
         with self._lock:
             records, dropped = self._records, self._dropped
             self._records, self._used, self._dropped = [], 0, 0
@@ -203,6 +206,8 @@ class _Stream(io.TextIOBase):
         now = time.time()
         lines = (self.partial + text).split("\n")
         self.partial = lines.pop()
+        if self.partial:
+            capture.partial = True
         for line in lines:
             capture.add(now, self._level, self._name, line)
         if len(text) == room:  # it was cut: the log is full from here on
