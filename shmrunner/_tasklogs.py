@@ -118,7 +118,7 @@ class Capture:
             sys.stderr = self._stream("stderr", logging.WARNING, sys.stderr)
 
     def _stream(self, name: str, level: int, original: Any) -> _Stream:
-        stream = _Stream(self, name, level, getattr(original, "encoding", None) or "utf-8")
+        stream = _Stream(self, name, level, original)
         self._streams.append(stream)
         return stream
 
@@ -173,18 +173,28 @@ class _Handler(logging.Handler):
 
 
 class _Stream(io.TextIOBase):
-    """sys.stdout or sys.stderr during a task: each line a record."""
+    """sys.stdout or sys.stderr during a task: each line a record. What goes
+    around Python's text layer (``fileno()``, ``buffer``: subprocesses, C code)
+    reaches the original stream, uncaptured, as before."""
 
-    def __init__(self, capture: Capture, name: str, level: int, encoding: str) -> None:
+    def __init__(self, capture: Capture, name: str, level: int, original: Any) -> None:
         self._capture = capture
         self._name = name
         self._level = level
-        self._encoding = encoding
+        self._original = original
+        self._encoding = getattr(original, "encoding", None) or "utf-8"
         self.partial = ""
 
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return self._encoding
+
+    @property
+    def buffer(self) -> Any:
+        return self._original.buffer
+
+    def fileno(self) -> int:
+        return int(self._original.fileno())
 
     def writable(self) -> bool:
         return True

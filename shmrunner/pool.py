@@ -50,7 +50,10 @@ class Pool:
     arrays from :func:`shmrunner.empty`/``zeros``/``share`` by handle (workers
     see the same memory), plain arrays of at least ``shm_threshold`` bytes by
     one copy. A worker that dies fails only the task it was running, with
-    :class:`~shmrunner.WorkerLostError`, and is replaced.
+    :class:`~shmrunner.WorkerLostError`, and is replaced. ``task_logs``: a
+    level name (e.g. "INFO") to have what tasks log and print re-emitted here
+    on the logger ``shmrunner.task``, at most ``task_log_bytes`` characters per
+    task (default None: off, workers print on the inherited terminal).
     """
 
     def __init__(self, processes: int | None = None,

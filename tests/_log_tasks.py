@@ -40,3 +40,8 @@ def one_huge_line(size: int) -> int:
 def raises_after_logging() -> None:
     logging.getLogger("myapp").error("about to fail")
     raise ValueError("failed on purpose")
+
+
+def uses_fileno() -> int:
+    """What subprocess(stdout=sys.stdout) and faulthandler do: the fd itself."""
+    return sys.stdout.fileno()

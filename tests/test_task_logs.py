@@ -85,6 +85,17 @@ def test_capture_keeps_the_beginning_and_says_how_much_was_cut() -> None:
     assert capture.take() == []  # the next task starts afresh
 
 
+def test_yaml_off_is_off(tmp_path: Path) -> None:
+    from shmrunner import config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler:\n  task_logs: off\nworker:\n  task_logs: warning\n")
+    settings = config.load(path)
+    assert settings.scheduler.task_logs is False  # YAML's bare off
+    with Scheduler(settings=settings.scheduler, local_workers=1) as sched:
+        assert not sched.submit(tasks.capturing).result(RESULT)
+
+
 def test_task_logs_setting_is_validated() -> None:
     with pytest.raises(ConfigError, match="task_logs"):
         Scheduler(local_workers=1, task_logs="LOUD")
@@ -113,6 +124,7 @@ def test_scheduler_forwards_print_and_logging_by_default(caplog: pytest.LogCaptu
         assert by_source(task_records(caplog)) == {"myapp": ["about to fail"]}
         caplog.clear()
         assert sched.submit(tasks.quiet, 1).result(RESULT) == 2
+        assert sched.submit(tasks.uses_fileno).result(RESULT) >= 0  # fd-level code still works
         assert task_records(caplog) == []
 
 
