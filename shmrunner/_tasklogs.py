@@ -10,6 +10,8 @@ Data flow::
                                                counted, one "[... N characters
                                                truncated]" record at the end)
     after the task: records? --LOGS message, just before the result-->
+    (a task running past FLUSH_EVERY: also LOGS messages while it runs, at
+     most one a second, sent from the task's thread when it logs)
         engine's manager thread (_manager.py) -> the engine's ``on_logs``:
             Pool, Scheduler local tier -> emit() on "shmrunner.task"
             remote agent -> the result message's "logs" field -> the hub checks it
@@ -40,7 +42,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -55,6 +57,7 @@ DEFAULT_LIMIT = 64 * 1024  # characters of one task's log kept (the rest counted
 # The settings' task_log_bytes is at most MAX_LIMIT, so an honest agent always fits.
 MAX_LIMIT = 1 << 20
 _RECORD_COST = 32  # characters a record counts for beyond its text (so empty ones are bounded)
+FLUSH_EVERY = 1.0  # seconds: how often a long task's records go out before its result
 MAX_WIRE_CHARS = MAX_LIMIT + 256  # the truncation marker comes on top of the limit
 MAX_WIRE_RECORDS = MAX_LIMIT // _RECORD_COST + 1
 _MAX_NAME = 200  # characters of a logger name kept
@@ -103,6 +106,19 @@ class Capture:
         self._dropped = 0
         self._streams: list[_Stream] = []
         self.partial = False  # a stream holds the start of a line (take() ends it)
+        # Early flushes of a long task's records: sender(task id, records), called
+        # from the worker's main thread only (where no other send can be under way).
+        self.sender: Callable[[int, list[Record]], None] | None = None
+        self._main = threading.get_ident()
+        self._task_id = 0
+        self._next_flush = math.inf
+        self._sending = False
+
+    def begin(self, task_id: int) -> None:
+        """Task ``task_id`` starts: its records go out early once it has run
+        FLUSH_EVERY seconds (at most once every FLUSH_EVERY), the rest with its result."""
+        self._task_id = task_id
+        self._next_flush = time.monotonic() + FLUSH_EVERY
 
     def install(self, inherited: Sequence[logging.Handler] = ()) -> None:
         """Capture from now on. ``inherited``: root handlers the worker got from
@@ -129,18 +145,46 @@ class Capture:
             if cost <= room:
                 self._records.append((created, level, name, message))
                 self._used += cost
-                return
+                full = False
+            else:
+                full = True
+        if full:
+            self._add_cut(created, level, name, message)
+        elif self.sender is not None and time.monotonic() >= self._next_flush \
+                and threading.get_ident() == self._main:
+            self._flush()
+
+    def _add_cut(self, created: float, level: int, name: str, message: str) -> None:
+        with self._lock:
+            room = self.limit - self._used
             # Full: what fits of this one, then nothing more (the log keeps its
             # beginning, and the marker says how much is missing after it).
             keep = room - len(name) - _RECORD_COST
             if keep > 0:
                 self._records.append((created, level, name, message[:keep]))
-            self._dropped += len(message) - max(keep, 0)
+            self._dropped += max(len(message) - max(keep, 0), 0)
             self._used = self.limit
 
+    def _flush(self) -> None:
+        """Send what a long task logged so far (its bound still counts it)."""
+        if self._sending or self.sender is None:
+            return  # the send itself logged
+        with self._lock:
+            records, self._records = self._records, []
+        self._next_flush = time.monotonic() + FLUSH_EVERY
+        if not records:
+            return
+        self._sending = True
+        try:
+            self.sender(self._task_id, records)
+        except Exception:  # noqa: BLE001 (the parent is gone: the worker loop sees it next)
+            pass
+        finally:
+            self._sending = False
+
     def take(self) -> list[Record]:
-        """The records of the task that just ended (empty: nothing was logged)."""
-        if not (self._records or self._dropped or self.partial):
+        """The records of the task that just ended not sent yet (empty: none)."""
+        if not (self._used or self._dropped or self.partial):
             return []  # the common case, once per task: keep it this cheap
         if self.partial:
             self.partial = False

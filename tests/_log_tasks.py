@@ -4,7 +4,9 @@ reference in remote agents and the daemon, whose PYTHONPATH has this directory).
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 
 
 def chatty(x: int) -> int:
@@ -45,3 +47,19 @@ def raises_after_logging() -> None:
 def uses_fileno() -> int:
     """What subprocess(stdout=sys.stdout) and faulthandler do: the fd itself."""
     return sys.stdout.fileno()
+
+
+def long_task(release: str) -> str:
+    """Works a little over a second (the early-flush threshold), says so, then
+    waits (bounded) for the test to create ``release``."""
+    start = time.monotonic()
+    while time.monotonic() - start < 1.2:
+        sum(range(1000))  # the task's own work
+    print("still working")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            return "never released"
+        time.sleep(0.01)
+    print("done")
+    return "released"

@@ -128,6 +128,21 @@ def test_scheduler_forwards_print_and_logging_by_default(caplog: pytest.LogCaptu
         assert task_records(caplog) == []
 
 
+@pytest.mark.timeout(90)
+def test_a_long_tasks_log_arrives_while_it_runs(caplog: pytest.LogCaptureFixture,
+                                                tmp_path: Path) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    release = tmp_path / "release"
+    with Scheduler(local_workers=1) as sched:
+        future = sched.submit(tasks.long_task, str(release))
+        wait_until(lambda: any(r.getMessage() == "still working" for r in task_records(caplog)),
+                   RESULT, message="the running task's line")
+        assert not future.done()
+        release.touch()
+        assert future.result(RESULT) == "released"
+    assert [r.getMessage() for r in task_records(caplog)] == ["still working", "done"]
+
+
 @pytest.mark.timeout(60)
 def test_scheduler_level_and_off(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="shmrunner.task")

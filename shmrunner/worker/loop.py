@@ -13,7 +13,8 @@ Messages on the worker's channel (see ``transport/fdchannel.py``):
   really starts, so a timeout never stops a task short of its time). And
   ``LOGS`` followed by a task id and a pickled list of log records, sent
   just before that task's result when the engine forwards task logs and the
-  task logged or printed something (``_tasklogs.py``).
+  task logged or printed something (``_tasklogs.py``), and while a task that
+  runs longer than a second logs (at most once a second).
 
 The task id travels outside the pickle both ways, so that a task whose
 arguments cannot be unpickled here, or whose result cannot be unpickled
@@ -85,6 +86,11 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
 
         capture = Capture(*logs)
         capture.install(forked_handlers)
+
+        def send_logs(task_id: int, records: list[Any]) -> None:
+            channel.send_batch([(_logs_message(task_id, records), [], _nothing)])
+
+        capture.sender = send_logs
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -97,6 +103,8 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         if task_id & REPORT_START:
             task_id ^= REPORT_START
             channel.send_batch([(TASK_ID.pack(STARTED) + TASK_ID.pack(task_id), [], _nothing)])
+        if capture is not None:
+            capture.begin(task_id)
         ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
         del payload, fds
         # Sent before the next task starts: a result held back while another
@@ -105,9 +113,7 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         reply = _encode(task_id, ok, value, threshold)
         records = capture.take() if capture is not None else None
         if records:  # nothing logged: nothing more is sent (the common case)
-            channel.send_batch([(TASK_ID.pack(LOGS) + TASK_ID.pack(task_id)
-                                 + pickle.dumps(records, pickle.HIGHEST_PROTOCOL), [], _nothing),
-                                reply])
+            channel.send_batch([(_logs_message(task_id, records), [], _nothing), reply])
         else:
             channel.send_batch([reply])
         del value, reply  # unmap this task's arrays before waiting for the next
@@ -118,6 +124,11 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
 
 def _nothing() -> None:
     pass
+
+
+def _logs_message(task_id: int, records: list[Any]) -> bytes:
+    return TASK_ID.pack(LOGS) + TASK_ID.pack(task_id) + pickle.dumps(records,
+                                                                      pickle.HIGHEST_PROTOCOL)
 
 
 def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:

@@ -92,9 +92,11 @@ class _Reply:
 
 
 def _keep_logs(task: Task, pid: int | None, records: list[Record]) -> None:
-    """The engine's ``on_logs``: a task's records ride with its result."""
-    if isinstance(task.result, _Reply):
-        task.result.logs = records
+    """The engine's ``on_logs``: a task's records ride with its result (a long
+    task's early ones too: they are bounded by its worker's capture)."""
+    reply = task.result
+    if isinstance(reply, _Reply):
+        reply.logs = records if reply.logs is None else reply.logs + records
 
 
 class Agent:
