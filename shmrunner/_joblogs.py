@@ -74,10 +74,14 @@ class JobLogs:
                 self._size += len(line)
 
     def _room_locked(self, size: int) -> bool:
-        """Make room for ``size`` more characters, dropping the oldest kept logs."""
+        """Make room for ``size`` more characters, dropping the oldest kept logs
+        (and, last, logs of settled futures that no job claimed)."""
         while self._size + size > self._total and self._kept:
             _, old = self._kept.popitem(last=False)
             self._size -= old.size
+        if self._size + size > self._total:
+            for future in [f for f in self._running if f.done()]:
+                self._size -= self._running.pop(future).size
         return self._size + size <= self._total
 
     def settle(self, job_id: str, future: Future[Any]) -> None:

@@ -160,10 +160,10 @@ class Manager:
 
     def _logs(self, worker: Worker[Task], logs: list[tuple[int, bytearray]]) -> None:
         """Hand each task's log records to ``on_logs`` (before its result)."""
-        with self._queue.lock:
-            held = {task.id: task for task in worker.tasks}
         if self._on_logs is None:
             return
+        with self._queue.lock:
+            held = {task.id: task for task in worker.tasks}
         pid = worker.endpoint.process.pid
         for task_id, payload in logs:
             task = held.get(task_id)

@@ -395,7 +395,8 @@ class Scheduler(Executor):
         if self._log_level is None:
             return  # off (a remote agent may still send them: dropped here)
         emit(records, level=self._log_level, worker=worker, host=host, task_id=job.id, pid=pid)
-        if self._on_task_log is not None:
+        # A settled future (a straggler of a killed attempt) gets nothing more.
+        if self._on_task_log is not None and not job.future.done():
             try:
                 self._on_task_log(job.future, records, worker, host)
             except Exception:  # noqa: BLE001 (a log must never cost a result)

@@ -319,3 +319,23 @@ def test_daemon_keeps_a_jobs_log_for_the_client(daemons) -> None:
     shown = run_cli("jobs", "--connect", d.address, "--log", "chat")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout == log
+
+
+def test_daemon_job_logs_are_bounded_per_job_and_in_all() -> None:
+    from concurrent.futures import Future
+
+    from shmrunner._joblogs import JobLogs
+
+    logs = JobLogs(per_job=1000, total=3000, max_jobs=2)
+    line = (1.0, logging.INFO, "stdout", "x" * 100)
+    futures = [Future() for _ in range(4)]  # type: ignore[var-annotated]
+    for i, future in enumerate(futures):
+        logs.add(future, [line] * 50, "w", "h")  # ~150 characters a line, 50 lines
+        running = logs.text(f"job{i}", future)
+        assert running is not None and len(running) < 1000 + 100
+        assert running.endswith("characters truncated]\n")
+        future.set_result(None)
+        logs.settle(f"job{i}", future)
+    assert logs.text("job0", None) is None and logs.text("job1", None) is None  # max_jobs
+    assert logs.text("job3", None) is not None
+    assert logs.text("never", Future()) == ""
