@@ -6,7 +6,9 @@ W1b = 5,000 single submits of inc(i), then collect all. Each repetition runs
 every configuration once, in rotating order (interleaved: the machine is
 noisy), each on a fresh Scheduler or Pool after a warm-up; medians, and the
 ratio forwarding-on / forwarding-off (the target: < 1.05 when tasks log
-nothing). Wall time on a shared 2-core machine swings by 2x from one run to
+nothing). "Remote" is a Scheduler(local_workers=0) on an ipc socket with one
+real agent (``shmrunner worker``) of the same number of processes, task_logs
+set on both ends. Wall time on a shared 2-core machine swings by 2x from one run to
 the next, so each run also records the CPU time it cost: the caller process
 (all its threads) plus its worker processes (utime + stime from /proc) per
 task, which contention does not inflate; that ratio is the overhead figure.
@@ -37,20 +39,29 @@ WARM = 200
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (all threads) and of its live child processes
-    (the workers; /proc/PID/schedstat: nanoseconds, not 10 ms ticks)."""
+    """CPU time of this process (all threads) and of its live descendants
+    (workers, remote agents and theirs; /proc/PID/task/*/schedstat: nanoseconds,
+    not 10 ms ticks)."""
     total = time.process_time()
-    me = os.getpid()
+    parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            if int(stat[stat.rindex(")") + 2:].split()[1]) != me:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                parent[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError):
                 continue
-            for thread in os.listdir(f"/proc/{entry}/task"):
-                with open(f"/proc/{entry}/task/{thread}/schedstat") as f:
+    found, frontier = [], [os.getpid()]
+    while frontier:
+        current = frontier.pop()
+        kids = [pid for pid, ppid in parent.items() if ppid == current]
+        found += kids
+        frontier += kids
+    for pid in found:
+        try:
+            for thread in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{thread}/schedstat") as f:
                     total += int(f.read().split()[0]) / 1e9
         except (OSError, ValueError):
             continue
@@ -92,6 +103,41 @@ def w1b_scheduler(workers: int, logs: str, fn: Callable[[int], int]) -> Run:
     return elapsed, cpu
 
 
+def w1b_remote(workers: int, logs: str, fn: Callable[[int], int]) -> Run:
+    """A Scheduler(local_workers=0) on an ipc socket and one real agent
+    (``shmrunner worker --processes N``), both with ``task_logs=logs``."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            shmrunner.Scheduler(local_workers=0, listen=f"ipc://{tmp}/w.sock",
+                                task_logs=logs) as sched:
+        assert sched.address is not None
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "shmrunner.cli", "worker", "--connect", sched.address,
+             "--processes", str(workers), "--set", f"worker.task_logs={logs}"],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])},
+            stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not sched.status()["workers"]:
+                if agent.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the agent did not join")
+                time.sleep(0.02)
+            for f in [sched.submit(fn, i) for i in range(WARM)]:
+                f.result()
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            futures = [sched.submit(fn, i) for i in range(N)]
+            results = [f.result() for f in futures]
+            elapsed, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        finally:
+            agent.terminate()
+            agent.wait(30)
+    assert results[-1] == N
+    return elapsed, cpu
+
+
 def w1b_pool(workers: int, logs: str | None, fn: Callable[[int], int]) -> Run:
     with shmrunner.Pool(workers, task_logs=logs) as pool:
         for r in [pool.apply_async(fn, (i,)) for i in range(WARM)]:
@@ -121,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "Pool off (default)": lambda: w1b_pool(w, None, _tasks.inc),
         "Pool on (INFO)": lambda: w1b_pool(w, "INFO", _tasks.inc),
         "Scheduler on, tasks print one line": lambda: w1b_scheduler(w, "INFO", printing_inc),
+        "Remote off": lambda: w1b_remote(w, "off", _tasks.inc),
+        "Remote on (INFO, default)": lambda: w1b_remote(w, "INFO", _tasks.inc),
     }
     times: dict[str, list[float]] = {name: [] for name in configs}
     cpus: dict[str, list[float]] = {name: [] for name in configs}
@@ -168,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         row("Scheduler on, tasks print one line", "Scheduler off"),
         row("Pool off (default)"),
         row("Pool on (INFO)", "Pool off (default)"),
+        row("Remote off"),
+        row("Remote on (INFO, default)", "Remote off"),
         "",
         f"- A/A (second half of the 'Scheduler off' runs over the first half): wall "
         f"{aa:.3f}, CPU {aa_cpu:.3f} (the noise of this run).",
