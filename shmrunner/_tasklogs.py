@@ -18,10 +18,11 @@ Data flow::
                 (checked(): types and sizes) -> emit() at the Scheduler
             Scheduler -> also its daemon's per-job store (_joblogs.py)
 
-Why this shape: a task that logs nothing costs one test of an empty list (no
-message, no field); the bound is applied where the text is produced, so a task
-that prints gigabytes costs the worker at most ``limit`` characters and sends
-no more, and the caller never holds more than one bounded buffer per task.
+Why this shape: a task that logs nothing costs its worker about 0.1 us (a
+clock read and one test; no message, no field); the bound is applied where the
+text is produced, so a task that prints gigabytes costs the worker at most
+``limit`` characters and sends no more, and the caller never holds more than
+one bounded buffer per task.
 
 A record is ``(created, levelno, name, message)``: ``name`` is the task's
 logger name, or "stdout"/"stderr" for printed text (one record per line,
@@ -47,8 +48,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Capture", "Record", "level_of", "emit", "checked", "DEFAULT_LIMIT",
-           "MAX_WIRE_CHARS", "MAX_WIRE_RECORDS", "LOGGER"]
+__all__ = ["Capture", "Record", "level_of", "valid_setting", "engine_setting", "emit",
+           "checked", "wire_ok", "local_worker", "HOST", "LOGGER", "DEFAULT_LIMIT", "MAX_LIMIT",
+           "MAX_WIRE_CHARS", "MAX_WIRE_RECORDS", "FLUSH_EVERY"]
 
 LOGGER = "shmrunner.task"
 DEFAULT_LIMIT = 64 * 1024  # characters of one task's log kept (the rest counted, dropped)
