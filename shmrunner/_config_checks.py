@@ -64,6 +64,13 @@ optional_path = check(lambda v: v is None or (isinstance(v, str) and v != ""),
                       "a file or directory path, or null")
 level = check(lambda v: v in ("DEBUG", "INFO", "WARNING", "ERROR"),
               "one of DEBUG, INFO, WARNING, ERROR")
+# As _tasklogs.level_of (not imported: config stays light); YAML reads a bare off as false.
+_LOG_LEVELS = {"OFF", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+task_logs = check(lambda v: v is False or (isinstance(v, str) and v.upper() in _LOG_LEVELS),
+                  "one of DEBUG, INFO, WARNING, ERROR, CRITICAL, or off")
+MAX_TASK_LOG = 1 << 20  # as _tasklogs.MAX_LIMIT
+task_log_bytes = check(lambda v: is_int(v) and 1 <= v <= MAX_TASK_LOG,
+                       f"a whole number from 1 to {MAX_TASK_LOG}")
 name = check(lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 200),
              "a short name, or null for the host name and pid")
 # A function pattern: "module" or "module:qualname", fnmatch wildcards allowed.

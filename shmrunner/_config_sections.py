@@ -80,6 +80,13 @@ class SchedulerSettings:
         None, checks.patterns, "functions the daemon runs for its clients: 'module' or "
                                "'module:qualname' patterns, * wildcards (null: any importable "
                                "function, safe only because only authenticated peers reach you)")
+    task_logs: str | bool = setting(
+        "INFO", checks.task_logs, "what tasks log and print reaches the caller as logging "
+        "records on the logger shmrunner.task, from this level up (print: INFO, stderr: "
+        "WARNING); off: nothing is captured or sent")
+    task_log_bytes: int = setting(
+        64 * 1024, checks.task_log_bytes, "characters of one task's log kept (at most 1 MiB); the "
+        "rest is dropped and a '[... N characters truncated]' record says so")
 
     def __post_init__(self) -> None:
         validate(self, "scheduler")
@@ -128,6 +135,11 @@ class WorkerSettings:
     allowed_functions: tuple[str, ...] | None = setting(
         None, checks.patterns, "functions this worker runs: 'module' or 'module:qualname' "
                                "patterns, * wildcards (null: any importable function)")
+    task_logs: str | bool = setting(
+        "INFO", checks.task_logs, "as scheduler.task_logs: what this worker's tasks log and "
+        "print is sent with their results (off: nothing)")
+    task_log_bytes: int = setting(64 * 1024, checks.task_log_bytes,
+                                  "as scheduler.task_log_bytes")
 
     def __post_init__(self) -> None:
         validate(self, "worker")

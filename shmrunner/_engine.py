@@ -62,7 +62,7 @@ from typing import Any
 from . import _memsize as memsize
 from ._atexit import stop_at_exit
 from ._dispatch import CLOSE, RUN, TERMINATE, Budget, TaskQueue
-from ._manager import Manager
+from ._manager import LogsCallback, Manager
 from ._sink import ResultSink
 from ._tasks import Task, deliver
 from ._wakeup import Wakeup
@@ -86,6 +86,9 @@ class EngineSettings:
     # Private memory per worker before it is killed (bytes, '512MiB', 0.5 or
     # '50%' of the host; _memsize.py), None for no limit.
     memory_limit: int | float | str | None = None
+    # (level, limit): workers capture each task's logs and printed text at that
+    # level, at most limit characters, and the engine hands them to on_logs.
+    task_logs: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # multiprocessing.Pool's own checks and messages (its tests expect them).
@@ -129,7 +132,8 @@ class ProcessEngine:
     """
 
     def __init__(self, settings: EngineSettings, *,
-                 on_results: Callable[[], None] | None = None) -> None:
+                 on_results: Callable[[], None] | None = None,
+                 on_logs: LogsCallback | None = None) -> None:
         self.settings = settings
         # Workers, sockets and the manager thread belong to this process: a
         # fork() child that used them would send on the parent's sockets.
@@ -143,11 +147,11 @@ class ProcessEngine:
             initializer=settings.initializer, initargs=settings.initargs,
             maxtasks=settings.maxtasksperchild, threshold=settings.shm_threshold,
             selector=self._selector, parent_fds=self._wakeup.fds(),
-            memory_limit=memsize.resolve(settings.memory_limit))
+            memory_limit=memsize.resolve(settings.memory_limit), logs=settings.task_logs)
         self._queue = TaskQueue(self._lifecycle, settings.shm_threshold,
                                 max(8, 4 * settings.processes), self._wakeup.wake)
         self._manager = Manager(self._queue, self._lifecycle, self._selector, self._wakeup,
-                                settings.initializer, on_results)
+                                settings.initializer, on_results, on_logs)
         self._thread = threading.Thread(target=self._manager.run, name="shmrunner-pool",
                                         daemon=True)
         self._thread.start()

@@ -40,6 +40,7 @@ from . import _jobrefs
 from ._allowlist import AllowList
 from ._deps import TaskFuture
 from ._fetchwaiters import FetchWaiters
+from ._joblogs import JobLogs
 from ._journal import Journal
 from ._replier import Replier
 from ._wakeup import Wakeup
@@ -66,7 +67,8 @@ Request = Message | list[Any] | JournalError
 class Intake:
     def __init__(self, scheduler: Scheduler, settings: SchedulerSettings, *,
                  journal: Journal, waiters: FetchWaiters, replier: Replier,
-                 allowed: AllowList, wakeup: Wakeup, stopping: threading.Event) -> None:
+                 allowed: AllowList, wakeup: Wakeup, stopping: threading.Event,
+                 logs: JobLogs | None = None) -> None:
         self._scheduler = scheduler
         self._settings = settings
         self._journal = journal
@@ -75,6 +77,7 @@ class Intake:
         self._allowed = allowed
         self._wakeup = wakeup
         self._stopping = stopping
+        self._logs = logs  # the jobs' task logs (kept by job id once settled)
         # Finished futures, or None for a job this intake cancelled itself.
         self._completions: collections.deque[tuple[str, Future[Any] | None]] = (
             collections.deque())
@@ -201,6 +204,10 @@ class Intake:
             described["state"] = "running"
         return described
 
+    def future(self, job_id: str) -> Future[Any] | None:
+        """The future of a job handed to the scheduler and not yet settled."""
+        return self._futures.get(job_id)
+
     def cancel(self, job_id: str, *, running: bool = True) -> bool:
         """Cancel a job this intake holds: dropped from the backlog, cancelled in
         the scheduler's queue, or (``running``) stopped on its worker. It
@@ -221,6 +228,8 @@ class Intake:
                 return False
             self._cancelled[job_id] = (attempts, worker, ran)
             self._completions.append((job_id, None))
+            if self._logs is not None:  # what the stopped attempt logged stays fetchable
+                self._logs.settle(job_id, future)
             return True
         for index, (queued_id, _) in enumerate(self._backlog):
             if queued_id == job_id:
@@ -266,6 +275,8 @@ class Intake:
                 if self._futures.get(job_id) is not future:
                     continue  # cancelled meanwhile: settled as such already
                 del self._futures[job_id]
+                if self._logs is not None:
+                    self._logs.settle(job_id, future)
                 described = self._scheduler.describe(future)
                 if described is not None:
                     runs[job_id] = (described["attempts"], described["worker"])

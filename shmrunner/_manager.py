@@ -14,11 +14,13 @@ can never deadlock with a worker blocked sending to it.
 from __future__ import annotations
 
 import logging
+import pickle
 import selectors
 import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from . import _segcache
 from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
@@ -29,9 +31,13 @@ from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import close_fds
 from .worker._memwatch import WATCH_INTERVAL
 from .worker.lifecycle import ProcessLifecycle, Worker
-from .worker.loop import BYE, INIT_FAILED, RELEASED, STARTED, TASK_ID
+from .worker.loop import BYE, INIT_FAILED, LOGS, RELEASED, STARTED, TASK_ID
 
-__all__ = ["Manager"]
+__all__ = ["Manager", "LogsCallback"]
+
+# Told, on the manager thread, a task's log records (``_tasklogs.py``) and the
+# pid of the worker that ran it, just before the task's result is delivered.
+LogsCallback = Callable[[Task, int | None, list[Any]], None]
 
 log = logging.getLogger("shmrunner.pool")
 
@@ -40,13 +46,15 @@ class Manager:
     def __init__(self, queue: TaskQueue, lifecycle: ProcessLifecycle,
                  selector: selectors.BaseSelector, wakeup: Wakeup,
                  initializer: Callable[..., object] | None,
-                 on_results: Callable[[], None] | None) -> None:
+                 on_results: Callable[[], None] | None,
+                 on_logs: LogsCallback | None = None) -> None:
         self._queue = queue
         self._lifecycle = lifecycle
         self._selector = selector
         self._wakeup = wakeup
         self._initializer = initializer
         self._on_results = on_results
+        self._on_logs = on_logs
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self._memory_errors = 0  # unexpected errors reading the workers' memory
@@ -128,6 +136,7 @@ class Manager:
         tasks and refill the worker; callbacks run after the lock is released."""
         outcomes = []
         started: list[int] = []  # tasks the worker says it starts (those with a timeout)
+        logs: list[tuple[int, bytearray]] = []  # (task id, pickled records)
         lifecycle = self._lifecycle
         for payload, fds in messages:
             (task_id,) = TASK_ID.unpack_from(payload)
@@ -141,6 +150,10 @@ class Manager:
             if task_id == RELEASED:
                 self._released(worker, payload, fds)
                 continue
+            if task_id == LOGS:
+                logs.append((TASK_ID.unpack_from(payload, TASK_ID.size)[0], payload))
+                close_fds(fds)
+                continue
             task_id, ok, value = decode_outcome(payload, fds)
             if task_id == INIT_FAILED:
                 self._break(value)
@@ -148,6 +161,8 @@ class Manager:
             outcomes.append((task_id, ok, value))
         lifecycle.pace(worker, len(outcomes))
         queue = self._queue
+        if logs:
+            self._logs(worker, logs)
         with queue.lock:
             finished = [(lifecycle.finish(worker, task_id), ok, value)
                         for task_id, ok, value in outcomes]
@@ -180,6 +195,22 @@ class Manager:
             return
         _segcache.dropped(worker, gone)
         _segcache.released(worker, free)
+    def _logs(self, worker: Worker[Task], logs: list[tuple[int, bytearray]]) -> None:
+        """Hand each task's log records to ``on_logs`` (before its result)."""
+        if self._on_logs is None:
+            return
+        with self._queue.lock:
+            held = {task.id: task for task in worker.tasks}
+        pid = worker.endpoint.process.pid
+        for task_id, payload in logs:
+            task = held.get(task_id)
+            if task is None:
+                continue  # not a task of this worker's (it was lost meanwhile)
+            try:
+                records = pickle.loads(memoryview(payload)[2 * TASK_ID.size:])
+                self._on_logs(task, pid, records)
+            except Exception:  # noqa: BLE001 (a log must never cost a result)
+                log.exception("shmrunner pool: forwarding the log of task %s failed", task_id)
 
     def _break(self, cause: BaseException) -> None:
         name = getattr(self._initializer, "__qualname__", repr(self._initializer))

@@ -111,6 +111,9 @@ def _jobs(args: argparse.Namespace) -> int:
                     curve_secret_key=args.curve_secret_key,
                     curve_server_key=args.curve_server_key)
     try:
+        if args.log is not None:
+            sys.stdout.write(client.job_log(args.log, timeout=args.timeout))
+            return EXIT_OK
         jobs = (client.jobs(job_ids=ids, timeout=args.timeout) if ids
                 else client.jobs(limit=args.limit, timeout=args.timeout))
     finally:
@@ -326,6 +329,9 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--timeout", type=float, default=5.0,
                       help="seconds to wait for an answer (default: 5)")
     jobs.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    jobs.add_argument("--log", metavar="JOB_ID", default=None,
+                      help="print what that job's task logged and printed instead (kept "
+                           "in memory by the daemon for its recent jobs, bounded)")
     jobs.add_argument("--curve-secret-key", metavar="FILE", default=None,
                       help="this client's CURVE .key_secret file (with --curve-server-key)")
     jobs.add_argument("--curve-server-key", metavar="FILE", default=None,

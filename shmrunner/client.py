@@ -262,6 +262,18 @@ class Client(Executor):
         """Job ``job_id`` as :meth:`jobs` describes it (state, attempts, worker, times)."""
         return self.jobs(job_ids=[job_id], timeout=timeout)[0]
 
+    def job_log(self, job_id: str, timeout: float = 10.0) -> str:
+        """What job ``job_id``'s task logged and printed, as the daemon keeps it
+        (one line per record: time, level, logger or stdout/stderr, worker@host,
+        message; bounded, "" when nothing was logged or none is kept any
+        more). Raises ShmrunnerError for a job the daemon does not know."""
+        (job,) = self._jobs_request(
+            Message("jobs", {"job_ids": [check_job_id(job_id)], "log": True}), timeout)["jobs"]
+        if job.get("state") == "unknown":
+            raise ShmrunnerError(f"the daemon does not know job {job_id}")
+        log = job.get("log")
+        return log if isinstance(log, str) else ""
+
     def jobs(self, limit: int = 20, timeout: float = 10.0, *,
              job_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """The ``limit`` (1 to 1000) most recently accepted jobs the daemon's

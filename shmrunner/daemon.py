@@ -10,7 +10,8 @@ Data flow::
         status  -> workers, queue depth, running, done, failed, cancelled, uptime,
                    per-client job counts
         jobs    -> states by id (the intake's, else the journal's) with attempts and
-                   worker, or only their counts ("summary"), or recent jobs
+                   worker, or only their counts ("summary"), or recent jobs; with
+                   log: true, one job's task log too (_joblogs.py)
         cancel  -> (after the batch's submits are journaled, before they start) the
                    job settles as cancelled, journaled before the answer; a running
                    one is stopped on its worker (Scheduler.cancel)
@@ -44,6 +45,7 @@ from ._endpoints import daemon_addresses, secure_ipc_socket
 from ._fetchwaiters import FetchWaiters
 from ._intake import Intake, Request
 from ._jobid import job_id_problem
+from ._joblogs import JobLogs
 from ._journal import CANCELLED, DONE, FAILED, PENDING, Journal
 from ._replier import Replier, refusal
 from ._wakeup import Wakeup
@@ -90,16 +92,19 @@ class Daemon:
             accept=_ACCEPT, curve=clients_curve))
         self._replier = Replier(self._channel, allow_pickle=scheduler.allow_pickle)
         self.scheduler: Scheduler | None = None
+        self._logs = JobLogs()
         try:
             self.address = self._channel.bind(clients)
             secure_ipc_socket(self.address)
-            self.scheduler = Scheduler(settings=scheduler, listen=workers, curve=workers_curve)
+            self.scheduler = Scheduler(settings=scheduler, listen=workers, curve=workers_curve,
+                                       on_task_log=self._logs.add)
         except BaseException:
             self._close()
             raise
         self._intake = Intake(self.scheduler, scheduler, journal=self.journal,
                               waiters=self._waiters, replier=self._replier,
-                              allowed=self._allowed, wakeup=self._wakeup, stopping=self._stop)
+                              allowed=self._allowed, wakeup=self._wakeup, stopping=self._stop,
+                              logs=self._logs)
         for warning in warnings:
             log.warning("%s", warning)
 
@@ -289,6 +294,11 @@ class Daemon:
                 self._reply(peer, Message("error", {"reason": problem, "code": "invalid",
                                                     "jobs": True}))
                 return
+        if msg.type == "jobs" and msg.body.get("log") and len(job_ids) != 1:
+            self._reply(peer, Message("error", {"reason": "a jobs query with log: true names "
+                                                "exactly one job id", "code": "invalid",
+                                                "jobs": True}))
+            return
         body: dict[str, Any] = {}
         try:
             if msg.type == "cancel":
@@ -298,6 +308,8 @@ class Daemon:
                 body["counts"] = job_counts(self._states(job_ids))
             elif job_ids:
                 jobs = self._states(job_ids)
+                if msg.body.get("log"):
+                    jobs[0]["log"] = self._logs.text(job_ids[0], self._intake.future(job_ids[0]))
             else:
                 jobs = [self._held(job) for job in self.journal.recent(
                     msg.body.get("limit", _RECENT_JOBS))]

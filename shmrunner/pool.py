@@ -25,11 +25,25 @@ import numpy as np
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from ._streams import Meter, Progress, metered, total_of
-from ._tasks import resolve_threshold, run_chunk, run_chunk_into
+from ._tasklogs import DEFAULT_LIMIT, HOST, emit, engine_setting, local_worker
+from ._tasks import Task, resolve_threshold, run_chunk, run_chunk_into
 from .errors import TaskCancelledError
 from .shm import is_shared
 
 __all__ = ["Pool"]
+
+
+class _Forward:
+    """The engine's ``on_logs``: a task's records on the logger ``shmrunner.task``."""
+
+    __slots__ = ("level",)
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def __call__(self, task: Task, pid: int | None, records: list[Any]) -> None:
+        emit(records, level=self.level, worker=local_worker(pid), host=HOST, task_id=task.id,
+             pid=pid)
 
 
 class Pool:
@@ -43,23 +57,33 @@ class Pool:
     (bytes, ``"512MiB"``, or a fraction of the host's memory: ``0.5``,
     ``"50%"``): a worker whose private memory exceeds it is killed and
     replaced, its task failing with :class:`~shmrunner.MemoryLimitError`.
+    ``task_logs``: a level name (e.g. "INFO") to have what tasks log and
+    print re-emitted here on the logger ``shmrunner.task``, at most
+    ``task_log_bytes`` characters per task (default None: off, workers print
+    on the inherited terminal).
     """
 
     def __init__(self, processes: int | None = None,
                  initializer: Callable[..., object] | None = None,
                  initargs: Iterable[Any] = (), maxtasksperchild: int | None = None,
                  context: BaseContext | None = None, *, shm_threshold: int | None = None,
-                 memory_limit: int | float | str | None = None) -> None:
+                 memory_limit: int | float | str | None = None,
+                 task_logs: str | None = None,
+                 task_log_bytes: int = DEFAULT_LIMIT) -> None:
         self._state = "INIT"  # __del__ warns only about a pool that started
+        # Off by default: multiprocessing's workers print on the inherited terminal.
+        logs = engine_setting(task_logs, task_log_bytes, "Pool task_logs")
         if processes is None:
             processes = os.cpu_count() or 1
         settings = EngineSettings(  # validates, as multiprocessing.Pool does
             processes=processes, initializer=initializer, initargs=tuple(initargs),
             maxtasksperchild=maxtasksperchild,
             context=context if context is not None else multiprocessing.get_context(),
-            shm_threshold=resolve_threshold(shm_threshold), memory_limit=memory_limit)
+            shm_threshold=resolve_threshold(shm_threshold), memory_limit=memory_limit,
+            task_logs=logs)
         self._processes = processes
-        self._engine = ProcessEngine(settings)
+        self._engine = ProcessEngine(
+            settings, on_logs=None if logs is None else _Forward(logs[0]))
         self._state = RUN
 
     # --- multiprocessing.Pool's API --------------------------------------------------------

@@ -43,6 +43,7 @@ its future lives (a weak map).
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -57,6 +58,7 @@ from ._deps import Dependents
 from ._job import Job
 from ._payload import default_budget
 from ._streams import Progress, chunked_calls, stream, total_of
+from ._tasklogs import Record, emit, level_of
 from ._timers import Timers
 from .config import SchedulerSettings, load
 from .errors import (
@@ -113,6 +115,10 @@ class _Events:
     def on_room(self) -> None:
         self._scheduler._pump()
 
+    def on_log(self, job: Job, records: list[Record], *, worker: str, host: str,
+               pid: int | None = None) -> None:
+        self._scheduler._task_log(job, records, worker, host, pid)
+
 
 class Scheduler(Executor):
     """A ``concurrent.futures.Executor`` over local shared-memory workers and
@@ -122,6 +128,10 @@ class Scheduler(Executor):
     ``listen``: the address remote workers connect to (None: local only).
     ``curve``: CURVE keys for that address (workers must then present an
     authorised key; see ``shmrunner keygen``).
+    ``on_task_log``: called with (future, records, worker, host) when a task's
+    log arrives (records as ``(created, levelno, name, message)``; the runner
+    daemon keeps them per job); they are re-emitted on the logger
+    ``shmrunner.task`` either way.
     Keyword options are :class:`~shmrunner.config.SchedulerSettings` fields
     (``retries``, ``timeout``, ``retry_on``, ``retry_backoff``,
     ``heartbeat_interval``, ...); ``retries``, ``timeout`` and ``retry_on`` are
@@ -130,6 +140,8 @@ class Scheduler(Executor):
 
     def __init__(self, local_workers: int | None = None, listen: str | None = None, *,
                  settings: SchedulerSettings | None = None, curve: CurveKeys | None = None,
+                 on_task_log: Callable[[Future[Any], list[Record], str, str], object]
+                 | None = None,
                  **options: Any) -> None:
         from .config import with_overrides
 
@@ -148,6 +160,8 @@ class Scheduler(Executor):
         # Futures of this Scheduler among a task's arguments (_deps.py).
         self._dependents = Dependents(self._backlog, self._pump)
         self._retry_on = _retry.names(self.settings.retry_on)
+        self._log_level = level_of(self.settings.task_logs, "scheduler.task_logs")
+        self._on_task_log = on_task_log
         self._creator = os.getpid()
         self._timers = Timers()
         # Each unsettled future's job (for cancel and describe), then, once it
@@ -503,6 +517,19 @@ class Scheduler(Executor):
             except InvalidStateError:
                 pass
         job.fn, job.args, job.kwargs = None, (), {}  # free the arguments now
+    def _task_log(self, job: Job, records: list[Record], worker: str, host: str,
+                  pid: int | None) -> None:
+        """A tier hands over what one attempt of ``job`` logged and printed."""
+        if self._log_level is None:
+            return  # off (a remote agent may still send them: dropped here)
+        emit(records, level=self._log_level, worker=worker, host=host, task_id=job.id, pid=pid)
+        # A settled future (a straggler of a killed attempt) gets nothing more.
+        if self._on_task_log is not None and not job.future.done():
+            try:
+                self._on_task_log(job.future, records, worker, host)
+            except Exception:  # noqa: BLE001 (a log must never cost a result)
+                logging.getLogger("shmrunner.scheduler").exception(
+                    "on_task_log raised for task %s", job.id)
 
     def _resume(self, job: Job) -> None:
         """``job``'s retry backoff is over (on the timers' thread)."""

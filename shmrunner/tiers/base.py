@@ -3,7 +3,7 @@
 The Scheduler places jobs; a tier runs them and reports back::
 
     Scheduler --room()/start(jobs)/stop(job, attempt, reason)--> Tier
-    Scheduler <--on_done(job, ok, value) / on_room()----------- TierEvents
+    Scheduler <--on_done(job, ok, value) / on_room() / on_log()-- TierEvents
 
 A tier is given its :class:`TierEvents` when it is built and never sees the
 Scheduler itself, so neither imports the other and mypy checks both sides.
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from .._job import Job
+from .._tasklogs import Record
 
 __all__ = ["Tier", "TierEvents"]
 
@@ -30,6 +31,11 @@ class TierEvents(Protocol):
         retries left, else settles its future). ``batch``: more outcomes follow
         and the tier calls :meth:`on_room` after the last, so queued jobs are
         placed once per batch, not once per outcome."""
+
+    def on_log(self, job: Job, records: list[Record], *, worker: str, host: str,
+               pid: int | None = None) -> None:
+        """An attempt of ``job`` logged or printed ``records`` (``_tasklogs.py``)
+        on ``worker`` at ``host``; told before that attempt's :meth:`on_done`."""
 
     def on_room(self) -> None:
         """The tier can take more jobs now (a worker joined, a batch of

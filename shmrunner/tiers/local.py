@@ -11,6 +11,8 @@ Data flow::
     engine's manager thread --_Outcome.settle--> events.on_done(batch=True) per
                                                  task, then events.on_room()
                                                  once per batch (on_results)
+    engine's manager thread --on_logs-----------> events.on_log (a task's log
+                                                 records, before its result)
 
 The engine does the work (spawn, reap, respawn, shared memory); this module
 only translates between a :class:`~shmrunner._job.Job` and an engine task.
@@ -23,6 +25,8 @@ from collections.abc import Callable
 from typing import Any, TypedDict
 
 from .._job import Job
+from .._tasklogs import HOST, Record, engine_setting, local_worker
+from .._tasks import Task
 from ..config import SchedulerSettings
 from .base import TierEvents
 
@@ -45,10 +49,12 @@ class LocalTier:
 
         self._events = events
         self.name = f"local@{socket.gethostname()}"  # what Job.worker says of these workers
+        logs = engine_setting(settings.task_logs, settings.task_log_bytes, "scheduler.task_logs")
         self.engine = ProcessEngine(EngineSettings(
             processes=processes, context=multiprocessing.get_context(settings.start_method),
-            shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit),
-            on_results=events.on_room)
+            shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit,
+            task_logs=logs), on_results=events.on_room,
+            on_logs=None if logs is None else self._logs)
 
     def room(self) -> int:
         # The engine's own view (it lets workers with tiny tasks hold more).
@@ -58,6 +64,13 @@ class LocalTier:
         # On the engine's thread, on_room runs once per batch (after_results).
         batch = self.engine.is_engine_thread()
         self._events.on_done(job, ok, value, batch=batch)
+
+    def _logs(self, task: Task, pid: int | None, records: list[Record]) -> None:
+        # On the engine's thread, just before the task's result.
+        outcome = task.result
+        if isinstance(outcome, _Outcome):
+            self._events.on_log(outcome.job, records, worker=local_worker(pid), host=HOST,
+                                pid=pid)
 
     def start(self, jobs: list[Job]) -> None:
         tasks = []

@@ -307,6 +307,10 @@ class RemoteTier:
             ok, value = False, exception_from_wire(body["error"])
         if worker.retiring and not worker.tasks:
             self._forget(worker)
+        if body.get("logs"):  # checked by the schema (types, sizes)
+            peer: Peer = worker.endpoint
+            self._events.on_log(job, [tuple(record) for record in body["logs"]],
+                                worker=peer.name, host=peer.host)
         self._events.on_done(job, ok, value)
 
     def _assign(self) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
+
 __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_JOB_IDS",
            "MAX_JOBS_LIMIT", "MessageType", "Message"]
 
@@ -138,11 +140,16 @@ _COUNTS: _Check = ("a map of str to int >= 0 (jobs in each state)",
                    lambda v: _str_map(v) and len(v) <= 64
                    and all(type(n) is int and n >= 0 for n in v.values()))
 
+# A task's log (_tasklogs.py): records [time, level, logger name, message], bounded.
+_LOGS: _Check = (f"a list of at most {MAX_WIRE_RECORDS} [time, level 0-100, name (<= 200 "
+                 f"characters), message] records of at most {MAX_WIRE_CHARS} characters in all",
+                 wire_ok)
+
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
-                               "session": _SESSION}),
+                               "session": _SESSION, "logs": _LOGS}),
     "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
@@ -159,7 +166,7 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "status": ({}, {}),
     "status_reply": ({"status": _MAP}, {}),
     "error": ({"reason": _STR}, {"job_id": _OPT_JOB}),
-    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT, "summary": _BOOL}),
+    "jobs": ({}, {"job_ids": _JOB_IDS, "limit": _LIMIT, "summary": _BOOL, "log": _BOOL}),
     "jobs_reply": ({"jobs": _JOB_LIST}, {"counts": _COUNTS}),
 }
 assert set(_SCHEMAS) == MESSAGE_TYPES

@@ -271,7 +271,8 @@ class ProcessLifecycle(Lifecycle[Task]):
     def __init__(self, *, size: int, context: BaseContext,
                  initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
                  maxtasks: int | None, threshold: int, selector: selectors.BaseSelector,
-                 parent_fds: tuple[int, ...], memory_limit: int | None = None) -> None:
+                 parent_fds: tuple[int, ...], memory_limit: int | None = None,
+                 logs: tuple[int, int] | None = None) -> None:
         super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
                          fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK)
         self._context = context
@@ -285,6 +286,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         self.memory_kills = 0  # workers killed for exceeding memory_limit
         self.oom_kills = 0  # workers the kernel's OOM killer killed
         self._oom_claimed: dict[str, int] = {}  # OOM-kill counts already put down to a death
+        self._logs = logs  # (level, limit) of the task logs the workers capture, or None
 
     def _start(self, worker_id: int) -> Process:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -296,7 +298,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         process = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(child_end, os.getpid(), method != "forkserver", self._initializer,
-                  self._initargs, self._maxtasks, self._threshold, inherited),
+                  self._initargs, self._maxtasks, self._threshold, inherited, self._logs),
             name=f"shmrunner-worker-{worker_id}",
             daemon=True,
         )

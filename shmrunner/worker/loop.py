@@ -12,7 +12,11 @@ Messages on the worker's channel (see ``transport/fdchannel.py``):
   ``REPORT_START`` bit (a task with a timeout: its clock starts when it
   really starts, so a timeout never stops a task short of its time);
   ``RELEASED`` followed by the inodes of recycled segments this worker no
-  longer maps, or passed on (``_segcache.py``), sent before a result.
+  longer maps, or passed on (``_segcache.py``), sent before a result. And
+  ``LOGS`` followed by a task id and a pickled list of log records, sent
+  just before that task's result when the engine forwards task logs and the
+  task logged or printed something (``_tasklogs.py``), and while a task that
+  runs longer than a second logs (at most once a second).
 
 The task id travels outside the pickle both ways, so that a task whose
 arguments cannot be unpickled here, or whose result cannot be unpickled
@@ -26,7 +30,9 @@ unmapped as soon as neither side uses them.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import pickle
 import select
 import signal
 import socket
@@ -42,7 +48,7 @@ from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
 
-__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "RELEASED",
+__all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "RELEASED", "LOGS",
            "REPORT_START"]
 
 TASK_ID = struct.Struct("<Q")
@@ -50,13 +56,17 @@ BYE = (1 << 64) - 1
 INIT_FAILED = (1 << 64) - 2
 STARTED = (1 << 64) - 3
 RELEASED = (1 << 64) - 4
+LOGS = (1 << 64) - 5
 REPORT_START = 1 << 63  # a bit of a task's id on its way to the worker
 _PR_SET_PDEATHSIG = 1
 
 
 def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
                 initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
-                maxtasks: int | None, threshold: int, inherited: list[int]) -> None:
+                maxtasks: int | None, threshold: int, inherited: list[int],
+                logs: tuple[int, int] | None = None) -> None:
+    """Serve tasks on ``sock``; ``logs``: (level, limit) to capture each
+    task's logs and printed text and send them with its result."""
     _die_with_owner(owner_pid, direct_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_fd_limit()  # each shared array received holds two fds
@@ -67,6 +77,8 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         except OSError:
             pass
     channel = FdChannel(sock)
+    # Handlers the root logger got through fork(): replaced by the capture's.
+    forked_handlers = list(logging.getLogger().handlers) if logs is not None else []
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -74,6 +86,17 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
             channel.send_batch([_encode(INIT_FAILED, False, (exc, traceback.format_exc()),
                                       threshold)])
             return
+    capture = None
+    if logs is not None:
+        from .._tasklogs import Capture
+
+        capture = Capture(*logs)
+        capture.install(forked_handlers)
+
+        def send_logs(task_id: int, records: list[Any]) -> None:
+            channel.send_batch([(_logs_message(task_id, records), [], _nothing)])
+
+        capture.sender = send_logs
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -86,13 +109,19 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         if task_id & REPORT_START:
             task_id ^= REPORT_START
             channel.send_batch([(TASK_ID.pack(STARTED) + TASK_ID.pack(task_id), [], _nothing)])
+        if capture is not None:
+            capture.begin(task_id)
         ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
         del payload, fds
         # Sent before the next task starts: a result held back while another
         # task runs would be lost if that task killed us, and the parent could
         # no longer tell which of its tasks we were running.
-        channel.send_batch([*_releases(), _encode(task_id, ok, value, threshold)])
-        del value  # unmap this task's arrays before waiting for the next
+        reply = _encode(task_id, ok, value, threshold)
+        records = capture.take() if capture is not None else None
+        # Nothing logged: nothing more is sent (the common case).
+        log_message = [(_logs_message(task_id, records), [], _nothing)] if records else []
+        channel.send_batch([*_releases(), *log_message, reply])
+        del value, reply  # unmap this task's arrays before waiting for the next
         if late := _releases():
             channel.send_batch(late)  # the result held them: free them for reuse now
         done += 1
@@ -110,6 +139,9 @@ def _releases() -> list[tuple[bytes, list[int], Callable[[], None] | None]]:
     if report is None:
         return []
     return [(TASK_ID.pack(RELEASED) + _segcache.encode_report(*report), [], _nothing)]
+def _logs_message(task_id: int, records: list[Any]) -> bytes:
+    return TASK_ID.pack(LOGS) + TASK_ID.pack(task_id) + pickle.dumps(records,
+                                                                      pickle.HIGHEST_PROTOCOL)
 
 
 def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:

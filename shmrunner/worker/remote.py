@@ -46,6 +46,7 @@ from typing import Any
 
 from .._allowlist import AllowList
 from .._engine import EngineSettings, ProcessEngine, Task
+from .._tasklogs import Record, engine_setting
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
@@ -76,17 +77,27 @@ _Key = tuple[str, int]  # (the scheduler's session, its task id): unique across 
 
 class _Reply:
     """The engine's :class:`~shmrunner._sink.ResultSink` for one task: queues
-    (key, task, ok, value) for the agent loop to send."""
+    (key, task, ok, value, logs) for the agent loop to send."""
 
-    __slots__ = ("agent", "key", "task")
+    __slots__ = ("agent", "key", "task", "logs")
 
     def __init__(self, agent: Agent, key: _Key) -> None:
         self.agent = agent
         self.key = key
         self.task: Task | None = None
+        self.logs: list[Record] | None = None  # what the task logged (engine's on_logs)
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
-        self.agent._completed(self.key, self.task, ok, value)
+        self.agent._completed(self.key, self.task, ok, value, self.logs)
+        self.logs = None
+
+
+def _keep_logs(task: Task, pid: int | None, records: list[Record]) -> None:
+    """The engine's ``on_logs``: a task's records ride with its result (a long
+    task's early ones too: they are bounded by its worker's capture)."""
+    reply = task.result
+    if isinstance(reply, _Reply):
+        reply.logs = records if reply.logs is None else reply.logs + records
 
 
 class Agent:
@@ -98,8 +109,8 @@ class Agent:
         self.processes = settings.processes or os.cpu_count() or 1
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self._ctx = context or multiprocessing.get_context()
-        self._done: collections.deque[tuple[_Key, Task | None, bool, Any]] = \
-            collections.deque()
+        self._done: collections.deque[
+            tuple[_Key, Task | None, bool, Any, list[Record] | None]] = collections.deque()
         self._running: dict[_Key, Task] = {}
         # Cancels ProcessEngine.kill put off: why, the seconds the task must have run
         # first, and how many times it was asked; when to ask again at the latest.
@@ -129,10 +140,13 @@ class Agent:
         self._wakeup.wake()
 
     def run(self) -> int:
+        logs = engine_setting(self.settings.task_logs, self.settings.task_log_bytes,
+                              "worker.task_logs")
         self._core = ProcessEngine(EngineSettings(
             processes=self.processes, context=self._ctx,
-            shm_threshold=self.settings.shm_threshold,
-            memory_limit=self.settings.memory_limit))
+            shm_threshold=self.settings.shm_threshold, task_logs=logs,
+            memory_limit=self.settings.memory_limit),
+            on_logs=None if logs is None else _keep_logs)
         try:
             while True:
                 if self._session():
@@ -362,9 +376,10 @@ class Agent:
             self._timeouts[key] = body["timeout"]
         batch.append(task)
 
-    def _completed(self, key: _Key, task: Task | None, ok: bool, value: Any) -> None:
+    def _completed(self, key: _Key, task: Task | None, ok: bool, value: Any,
+                   logs: list[Record] | None = None) -> None:
         """Called on the engine's thread: hand the result to the agent loop."""
-        self._done.append((key, task, ok, value))
+        self._done.append((key, task, ok, value, logs))
         self._wakeup.wake()
 
     def _send_results(self, channel: ZmqChannel) -> None:
@@ -372,20 +387,23 @@ class Agent:
         only to the session that sent the task (others' results are dropped)."""
         session = self._session_id
         if session is None:  # not welcomed yet on this connection: keep them until then,
-            for key, task, _, _ in list(self._done):  # but they are no longer running
+            for key, task, _, _, _ in list(self._done):  # but they are no longer running
                 if task is not None and self._running.get(key) is task:
                     del self._running[key]  # (a drain must not wait for a welcome)
                     self._timeouts.pop(key, None)
             return
         bodies: list[dict[str, Any]] = []
         while self._done and len(bodies) < MAX_BATCH:
-            key, task, ok, value = self._done.popleft()
+            key, task, ok, value, logs = self._done.popleft()
             if task is not None and self._running.get(key) is task:
                 del self._running[key]  # not a newer attempt that reuses the id
                 self._timeouts.pop(key, None)
             if key[0] != session:
                 continue  # for a scheduler that is gone
-            bodies.append(_result_body(session, key[1], ok, value))
+            body = _result_body(session, key[1], ok, value)
+            if logs:
+                body["logs"] = logs
+            bodies.append(body)
         if len(bodies) > 1:
             try:
                 channel.send(Message("results", {"results": bodies}))
@@ -396,9 +414,12 @@ class Agent:
             try:
                 channel.send(Message("result", body))
             except (TypeError, ValueError) as exc:
-                channel.send(Message("result", _result_body(
+                failed = _result_body(
                     session, body["task_id"], False,
-                    TypeError(f"the result of task {body['task_id']} cannot be sent back: {exc}"))))
+                    TypeError(f"the result of task {body['task_id']} cannot be sent back: {exc}"))
+                if "logs" in body:
+                    failed["logs"] = body["logs"]
+                channel.send(Message("result", failed))
         if self._done:
             self._wakeup.wake()  # more than one batch finished: go round again
 

@@ -1,0 +1,65 @@
+"""Task functions for test_task_logs.py: they print and log (importable by
+reference in remote agents and the daemon, whose PYTHONPATH has this directory)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+
+def chatty(x: int) -> int:
+    print(f"printed {x}")
+    logging.getLogger("myapp.part").warning("warned %d", x)
+    print(f"complained {x}", file=sys.stderr)
+    logging.getLogger("myapp.part").debug("too fine to forward %d", x)
+    return x + 1
+
+
+def quiet(x: int) -> int:
+    return x + 1
+
+
+def capturing() -> bool:
+    """Whether this worker's sys.stdout is the task-log capture's stream."""
+    return type(sys.stdout).__name__ == "_Stream"
+
+
+def flood(total: int, chunk: int) -> int:
+    """Print ``total`` characters in writes of ``chunk`` (lines of ``chunk`` - 1 x)."""
+    line = "x" * (chunk - 1)
+    for _ in range(total // chunk):
+        print(line)
+    return total
+
+
+def one_huge_line(size: int) -> int:
+    sys.stdout.write("y" * size)
+    return size
+
+
+def raises_after_logging() -> None:
+    logging.getLogger("myapp").error("about to fail")
+    raise ValueError("failed on purpose")
+
+
+def uses_fileno() -> int:
+    """What subprocess(stdout=sys.stdout) and faulthandler do: the fd itself."""
+    return sys.stdout.fileno()
+
+
+def long_task(release: str) -> str:
+    """Works a little over a second (the early-flush threshold), says so, then
+    waits (bounded) for the test to create ``release``."""
+    start = time.monotonic()
+    while time.monotonic() - start < 1.2:
+        sum(range(1000))  # the task's own work
+    print("still working")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            return "never released"
+        time.sleep(0.01)
+    print("done")
+    return "released"

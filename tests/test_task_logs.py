@@ -1,0 +1,341 @@
+"""Task logs: what tasks log and print reaches the caller as logging records on
+``shmrunner.task`` (with worker, host, task_id), bounded, from real worker
+processes: the Pool (opt-in), the Scheduler's local tier, a real remote agent
+(``shmrunner worker`` subprocess), and the daemon, which keeps them per job for
+``Client.job_log``. Raw ZeroMQ peers send garbage logs fields: refused, counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import _log_tasks as tasks
+import msgpack
+import pytest
+import zmq
+from test_remote import Workers
+
+from _daemon_tasks import run_cli
+from _util import wait_until
+from shmrunner import Pool, Scheduler, ShmrunnerError
+from shmrunner.errors import ConfigError
+from shmrunner.transport.protocol import PROTOCOL_VERSION, decode
+
+RESULT = 30  # seconds: a healthy result arrives in well under one
+BEAT, BEAT_TIMEOUT = 0.1, 1.0
+MiB = 1 << 20
+HOST = socket.gethostname()
+
+
+def task_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "shmrunner.task"]
+
+
+def by_source(records: list[logging.LogRecord]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for record in records:
+        found.setdefault(record.source, []).append(record.getMessage())  # type: ignore[attr-defined]
+    return found
+
+
+def assert_chatty(records: list[logging.LogRecord], x: int, worker: str | None = None,
+                  host: str = HOST) -> None:
+    """What tasks.chatty(x) logs, as re-emitted at INFO."""
+    sources = by_source(records)
+    assert sources["stdout"] == [f"printed {x}"]
+    assert sources["myapp.part"] == [f"warned {x}"]
+    assert sources["stderr"] == [f"complained {x}"]
+    assert all("too fine" not in m for ms in sources.values() for m in ms)
+    levels = {r.source: r.levelno for r in records}  # type: ignore[attr-defined]
+    assert levels == {"stdout": logging.INFO, "myapp.part": logging.WARNING,
+                      "stderr": logging.WARNING}
+    for record in records:
+        assert record.host == host  # type: ignore[attr-defined]
+        if worker is not None:
+            assert record.worker == worker  # type: ignore[attr-defined]
+        assert record.task_id is not None  # type: ignore[attr-defined]
+
+
+def vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+# --- the capture itself (in this process) -----------------------------------------------
+
+
+def test_capture_keeps_the_beginning_and_says_how_much_was_cut() -> None:
+    from shmrunner._tasklogs import Capture
+
+    capture = Capture(logging.INFO, limit=1000)
+    for i in range(100):
+        capture.add(1.0, logging.INFO, "n", f"line {i:03d} " + "z" * 50)
+    records = capture.take()
+    assert records[0][3].startswith("line 000")
+    assert records[-1][2] == "shmrunner.task" and "characters truncated]" in records[-1][3]
+    assert sum(len(r[3]) for r in records[:-1]) < 1000
+    assert capture.take() == []  # the next task starts afresh
+
+
+def test_yaml_off_is_off(tmp_path: Path) -> None:
+    from shmrunner import config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("scheduler:\n  task_logs: off\nworker:\n  task_logs: warning\n")
+    settings = config.load(path)
+    assert settings.scheduler.task_logs is False  # YAML's bare off
+    with Scheduler(settings=settings.scheduler, local_workers=1) as sched:
+        assert not sched.submit(tasks.capturing).result(RESULT)
+
+
+def test_task_logs_setting_is_validated() -> None:
+    with pytest.raises(ConfigError, match="task_logs"):
+        Scheduler(local_workers=1, task_logs="LOUD")
+    with pytest.raises(ConfigError, match="task_log_bytes"):
+        Scheduler(local_workers=1, task_log_bytes=0)
+    with pytest.raises(ConfigError, match="task_logs"):
+        Pool(1, task_logs="verbose")
+
+
+# --- Scheduler, local tier -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_forwards_print_and_logging_by_default(caplog: pytest.LogCaptureFixture,
+                                                         ) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    with Scheduler(local_workers=1) as sched:
+        assert sched.submit(tasks.chatty, 1).result(RESULT) == 2
+        records = task_records(caplog)
+        assert_chatty(records, 1)
+        assert records[0].worker.startswith("local-")  # type: ignore[attr-defined]
+        assert records[0].pid in {p.pid for p in sched._local.engine.processes()}  # type: ignore[attr-defined, union-attr]
+        caplog.clear()
+        with pytest.raises(ValueError, match="on purpose"):
+            sched.submit(tasks.raises_after_logging).result(RESULT)
+        assert by_source(task_records(caplog)) == {"myapp": ["about to fail"]}
+        caplog.clear()
+        assert sched.submit(tasks.quiet, 1).result(RESULT) == 2
+        assert sched.submit(tasks.uses_fileno).result(RESULT) >= 0  # fd-level code still works
+        assert task_records(caplog) == []
+
+
+@pytest.mark.timeout(90)
+def test_a_long_tasks_log_arrives_while_it_runs(caplog: pytest.LogCaptureFixture,
+                                                tmp_path: Path) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    release = tmp_path / "release"
+    with Scheduler(local_workers=1) as sched:
+        future = sched.submit(tasks.long_task, str(release))
+        wait_until(lambda: any(r.getMessage() == "still working" for r in task_records(caplog)),
+                   RESULT, message="the running task's line")
+        assert not future.done()
+        release.touch()
+        assert future.result(RESULT) == "released"
+    assert [r.getMessage() for r in task_records(caplog)] == ["still working", "done"]
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_level_and_off(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="shmrunner.task")
+    with Scheduler(local_workers=1, task_logs="WARNING") as sched:
+        assert sched.submit(tasks.chatty, 2).result(RESULT) == 3
+        assert not sched.submit(tasks.capturing).result(RESULT)  # print stays on the terminal
+    sources = by_source(task_records(caplog))
+    assert sources == {"myapp.part": ["warned 2"], "stderr": ["complained 2"]}
+    caplog.clear()
+    with Scheduler(local_workers=1, task_logs="off") as sched:
+        assert sched.submit(tasks.chatty, 3).result(RESULT) == 4
+        assert not sched.submit(tasks.capturing).result(RESULT)  # nothing captured, nothing sent
+    assert task_records(caplog) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_task_printing_200_mb_sends_a_bounded_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    limit = 64 * 1024
+    with Scheduler(local_workers=1, task_log_bytes=limit) as sched:
+        sched.submit(tasks.quiet, 0).result(RESULT)  # the worker is up
+        before = vm_hwm()
+        assert sched.submit(tasks.flood, 200 * MiB, 64 * 1024).result(RESULT * 2) == 200 * MiB
+        records = task_records(caplog)
+        assert sum(len(r.getMessage()) for r in records) < limit + 100
+        assert "characters truncated]" in records[-1].getMessage()
+        assert records[-1].levelno == logging.WARNING
+        caplog.clear()
+        assert sched.submit(tasks.one_huge_line, 50 * MiB).result(RESULT) == 50 * MiB
+        records = task_records(caplog)
+        assert sum(len(r.getMessage()) for r in records) < limit + 100
+        assert records[-1].getMessage().startswith("[... ")
+        grown = vm_hwm() - before
+        assert grown < 32 * MiB, f"the caller's peak memory grew by {grown >> 20} MiB"
+
+
+# --- Pool: off by default (multiprocessing's children print on the terminal) ---------------
+
+
+@pytest.mark.timeout(60)
+def test_pool_forwards_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    with Pool(1) as pool:
+        assert pool.apply(tasks.chatty, (4,)) == 5
+        assert not pool.apply(tasks.capturing)
+    assert task_records(caplog) == []
+    with Pool(1, task_logs="INFO") as pool:
+        assert pool.map(tasks.chatty, [5]) == [6]
+    assert_chatty(task_records(caplog), 5)
+
+
+# --- a real remote agent ----------------------------------------------------------------
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(tmp_path)
+    try:
+        yield w
+    finally:
+        w.stop_all()
+
+
+def hub(**options: Any) -> Scheduler:
+    return Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", heartbeat_interval=BEAT,
+                     heartbeat_timeout=BEAT_TIMEOUT, **options)
+
+
+@pytest.mark.timeout(90)
+def test_remote_agent_sends_its_tasks_logs(caplog: pytest.LogCaptureFixture,
+                                           workers: Workers) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    sched = hub()
+    try:
+        assert sched.address is not None
+        workers.start(sched.address, "agent-with-logs")
+        wait_until(lambda: len(sched.status()["workers"]) == 1, RESULT,
+                   message="the agent to join")
+        assert sched.submit("_log_tasks:chatty", 7).result(RESULT) == 8
+        assert_chatty(task_records(caplog), 7, worker="agent-with-logs")
+        caplog.clear()
+        assert sched.submit("_log_tasks:quiet", 7).result(RESULT) == 8
+        assert task_records(caplog) == []
+    finally:
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
+class RawAgent:
+    """A fake agent on a raw DEALER: says hello, takes tasks, answers by hand."""
+
+    def __init__(self, context: zmq.Context[Any], address: str) -> None:
+        self.sock: zmq.Socket[Any] = context.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvtimeo = self.sock.sndtimeo = RESULT * 1000
+        self.sock.connect(address)
+        self.sock.send_multipart([msgpack.packb([PROTOCOL_VERSION, "hello", {
+            "name": "raw", "host": "attacker", "pid": 1, "capacity": 1}])])
+        welcome = decode(self.sock.recv_multipart(), max_bytes=MiB, allow_pickle=False)
+        assert welcome.type == "welcome"
+        self.session = welcome.body["session"]
+
+    def next_task(self) -> int:
+        while True:
+            msg = decode(self.sock.recv_multipart(), max_bytes=MiB, allow_pickle=False)
+            if msg.type == "task":
+                return int(msg.body["task_id"])
+            if msg.type == "tasks":
+                return int(msg.body["tasks"][0]["task_id"])
+
+    def result(self, task_id: int, logs: Any) -> None:
+        self.sock.send_multipart([msgpack.packb([PROTOCOL_VERSION, "result", {
+            "session": self.session, "task_id": task_id, "ok": True, "value": task_id,
+            "logs": logs}])])
+
+
+GARBAGE = {
+    "not a list": "printed",
+    "a record too short": [[1.0, 20, "n"]],
+    "a message not a str": [[1.0, 20, "n", 5]],
+    "a level out of range": [[1.0, 500, "n", "m"]],
+    "a time not finite": [[math.inf, 20, "n", "m"]],
+    "a name too long": [[1.0, 20, "n" * 1000, "m"]],
+    "too many characters": [[1.0, 20, "n", "m" * (2 * MiB)]],
+    "too many records": [[1.0, 20, "n", ""]] * 40_000,
+}
+
+
+@pytest.mark.timeout(90)
+def test_garbage_logs_from_a_raw_peer_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    sched = hub()
+    context: zmq.Context[Any] = zmq.Context()
+    peer = None
+    try:
+        assert sched.address is not None
+        peer = RawAgent(context, sched.address)
+        future = sched.submit("_log_tasks:quiet", 1)
+        task_id = peer.next_task()
+        for count, logs in enumerate(GARBAGE.values(), 1):
+            peer.result(task_id, logs)
+            wait_until(lambda n=count: sched.status()["rejected"] >= n, RESULT,
+                       message=f"garbage log {count} to be refused")
+        assert not future.done() and task_records(caplog) == []
+        peer.result(task_id, [[1.5, logging.WARNING, "remote.app", "an honest line"]])
+        assert future.result(RESULT) == task_id
+        (record,) = task_records(caplog)
+        assert record.getMessage() == "an honest line"
+        assert (record.worker, record.host, record.created) == ("raw", "attacker", 1.5)  # type: ignore[attr-defined]
+    finally:
+        if peer is not None:
+            peer.sock.close(linger=0)
+        context.destroy(linger=0)
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
+# --- the daemon keeps each job's log ----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_daemon_keeps_a_jobs_log_for_the_client(daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    assert client.submit("_log_tasks:chatty", 9, job_id="chat").result(timeout=RESULT) == 10
+    assert client.submit("_log_tasks:quiet", 9, job_id="hush").result(timeout=RESULT) == 10
+    log = client.job_log("chat")
+    lines = log.splitlines()
+    assert len(lines) == 3, log
+    assert any(" INFO stdout " in line and line.endswith("printed 9") for line in lines)
+    assert any(" WARNING myapp.part " in line and line.endswith("warned 9") for line in lines)
+    assert any(" WARNING stderr " in line and line.endswith("complained 9") for line in lines)
+    assert client.job_log("hush") == ""
+    with pytest.raises(ShmrunnerError, match="does not know"):
+        client.job_log("never-submitted")
+    shown = run_cli("jobs", "--connect", d.address, "--log", "chat")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == log
+
+
+def test_daemon_job_logs_are_bounded_per_job_and_in_all() -> None:
+    from concurrent.futures import Future
+
+    from shmrunner._joblogs import JobLogs
+
+    logs = JobLogs(per_job=1000, total=3000, max_jobs=2)
+    line = (1.0, logging.INFO, "stdout", "x" * 100)
+    futures = [Future() for _ in range(4)]  # type: ignore[var-annotated]
+    for i, future in enumerate(futures):
+        logs.add(future, [line] * 50, "w", "h")  # ~150 characters a line, 50 lines
+        running = logs.text(f"job{i}", future)
+        assert running is not None and len(running) < 1000 + 100
+        assert running.endswith("characters truncated]\n")
+        future.set_result(None)
+        logs.settle(f"job{i}", future)
+    assert logs.text("job0", None) is None and logs.text("job1", None) is None  # max_jobs
+    assert logs.text("job3", None) is not None
+    assert logs.text("never", Future()) == ""
