@@ -119,7 +119,8 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         reply = _encode(task_id, ok, value, threshold)
         records = capture.take() if capture is not None else None
         # Nothing logged: nothing more is sent (the common case).
-        log_message = [(_logs_message(task_id, records), [], _nothing)] if records else []
+        log_message: list[tuple[bytes, list[int], Callable[[], None] | None]] = [
+            (_logs_message(task_id, records), [], _nothing)] if records else []
         channel.send_batch([*_releases(), *log_message, reply])
         del value, reply  # unmap this task's arrays before waiting for the next
         if late := _releases():
