@@ -194,6 +194,18 @@ def test_pool_forwards_only_when_asked(caplog: pytest.LogCaptureFixture) -> None
     assert_chatty(task_records(caplog), 5)
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_pool_forwards_under_every_start_method(caplog: pytest.LogCaptureFixture,
+                                                method: str) -> None:
+    import multiprocessing
+
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    with Pool(1, context=multiprocessing.get_context(method), task_logs="INFO") as pool:
+        assert pool.apply(tasks.chatty, (6,)) == 7
+    assert_chatty(task_records(caplog), 6)
+
+
 # --- a real remote agent ----------------------------------------------------------------
 
 
