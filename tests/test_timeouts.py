@@ -27,7 +27,10 @@ from shmrunner import Scheduler, TaskTimeoutError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
-TIMEOUT = 0.05  # seconds: each slow task naps exactly this long
+# Seconds: each slow task naps exactly this long. Long enough that a task
+# napping 0 s never takes it on a starved 2-core machine (at 50 ms, one in a
+# few thousand did under a load average of 10), short enough for many races.
+TIMEOUT = 0.1
 
 
 def _stress(sched: Scheduler, journal: Path, count: int) -> None:
@@ -66,7 +69,7 @@ def _stress(sched: Scheduler, journal: Path, count: int) -> None:
 @pytest.mark.timeout(300)
 def test_timeouts_at_the_deadline_fail_only_their_own_task_local(tmp_path: Path) -> None:
     with Scheduler(local_workers=2) as sched:
-        _stress(sched, tmp_path / "journal", 1000)
+        _stress(sched, tmp_path / "journal", 600)
 
 
 @pytest.fixture
@@ -96,7 +99,7 @@ def remote_sched(tmp_path: Path) -> Iterator[Scheduler]:
 @pytest.mark.timeout(300)
 def test_timeouts_at_the_deadline_fail_only_their_own_task_remote(
         remote_sched: Scheduler, tmp_path: Path) -> None:
-    _stress(remote_sched, tmp_path / "journal", 600)
+    _stress(remote_sched, tmp_path / "journal", 400)
 
 
 @pytest.mark.timeout(60)
