@@ -25,6 +25,13 @@ any process holding the fd could ``ftruncate`` it and every process mapping
 it would die of SIGBUS on its next access; with them the ``ftruncate`` fails
 (EPERM). Contents stay writable by design: shared arrays are shared.
 
+Recycling (``_segcache.py``): plain arrays a pool sends go into recycled
+segments (:func:`fill_slot`); a segment received as a copy its sender kept
+nothing of (``sole``) goes to the cache instead of being closed once its
+arrays are collected, unless it was sent on by handle or this process forked
+while it was mapped; a view of part of a large segment maps only its window
+(``origin``).
+
 State: the fds :func:`copy_to_memfd` made and no message has closed yet
 (``_copies``), which a forked child closes at once.
 """

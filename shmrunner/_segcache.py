@@ -310,8 +310,9 @@ os.register_at_fork(after_in_child=_reset_in_child)
 _tracking = False
 _maps: dict[int, int] = {}  # inode -> live segments mapping it
 _escaped: set[int] = set()
-_to_release: list[int] = []
-_to_drop: list[int] = []
+# deques: appended by finalizers on any thread, taken with popleft (atomic).
+_to_release: collections.deque[int] = collections.deque()
+_to_drop: collections.deque[int] = collections.deque()
 REPORT = struct.Struct("<II")
 _MAX_REPORT = 1 << 16  # inodes per report, each way (a worker's report is bounded)
 
@@ -376,11 +377,20 @@ def pending_reports() -> tuple[list[int], list[int]] | None:
     """(released, dropped) inodes not yet reported, or None; clears them."""
     if not _to_release and not _to_drop:
         return None
-    rel, drop = _to_release[:_MAX_REPORT], _to_drop[:_MAX_REPORT]
-    del _to_release[:_MAX_REPORT], _to_drop[:_MAX_REPORT]
+    rel, drop = _take(_to_release), _take(_to_drop)
     # Report a dropped inode only once; it can be mapped again (a parent's
     # shared array sent twice) but its slot is gone already.
     return rel, drop
+
+
+def _take(queue: collections.deque[int]) -> list[int]:
+    out: list[int] = []
+    while queue and len(out) < _MAX_REPORT:
+        try:
+            out.append(queue.popleft())
+        except IndexError:
+            break
+    return out
 
 
 def encode_report(rel: list[int], drop: list[int]) -> bytes:
