@@ -163,7 +163,8 @@ class Client(Executor):
                 return future
             options["refs"] = [[path, dep.job_id] for path, dep in refs]
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
-                                           "kwargs": kwargs, "options": options}),
+                                           "kwargs": kwargs, "options": options,
+                                           "batch_accepted": True}),
                         allow_pickle=self._allow_pickle)
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
