@@ -243,6 +243,8 @@ class Daemon:
                 new = set()
             self._acknowledge(accepted)
             for job_id, _, peer, msg in accepted:
+                if msg.body.get("batch_results") is True:
+                    self._replier.batches_for(peer)
                 if job_id in new:
                     new.discard(job_id)  # the same id again in this batch is a resubmission
                     self._start(job_id, msg, peer)

@@ -1,9 +1,10 @@
-"""Batched "accepted": one message naming a poll round's journaled submits.
+"""Batched "accepted" and "results": one message per client per round.
 
 A client that says ``batch_accepted`` in its submits hears, per poll round,
-one "accepted" carrying ``job_ids``; any other client hears one per job. The
-client takes each id of a batch exactly as a single "accepted", and refuses a
-malformed batch (too many ids, bad ids, wrong types) without harm.
+one "accepted" carrying ``job_ids``; one that says ``batch_results`` hears a
+settle round's results as one "results"; any other client hears one message
+per job. The client takes each item of a batch exactly as a single message,
+and refuses a malformed batch (too many ids, bad ids, wrong types) without harm.
 """
 
 from __future__ import annotations
@@ -74,6 +75,42 @@ def test_only_a_client_that_asks_hears_the_batched_form(daemons) -> None:
             peer.close()
 
 
+@pytest.mark.timeout(120)
+def test_results_are_batched_only_for_a_client_that_asks(daemons) -> None:
+    d = daemons().start()
+    for batch in (False, True):
+        peer = RawPeer(d.address)
+        try:
+            ids = [f"r{batch}-{i}" for i in range(N)]
+            for job_id in ids:
+                body = _submit(job_id, None).body
+                body["batch_results"] = batch
+                peer.send(Message("submit", body))
+            values: dict[str, int] = {}
+            batches = 0
+            while len(values) < N:
+                reply = peer.recv(timeout=30)
+                assert reply is not None, "the daemon stopped answering"
+                if reply.type == "accepted":
+                    continue
+                if batch and reply.type == "results":
+                    batches += 1
+                    items = reply.body["results"]
+                    assert 1 < len(items) <= N
+                else:
+                    assert reply.type == "result", reply
+                    items = [reply.body]
+                for item in items:
+                    assert item["ok"] is True and item["job_id"] not in values
+                    values[item["job_id"]] = item["value"]
+            assert values == dict.fromkeys(ids, 2)
+            # Jobs finish while the daemon commits the last round's results: a
+            # round settles several of them, and they go as one message.
+            assert batches >= (1 if batch else 0)
+        finally:
+            peer.close()
+
+
 _MALFORMED: list[dict[str, Any]] = [
     {"job_ids": ["victim"] * (MAX_ACCEPTED_IDS + 1)},               # too many
     {"job_ids": []},                                                # none
@@ -125,8 +162,25 @@ def test_a_client_refuses_malformed_batched_accepted_cleanly() -> None:
         assert not victim.accepted()
         send({"job_ids": ["unknown-one", "victim"]})
         wait_until(victim.accepted, timeout=20, message="the valid batch to accept 'victim'")
-        router.send_multipart([peer.bytes, *encode(Message(
-            "result", {"ok": True, "job_id": "victim", "value": 2}))])
+        assert submit.body["batch_results"] is True
+        bad_results: list[Any] = [
+            {"results": []},
+            {"results": [{"job_id": "victim", "value": 2}]},                # no ok
+            {"results": [{"ok": True, "job_id": "victim"}]},                # no value
+            {"results": [{"ok": True, "job_id": "victim", "value": 2}] * 1025},
+            {"results": [{"ok": True, "job_id": "victim", "task_id": 1, "value": 2}]},
+            {"results": {"ok": True, "job_id": "victim", "value": 2}},
+            {"results": [7]},
+        ]
+        for body in bad_results:
+            router.send_multipart([peer.bytes, msgpack.packb([2, "results", body])])
+        router.send_multipart([peer.bytes, *encode(Message("results", {"results": [
+            {"ok": True, "job_id": "other", "value": 5},
+            {"ok": True, "job_id": "unknown-one", "value": 0}]}))])
+        assert other.result(timeout=20) == 5
+        assert not victim.done()
+        router.send_multipart([peer.bytes, *encode(Message("results", {"results": [
+            {"ok": True, "job_id": "victim", "value": 2}]}))])
         assert victim.result(timeout=20) == 2
     finally:
         client.shutdown(wait=False, cancel_futures=True)
