@@ -311,12 +311,11 @@ class Intake:
                 self.failed += 1
                 self._count(job_id, "failed")
             outcomes.append((job_id, ok, frames))
-            replies += [(peer, frames) for peer in self._waiters.pop(job_id)]
+            replies += [(peer, frames, msg) for peer in self._waiters.pop(job_id)]
         if not outcomes:
             return
         self._journal.finish(outcomes, cancelled, runs)
-        for peer, frames in replies:
-            self._replier.reply_frames(peer, frames)
+        self._replier.reply_results(replies)
 
     def _count(self, job_id: str, outcome: str) -> None:
         peer = self._owners.pop(job_id, None)

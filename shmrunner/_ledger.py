@@ -205,15 +205,24 @@ class Ledger:
     def receive(self, msg: Message) -> None:
         body = msg.body
         job_id = body.get("job_id") or ""
-        if msg.type == "accepted":
+        if msg.type == "results":  # a batch: each one exactly as a single result
+            for item in body["results"]:
+                self.receive(Message("result", item))
+        elif msg.type == "accepted":
+            # A batched "accepted" (job_ids) is, for each id, exactly a single one.
+            ids = body["job_ids"] if "job_ids" in body else [job_id]
+            accepted: list[JobFuture] = []
             with self._lock:
-                future = self._futures.get(job_id)
-                self._drop_submit(job_id)
-                self._retry_at.pop(job_id, None)
-                if self._unacked.pop(job_id, None) is not None:
-                    self._refetch_at[job_id] = when = time.monotonic() + self.refetch_interval
-                    heapq.heappush(self._timers, (when, _REFETCH, job_id))
-            if future is not None:
+                for one in ids:
+                    future = self._futures.get(one)
+                    self._drop_submit(one)
+                    self._retry_at.pop(one, None)
+                    if self._unacked.pop(one, None) is not None:
+                        self._refetch_at[one] = when = time.monotonic() + self.refetch_interval
+                        heapq.heappush(self._timers, (when, _REFETCH, one))
+                    if future is not None:
+                        accepted.append(future)
+            for future in accepted:
                 future.set_accepted()
         elif msg.type == "status_reply":
             with self._lock:

@@ -10,6 +10,11 @@ Data flow::
            v
     dropped, counted (``dropped_replies``)
 
+Results of one settle round (``reply_results``): to a client that said
+``batch_results`` in a submit, the small ones for it go as one ``results``
+message (one send instead of one per job); everything else as single
+``result`` messages, already encoded (the journal's own frames).
+
 The front thread serves every client from one ROUTER socket, so it never
 blocks on one of them. A client that submits thousands of jobs at once is not
 reading while it sends: its replies wait in its backlog, in order, and go as
@@ -26,6 +31,7 @@ import logging
 from typing import Any
 
 from .errors import ChannelError
+from .transport._schema import MAX_BATCH
 from .transport.protocol import Message, encode
 from .transport.zmqchannel import ZmqChannel
 
@@ -34,6 +40,8 @@ __all__ = ["Replier", "refusal"]
 log = logging.getLogger("shmrunner.daemon")
 
 _BACKLOG_BYTES = 32 << 20  # replies held for one client whose queue is full, at most
+_BATCHED_PEERS = 4096      # clients remembered as understanding "results" (then forgotten)
+_SMALL_RESULT = 64 << 10   # a result larger than this always goes alone
 
 
 class _Backlog:
@@ -52,6 +60,33 @@ class Replier:
         self._allow_pickle = allow_pickle
         self.dropped = 0  # replies dropped: the peer's backlog was full, or it was gone
         self._backlogs: dict[bytes, _Backlog] = {}
+        self._batch_peers: set[bytes] = set()
+
+    def batches_for(self, peer: bytes) -> None:
+        """``peer`` understands a batched ``results`` (its submit said so). Bounded:
+        past _BATCHED_PEERS they are all forgotten (they hear single results
+        until their next submit), which is always safe."""
+        if peer not in self._batch_peers:
+            if len(self._batch_peers) >= _BATCHED_PEERS:
+                self._batch_peers.clear()
+            self._batch_peers.add(peer)
+
+    def reply_results(self, replies: list[tuple[bytes, list[Any], Message]]) -> None:
+        """Send a settle round's results: (peer, the result's frames, the result)."""
+        grouped: dict[bytes, list[Message]] = {}
+        for peer, frames, msg in replies:
+            if peer in self._batch_peers and \
+                    sum(memoryview(f).nbytes for f in frames) <= _SMALL_RESULT:
+                grouped.setdefault(peer, []).append(msg)
+            else:
+                self.reply_frames(peer, frames)
+        for peer, msgs in grouped.items():
+            for start in range(0, len(msgs), MAX_BATCH):
+                chunk = msgs[start:start + MAX_BATCH]
+                if len(chunk) == 1:
+                    self.reply(peer, chunk[0])
+                else:
+                    self.reply(peer, Message("results", {"results": [m.body for m in chunk]}))
 
     @property
     def waiting(self) -> bool:

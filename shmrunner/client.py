@@ -68,7 +68,7 @@ __all__ = ["Client", "JobFuture", "connect"]
 
 log = logging.getLogger("shmrunner.client")
 
-_ACCEPT = frozenset({"accepted", "result", "error", "status_reply", "jobs_reply"})
+_ACCEPT = frozenset({"accepted", "result", "results", "error", "status_reply", "jobs_reply"})
 _MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thread gives up
 # What runs a chunk of map(chunksize=) items: the daemon's scheduler's own runner.
 _CHUNK_RUNNER = "shmrunner.scheduler:_run_chunk"
@@ -163,7 +163,8 @@ class Client(Executor):
                 return future
             options["refs"] = [[path, dep.job_id] for path, dep in refs]
         frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
-                                           "kwargs": kwargs, "options": options}),
+                                           "kwargs": kwargs, "options": options,
+                                           "batch_accepted": True, "batch_results": True}),
                         allow_pickle=self._allow_pickle)
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon

@@ -52,6 +52,7 @@ from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
 from .errors import ChannelClosedError, ConfigError, JournalError, ShmrunnerError
 from .scheduler import Scheduler
+from .transport._schema import MAX_ACCEPTED_IDS
 from .transport.protocol import Message, encode
 from .transport.zmqchannel import ChannelOptions, ZmqChannel
 
@@ -74,6 +75,7 @@ class Daemon:
         self.settings = daemon
         self._scheduler_settings = scheduler
         self._started = time.monotonic()
+        self._accepted_messages = 0  # "accepted" messages sent (a batched one counts once)
         self._stop = threading.Event()
         self._wakeup = Wakeup()
         self._waiters = FetchWaiters()
@@ -239,8 +241,10 @@ class Daemon:
                                               job_id, "journal"))
                 accepted = []
                 new = set()
+            self._acknowledge(accepted)
             for job_id, _, peer, msg in accepted:
-                self._reply(peer, Message("accepted", {"job_id": job_id}))
+                if msg.body.get("batch_results") is True:
+                    self._replier.batches_for(peer)
                 if job_id in new:
                     new.discard(job_id)  # the same id again in this batch is a resubmission
                     self._start(job_id, msg, peer)
@@ -250,6 +254,24 @@ class Daemon:
             self._control(peer, msg)
         for peer, msg in fetches:
             self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
+
+    def _acknowledge(self, accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]]
+                     ) -> None:
+        """Tell each client its journaled submits: one "accepted" naming all of a
+        round's jobs to a client that said ``batch_accepted``, one per job to others."""
+        batched: dict[bytes, list[str]] = {}
+        for job_id, _, peer, msg in accepted:
+            if msg.body.get("batch_accepted") is True:
+                batched.setdefault(peer, []).append(job_id)
+            else:
+                self._accepted_messages += 1
+                self._reply(peer, Message("accepted", {"job_id": job_id}))
+        for peer, ids in batched.items():
+            ids = list(dict.fromkeys(ids))  # a resubmission in the same round: once
+            for start in range(0, len(ids), MAX_ACCEPTED_IDS):
+                self._accepted_messages += 1
+                self._reply(peer, Message("accepted",
+                                          {"job_ids": ids[start:start + MAX_ACCEPTED_IDS]}))
 
     # The intake's steps, called by the rounds (one seam each for fault tests).
 
@@ -376,6 +398,7 @@ class Daemon:
             "uptime": round(time.monotonic() - self._started, 3),
             "draining": self._stop.is_set(),
             "dropped_replies": self._replier.dropped,
+            "accepted_messages": self._accepted_messages,
         }
 
     def _drain(self) -> int:

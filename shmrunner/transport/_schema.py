@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from .._jobid import job_id_problem
 from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
 
-__all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_JOB_IDS",
-           "MAX_JOBS_LIMIT", "MessageType", "Message"]
+__all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_ACCEPTED_IDS", "MAX_BATCH", "MAX_CAPACITY",
+           "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "MessageType", "Message"]
 
 PROTOCOL_VERSION = 2
 
@@ -132,6 +133,10 @@ MAX_JOBS_LIMIT = 1000  # recent jobs one "jobs" listing may ask for
 _JOB_IDS: _Check = (f"a list of 1 to {MAX_JOB_IDS} str",
                     lambda v: type(v) is list and 0 < len(v) <= MAX_JOB_IDS
                     and all(type(item) is str for item in v))
+MAX_ACCEPTED_IDS = 1024  # job ids one batched "accepted" may name (a poll round's submits)
+_ACCEPTED_IDS: _Check = (f"a list of 1 to {MAX_ACCEPTED_IDS} valid job ids",
+                         lambda v: type(v) is list and 0 < len(v) <= MAX_ACCEPTED_IDS
+                         and all(job_id_problem(item) is None for item in v))
 _LIMIT: _Check = (f"an int from 1 to {MAX_JOBS_LIMIT}",
                   lambda v: type(v) is int and 1 <= v <= MAX_JOBS_LIMIT)
 _JOB_LIST: _Check = ("a list of maps with str keys",
@@ -160,8 +165,9 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "cancel": ({}, {"task_id": _ID, "job_id": _STR, "now": _BOOL, "queued_only": _BOOL}),
     "shutdown": ({}, {}),
     "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
-               {"job_id": _OPT_JOB, "options": _OPTIONS}),
-    "accepted": ({"job_id": _STR}, {}),
+               {"job_id": _OPT_JOB, "options": _OPTIONS, "batch_accepted": _BOOL,
+                "batch_results": _BOOL}),
+    "accepted": ({}, {"job_id": _STR, "job_ids": _ACCEPTED_IDS}),
     "fetch": ({"job_id": _STR}, {"timeout": _WAIT}),
     "status": ({}, {}),
     "status_reply": ({"status": _MAP}, {}),
@@ -186,6 +192,8 @@ def _check_body(type_: str, body: dict[str, Any]) -> None:
         for item in body[type_]:
             _check_body(type_[:-1], item)  # each one as the single message would be
         return
+    if type_ == "accepted" and ("job_id" in body) == ("job_ids" in body):
+        raise _Invalid("accepted message needs exactly one of 'job_id' and 'job_ids'")
     if type_ in ("result", "cancel") and ("task_id" in body) == ("job_id" in body):
         raise _Invalid(f"{type_} message needs exactly one of 'task_id' and 'job_id'")
     if type_ == "result" and "task_id" in body and "session" not in body:
