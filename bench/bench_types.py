@@ -81,9 +81,10 @@ REMOTE_SKIP = {"shared": "same bytes as numpy on the wire",
 
 
 class Remote(R.ShmRemote):
-    """bench_remote's system, with a heartbeat timeout that outlasts an agent's
-    first `import torch` (it decodes, so imports, on the thread that beats; on
-    this loaded 2-core machine that import took ~6 s, over the 5 s default)."""
+    """bench_remote's system, with a long heartbeat timeout. It was needed when
+    an agent decoded (so imported torch, ~6 s on this loaded 2-core machine)
+    on the thread that beats; agents now forward tensors unbuilt and W2 returns
+    floats, so the default would do: kept so runs compare with RESULTS.md."""
 
     def __init__(self) -> None:
         import shmrunner

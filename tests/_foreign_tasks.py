@@ -67,6 +67,8 @@ def probe(x: Any) -> dict[str, Any]:
 
 def checksum(x: Any) -> float:
     torch, pa, pd = (sys.modules.get(m) for m in ("torch", "pyarrow", "pandas"))
+    if pa is not None:
+        import pyarrow.compute  # noqa: F401 (pa.compute: not imported by pyarrow itself)
     if torch is not None and isinstance(x, torch.Tensor):
         return float(x.detach().double().sum())
     if pd is not None and isinstance(x, pd.DataFrame):

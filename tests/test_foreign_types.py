@@ -165,7 +165,8 @@ def gates(tmp_path: Path) -> Gates:
 @pytest.fixture
 def cluster(tmp_path: Path, gates: Gates) -> Iterator[Cluster]:
     """One agent, with heartbeats that tolerate its first import of pandas or
-    torch (the agent decodes, and so imports, on the thread that beats)."""
+    torch: it forwards task values unbuilt, but echoed results are rebuilt in
+    the agent (on another thread, which the import can still hold up)."""
     sched = Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", heartbeat_interval=0.5,
                       heartbeat_timeout=30)
     workers = Workers(tmp_path)

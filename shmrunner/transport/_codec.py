@@ -209,11 +209,13 @@ class _Decoder:
     """State of one decode: the frames, which of them arrays used, the ext depth,
     and how many more containers the header may hold."""
 
-    __slots__ = ("views", "allow_pickle", "used", "depth", "budget", "limit")
+    __slots__ = ("views", "allow_pickle", "defer_foreign", "used", "depth", "budget", "limit")
 
-    def __init__(self, views: list[memoryview], allow_pickle: bool) -> None:
+    def __init__(self, views: list[memoryview], allow_pickle: bool,
+                 defer_foreign: bool = False) -> None:
         self.views = views
         self.allow_pickle = allow_pickle
+        self.defer_foreign = defer_foreign
         self.used: set[int] = set()
         self.depth = 0
         self.limit = self.budget = _container_budget(views[0].nbytes)
@@ -256,7 +258,7 @@ class _Decoder:
                 payload = self.unpack(data)
             finally:
                 self.depth -= 1
-            return decode_foreign(payload)
+            return decode_foreign(payload, self.defer_foreign)
         if code == EXT_PICKLE:
             if not self.allow_pickle:
                 raise ProtocolError(f"pickled payload refused: the peer sent a {len(data)}-byte "
@@ -304,12 +306,15 @@ def _peek_version(header: memoryview) -> None:
 
 def decode(frames: Sequence[Frame], *, max_bytes: int, allow_pickle: bool,
            max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-           max_frames: int = MAX_FRAMES) -> Message:
+           max_frames: int = MAX_FRAMES, defer_foreign: bool = False) -> Message:
     """The message in ``frames`` (bytes, memoryviews or ``zmq.Frame``), validated.
 
     Arrays are views of the frames' buffers, writable when the buffers are (as
     ``zmq.Frame`` buffers are). Raises :class:`ProtocolError`, naming the
     problem, for anything that breaks the protocol, and nothing else.
+    ``defer_foreign`` (a remote agent, which only forwards values): torch,
+    Arrow and pandas values become :class:`._foreignwire.Deferred`, built
+    where they are unpickled, so this process never imports those libraries.
     """
     if len(frames) == 0:
         raise ProtocolError("empty message: no frames")
@@ -324,7 +329,7 @@ def decode(frames: Sequence[Frame], *, max_bytes: int, allow_pickle: bool,
         raise ProtocolError(f"header of {header.nbytes} bytes exceeds the limit of "
                             f"{max_header_bytes}")
     _peek_version(header)
-    decoder = _Decoder(views, allow_pickle)
+    decoder = _Decoder(views, allow_pickle, defer_foreign)
     try:
         parsed = decoder.unpack(header)
     except ProtocolError:

@@ -30,6 +30,15 @@ The wire names nothing to import: a kind names one of the three fixed
 optional libraries, imported only when such a value arrives (a receiver
 without it refuses the message, naming the library). torch, pyarrow and
 pandas exceptions are translated into :class:`ProtocolError` here.
+
+A remote agent only forwards task arguments to its worker processes, and
+importing torch or pandas can take longer than its heartbeat timeout, so it
+decodes with ``defer=True``: each ext 4 value becomes a :class:`Deferred`
+holding the payload, checked as far as numpy can check it (kind, dtype
+allow-list, lengths, frames), whose pickle rebuilds the value (and imports
+the library, and runs pyarrow's full validation) in the worker process that
+runs the task. A payload that fails there fails that task with a
+:class:`ProtocolError`. The wire is the same either way.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from ..errors import ProtocolError
 from ._foreign import numpy_view
 from ._schema import _describe, _reason, _short
 
-__all__ = ["is_foreign", "encode", "decode"]
+__all__ = ["is_foreign", "encode", "decode", "Deferred"]
 
 EXT_FOREIGN = 4
 
@@ -161,17 +170,50 @@ def _flat(pa: Any, t: Any) -> bool:
 
 # -- decode ---------------------------------------------------------------------------
 
-def decode(payload: Any) -> Any:
+class Deferred:
+    """An ext 4 value not built yet: its payload, checked without the library
+    (:func:`check`). Pickling it pickles the payload (its arrays by fd on the
+    local tier) and :func:`decode` as the function that builds the value on
+    unpickling, so the receiving process imports the library, not this one."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: list[Any]) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return decode, (self.payload,)
+
+    def __repr__(self) -> str:
+        return f"<deferred {self.payload[0]} value>"
+
+
+def decode(payload: Any, defer: bool = False) -> Any:
     """The value an ext 4 payload (already unpacked: its arrays are ndarrays
-    over frames) describes, checked; ProtocolError for anything else."""
-    if type(payload) is not list or not payload or type(payload[0]) is not str:
-        raise ProtocolError(f"ext 4 must be [kind, ...], got {_describe(payload)}")
-    kind = payload[0]
+    over frames) describes, checked; ProtocolError for anything else. With
+    ``defer``, a :class:`Deferred` checked as far as needs no library."""
+    if defer:
+        check(payload)
+        return Deferred(payload)
+    kind = check(payload)
     if kind == "torch":
         return _decode_tensor(payload)
-    if kind in _ARROW_KINDS:
-        return _decode_arrow(kind, payload)
-    raise ProtocolError(f"unknown ext 4 kind {_short.repr(kind)}")
+    return _decode_arrow(kind, payload)
+
+
+def check(payload: Any) -> str:
+    """The kind of an ext 4 payload, its structure checked without importing
+    torch, pyarrow or pandas; ProtocolError otherwise."""
+    if type(payload) is not list or not payload or type(payload[0]) is not str:
+        raise ProtocolError(f"ext 4 must be [kind, ...], got {_describe(payload)}")
+    kind: str = payload[0]
+    if kind == "torch":
+        _check_tensor(payload)
+    elif kind in _ARROW_KINDS:
+        _check_arrow(kind, payload)
+    else:
+        raise ProtocolError(f"unknown ext 4 kind {_short.repr(kind)}")
+    return kind
 
 
 def _library(name: str, kind: str) -> Any:
@@ -182,7 +224,7 @@ def _library(name: str, kind: str) -> Any:
                             f"install {name} on this host") from None
 
 
-def _decode_tensor(payload: list[Any]) -> Any:
+def _check_tensor(payload: list[Any]) -> None:
     if len(payload) != 4:
         raise ProtocolError(f"torch value must be [kind, dtype, array, requires_grad], "
                             f"got {len(payload)} items")
@@ -196,6 +238,10 @@ def _decode_tensor(payload: list[Any]) -> Any:
     expected = _TORCH_DTYPES[name]
     if a.dtype != np.dtype(expected):
         raise ProtocolError(f"torch {name} tensor carried as {a.dtype}, expected {expected}")
+
+
+def _decode_tensor(payload: list[Any]) -> Any:
+    _, name, a, requires_grad = payload
     torch = _library("torch", "torch")
     dtype = getattr(torch, name)
     if not a.flags.writeable:   # torch has no read-only tensors: own a copy
@@ -210,9 +256,22 @@ def _decode_tensor(payload: list[Any]) -> Any:
                             f"{a.strides}: {_reason(exc)}") from exc
 
 
-def _decode_arrow(kind: str, payload: list[Any]) -> Any:
+def _check_arrow(kind: str, payload: list[Any]) -> None:
     if len(payload) != 3 or type(payload[1]) is not bytes or type(payload[2]) is not list:
         raise ProtocolError(f"{kind} value must be [kind, schema bytes, columns]")
+    if kind in ("arrow.array", "arrow.chunked", "pandas.series") and len(payload[2]) != 1:
+        raise ProtocolError(f"{kind} has {len(payload[2])} columns, expected 1")
+    for chunks in payload[2]:
+        if type(chunks) is not list or \
+                (kind in ("arrow.array", "arrow.batch") and len(chunks) != 1):
+            raise ProtocolError(f"{kind} column must be a list of chunks"
+                                f"{' (one)' if kind in ('arrow.array', 'arrow.batch') else ''}, "
+                                f"got {_describe(chunks)}")
+        for chunk in chunks:
+            _check_chunk(chunk)
+
+
+def _decode_arrow(kind: str, payload: list[Any]) -> Any:
     _, schema_bytes, columns = payload
     pa = _library("pyarrow", kind)
     try:
@@ -228,11 +287,6 @@ def _decode_arrow(kind: str, payload: list[Any]) -> Any:
         if not _flat(pa, f.type):
             raise ProtocolError(f"{kind} column type {_short.repr(str(f.type))} refused: "
                                 "only flat Arrow types travel as frames")
-        if type(chunks) is not list or \
-                (kind in ("arrow.array", "arrow.batch") and len(chunks) != 1):
-            raise ProtocolError(f"{kind} column must be a list of chunks"
-                                f"{' (one)' if kind in ('arrow.array', 'arrow.batch') else ''}, "
-                                f"got {_describe(chunks)}")
         arrays.append([_decode_chunk(pa, f.type, chunk) for chunk in chunks])
     try:
         if kind == "arrow.array":
@@ -252,7 +306,7 @@ def _decode_arrow(kind: str, payload: list[Any]) -> Any:
         raise ProtocolError(f"cannot build a {kind} from its columns: {_reason(exc)}") from exc
 
 
-def _decode_chunk(pa: Any, type_: Any, chunk: Any) -> Any:
+def _check_chunk(chunk: Any) -> None:
     if type(chunk) is not list or len(chunk) != 4:
         raise ProtocolError(f"Arrow chunk must be [length, null_count, offset, buffers], "
                             f"got {_describe(chunk)}")
@@ -263,16 +317,16 @@ def _decode_chunk(pa: Any, type_: Any, chunk: Any) -> Any:
             or type(buffers) is not list or len(buffers) > 4:
         raise ProtocolError(f"Arrow chunk has an invalid length, null count, offset or "
                             f"buffer list: {_short.repr(chunk)}")
-    wrapped: list[Any] = []
     for b in buffers:
-        if b is None:
-            wrapped.append(None)
-        elif type(b) is np.ndarray and b.dtype == np.uint8 and b.ndim == 1 \
-                and b.flags.c_contiguous:
-            wrapped.append(pa.py_buffer(b))
-        else:
+        if b is not None and not (type(b) is np.ndarray and b.dtype == np.uint8
+                                  and b.ndim == 1 and b.flags.c_contiguous):
             raise ProtocolError(f"Arrow buffer must be a 1-d uint8 array or nil, "
                                 f"got {_describe(b)}")
+
+
+def _decode_chunk(pa: Any, type_: Any, chunk: list[Any]) -> Any:
+    length, null_count, offset, buffers = chunk
+    wrapped = [None if b is None else pa.py_buffer(b) for b in buffers]
     try:
         array = pa.Array.from_buffers(type_, length, wrapped, null_count, offset)
         array.validate(full=True)

@@ -68,6 +68,7 @@ class ChannelOptions:
     send_hwm: int | None = None           # messages queued per peer (None: ZeroMQ's 1000)
     curve: CurveKeys | None = None
     accept: frozenset[str] | None = None  # message types this end may receive
+    defer_foreign: bool = False           # torch/Arrow/pandas values left unbuilt (_codec)
 
     def __post_init__(self) -> None:
         if type(self.max_bytes) is not int or self.max_bytes < 1:
@@ -298,7 +299,8 @@ class ZmqChannel:
                 msg = decode(frames, max_bytes=self.options.max_bytes,
                              allow_pickle=self.options.allow_pickle,
                              max_header_bytes=self.options.max_header_bytes,
-                             max_frames=self.options.max_frames)
+                             max_frames=self.options.max_frames,
+                             defer_foreign=self.options.defer_foreign)
                 if self.options.accept is not None and msg.type not in self.options.accept:
                     raise ProtocolError(f"unexpected {msg.type} message on this channel")
             except ProtocolError as exc:

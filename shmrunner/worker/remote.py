@@ -5,7 +5,10 @@ Data flow::
     scheduler ROUTER <== DEALER socket (this thread only) ==> agent loop
         task   -> resolve the function -> process engine (_engine.py) on this
                   host: shared-memory workers, the same lifecycle as the Pool
-                  (a dead process is reaped, replaced, its task reported lost)
+                  (a dead process is reaped, replaced, its task reported lost);
+                  torch, Arrow and pandas values arrive unbuilt (decoded with
+                  defer_foreign: this loop never imports those libraries) and
+                  are built in the process that runs the task
         cancel -> ProcessEngine.kill: the process running the task is killed, the task
                   fails with TaskTimeoutError, or TaskCancelledError for a cancel
                   marked "now" (killed at once) (only a task of this connection's
@@ -169,7 +172,10 @@ class Agent:
         channel = ZmqChannel("dealer", ChannelOptions(
             max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
             accept=_ACCEPT, curve=client_keys(settings.curve_secret_key,
-                                              settings.curve_server_key)))
+                                              settings.curve_server_key),
+            # The loop only forwards task values to its processes: importing torch or
+            # pandas here (seconds) would stall heartbeats; the task's process does it.
+            defer_foreign=True))
         self._session_id = None
         try:
             if self._first_hello is None:
