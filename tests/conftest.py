@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import shmrunner
+from _sched_tasks import Gates
 from _util import children, dev_shm_entries, shm_segments, wait_until
 
 START_METHODS = ["fork", "spawn", "forkserver"]
@@ -50,6 +51,23 @@ def _is_session_helper(pid: int) -> bool:
     except OSError:
         return False
     return b"forkserver" in cmdline or b"resource_tracker" in cmdline
+
+
+# A Scheduler with two local workers, and the gates its tasks wait on (opened
+# before it shuts down, so no gated task outlives a test).
+@pytest.fixture
+def gates(tmp_path: Path) -> Gates:
+    return Gates(tmp_path)
+
+
+@pytest.fixture
+def sched(gates: Gates) -> Iterator[shmrunner.Scheduler]:
+    s = shmrunner.Scheduler(local_workers=2)
+    try:
+        yield s
+    finally:
+        gates.open_all()
+        s.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,6 @@ RESULT = 30  # seconds: a healthy result arrives in well under one
 MiB = 1 << 20
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
-
-
-@pytest.fixture
-def gates(tmp_path: Path) -> Gates:
-    return Gates(tmp_path)
-
-
-@pytest.fixture
-def sched(gates: Gates) -> Iterator[Scheduler]:
-    s = Scheduler(local_workers=2)
-    try:
-        yield s
-    finally:
-        gates.open_all()
-        s.shutdown(wait=True, cancel_futures=True)
 
 
 def hold_workers(sched: Scheduler, gates: Gates, n: int = 6) -> list[str]:

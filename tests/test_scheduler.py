@@ -18,7 +18,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
 from multiprocessing.pool import RemoteTraceback
 from pathlib import Path
 
@@ -37,21 +36,6 @@ MiB = 1 << 20
 
 
 
-
-
-@pytest.fixture
-def gates(tmp_path: Path) -> Gates:
-    return Gates(tmp_path)
-
-
-@pytest.fixture
-def sched(gates: Gates) -> Iterator[Scheduler]:
-    s = Scheduler(local_workers=2)
-    try:
-        yield s
-    finally:
-        gates.open_all()
-        s.shutdown(wait=True, cancel_futures=True)
 
 
 def fill_workers(sched: Scheduler, gates: Gates,
