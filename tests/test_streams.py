@@ -152,7 +152,7 @@ _STREAM = textwrap.dedent("""
                     time.sleep(0.05)
             try:
                 yield peak_mib()
-                # The default buffersize (64 tasks: 4 GiB here): the byte budget bounds it.
+                # The default buffersize (64 tasks: more than all 60 here): the byte budget bounds it.
                 yield from sched.map(slow_checksum, arrays(n, mib), [PAUSE] * n)
             finally:
                 if agent is not None:
@@ -178,14 +178,14 @@ def test_a_stream_of_large_arrays_keeps_the_callers_memory_bounded(
     script.write_text(_STREAM)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO, env.get("PYTHONPATH", "")])
-    n, mib, budget = 200, 64, 256  # 12.5 GiB from a generator, a 256 MiB budget
+    n, mib, budget = 60, 64, 256  # 3.75 GiB from a generator (15x the budget), a 256 MiB budget
     proc = subprocess.run([sys.executable, str(script), kind, str(n), str(mib), str(budget)],
                           capture_output=True, text=True, timeout=280, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     base, peak = (int(x) for x in proc.stdout.split())
     # Held at once: the arrays within the budget (each also copied once, into
     # shared memory or a socket buffer, while in flight) and the one being
-    # generated: a small multiple of the budget, never the 200 of an eager map.
+    # generated: a small multiple of the budget, never the 60 of an eager map.
     assert peak - base < 3 * budget, (base, peak)
 
 
@@ -200,9 +200,9 @@ def test_a_stream_of_large_arrays_through_the_daemon_keeps_the_client_bounded(
         script.write_text(_STREAM)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO, env.get("PYTHONPATH", "")])
-        # 3 GiB: every job is journaled (fsynced) before it is accepted, so
-        # this run is disk-bound; 16 MiB arrays keep it short.
-        n, mib, budget = 200, 16, 64
+        # 960 MiB (15x the budget): every job is journaled (fsynced) before it
+        # is accepted, so this run is disk-bound; 16 MiB arrays keep it short.
+        n, mib, budget = 60, 16, 64
         proc = subprocess.run(
             [sys.executable, str(script), daemon.address, str(n), str(mib), str(budget)],
             capture_output=True, text=True, timeout=280, env=env, cwd=REPO)

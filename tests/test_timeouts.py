@@ -28,8 +28,9 @@ from shmrunner import Scheduler, TaskTimeoutError
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
 # Seconds: each slow task naps exactly this long. Long enough that a task
-# napping 0 s never takes it on a starved 2-core machine (at 50 ms, one in a
-# few thousand did under a load average of 10), short enough for many races.
+# napping 0 s rarely takes it on a starved 2-core machine (at 50 ms, one in a
+# few thousand did under a load average of 10; at 100 ms one in 600 still did
+# at 13), short enough for many races.
 TIMEOUT = 0.1
 
 
@@ -58,12 +59,14 @@ def _stress(sched: Scheduler, journal: Path, count: int) -> None:
     assert set(outcomes) <= {"ok", "TaskTimeoutError"}, outcomes
     assert outcomes["ok"] + outcomes["TaskTimeoutError"] == count
     for i, seen in timed_out.items():
-        assert i % 2, f"task {i} naps 0 s yet failed with TaskTimeoutError"
         run = runs[i]
         assert "start" in run, f"task {i} timed out without ever starting"
         # It ran to its deadline: either its end (recorded, but its result lost
         # to the kill) or the moment its failure arrived is a timeout past its start.
-        assert run.get("end", seen) - run["start"] >= TIMEOUT, (i, run, seen)
+        # This holds for a task napping 0 s too: on a starved machine (load 13)
+        # one can be descheduled past its deadline and is then rightly stopped;
+        # a kill meant for another task would land within moments of its start.
+        assert run.get("end", seen) - run["start"] >= TIMEOUT, (i, i % 2, run, seen)
 
 
 @pytest.mark.timeout(300)
