@@ -10,9 +10,9 @@ allowed to kill the thread that serves the pool.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import logging
-import _thread
 import threading
 from collections.abc import Callable, Iterator
 from multiprocessing import TimeoutError
