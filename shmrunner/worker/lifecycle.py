@@ -37,7 +37,13 @@ What "reap" and "respawn" mean per tier:
 Pacing is one rule for every tier (:meth:`Lifecycle.pace`): a worker whose
 results come back less than ``fast_task`` seconds apart per task holds its
 ``fast_capacity``, so tiny tasks travel many per message; any other holds its
-base capacity, which keeps slow tasks balanced across workers.
+base capacity, which keeps slow tasks balanced across workers. Local
+processes add a head-of-line rule (``Worker.prefetch_window``): nothing is
+queued behind a task that has run long (longer than the window, or 4x the
+worker's last task), nor on a worker that has finished no task yet, so a
+long task never holds back work another worker could run. What was queued
+behind a task before it turned out long stays there (taking it back would
+need the worker's word that it has not started it).
 
 Not thread-safe by itself: the tier serialises calls (the engine holds its
 lock), except where a method says it runs on the tier's own thread.
@@ -74,6 +80,9 @@ TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when stopping all p
 _CAPACITY = 2  # tasks a local worker holds: one running, one queued behind it
 _FAST_CAPACITY = 16  # ... when its tasks take under _FAST_TASK seconds each
 _FAST_TASK = 500e-6
+# A task joins a worker's queue only while the task running there has run under
+# this long (or 4x the worker's last task time): see Worker.prefetch_window.
+_PREFETCH_WINDOW = 2e-3
 
 
 class TaskLike(Protocol):
@@ -98,6 +107,13 @@ class Worker(Generic[T]):
     base_capacity: int = 0
     fast_capacity: int | None = None
     last_result: float = 0.0
+    # Head-of-line rule (local processes; None: off): a task is queued behind
+    # the running one only while that has run under this window, or under 4x
+    # the worker's last task time, and never before the worker has finished
+    # one; else a task could wait behind a long one while another worker idles.
+    prefetch_window: float | None = None
+    head_since: float = 0.0  # when the running task (the head of ``tasks``) started
+    last_task: float | None = None  # how long the last task that finished ran
 
     def __post_init__(self) -> None:
         if not self.base_capacity:
@@ -109,6 +125,11 @@ class Worker(Generic[T]):
         if self.retiring:
             return 0
         free = self.capacity - len(self.tasks)
+        if self.tasks and self.prefetch_window is not None and free > 0:
+            last = self.last_task
+            if last is None or (time.monotonic() - self.head_since
+                                > max(self.prefetch_window, 4 * last)):
+                return 0
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.sent)
         return max(free, 0)
@@ -129,8 +150,9 @@ class Lifecycle(Generic[T]):
 
     def __init__(self, spawn: Callable[[int], Any] | None, size: int, capacity: int = 1,
                  max_tasks: int | None = None, *, fast_capacity: int | None = None,
-                 fast_task: float = 0.0) -> None:
+                 fast_task: float = 0.0, prefetch_window: float | None = None) -> None:
         self._spawn = spawn
+        self.prefetch_window = prefetch_window
         self.size = size
         self.capacity = capacity
         self.max_tasks = max_tasks
@@ -153,7 +175,8 @@ class Lifecycle(Generic[T]):
             self._next_id += 1
             endpoint = self._spawn(worker_id)
             worker: Worker[T] = Worker(worker_id, endpoint, self.capacity, self.max_tasks,
-                                       fast_capacity=self.fast_capacity)
+                                       fast_capacity=self.fast_capacity,
+                                       prefetch_window=self.prefetch_window)
             self.workers[worker_id] = worker
             new.append(worker)
         return new
@@ -179,6 +202,8 @@ class Lifecycle(Generic[T]):
         return best
 
     def assign(self, worker: Worker[T], task: T) -> None:
+        if not worker.tasks:
+            worker.head_since = time.monotonic()
         worker.tasks.append(task)
         worker.sent += 1
 
@@ -186,6 +211,9 @@ class Lifecycle(Generic[T]):
         """Remove and return the task ``task_id`` that ``worker`` completed."""
         tasks = worker.tasks
         if tasks and tasks[0].id == task_id:
+            now = time.monotonic()
+            worker.last_task = now - worker.head_since
+            worker.head_since = now  # the next one starts now
             return tasks.popleft()
         for task in tasks:
             if task.id == task_id:
@@ -274,7 +302,8 @@ class ProcessLifecycle(Lifecycle[Task]):
                  parent_fds: tuple[int, ...], memory_limit: int | None = None,
                  logs: tuple[int, int] | None = None) -> None:
         super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
-                         fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK)
+                         fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK,
+                         prefetch_window=_PREFETCH_WINDOW)
         self._context = context
         self._initializer = initializer
         self._initargs = initargs
