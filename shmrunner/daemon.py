@@ -85,6 +85,7 @@ class Daemon:
         self._started = time.monotonic()
         self._accepted_messages = 0  # "accepted" messages sent (a batched one counts once)
         self._rejected_items = 0  # items of "submits" messages that were no valid submit
+        self._batched_submits = 0  # submits that came in "submits" messages
         self._stop = threading.Event()
         self._wakeup = Wakeup()
         self._waiters = FetchWaiters()
@@ -218,6 +219,7 @@ class Daemon:
             peer, msg = received
             assert peer is not None
             if msg.type == "submits":  # each item as the single submit it is
+                self._batched_submits += len(msg.body["submits"])
                 for inner in self._unbatch(msg):
                     self._take_submit(peer, inner[0], inner[1], accepted, room)
             elif msg.type == "submit":
@@ -435,6 +437,7 @@ class Daemon:
             "draining": self._stop.is_set(),
             "dropped_replies": self._replier.dropped,
             "accepted_messages": self._accepted_messages,
+            "batched_submits": self._batched_submits,
         }
 
     def _drain(self) -> int:
