@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,7 +85,11 @@ _is_short_ref = functools.lru_cache(maxsize=1024)(_ref_syntax)
 
 
 def _str_map(v: object) -> bool:
-    return type(v) is dict and all(type(k) is str for k in v)
+    # Checked in C (map, not a generator): every message's maps pass here.
+    return type(v) is dict and (not v or all(map(_is_str, map(type, v))))
+
+
+_is_str = functools.partial(operator.is_, str)
 
 
 def _options(v: Any) -> bool:
