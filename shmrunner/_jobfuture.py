@@ -42,6 +42,8 @@ class JobFuture(Future[Any]):
         # not started.
         self.withdraw: Callable[[str], None] | None = None
         self.cancel_in_daemon: Callable[[str], None] | None = None
+        self._decided = threading.Event()  # accepted, or settled without it
+        self.add_done_callback(lambda _: self._decided.set())
 
     def cancel(self) -> bool:
         """Before the daemon accepted the job: cancel this future (True) and
@@ -67,11 +69,8 @@ class JobFuture(Future[Any]):
     def wait_accepted(self, timeout: float | None = None) -> bool:
         """Wait until the job is durably accepted (True), or until it settled
         without that or ``timeout`` seconds passed (False)."""
-        # On the Future's own condition (notified when it settles, and by
-        # set_accepted): no Event and done-callback per job.
-        with self._condition:
-            self._condition.wait_for(lambda: self._accepted or self.done(), timeout)
-            return self._accepted
+        self._decided.wait(timeout)
+        return self._accepted
 
     def set_accepted(self) -> None:
         """For the client thread only (as ``set_result`` is for an Executor):
@@ -84,8 +83,7 @@ class JobFuture(Future[Any]):
             self.set_running_or_notify_cancel()
         except (InvalidStateError, RuntimeError):
             pass  # settled already (a result can come before the "accepted")
-        with self._condition:
-            self._condition.notify_all()
+        self._decided.set()
 
     # A future the user cancelled stays cancelled: what the daemon says of the
     # job afterwards is not this future's any more.

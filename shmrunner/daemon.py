@@ -5,6 +5,7 @@ Data flow::
     clients (DEALER) ==> client ROUTER ==> front thread (owns that socket and the journal)
         submit  -> batch of one poll round -> Journal.add (one commit) -> "accepted"
                    -> Scheduler.submit; the submitting peer is told the result
+        submits -> each item as one submit, journaled as received (_submitbatch)
         fetch   -> result from the journal now, or when the job finishes (or "error" at
                    the fetch's timeout)
         status  -> workers, queue depth, running, done, failed, cancelled, uptime,
@@ -21,7 +22,8 @@ Data flow::
 
 The pieces, each in its module: ``_intake`` (backlog -> Scheduler -> journal ->
 replies), ``_fetchwaiters`` (who waits for which job, until when), ``_replier``
-(replies that never block the front thread), ``_daemonkeys`` (CURVE).
+(replies that never block the front thread), ``_submitbatch`` (submits batched
+on the wire), ``_daemonkeys`` (CURVE).
 
 Guarantees: a job is acknowledged only once it is in the journal; a daemon
 killed at any moment and restarted runs every acknowledged job that had not
