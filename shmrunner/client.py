@@ -162,9 +162,11 @@ class Client(Executor):
                 future.set_exception(failed)
                 return future
             options["refs"] = [[path, dep.job_id] for path, dep in refs]
-        frames = SubmitFrames(encode(Message("submit", {
-            "job_id": job_id, "fn": fn, "args": args, "kwargs": kwargs, "options": options,
-            "batch_accepted": True, "batch_results": True}), allow_pickle=self._allow_pickle))
+        body = {"job_id": job_id, "fn": fn, "args": args, "kwargs": kwargs,
+                "batch_accepted": True, "batch_results": True}
+        if options:  # optional: none is the common case, and an empty map costs both ends
+            body["options"] = options
+        frames = SubmitFrames(encode(Message("submit", body), allow_pickle=self._allow_pickle))
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
