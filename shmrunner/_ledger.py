@@ -226,7 +226,9 @@ class Ledger:
         job_id = body.get("job_id") or ""
         if msg.type == "results":  # a batch: each one exactly as a single result
             for item in body["results"]:
-                self.receive(Message("result", item))
+                one = item.get("job_id")
+                if one:
+                    self._settle(one, Message("result", item))
         elif msg.type == "accepted":
             # A batched "accepted" (job_ids) is, for each id, exactly a single one.
             ids = body["job_ids"] if "job_ids" in body else [job_id]
