@@ -5,8 +5,8 @@ Data flow::
     Client.submit (caller thread): encode -> SubmitFrames -> ledger outbox
     client thread: next_message(outbox, batching): the front run of small
         single-frame submits -> one "submits" message (their header frames as
-        bytes, unchanged; even a run of one); anything else goes as it is. A send that does not
-        go puts them back (restore), in order.
+        bytes, unchanged; even a run of one); anything else goes as it is.
+        A send that does not go puts them back (restore), in order.
     daemon front thread: unbatch(msg): each item decoded as the single
         "submit" it is (its own limits and schema check); the item's bytes are
         what the journal keeps for that job (no second encode)
