@@ -14,7 +14,8 @@ Data flow::
     front thread: start(): a job whose options carry refs to other jobs gets
         their Scheduler futures, or their journaled results, in place
         (_jobrefs.py)
-    scheduler threads: future done -> completions deque + wake-up
+    scheduler threads: future done -> completions deque (+ a wake-up if it is
+        the first since the front thread last took them)
     front thread: settle(): Journal.finish (one commit for all completions),
         then the result to every peer waiting for the job (FetchWaiters)
 
@@ -81,6 +82,8 @@ class Intake:
         # Finished futures, or None for a job this intake cancelled itself.
         self._completions: collections.deque[tuple[str, Future[Any] | None]] = (
             collections.deque())
+        self._completions_lock = threading.Lock()
+        self._woken = False  # a completion woke the front thread; settle() not run since
         self._running: set[str] = set()  # accepted, not finished (backlog included)
         # Journaled jobs not yet handed to the scheduler (its queue was full).
         self._backlog: collections.deque[tuple[str, Request]] = collections.deque()
@@ -227,7 +230,8 @@ class Intake:
                 self._futures[job_id] = future
                 return False
             self._cancelled[job_id] = (attempts, worker, ran)
-            self._completions.append((job_id, None))
+            with self._completions_lock:
+                self._completions.append((job_id, None))
             if self._logs is not None:  # what the stopped attempt logged stays fetchable
                 self._logs.settle(job_id, future)
             return True
@@ -235,7 +239,8 @@ class Intake:
             if queued_id == job_id:
                 del self._backlog[index]
                 self._cancelled[job_id] = (0, None, False)
-                self._completions.append((job_id, None))
+                with self._completions_lock:
+                    self._completions.append((job_id, None))
                 return True
         return False
 
@@ -257,8 +262,13 @@ class Intake:
                 for peer, c in counts.items()]
 
     def _completed(self, job_id: str, future: Future[Any]) -> None:
-        self._completions.append((job_id, future))
-        self._wakeup.wake()
+        # One wake-up per settle round, not per job: the front thread takes every
+        # completion queued so far, so only the first after that must wake it.
+        with self._completions_lock:
+            self._completions.append((job_id, future))
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wakeup.wake()
 
     def settle(self) -> None:
         """Journal finished jobs (one commit), then tell whoever waits for them: a
@@ -269,8 +279,11 @@ class Intake:
         replies = []
         runs: dict[str, tuple[int, str | None]] = {}
         cancelled: set[str] = set()
-        while self._completions:
-            job_id, future = self._completions.popleft()
+        with self._completions_lock:
+            completions = list(self._completions)
+            self._completions.clear()
+            self._woken = False
+        for job_id, future in completions:
             if future is not None:
                 if self._futures.get(job_id) is not future:
                     continue  # cancelled meanwhile: settled as such already

@@ -42,8 +42,10 @@ class JobFuture(Future[Any]):
         # not started.
         self.withdraw: Callable[[str], None] | None = None
         self.cancel_in_daemon: Callable[[str], None] | None = None
-        self._decided = threading.Event()  # accepted, or settled without it
-        self.add_done_callback(lambda _: self._decided.set())
+        # Set once accepted, or settled without it; made by the first
+        # wait_accepted (most futures are never asked: no Event and
+        # done-callback per job).
+        self._decided: threading.Event | None = None
 
     def cancel(self) -> bool:
         """Before the daemon accepted the job: cancel this future (True) and
@@ -69,7 +71,14 @@ class JobFuture(Future[Any]):
     def wait_accepted(self, timeout: float | None = None) -> bool:
         """Wait until the job is durably accepted (True), or until it settled
         without that or ``timeout`` seconds passed (False)."""
-        self._decided.wait(timeout)
+        with self._condition:  # the Future's own lock: set_accepted reads _decided under it
+            if self._accepted or self.done():
+                return self._accepted
+            if self._decided is None:
+                decided = self._decided = threading.Event()
+                self.add_done_callback(lambda _: decided.set())
+            event = self._decided
+        event.wait(timeout)
         return self._accepted
 
     def set_accepted(self) -> None:
@@ -83,7 +92,10 @@ class JobFuture(Future[Any]):
             self.set_running_or_notify_cancel()
         except (InvalidStateError, RuntimeError):
             pass  # settled already (a result can come before the "accepted")
-        self._decided.set()
+        with self._condition:
+            event = self._decided
+        if event is not None:
+            event.set()
 
     # A future the user cancelled stays cancelled: what the daemon says of the
     # job afterwards is not this future's any more.

@@ -12,7 +12,9 @@ Data flow::
         withdraw   -> a job cancelled before it was accepted: forgotten, and a
                       cancel after its submit (it may have left), outbox
     client thread (the only reader of the socket):
-        outbox --> socket (it pops; callers append: a deque needs no lock)
+        outbox --> socket (it pops; callers append: a deque needs no lock; a
+                   submit wakes the thread only if it said the outbox was
+                   drained since the last: outbox_drained, under the lock)
         receive(reply) -> accepted: ACK timer becomes a REFETCH timer
                           result / final error: settles the Future and the calls
                           busy: a RETRY timer sends the submit's frames again
@@ -80,13 +82,20 @@ class Ledger:
         self._jobs_calls: collections.deque[WaitingCall] = collections.deque()
         self.closed = False
         self._broken: ShmrunnerError | None = None
+        # The daemon takes "submits" batches (it said so in an "accepted").
+        self.batch_submits = False
+        # A submit woke the client thread, which has not found the outbox empty since.
+        self._sending = False
 
     # --- the callers' side ---------------------------------------------------------------
 
     def add_submit(self, job_id: str, frames: list[Any], future: JobFuture) -> bool:
-        """Queue a submit (True), waiting while the ones not yet accepted hold more
-        than ``max_pending_bytes``. A broken client fails ``future`` instead (False);
-        a closed one raises."""
+        """Queue a submit, waiting while the ones not yet accepted hold more than
+        ``max_pending_bytes``; True if the client thread must be woken for it
+        (it said the outbox was drained since the last such wake-up; until it
+        does, it goes on sending, and takes this one with the others: which
+        is what lets it batch them). A broken client fails ``future`` instead
+        (False); a closed one raises."""
         nbytes = _frames_bytes(frames)
         with self._lock:
             # A job larger than the budget alone goes once nothing else waits.
@@ -104,7 +113,17 @@ class Ledger:
             self._submits[job_id] = frames
             self._submits_bytes += nbytes
             self.outbox.append(frames)
-        return True
+            wake, self._sending = not self._sending, True
+        return wake
+
+    def outbox_drained(self) -> bool:
+        """The client thread found the outbox empty: True if it still is (the
+        next submit wakes the thread), False if a caller added to it meanwhile."""
+        with self._lock:
+            if self.outbox:
+                return False
+            self._sending = False
+            return True
 
     def add_fetch(self, job_id: str, call: WaitingCall, timeout: float | None) -> None:
         """Queue a fetch of ``job_id`` that ``call`` waits for (raises if broken)."""
@@ -207,10 +226,14 @@ class Ledger:
         job_id = body.get("job_id") or ""
         if msg.type == "results":  # a batch: each one exactly as a single result
             for item in body["results"]:
-                self.receive(Message("result", item))
+                one = item.get("job_id")
+                if one:
+                    self._settle(one, Message("result", item))
         elif msg.type == "accepted":
             # A batched "accepted" (job_ids) is, for each id, exactly a single one.
             ids = body["job_ids"] if "job_ids" in body else [job_id]
+            if body.get("submits") is True:
+                self.batch_submits = True
             accepted: list[JobFuture] = []
             with self._lock:
                 for one in ids:

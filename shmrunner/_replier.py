@@ -11,8 +11,9 @@ Data flow::
     dropped, counted (``dropped_replies``)
 
 Results of one settle round (``reply_results``): to a client that said
-``batch_results`` in a submit, the small ones for it go as one ``results``
-message (one send instead of one per job); everything else as single
+``batch_results`` in a submit, the small ones for it (one frame: no arrays)
+go as one ``results`` message (one send instead of one per job), made of the
+results' encoded bodies, not encoded again; everything else as single
 ``result`` messages, already encoded (the journal's own frames).
 
 The front thread serves every client from one ROUTER socket, so it never
@@ -30,8 +31,10 @@ import collections
 import logging
 from typing import Any
 
+import msgpack
+
 from .errors import ChannelError
-from .transport._schema import MAX_BATCH
+from .transport._schema import MAX_BATCH, PROTOCOL_VERSION
 from .transport.protocol import Message, encode
 from .transport.zmqchannel import ZmqChannel
 
@@ -73,20 +76,21 @@ class Replier:
 
     def reply_results(self, replies: list[tuple[bytes, list[Any], Message]]) -> None:
         """Send a settle round's results: (peer, the result's frames, the result)."""
-        grouped: dict[bytes, list[Message]] = {}
-        for peer, frames, msg in replies:
-            if peer in self._batch_peers and \
-                    sum(memoryview(f).nbytes for f in frames) <= _SMALL_RESULT:
-                grouped.setdefault(peer, []).append(msg)
+        grouped: dict[bytes, list[bytes]] = {}
+        for peer, frames, _ in replies:
+            body = _packed_body(frames) if peer in self._batch_peers else None
+            if body is not None:
+                grouped.setdefault(peer, []).append(body)
             else:
                 self.reply_frames(peer, frames)
-        for peer, msgs in grouped.items():
-            for start in range(0, len(msgs), MAX_BATCH):
-                chunk = msgs[start:start + MAX_BATCH]
+        for peer, bodies in grouped.items():
+            for start in range(0, len(bodies), MAX_BATCH):
+                chunk = bodies[start:start + MAX_BATCH]
                 if len(chunk) == 1:
-                    self.reply(peer, chunk[0])
+                    self.reply_frames(peer, [_RESULT_HEAD + chunk[0]])
                 else:
-                    self.reply(peer, Message("results", {"results": [m.body for m in chunk]}))
+                    self.reply_frames(peer, [_RESULTS_HEAD + _ARRAY.pack_array_header(len(chunk))
+                                             + b"".join(chunk)])
 
     @property
     def waiting(self) -> bool:
@@ -142,6 +146,26 @@ class Replier:
         self.dropped += count
         if self.dropped <= 10 or self.dropped % 1000 < count:
             log.info("%d reply(ies) dropped (%d in all): %s", count, self.dropped, why)
+
+
+# A "results" message is built from its results' encoded bodies, not encoded
+# again: msgpack concatenates, so [VERSION, "results", {"results": [b1, b2]}] is
+# this head, an array header and the bodies as each "result" frame holds them.
+_RESULT_HEAD = b"\x93" + msgpack.packb([PROTOCOL_VERSION, "result"])[1:]
+_RESULTS_HEAD = (b"\x93" + msgpack.packb([PROTOCOL_VERSION, "results"])[1:]
+                 + b"\x81" + msgpack.packb("results"))
+_ARRAY = msgpack.Packer()
+
+
+def _packed_body(frames: list[Any]) -> bytes | None:
+    """The packed body of a small single-frame "result" message (no arrays: their
+    frame indices are the message's own), else None: it goes alone."""
+    if len(frames) != 1:
+        return None
+    frame = bytes(frames[0])
+    if len(frame) > _SMALL_RESULT or not frame.startswith(_RESULT_HEAD):
+        return None
+    return frame[len(_RESULT_HEAD):]
 
 
 def refusal(reason: str, job_id: str | None, code: str) -> Message:

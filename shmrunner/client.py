@@ -48,16 +48,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
 from ._jobfuture import JobFuture, WaitingCall
-from ._jobid import check_job_id
+from ._jobid import check_job_id, new_job_id
 from ._jobrefs import extract
 from ._ledger import Ledger
 from ._streams import Progress, chunked_calls, stream, total_of
+from ._submitbatch import SubmitFrames, next_message, restore
 from ._wakeup import Wakeup
 from .errors import DependencyError, ResultTimeoutError, ShmrunnerError, TaskCancelledError
 from .transport._schema import MAX_JOB_IDS, MAX_JOBS_LIMIT
@@ -143,7 +143,7 @@ class Client(Executor):
         cancels it. ``submit`` first waits until those jobs are accepted."""
         if self._ledger.closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
+        job_id = new_job_id() if job_id is None else check_job_id(job_id)
         options: dict[str, Any] = {}
         if retries is not None:
             options["retries"] = retries
@@ -162,10 +162,11 @@ class Client(Executor):
                 future.set_exception(failed)
                 return future
             options["refs"] = [[path, dep.job_id] for path, dep in refs]
-        frames = encode(Message("submit", {"job_id": job_id, "fn": fn, "args": args,
-                                           "kwargs": kwargs, "options": options,
-                                           "batch_accepted": True, "batch_results": True}),
-                        allow_pickle=self._allow_pickle)
+        body = {"job_id": job_id, "fn": fn, "args": args, "kwargs": kwargs,
+                "batch_accepted": True, "batch_results": True}
+        if options:  # optional: none is the common case, and an empty map costs both ends
+            body["options"] = options
+        frames = SubmitFrames(encode(Message("submit", body), allow_pickle=self._allow_pickle))
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
         if self._ledger.add_submit(job_id, frames, future):
@@ -416,10 +417,20 @@ class Client(Executor):
         outbox = self._ledger.outbox
         readable = self._channel.poll(self._ledger.next_timer(), wakeup=self._wakeup,
                                       writable=bool(outbox))
-        while outbox:
-            if not self._channel.try_send_frames(outbox[0]):
+        while True:
+            if not outbox:
+                if self._ledger.outbox_drained():  # else a submit came meanwhile
+                    break
+                continue
+            frames, taken = next_message(outbox, self._ledger.batch_submits)
+            try:
+                sent = self._channel.try_send_frames(frames)
+            except BaseException:
+                restore(outbox, taken)
+                raise
+            if not sent:
+                restore(outbox, taken)
                 break  # no connection takes it now (refused?): when one does
-            outbox.popleft()
         if readable:
             while (received := self._channel.recv(0)) is not None:
                 self._receive(received.message)

@@ -5,6 +5,7 @@ Data flow::
     clients (DEALER) ==> client ROUTER ==> front thread (owns that socket and the journal)
         submit  -> batch of one poll round -> Journal.add (one commit) -> "accepted"
                    -> Scheduler.submit; the submitting peer is told the result
+        submits -> each item as one submit, journaled as received (_submitbatch)
         fetch   -> result from the journal now, or when the job finishes (or "error" at
                    the fetch's timeout)
         status  -> workers, queue depth, running, done, failed, cancelled, uptime,
@@ -21,7 +22,8 @@ Data flow::
 
 The pieces, each in its module: ``_intake`` (backlog -> Scheduler -> journal ->
 replies), ``_fetchwaiters`` (who waits for which job, until when), ``_replier``
-(replies that never block the front thread), ``_daemonkeys`` (CURVE).
+(replies that never block the front thread), ``_submitbatch`` (submits batched
+on the wire), ``_daemonkeys`` (CURVE).
 
 Guarantees: a job is acknowledged only once it is in the journal; a daemon
 killed at any moment and restarted runs every acknowledged job that had not
@@ -36,6 +38,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from ._allowlist import AllowList
@@ -48,9 +51,16 @@ from ._jobid import job_id_problem
 from ._joblogs import JobLogs
 from ._journal import CANCELLED, DONE, FAILED, PENDING, Journal
 from ._replier import Replier, refusal
+from ._submitbatch import unbatch
 from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
-from .errors import ChannelClosedError, ConfigError, JournalError, ShmrunnerError
+from .errors import (
+    ChannelClosedError,
+    ConfigError,
+    JournalError,
+    ProtocolError,
+    ShmrunnerError,
+)
 from .scheduler import Scheduler
 from .transport._schema import MAX_ACCEPTED_IDS
 from .transport.protocol import Message, encode
@@ -60,7 +70,7 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("shmrunner.daemon")
 
-_ACCEPT = frozenset({"submit", "fetch", "status", "jobs", "cancel"})
+_ACCEPT = frozenset({"submit", "submits", "fetch", "status", "jobs", "cancel"})
 _RECENT_JOBS = 20  # jobs a "jobs" listing without ids or limit names
 _EXPIRE_EVERY = 60.0  # longest time between sweeps of expired results
 _BACKLOG_POLL = 0.02  # how soon to retry the scheduler while jobs wait in the backlog
@@ -76,6 +86,8 @@ class Daemon:
         self._scheduler_settings = scheduler
         self._started = time.monotonic()
         self._accepted_messages = 0  # "accepted" messages sent (a batched one counts once)
+        self._rejected_items = 0  # items of "submits" messages that were no valid submit
+        self._batched_submits = 0  # submits that came in "submits" messages
         self._stop = threading.Event()
         self._wakeup = Wakeup()
         self._waiters = FetchWaiters()
@@ -208,20 +220,14 @@ class Daemon:
                 break
             peer, msg = received
             assert peer is not None
-            job_id = msg.body.get("job_id")
-            if self._bad_id(peer, msg):
-                pass
-            elif msg.type == "submit" and self._stop.is_set():  # SIGTERM arrived mid-batch
-                self._refuse(peer, msg)
-            elif msg.type == "submit" and len(accepted) >= room:
-                # Never block on a full queue (the front thread would stop answering
-                # everyone): refuse, and the client submits again later.
-                self._reply(peer, refusal(
-                    f"the daemon is busy: {limit} jobs wait for a worker "
-                    "(scheduler.max_pending); submit again later", job_id, "busy"))
+            if msg.type == "submits":  # each item as the single submit it is
+                self._batched_submits += len(msg.body["submits"])
+                for inner in self._unbatch(msg):
+                    self._take_submit(peer, inner[0], inner[1], accepted, room)
             elif msg.type == "submit":
-                frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
-                accepted.append((job_id or uuid.uuid4().hex, frames, peer, msg))
+                self._take_submit(peer, msg, None, accepted, room)
+            elif self._bad_id(peer, msg):
+                pass
             elif msg.type == "fetch":
                 fetches.append((peer, msg))
             elif msg.type == "status":
@@ -255,6 +261,39 @@ class Daemon:
         for peer, msg in fetches:
             self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
 
+    def _take_submit(self, peer: bytes, msg: Message, frames: list[Any] | None,
+                     accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]],
+                     room: int) -> None:
+        """One submit of a round: refused, or added to ``accepted`` with the frames
+        the journal keeps (``frames``, else ``msg`` encoded)."""
+        job_id = msg.body.get("job_id")
+        if self._bad_id(peer, msg):
+            pass
+        elif self._stop.is_set():  # SIGTERM arrived mid-batch
+            self._refuse(peer, msg)
+        elif len(accepted) >= room:
+            # Never block on a full queue (the front thread would stop answering
+            # everyone): refuse, and the client submits again later.
+            self._reply(peer, refusal(
+                f"the daemon is busy: {self._scheduler_settings.max_pending} jobs wait for a "
+                "worker (scheduler.max_pending); submit again later", job_id, "busy"))
+        else:
+            if frames is None:
+                frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
+            accepted.append((job_id or uuid.uuid4().hex, frames, peer, msg))
+
+    def _unbatch(self, msg: Message) -> Iterator[tuple[Message, list[Any]]]:
+        """The valid submits of a "submits" message; the others are counted in
+        ``rejected`` and logged (the first few)."""
+        for inner in unbatch(msg, max_bytes=self._scheduler_settings.max_message_bytes,
+                             allow_pickle=self._scheduler_settings.allow_pickle):
+            if isinstance(inner, ProtocolError):
+                self._rejected_items += 1
+                if self._rejected_items <= 10:
+                    log.warning("rejected a batched submit: %s", inner)
+                continue
+            yield inner
+
     def _acknowledge(self, accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]]
                      ) -> None:
         """Tell each client its journaled submits: one "accepted" naming all of a
@@ -265,13 +304,14 @@ class Daemon:
                 batched.setdefault(peer, []).append(job_id)
             else:
                 self._accepted_messages += 1
-                self._reply(peer, Message("accepted", {"job_id": job_id}))
+                self._reply(peer, Message("accepted", {"job_id": job_id, "submits": True}))
         for peer, ids in batched.items():
             ids = list(dict.fromkeys(ids))  # a resubmission in the same round: once
             for start in range(0, len(ids), MAX_ACCEPTED_IDS):
                 self._accepted_messages += 1
                 self._reply(peer, Message("accepted",
-                                          {"job_ids": ids[start:start + MAX_ACCEPTED_IDS]}))
+                                          {"job_ids": ids[start:start + MAX_ACCEPTED_IDS],
+                                           "submits": True}))
 
     # The intake's steps, called by the rounds (one seam each for fault tests).
 
@@ -394,11 +434,12 @@ class Daemon:
             "failed": self._intake.failed,
             "cancelled": self._intake.cancelled,
             "clients": self._intake.clients(),
-            "rejected": self._channel.rejected + scheduler["rejected"],
+            "rejected": self._channel.rejected + scheduler["rejected"] + self._rejected_items,
             "uptime": round(time.monotonic() - self._started, 3),
             "draining": self._stop.is_set(),
             "dropped_replies": self._replier.dropped,
             "accepted_messages": self._accepted_messages,
+            "batched_submits": self._batched_submits,
         }
 
     def _drain(self) -> int:
@@ -438,6 +479,10 @@ class Daemon:
                 pass
             elif msg.type == "submit":
                 self._refuse(peer, msg)
+            elif msg.type == "submits":
+                for inner, _ in self._unbatch(msg):
+                    if not self._bad_id(peer, inner):
+                        self._refuse(peer, inner)
             elif msg.type == "fetch":
                 self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
             elif msg.type in ("jobs", "cancel"):

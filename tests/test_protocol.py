@@ -160,6 +160,8 @@ SAMPLES = [
                        "options": {"retries": 2, "timeout": 60}}),
     Message("submit", {"fn": "math:hypot", "args": (3, 4), "kwargs": {"x": ARR}}),
     Message("accepted", {"job_id": "j-1"}),
+    Message("accepted", {"job_ids": ["j-1", "j-2"], "submits": True}),
+    Message("submits", {"submits": [b"\x93\x02\xa6submit\x80", b"any bytes"]}),
     Message("fetch", {"job_id": "j-1", "timeout": None}),
     Message("fetch", {"job_id": "j-1", "timeout": 2}),
     Message("status"),

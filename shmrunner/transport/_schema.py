@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ MessageType = Literal[
     "hello", "result", "results", "heartbeat", "bye",             # worker -> scheduler
     "welcome", "task", "tasks", "cancel", "shutdown",             # scheduler -> worker
     "submit", "accepted", "fetch", "status", "status_reply", "error",  # client <-> daemon
-    "jobs", "jobs_reply",                                        # client <-> daemon
+    "jobs", "jobs_reply", "submits",                             # client <-> daemon
 ]
 MESSAGE_TYPES: frozenset[str] = frozenset(get_args(MessageType))
 
@@ -84,7 +85,11 @@ _is_short_ref = functools.lru_cache(maxsize=1024)(_ref_syntax)
 
 
 def _str_map(v: object) -> bool:
-    return type(v) is dict and all(type(k) is str for k in v)
+    # Checked in C (map, not a generator): every message's maps pass here.
+    return type(v) is dict and (not v or all(map(_is_str, map(type, v))))
+
+
+_is_str = functools.partial(operator.is_, str)
 
 
 def _options(v: Any) -> bool:
@@ -137,6 +142,11 @@ MAX_ACCEPTED_IDS = 1024  # job ids one batched "accepted" may name (a poll round
 _ACCEPTED_IDS: _Check = (f"a list of 1 to {MAX_ACCEPTED_IDS} valid job ids",
                          lambda v: type(v) is list and 0 < len(v) <= MAX_ACCEPTED_IDS
                          and all(job_id_problem(item) is None for item in v))
+# A batch of submits: each item the header frame of one single-frame "submit",
+# decoded (and so bounded and checked) on its own by the daemon (_submitbatch.py).
+_SUBMITS: _Check = (f"a list of 1 to {MAX_BATCH} bytes (encoded submit messages)",
+                    lambda v: type(v) is list and 0 < len(v) <= MAX_BATCH
+                    and all(type(item) is bytes for item in v))
 _LIMIT: _Check = (f"an int from 1 to {MAX_JOBS_LIMIT}",
                   lambda v: type(v) is int and 1 <= v <= MAX_JOBS_LIMIT)
 _JOB_LIST: _Check = ("a list of maps with str keys",
@@ -167,7 +177,8 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
                {"job_id": _OPT_JOB, "options": _OPTIONS, "batch_accepted": _BOOL,
                 "batch_results": _BOOL}),
-    "accepted": ({}, {"job_id": _STR, "job_ids": _ACCEPTED_IDS}),
+    "accepted": ({}, {"job_id": _STR, "job_ids": _ACCEPTED_IDS, "submits": _BOOL}),
+    "submits": ({"submits": _SUBMITS}, {}),
     "fetch": ({"job_id": _STR}, {"timeout": _WAIT}),
     "status": ({}, {}),
     "status_reply": ({"status": _MAP}, {}),
