@@ -83,11 +83,13 @@ class Ledger:
 
     # --- the callers' side ---------------------------------------------------------------
 
-    def add_submit(self, job_id: str, frames: list[Any], future: JobFuture) -> bool:
+    def add_submit(self, job_id: str, frames: list[Any], future: JobFuture,
+                   shared_bytes: int = 0) -> bool:
         """Queue a submit (True), waiting while the ones not yet accepted hold more
-        than ``max_pending_bytes``. A broken client fails ``future`` instead (False);
+        than ``max_pending_bytes`` (its frames, and ``shared_bytes`` of arrays
+        handed over as memfds). A broken client fails ``future`` instead (False);
         a closed one raises."""
-        nbytes = _frames_bytes(frames)
+        nbytes = _frames_bytes(frames) + shared_bytes
         with self._lock:
             # A job larger than the budget alone goes once nothing else waits.
             while (self._submits_bytes and self._broken is None and not self.closed

@@ -47,6 +47,7 @@ from ._intake import Intake, Request
 from ._jobid import job_id_problem
 from ._joblogs import JobLogs
 from ._journal import CANCELLED, DONE, FAILED, PENDING, Journal
+from ._localclients import LocalClients
 from ._replier import Replier, refusal
 from ._wakeup import Wakeup
 from .config import DaemonSettings, SchedulerSettings
@@ -94,12 +95,14 @@ class Daemon:
             accept=_ACCEPT, curve=clients_curve))
         self._replier = Replier(self._channel, allow_pickle=scheduler.allow_pickle)
         self.scheduler: Scheduler | None = None
+        self._local: LocalClients | None = None  # same-host clients' memfds (_localclients)
         self._logs = JobLogs()
         try:
             self.address = self._channel.bind(clients)
             secure_ipc_socket(self.address)
             self.scheduler = Scheduler(settings=scheduler, listen=workers, curve=workers_curve,
                                        on_task_log=self._logs.add)
+            self._local = LocalClients(scheduler.max_message_bytes)
         except BaseException:
             self._close()
             raise
@@ -220,7 +223,12 @@ class Daemon:
                     f"the daemon is busy: {limit} jobs wait for a worker "
                     "(scheduler.max_pending); submit again later", job_id, "busy"))
             elif msg.type == "submit":
-                frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
+                try:  # arrays a same-host client handed over as memfds
+                    msg, journaled = self._claim(msg)
+                except ShmrunnerError as exc:
+                    self._reply(peer, refusal(str(exc), job_id, "invalid"))
+                    continue
+                frames = encode(journaled, allow_pickle=self._scheduler_settings.allow_pickle)
                 accepted.append((job_id or uuid.uuid4().hex, frames, peer, msg))
             elif msg.type == "fetch":
                 fetches.append((peer, msg))
@@ -274,6 +282,10 @@ class Daemon:
                                           {"job_ids": ids[start:start + MAX_ACCEPTED_IDS]}))
 
     # The intake's steps, called by the rounds (one seam each for fault tests).
+
+    def _claim(self, msg: Message) -> tuple[Message, Message]:
+        assert self._local is not None
+        return self._local.claim(msg)
 
     def _start(self, job_id: str, request: Request, peer: bytes | None) -> None:
         self._intake.start(job_id, request, peer)
@@ -399,6 +411,8 @@ class Daemon:
             "draining": self._stop.is_set(),
             "dropped_replies": self._replier.dropped,
             "accepted_messages": self._accepted_messages,
+            "same_host": (None if self._local is None
+                          else {**self._local.advert(), **self._local.status()}),
         }
 
     def _drain(self) -> int:
@@ -479,6 +493,8 @@ class Daemon:
     def _close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False, cancel_futures=True)
+        if self._local is not None:
+            self._local.close()
         self._channel.close()
         self.journal.close()
         self._release_zap()
