@@ -6,9 +6,9 @@ Data flow (the submitting thread, under one lock)::
         the plain and shared numpy arrays of at least ``threshold`` bytes among
         the arguments (lists, tuples, dict values, as _jobrefs looks) -> None
         placeholders + their paths
-        first time (and after a failure, at most every _RETRY s): the daemon's
-        status names its side channel (_samehost.py); connect, check that the
-        daemon runs as this user (SO_PEERCRED)
+        first time (waiting) and after a failure (not waiting; at most every
+        _RETRY s): the daemon's status names its side channel (_samehost.py);
+        connect, check that the daemon runs as this user (SO_PEERCRED)
         each array -> a memfd: a shared array's own segment (no copy), a plain
         one copied once (copy_to_memfd, sealed)
         one datagram b"put" + the fds -> the daemon's token (a blocking exchange
@@ -37,6 +37,7 @@ import msgpack
 import numpy as np
 
 from ._deps import MAX_DEPTH
+from ._jobfuture import WaitingCall
 from ._memfd import close_copies, copy_to_memfd
 from ._samehost import MAX_ARRAYS, MAX_FDS, NAME, PUT, peer_uid, socket_address
 from .shm import DEFAULT_THRESHOLD, segment_of
@@ -54,14 +55,18 @@ Path = list[int | str]
 
 
 class SameHost:
-    def __init__(self, status: Callable[[float], dict[str, Any]], *, durable: bool,
-                 enabled: bool, on_client_thread: Callable[[], bool],
+    def __init__(self, ask: Callable[[], WaitingCall], forget: Callable[[WaitingCall], None],
+                 *, durable: bool, enabled: bool, on_client_thread: Callable[[], bool],
                  threshold: int = DEFAULT_THRESHOLD) -> None:
         self.durable = durable
         self.enabled = enabled
         self.threshold = threshold
         self.sent = 0  # submits whose arrays went as memfds (an observation)
-        self._status = status
+        self._ask = ask  # a status request to the daemon, answered on the client thread
+        self._forget = forget
+        self._call: WaitingCall | None = None  # the status request not yet answered
+        self._asked = 0.0
+        self._first = True
         self._on_client_thread = on_client_thread
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -87,7 +92,7 @@ class SameHost:
             except (OSError, ValueError) as exc:
                 log.info("same-host side channel failed (%s); arrays go on the socket", exc)
                 self._close()
-                self._next_try = time.monotonic() + _RETRY
+                self._next_try = 0.0  # a restarted daemon has a new one: ask at once
                 return unchanged
         self.sent += 1
         return (new_args, new_kwargs, {"token": token, "durable": self.durable, "arrays": specs},
@@ -107,15 +112,33 @@ class SameHost:
             self._sock = None
 
     def _connected(self) -> socket.socket | None:
+        """The side channel, or None (this submit's arrays go as frames). The
+        first submit waits up to _TIMEOUT for the daemon's status; after a
+        failure (a daemon restarted: a new name) the status is asked without
+        waiting, and a later submit uses its answer."""
         if self._sock is not None:
             return self._sock
-        if time.monotonic() < self._next_try or self._on_client_thread():
-            return None  # (a done-callback cannot wait for a status answer)
-        self._next_try = time.monotonic() + _RETRY
-        try:
-            advert = (self._status(_TIMEOUT).get("same_host") or {}).get("socket")
-        except Exception:  # noqa: BLE001 (no answer: the arrays go on the socket)
+        now = time.monotonic()
+        if self._call is None:
+            if now < self._next_try or self._on_client_thread():
+                return None  # (a done-callback cannot wait for a status answer)
+            try:
+                self._call = self._ask()
+            except Exception:  # noqa: BLE001 (a broken client: its submit says so)
+                return None
+            self._asked = now
+            self._next_try = now + _RETRY
+        call = self._call
+        if not call.event.wait(_TIMEOUT if self._first else 0):
+            self._first = False
+            if now - self._asked > _TIMEOUT:  # unanswered (lost in a restart): ask again
+                self._forget(call)
+                self._call = None
             return None
+        self._first = False
+        self._call = None
+        status = call.reply.body.get("status") if call.reply is not None else None
+        advert = ((status or {}).get("same_host") or {}).get("socket")
         if type(advert) is not str or not NAME.fullmatch(advert):
             return None  # an older daemon, or one without the side channel
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

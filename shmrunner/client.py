@@ -94,8 +94,8 @@ class Client(Executor):
                               max_pending_bytes=max_pending_bytes)
         self._wakeup = Wakeup()
         # Arrays to a daemon on this host go as memfds (_shmclient.py).
-        self._same_host = SameHost(lambda timeout: self.status(timeout), durable=durable,
-                                   enabled=same_host,
+        self._same_host = SameHost(self._ask_status, self._ledger.drop_status,
+                                   durable=durable, enabled=same_host,
                                    on_client_thread=lambda: threading.current_thread()
                                    is self._thread)
         self._channel = ZmqChannel("dealer", ChannelOptions(
@@ -356,6 +356,12 @@ class Client(Executor):
 
         return batch_progress(ask, job_ids, progress=progress, wait=wait, interval=interval,
                               timeout=timeout)
+
+    def _ask_status(self) -> WaitingCall:
+        call = WaitingCall()
+        self._ledger.add_status(call)
+        self._wake()
+        return call
 
     def _withdraw(self, job_id: str) -> None:
         """JobFuture.cancel() before the job was accepted (never blocks)."""

@@ -41,8 +41,8 @@ def arrays_out(a: np.ndarray, scale: float) -> dict[str, Any]:
             "sum": float(a.sum())}
 
 
-def total(a: np.ndarray) -> float:
-    return float(a.sum())
+def nested_total(d: dict[str, Any]) -> float:
+    return float(sum(a.sum() for a in [*d["x"], *d["y"]]))
 
 
 def gated_total(a: np.ndarray, started: str, release: str, limit: float = 60.0) -> float:
