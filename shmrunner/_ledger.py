@@ -67,6 +67,7 @@ class Ledger:
         # Their bytes: add_submit() blocks while they exceed max_pending_bytes, so a
         # fast producer cannot fill this process faster than the daemon accepts.
         self._submits_bytes = 0
+        self._shared_bytes: dict[str, int] = {}  # of submits whose arrays went as memfds
         self._room = threading.Condition(self._lock)
         self._retry_at: dict[str, tuple[float, float]] = {}
         # Jobs someone waits for (an acknowledged Future, a result() call) -> when
@@ -105,6 +106,8 @@ class Ledger:
             heapq.heappush(self._timers, (when, _ACK, job_id))
             self._submits[job_id] = frames
             self._submits_bytes += nbytes
+            if shared_bytes:
+                self._shared_bytes[job_id] = shared_bytes
             self.outbox.append(frames)
         return True
 
@@ -374,6 +377,7 @@ class Ledger:
             self._futures.clear()
             self._unacked.clear()
             self._submits.clear()
+            self._shared_bytes.clear()
             self._submits_bytes = 0
             self._room.notify_all()
             self._retry_at.clear()
@@ -392,7 +396,7 @@ class Ledger:
         """Under the lock: ``job_id``'s submit is answered; its frames go."""
         frames = self._submits.pop(job_id, None)
         if frames is not None:
-            self._submits_bytes -= _frames_bytes(frames)
+            self._submits_bytes -= _frames_bytes(frames) + self._shared_bytes.pop(job_id, 0)
             self._room.notify_all()
 
 

@@ -48,6 +48,17 @@ def test_arrays_round_trip_by_memfd(daemons, durable: bool) -> None:
     assert client.status()["same_host"]["deposits"] == 0  # every deposit claimed
 
 
+def test_memfd_bytes_count_against_max_pending_bytes(daemons) -> None:
+    """Arrays handed over as memfds count in the client's budget until accepted,
+    and leave it then: more than the budget goes through, a bit at a time."""
+    d = daemons().start()
+    client = d.client(max_pending_bytes=1 << 20)
+    arrays = [np.full(100_000, float(i)) for i in range(12)]  # 800 kB each
+    futures = [client.submit("_daemon_tasks:total", a) for a in arrays]
+    assert [f.result(timeout=60) for f in futures] == [float(a.sum()) for a in arrays]
+    assert client.same_host["submits"] == 12
+
+
 def test_same_host_false_sends_frames(daemons) -> None:
     d = daemons().start()
     client = d.client(same_host=False)
