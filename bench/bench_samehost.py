@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import shutil
@@ -189,6 +190,7 @@ def main() -> None:
             if rep > 0:
                 times[key].append(dt)
         loads.append(loadavg())
+    say(f"times: {json.dumps(times)}")
     section = report(keys, times, loads, commit + (" (dirty)" if dirty else ""),
                      time.monotonic() - t_start, root, args.reps)
     print(section)
@@ -201,7 +203,7 @@ def gbs(dt: float) -> float:
     return W2_BYTES / dt / 1e9
 
 
-def report(keys: list[str], times: dict[str, list[float]], loads: list[float], commit: str,
+def report(keys: list[str], times: dict[str, list[float]], loads: list[Any], commit: str,
            elapsed: float, root: Path, reps: int) -> str:
     fs = subprocess.run(["df", "-T", str(root)], capture_output=True, text=True).stdout
     fs_line = fs.splitlines()[-1].split()[:2] if fs else ["?", "?"]
@@ -214,7 +216,7 @@ def report(keys: list[str], times: dict[str, list[float]], loads: list[float], c
         f"- W2 = 16 x 64 MiB float64 in, task returns float(a.sum()) ({W2_BYTES / 1e9:.2f} GB); "
         f"{reps} timed repetitions after 1 warm-up, systems started afresh each time, "
         "rotating order; median (time) [range]. Load average "
-        + " → ".join(f"{x:.2f}" for x in loads) + f"; whole run {elapsed / 60:.1f} min.",
+        + " → ".join(str(x) for x in loads) + f"; whole run {elapsed / 60:.1f} min.",
         "",
         "| system | W2 GB/s | time |",
         "|---|---|---|",
@@ -223,8 +225,8 @@ def report(keys: list[str], times: dict[str, list[float]], loads: list[float], c
         ts = times[k]
         lines.append(f"| {LABELS[k]} | **{gbs(statistics.median(ts)):.2f}** "
                      f"[{gbs(max(ts)):.2f}–{gbs(min(ts)):.2f}] | {statistics.median(ts):.3f} s |")
-    lines += ["", "| target | measured (ratio of medians [per-repetition range]) | goal | verdict |",
-              "|---|---|---|---|"]
+    lines += ["", "| target | measured (ratio of medians [per-repetition range]) | goal "
+              "| verdict |", "|---|---|---|---|"]
 
     def ratio(a: str, b: str) -> tuple[float, float, float]:
         per = [tb / ta for ta, tb in zip(times[a], times[b], strict=True)]

@@ -28,7 +28,9 @@ for as long as the daemon keeps answering. While a job runs (and while a
 ``refetch_interval`` seconds, so it completes even if the daemon was restarted
 in between (and replayed the job from its journal), or fails with "does not
 know job" if the restarted daemon has no record of it. Arrays travel as
-zero-copy frames both ways.
+zero-copy frames both ways, except to a daemon on this host: there a
+submit's large arrays go as memfds (``_shmclient``; ``same_host=False``: never),
+journaled by the daemon before the ack unless ``durable=False``.
 
 ``map``/``imap``/``imap_unordered`` read their input lazily (``_streams``),
 and ``submit`` blocks while the submits not yet accepted hold more than
