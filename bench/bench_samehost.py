@@ -24,6 +24,7 @@ Prints a markdown section; with --out, appends it there.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
@@ -166,14 +167,128 @@ def run(key: str, root: Path, arrays: list[np.ndarray]) -> float:
         system.close()
 
 
+KILL_JOBS = 400  # jobs of one kill -9 trial, each with a 1 MiB array
+KILL_ELEMENTS = 131_072
+
+
+def memfds() -> int:
+    """memfds this process holds (a leak check)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+        except OSError:
+            pass
+    return count
+
+
+def kill_trial(trial: int, durable: bool, root: Path) -> dict[str, Any]:
+    """A same-host client streams KILL_JOBS jobs with explicit ids; kill -9 of the
+    daemon once a random share of them has come back; restart on the same
+    journal and port; a new client fetches every acknowledged id."""
+    import random
+    import threading
+
+    import _daemon_tasks
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-samehost-kill-", dir=root))
+    journal, out = tmp / "j.sqlite", tmp / "ran.txt"
+    rng = random.Random(trial)
+    kill_after = rng.randrange(KILL_JOBS // 5, KILL_JOBS * 3 // 5)
+    r: dict[str, Any] = {"durable": durable, "kill_after": kill_after}
+    fds_before = memfds()
+    d1 = BD.DaemonProc(journal, tmp / "d1.log", f"tcp://{R.LOOPBACK}:*",
+                       f"tcp://{R.LOOPBACK}:*", 2)
+    d2 = None
+    try:
+        clients, _ = d1.wait_ready(60)
+        c1 = shmrunner.connect(clients, durable=durable, ack_timeout=3.0)
+        c1.submit(_tasks.inc, 0).result(60)
+        ids = [f"k{trial}-{i:04d}" for i in range(KILL_JOBS)]
+        futures: list[Any] = []
+        ok = [0]
+        stop = threading.Event()
+
+        def settled(f: Any) -> None:
+            if not f.cancelled() and f.exception() is None:
+                ok[0] += 1
+
+        def stream() -> None:
+            for i, job_id in enumerate(ids):
+                if stop.is_set():
+                    return
+                a = np.full(KILL_ELEMENTS, float(i))
+                f = c1.submit(_daemon_tasks.record_total, str(out), job_id, a, job_id=job_id)
+                f.add_done_callback(settled)
+                futures.append(f)
+
+        feeder = threading.Thread(target=stream, daemon=True)
+        feeder.start()
+        deadline = time.monotonic() + 120
+        while ok[0] < kill_after and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.2))
+        d1.p.kill()
+        d1.p.wait(10)
+        stop.set()
+        feeder.join(30)
+        r["submitted"] = len(futures)
+        r["by_memfd"] = c1.same_host["submits"]
+        time.sleep(3.5)  # past ack_timeout: each future is acknowledged, or says it is not
+        acked = [f.job_id for f in futures if f.accepted() or (f.done() and not (
+            f.exception() and "acknowledge" in str(f.exception())))]
+        r["acked"] = len(acked)
+        r["done_at_kill"] = ok[0]
+        c1.shutdown(wait=False)
+        port = clients.rsplit(":", 1)[1]
+        d2 = BD.DaemonProc(journal, tmp / "d2.log", f"tcp://{R.LOOPBACK}:{port}",
+                           f"tcp://{R.LOOPBACK}:*", 2)
+        d2.wait_ready(60)
+        c2 = shmrunner.connect(clients)
+        expected = {job_id: float(i * KILL_ELEMENTS) for i, job_id in enumerate(ids)}
+        good = honest = lost = 0
+        for job_id in acked:
+            try:
+                good += c2.result(job_id, timeout=120) == expected[job_id]
+            except shmrunner.ShmrunnerError as exc:
+                if "durable=False" in str(exc):
+                    honest += 1  # said, not silently lost
+                else:
+                    lost += 1
+                    r.setdefault("errors", []).append(str(exc)[:120])
+        c2.shutdown(wait=False)
+        runs = collections.Counter(line.split()[0] for line in out.read_text().splitlines())
+        sums_ok = all(float(line.split()[1]) == expected[line.split()[0]]
+                      for line in out.read_text().splitlines())
+        r.update(good=good, failed_durable_false=honest, lost=lost,
+                 duplicates=sum(c - 1 for c in runs.values()), sums_ok=sums_ok,
+                 memfds_left=memfds() - fds_before)
+        return r
+    finally:
+        for d in (d1, d2):
+            if d is not None:
+                d.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--systems", default="sched,shm-nj,shm-j,tcp,disk")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--kill-trials", type=int, default=0,
+                    help="kill -9 trials per durability mode (durable, then not)")
     args = ap.parse_args()
-    keys = args.systems.split(",")
+    keys = args.systems.split(",") if args.systems else []
     root = Path(tempfile.gettempdir())
+    trials = []
+    for trial in range(args.kill_trials):
+        for durable in (True, False):
+            trials.append(kill_trial(trial, durable, root))
+            say(f"kill trial {trial} durable={durable}: {trials[-1]}")
+    if not keys:
+        print(kill_report(trials))
+        return
     arrays = [np.full(_tasks.N, float(k)) for k in range(N_ARRAYS)]
     times: dict[str, list[float]] = {k: [] for k in keys}
     loads = [loadavg()]
@@ -193,10 +308,28 @@ def main() -> None:
     say(f"times: {json.dumps(times)}")
     section = report(keys, times, loads, commit + (" (dirty)" if dirty else ""),
                      time.monotonic() - t_start, root, args.reps)
+    section += kill_report(trials)
     print(section)
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n" + section)
+
+
+def kill_report(trials: list[dict[str, Any]]) -> str:
+    if not trials:
+        return ""
+    lines = ["", f"kill -9 of the daemon during a stream of {KILL_JOBS} same-host jobs "
+             f"(each a 1 MiB array, by memfd), restart on the same journal and port, a new "
+             "client fetches every acknowledged id:", "",
+             "| mode | killed after results | submitted | by memfd | acknowledged | results "
+             "right after restart | failed saying durable=False | **lost** | duplicate runs "
+             "| memfds left here |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in trials:
+        lines.append(f"| {'durable' if t['durable'] else 'durable=False'} | "
+                     f"{t['done_at_kill']} | {t['submitted']} | {t['by_memfd']} | {t['acked']} | "
+                     f"{t['good']} | {t['failed_durable_false']} | **{t['lost']}** | "
+                     f"{t['duplicates']} | {t['memfds_left']} |")
+    return "\n".join(lines) + "\n"
 
 
 def gbs(dt: float) -> float:
