@@ -180,7 +180,13 @@ class SameHost:
                                   _array.array("i", fds))])
         finally:
             close_copies(owned)  # in flight, the kernel holds them
-        reply = msgpack.unpackb(sock.recv(4096), raw=False)
+        data = sock.recv(4096)
+        if not data:
+            raise OSError("the daemon closed the side channel")
+        try:
+            reply = msgpack.unpackb(data, raw=False)
+        except Exception as exc:  # noqa: BLE001 (whatever msgpack makes of bad bytes)
+            raise ValueError(f"the side channel answered garbage ({exc})") from None
         if type(reply) is not dict:
             raise ValueError("the side channel answered out of step")
         if type(reply.get("token")) is not str:
