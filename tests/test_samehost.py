@@ -48,6 +48,30 @@ def test_arrays_round_trip_by_memfd(daemons, durable: bool) -> None:
     assert client.status()["same_host"]["deposits"] == 0  # every deposit claimed
 
 
+def _memfds(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_the_daemon_lets_go_of_the_memfds_once_jobs_finish(daemons, durable: bool) -> None:
+    d = daemons(scheduler={"local_workers": 2}).start()
+    client = d.client(durable=durable)
+    client.submit("_daemon_tasks:inc", 1).result(timeout=30)
+    baseline = _memfds(d.pid)
+    arrays = [np.full(100_000, float(i)) for i in range(20)]
+    futures = [client.submit("_daemon_tasks:total", a) for a in arrays]
+    assert [f.result(timeout=60) for f in futures] == [float(a.sum()) for a in arrays]
+    assert client.same_host["submits"] == 20
+    wait_until(lambda: _memfds(d.pid) <= baseline, timeout=10,
+               message=f"the daemon to close the deposited memfds (baseline {baseline})")
+
+
 def test_memfd_bytes_count_against_max_pending_bytes(daemons) -> None:
     """Arrays handed over as memfds count in the client's budget until accepted,
     and leave it then: more than the budget goes through, a bit at a time."""
