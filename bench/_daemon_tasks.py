@@ -15,3 +15,14 @@ def record(path: str, job_id: str) -> str:
     finally:
         os.close(fd)
     return job_id
+
+
+def record_total(path: str, job_id: str, a: object) -> float:
+    """Append ``job_id`` and the array's sum to ``path`` (one O_APPEND write); return the sum."""
+    total = float(a.sum())  # type: ignore[attr-defined]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{job_id} {total!r}\n".encode())
+    finally:
+        os.close(fd)
+    return total

@@ -43,6 +43,7 @@ from ._deps import TaskFuture
 from ._fetchwaiters import FetchWaiters
 from ._joblogs import JobLogs
 from ._journal import Journal
+from ._localclients import lost
 from ._replier import Replier
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
@@ -131,6 +132,8 @@ class Intake:
                 body = msg.body
                 self._allowed.check(body["fn"], body["args"])  # before anything is imported
                 options = body.get("options") or {}
+                if options.get("shm") is not None:  # journaled without its arrays
+                    raise lost(job_id)
                 args, kwargs = body["args"], body["kwargs"]
                 if options.get("refs"):  # other jobs' futures among the arguments
                     args, kwargs = self._resolve(job_id, args, kwargs, options["refs"])

@@ -69,6 +69,7 @@ class Ledger:
         # Their bytes: add_submit() blocks while they exceed max_pending_bytes, so a
         # fast producer cannot fill this process faster than the daemon accepts.
         self._submits_bytes = 0
+        self._shared_bytes: dict[str, int] = {}  # of submits whose arrays went as memfds
         self._room = threading.Condition(self._lock)
         self._retry_at: dict[str, tuple[float, float]] = {}
         # Jobs someone waits for (an acknowledged Future, a result() call) -> when
@@ -89,14 +90,16 @@ class Ledger:
 
     # --- the callers' side ---------------------------------------------------------------
 
-    def add_submit(self, job_id: str, frames: list[Any], future: JobFuture) -> bool:
+    def add_submit(self, job_id: str, frames: list[Any], future: JobFuture,
+                   shared_bytes: int = 0) -> bool:
         """Queue a submit, waiting while the ones not yet accepted hold more than
-        ``max_pending_bytes``; True if the client thread must be woken for it
-        (it said the outbox was drained since the last such wake-up; until it
-        does, it goes on sending, and takes this one with the others: which
-        is what lets it batch them). A broken client fails ``future`` instead
-        (False); a closed one raises."""
-        nbytes = _frames_bytes(frames)
+        ``max_pending_bytes`` (its frames, and ``shared_bytes`` of arrays handed
+        over as memfds); True if the client thread must be woken for it (it said
+        the outbox was drained since the last such wake-up; until it does, it
+        goes on sending, and takes this one with the others: which is what lets
+        it batch them). A broken client fails ``future`` instead (False); a
+        closed one raises."""
+        nbytes = _frames_bytes(frames) + shared_bytes
         with self._lock:
             # A job larger than the budget alone goes once nothing else waits.
             while (self._submits_bytes and self._broken is None and not self.closed
@@ -112,6 +115,8 @@ class Ledger:
             heapq.heappush(self._timers, (when, _ACK, job_id))
             self._submits[job_id] = frames
             self._submits_bytes += nbytes
+            if shared_bytes:
+                self._shared_bytes[job_id] = shared_bytes
             self.outbox.append(frames)
             wake, self._sending = not self._sending, True
         return wake
@@ -395,6 +400,7 @@ class Ledger:
             self._futures.clear()
             self._unacked.clear()
             self._submits.clear()
+            self._shared_bytes.clear()
             self._submits_bytes = 0
             self._room.notify_all()
             self._retry_at.clear()
@@ -413,7 +419,7 @@ class Ledger:
         """Under the lock: ``job_id``'s submit is answered; its frames go."""
         frames = self._submits.pop(job_id, None)
         if frames is not None:
-            self._submits_bytes -= _frames_bytes(frames)
+            self._submits_bytes -= _frames_bytes(frames) + self._shared_bytes.pop(job_id, 0)
             self._room.notify_all()
 
 

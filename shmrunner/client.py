@@ -28,7 +28,9 @@ for as long as the daemon keeps answering. While a job runs (and while a
 ``refetch_interval`` seconds, so it completes even if the daemon was restarted
 in between (and replayed the job from its journal), or fails with "does not
 know job" if the restarted daemon has no record of it. Arrays travel as
-zero-copy frames both ways.
+zero-copy frames both ways, except to a daemon on this host: there a
+submit's large arrays go as memfds (``_shmclient``; ``same_host=False``: never),
+journaled by the daemon before the ack unless ``durable=False``.
 
 ``map``/``imap``/``imap_unordered`` read their input lazily (``_streams``),
 and ``submit`` blocks while the submits not yet accepted hold more than
@@ -56,6 +58,7 @@ from ._jobfuture import JobFuture, WaitingCall
 from ._jobid import check_job_id, new_job_id
 from ._jobrefs import extract
 from ._ledger import Ledger
+from ._shmclient import SameHost
 from ._streams import Progress, chunked_calls, stream, total_of
 from ._submitbatch import SubmitFrames, next_message, restore
 from ._wakeup import Wakeup
@@ -82,7 +85,8 @@ class Client(Executor):
                  allow_pickle: bool = False,
                  max_message_bytes: int = 1 << 31, curve_secret_key: str | None = None,
                  curve_server_key: str | None = None,
-                 max_pending_bytes: int = 256 << 20) -> None:
+                 max_pending_bytes: int = 256 << 20, durable: bool = True,
+                 same_host: bool = True) -> None:
         from ._endpoints import client_address
 
         self.address = address = client_address(address, "clients")
@@ -91,6 +95,11 @@ class Client(Executor):
                               refetch_interval=refetch_interval,
                               max_pending_bytes=max_pending_bytes)
         self._wakeup = Wakeup()
+        # Arrays to a daemon on this host go as memfds (_shmclient.py).
+        self._same_host = SameHost(self._ask_status, self._ledger.drop_status,
+                                   durable=durable, enabled=same_host,
+                                   on_client_thread=lambda: threading.current_thread()
+                                   is self._thread)
         self._channel = ZmqChannel("dealer", ChannelOptions(
             max_bytes=max_message_bytes, allow_pickle=allow_pickle, accept=_ACCEPT,
             curve=client_keys(curve_secret_key, curve_server_key)))
@@ -127,6 +136,14 @@ class Client(Executor):
     def max_pending_bytes(self, value: int) -> None:
         self._ledger.max_pending_bytes = value
 
+    @property
+    def same_host(self) -> dict[str, Any]:
+        """How this client hands arrays to a daemon on its host: ``enabled``
+        (``same_host=``), ``durable`` (``durable=``), ``connected`` (to the
+        daemon's side channel now) and ``submits`` (those whose arrays went as
+        memfds so far)."""
+        return self._same_host.describe()
+
     # --- Executor API ------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any,  # type: ignore[override]
@@ -162,6 +179,9 @@ class Client(Executor):
                 future.set_exception(failed)
                 return future
             options["refs"] = [[path, dep.job_id] for path, dep in refs]
+        args, kwargs, shm, shared_bytes = self._same_host.prepare(args, kwargs)
+        if shm is not None:
+            options["shm"] = shm
         body = {"job_id": job_id, "fn": fn, "args": args, "kwargs": kwargs,
                 "batch_accepted": True, "batch_results": True}
         if options:  # optional: none is the common case, and an empty map costs both ends
@@ -169,7 +189,7 @@ class Client(Executor):
         frames = SubmitFrames(encode(Message("submit", body), allow_pickle=self._allow_pickle))
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
-        if self._ledger.add_submit(job_id, frames, future):
+        if self._ledger.add_submit(job_id, frames, future, shared_bytes):
             self._wake()
         return future
 
@@ -340,6 +360,12 @@ class Client(Executor):
         return batch_progress(ask, job_ids, progress=progress, wait=wait, interval=interval,
                               timeout=timeout)
 
+    def _ask_status(self) -> WaitingCall:
+        call = WaitingCall()
+        self._ledger.add_status(call)
+        self._wake()
+        return call
+
     def _withdraw(self, job_id: str) -> None:
         """JobFuture.cancel() before the job was accepted (never blocks)."""
         self._ledger.withdraw(job_id, _WithdrawCall(job_id))
@@ -379,6 +405,7 @@ class Client(Executor):
                     future.exception()
                 except BaseException:  # noqa: BLE001 (cancelled: nothing to wait for)
                     pass
+        self._same_host.close()
         self._stop = True  # before the wake: the thread may sleep with no deadline
         self._wake()
         if threading.current_thread() is not self._thread:

@@ -50,6 +50,7 @@ from ._intake import Intake, Request
 from ._jobid import job_id_problem
 from ._joblogs import JobLogs
 from ._journal import CANCELLED, DONE, FAILED, PENDING, Journal
+from ._localclients import LocalClients
 from ._replier import Replier, refusal
 from ._submitbatch import unbatch
 from ._wakeup import Wakeup
@@ -106,12 +107,14 @@ class Daemon:
             accept=_ACCEPT, curve=clients_curve))
         self._replier = Replier(self._channel, allow_pickle=scheduler.allow_pickle)
         self.scheduler: Scheduler | None = None
+        self._local: LocalClients | None = None  # same-host clients' memfds (_localclients)
         self._logs = JobLogs()
         try:
             self.address = self._channel.bind(clients)
             secure_ipc_socket(self.address)
             self.scheduler = Scheduler(settings=scheduler, listen=workers, curve=workers_curve,
                                        on_task_log=self._logs.add)
+            self._local = LocalClients(scheduler.max_message_bytes)
         except BaseException:
             self._close()
             raise
@@ -278,8 +281,13 @@ class Daemon:
                 f"the daemon is busy: {self._scheduler_settings.max_pending} jobs wait for a "
                 "worker (scheduler.max_pending); submit again later", job_id, "busy"))
         else:
-            if frames is None:
-                frames = encode(msg, allow_pickle=self._scheduler_settings.allow_pickle)
+            try:  # arrays a same-host client handed over as memfds
+                msg, journaled = self._claim(msg)
+            except ShmrunnerError as exc:
+                self._reply(peer, refusal(str(exc), job_id, "invalid"))
+                return
+            if frames is None or journaled is not msg:
+                frames = encode(journaled, allow_pickle=self._scheduler_settings.allow_pickle)
             accepted.append((job_id or uuid.uuid4().hex, frames, peer, msg))
 
     def _unbatch(self, msg: Message) -> Iterator[tuple[Message, list[Any]]]:
@@ -314,6 +322,10 @@ class Daemon:
                                            "submits": True}))
 
     # The intake's steps, called by the rounds (one seam each for fault tests).
+
+    def _claim(self, msg: Message) -> tuple[Message, Message]:
+        assert self._local is not None
+        return self._local.claim(msg)
 
     def _start(self, job_id: str, request: Request, peer: bytes | None) -> None:
         self._intake.start(job_id, request, peer)
@@ -440,6 +452,8 @@ class Daemon:
             "dropped_replies": self._replier.dropped,
             "accepted_messages": self._accepted_messages,
             "batched_submits": self._batched_submits,
+            "same_host": (None if self._local is None
+                          else {**self._local.advert(), **self._local.status()}),
         }
 
     def _drain(self) -> int:
@@ -524,6 +538,8 @@ class Daemon:
     def _close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False, cancel_futures=True)
+        if self._local is not None:
+            self._local.close()
         self._channel.close()
         self.journal.close()
         self._release_zap()

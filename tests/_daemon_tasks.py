@@ -41,6 +41,21 @@ def arrays_out(a: np.ndarray, scale: float) -> dict[str, Any]:
             "sum": float(a.sum())}
 
 
+def nested_total(d: dict[str, Any]) -> float:
+    return float(sum(a.sum() for a in [*d["x"], *d["y"]]))
+
+
+def gated_total(a: np.ndarray, started: str, release: str, limit: float = 60.0) -> float:
+    """float(a.sum()) once ``release`` exists; ``started`` is created first."""
+    Path(started).touch()
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
+    return float(a.sum())
+
+
 def fail(message: str) -> None:
     raise TaskFailed(message)
 

@@ -94,10 +94,12 @@ _is_str = functools.partial(operator.is_, str)
 
 def _options(v: Any) -> bool:
     # refs: [[path, job_id], ...] (job references, _jobrefs.py; checked in full there)
-    return _str_map(v) and set(v) <= {"retries", "timeout", "refs"} \
+    # shm: a same-host client's memfds (_samehost.py; checked in full by _localclients.py)
+    return _str_map(v) and set(v) <= {"retries", "timeout", "refs", "shm"} \
         and ("retries" not in v or _ID[1](v["retries"])) \
         and ("timeout" not in v or _TIMEOUT[1](v["timeout"])) \
-        and ("refs" not in v or type(v["refs"]) in (list, tuple))
+        and ("refs" not in v or type(v["refs"]) in (list, tuple)) \
+        and ("shm" not in v or _str_map(v["shm"]))
 
 
 def _wire_error(v: Any) -> bool:
@@ -115,8 +117,8 @@ _FN: _Check = ("a function reference 'package.module:qualname'",
                lambda v: (type(v) is str and _is_ref(v)) or (type(v) is not str and callable(v)))
 _ARGS: _Check = ("a list or tuple", lambda v: type(v) in (list, tuple))
 _MAP: _Check = ("a map with str keys", _str_map)
-_OPTIONS: _Check = ("a map of retries (int >= 0), timeout (None or number > 0) and refs "
-                     "(a list)", _options)
+_OPTIONS: _Check = ("a map of retries (int >= 0), timeout (None or number > 0), refs "
+                     "(a list) and shm (a map)", _options)
 _ERROR: _Check = ("an error map {type, message, traceback: str; args: list or None}",
                   _wire_error)
 _ANY: _Check = ("anything", lambda v: True)
