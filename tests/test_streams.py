@@ -152,7 +152,7 @@ _STREAM = textwrap.dedent("""
                     time.sleep(0.05)
             try:
                 yield peak_mib()
-                # The default buffersize (64 tasks: more than all 60 here): the byte budget bounds it.
+                # The default buffersize (64 tasks: all 60 here): the byte budget bounds it.
                 yield from sched.map(slow_checksum, arrays(n, mib), [PAUSE] * n)
             finally:
                 if agent is not None:
