@@ -17,7 +17,11 @@ Data flow::
     scheduler threads: future done -> completions deque (+ a wake-up if it is
         the first since the front thread last took them)
     front thread: settle(): Journal.finish (one commit for all completions),
-        then the result to every peer waiting for the job (FetchWaiters)
+        then the result to every peer waiting for the job (FetchWaiters); to
+        the submitter of a job whose submit said ``shm_results`` (a same-host
+        client), its large result arrays as memfds held for it
+        (LocalClients.offer_result) and a result naming them; the journal
+        keeps the whole result (durable) or result_lost (not durable)
 
 Guarantees: a result is journaled before any client sees it, so a result a
 client has seen is never run again after a restart; a cancel is journaled
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -43,11 +48,17 @@ from ._deps import TaskFuture
 from ._fetchwaiters import FetchWaiters
 from ._joblogs import JobLogs
 from ._journal import Journal
-from ._localclients import lost
+from ._localclients import LocalClients, lost, result_lost, results_option
 from ._replier import Replier
 from ._wakeup import Wakeup
 from .config import SchedulerSettings
-from .errors import DependencyError, JournalError, SchedulerBusyError, TaskCancelledError
+from .errors import (
+    DependencyError,
+    JournalError,
+    SchedulerBusyError,
+    ShmrunnerError,
+    TaskCancelledError,
+)
 from .scheduler import Scheduler
 from .transport.protocol import (
     Message,
@@ -58,6 +69,8 @@ from .transport.protocol import (
 )
 
 __all__ = ["Intake", "Request"]
+
+log = logging.getLogger("shmrunner.daemon")
 
 _CLIENTS = 64  # submitting connections whose finished-job counts are kept
 
@@ -70,7 +83,7 @@ class Intake:
     def __init__(self, scheduler: Scheduler, settings: SchedulerSettings, *,
                  journal: Journal, waiters: FetchWaiters, replier: Replier,
                  allowed: AllowList, wakeup: Wakeup, stopping: threading.Event,
-                 logs: JobLogs | None = None) -> None:
+                 logs: JobLogs | None = None, local: LocalClients | None = None) -> None:
         self._scheduler = scheduler
         self._settings = settings
         self._journal = journal
@@ -80,6 +93,9 @@ class Intake:
         self._wakeup = wakeup
         self._stopping = stopping
         self._logs = logs  # the jobs' task logs (kept by job id once settled)
+        self._local = local  # same-host clients (results as memfds)
+        # Jobs whose submitter takes results as memfds: job id -> (channel, durable).
+        self._by_memfd: dict[str, tuple[str, bool]] = {}
         # Finished futures, or None for a job this intake cancelled itself.
         self._completions: collections.deque[tuple[str, Future[Any] | None]] = (
             collections.deque())
@@ -112,6 +128,13 @@ class Intake:
         if peer is not None:
             self._waiters.add_submitter(job_id, peer)
             self._owners[job_id] = peer
+            if self._local is not None and isinstance(request, Message):
+                try:
+                    wanted = results_option(request.body.get("options") or {})
+                except ShmrunnerError:
+                    wanted = None  # (claim refused such a submit before)
+                if wanted is not None:
+                    self._by_memfd[job_id] = wanted
         self._running.add(job_id)
         self._backlog.append((job_id, request))
         # Not fed here: the front thread feeds after the batch, so a cancel in
@@ -179,6 +202,8 @@ class Intake:
         frames = found[1]  # the daemon's own result message, as it journaled it
         reply = decode(frames, max_bytes=sum(memoryview(f).nbytes for f in frames),
                        allow_pickle=self._settings.allow_pickle)
+        if reply.type == "error":  # not journaled (result_lost)
+            raise DependencyError(f"job {job_id} did not run: {reply.body['reason']}")
         if reply.body.get("ok"):
             return reply.body["value"]
         cause = exception_from_wire(reply.body["error"])
@@ -317,6 +342,18 @@ class Intake:
                     f"the result of job {job_id} cannot be sent to clients: {exc}"))
                 frames = encode(msg)
             ok = bool(msg.body["ok"])
+            peers = self._waiters.pop(job_id)
+            memfd = self._by_memfd.pop(job_id, None)
+            owner = self._owners.get(job_id)
+            handed = None
+            if memfd is not None and ok and owner is not None and owner in peers:
+                handed = self._handed(job_id, memfd[0], msg)
+            if handed is not None and owner is not None and memfd is not None:
+                shm_frames = encode(handed)
+                peers.remove(owner)  # the first time only: its other waits get frames
+                replies.append((owner, shm_frames, handed))
+                if not memfd[1]:  # not durable: the arrays live in the memfds only
+                    frames = encode(result_lost(job_id))
             if job_id in cancelled:
                 self.cancelled += 1
                 self._count(job_id, "cancelled")
@@ -327,11 +364,20 @@ class Intake:
                 self.failed += 1
                 self._count(job_id, "failed")
             outcomes.append((job_id, ok, frames))
-            replies += [(peer, frames, msg) for peer in self._waiters.pop(job_id)]
+            replies += [(peer, frames, msg) for peer in peers]
         if not outcomes:
             return
         self._journal.finish(outcomes, cancelled, runs)
         self._replier.reply_results(replies)
+
+    def _handed(self, job_id: str, channel: str, msg: Message) -> Message | None:
+        """The result naming memfds held for ``channel``, or None (frames)."""
+        assert self._local is not None
+        try:
+            return self._local.offer_result(channel, msg)
+        except (OSError, ShmrunnerError) as exc:  # e.g. no memory for a copy: frames
+            log.info("the result of job %s goes as frames: %s", job_id, exc)
+            return None
 
     def _count(self, job_id: str, outcome: str) -> None:
         peer = self._owners.pop(job_id, None)

@@ -11,6 +11,13 @@ Data flow::
             -> a random token -> reply {"token"}; anything wrong -> {"error"}
             and every fd of that datagram closed
         connection closed: its deposits no submit claimed are released
+        b"results": this connection becomes a results channel -> {"channel"}
+        b"get " + token: the fds of a result held for this connection, sent
+            once with {"fds": n} (_resultfds.py), else {"error"}
+        connection closed: the results it never picked up are freed
+    front thread: offer_result(channel, msg) for a job whose submit said
+        options.shm_results: its large result arrays held as fds for that
+        channel -> the result message naming them, or None (frames)
     front thread: claim(msg) for a submit whose options carry "shm": the
         deposit is taken (once), every array spec checked against its segment,
         numpy arrays over the mapped memfds put at their paths -> (the message
@@ -28,6 +35,12 @@ Durability, per client (``durable``, in the submit's ``shm`` option):
   arrays with it: after the restart the job fails with a ShmrunnerError
   saying so (:func:`lost`), never silently.
 
+The same for results handed back as memfds (``shm_results``): for a durable
+client the journal keeps the whole result (its arrays written, as for any
+client) and the submitting client gets the memfds; for a non-durable one the
+journal keeps only :func:`result_lost`, an error that a ``fetch`` (after a
+restart, or by another client) answers: the arrays lived in memfds only.
+
 The same-uid check keeps strangers off the side channel, and it grants
 nothing by itself: a deposit runs nothing; only a submit over the
 authenticated ZeroMQ endpoint, naming its unguessable token, uses it.
@@ -35,8 +48,8 @@ authenticated ZeroMQ endpoint, naming its unguessable token, uses it.
 
 from __future__ import annotations
 
+import array as _array
 import logging
-import math
 import os
 import secrets
 import selectors
@@ -45,17 +58,27 @@ import threading
 from typing import Any
 
 import msgpack
-import numpy as np
 
 from . import _jobrefs
 from ._memfd import Segment
-from ._samehost import MAX_ARRAYS, MAX_FDS, PUT, peer_uid, socket_address
+from ._resultfds import HeldResults, export
+from ._samehost import (
+    GET,
+    MAX_ARRAYS,
+    MAX_FDS,
+    PUT,
+    RESULTS,
+    TOKEN_RE,
+    array_at,
+    fds_of,
+    peer_uid,
+    socket_address,
+)
 from ._wakeup import Wakeup
 from .errors import ProtocolError, ShmrunnerError
-from .transport._arrays import _parse_dtype, _span
 from .transport.protocol import Message
 
-__all__ = ["LocalClients", "lost"]
+__all__ = ["LocalClients", "lost", "result_lost", "results_option"]
 
 log = logging.getLogger("shmrunner.daemon")
 
@@ -64,6 +87,21 @@ _MAX_CONNECTIONS = 256
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * 4)
 _TOKEN = 32  # hex digits of a token
 _SPEC_KEYS = frozenset({"token", "durable", "arrays"})
+_RESULTS_KEYS = frozenset({"channel", "durable"})
+
+
+def results_option(options: dict[str, Any]) -> tuple[str, bool] | None:
+    """(channel, durable) of a submit's ``shm_results`` option, None without
+    one; ProtocolError for a malformed one."""
+    spec = options.get("shm_results")
+    if spec is None:
+        return None
+    if type(spec) is not dict or not set(spec) <= _RESULTS_KEYS or \
+            type(spec.get("channel")) is not str or not TOKEN_RE.fullmatch(spec["channel"]) or \
+            type(spec.get("durable", True)) is not bool:
+        raise ProtocolError("options.shm_results must be {channel: 32 hex digits, "
+                            "durable: bool}")
+    return spec["channel"], spec.get("durable", True)
 
 
 def lost(job_id: str) -> ShmrunnerError:
@@ -72,6 +110,16 @@ def lost(job_id: str) -> ShmrunnerError:
         f"job {job_id} was accepted with durable=False: its arrays were handed over in the "
         "shared memory of a daemon that stopped before the job finished, and died with it; "
         "submit it again (or connect with durable=True to have arrays journaled)")
+
+
+def result_lost(job_id: str) -> Message:
+    """What the journal keeps of a non-durable client's result handed over as
+    memfds: the answer to any later fetch of it (a final error)."""
+    return Message("error", {
+        "reason": f"the result of job {job_id} is lost: it was handed to its client as "
+                  "shared memory (durable=False), and not journaled; connect with "
+                  "durable=True to have results journaled",
+        "job_id": job_id, "fetch": True, "code": "journal"})
 
 
 class LocalClients:
@@ -85,6 +133,7 @@ class LocalClients:
         self._lock = threading.Lock()
         self._deposits: dict[str, tuple[int, list[Segment]]] = {}  # token -> (conn, segments)
         self._held: dict[int, set[str]] = {}  # connection fd -> its unclaimed tokens
+        self.results = HeldResults(max_bytes)  # result fds not yet picked up
         self._stop = False
         self._wakeup = Wakeup()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -111,6 +160,7 @@ class LocalClients:
         message twice when it names no deposit. ProtocolError for a bad spec
         or a token this daemon does not hold (the submit is refused)."""
         options = msg.body.get("options") or {}
+        results_option(options)  # checked here: a bad one refuses the submit
         spec = options.get("shm")
         if spec is None:
             return msg, msg
@@ -132,7 +182,7 @@ class LocalClients:
         segments = deposit[1]
         args, kwargs = msg.body["args"], msg.body["kwargs"]
         for item in spec["arrays"]:
-            path, array = _array(item, segments)
+            path, array = array_at(item, segments)
             try:
                 args, kwargs = _jobrefs.place(args, kwargs, path, array)
             except ValueError as exc:
@@ -142,9 +192,34 @@ class LocalClients:
         run = Message("submit", {**msg.body, "args": args, "kwargs": kwargs, "options": rest})
         return run, (run if spec.get("durable", True) else msg)
 
+    def offer_result(self, channel: str, msg: Message) -> Message | None:
+        """The result message ``msg`` with its large arrays held as fds for
+        results channel ``channel`` (named by a token in ``shm``); None when it
+        holds none, or they cannot be held (channel gone, bounds): frames."""
+        if not msg.body.get("ok"):
+            return None
+        value, specs, fds = export(msg.body["value"])
+        if not fds:
+            return None
+        token = None
+        try:
+            token = self.results.offer(channel, fds)
+        finally:
+            if token is None:
+                for fd in fds:
+                    os.close(fd)
+        if token is None:
+            return None
+        return Message("result", {"job_id": msg.body["job_id"], "ok": True, "value": value,
+                                  "shm": {"token": token, "arrays": specs}})
+
+    def expire(self, ttl: float) -> None:
+        self.results.expire(ttl)
+
     def status(self) -> dict[str, int]:
         with self._lock:
-            return {"deposits": len(self._deposits), "refused": self.refused}
+            deposits = len(self._deposits)
+        return {"deposits": deposits, "refused": self.refused, **self.results.status()}
 
     def close(self) -> None:
         self._stop = True
@@ -154,6 +229,7 @@ class LocalClients:
         with self._lock:
             self._deposits.clear()
             self._held.clear()
+        self.results.close()
 
     # --- the side thread ------------------------------------------------------------
 
@@ -206,6 +282,7 @@ class LocalClients:
         with self._lock:
             for token in self._held.pop(fd, set()):
                 self._deposits.pop(token, None)  # segments released with their last reference
+        self.results.close_conn(fd)
         sel.unregister(conn)
         del conns[fd]
         conn.close()
@@ -218,9 +295,11 @@ class LocalClients:
             return True
         except OSError:
             return False
-        fds = _fds(ancdata)
+        fds = fds_of(ancdata)
         if not data and not fds:
             return False  # EOF
+        if not fds and (data == RESULTS or data.startswith(GET)):
+            return self._results(conn, data)
         try:
             reply = {"token": self._deposit(conn.fileno(), data, fds, flags)}
         except ProtocolError as exc:
@@ -230,6 +309,31 @@ class LocalClients:
             conn.send(msgpack.packb(reply))
         except OSError:
             return False  # the client is gone or does not read: its deposit goes with it
+        return True
+
+    def _results(self, conn: socket.socket, data: bytes) -> bool:
+        """Open a results channel, or send a held result's fds (then closed here)."""
+        fds: list[int] | None = None
+        if data == RESULTS:
+            reply: dict[str, Any] = {"channel": self.results.open(conn.fileno())}
+        else:
+            token = data[len(GET):].decode("ascii", "replace")
+            fds = self.results.take(conn.fileno(), token) if TOKEN_RE.fullmatch(token) else None
+            if fds is None:
+                self.refused += 1
+                reply = {"error": "no result is held for this token on this connection "
+                                  "(never, picked up already, or expired)"}
+            else:
+                reply = {"fds": len(fds)}
+        try:
+            conn.sendmsg([msgpack.packb(reply)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _array.array("i", fds))]
+                         if fds else [])
+        except OSError:
+            return False  # the client is gone or does not read
+        finally:
+            for fd in fds or ():
+                os.close(fd)  # the client has its own now (or never will)
         return True
 
     def _deposit(self, conn: int, data: bytes, fds: list[int], flags: int) -> str:
@@ -263,48 +367,9 @@ class LocalClients:
                 os.close(fd)
 
 
-def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(np.frombuffer(payload[:usable], dtype=np.int32).tolist())
-    return fds
-
-
 def _size(fd: int) -> int:
     try:
         return os.fstat(fd).st_size
     except OSError as exc:
         raise ProtocolError(f"a deposited fd cannot be read: {exc.strerror}") from None
 
-
-def _array(item: Any, segments: list[Segment]) -> tuple[list[int | str], np.ndarray[Any, Any]]:
-    """One array spec [path, index, descr, shape, strides, offset], checked, and its array."""
-    if type(item) not in (list, tuple) or len(item) != 6:
-        raise ProtocolError("an options.shm array must be [path, index, dtype, shape, "
-                            "strides, offset]")
-    path, index, descr, shape, strides, offset = item
-    try:
-        ((path, _),) = _jobrefs.parse([[path, "x"]])
-    except ValueError as exc:
-        raise ProtocolError(f"options.shm: {exc}".replace("a ref's", "an array's")) from None
-    if type(index) is not int or not 0 <= index < len(segments):
-        raise ProtocolError(f"an options.shm array names fd {index!r}; the deposit has "
-                            f"{len(segments)}")
-    if type(shape) not in (list, tuple) or len(shape) > 64 or \
-            not all(type(n) is int and n >= 0 for n in shape) or \
-            type(strides) not in (list, tuple) or len(strides) != len(shape) or \
-            not all(type(s) is int for s in strides) or type(offset) is not int or offset < 0:
-        raise ProtocolError("an options.shm array needs a shape (ints >= 0), as many strides "
-                            "(ints) and an offset (int >= 0)")
-    dtype = _parse_dtype(descr)
-    seg = segments[index]
-    room = len(seg) - offset
-    span = _span(list(shape), list(strides), dtype.itemsize)
-    if span is None or span > room or math.prod(shape) * dtype.itemsize > max(room, 0):
-        raise ProtocolError(f"an options.shm array of shape {tuple(shape)} and dtype {dtype} "
-                            f"does not fit its memfd ({len(seg)} bytes from offset {offset})")
-    array: np.ndarray[Any, Any] = np.ndarray(tuple(shape), dtype, buffer=seg, offset=offset,
-                                             strides=tuple(strides))
-    return path, array

@@ -13,17 +13,53 @@ msgpack ``{"token": 32 hex}`` or ``{"error": why}``. The submit over ZeroMQ
 then names the token in ``options["shm"]`` = ``{"token", "durable",
 "arrays": [[path, fd index, dtype descr, shape, strides, offset], ...]}``;
 each array's place in the arguments holds None (a path as in ``_jobrefs``).
+
+Results by memfd (negotiated: only a daemon that knows it answers): the
+client opens a second connection and sends ``b"results"``; the daemon answers
+``{"channel": 32 hex}``, naming that connection. Each submit then carries
+``options["shm_results"]`` = ``{"channel", "durable"}``. A finished job's
+array results of at least ``THRESHOLD`` bytes are *held* by the daemon for
+that connection (bounded per connection: ``MAX_HELD_FDS`` fds,
+``MAX_HELD_RESULTS`` results, and bytes; released when the connection
+closes or after ``result_ttl``), and the ``result`` message names them:
+``shm`` = ``{"token", "arrays": [[path, fd index, descr, shape, strides,
+offset], ...]}``, each array's place in ``value`` holding None (paths start
+with 0: the value is argument 0). The client sends ``b"get " + token`` on its
+results connection; the daemon answers one datagram ``{"fds": n}`` with the
+n memfds (``SCM_RIGHTS``), or ``{"error": why}``, and closes its own copies.
+The client checks each fd and spec as the daemon checks a deposit's.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import struct
+from typing import Any
 
-__all__ = ["MAX_ARRAYS", "MAX_FDS", "NAME", "PUT", "peer_uid", "socket_address"]
+import numpy as np
+
+from . import _jobrefs
+from ._deps import MAX_DEPTH
+from ._memfd import Segment
+from .errors import ProtocolError
+from .shm import DEFAULT_THRESHOLD, segment_of
+from .transport._arrays import _parse_dtype, _span, raw_layout
+
+__all__ = ["GET", "MAX_ARRAYS", "MAX_FDS", "MAX_HELD_FDS", "MAX_HELD_RESULTS", "NAME", "PUT",
+           "RESULTS", "THRESHOLD", "TOKEN", "array_at", "extract_arrays", "fds_of", "peer_uid",
+           "socket_address"]
 
 PUT = b"put"
+RESULTS = b"results"  # open a results channel (this connection)
+GET = b"get "  # + a token: the fds of a held result
+TOKEN = 32  # hex digits of a token or a channel id
+TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+THRESHOLD = DEFAULT_THRESHOLD  # result arrays at least this large go as memfds
+MAX_HELD_FDS = 1024  # result fds one results connection may leave unclaimed
+MAX_HELD_RESULTS = 4096  # results one results connection may leave unclaimed
+_VISITS = 10_000  # objects looked at per value
 MAX_FDS = 253  # SCM_MAX_FD: the fds of one datagram
 MAX_ARRAYS = 1024  # array specs in one submit (several may view one memfd)
 NAME = re.compile(r"shmrunner-[0-9a-f]{32}")
@@ -40,3 +76,102 @@ def peer_uid(sock: socket.socket) -> int:
     _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                               _UCRED.size))
     return int(uid)
+
+
+Path = list[int | str]
+
+
+Found = list[tuple[Path, np.ndarray[Any, Any]]]
+
+
+def extract_arrays(args: tuple[Any, ...], kwargs: dict[str, Any], threshold: int
+                   ) -> tuple[tuple[Any, ...], dict[str, Any], Found]:
+    """The arguments with each large array replaced by None, and where each was
+    (at most MAX_ARRAYS arrays in MAX_FDS memfds; the rest stay as they are)."""
+    walk = _Walk(threshold)
+    new_args = tuple(walk.swap(a, [i]) for i, a in enumerate(args))
+    new_kwargs = {k: walk.swap(v, [k]) for k, v in kwargs.items()}
+    return new_args, new_kwargs, walk.found
+
+
+class _Walk:
+    # A class, not a recursive closure: a closure that calls itself is a
+    # reference cycle holding ``found``, whose arrays (a result's memfds in
+    # the daemon) would then live until the next garbage collection.
+    __slots__ = ("threshold", "found", "fds", "visits")
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.found: Found = []
+        self.fds: set[int] = set()
+        self.visits = 0
+
+    def swap(self, obj: Any, path: Path) -> Any:
+        self.visits += 1
+        kind = type(obj)
+        if kind is np.ndarray:
+            found = self.found
+            if obj.nbytes < self.threshold or not raw_layout(obj.dtype) or \
+                    len(found) >= MAX_ARRAYS:
+                return obj
+            seg = segment_of(obj)
+            key = seg.fd if seg is not None else -len(found) - 1
+            if key not in self.fds and len(self.fds) >= MAX_FDS:
+                return obj
+            self.fds.add(key)
+            found.append((list(path), obj))
+            return None
+        if self.visits > _VISITS or len(path) > MAX_DEPTH:
+            return obj
+        if kind is dict:
+            out = {k: self.swap(v, [*path, k]) if type(k) is str else v for k, v in obj.items()}
+            return out if any(out[k] is not v for k, v in obj.items()) else obj
+        if kind in (list, tuple):
+            items = [self.swap(item, [*path, i]) for i, item in enumerate(obj)]
+            if all(new is old for new, old in zip(items, obj, strict=True)):
+                return obj
+            return kind(items)
+        return obj
+
+
+def fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message carried (the receiver owns them all)."""
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(np.frombuffer(payload[:usable], dtype=np.int32).tolist())
+    return fds
+
+
+def array_at(item: Any, segments: list[Segment], what: str = "options.shm"
+             ) -> tuple[Path, np.ndarray[Any, Any]]:
+    """One array spec [path, index, descr, shape, strides, offset], checked
+    against its segment, and the array it describes (ProtocolError if bad)."""
+    if type(item) not in (list, tuple) or len(item) != 6:
+        raise ProtocolError(f"an {what} array must be [path, index, dtype, shape, "
+                            "strides, offset]")
+    path, index, descr, shape, strides, offset = item
+    try:
+        ((path, _),) = _jobrefs.parse([[path, "x"]])
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: {exc}".replace("a ref's", "an array's")) from None
+    if type(index) is not int or not 0 <= index < len(segments):
+        raise ProtocolError(f"an {what} array names fd {index!r}; the deposit has "
+                            f"{len(segments)}")
+    if type(shape) not in (list, tuple) or len(shape) > 64 or \
+            not all(type(n) is int and n >= 0 for n in shape) or \
+            type(strides) not in (list, tuple) or len(strides) != len(shape) or \
+            not all(type(s) is int for s in strides) or type(offset) is not int or offset < 0:
+        raise ProtocolError(f"an {what} array needs a shape (ints >= 0), as many strides "
+                            "(ints) and an offset (int >= 0)")
+    dtype = _parse_dtype(descr)
+    seg = segments[index]
+    room = len(seg) - offset
+    span = _span(list(shape), list(strides), dtype.itemsize)
+    if span is None or span > room or math.prod(shape) * dtype.itemsize > max(room, 0):
+        raise ProtocolError(f"an {what} array of shape {tuple(shape)} and dtype {dtype} "
+                            f"does not fit its memfd ({len(seg)} bytes from offset {offset})")
+    array: np.ndarray[Any, Any] = np.ndarray(tuple(shape), dtype, buffer=seg, offset=offset,
+                                             strides=tuple(strides))
+    return path, array

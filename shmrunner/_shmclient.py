@@ -19,7 +19,18 @@ Data flow (the submitting thread, under one lock)::
     a daemon restarted or gone) -> the arguments as they were: the arrays
     travel as frames on the ZeroMQ socket, as without this path.
 
-Results still come back as frames on the ZeroMQ socket.
+Results (the client thread)::
+
+    with the side channel, a second connection says b"results" and gets its
+    channel id -> every submit says options["shm_results"] = {channel, durable}
+    result with ``shm`` -> collect(): b"get " + token on that connection ->
+        {"fds": n} + n memfds, each checked (a memfd sealed against resizing,
+        as large as its specs need: Segment.attach, array_at) and mapped; the
+        arrays put at their paths in ``value`` (a blocking exchange bounded by
+        _TIMEOUT: the daemon's side thread answers at once)
+    anything failing (garbage, a closed channel, a bad fd) -> ValueError/OSError:
+        the results connection is closed (later results come as frames) and
+        the caller fetches the job again (the journal's copy, or a clear error)
 """
 
 from __future__ import annotations
@@ -36,12 +47,25 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ._deps import MAX_DEPTH
+from . import _jobrefs
 from ._jobfuture import WaitingCall
-from ._memfd import close_copies, copy_to_memfd
-from ._samehost import MAX_ARRAYS, MAX_FDS, NAME, PUT, peer_uid, socket_address
+from ._memfd import Segment, close_copies, copy_to_memfd
+from ._samehost import (
+    GET,
+    MAX_ARRAYS,
+    MAX_FDS,
+    NAME,
+    PUT,
+    RESULTS,
+    TOKEN_RE,
+    array_at,
+    extract_arrays,
+    fds_of,
+    peer_uid,
+    socket_address,
+)
+from .errors import ProtocolError
 from .shm import DEFAULT_THRESHOLD, segment_of
-from .transport._arrays import raw_layout
 
 __all__ = ["SameHost"]
 
@@ -49,7 +73,7 @@ log = logging.getLogger("shmrunner.client")
 
 _TIMEOUT = 10.0  # longest wait for the daemon's answer on the side channel
 _RETRY = 5.0  # after a failure, look for the side channel again this much later
-_VISITS = 10_000  # objects looked at per submit
+_ANCBUF = socket.CMSG_SPACE(MAX_FDS * 4)
 
 Path = list[int | str]
 
@@ -62,6 +86,14 @@ class SameHost:
         self.enabled = enabled
         self.threshold = threshold
         self.sent = 0  # submits whose arrays went as memfds (an observation)
+        self.received = 0  # results whose arrays came as memfds (an observation)
+        self.results_failed = 0  # results whose memfds could not be taken (fetched again)
+        # The results connection and its channel id (set under _lock; the client
+        # thread reads them and uses the socket alone).
+        self._results: tuple[socket.socket, str] | None = None
+        self._advert: str | None = None  # the side channel's name, once known
+        self._pending: socket.socket | None = None  # a results connection not yet answered
+        self._results_next = 0.0  # when to try opening the results connection again
         self._ask = ask  # a status request to the daemon, answered on the client thread
         self._forget = forget
         self._call: WaitingCall | None = None  # the status request not yet answered
@@ -80,7 +112,7 @@ class SameHost:
         unchanged = args, kwargs, None, 0
         if not self.enabled:
             return unchanged
-        new_args, new_kwargs, found = _extract(args, kwargs, self.threshold)
+        new_args, new_kwargs, found = extract_arrays(args, kwargs, self.threshold)
         if not found:
             return unchanged
         with self._lock:
@@ -98,9 +130,76 @@ class SameHost:
         return (new_args, new_kwargs, {"token": token, "durable": self.durable, "arrays": specs},
                 sum(a.nbytes for _, a in found))
 
+    def advertised(self, name: str) -> None:
+        """The daemon named its side channel (in an "accepted"; client thread):
+        a later submit opens it (results_option)."""
+        if self.enabled and NAME.fullmatch(name) and name != self._advert:
+            self._advert = name  # (another: the daemon was restarted)
+            results = self._results
+            if results is not None:
+                self._drop_results(results)
+            self._results_next = 0.0
+
+    def results_option(self) -> dict[str, Any] | None:
+        """The ``shm_results`` option of a submit: results as memfds on this
+        client's results connection; None (frames) without one. Without one
+        but with the side channel's name known (a status, an "accepted"), it
+        is opened here, at most every _RETRY s (never on the client thread)."""
+        results = self._results
+        if results is None and self.enabled and self._advert is not None and \
+                not self._on_client_thread() and self._lock.acquire(blocking=False):
+            try:  # never waits: a busy lock (a put) or no answer yet -> frames this time
+                self._poll_results(self._advert)
+                results = self._results
+            finally:
+                self._lock.release()
+        return None if results is None else {"channel": results[1], "durable": self.durable}
+
+    def _poll_results(self, advert: str) -> None:
+        """Under the lock: open the results connection (once every _RETRY s),
+        or take the daemon's answer to it if it came; never waiting."""
+        if self._pending is None:
+            if time.monotonic() < self._results_next:
+                return
+            self._results_next = time.monotonic() + _RETRY
+            self._pending = _start_results(advert)
+            if self._pending is None:
+                return
+        try:
+            channel = _channel_of(self._pending, wait=False)
+        except (OSError, ValueError) as exc:
+            log.info("results come as frames (%s)", exc)
+            self._pending.close()
+            self._pending = None
+            return
+        if channel is not None:
+            self._results = (self._pending, channel)
+            self._pending = None
+
+    def collect(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A result body naming memfds (``shm``) with its arrays in place, on
+        the client thread; ValueError/OSError when they cannot be taken (the
+        results connection is then closed: later results come as frames)."""
+        results = self._results
+        try:
+            if results is None:
+                raise ValueError("a result names memfds, but no results connection is open")
+            value = _collect(results[0], body)
+        except (OSError, ValueError) as exc:
+            self.results_failed += 1
+            log.warning("the result of job %s could not be taken from the side channel (%s); "
+                        "fetching it again", body.get("job_id"), exc)
+            if results is not None:
+                self._drop_results(results)
+            raise
+        self.received += 1
+        rest = {k: v for k, v in body.items() if k != "shm"}
+        return {**rest, "value": value}
+
     def describe(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "durable": self.durable,
-                "connected": self._sock is not None, "submits": self.sent}
+                "connected": self._sock is not None, "submits": self.sent,
+                "results": self.received, "results_failed": self.results_failed}
 
     def close(self) -> None:
         with self._lock:
@@ -110,6 +209,17 @@ class SameHost:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._results is not None:
+            self._results[0].close()
+            self._results = None
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
+
+    def _drop_results(self, results: tuple[socket.socket, str]) -> None:
+        if self._results is results:
+            self._results = None  # (a submit reading it meanwhile names a closed channel:
+        results[0].close()        # the daemon then sends frames)
 
     def _connected(self) -> socket.socket | None:
         """The side channel, or None (this submit's arrays go as frames). The
@@ -141,6 +251,11 @@ class SameHost:
         advert = ((status or {}).get("same_host") or {}).get("socket")
         if type(advert) is not str or not NAME.fullmatch(advert):
             return None  # an older daemon, or one without the side channel
+        self._advert = advert
+        return self._open(advert)
+
+    def _open(self, advert: str) -> socket.socket | None:
+        """Under the lock: connect to the side channel (and its results connection)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.settimeout(_TIMEOUT)
@@ -152,6 +267,7 @@ class SameHost:
             sock.close()
             return None
         self._sock = sock
+        self._results = _open_results(advert)
         return sock
 
     def _deposit(self, sock: socket.socket, found: list[tuple[Path, np.ndarray[Any, Any]]]
@@ -194,40 +310,96 @@ class SameHost:
         return reply["token"], specs
 
 
-def _extract(args: tuple[Any, ...], kwargs: dict[str, Any], threshold: int
-             ) -> tuple[tuple[Any, ...], dict[str, Any], list[tuple[Path, np.ndarray[Any, Any]]]]:
-    """The arguments with each large array replaced by None, and where each was
-    (at most MAX_ARRAYS arrays in MAX_FDS memfds; the rest stay as they are)."""
-    found: list[tuple[Path, np.ndarray[Any, Any]]] = []
-    fds: set[int] = set()
-    visits = 0
+def _open_results(advert: str) -> tuple[socket.socket, str] | None:
+    """A results connection and its channel id (waiting up to _TIMEOUT), or
+    None: an older daemon (it refuses b"results"), or any failure: frames."""
+    sock = _start_results(advert)
+    if sock is None:
+        return None
+    try:
+        channel = _channel_of(sock, wait=True)
+        assert channel is not None
+    except (OSError, ValueError) as exc:
+        log.info("results come as frames (%s)", exc)
+        sock.close()
+        return None
+    return sock, channel
 
-    def swap(obj: Any, path: Path) -> Any:
-        nonlocal visits
-        visits += 1
-        kind = type(obj)
-        if kind is np.ndarray:
-            if obj.nbytes < threshold or not raw_layout(obj.dtype) or len(found) >= MAX_ARRAYS:
-                return obj
-            seg = segment_of(obj)
-            key = seg.fd if seg is not None else -len(found) - 1
-            if key not in fds and len(fds) >= MAX_FDS:
-                return obj
-            fds.add(key)
-            found.append((list(path), obj))
-            return None
-        if visits > _VISITS or len(path) > MAX_DEPTH:
-            return obj
-        if kind is dict:
-            out = {k: swap(v, [*path, k]) if type(k) is str else v for k, v in obj.items()}
-            return out if any(out[k] is not v for k, v in obj.items()) else obj
-        if kind in (list, tuple):
-            items = [swap(item, [*path, i]) for i, item in enumerate(obj)]
-            if all(new is old for new, old in zip(items, obj, strict=True)):
-                return obj
-            return kind(items)
-        return obj
 
-    new_args = tuple(swap(a, [i]) for i, a in enumerate(args))
-    new_kwargs = {k: swap(v, [k]) for k, v in kwargs.items()}
-    return new_args, new_kwargs, found
+def _start_results(advert: str) -> socket.socket | None:
+    """Connect a results connection and ask for its channel (not waiting)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(_TIMEOUT)
+        sock.connect(socket_address(advert))
+        if peer_uid(sock) != os.geteuid():
+            raise OSError(f"the side channel {advert} is served by another user")
+        sock.send(RESULTS)
+    except OSError as exc:
+        log.info("results come as frames (%s)", exc)
+        sock.close()
+        return None
+    return sock
+
+
+def _channel_of(sock: socket.socket, wait: bool) -> str | None:
+    """The daemon's answer to b"results": its channel id; None if not there yet
+    (``wait`` False); OSError/ValueError for a refusal (an older daemon) or garbage."""
+    try:
+        sock.settimeout(_TIMEOUT if wait else 0.0)  # (a timeout would wait despite DONTWAIT)
+        data = sock.recv(4096)
+    except (BlockingIOError, InterruptedError):
+        return None
+    if not data:
+        raise OSError("the daemon closed the results connection")
+    try:
+        reply = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # noqa: BLE001 (whatever msgpack makes of bad bytes)
+        raise ValueError(f"the side channel answered garbage ({exc})") from None
+    channel = reply.get("channel") if type(reply) is dict else None
+    if type(channel) is not str or not TOKEN_RE.fullmatch(channel):
+        raise ValueError(f"the daemon offers no results channel ({reply!r:.200})")
+    return channel
+
+
+def _collect(sock: socket.socket, body: dict[str, Any]) -> Any:
+    """The value of a result body whose ``shm`` names memfds, arrays in place."""
+    spec = body.get("shm")
+    if type(spec) is not dict or type(spec.get("token")) is not str or \
+            not TOKEN_RE.fullmatch(spec["token"]) or type(spec.get("arrays")) not in (list, tuple) \
+            or not 0 < len(spec["arrays"]) <= MAX_ARRAYS:
+        raise ValueError("a result's shm must be {token: 32 hex digits, arrays: 1 to "
+                         f"{MAX_ARRAYS} specs}}")
+    sock.settimeout(_TIMEOUT)
+    sock.send(GET + spec["token"].encode())
+    data, ancdata, flags, _ = sock.recvmsg(4096, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+    fds = fds_of(ancdata)
+    segments: list[Segment] = []
+    try:
+        if not data:
+            raise OSError("the daemon closed the results connection")
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+            raise ValueError("the side channel's answer was truncated")
+        try:
+            reply = msgpack.unpackb(data, raw=False)
+        except Exception as exc:  # noqa: BLE001 (whatever msgpack makes of bad bytes)
+            raise ValueError(f"the side channel answered garbage ({exc})") from None
+        if type(reply) is not dict or type(reply.get("fds")) is not int:
+            raise ValueError(f"the daemon did not hand over the result: {reply!r:.200}")
+        if reply["fds"] != len(fds) or not fds:
+            raise ValueError(f"the daemon said {reply['fds']} fds and sent {len(fds)}")
+        while fds:
+            size = os.fstat(fds[0]).st_size
+            segments.append(Segment.attach(fds[0], max(size, 1)))  # memfd, sealed: checked
+            fds.pop(0)  # owned by its segment now
+        value = body.get("value")
+        holder: Any = (value,)
+        for item in spec["arrays"]:
+            path, array = array_at(item, segments, "result's shm")
+            holder, _ = _jobrefs.place(holder, {}, path, array)
+        return holder[0]
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    finally:
+        for fd in fds:  # those not mapped (refused): closed here
+            os.close(fd)

@@ -30,7 +30,9 @@ in between (and replayed the job from its journal), or fails with "does not
 know job" if the restarted daemon has no record of it. Arrays travel as
 zero-copy frames both ways, except to a daemon on this host: there a
 submit's large arrays go as memfds (``_shmclient``; ``same_host=False``: never),
-journaled by the daemon before the ack unless ``durable=False``.
+journaled by the daemon before the ack unless ``durable=False``, and a
+result's large arrays come back as memfds (a result naming them, taken on
+the client thread; journaled as ever unless ``durable=False``).
 
 ``map``/``imap``/``imap_unordered`` read their input lazily (``_streams``),
 and ``submit`` blocks while the submits not yet accepted hold more than
@@ -140,8 +142,10 @@ class Client(Executor):
     def same_host(self) -> dict[str, Any]:
         """How this client hands arrays to a daemon on its host: ``enabled``
         (``same_host=``), ``durable`` (``durable=``), ``connected`` (to the
-        daemon's side channel now) and ``submits`` (those whose arrays went as
-        memfds so far)."""
+        daemon's side channel now), ``submits`` (those whose arrays went as
+        memfds so far), ``results`` (results whose arrays came back as memfds)
+        and ``results_failed`` (results whose memfds could not be taken: they
+        were fetched again, as frames or a clear error)."""
         return self._same_host.describe()
 
     # --- Executor API ------------------------------------------------------------------
@@ -182,6 +186,9 @@ class Client(Executor):
         args, kwargs, shm, shared_bytes = self._same_host.prepare(args, kwargs)
         if shm is not None:
             options["shm"] = shm
+        shm_results = self._same_host.results_option()
+        if shm_results is not None:
+            options["shm_results"] = shm_results
         body = {"job_id": job_id, "fn": fn, "args": args, "kwargs": kwargs,
                 "batch_accepted": True, "batch_results": True}
         if options:  # optional: none is the common case, and an empty map costs both ends
@@ -466,7 +473,30 @@ class Client(Executor):
     # The round's two steps that act on the ledger (one seam each for fault tests).
 
     def _receive(self, msg: Message) -> None:
+        if msg.type == "accepted" and "same_host" in msg.body:
+            self._same_host.advertised(msg.body["same_host"])
+        elif msg.type == "result" and "shm" in msg.body:
+            body = self._by_memfd(msg.body)
+            if body is None:
+                return
+            msg = Message("result", body)
+        elif msg.type == "results" and any("shm" in item for item in msg.body["results"]):
+            items = [self._by_memfd(item) if "shm" in item else item
+                     for item in msg.body["results"]]
+            msg = Message("results", {"results": [item for item in items if item is not None]})
         self._ledger.receive(msg)
+
+    def _by_memfd(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A result whose arrays the daemon holds as memfds, with them in place;
+        None when they cannot be taken: the job is fetched again at once (the
+        journal's copy for a durable client, else a clear error)."""
+        try:
+            return self._same_host.collect(body)
+        except (OSError, ValueError):
+            job_id = body.get("job_id")
+            if type(job_id) is str:
+                self._ledger.outbox.append(encode(Message("fetch", {"job_id": job_id})))
+            return None
 
     def _check_acks(self) -> None:
         self._ledger.check_timers()

@@ -121,7 +121,7 @@ class Daemon:
         self._intake = Intake(self.scheduler, scheduler, journal=self.journal,
                               waiters=self._waiters, replier=self._replier,
                               allowed=self._allowed, wakeup=self._wakeup, stopping=self._stop,
-                              logs=self._logs)
+                              logs=self._logs, local=self._local)
         for warning in warnings:
             log.warning("%s", warning)
 
@@ -175,6 +175,8 @@ class Daemon:
                 self._expire_waiters()
                 if time.monotonic() >= next_expiry:
                     self.journal.expire(self.settings.result_ttl)
+                    if self._local is not None:  # result memfds never picked up
+                        self._local.expire(self.settings.result_ttl)
                     next_expiry = time.monotonic() + min(_EXPIRE_EVERY,
                                                          self.settings.result_ttl / 2)
                 failed_rounds = 0
@@ -305,21 +307,31 @@ class Daemon:
     def _acknowledge(self, accepted: list[tuple[str, list[bytes | memoryview], bytes, Message]]
                      ) -> None:
         """Tell each client its journaled submits: one "accepted" naming all of a
-        round's jobs to a client that said ``batch_accepted``, one per job to others."""
+        round's jobs to a client that said ``batch_accepted``, one per job to
+        others. A client that does not take results as memfds yet hears the
+        side channel's name (``same_host``): one on this host may then open it."""
         batched: dict[bytes, list[str]] = {}
+        side: set[bytes] = set()
         for job_id, _, peer, msg in accepted:
+            if self._local is not None and not self._local.results.knows(
+                    (msg.body.get("options") or {}).get("shm_results")):
+                side.add(peer)
             if msg.body.get("batch_accepted") is True:
                 batched.setdefault(peer, []).append(job_id)
             else:
                 self._accepted_messages += 1
-                self._reply(peer, Message("accepted", {"job_id": job_id, "submits": True}))
+                self._reply(peer, Message("accepted", {"job_id": job_id, "submits": True,
+                                                       **self._side(peer in side)}))
         for peer, ids in batched.items():
             ids = list(dict.fromkeys(ids))  # a resubmission in the same round: once
             for start in range(0, len(ids), MAX_ACCEPTED_IDS):
                 self._accepted_messages += 1
                 self._reply(peer, Message("accepted",
                                           {"job_ids": ids[start:start + MAX_ACCEPTED_IDS],
-                                           "submits": True}))
+                                           "submits": True, **self._side(peer in side)}))
+
+    def _side(self, tell: bool) -> dict[str, str]:
+        return {"same_host": self._local.name} if tell and self._local is not None else {}
 
     # The intake's steps, called by the rounds (one seam each for fault tests).
 

@@ -41,6 +41,17 @@ def arrays_out(a: np.ndarray, scale: float) -> dict[str, Any]:
             "sum": float(a.sum())}
 
 
+def ones(n: int, dtype: str = "float64") -> np.ndarray:
+    """An array made by the worker (W3): it comes back to the client."""
+    return np.ones(n, dtype=dtype)
+
+
+def inc_inplace(a: np.ndarray) -> np.ndarray:
+    """a += 1, returned (W4): the same memory goes back."""
+    a += 1
+    return a
+
+
 def nested_total(d: dict[str, Any]) -> float:
     return float(sum(a.sum() for a in [*d["x"], *d["y"]]))
 

@@ -10,6 +10,7 @@ import fcntl
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -43,9 +44,13 @@ def test_arrays_round_trip_by_memfd(daemons, durable: bool) -> None:
     np.testing.assert_array_equal(futures[2].result(timeout=30), shared * 2)
     assert futures[3].result(timeout=30) == float(b.sum())
     assert futures[4].result(timeout=30) == float(a.sum() + small.sum() + b.sum())
+    # Results with large arrays came back as memfds: add (2: a and shared) and
+    # arrays_out; the totals are floats (frames).
     assert client.same_host == {"enabled": True, "durable": durable, "connected": True,
-                                "submits": 5}
-    assert client.status()["same_host"]["deposits"] == 0  # every deposit claimed
+                                "submits": 5, "results": 3, "results_failed": 0}
+    status = client.status()["same_host"]
+    assert status["deposits"] == 0  # every deposit claimed
+    assert status["results_sent"] == 3 and status["result_fds_held"] == 0
 
 
 def _memfds(pid: int) -> int:
@@ -265,3 +270,258 @@ def test_another_user_is_refused_on_the_side_channel(daemons) -> None:
     wait_until(lambda: d.status()["same_host"]["refused"] == 1, timeout=10,
                message="the refusal to be counted")
     assert "refused a connection from uid 65534" in d.log.read_text()
+
+
+# --- results by memfd -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_results_come_back_by_memfd(daemons, durable: bool) -> None:
+    """Array results of a same-host client's jobs come back as memfds (counted
+    in Client.same_host["results"]), in both modes; the journal keeps them for a
+    later fetch only when durable, else a fetch answers a clear error."""
+    d = daemons(scheduler={"local_workers": 2}).start()
+    client = d.client(durable=durable)
+    # A client learns the side channel from its first submit with large arrays
+    # (it asks the status and waits; or, without waiting, from an "accepted"):
+    # later results come by memfd.
+    warm = np.ones(100_000)
+    assert client.submit("_daemon_tasks:total", warm).result(timeout=30) == warm.sum()
+    made = client.submit("_daemon_tasks:ones", 300_000)  # W3: made by the worker
+    a = np.arange(200_000, dtype=np.float64)
+    bumped = client.submit("_daemon_tasks:inc_inplace", a)  # W4: in and out by memfd
+    small = client.submit("_daemon_tasks:ones", 10)  # below the threshold: a frame
+    np.testing.assert_array_equal(made.result(timeout=30), np.ones(300_000))
+    np.testing.assert_array_equal(bumped.result(timeout=30), a + 1)
+    np.testing.assert_array_equal(a, np.arange(200_000, dtype=np.float64))  # a copy went
+    np.testing.assert_array_equal(small.result(timeout=30), np.ones(10))
+    assert client.same_host["results"] == 2 and client.same_host["results_failed"] == 0
+    status = client.status()["same_host"]
+    assert status["results_sent"] == 2 and status["result_fds_held"] == 0
+    # Another client fetching the same job by id gets frames (durable) or the error.
+    other = d.client(same_host=False)
+    if durable:
+        np.testing.assert_array_equal(other.result(made.job_id, timeout=30), np.ones(300_000))
+    else:
+        with pytest.raises(ShmrunnerError, match="durable=False"):
+            other.result(made.job_id, timeout=30)
+    # And after a restart, the same.
+    workers = d.descendants()
+    d.kill9()
+    wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=30,
+               message="the killed daemon's workers to exit")
+    d.start()
+    again = d.client(same_host=False)
+    if durable:
+        np.testing.assert_array_equal(again.result(bumped.job_id, timeout=30), a + 1)
+    else:
+        with pytest.raises(ShmrunnerError, match="is lost"):
+            again.result(bumped.job_id, timeout=30)
+
+
+def test_same_host_false_takes_results_as_frames(daemons) -> None:
+    d = daemons().start()
+    client = d.client(same_host=False)
+    np.testing.assert_array_equal(client.submit("_daemon_tasks:ones", 100_000).result(30),
+                                  np.ones(100_000))
+    assert client.same_host["results"] == 0
+    assert d.status()["same_host"]["results_sent"] == 0
+
+
+_SLOW_CLIENT = """
+import sys, threading
+import shmrunner
+from shmrunner import _shmclient
+# A client that never picks its results up (stuck, slow): the daemon holds them.
+_shmclient.SameHost.collect = lambda self, body: threading.Event().wait()
+c = shmrunner.connect(sys.argv[1])
+import numpy as np
+assert c.submit("_daemon_tasks:total", np.ones(100_000)).result(30) == 100_000  # side channel
+futures = [c.submit("_daemon_tasks:ones", 100_000) for _ in range(int(sys.argv[2]))]
+print("submitted", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_kill9_of_a_client_with_results_in_flight_frees_them(daemons) -> None:
+    """A client that does not pick up its result memfds, then is SIGKILLed:
+    the daemon frees every fd it held for it (status back to the baseline)."""
+    import subprocess
+    import sys
+
+    from _daemon_tasks import env
+
+    d = daemons(scheduler={"local_workers": 2}).start()
+    warm = d.client(same_host=False)  # the daemon's own caches, warmed as by the jobs
+    assert [f.result(30).size for f in [warm.submit("_daemon_tasks:ones", 100_000)
+                                        for _ in range(5)]] == [100_000] * 5
+    baseline = _memfds(d.pid)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLIENT, d.address, "5"], env=env(),
+                            stdout=subprocess.PIPE)
+    try:
+        wait_until(lambda: d.status()["same_host"]["result_fds_held"] == 5, timeout=60,
+                   message="the daemon to hold 5 results for the stuck client")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    wait_until(lambda: d.status()["same_host"]["result_fds_held"] == 0, timeout=10,
+               message="the killed client's result memfds to be freed")
+    status = d.status()["same_host"]
+    assert status["results_held"] == 0 and status["results_expired"] == 5
+    wait_until(lambda: _memfds(d.pid) <= baseline, timeout=10,
+               message=f"the daemon to close the result memfds (baseline {baseline}, "
+                       f"now {_memfds(d.pid)})")
+
+
+def test_results_never_picked_up_expire_after_result_ttl(daemons, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from _daemon_tasks import env
+
+    d = daemons(daemon={"result_ttl": 1.0}).start()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLIENT, d.address, "2"], env=env(),
+                            stdout=subprocess.PIPE)
+    try:
+        wait_until(lambda: d.status()["same_host"]["results_expired"] == 2, timeout=60,
+                   message="the results never picked up to expire")
+        assert d.status()["same_host"]["result_fds_held"] == 0
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+class _HostileDaemon:
+    """A stand-in daemon (ZeroMQ ROUTER + side channel) that names memfds in
+    every result and answers the pickup with ``answer``; a fetch gets frames."""
+
+    def __init__(self, tmp_path: Path, answer: Any) -> None:
+        import secrets
+        import threading
+
+        self.answer = answer
+        self.name = "shmrunner-" + secrets.token_hex(16)
+        self.address = f"ipc://{tmp_path}/hostile-{secrets.token_hex(4)}"
+        self.fetched: list[str] = []
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(self.address)
+        self._side = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._side.bind("\0" + self.name)
+        self._side.listen(4)
+        self._side.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import select
+
+        conns: list[socket.socket] = []
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._side.accept()
+                    conns.append(conn)
+                except TimeoutError:
+                    pass
+                ready, _, _ = select.select(conns, [], [], 0)
+                for conn in ready:
+                    data = conn.recv(100)
+                    if data == b"results":
+                        conn.send(msgpack.packb({"channel": "a" * 32}))
+                    elif data.startswith(b"get "):
+                        self.answer(conn)
+                while self._router.poll(0):
+                    peer, *frames = self._router.recv_multipart()
+                    msg = decode(frames, max_bytes=1 << 20, allow_pickle=False)
+                    job_id = msg.body.get("job_id")
+                    if msg.type == "status":
+                        out = Message("status_reply", {"status": {"same_host": {
+                            "socket": self.name}}})
+                    elif msg.type == "submit":
+                        self._router.send_multipart([peer, *encode(Message(
+                            "accepted", {"job_id": job_id, "same_host": self.name}))])
+                        option = (msg.body.get("options") or {}).get("shm_results")
+                        if option is None:  # it learns the side channel from "accepted"
+                            out = Message("result", {"job_id": job_id, "ok": True,
+                                                     "value": "plain"})
+                        else:
+                            assert option["channel"] == "a" * 32
+                            out = Message("result", {
+                                "job_id": job_id, "ok": True, "value": None,
+                                "shm": {"token": "b" * 32,
+                                        "arrays": [[[0], 0, "<f8", [512], [8], 0]]}})
+                    elif msg.type == "fetch":
+                        self.fetched.append(job_id)
+                        out = Message("result", {"job_id": job_id, "ok": True,
+                                                 "value": "as frames"})
+                    else:
+                        continue
+                    self._router.send_multipart([peer, *encode(out)])
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._router.close(linger=0)
+        self._ctx.term()
+        self._side.close()
+
+
+def _send(conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                 if fds else [])
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("answer", ["garbage", "error", "pipe", "unsealed", "small", "count",
+                                    "close"])
+def test_a_hostile_pickup_answer_falls_back_to_a_fetch(tmp_path: Path, answer: str) -> None:
+    """Garbage, a refusal, fds that are not sealed memfds or too small for the
+    spec, a wrong fd count, a closed channel: the client checks, takes none of
+    it, and fetches the job again (frames); it never hangs."""
+    def reply(conn: socket.socket) -> None:
+        if answer == "garbage":
+            _send(conn, b"\xc1\xc1garbage", [])
+        elif answer == "error":
+            _send(conn, msgpack.packb({"error": "no"}), [])
+        elif answer == "pipe":
+            r, w = os.pipe()
+            os.close(w)
+            _send(conn, msgpack.packb({"fds": 1}), [r])
+        elif answer == "unsealed":
+            _send(conn, msgpack.packb({"fds": 1}), [_memfd(8192, sealed=False)])
+        elif answer == "small":
+            _send(conn, msgpack.packb({"fds": 1}), [_memfd(1024)])  # the spec needs 4096
+        elif answer == "count":
+            _send(conn, msgpack.packb({"fds": 2}), [_memfd(8192)])
+        else:
+            conn.shutdown(socket.SHUT_RDWR)
+
+    fake = _HostileDaemon(tmp_path, reply)
+    client = shmrunner.connect(fake.address)
+    try:
+        # It learns the side channel from "accepted", then opens its results
+        # connection without waiting: a later submit asks for results by memfd.
+        futures = []
+
+        def by_memfd() -> bool:
+            futures.append(client.submit("_daemon_tasks:inc", 1))
+            return futures[-1].result(timeout=30) != "plain"
+
+        wait_until(by_memfd, timeout=30, message="a submit taking results by memfd")
+        assert futures[-1].result() == "as frames"
+        assert fake.fetched == [futures[-1].job_id]
+        assert client.same_host["results"] == 0 and client.same_host["results_failed"] == 1
+    finally:
+        client.shutdown(wait=False)
+        fake.close()

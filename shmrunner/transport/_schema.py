@@ -95,11 +95,13 @@ _is_str = functools.partial(operator.is_, str)
 def _options(v: Any) -> bool:
     # refs: [[path, job_id], ...] (job references, _jobrefs.py; checked in full there)
     # shm: a same-host client's memfds (_samehost.py; checked in full by _localclients.py)
-    return _str_map(v) and set(v) <= {"retries", "timeout", "refs", "shm"} \
+    # shm_results: its results channel, for results as memfds (checked there too)
+    return _str_map(v) and set(v) <= {"retries", "timeout", "refs", "shm", "shm_results"} \
         and ("retries" not in v or _ID[1](v["retries"])) \
         and ("timeout" not in v or _TIMEOUT[1](v["timeout"])) \
         and ("refs" not in v or type(v["refs"]) in (list, tuple)) \
-        and ("shm" not in v or _str_map(v["shm"]))
+        and ("shm" not in v or _str_map(v["shm"])) \
+        and ("shm_results" not in v or _str_map(v["shm_results"]))
 
 
 def _wire_error(v: Any) -> bool:
@@ -118,7 +120,7 @@ _FN: _Check = ("a function reference 'package.module:qualname'",
 _ARGS: _Check = ("a list or tuple", lambda v: type(v) in (list, tuple))
 _MAP: _Check = ("a map with str keys", _str_map)
 _OPTIONS: _Check = ("a map of retries (int >= 0), timeout (None or number > 0), refs "
-                     "(a list) and shm (a map)", _options)
+                     "(a list), shm and shm_results (maps)", _options)
 _ERROR: _Check = ("an error map {type, message, traceback: str; args: list or None}",
                   _wire_error)
 _ANY: _Check = ("anything", lambda v: True)
@@ -166,7 +168,9 @@ _LOGS: _Check = (f"a list of at most {MAX_WIRE_RECORDS} [time, level 0-100, name
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
-                               "session": _SESSION, "logs": _LOGS}),
+                               "session": _SESSION, "logs": _LOGS,
+                               # arrays as memfds to a same-host client (_samehost.py)
+                               "shm": _MAP}),
     "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
@@ -179,7 +183,8 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
                {"job_id": _OPT_JOB, "options": _OPTIONS, "batch_accepted": _BOOL,
                 "batch_results": _BOOL}),
-    "accepted": ({}, {"job_id": _STR, "job_ids": _ACCEPTED_IDS, "submits": _BOOL}),
+    "accepted": ({}, {"job_id": _STR, "job_ids": _ACCEPTED_IDS, "submits": _BOOL,
+                      "same_host": _STR}),  # the side channel's name (_samehost.py)
     "submits": ({"submits": _SUBMITS}, {}),
     "fetch": ({"job_id": _STR}, {"timeout": _WAIT}),
     "status": ({}, {}),
