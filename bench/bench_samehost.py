@@ -16,8 +16,14 @@ W2 = 16 x 64 MiB float64 in, the task returns float(a.sum()). Systems, all on
   fsync the directory), in a fresh directory beside where the daemons'
   journals go.
 
+Results by memfd (``--workload w3`` or ``w4``, systems sched,shm-nj,shm-j,tcp):
+W3 = the worker makes 16 x 64 MiB float64 (``make_array``), returned; W4 = 16 x
+64 MiB in, ``a += 1`` returned. Through a same-host client the result arrays
+come back as memfds (checked: ``same_host["results"]`` counts 16); with
+durable=True the daemon journals them too (the spill write + fsync).
+
 python bench/bench_samehost.py [--reps 5] [--systems sched,shm-nj,shm-j,tcp,disk]
-                               [--out bench/RESULTS.md]
+                               [--workload w2|w3|w4] [--out bench/RESULTS.md]
 Prints a markdown section; with --out, appends it there.
 """
 
@@ -78,12 +84,22 @@ class Daemon:
             clients, _ = self.proc.wait_ready(60.0)
             self.client = shmrunner.connect(clients, **options)
             self.client.submit(_tasks.inc, 0).result(60)
+            # A large argument: the client finds the side channel (and its results connection).
+            self.client.submit(_tasks.array_sum, np.ones(1 << 17)).result(60)
         except BaseException:
             self.close()
             raise
 
     def w2(self, arrays: list[np.ndarray]) -> list[float]:
         futures = [self.client.submit(_tasks.array_sum, a) for a in arrays]
+        return [f.result(TIMEOUT) for f in futures]
+
+    def w3(self, arrays: list[np.ndarray]) -> list[Any]:
+        futures = [self.client.submit(_tasks.make_array, i) for i in range(len(arrays))]
+        return [f.result(TIMEOUT) for f in futures]
+
+    def w4(self, arrays: list[np.ndarray]) -> list[Any]:
+        futures = [self.client.submit(_tasks.add_one, a) for a in arrays]
         return [f.result(TIMEOUT) for f in futures]
 
     def close(self) -> None:
@@ -103,6 +119,14 @@ class Sched:
 
     def w2(self, arrays: list[np.ndarray]) -> list[float]:
         futures = [self.s.submit(_tasks.array_sum, a) for a in arrays]
+        return [f.result(TIMEOUT) for f in futures]
+
+    def w3(self, arrays: list[np.ndarray]) -> list[Any]:
+        futures = [self.s.submit(_tasks.make_array, i) for i in range(len(arrays))]
+        return [f.result(TIMEOUT) for f in futures]
+
+    def w4(self, arrays: list[np.ndarray]) -> list[Any]:
+        futures = [self.s.submit(_tasks.add_one, a) for a in arrays]
         return [f.result(TIMEOUT) for f in futures]
 
     def close(self) -> None:
@@ -147,21 +171,35 @@ def make(key: str, root: Path) -> Any:
     return Daemon(root, **options)
 
 
-def run(key: str, root: Path, arrays: list[np.ndarray]) -> float:
+def run(key: str, root: Path, arrays: list[np.ndarray], workload: str = "w2") -> float:
     system = make(key, root)
     try:
         gc.collect()
-        before = system.client.same_host["submits"] if isinstance(system, Daemon) else 0
+        before = system.client.same_host if isinstance(system, Daemon) else {}
         t0 = time.perf_counter()
-        sums = system.w2(arrays)
+        out = getattr(system, workload)(arrays)
         dt = time.perf_counter() - t0
-        if sums != [float(k * _tasks.N) for k in range(len(arrays))]:
-            raise AssertionError(f"{key}: wrong sums")
+        if workload == "w2":
+            if out != [float(k * _tasks.N) for k in range(len(arrays))]:
+                raise AssertionError(f"{key}: wrong sums")
+        else:  # each result checked at two points (touching every page costs as much as W3)
+            add = 1.0 if workload == "w4" else 0.0
+            for k, a in enumerate(out):
+                if a.shape != (_tasks.N,) or a[0] != k + add or a[-1] != k + add:
+                    raise AssertionError(f"{key}: wrong result {k}")
+        del out
         if isinstance(system, Daemon):  # the path claimed is the path taken
-            by_memfd = system.client.same_host["submits"] - before
+            after = system.client.same_host
             expected = 0 if key == "tcp" else len(arrays)
-            if by_memfd != expected:
-                raise AssertionError(f"{key}: {by_memfd} submits by memfd, expected {expected}")
+            if workload != "w3":
+                by_memfd = after["submits"] - before["submits"]
+                if by_memfd != expected:
+                    raise AssertionError(f"{key}: {by_memfd} submits by memfd, "
+                                         f"expected {expected}")
+            if workload != "w2" and "results" in after:  # (a tree before results by memfd: none)
+                back = after["results"] - before["results"]
+                if back != expected:
+                    raise AssertionError(f"{key}: {back} results by memfd, expected {expected}")
         return dt
     finally:
         system.close()
@@ -276,6 +314,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--systems", default="sched,shm-nj,shm-j,tcp,disk")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--workload", default="w2", choices=("w2", "w3", "w4"))
     ap.add_argument("--kill-trials", type=int, default=0,
                     help="kill -9 trials per durability mode (durable, then not)")
     args = ap.parse_args()
@@ -290,6 +329,9 @@ def main() -> None:
         print(kill_report(trials))
         return
     arrays = [np.full(_tasks.N, float(k)) for k in range(N_ARRAYS)]
+    if args.workload != "w2":
+        print(results_report(keys, args, root, arrays))
+        return
     times: dict[str, list[float]] = {k: [] for k in keys}
     loads = [loadavg()]
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
@@ -313,6 +355,40 @@ def main() -> None:
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n" + section)
+
+
+def results_report(keys: list[str], args: Any, root: Path, arrays: list[np.ndarray]) -> str:
+    """W3 or W4, interleaved, medians; a markdown section (appended to --out)."""
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    loads = [loadavg()]
+    for rep in range(args.reps + 1):
+        order = keys[rep % len(keys):] + keys[:rep % len(keys)]
+        for key in order:
+            dt = run(key, root, arrays, args.workload)
+            say(f"{args.workload} rep {rep} {key}: {dt:.3f} s")
+            if rep > 0:
+                times[key].append(dt)
+        loads.append(loadavg())
+    say(f"times: {json.dumps(times)}")
+    what = {"w3": "W3 (the worker makes 16 x 64 MiB, returned)",
+            "w4": "W4 (16 x 64 MiB in, a += 1 returned)"}[args.workload]
+    lines = [f"### {what}: results by memfd through a same-host client", "",
+             f"`bench_samehost.py --workload {args.workload} --reps {args.reps}`; "
+             "interleaved, rotating order, fresh systems, 1 warm-up; median [range]; "
+             "load " + " → ".join(str(x) for x in loads), "",
+             "| system | time | GB/s | vs Scheduler |", "|---|---|---|---|"]
+    ref = statistics.median(times["sched"]) if "sched" in times else None
+    for k in keys:
+        ts = times[k]
+        med = statistics.median(ts)
+        lines.append(f"| {LABELS[k]} | {med:.3f} s [{min(ts):.3f}–{max(ts):.3f}] | "
+                     f"{W2_BYTES / med / 1e9:.2f} | "
+                     f"{'–' if ref is None else f'{ref / med * 100:.0f} %'} |")
+    section = "\n".join(lines) + "\n"
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + section)
+    return section
 
 
 def kill_report(trials: list[dict[str, Any]]) -> str:
