@@ -3,6 +3,8 @@
 Data flow::
 
     Scheduler._pump (any thread) --start(jobs)--> inbox --wake pipe--+
+        (the hub asleep: the caller sends them itself, _assign under the
+        socket gate, transport/_gate.py: no thread hop on the latency path)
     Scheduler._expire (timer)    --stop(job)----> stops --wake pipe--+
     or Scheduler.cancel (a "cancel" to the agent; "now" for a cancelled job)
                                                                      v
@@ -19,9 +21,11 @@ Data flow::
                       (the Scheduler retries those it may)
         bye        -> the worker is draining: no new tasks; forgotten once empty
 
-Only the hub thread touches the socket (ZeroMQ sockets are not thread-safe);
-other threads hand it work through deques and a wake-up pipe the poller
-watches. A worker is never sent more than its capacity plus the prefetch.
+Only the holder of the socket gate touches the socket and the roster
+(ZeroMQ sockets are not thread-safe): the hub thread, except while it
+sleeps; a thread that finds it asleep sends its jobs itself, else hands
+them over through the inbox and the wake-up pipe. Outcomes of one
+``results`` message reach the Scheduler as one batch (one placement). A worker is never sent more than its capacity plus the prefetch.
 Guarantees: no peer can block the hub thread (sends never wait); a round that
 raises is logged, counted and recovered from (the workers' tasks rerun), and a
 hub that cannot recover fails every future it holds or is given.
@@ -47,6 +51,7 @@ from .._job import Job
 from .._wakeup import Wakeup
 from ..config import SchedulerSettings
 from ..errors import ShmrunnerError, WorkerLostError
+from ..transport._gate import SocketGate
 from ..transport.curve import release
 from ..transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from ..transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
@@ -125,6 +130,7 @@ class RemoteTier:
         except BaseException:
             self._release()
             raise
+        self._gate = SocketGate(self._channel.socket, self._wakeup)
         self._thread = threading.Thread(target=self._run, name="shmrunner-hub", daemon=True)
         self._thread.start()
 
@@ -158,6 +164,19 @@ class RemoteTier:
             if self._broken is not None:
                 raise self._broken
             self._inbox.extend(jobs)
+        if threading.current_thread() is self._thread:
+            return  # its round ends with _assign (and does not sleep while it can send)
+        # The hub asleep? Send them from this thread (no thread hop on the latency
+        # path); else the hub sends them in its round.
+        if not self._closing and self._gate.try_enter():
+            try:
+                if not self._channel.closed:
+                    self._assign()
+                    return
+            except Exception as exc:  # a bug: the hub's own recovery, here
+                self._recover(exc)
+            finally:
+                self._gate.leave()
         self._wake()
 
     def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
@@ -183,9 +202,8 @@ class RemoteTier:
     # --- the hub thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wakeup.fd, zmq.POLLIN)
+        gate = self._gate
+        gate.enter()  # the hub holds the socket except while it sleeps
         interval = self._settings.heartbeat_interval
         next_beat = time.monotonic() + interval
         failures = 0  # rounds in a row that raised
@@ -194,16 +212,15 @@ class RemoteTier:
             while not self._closing:
                 try:
                     wait = max(0.0, next_beat - time.monotonic())
-                    events = dict(poller.poll(round(wait * 1000)))
-                    if self._wakeup.fd in events:
-                        self._wakeup.drain()
-                    if self._channel.socket in events:
+                    if self._inbox and self._peers.free() > 0:
+                        wait = 0.0  # jobs handed over on this thread (start) wait to go
+                    if gate.sleep(wait):
                         self._receive()
-                    self._assign()
                     self._apply_stops()
                     if time.monotonic() >= next_beat:
                         self._heartbeat()
                         next_beat = time.monotonic() + interval
+                    self._assign()  # last: what this round's outcomes let the Scheduler place
                     failures = 0
                 except Exception as exc:  # a bug, or a hostile input we did not foresee
                     failures += 1
@@ -217,8 +234,11 @@ class RemoteTier:
             with self._crash_lock:
                 self._broken = stopped
         finally:
-            self._fail_all(stopped)
-            self._release()
+            try:
+                self._fail_all(stopped)
+                self._release()
+            finally:
+                gate.exit()
             if self._broken is not None:
                 self._events.on_room()  # jobs queued for want of room now fail (start)
 
@@ -269,9 +289,13 @@ class RemoteTier:
                 self._result(worker, msg.body)
             elif msg.type == "results":
                 # Paced per message: the agent batches what finished together.
+                # The Scheduler places queued jobs once for the whole batch.
                 self._peers.lifecycle.pace(worker, 1)
-                for body in msg.body["results"]:
-                    self._result(worker, body)
+                try:
+                    for body in msg.body["results"]:
+                        self._result(worker, body, batch=True)
+                finally:
+                    self._events.on_room()
             elif msg.type == "bye":
                 worker.retiring = True
                 if not worker.tasks:
@@ -291,7 +315,7 @@ class RemoteTier:
             "session": self.session}))
         self._events.on_room()
 
-    def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+    def _result(self, worker: Worker[Job], body: dict[str, Any], batch: bool = False) -> None:
         if body.get("session") != self.session:
             self._ignore(worker.endpoint.identity, f"a result of task {body.get('task_id')} "
                          f"from session {body.get('session')!r}, not this one")
@@ -311,7 +335,7 @@ class RemoteTier:
             peer: Peer = worker.endpoint
             self._events.on_log(job, [tuple(record) for record in body["logs"]],
                                 worker=peer.name, host=peer.host)
-        self._events.on_done(job, ok, value)
+        self._events.on_done(job, ok, value, batch=batch)
 
     def _assign(self) -> None:
         """Give queued jobs to workers with room; a worker's share of one round
