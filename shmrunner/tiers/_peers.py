@@ -7,7 +7,10 @@ others, over a copy, where a stale answer is harmless)::
     hello         -> join: a Peer (identity, advertised capacity, clocks) in the
                      shared Lifecycle bookkeeping (capacity + prefetch slots)
     any message   -> last_seen (results also go through Lifecycle.pace, the
-                     one pacing rule, which gives a fast worker more slots)
+                     one pacing rule, which gives a fast worker more slots;
+                     stretched on a host that runs more worker processes than
+                     its hello said it has cores: there a tiny task's turnaround
+                     is mostly waiting for a core)
     send          -> track: a big message ZeroMQ has not taken yet
     heartbeat     -> verdict: silent too long, or stopped reading -> lose
     lose/forget   -> out of the roster; lose hands back every job it held
@@ -50,7 +53,7 @@ class WorkerStatus(TypedDict):
 class Peer:
     """A remote worker as the hub knows it."""
 
-    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen",
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
                  "allow_pickle", "outbox")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
@@ -59,6 +62,7 @@ class Peer:
         self.host: str = body["host"]
         self.pid: int = body["pid"]
         self.capacity: int = body["capacity"]
+        self.cpus: int | None = body.get("cpus")  # optional (checked by the schema)
         self.last_seen = time.monotonic()
         self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
         # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
@@ -77,6 +81,7 @@ class Peers:
         # fast hold many more, so tiny tasks are pipelined over the network.
         self.lifecycle: Lifecycle[Job] = Lifecycle(None, 0, fast_task=_FAST_TASK)
         self._by_identity: dict[bytes, Worker[Job]] = {}
+        self._per_host: dict[str, int] = {}  # host -> processes of its connected workers
         self.lost = 0
 
     def __iter__(self) -> Iterator[Worker[Job]]:
@@ -97,7 +102,26 @@ class Peers:
         worker = self.lifecycle.add(peer, peer.capacity + self._prefetch,
                                     fast_capacity=peer.capacity + _FAST_PREFETCH)
         self._by_identity[identity] = worker
+        self._per_host[peer.host] = self._per_host.get(peer.host, 0) + peer.capacity
         return worker
+
+    def pace(self, worker: Worker[Job], results: int) -> None:
+        """``results`` arrived together from ``worker``: the pacing rule, with
+        the turnaround stretched by its host's processes per core."""
+        peer: Peer = worker.endpoint
+        stretch = 1.0
+        if peer.cpus is not None:
+            stretch = max(1.0, self._per_host.get(peer.host, 0) / peer.cpus)
+        self.lifecycle.pace(worker, results, stretch=stretch)
+
+    def _gone(self, worker: Worker[Job]) -> None:
+        peer: Peer = worker.endpoint
+        self._by_identity.pop(peer.identity, None)
+        left = self._per_host.get(peer.host, 0) - peer.capacity
+        if left > 0:
+            self._per_host[peer.host] = left
+        else:
+            self._per_host.pop(peer.host, None)
 
     def lose(self, worker: Worker[Job]) -> list[Job] | None:
         """Declare ``worker`` lost: the jobs it held (None if it was gone already)."""
@@ -105,19 +129,21 @@ class Peers:
             return None
         self.lost += 1
         loss = self.lifecycle.lose(worker)
-        self._by_identity.pop(worker.endpoint.identity, None)
+        self._gone(worker)
         # A remote worker runs many tasks at once: any of them may have started.
         return ([loss.running] if loss.running is not None else []) + loss.unstarted
 
     def forget(self, worker: Worker[Job]) -> None:
         """A drained worker that holds nothing leaves quietly."""
+        if worker.id in self.lifecycle.workers:
+            self._gone(worker)
         self.lifecycle.lose(worker)
-        self._by_identity.pop(worker.endpoint.identity, None)
 
     def drop_all(self) -> list[Job]:
         """The tier is ending: every job any worker held."""
         jobs: list[Job] = []
         for worker in self.lifecycle:
+            self._gone(worker)
             loss = self.lifecycle.lose(worker)
             jobs += ([loss.running] if loss.running is not None else []) + loss.unstarted
         return jobs

@@ -23,9 +23,13 @@ Data flow::
 
 Only the holder of the socket gate touches the socket and the roster
 (ZeroMQ sockets are not thread-safe): the hub thread, except while it
-sleeps; a thread that finds it asleep sends its jobs itself, else hands
+sleeps; a thread that finds it asleep (and no worker busy) sends its jobs
+itself, else hands
 them over through the inbox and the wake-up pipe. Outcomes of one
-``results`` message reach the Scheduler as one batch (one placement). A worker is never sent more than its capacity plus the prefetch.
+``results`` message reach the Scheduler as one batch (one placement); a
+worker gets jobs many at a time (filled, not dealt one each). A worker is
+never sent more than its capacity plus the prefetch (more when it is fast:
+``_peers.py``).
 Guarantees: no peer can block the hub thread (sends never wait); a round that
 raises is logged, counted and recovered from (the workers' tasks rerun), and a
 hub that cannot recover fails every future it holds or is given.
@@ -166,11 +170,12 @@ class RemoteTier:
             self._inbox.extend(jobs)
         if threading.current_thread() is self._thread:
             return  # its round ends with _assign (and does not sleep while it can send)
-        # The hub asleep? Send them from this thread (no thread hop on the latency
-        # path); else the hub sends them in its round.
+        # The hub asleep and no worker busy? Send them from this thread (no thread
+        # hop on the latency path). Else the hub sends them in its round: a burst
+        # of submits gathers there into a few messages per worker.
         if not self._closing and self._gate.try_enter():
             try:
-                if not self._channel.closed:
+                if not self._channel.closed and not self._peers.lifecycle.busy():
                     self._assign()
                     return
             except Exception as exc:  # a bug: the hub's own recovery, here
@@ -285,12 +290,12 @@ class RemoteTier:
                     self._ignore(peer, "a result from a peer that has not said hello")
                 continue
             elif msg.type == "result":
-                self._peers.lifecycle.pace(worker, 1)
+                self._peers.pace(worker, 1)
                 self._result(worker, msg.body)
             elif msg.type == "results":
                 # Paced per message: the agent batches what finished together.
                 # The Scheduler places queued jobs once for the whole batch.
-                self._peers.lifecycle.pace(worker, 1)
+                self._peers.pace(worker, 1)
                 try:
                     for body in msg.body["results"]:
                         self._result(worker, body, batch=True)
@@ -342,15 +347,22 @@ class RemoteTier:
         travels as one message (``tasks``), so tiny tasks cost one send each
         round instead of one each."""
         batches: dict[Worker[Job], list[Job]] = {}
+        lifecycle = self._peers.lifecycle
         while self._inbox:
-            worker = self._peers.lifecycle.pick()
+            worker = lifecycle.pick()
             if worker is None:
                 break
-            job = self._inbox.popleft()
-            self._peers.lifecycle.assign(worker, job)
+            # Fill the worker picked (an idle one, else the one with the most
+            # room) rather than deal one job to each in turn: jobs travel many
+            # per message, and the agent and its processes wake once for them.
             peer: Peer = worker.endpoint
-            job.worker = f"{peer.name}@{peer.host}"
-            batches.setdefault(worker, []).append(job)
+            name = f"{peer.name}@{peer.host}"
+            batch = batches.setdefault(worker, [])
+            for _ in range(min(worker.free, len(self._inbox))):
+                job = self._inbox.popleft()
+                lifecycle.assign(worker, job)
+                job.worker = name
+                batch.append(job)
         for worker, jobs in batches.items():
             if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
                 jobs = self._refuse_pickles(worker, jobs)

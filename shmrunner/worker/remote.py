@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -60,6 +61,7 @@ from ..transport._gate import SocketGate
 from ..transport.protocol import (
     MAX_BATCH,
     MAX_CAPACITY,
+    MAX_CPUS,
     Message,
     _pickle_dumps,
     exception_to_wire,
@@ -160,7 +162,10 @@ class Agent:
         self._core = ProcessEngine(EngineSettings(
             processes=self.processes, context=self._ctx,
             shm_threshold=self.settings.shm_threshold, task_logs=logs,
-            memory_limit=self.settings.memory_limit),
+            memory_limit=self.settings.memory_limit,
+            # One process: nothing to balance here (the hub paces what this agent
+            # holds), so it gets tiny tasks many at a time however busy the host.
+            fast_task=math.inf if self.processes == 1 else None),
             on_results=self._flush, on_logs=None if logs is None else _keep_logs)
         try:
             while True:
@@ -201,6 +206,7 @@ class Agent:
             hello = Message("hello", {"name": self.name, "host": socket.gethostname(),
                                       "pid": os.getpid(),
                                       "capacity": min(self.processes, MAX_CAPACITY),
+                                      "cpus": min(os.cpu_count() or 1, MAX_CPUS),
                                       "allow_pickle": settings.allow_pickle})
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
