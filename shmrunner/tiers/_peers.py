@@ -83,6 +83,11 @@ class Peers:
         self._by_identity: dict[bytes, Worker[Job]] = {}
         self._per_host: dict[str, int] = {}  # host -> processes of its connected workers
         self.lost = 0
+        # Kept as the roster changes (every change goes through this class), so
+        # that the Scheduler's room() and busy() cost O(1), not O(workers), per
+        # submit; recounted at each heartbeat (recount) all the same.
+        self._free = 0  # sum of the workers' free slots
+        self.held = 0  # tasks the workers hold
 
     def __iter__(self) -> Iterator[Worker[Job]]:
         return iter(self.lifecycle)
@@ -90,8 +95,34 @@ class Peers:
     def free(self) -> int:
         """Jobs the workers can take now (read from any thread: a stale answer
         only delays or queues a job)."""
+        return self._free
+
+    def recount(self) -> None:
+        """Count ``free`` and ``held`` afresh (the hub thread, at heartbeats)."""
         workers = list(self.lifecycle.workers.values())
-        return sum(worker.free for worker in workers)
+        self._free = sum(worker.free for worker in workers)
+        self.held = sum(len(worker.tasks) for worker in workers)
+
+    def assign(self, worker: Worker[Job], job: Job) -> None:
+        before = worker.free
+        self.lifecycle.assign(worker, job)
+        self.held += 1
+        self._free += worker.free - before
+
+    def finish(self, worker: Worker[Job], task_id: int) -> Job | None:
+        """Take ``task_id`` off what ``worker`` holds: the job, or None if it
+        does not hold it."""
+        before = worker.free
+        job = self.lifecycle.finish(worker, task_id)
+        if job is not None:
+            self.held -= 1
+            self._free += worker.free - before
+        return job
+
+    def retire(self, worker: Worker[Job]) -> None:
+        """It said bye: no new jobs."""
+        self._free -= worker.free
+        self.lifecycle.retire(worker)
 
     def get(self, identity: bytes) -> Worker[Job] | None:
         return self._by_identity.get(identity)
@@ -103,6 +134,7 @@ class Peers:
                                     fast_capacity=peer.capacity + _FAST_PREFETCH)
         self._by_identity[identity] = worker
         self._per_host[peer.host] = self._per_host.get(peer.host, 0) + peer.capacity
+        self._free += worker.free
         return worker
 
     def pace(self, worker: Worker[Job], results: int) -> None:
@@ -112,9 +144,14 @@ class Peers:
         stretch = 1.0
         if peer.cpus is not None:
             stretch = max(1.0, self._per_host.get(peer.host, 0) / peer.cpus)
+        before = worker.free
         self.lifecycle.pace(worker, results, stretch=stretch)
+        self._free += worker.free - before
 
     def _gone(self, worker: Worker[Job]) -> None:
+        """Before ``worker`` leaves the lifecycle: out of the counts and maps."""
+        self._free -= worker.free
+        self.held -= len(worker.tasks)
         peer: Peer = worker.endpoint
         self._by_identity.pop(peer.identity, None)
         left = self._per_host.get(peer.host, 0) - peer.capacity
@@ -128,8 +165,8 @@ class Peers:
         if worker.id not in self.lifecycle.workers:
             return None
         self.lost += 1
-        loss = self.lifecycle.lose(worker)
         self._gone(worker)
+        loss = self.lifecycle.lose(worker)
         # A remote worker runs many tasks at once: any of them may have started.
         return ([loss.running] if loss.running is not None else []) + loss.unstarted
 

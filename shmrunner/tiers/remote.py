@@ -95,6 +95,7 @@ class RemoteTier:
         self._inbox: collections.deque[Job] = collections.deque()
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
+        self._wake_pending = False  # a wake-up byte written and not yet seen by the hub
         self._closing = False
         # Task ids restart at 0 in every Scheduler: results name this session (sent
         # in the welcome), so a result for an old scheduler's task 3 is never taken
@@ -175,7 +176,7 @@ class RemoteTier:
         # of submits gathers there into a few messages per worker.
         if not self._closing and self._gate.try_enter():
             try:
-                if not self._channel.closed and not self._peers.lifecycle.busy():
+                if not self._channel.closed and not self._peers.held:
                     self._assign()
                     return
             except Exception as exc:  # a bug: the hub's own recovery, here
@@ -202,7 +203,11 @@ class RemoteTier:
         return self._peers.status()
 
     def _wake(self) -> None:
-        self._wakeup.wake()
+        # One byte per round at most: a burst of submits writes once, not each.
+        # Set only with a byte written, cleared by the hub after it wakes.
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wakeup.wake()
 
     # --- the hub thread ------------------------------------------------------------------
 
@@ -219,7 +224,9 @@ class RemoteTier:
                     wait = max(0.0, next_beat - time.monotonic())
                     if self._inbox and self._peers.free() > 0:
                         wait = 0.0  # jobs handed over on this thread (start) wait to go
-                    if gate.sleep(wait):
+                    readable = gate.sleep(wait)
+                    self._wake_pending = False  # from here on, what is handed over is seen
+                    if readable:
                         self._receive()
                     self._apply_stops()
                     if time.monotonic() >= next_beat:
@@ -302,7 +309,7 @@ class RemoteTier:
                 finally:
                     self._events.on_room()
             elif msg.type == "bye":
-                worker.retiring = True
+                self._peers.retire(worker)
                 if not worker.tasks:
                     self._forget(worker)
 
@@ -325,7 +332,7 @@ class RemoteTier:
             self._ignore(worker.endpoint.identity, f"a result of task {body.get('task_id')} "
                          f"from session {body.get('session')!r}, not this one")
             return
-        job = self._peers.lifecycle.finish(worker, body.get("task_id", -1))
+        job = self._peers.finish(worker, body.get("task_id", -1))
         if job is None:  # not one this worker holds (stopped, lost, or never sent)
             self._ignore(worker.endpoint.identity,
                          f"a result of task {body.get('task_id')}, which it does not hold")
@@ -360,7 +367,7 @@ class RemoteTier:
             batch = batches.setdefault(worker, [])
             for _ in range(min(worker.free, len(self._inbox))):
                 job = self._inbox.popleft()
-                lifecycle.assign(worker, job)
+                self._peers.assign(worker, job)
                 job.worker = name
                 batch.append(job)
         for worker, jobs in batches.items():
@@ -376,7 +383,7 @@ class RemoteTier:
                 else:
                     self._send_batch(worker, jobs, bodies)
             except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
-                self._peers.lifecycle.finish(worker, jobs[0].id)
+                self._peers.finish(worker, jobs[0].id)
                 self._events.on_done(jobs[0], False, exc)
 
     def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
@@ -388,7 +395,7 @@ class RemoteTier:
                 encode(Message("task", {"task_id": job.id, "fn": job.fn, "args": job.args,
                                         "kwargs": job.kwargs}), allow_pickle=False)
             except TypeError as exc:
-                self._peers.lifecycle.finish(worker, job.id)
+                self._peers.finish(worker, job.id)
                 self._events.on_done(job, False, TypeError(
                     f"{exc} (worker {worker.endpoint.name} does not accept pickles: start "
                     "it with --allow-pickle)"))
@@ -411,7 +418,7 @@ class RemoteTier:
                         if not self._send(worker, Message("task", body)):
                             return
                     except (TypeError, ValueError) as exc:
-                        self._peers.lifecycle.finish(worker, job.id)
+                        self._peers.finish(worker, job.id)
                         self._events.on_done(job, False, exc)
 
     def _apply_stops(self) -> None:
@@ -433,6 +440,7 @@ class RemoteTier:
                     self._send(worker, Message("cancel", body))
 
     def _heartbeat(self) -> None:
+        self._peers.recount()  # the running counts, checked
         timeout = self._settings.heartbeat_timeout
         deadline = time.monotonic() - timeout
         for worker in self._peers:
