@@ -355,17 +355,22 @@ class RemoteTier:
         round instead of one each."""
         batches: dict[Worker[Job], list[Job]] = {}
         lifecycle = self._peers.lifecycle
+        if not self._inbox:
+            return
+        # Each worker with room takes its even share of the queue at once (an
+        # idle one first, then the one with the most room) rather than one job
+        # in turn: jobs travel many per message and the agent and its processes
+        # wake once for them, yet two jobs and two idle workers still go one each.
+        with_room = sum(1 for worker in lifecycle.workers.values() if worker.free)
+        share = -(-len(self._inbox) // max(1, with_room))
         while self._inbox:
             worker = lifecycle.pick()
             if worker is None:
                 break
-            # Fill the worker picked (an idle one, else the one with the most
-            # room) rather than deal one job to each in turn: jobs travel many
-            # per message, and the agent and its processes wake once for them.
             peer: Peer = worker.endpoint
             name = f"{peer.name}@{peer.host}"
             batch = batches.setdefault(worker, [])
-            for _ in range(min(worker.free, len(self._inbox))):
+            for _ in range(min(worker.free, len(self._inbox), share)):
                 job = self._inbox.popleft()
                 self._peers.assign(worker, job)
                 job.worker = name
