@@ -186,6 +186,17 @@ class Peers:
         return jobs
 
     @staticmethod
+    def topped_up(worker: Worker[Job]) -> bool:
+        """A fast worker whose processes each have a task queued and that has
+        room for less than half its prefetch: refilled once more results free
+        half of it, so tiny tasks travel many per message and its agent wakes
+        fewer times (it never runs dry: it still holds a queue)."""
+        peer: Peer = worker.endpoint
+        prefetch = worker.capacity - peer.capacity
+        return (worker.capacity == worker.fast_capacity and len(worker.tasks) >= 2 * peer.capacity
+                and worker.free < prefetch // 2)
+
+    @staticmethod
     def track(worker: Worker[Job], sent: zmq.MessageTracker) -> None:
         """``sent`` is a big message ZeroMQ has not taken yet: watch it."""
         peer: Peer = worker.endpoint

@@ -96,6 +96,10 @@ class RemoteTier:
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
         self._wake_pending = False  # a wake-up byte written and not yet seen by the hub
+        # Every worker with room is topped up (Peers.topped_up): room() says 0,
+        # so the Scheduler keeps its jobs (their timeouts not started, free for
+        # another tier) until results free half a prefetch; set by _hold.
+        self._held_back = False
         self._closing = False
         # Task ids restart at 0 in every Scheduler: results name this session (sent
         # in the welcome), so a result for an old scheduler's task 3 is never taken
@@ -162,6 +166,8 @@ class RemoteTier:
     def room(self) -> int:
         if self._broken is not None:  # take the jobs, to fail them (start), not to hold them
             return 1 << 30
+        if self._held_back:
+            return 0
         return self._peers.free() - len(self._inbox)
 
     def start(self, jobs: list[Job]) -> None:
@@ -233,6 +239,7 @@ class RemoteTier:
                         self._heartbeat()
                         next_beat = time.monotonic() + interval
                     self._assign()  # last: what this round's outcomes let the Scheduler place
+                    self._hold()
                     failures = 0
                 except Exception as exc:  # a bug, or a hostile input we did not foresee
                     failures += 1
@@ -348,6 +355,17 @@ class RemoteTier:
             self._events.on_log(job, [tuple(record) for record in body["logs"]],
                                 worker=peer.name, host=peer.host)
         self._events.on_done(job, ok, value, batch=batch)
+
+    def _hold(self) -> None:
+        """Whether the workers are topped up (then room() is 0): tiny tasks
+        are then refilled in bulk, once results free half a prefetch, so they
+        travel many per message and the agents wake fewer times. Told to the
+        Scheduler when it ends (on_room), so it places its queue then."""
+        worker = self._peers.lifecycle.pick()
+        held = worker is not None and Peers.topped_up(worker)
+        was, self._held_back = self._held_back, held
+        if was and not held:
+            self._events.on_room()
 
     def _assign(self) -> None:
         """Give queued jobs to workers with room; a worker's share of one round
