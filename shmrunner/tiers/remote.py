@@ -398,8 +398,10 @@ class RemoteTier:
                 jobs = self._refuse_pickles(worker, jobs)
                 if not jobs:
                     continue
-            bodies = [{"task_id": job.id, "fn": job.fn, "args": job.args, "kwargs": job.kwargs,
-                       "timeout": job.timeout} for job in jobs]
+            # args as a list: the agent makes the tuple; the wire's tuple ext would
+            # cost a callback and a nested pack per task both ways.
+            bodies = [{"task_id": job.id, "fn": job.fn, "args": list(job.args),
+                       "kwargs": job.kwargs, "timeout": job.timeout} for job in jobs]
             try:
                 if len(bodies) == 1:
                     self._send(worker, Message("task", bodies[0]))
