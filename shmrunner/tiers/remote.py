@@ -361,6 +361,8 @@ class RemoteTier:
         are then refilled in bulk, once results free half a prefetch, so they
         travel many per message and the agents wake fewer times. Told to the
         Scheduler when it ends (on_room), so it places its queue then."""
+        if not self._peers.held and not self._held_back:
+            return  # no worker holds a task (e.g. 1,000 idle ones): not even O(workers)
         worker = self._peers.lifecycle.pick()
         held = worker is not None and Peers.topped_up(worker)
         was, self._held_back = self._held_back, held
