@@ -99,7 +99,8 @@ class _Reply:
     def settle(self, index: int, ok: bool, value: Any) -> None:
         # No wake-up: on the manager thread, its on_results (Agent._flush) follows
         # each batch of results; elsewhere it is the agent loop, which sends
-        # before it sleeps.
+        # before it sleeps. (A crashed manager thread's last failures wait for
+        # the loop's next round: within a heartbeat interval.)
         self.agent._completed(self.key, self.task, ok, value, self.logs, wake=False)
         self.logs = None
 
