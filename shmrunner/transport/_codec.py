@@ -155,7 +155,7 @@ def _wire_fn(fn: object, allow_pickle: bool) -> object:
     if type(fn) is str:
         return function_ref(fn)
     try:
-        return function_ref(cast(Callable[..., Any], fn))
+        return function_ref(cast("Callable[..., Any]", fn))  # a str: no alias built per call
     except TypeError:
         if allow_pickle and callable(fn):
             return fn   # the encoder pickles it

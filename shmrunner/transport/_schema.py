@@ -23,6 +23,7 @@ from .._jobid import job_id_problem
 from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
 
 __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_ACCEPTED_IDS", "MAX_BATCH", "MAX_CAPACITY",
+           "MAX_CPUS",
            "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "MessageType", "Message"]
 
 PROTOCOL_VERSION = 2
@@ -135,6 +136,10 @@ MAX_CAPACITY = 4096  # tasks one worker may run at once: a scheduler sends it th
 _CAPACITY: _Check = (f"an int from 1 to {MAX_CAPACITY} (tasks the worker runs at once)",
                      lambda v: type(v) is int and 1 <= v <= MAX_CAPACITY)
 
+MAX_CPUS = 1 << 16  # cores a worker's host may claim (hello "cpus", optional)
+_CPUS: _Check = (f"an int from 1 to {MAX_CPUS} (cores of the worker's host)",
+                 lambda v: type(v) is int and 1 <= v <= MAX_CPUS)
+
 MAX_JOB_IDS = 256      # job ids one "jobs" query may name
 MAX_JOBS_LIMIT = 1000  # recent jobs one "jobs" listing may ask for
 _JOB_IDS: _Check = (f"a list of 1 to {MAX_JOB_IDS} str",
@@ -164,7 +169,8 @@ _LOGS: _Check = (f"a list of at most {MAX_WIRE_RECORDS} [time, level 0-100, name
 
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
-    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
+    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY},
+              {"cpus": _CPUS}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
                                "session": _SESSION, "logs": _LOGS}),
     "results": ({"results": _BATCH}, {}),
