@@ -45,7 +45,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from ._job import Job
-from ._payload import payload_bytes
+from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
 
 __all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_DEPTH",
@@ -71,6 +71,8 @@ class TaskFuture(Future[Any]):
 def futures_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Future[Any]]:
     """Every future among the arguments, where "anywhere" reaches (repeats
     included), within ``MAX_DEPTH`` levels and ``MAX_VISITS`` objects."""
+    if only_scalars(args, kwargs):  # the common tiny task: nothing to walk
+        return
     visits = 0
     stack: list[tuple[Any, int]] = [(args, 0), (kwargs, 0)]
     while stack and visits < MAX_VISITS:
