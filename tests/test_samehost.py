@@ -101,6 +101,10 @@ def test_kill9_with_arrays_in_flight(tmp_path: Path, daemons) -> None:
     volatile = d.client(durable=False, refetch_interval=0.2)
     release = tmp_path / "release"
     arrays = [np.full(100_000, float(i)) for i in range(4)]
+    # Once the daemon has said it takes batched submits, a burst travels as
+    # one `submits` message: its items must be journaled with their arrays too.
+    for client in (durable, volatile):
+        assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
     kept = [durable.submit("_daemon_tasks:gated_total", a, str(tmp_path / f"s{i}"),
                            str(release)) for i, a in enumerate(arrays)]
     gone = [volatile.submit("_daemon_tasks:gated_total", a, str(tmp_path / f"v{i}"),
