@@ -18,16 +18,26 @@ Data flow (parent side, this process)::
                               else its fd is closed and the pages go back)
         dropped(W, ...)   --> the slot is closed, never reused
     worker W dies / is reaped: forget(W) --> every slot lent to it is closed
+    W returns a lent slot by handle (a task handing back its argument):
+        returned(inode)   --> the parent maps it too; it is freed only once W
+                              released it *and* the parent's mappings are
+                              collected (unmap_returned), never if either
+                              side passed it on
+    spares (``_spares.py``): free slots lent beside a task for its results
+        acquire_free(size); W writes a result into one and reports it dropped
 
 Worker side (:func:`track_releases`): every segment a worker maps is
 counted per inode; when the last mapping of an inode is gone the inode is
-reported released. A segment the worker sends on by handle (it returns it,
-passes it to another process) or that is mapped while the worker forks is
+reported released. A segment the worker sends on by handle (to a process
+other than the parent it replies to) or that is mapped while it forks is
 reported dropped instead: another process may map it, so it must never be
-written again. The parent only ever reuses a slot that the one process it
-was lent to said it released, so a recycled segment is never handed out
-while any process still maps it. The parent itself never maps a slot (it
-writes with ``pwrite``), and keeps only its fd.
+written again. A segment returned to the parent in the reply
+(:func:`replying`) is not passed on: the parent holds it as returned (above).
+The parent only ever reuses a slot that the one process it was lent to said
+it released, and only once its own mappings of it (a returned slot, an
+adopted result) are collected, so a recycled segment is never handed out
+while any process still maps it. The parent writes slots only with
+``pwrite``, and keeps only their fds while they are free.
 
 Budget: the free slots' bytes never exceed :func:`shm_cache_limit` (default:
 an eighth of the memory available when first used; ``SHMRUNNER_SHM_CACHE``
