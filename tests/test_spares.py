@@ -62,7 +62,7 @@ def test_no_spare_with_the_cache_disabled_and_nothing_left() -> None:
     try:
         with shmrunner.Pool(2) as pool:
             granted = shmrunner.shm_cache_info()["spares_granted"]
-            for round_ in range(3):
+            for _ in range(3):
                 out = pool.map(ct.full, range(6), chunksize=2)
                 assert [float(a[0]) for a in out] == [float(k) for k in range(6)]
                 del out
