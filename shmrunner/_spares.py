@@ -42,19 +42,28 @@ from collections.abc import Hashable
 
 from . import _segcache
 
-__all__ = ["grant", "learned", "TRAILER", "trailer", "split_trailer", "stash", "take",
+__all__ = ["key_of", "grant", "learned", "TRAILER", "trailer", "split_trailer", "stash", "take",
            "give_back_unused"]
 
 # --- the pool's side -----------------------------------------------------------
 
 # What the last reply of a task function held: size class -> arrays copied for
 # it (a map chunk holds several). Keyed by the function the user gave (its
-# chunks run through ``run_chunk``), bounded, least recently used first out.
+# chunks run through ``run_chunk``; :func:`key_of`), bounded, least recently
+# used first out.
 _MAX_KEYS = 256
 _MAX_IN_FLIGHT = 1 << 16
 _lock = threading.Lock()
 _wants: collections.OrderedDict[Hashable, dict[int, int]] = collections.OrderedDict()
 _keys: collections.OrderedDict[int, Hashable] = collections.OrderedDict()  # task id -> key
+
+
+def key_of(fn: object) -> Hashable | None:
+    """What spares are learned by for tasks of ``fn``: its module and
+    qualified name (no reference to it, so nothing is kept alive; two
+    functions of one name share what they learn, at worst a spare unused)."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return (module, name) if type(module) is str and type(name) is str else None
 
 
 def grant(task_id: int, key: Hashable | None) -> list[_segcache.Slot]:
@@ -64,15 +73,11 @@ def grant(task_id: int, key: Hashable | None) -> list[_segcache.Slot]:
     a spare is never a new memfd, nor a cache miss."""
     if key is None:
         return []
-    try:
-        with _lock:
-            _keys[task_id] = key
-            if len(_keys) > _MAX_IN_FLIGHT:  # tasks lost without a reply
-                _keys.popitem(last=False)
-            want = _wants.get(key)
-    except TypeError:  # an unhashable callable
-        _keys.pop(task_id, None)
-        return []
+    with _lock:
+        _keys[task_id] = key
+        if len(_keys) > _MAX_IN_FLIGHT:  # tasks lost without a reply
+            _keys.popitem(last=False)
+        want = _wants.get(key)
     slots: list[_segcache.Slot] = []
     for size, count in (want or {}).items():
         for _ in range(count):

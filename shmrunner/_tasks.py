@@ -87,7 +87,7 @@ def run_chunk_into(fn: Callable[..., Any], chunk: list[Any], star: bool, out: An
 def encode_task(task: Task, threshold: int) -> Encoded:
     """Pickle ``task``'s call; raises whatever user ``__reduce__`` code raises."""
     # Spares for its results are keyed by the user's function (``_spares``).
-    key = task.args[0] if task.fn is run_chunk and task.args else task.fn
+    key = _spares.key_of(task.args[0] if task.fn is run_chunk and task.args else task.fn)
     return dumps((task.fn, task.args, task.kwargs), threshold, lease=True,
                  spares_for=(task.id, key))
 

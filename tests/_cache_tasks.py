@@ -79,3 +79,10 @@ def keep_and_return(a: np.ndarray) -> np.ndarray:
     """Hold ``a`` after the task ends, and return it (by handle)."""
     _kept.append(a)
     return a
+
+
+def block() -> None:
+    """Never return (the test kills the worker running it)."""
+    import threading
+
+    threading.Event().wait()

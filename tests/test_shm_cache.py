@@ -178,12 +178,12 @@ def test_a_returned_argument_keeps_its_value() -> None:
 def test_killed_worker_mid_task_leaks_nothing() -> None:
     with shmrunner.Pool(1) as pool:
         victim, _ = pool.apply(ct.keep, (np.full(N, 1.0),))
-        result = pool.apply_async(ct.kept_sum)
+        # A task that never ends: the kill always lands mid-task (kept_sum
+        # could finish first, and the map below then met the dying worker).
+        result = pool.apply_async(ct.block)
         os.kill(victim, signal.SIGKILL)
-        try:
+        with pytest.raises(WorkerLostError):
             result.get(timeout=20)
-        except WorkerLostError:
-            pass
         assert pool.map(_sum, arrays(4)) == [float(k * N) for k in range(4)]
     gc.collect()
     drop_shm_cache()
