@@ -110,26 +110,31 @@ def substitute(args: tuple[Any, ...], kwargs: dict[str, Any], futures: list[Task
     met it; containers holding none are kept as they are, the others are
     rebuilt with their type (a set of futures whose results are unhashable:
     TypeError)."""
-    results = {id(f): f.result(timeout=0) for f in futures}
+    swap = _Substitution({id(f): f.result(timeout=0) for f in futures}).swap
+    return swap(args, 0), swap(kwargs, 0)
 
-    def swap(obj: Any, depth: int) -> Any:
+
+class _Substitution:
+    # A class, not a recursive closure: a nested function that calls itself
+    # is a reference cycle, which would keep the results (arrays, maybe) alive
+    # until the garbage collector's next full pass.
+    def __init__(self, results: dict[int, Any]) -> None:
+        self.results = results
+
+    def swap(self, obj: Any, depth: int) -> Any:
         if isinstance(obj, Future):
-            return results.get(id(obj), obj)
+            return self.results.get(id(obj), obj)
         kind = type(obj)
         if kind not in _CONTAINERS or depth >= MAX_DEPTH:
             return obj
         if kind is dict:
-            values = {k: swap(v, depth + 1) for k, v in obj.items()}
+            values = {k: self.swap(v, depth + 1) for k, v in obj.items()}
             same = all(values[k] is v for k, v in obj.items())
             return obj if same else values
-        items = [swap(item, depth + 1) for item in obj]
+        items = [self.swap(item, depth + 1) for item in obj]
         if all(new is old for new, old in zip(items, obj, strict=True)):
             return obj
         return kind(items)
-
-    new_args = swap(args, 0)
-    new_kwargs = swap(kwargs, 0)
-    return new_args, new_kwargs
 
 
 class _Wait:

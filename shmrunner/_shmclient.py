@@ -198,36 +198,45 @@ def _extract(args: tuple[Any, ...], kwargs: dict[str, Any], threshold: int
              ) -> tuple[tuple[Any, ...], dict[str, Any], list[tuple[Path, np.ndarray[Any, Any]]]]:
     """The arguments with each large array replaced by None, and where each was
     (at most MAX_ARRAYS arrays in MAX_FDS memfds; the rest stay as they are)."""
-    found: list[tuple[Path, np.ndarray[Any, Any]]] = []
-    fds: set[int] = set()
-    visits = 0
+    walk = _Extraction(threshold)
+    new_args = tuple(walk.swap(a, [i]) for i, a in enumerate(args))
+    new_kwargs = {k: walk.swap(v, [k]) for k, v in kwargs.items()}
+    return new_args, new_kwargs, walk.found
 
-    def swap(obj: Any, path: Path) -> Any:
-        nonlocal visits
-        visits += 1
+
+class _Extraction:
+    # A class, not a recursive closure: a nested function that calls itself
+    # is a reference cycle, which kept every submitted array alive until the
+    # garbage collector's next full pass (a stream of 16 MiB arrays grew the
+    # client by hundreds of MiB).
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.found: list[tuple[Path, np.ndarray[Any, Any]]] = []
+        self.fds: set[int] = set()
+        self.visits = 0
+
+    def swap(self, obj: Any, path: Path) -> Any:
+        self.visits += 1
         kind = type(obj)
         if kind is np.ndarray:
-            if obj.nbytes < threshold or not raw_layout(obj.dtype) or len(found) >= MAX_ARRAYS:
+            if (obj.nbytes < self.threshold or not raw_layout(obj.dtype)
+                    or len(self.found) >= MAX_ARRAYS):
                 return obj
             seg = segment_of(obj)
-            key = seg.fd if seg is not None else -len(found) - 1
-            if key not in fds and len(fds) >= MAX_FDS:
+            key = seg.fd if seg is not None else -len(self.found) - 1
+            if key not in self.fds and len(self.fds) >= MAX_FDS:
                 return obj
-            fds.add(key)
-            found.append((list(path), obj))
+            self.fds.add(key)
+            self.found.append((list(path), obj))
             return None
-        if visits > _VISITS or len(path) > MAX_DEPTH:
+        if self.visits > _VISITS or len(path) > MAX_DEPTH:
             return obj
         if kind is dict:
-            out = {k: swap(v, [*path, k]) if type(k) is str else v for k, v in obj.items()}
+            out = {k: self.swap(v, [*path, k]) if type(k) is str else v for k, v in obj.items()}
             return out if any(out[k] is not v for k, v in obj.items()) else obj
         if kind in (list, tuple):
-            items = [swap(item, [*path, i]) for i, item in enumerate(obj)]
+            items = [self.swap(item, [*path, i]) for i, item in enumerate(obj)]
             if all(new is old for new, old in zip(items, obj, strict=True)):
                 return obj
             return kind(items)
         return obj
-
-    new_args = tuple(swap(a, [i]) for i, a in enumerate(args))
-    new_kwargs = {k: swap(v, [k]) for k, v in kwargs.items()}
-    return new_args, new_kwargs, found

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import os
 import socket
+import sys
 from pathlib import Path
 
 import msgpack
@@ -46,6 +48,25 @@ def test_arrays_round_trip_by_memfd(daemons, durable: bool) -> None:
     assert client.same_host == {"enabled": True, "durable": durable, "connected": True,
                                 "submits": 5}
     assert client.status()["same_host"]["deposits"] == 0  # every deposit claimed
+
+
+def test_the_client_keeps_no_reference_to_a_submitted_array(daemons) -> None:
+    """Once its job is done, nothing of the client holds the array it handed
+    over (a reference cycle did: a stream of arrays grew the client by hundreds
+    of MiB until the garbage collector's next full pass). gc is off, so only a
+    plain reference count can let it go."""
+    d = daemons(scheduler={"local_workers": 1}).start()
+    client = d.client()
+    a = np.full(100_000, 1.5)
+    before = sys.getrefcount(a)
+    gc.disable()
+    try:
+        assert client.submit("_daemon_tasks:total", a).result(timeout=30) == a.sum()
+        assert client.same_host["submits"] == 1
+        wait_until(lambda: sys.getrefcount(a) == before, timeout=10,
+                   message="the client to let go of the array")
+    finally:
+        gc.enable()
 
 
 def _memfds(pid: int) -> int:
