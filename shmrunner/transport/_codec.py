@@ -176,7 +176,9 @@ def encode(msg: Message, *, allow_pickle: bool = False) -> list[bytes | memoryvi
         raise TypeError(f"a message body must be a dict with str keys, got {_describe(msg.body)}")
     body = msg.body
     if msg.type in ("task", "submit") and "fn" in body:
-        body = {**body, "fn": _wire_fn(body["fn"], allow_pickle)}
+        fn = _wire_fn(body["fn"], allow_pickle)
+        if fn is not body["fn"]:   # a reference str is sent as it is: no copy of the body
+            body = {**body, "fn": fn}
     elif msg.type == "tasks" and type(body.get("tasks")) is list:
         body = {"tasks": [{**task, "fn": _wire_fn(task["fn"], allow_pickle)}
                           if isinstance(task, dict) and "fn" in task else task
@@ -291,9 +293,11 @@ class _Decoder:
 
 
 def _as_view(frame: object, i: int) -> memoryview:
+    if type(frame) is bytes:   # a view of bytes is always flat bytes
+        return memoryview(frame)
     buffer = getattr(frame, "buffer", frame)   # zmq.Frame exposes its bytes as .buffer
     try:
-        view = memoryview(buffer)  # type: ignore[arg-type]
+        view = buffer if type(buffer) is memoryview else memoryview(buffer)  # type: ignore[arg-type]
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
     except (TypeError, ValueError) as exc:
@@ -331,11 +335,12 @@ def decode(frames: Sequence[Frame], *, max_bytes: int, allow_pickle: bool,
     Arrow and pandas values become :class:`._foreignwire.Deferred`, built
     where they are unpickled, so this process never imports those libraries.
     """
-    if len(frames) == 0:
+    count = len(frames)
+    if count == 0:
         raise ProtocolError("empty message: no frames")
-    if len(frames) > max_frames:
-        raise ProtocolError(f"message of {len(frames)} frames exceeds the limit of {max_frames}")
-    if len(frames) == 1:   # most messages: no arrays
+    if count > max_frames:
+        raise ProtocolError(f"message of {count} frames exceeds the limit of {max_frames}")
+    if count == 1:   # most messages: no arrays
         views = [_as_view(frames[0], 0)]
         total = views[0].nbytes
     else:
