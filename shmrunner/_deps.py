@@ -45,7 +45,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from ._job import Job
-from ._payload import payload_bytes
+from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
 
 __all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_DEPTH",
@@ -71,6 +71,8 @@ class TaskFuture(Future[Any]):
 def futures_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Future[Any]]:
     """Every future among the arguments, where "anywhere" reaches (repeats
     included), within ``MAX_DEPTH`` levels and ``MAX_VISITS`` objects."""
+    if only_scalars(args, kwargs):  # the common tiny task: nothing to walk
+        return
     visits = 0
     stack: list[tuple[Any, int]] = [(args, 0), (kwargs, 0)]
     while stack and visits < MAX_VISITS:
@@ -108,26 +110,31 @@ def substitute(args: tuple[Any, ...], kwargs: dict[str, Any], futures: list[Task
     met it; containers holding none are kept as they are, the others are
     rebuilt with their type (a set of futures whose results are unhashable:
     TypeError)."""
-    results = {id(f): f.result(timeout=0) for f in futures}
+    swap = _Substitution({id(f): f.result(timeout=0) for f in futures}).swap
+    return swap(args, 0), swap(kwargs, 0)
 
-    def swap(obj: Any, depth: int) -> Any:
+
+class _Substitution:
+    # A class, not a recursive closure: a nested function that calls itself
+    # is a reference cycle, which would keep the results (arrays, maybe) alive
+    # until the garbage collector's next full pass.
+    def __init__(self, results: dict[int, Any]) -> None:
+        self.results = results
+
+    def swap(self, obj: Any, depth: int) -> Any:
         if isinstance(obj, Future):
-            return results.get(id(obj), obj)
+            return self.results.get(id(obj), obj)
         kind = type(obj)
         if kind not in _CONTAINERS or depth >= MAX_DEPTH:
             return obj
         if kind is dict:
-            values = {k: swap(v, depth + 1) for k, v in obj.items()}
+            values = {k: self.swap(v, depth + 1) for k, v in obj.items()}
             same = all(values[k] is v for k, v in obj.items())
             return obj if same else values
-        items = [swap(item, depth + 1) for item in obj]
+        items = [self.swap(item, depth + 1) for item in obj]
         if all(new is old for new, old in zip(items, obj, strict=True)):
             return obj
         return kind(items)
-
-    new_args = swap(args, 0)
-    new_kwargs = swap(kwargs, 0)
-    return new_args, new_kwargs
 
 
 class _Wait:

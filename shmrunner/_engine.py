@@ -95,6 +95,10 @@ class EngineSettings:
     # (level, limit): workers capture each task's logs and printed text at that
     # level, at most limit characters, and the engine hands them to on_logs.
     task_logs: tuple[int, int] | None = None
+    # Seconds per task under which a worker may hold many tasks (the pacing
+    # rule, worker/lifecycle.py); None: the default. A remote agent with one
+    # process has nothing to balance between processes: it passes inf.
+    fast_task: float | None = None
 
     def __post_init__(self) -> None:
         # multiprocessing.Pool's own checks and messages (its tests expect them).
@@ -153,7 +157,8 @@ class ProcessEngine:
             initializer=settings.initializer, initargs=settings.initargs,
             maxtasks=settings.maxtasksperchild, threshold=settings.shm_threshold,
             selector=self._selector, parent_fds=self._wakeup.fds(),
-            memory_limit=memsize.resolve(settings.memory_limit), logs=settings.task_logs)
+            memory_limit=memsize.resolve(settings.memory_limit), logs=settings.task_logs,
+            **({} if settings.fast_task is None else {"fast_task": settings.fast_task}))
         self._queue = TaskQueue(self._lifecycle, settings.shm_threshold,
                                 max(8, 4 * settings.processes), self._wakeup.wake)
         self._manager = Manager(self._queue, self._lifecycle, self._selector, self._wakeup,

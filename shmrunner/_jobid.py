@@ -24,8 +24,8 @@ def job_id_problem(job_id: object) -> str | None:
     """Why ``job_id`` is not a valid job id, or None when it is."""
     if type(job_id) is not str:
         return f"a job id must be a str, got {type(job_id).__name__}"
-    shown = repr(job_id[:40]) + ("..." if len(job_id) > 40 else "")
     if not 0 < len(job_id) <= JOB_ID_MAX or _JOB_ID.fullmatch(job_id) is None:
+        shown = repr(job_id[:40]) + ("..." if len(job_id) > 40 else "")
         return f"invalid job id {shown}: a job id is {RULE}"
     return None
 

@@ -23,6 +23,7 @@ values with str keys), but not in sets: a set does not travel on the wire.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 from ._deps import MAX_DEPTH, MAX_VISITS, futures_in
@@ -43,26 +44,35 @@ def extract(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object
     """The arguments with each JobFuture of ``owner`` replaced by None, and
     where each was. TypeError for any other future (another Client's, a
     Scheduler's), for futures in a set, and past ``MAX_REFS`` of them."""
-    from concurrent.futures import Future
-
     if next(futures_in(args, kwargs), None) is None:
         return args, kwargs, []  # the common case: a bounded look, nothing rebuilt
-    refs: list[tuple[Path, JobFuture]] = []
-    visits = 0
+    walk = _Extraction(owner)
+    new_args = tuple(walk.swap(a, [i]) for i, a in enumerate(args))
+    new_kwargs = {k: walk.swap(v, [k]) for k, v in kwargs.items()}
+    return new_args, new_kwargs, walk.refs
 
-    def swap(obj: Any, path: Path) -> Any:
-        nonlocal visits
-        if visits >= MAX_VISITS:
+
+class _Extraction:
+    # A class, not a recursive closure: a nested function that calls itself
+    # is a reference cycle, which would keep the arguments alive until the
+    # garbage collector's next full pass.
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.refs: list[tuple[Path, JobFuture]] = []
+        self.visits = 0
+
+    def swap(self, obj: Any, path: Path) -> Any:
+        if self.visits >= MAX_VISITS:
             return obj
-        visits += 1
+        self.visits += 1
         if isinstance(obj, Future):
-            if not isinstance(obj, JobFuture) or obj.owner is not owner:
+            if not isinstance(obj, JobFuture) or obj.owner is not self.owner:
                 raise TypeError(
                     f"{obj!r} among the arguments is a future of another executor; a "
                     "Client resolves only its own futures (pass its result() instead)")
-            if len(refs) >= MAX_REFS:
+            if len(self.refs) >= MAX_REFS:
                 raise TypeError(f"more than {MAX_REFS} futures among one job's arguments")
-            refs.append((list(path), obj))
+            self.refs.append((list(path), obj))
             return None
         kind = type(obj)
         if len(path) >= MAX_PATH:
@@ -70,11 +80,11 @@ def extract(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object
         if kind is dict:
             out = {}
             for k, v in obj.items():
-                new = swap(v, [*path, k]) if type(k) is str else v
+                new = self.swap(v, [*path, k]) if type(k) is str else v
                 out[k] = new
             return out if any(out[k] is not v for k, v in obj.items()) else obj
         if kind in (list, tuple):
-            items = [swap(item, [*path, i]) for i, item in enumerate(obj)]
+            items = [self.swap(item, [*path, i]) for i, item in enumerate(obj)]
             if all(new is old for new, old in zip(items, obj, strict=True)):
                 return obj
             return kind(items)
@@ -82,10 +92,6 @@ def extract(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object
             raise TypeError("a Client cannot send futures inside a set (sets do not travel "
                             "on the wire); use a list")
         return obj
-
-    new_args = tuple(swap(a, [i]) for i, a in enumerate(args))
-    new_kwargs = {k: swap(v, [k]) for k, v in kwargs.items()}
-    return new_args, new_kwargs, refs
 
 
 def parse(refs: Any) -> list[tuple[Path, str]]:

@@ -17,12 +17,23 @@ import numpy as np
 
 from .shm import is_shared
 
-__all__ = ["payload_bytes", "default_budget"]
+__all__ = ["payload_bytes", "default_budget", "only_scalars"]
 
 _MAX_VISITS = 10_000  # objects looked at per task, at most
+_SCALARS = frozenset({int, float, bool, complex, str, type(None)})
+
+
+def only_scalars(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """True when every argument is a plain scalar (no container, array, bytes
+    or future): the common tiny task, which needs no walk of its arguments.
+    Exact types: a subclass could be anything."""
+    return all(type(a) in _SCALARS for a in args) and all(
+        type(v) in _SCALARS for v in kwargs.values())
 
 
 def payload_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    if only_scalars(args, kwargs):
+        return 0
     total = 0
     visits = 0
     stack: list[Any] = [args, kwargs]

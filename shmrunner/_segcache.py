@@ -18,16 +18,26 @@ Data flow (parent side, this process)::
                               else its fd is closed and the pages go back)
         dropped(W, ...)   --> the slot is closed, never reused
     worker W dies / is reaped: forget(W) --> every slot lent to it is closed
+    W returns a lent slot by handle (a task handing back its argument):
+        returned(inode)   --> the parent maps it too; it is freed only once W
+                              released it *and* the parent's mappings are
+                              collected (unmap_returned), never if either
+                              side passed it on
+    spares (``_spares.py``): free slots lent beside a task for its results
+        acquire_free(size); W writes a result into one and reports it dropped
 
 Worker side (:func:`track_releases`): every segment a worker maps is
 counted per inode; when the last mapping of an inode is gone the inode is
-reported released. A segment the worker sends on by handle (it returns it,
-passes it to another process) or that is mapped while the worker forks is
+reported released. A segment the worker sends on by handle (to a process
+other than the parent it replies to) or that is mapped while it forks is
 reported dropped instead: another process may map it, so it must never be
-written again. The parent only ever reuses a slot that the one process it
-was lent to said it released, so a recycled segment is never handed out
-while any process still maps it. The parent itself never maps a slot (it
-writes with ``pwrite``), and keeps only its fd.
+written again. A segment returned to the parent in the reply
+(:func:`replying`) is not passed on: the parent holds it as returned (above).
+The parent only ever reuses a slot that the one process it was lent to said
+it released, and only once its own mappings of it (a returned slot, an
+adopted result) are collected, so a recycled segment is never handed out
+while any process still maps it. The parent writes slots only with
+``pwrite``, and keeps only their fds while they are free.
 
 Budget: the free slots' bytes never exceed :func:`shm_cache_limit` (default:
 an eighth of the memory available when first used; ``SHMRUNNER_SHM_CACHE``
@@ -51,7 +61,8 @@ from .errors import ConfigError
 __all__ = ["Slot", "acquire", "lend", "give_back", "released", "dropped", "forget",
            "set_shm_cache", "shm_cache_info", "shm_cache_limit", "size_class",
            "track_releases", "note_mapped", "new_slot", "discard", "note_escaped",
-           "pending_reports", "encode_report", "decode_report"]
+           "pending_reports", "encode_report", "decode_report", "acquire_free", "report_released",
+           "report_dropped", "returned", "lending", "unmap_returned", "replying"]
 
 
 @dataclass(eq=False)
@@ -59,6 +70,13 @@ class Slot:
     fd: int
     size: int
     inode: int
+    spare: bool = False  # lent beside a task for its result (``_spares.py``)
+    # Returned by its worker by handle (a task handing back the array it got):
+    # the parent's own mappings of it, whether the worker released it since,
+    # and whether either side passed it on (then it is never reused).
+    parent_maps: int = 0
+    worker_done: bool = False
+    escaped: bool = False
 
 
 _lock = threading.Lock()
@@ -68,8 +86,12 @@ _free_bytes = 0
 _lent: dict[object, dict[int, Slot]] = {}  # holder -> inode -> slot
 _adopted: collections.deque[int] = collections.deque()  # fds adopt() queued
 _out: dict[int, Slot] = {}  # inode -> slot being filled or sent: neither free nor lent yet
+# Returned slots: the worker released them, the parent still maps them.
+_awaiting: dict[int, Slot] = {}
+_unreturned: collections.deque[tuple[Slot, int, bool]] = collections.deque()  # finalizers queue
 _limit: int | None = None
-_stats = {"hits": 0, "misses": 0, "evicted": 0, "recycled": 0, "dropped": 0}
+_stats = {"hits": 0, "misses": 0, "evicted": 0, "recycled": 0, "dropped": 0,
+          "spares_granted": 0, "spares_used": 0}
 
 
 def size_class(nbytes: int) -> int:
@@ -120,7 +142,8 @@ def set_shm_cache(max_bytes: int | None) -> None:
 def shm_cache_info() -> dict[str, int]:
     """Counters of the segment cache: ``limit``, ``free_bytes``,
     ``free_segments``, ``lent_segments``, ``hits``, ``misses``, ``recycled``,
-    ``evicted``, ``dropped``."""
+    ``evicted``, ``dropped``, ``spares_granted``, ``spares_used`` (free segments
+    lent beside tasks for the workers' results, and how many held one)."""
     _take_in_adopted()
     with _lock:
         lent = sum(len(held) for held in _lent.values())
@@ -142,6 +165,21 @@ def acquire(nbytes: int) -> Slot | None:
         _take_locked(slot)
         _out[slot.inode] = slot
         _stats["hits"] += 1
+        return slot
+
+
+def acquire_free(size: int) -> Slot | None:
+    """A free slot of exactly ``size`` bytes, or None (not counted as a miss:
+    the caller, ``_spares.grant``, makes no new memfd without one)."""
+    _take_in_adopted()
+    with _lock:
+        slots = _free.get(size)
+        if not slots:
+            return None
+        slot = slots.pop()
+        _take_locked(slot)
+        _out[slot.inode] = slot
+        _stats["spares_granted"] += 1
         return slot
 
 
@@ -183,6 +221,55 @@ def _take_in_adopted() -> None:
         except IndexError:
             return
         _adopt(fd)
+    while _unreturned:
+        try:
+            slot, fd, kept = _unreturned.popleft()
+        except IndexError:
+            return
+        _parent_unmapped(slot, fd, kept)
+
+
+def returned(inode: int) -> Slot | None:
+    """A worker's reply maps ``inode`` here by handle: if it is a slot lent to
+    a worker (a task returning the array it was given), the slot is freed only
+    once the worker released it *and* every such mapping here is gone
+    (:func:`unmap_returned`); None for any other segment."""
+    with _lock:
+        for held in _lent.values():
+            slot = held.get(inode)
+            if slot is not None:
+                slot.parent_maps += 1
+                return slot
+    return None
+
+
+def lending() -> bool:
+    """Whether any slot is lent out (else no received segment can be one)."""
+    return bool(_lent) and any(_lent.values())
+
+
+def unmap_returned(slot: Slot, fd: int, kept: bool) -> None:
+    """A mapping of a returned slot here is collected (its own ``fd``);
+    ``kept``: it was neither sent on by handle nor mapped across a fork.
+    Called by a finalizer: only queued (see :func:`adopt`)."""
+    _unreturned.append((slot, fd, kept))
+
+
+def _parent_unmapped(slot: Slot, fd: int, kept: bool) -> None:
+    with _lock:
+        slot.parent_maps -= 1
+        slot.escaped = slot.escaped or not kept
+        settled = slot.parent_maps == 0 and slot.worker_done
+        if settled:
+            _awaiting.pop(slot.inode, None)
+    _close([Slot(fd, 0, 0)])
+    if settled:
+        if slot.escaped:
+            _close([slot])
+        else:
+            with _lock:
+                _stats["recycled"] += 1
+            _free_slots([slot])
 
 
 def _adopt(fd: int) -> None:
@@ -218,7 +305,14 @@ def released(holder: object, inodes: list[int]) -> None:
     with _lock:
         held = _lent.get(holder, {})
         slots = [slot for slot in (held.pop(inode, None) for inode in inodes) if slot is not None]
+        for slot in slots:
+            if slot.parent_maps:  # returned: this process still maps it
+                slot.worker_done = True
+                _awaiting[slot.inode] = slot
+        closing = [slot for slot in slots if slot.escaped and not slot.parent_maps]
+        slots = [slot for slot in slots if not slot.escaped and not slot.parent_maps]
         _stats["recycled"] += len(slots)
+    _close(closing)
     _free_slots(slots)
 
 
@@ -227,7 +321,11 @@ def dropped(holder: object, inodes: list[int]) -> None:
     with _lock:
         held = _lent.get(holder, {})
         slots = [slot for slot in (held.pop(inode, None) for inode in inodes) if slot is not None]
-        _stats["dropped"] += len(slots)
+        used = sum(slot.spare for slot in slots)  # a spare is dropped when it carries a result
+        for slot in slots:
+            slot.escaped = True  # a mapping here must not bring it back (unmap_returned)
+        _stats["spares_used"] += used
+        _stats["dropped"] += len(slots) - used
     _close(slots)
 
 
@@ -236,6 +334,8 @@ def forget(holder: object) -> None:
     still map those pages, so they are never reused)."""
     with _lock:
         slots = list(_lent.pop(holder, {}).values())
+        for slot in slots:
+            slot.escaped = True
         _stats["dropped"] += len(slots)
     _close(slots)
 
@@ -249,6 +349,8 @@ def _free_slots(slots: list[Slot]) -> None:
     with _lock:
         for slot in slots:
             _out.pop(slot.inode, None)
+            slot.spare = slot.worker_done = slot.escaped = False
+            slot.parent_maps = 0
             if slot.size > limit:
                 closing.append(slot)
                 continue
@@ -293,7 +395,10 @@ def _reset_in_child() -> None:
     slots = (list(_order.values()) + list(_out.values())
              + [s for held in _lent.values() for s in held.values()])
     slots += [Slot(fd, 0, 0) for fd in _adopted]
+    slots += list(_awaiting.values()) + [Slot(fd, 0, 0) for _, fd, _ in _unreturned]
     _adopted.clear()
+    _awaiting.clear()
+    _unreturned.clear()
     _out.clear()
     _free.clear()
     _order.clear()
@@ -345,13 +450,34 @@ def note_unmapped_fd(fd: int) -> None:
         _to_release.append(inode)
 
 
+_replying = False
+
+
+def replying(on: bool) -> None:
+    """A worker encodes its reply to the parent: a segment returned by handle
+    is not passed on (the parent frees it only once this process released it
+    and its own mappings are gone, :func:`returned`)."""
+    global _replying
+    _replying = on
+
+
 def note_escaped(segment: Any) -> None:
     """``segment`` is being sent on by handle: its inode must never be reused."""
-    if _tracking:
+    if _tracking and not _replying:
         inode = os.fstat(segment.fd).st_ino
         if inode in _maps and inode not in _escaped:
             _escaped.add(inode)
             _to_drop.append(inode)
+
+
+def report_released(inode: int) -> None:
+    """A lent segment this process never mapped is done with (``_spares``)."""
+    _to_release.append(inode)
+
+
+def report_dropped(inode: int) -> None:
+    """A lent segment this process sends on: never to be reused (``_spares``)."""
+    _to_drop.append(inode)
 
 
 def _unmapped(inode: int) -> None:

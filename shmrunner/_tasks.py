@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _spares
 from ._sink import ResultSink
 from .errors import ConfigError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
@@ -85,7 +86,10 @@ def run_chunk_into(fn: Callable[..., Any], chunk: list[Any], star: bool, out: An
 
 def encode_task(task: Task, threshold: int) -> Encoded:
     """Pickle ``task``'s call; raises whatever user ``__reduce__`` code raises."""
-    return dumps((task.fn, task.args, task.kwargs), threshold, lease=True)
+    # Spares for its results are keyed by the user's function (``_spares``).
+    key = _spares.key_of(task.args[0] if task.fn is run_chunk and task.args else task.fn)
+    return dumps((task.fn, task.args, task.kwargs), threshold, lease=True,
+                 spares_for=(task.id, key))
 
 
 def frame(task: Task, message: Encoded) -> tuple[bytes, list[int], Callable[[], None]]:
@@ -98,10 +102,12 @@ def decode_outcome(payload: bytearray, fds: list[int]) -> tuple[int, bool, Any]:
     """A worker's reply (not a control message) as ``(task id, ok, value)``;
     ``value`` is the result or the exception, with its remote traceback."""
     (task_id,) = TASK_ID.unpack_from(payload)
+    copies: dict[int, int] = {}
     try:
-        ok, value = loads(memoryview(payload)[TASK_ID.size:], fds)
+        ok, value = loads(memoryview(payload)[TASK_ID.size:], fds, copies)
     except BaseException as exc:  # noqa: BLE001 (user code in __setstate__: this task fails)
         ok, value = False, (exc, "")
+    _spares.learned(task_id, copies)
     if not ok:
         error, tb = value
         value = attach_remote_traceback(error, tb) if tb else error

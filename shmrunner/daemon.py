@@ -284,13 +284,13 @@ class Daemon:
                 "worker (scheduler.max_pending); submit again later", job_id, "busy"))
         else:
             try:  # arrays a same-host client handed over as memfds
-                msg, journaled = self._claim(msg)
+                run, journaled = self._claim(msg)
             except ShmrunnerError as exc:
                 self._reply(peer, refusal(str(exc), job_id, "invalid"))
                 return
-            if frames is None or journaled is not msg:
+            if frames is None or journaled is not msg:  # not the message as received
                 frames = encode(journaled, allow_pickle=self._scheduler_settings.allow_pickle)
-            accepted.append((job_id or uuid.uuid4().hex, frames, peer, msg))
+            accepted.append((job_id or uuid.uuid4().hex, frames, peer, run))
 
     def _unbatch(self, msg: Message) -> Iterator[tuple[Message, list[Any]]]:
         """The valid submits of a "submits" message; the others are counted in

@@ -68,3 +68,21 @@ def fail_on(i: int) -> np.ndarray:
 
 def pair(a: int, b: int) -> np.ndarray:
     return np.array([a, b], dtype=np.int64)
+
+
+def full(i: int, n: int = 131072) -> np.ndarray:
+    """A private 1 MiB result (copied into a segment for the reply)."""
+    return np.full(n, i, dtype=np.float64)
+
+
+def keep_and_return(a: np.ndarray) -> np.ndarray:
+    """Hold ``a`` after the task ends, and return it (by handle)."""
+    _kept.append(a)
+    return a
+
+
+def block() -> None:
+    """Never return (the test kills the worker running it)."""
+    import threading
+
+    threading.Event().wait()

@@ -5,6 +5,7 @@ the remote chain runs on a real ``shmrunner worker`` agent over 127.0.0.1."""
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import subprocess
 import sys
@@ -50,6 +51,25 @@ def test_chain_of_three_passes_the_array_by_handle(sched: Scheduler) -> None:
     assert b.result(RESULT)[0] == 42.0
     assert b.result()[1] == 2.0
     assert sched.status()["waiting_on_futures"] == 0
+
+
+def test_a_dependent_keeps_no_reference_to_the_result_it_was_given(sched: Scheduler) -> None:
+    """Once the dependent is done, nothing but the dependency's own future holds
+    its result (a reference cycle in the substitution kept every result passed
+    on alive until the garbage collector's next full pass). gc is off, so only a
+    plain reference count can let it go."""
+    a = sched.submit(ct.make, 1 << 17, 1.0)
+    value = a.result(RESULT)
+    before = sys.getrefcount(value)
+    gc.disable()
+    try:
+        b = sched.submit(ct.inc, a)
+        assert b.result(RESULT)[0] == 2.0
+        del b
+        wait_until(lambda: sys.getrefcount(value) == before, timeout=10,
+                   message="the scheduler to let go of the dependency's result")
+    finally:
+        gc.enable()
 
 
 def test_futures_nested_in_lists_tuples_dicts_and_sets(sched: Scheduler) -> None:

@@ -696,6 +696,43 @@ def test_expanding_headers_are_refused_before_they_expand() -> None:
         == 100_000   # 1-tuples of small ints, the densest common case, still travel
 
 
+def test_container_budget_is_exact_on_both_sides_of_the_uncounted_size() -> None:
+    """Headers up to 5461 bytes are parsed without counting (each list, map or
+    tuple takes a byte, so they cannot hold more than their budget of a
+    quarter of their bytes plus 4096); longer ones are counted, and the bound
+    holds to the container."""
+    def lists(k: int) -> list[bytes]:   # [2, "status_reply", [[] * k]]: k + 2 containers
+        return [b"\x93\x02\xacstatus_reply\xdd" + k.to_bytes(4, "big") + b"\x90" * k]
+
+    for k in (10, 5441, 5442, 5465):   # 5441: 5461 bytes, the last uncounted size
+        assert k + 2 <= (k + 20) // 4 + 4096
+        with pytest.raises(ProtocolError, match="body of a status_reply message must be a map"):
+            decode(lists(k), max_bytes=LIMIT, allow_pickle=False)   # parsed in full
+    with pytest.raises(ProtocolError, match="more than 5467 lists, maps and tuples"):
+        decode(lists(5466), max_bytes=LIMIT, allow_pickle=False)
+    empty_tuple = msgpack.ExtType(2, b"\x90")   # 3 bytes, 2 containers: the densest there is
+    densest = header(V, "status_reply", {"status": {"t": [empty_tuple] * 1800}})
+    assert len(densest) <= 5461
+    assert decode([densest], max_bytes=LIMIT, allow_pickle=False).body["status"]["t"] \
+        == [()] * 1800
+
+
+@pytest.mark.parametrize("pad", [0, 8000], ids=["uncounted header", "counted header"])
+def test_list_and_map_nesting_stops_at_msgpacks_fixed_stack(pad: int) -> None:
+    """msgpack's C unpacker nests lists and maps 1024 deep at most (a fixed
+    stack, no recursion): one more is "not valid msgpack", never a crash."""
+    def nested(depth: int, opener: bytes) -> list[bytes]:
+        # the header, the body and "status" take 3 levels; "p" pads the header past 5461 bytes
+        inner = opener * (depth - 4) + (b"\x90" if opener == b"\x91" else b"\x80")
+        return [b"\x93\x02\xacstatus_reply\x81\xa6status\x82\xa1p" + msgpack.packb("x" * pad)
+                + b"\xa1v" + inner]
+
+    for opener in (b"\x91", b"\x81\x00"):   # [[...]], {0: {0: ...}}
+        assert decode(nested(1024, opener), max_bytes=LIMIT, allow_pickle=False)
+        with pytest.raises(ProtocolError, match="not valid msgpack: StackError"):
+            decode(nested(1025, opener), max_bytes=LIMIT, allow_pickle=False)
+
+
 def test_frame_count_limit() -> None:
     arrays = [np.zeros(1) for _ in range(MAX_FRAMES - 1)]
     frames = received(encode(Message("status_reply", {"status": {"a": arrays}})))

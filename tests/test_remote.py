@@ -957,3 +957,31 @@ def test_worker_follows_the_schedulers_heartbeat_settings(tmp_path: Path,
         assert "lost" not in Path(workers.log_path("defaults")).read_text()
     finally:
         stop_cluster(sched, workers, gates)
+
+
+@pytest.mark.timeout(90)
+def test_sigkilled_pool_process_loses_only_the_running_task_of_a_batch(
+        tmp_path: Path, gates: Gates) -> None:
+    """An agent holds a running task and a batch queued behind it (tasks travel
+    many per message, and the agent's one process may hold many); its pool
+    process is SIGKILLed: exactly the running task fails with WorkerLostError,
+    the queued ones run on the replacement process, and the agent stays."""
+    sched, workers = start_cluster(tmp_path, gates, n=1, prefetch=8)
+    try:
+        started, gate = gates.new()
+        running = sched.submit(tasks.gated, started, gate, "held", retries=0)
+        victim = gates.started(started)["pid"]
+        queued = [sched.submit(tasks.where) for _ in range(8)]
+        wait_until(lambda: sum(w["busy"] for w in sched.status()["workers"]) == 9, RESULT,
+                   message="the batch to reach the agent")
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerLostError):
+            running.result(RESULT)
+        ran = [f.result(RESULT) for f in queued]
+        assert {r["pid"] for r in ran} and victim not in {r["pid"] for r in ran}
+        assert {r["ppid"] for r in ran} == {workers.procs[0].pid}
+        assert sched.status()["lost_workers"] == 0  # the agent itself was not lost
+        assert registered(sched) == [workers.procs[0].pid]
+        workers.note_pool()
+    finally:
+        stop_cluster(sched, workers, gates)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,25 @@ def test_arrays_round_trip_by_memfd(daemons, durable: bool) -> None:
     status = client.status()["same_host"]
     assert status["deposits"] == 0  # every deposit claimed
     assert status["results_sent"] == 3 and status["result_fds_held"] == 0
+
+
+def test_the_client_keeps_no_reference_to_a_submitted_array(daemons) -> None:
+    """Once its job is done, nothing of the client holds the array it handed
+    over (a reference cycle did: a stream of arrays grew the client by hundreds
+    of MiB until the garbage collector's next full pass). gc is off, so only a
+    plain reference count can let it go."""
+    d = daemons(scheduler={"local_workers": 1}).start()
+    client = d.client()
+    a = np.full(100_000, 1.5)
+    before = sys.getrefcount(a)
+    gc.disable()
+    try:
+        assert client.submit("_daemon_tasks:total", a).result(timeout=30) == a.sum()
+        assert client.same_host["submits"] == 1
+        wait_until(lambda: sys.getrefcount(a) == before, timeout=10,
+                   message="the client to let go of the array")
+    finally:
+        gc.enable()
 
 
 def _memfds(pid: int) -> int:
@@ -106,6 +127,10 @@ def test_kill9_with_arrays_in_flight(tmp_path: Path, daemons) -> None:
     volatile = d.client(durable=False, refetch_interval=0.2)
     release = tmp_path / "release"
     arrays = [np.full(100_000, float(i)) for i in range(4)]
+    # Once the daemon has said it takes batched submits, a burst travels as
+    # one `submits` message: its items must be journaled with their arrays too.
+    for client in (durable, volatile):
+        assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
     kept = [durable.submit("_daemon_tasks:gated_total", a, str(tmp_path / f"s{i}"),
                            str(release)) for i, a in enumerate(arrays)]
     gone = [volatile.submit("_daemon_tasks:gated_total", a, str(tmp_path / f"v{i}"),

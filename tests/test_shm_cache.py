@@ -178,12 +178,12 @@ def test_a_returned_argument_keeps_its_value() -> None:
 def test_killed_worker_mid_task_leaks_nothing() -> None:
     with shmrunner.Pool(1) as pool:
         victim, _ = pool.apply(ct.keep, (np.full(N, 1.0),))
-        result = pool.apply_async(ct.kept_sum)
+        # A task that never ends: the kill always lands mid-task (kept_sum
+        # could finish first, and the map below then met the dying worker).
+        result = pool.apply_async(ct.block)
         os.kill(victim, signal.SIGKILL)
-        try:
+        with pytest.raises(WorkerLostError):
             result.get(timeout=20)
-        except WorkerLostError:
-            pass
         assert pool.map(_sum, arrays(4)) == [float(k * N) for k in range(4)]
     gc.collect()
     drop_shm_cache()
@@ -250,3 +250,92 @@ def _mapped_sizes() -> list[int]:
                 lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                 sizes.append(hi - lo)
     return sizes
+
+
+# --- spares for results, returned arguments ---------------------------------------------
+
+
+def _inode_of(a: np.ndarray) -> int:
+    seg = shmrunner.shm.segment_of(a)
+    assert seg is not None
+    return os.fstat(seg.fd).st_ino
+
+
+@pytest.mark.timeout(90)
+def test_results_written_into_spares_keep_their_values() -> None:
+    """Workers copy their results into spare cached segments; a result the
+    caller holds is never written again while later maps recycle others."""
+    with shmrunner.Pool(2) as pool:
+        del pool.map(ct.full, range(8), chunksize=1)[:]  # learns; its segments are cached
+        used = shmrunner.shm_cache_info()["spares_used"]
+        held = pool.map(ct.full, range(8), chunksize=2)
+        assert shmrunner.shm_cache_info()["spares_used"] > used
+        for round_ in range(1, 5):
+            later = pool.map(ct.full, range(10 * round_, 10 * round_ + 8), chunksize=2)
+            assert not {_inode_of(a) for a in later} & {_inode_of(a) for a in held}
+            assert [float(a[-1]) for a in later] == [10.0 * round_ + k for k in range(8)]
+            del later
+        assert [float(a.sum()) for a in held] == [float(k * N) for k in range(8)]
+        assert shmrunner.shm_cache_info()["lent_segments"] == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("parent_first", [True, False])
+def test_a_returned_argument_is_recycled_only_once_both_sides_let_go(
+        parent_first: bool) -> None:
+    """A worker returns the lent segment it was given and keeps it too: it is
+    not reused until the caller's result is gone *and* the worker let go."""
+    with shmrunner.Pool(1) as pool:
+        result = pool.apply(ct.keep_and_return, (np.full(N, 5.0),))
+        kept = _inode_of(result)
+        if parent_first:
+            del result
+        else:
+            assert pool.apply(ct.unkeep) == 1
+        seen = {pool.apply(ct.inode, (a,)) for a in arrays(12, start=20)}
+        assert kept not in seen
+        if parent_first:
+            assert pool.apply(ct.kept_sum) == 5.0 * N  # unchanged in the worker
+            assert pool.apply(ct.unkeep) == 1
+        else:
+            assert float(result.sum()) == 5.0 * N  # unchanged in the caller
+            del result
+        recycled = shmrunner.shm_cache_info()["recycled"]
+        assert {pool.apply(ct.inode, (a,)) for a in arrays(12, start=40)}
+        assert shmrunner.shm_cache_info()["recycled"] > recycled
+        assert shmrunner.shm_cache_info()["lent_segments"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_returned_argument_passed_on_or_held_by_a_killed_worker_is_never_reused() -> None:
+    """The caller sends a returned segment to another worker (which keeps
+    it), or the worker that returned it is SIGSTOPped, then SIGKILLed: the
+    segment never serves another array."""
+    victim_pool = shmrunner.Pool(1)
+    other = shmrunner.Pool(2)
+    try:
+        result = other.apply(ct.add_one, (np.full(N, 1.0),))
+        passed = _inode_of(result)
+        victim, same = victim_pool.apply(ct.keep, (result,))  # by handle: the same segment
+        assert same == passed
+        del result
+        returned = victim_pool.apply(ct.keep_and_return, (np.full(N, 2.0),))
+        held = _inode_of(returned)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            del returned
+            seen = set(other.map(ct.inode, arrays(16, start=50), chunksize=1))
+            seen |= {_inode_of(a) for a in other.map(ct.full, range(16), chunksize=1)}
+            assert not {passed, held} & seen
+        finally:
+            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGCONT)
+        wait_until(lambda: held not in parent_inodes(), 20,
+                   message="the killed worker's returned segment to be dropped")
+        later = set(other.map(ct.inode, arrays(16, start=90), chunksize=1))
+        assert not {passed, held} & later
+    finally:
+        victim_pool.terminate()
+        other.terminate()
+        victim_pool.join()
+        other.join()

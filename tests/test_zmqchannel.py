@@ -140,6 +140,13 @@ def garbage(good: list[Any], max_bytes: int) -> list[list[Any]]:
         [header(V, "status_reply", {"status": {"v": array_ref}}), bytes(32)],
         [header(V, "status_reply", {"status": msgpack.ExtType(3, pickle.dumps(1))})],
         [good[0], *[bytes(max_bytes // 2)] * 3],   # every frame fits, the whole does not
+        # lists nested past msgpack's fixed 1025-level stack, in a header short
+        # enough to be parsed uncounted and in one long enough to be counted
+        [b"\x93\x02\xa5hello\x81\xa1x" + b"\x91" * 1030 + b"\x90"],
+        [b"\x93\x02\xa5hello\x82\xa1p" + msgpack.packb("p" * 6000) + b"\xa1x"
+         + b"\x91" * 1030 + b"\x90"],
+        # a 5479-byte header of 5468 lists: 3 more than its budget
+        [b"\x93\x02\xa5hello\xdd" + (5466).to_bytes(4, "big") + b"\x90" * 5466],
     ]
 
 

@@ -7,7 +7,10 @@ others, over a copy, where a stale answer is harmless)::
     hello         -> join: a Peer (identity, advertised capacity, clocks) in the
                      shared Lifecycle bookkeeping (capacity + prefetch slots)
     any message   -> last_seen (results also go through Lifecycle.pace, the
-                     one pacing rule, which gives a fast worker more slots)
+                     one pacing rule, which gives a fast worker more slots;
+                     stretched on a host that runs more worker processes than
+                     its hello said it has cores: there a tiny task's turnaround
+                     is mostly waiting for a core)
     send          -> track: a big message ZeroMQ has not taken yet
     heartbeat     -> verdict: silent too long, or stopped reading -> lose
     lose/forget   -> out of the roster; lose hands back every job it held
@@ -50,7 +53,7 @@ class WorkerStatus(TypedDict):
 class Peer:
     """A remote worker as the hub knows it."""
 
-    __slots__ = ("identity", "name", "host", "pid", "capacity", "last_seen",
+    __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
                  "allow_pickle", "outbox")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
@@ -59,6 +62,7 @@ class Peer:
         self.host: str = body["host"]
         self.pid: int = body["pid"]
         self.capacity: int = body["capacity"]
+        self.cpus: int | None = body.get("cpus")  # optional (checked by the schema)
         self.last_seen = time.monotonic()
         self.allow_pickle = body.get("allow_pickle") is True  # optional: older agents
         # Big messages sent, not yet taken by ZeroMQ's I/O thread (tracker, when
@@ -77,7 +81,13 @@ class Peers:
         # fast hold many more, so tiny tasks are pipelined over the network.
         self.lifecycle: Lifecycle[Job] = Lifecycle(None, 0, fast_task=_FAST_TASK)
         self._by_identity: dict[bytes, Worker[Job]] = {}
+        self._per_host: dict[str, int] = {}  # host -> processes of its connected workers
         self.lost = 0
+        # Kept as the roster changes (every change goes through this class), so
+        # that the Scheduler's room() and busy() cost O(1), not O(workers), per
+        # submit; recounted at each heartbeat (recount) all the same.
+        self._free = 0  # sum of the workers' free slots
+        self.held = 0  # tasks the workers hold
 
     def __iter__(self) -> Iterator[Worker[Job]]:
         return iter(self.lifecycle)
@@ -85,8 +95,34 @@ class Peers:
     def free(self) -> int:
         """Jobs the workers can take now (read from any thread: a stale answer
         only delays or queues a job)."""
+        return self._free
+
+    def recount(self) -> None:
+        """Count ``free`` and ``held`` afresh (the hub thread, at heartbeats)."""
         workers = list(self.lifecycle.workers.values())
-        return sum(worker.free for worker in workers)
+        self._free = sum(worker.free for worker in workers)
+        self.held = sum(len(worker.tasks) for worker in workers)
+
+    def assign(self, worker: Worker[Job], job: Job) -> None:
+        before = worker.free
+        self.lifecycle.assign(worker, job)
+        self.held += 1
+        self._free += worker.free - before
+
+    def finish(self, worker: Worker[Job], task_id: int) -> Job | None:
+        """Take ``task_id`` off what ``worker`` holds: the job, or None if it
+        does not hold it."""
+        before = worker.free
+        job = self.lifecycle.finish(worker, task_id)
+        if job is not None:
+            self.held -= 1
+            self._free += worker.free - before
+        return job
+
+    def retire(self, worker: Worker[Job]) -> None:
+        """It said bye: no new jobs."""
+        self._free -= worker.free
+        self.lifecycle.retire(worker)
 
     def get(self, identity: bytes) -> Worker[Job] | None:
         return self._by_identity.get(identity)
@@ -97,30 +133,68 @@ class Peers:
         worker = self.lifecycle.add(peer, peer.capacity + self._prefetch,
                                     fast_capacity=peer.capacity + _FAST_PREFETCH)
         self._by_identity[identity] = worker
+        self._per_host[peer.host] = self._per_host.get(peer.host, 0) + peer.capacity
+        self._free += worker.free
         return worker
+
+    def pace(self, worker: Worker[Job], results: int) -> None:
+        """``results`` arrived together from ``worker``: the pacing rule, with
+        the turnaround stretched by its host's processes per core."""
+        peer: Peer = worker.endpoint
+        stretch = 1.0
+        if peer.cpus is not None:
+            stretch = max(1.0, self._per_host.get(peer.host, 0) / peer.cpus)
+        before = worker.free
+        self.lifecycle.pace(worker, results, stretch=stretch)
+        self._free += worker.free - before
+
+    def _gone(self, worker: Worker[Job]) -> None:
+        """Before ``worker`` leaves the lifecycle: out of the counts and maps."""
+        self._free -= worker.free
+        self.held -= len(worker.tasks)
+        peer: Peer = worker.endpoint
+        self._by_identity.pop(peer.identity, None)
+        left = self._per_host.get(peer.host, 0) - peer.capacity
+        if left > 0:
+            self._per_host[peer.host] = left
+        else:
+            self._per_host.pop(peer.host, None)
 
     def lose(self, worker: Worker[Job]) -> list[Job] | None:
         """Declare ``worker`` lost: the jobs it held (None if it was gone already)."""
         if worker.id not in self.lifecycle.workers:
             return None
         self.lost += 1
+        self._gone(worker)
         loss = self.lifecycle.lose(worker)
-        self._by_identity.pop(worker.endpoint.identity, None)
         # A remote worker runs many tasks at once: any of them may have started.
         return ([loss.running] if loss.running is not None else []) + loss.unstarted
 
     def forget(self, worker: Worker[Job]) -> None:
         """A drained worker that holds nothing leaves quietly."""
+        if worker.id in self.lifecycle.workers:
+            self._gone(worker)
         self.lifecycle.lose(worker)
-        self._by_identity.pop(worker.endpoint.identity, None)
 
     def drop_all(self) -> list[Job]:
         """The tier is ending: every job any worker held."""
         jobs: list[Job] = []
         for worker in self.lifecycle:
+            self._gone(worker)
             loss = self.lifecycle.lose(worker)
             jobs += ([loss.running] if loss.running is not None else []) + loss.unstarted
         return jobs
+
+    @staticmethod
+    def topped_up(worker: Worker[Job]) -> bool:
+        """A fast worker whose processes each have a task queued and that has
+        room for less than half its prefetch: refilled once more results free
+        half of it, so tiny tasks travel many per message and its agent wakes
+        fewer times (it never runs dry: it still holds a queue)."""
+        peer: Peer = worker.endpoint
+        prefetch = worker.capacity - peer.capacity
+        return (worker.capacity == worker.fast_capacity and len(worker.tasks) >= 2 * peer.capacity
+                and worker.free < prefetch // 2)
 
     @staticmethod
     def track(worker: Worker[Job], sent: zmq.MessageTracker) -> None:

@@ -3,6 +3,8 @@
 Data flow::
 
     Scheduler._pump (any thread) --start(jobs)--> inbox --wake pipe--+
+        (the hub asleep: the caller sends them itself, _assign under the
+        socket gate, transport/_gate.py: no thread hop on the latency path)
     Scheduler._expire (timer)    --stop(job)----> stops --wake pipe--+
     or Scheduler.cancel (a "cancel" to the agent; "now" for a cancelled job)
                                                                      v
@@ -19,9 +21,15 @@ Data flow::
                       (the Scheduler retries those it may)
         bye        -> the worker is draining: no new tasks; forgotten once empty
 
-Only the hub thread touches the socket (ZeroMQ sockets are not thread-safe);
-other threads hand it work through deques and a wake-up pipe the poller
-watches. A worker is never sent more than its capacity plus the prefetch.
+Only the holder of the socket gate touches the socket and the roster
+(ZeroMQ sockets are not thread-safe): the hub thread, except while it
+sleeps; a thread that finds it asleep (and no worker busy) sends its jobs
+itself, else hands
+them over through the inbox and the wake-up pipe. Outcomes of one
+``results`` message reach the Scheduler as one batch (one placement); a
+worker gets jobs many at a time (filled, not dealt one each). A worker is
+never sent more than its capacity plus the prefetch (more when it is fast:
+``_peers.py``).
 Guarantees: no peer can block the hub thread (sends never wait); a round that
 raises is logged, counted and recovered from (the workers' tasks rerun), and a
 hub that cannot recover fails every future it holds or is given.
@@ -47,6 +55,7 @@ from .._job import Job
 from .._wakeup import Wakeup
 from ..config import SchedulerSettings
 from ..errors import ShmrunnerError, WorkerLostError
+from ..transport._gate import SocketGate
 from ..transport.curve import release
 from ..transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from ..transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
@@ -86,6 +95,11 @@ class RemoteTier:
         self._inbox: collections.deque[Job] = collections.deque()
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
+        self._wake_pending = False  # a wake-up byte written and not yet seen by the hub
+        # Every worker with room is topped up (Peers.topped_up): room() says 0,
+        # so the Scheduler keeps its jobs (their timeouts not started, free for
+        # another tier) until results free half a prefetch; set by _hold.
+        self._held_back = False
         self._closing = False
         # Task ids restart at 0 in every Scheduler: results name this session (sent
         # in the welcome), so a result for an old scheduler's task 3 is never taken
@@ -125,6 +139,7 @@ class RemoteTier:
         except BaseException:
             self._release()
             raise
+        self._gate = SocketGate(self._channel.socket, self._wakeup)
         self._thread = threading.Thread(target=self._run, name="shmrunner-hub", daemon=True)
         self._thread.start()
 
@@ -151,6 +166,8 @@ class RemoteTier:
     def room(self) -> int:
         if self._broken is not None:  # take the jobs, to fail them (start), not to hold them
             return 1 << 30
+        if self._held_back:
+            return 0
         return self._peers.free() - len(self._inbox)
 
     def start(self, jobs: list[Job]) -> None:
@@ -158,6 +175,20 @@ class RemoteTier:
             if self._broken is not None:
                 raise self._broken
             self._inbox.extend(jobs)
+        if threading.current_thread() is self._thread:
+            return  # its round ends with _assign (and does not sleep while it can send)
+        # The hub asleep and no worker busy? Send them from this thread (no thread
+        # hop on the latency path). Else the hub sends them in its round: a burst
+        # of submits gathers there into a few messages per worker.
+        if not self._closing and self._gate.try_enter():
+            try:
+                if not self._channel.closed and not self._peers.held:
+                    self._assign()
+                    return
+            except Exception as exc:  # a bug: the hub's own recovery, here
+                self._recover(exc)
+            finally:
+                self._gate.leave()
         self._wake()
 
     def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
@@ -178,14 +209,17 @@ class RemoteTier:
         return self._peers.status()
 
     def _wake(self) -> None:
-        self._wakeup.wake()
+        # One byte per round at most: a burst of submits writes once, not each.
+        # Set only with a byte written, cleared by the hub after it wakes.
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wakeup.wake()
 
     # --- the hub thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._channel.socket, zmq.POLLIN)
-        poller.register(self._wakeup.fd, zmq.POLLIN)
+        gate = self._gate
+        gate.enter()  # the hub holds the socket except while it sleeps
         interval = self._settings.heartbeat_interval
         next_beat = time.monotonic() + interval
         failures = 0  # rounds in a row that raised
@@ -194,16 +228,18 @@ class RemoteTier:
             while not self._closing:
                 try:
                     wait = max(0.0, next_beat - time.monotonic())
-                    events = dict(poller.poll(round(wait * 1000)))
-                    if self._wakeup.fd in events:
-                        self._wakeup.drain()
-                    if self._channel.socket in events:
+                    if self._inbox and self._peers.free() > 0:
+                        wait = 0.0  # jobs handed over on this thread (start) wait to go
+                    readable = gate.sleep(wait)
+                    self._wake_pending = False  # from here on, what is handed over is seen
+                    if readable:
                         self._receive()
-                    self._assign()
                     self._apply_stops()
                     if time.monotonic() >= next_beat:
                         self._heartbeat()
                         next_beat = time.monotonic() + interval
+                    self._assign()  # last: what this round's outcomes let the Scheduler place
+                    self._hold()
                     failures = 0
                 except Exception as exc:  # a bug, or a hostile input we did not foresee
                     failures += 1
@@ -217,8 +253,11 @@ class RemoteTier:
             with self._crash_lock:
                 self._broken = stopped
         finally:
-            self._fail_all(stopped)
-            self._release()
+            try:
+                self._fail_all(stopped)
+                self._release()
+            finally:
+                gate.exit()
             if self._broken is not None:
                 self._events.on_room()  # jobs queued for want of room now fail (start)
 
@@ -265,15 +304,19 @@ class RemoteTier:
                     self._ignore(peer, "a result from a peer that has not said hello")
                 continue
             elif msg.type == "result":
-                self._peers.lifecycle.pace(worker, 1)
+                self._peers.pace(worker, 1)
                 self._result(worker, msg.body)
             elif msg.type == "results":
                 # Paced per message: the agent batches what finished together.
-                self._peers.lifecycle.pace(worker, 1)
-                for body in msg.body["results"]:
-                    self._result(worker, body)
+                # The Scheduler places queued jobs once for the whole batch.
+                self._peers.pace(worker, 1)
+                try:
+                    for body in msg.body["results"]:
+                        self._result(worker, body, batch=True)
+                finally:
+                    self._events.on_room()
             elif msg.type == "bye":
-                worker.retiring = True
+                self._peers.retire(worker)
                 if not worker.tasks:
                     self._forget(worker)
 
@@ -291,12 +334,12 @@ class RemoteTier:
             "session": self.session}))
         self._events.on_room()
 
-    def _result(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+    def _result(self, worker: Worker[Job], body: dict[str, Any], batch: bool = False) -> None:
         if body.get("session") != self.session:
             self._ignore(worker.endpoint.identity, f"a result of task {body.get('task_id')} "
                          f"from session {body.get('session')!r}, not this one")
             return
-        job = self._peers.lifecycle.finish(worker, body.get("task_id", -1))
+        job = self._peers.finish(worker, body.get("task_id", -1))
         if job is None:  # not one this worker holds (stopped, lost, or never sent)
             self._ignore(worker.endpoint.identity,
                          f"a result of task {body.get('task_id')}, which it does not hold")
@@ -311,36 +354,63 @@ class RemoteTier:
             peer: Peer = worker.endpoint
             self._events.on_log(job, [tuple(record) for record in body["logs"]],
                                 worker=peer.name, host=peer.host)
-        self._events.on_done(job, ok, value)
+        self._events.on_done(job, ok, value, batch=batch)
+
+    def _hold(self) -> None:
+        """Whether the workers are topped up (then room() is 0): tiny tasks
+        are then refilled in bulk, once results free half a prefetch, so they
+        travel many per message and the agents wake fewer times. Told to the
+        Scheduler when it ends (on_room), so it places its queue then."""
+        if not self._peers.held and not self._held_back:
+            return  # no worker holds a task (e.g. 1,000 idle ones): not even O(workers)
+        worker = self._peers.lifecycle.pick()
+        held = worker is not None and Peers.topped_up(worker)
+        was, self._held_back = self._held_back, held
+        if was and not held:
+            self._events.on_room()
 
     def _assign(self) -> None:
         """Give queued jobs to workers with room; a worker's share of one round
         travels as one message (``tasks``), so tiny tasks cost one send each
         round instead of one each."""
         batches: dict[Worker[Job], list[Job]] = {}
+        lifecycle = self._peers.lifecycle
+        if not self._inbox:
+            return
+        # Each worker with room takes its even share of the queue at once (an
+        # idle one first, then the one with the most room) rather than one job
+        # in turn: jobs travel many per message and the agent and its processes
+        # wake once for them, yet two jobs and two idle workers still go one each.
+        with_room = sum(1 for worker in lifecycle.workers.values() if worker.free)
+        share = -(-len(self._inbox) // max(1, with_room))
         while self._inbox:
-            worker = self._peers.lifecycle.pick()
+            worker = lifecycle.pick()
             if worker is None:
                 break
-            job = self._inbox.popleft()
-            self._peers.lifecycle.assign(worker, job)
             peer: Peer = worker.endpoint
-            job.worker = f"{peer.name}@{peer.host}"
-            batches.setdefault(worker, []).append(job)
+            name = f"{peer.name}@{peer.host}"
+            batch = batches.setdefault(worker, [])
+            for _ in range(min(worker.free, len(self._inbox), share)):
+                job = self._inbox.popleft()
+                self._peers.assign(worker, job)
+                job.worker = name
+                batch.append(job)
         for worker, jobs in batches.items():
             if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
                 jobs = self._refuse_pickles(worker, jobs)
                 if not jobs:
                     continue
-            bodies = [{"task_id": job.id, "fn": job.fn, "args": job.args, "kwargs": job.kwargs,
-                       "timeout": job.timeout} for job in jobs]
+            # args as a list: the agent makes the tuple; the wire's tuple ext would
+            # cost a callback and a nested pack per task both ways.
+            bodies = [{"task_id": job.id, "fn": job.fn, "args": list(job.args),
+                       "kwargs": job.kwargs, "timeout": job.timeout} for job in jobs]
             try:
                 if len(bodies) == 1:
                     self._send(worker, Message("task", bodies[0]))
                 else:
                     self._send_batch(worker, jobs, bodies)
             except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
-                self._peers.lifecycle.finish(worker, jobs[0].id)
+                self._peers.finish(worker, jobs[0].id)
                 self._events.on_done(jobs[0], False, exc)
 
     def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
@@ -352,7 +422,7 @@ class RemoteTier:
                 encode(Message("task", {"task_id": job.id, "fn": job.fn, "args": job.args,
                                         "kwargs": job.kwargs}), allow_pickle=False)
             except TypeError as exc:
-                self._peers.lifecycle.finish(worker, job.id)
+                self._peers.finish(worker, job.id)
                 self._events.on_done(job, False, TypeError(
                     f"{exc} (worker {worker.endpoint.name} does not accept pickles: start "
                     "it with --allow-pickle)"))
@@ -375,7 +445,7 @@ class RemoteTier:
                         if not self._send(worker, Message("task", body)):
                             return
                     except (TypeError, ValueError) as exc:
-                        self._peers.lifecycle.finish(worker, job.id)
+                        self._peers.finish(worker, job.id)
                         self._events.on_done(job, False, exc)
 
     def _apply_stops(self) -> None:
@@ -397,6 +467,7 @@ class RemoteTier:
                     self._send(worker, Message("cancel", body))
 
     def _heartbeat(self) -> None:
+        self._peers.recount()  # the running counts, checked
         timeout = self._settings.heartbeat_timeout
         deadline = time.monotonic() - timeout
         for worker in self._peers:

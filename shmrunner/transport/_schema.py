@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from .._jobid import job_id_problem
 from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
 
 __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_ACCEPTED_IDS", "MAX_BATCH", "MAX_CAPACITY",
+           "MAX_CPUS",
            "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "MessageType", "Message"]
 
 PROTOCOL_VERSION = 2
@@ -85,11 +85,14 @@ _is_short_ref = functools.lru_cache(maxsize=1024)(_ref_syntax)
 
 
 def _str_map(v: object) -> bool:
-    # Checked in C (map, not a generator): every message's maps pass here.
-    return type(v) is dict and (not v or all(map(_is_str, map(type, v))))
-
-
-_is_str = functools.partial(operator.is_, str)
+    # Every message's maps pass here: a plain loop beats all(map(...)) and a
+    # generator at any size (0.15 against 0.35 µs for 4 keys, 164 against 311 µs for 10**4).
+    if type(v) is not dict:
+        return False
+    for key in v:
+        if type(key) is not str:
+            return False
+    return True
 
 
 def _options(v: Any) -> bool:
@@ -137,6 +140,10 @@ MAX_CAPACITY = 4096  # tasks one worker may run at once: a scheduler sends it th
 _CAPACITY: _Check = (f"an int from 1 to {MAX_CAPACITY} (tasks the worker runs at once)",
                      lambda v: type(v) is int and 1 <= v <= MAX_CAPACITY)
 
+MAX_CPUS = 1 << 16  # cores a worker's host may claim (hello "cpus", optional)
+_CPUS: _Check = (f"an int from 1 to {MAX_CPUS} (cores of the worker's host)",
+                 lambda v: type(v) is int and 1 <= v <= MAX_CPUS)
+
 MAX_JOB_IDS = 256      # job ids one "jobs" query may name
 MAX_JOBS_LIMIT = 1000  # recent jobs one "jobs" listing may ask for
 _JOB_IDS: _Check = (f"a list of 1 to {MAX_JOB_IDS} str",
@@ -166,7 +173,8 @@ _LOGS: _Check = (f"a list of at most {MAX_WIRE_RECORDS} [time, level 0-100, name
 
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
-    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY}, {}),
+    "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY},
+              {"cpus": _CPUS}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
                                "session": _SESSION, "logs": _LOGS,
                                # arrays as memfds to a same-host client (_samehost.py)
@@ -197,6 +205,15 @@ assert set(_SCHEMAS) == MESSAGE_TYPES
 
 
 def _check_body(type_: str, body: dict[str, Any]) -> None:
+    """Raise ``_Invalid``, naming the first rule ``body`` breaks, if it breaks one."""
+    fast = _VALID.get(type_)
+    if fast is not None and fast(body):
+        return
+    _check_rules(type_, body)
+
+
+def _check_rules(type_: str, body: dict[str, Any]) -> None:
+    """The schema's reference check: every rule in order, each with its message."""
     required, optional = _SCHEMAS[type_]
     for name, (what, ok) in required.items():
         if name not in body:
@@ -208,7 +225,7 @@ def _check_body(type_: str, body: dict[str, Any]) -> None:
             raise _Invalid(f"{type_} field {name!r} must be {what}, got {_describe(body[name])}")
     if type_ in ("tasks", "results"):
         for item in body[type_]:
-            _check_body(type_[:-1], item)  # each one as the single message would be
+            _check_rules(type_[:-1], item)  # each one as the single message would be
         return
     if type_ == "accepted" and ("job_id" in body) == ("job_ids" in body):
         raise _Invalid("accepted message needs exactly one of 'job_id' and 'job_ids'")
@@ -222,3 +239,81 @@ def _check_body(type_: str, body: dict[str, Any]) -> None:
         raise _Invalid(f"result with ok={body['ok']} lacks field "
                        f"{'value' if body['ok'] else 'error'!r}")
 
+
+
+# -- fast paths -----------------------------------------------------------------------
+# The hot messages (a few per task on every hop) pass one predicate each: plain
+# exact-type tests, no per-field lambda call or tuple unpacking. A predicate
+# accepts only bodies _check_rules accepts (tests/test_schema_fast.py checks
+# both agree); when it says no, _check_rules runs to name the broken rule, so
+# the error messages are the reference check's, unchanged.
+
+def _opt_session(b: dict[str, Any]) -> bool:
+    s = b.get("session")
+    return s is None and "session" not in b or type(s) is str and 0 < len(s) <= 64
+
+
+def _task_ok(b: dict[str, Any]) -> bool:
+    t, fn, args, kwargs = b.get("task_id"), b.get("fn"), b.get("args"), b.get("kwargs")
+    timeout = b.get("timeout")
+    return type(t) is int and t >= 0 \
+        and (type(fn) is str and _is_ref(fn) or type(fn) is not str and callable(fn)) \
+        and (type(args) is tuple or type(args) is list) and _str_map(kwargs) \
+        and (timeout is None or (type(timeout) is int or type(timeout) is float
+                                 and math.isfinite(timeout)) and timeout > 0)
+
+
+def _result_ok(b: dict[str, Any]) -> bool:
+    ok = b.get("ok")
+    if type(ok) is not bool or not _opt_session(b):
+        return False
+    if "task_id" in b:
+        t = b["task_id"]
+        if "job_id" in b or type(t) is not int or t < 0 or "session" not in b:
+            return False
+    elif type(b.get("job_id")) is not str:
+        return False
+    if ok:
+        if "value" not in b:
+            return False
+    elif "error" not in b:
+        return False
+    return ("error" not in b or _wire_error(b["error"])) \
+        and ("logs" not in b or wire_ok(b["logs"]))
+
+
+def _batch_ok(items: object, item_ok: Callable[[dict[str, Any]], bool]) -> bool:
+    return type(items) is list and 0 < len(items) <= MAX_BATCH \
+        and all(_str_map(item) and item_ok(item) for item in items)
+
+
+def _submit_ok(b: dict[str, Any]) -> bool:
+    fn, args, kwargs, job_id = b.get("fn"), b.get("args"), b.get("kwargs"), b.get("job_id")
+    return (type(fn) is str and _is_ref(fn) or type(fn) is not str and callable(fn)) \
+        and (type(args) is tuple or type(args) is list) and _str_map(kwargs) \
+        and (job_id is None or type(job_id) is str) \
+        and ("options" not in b or _options(b["options"])) \
+        and type(b.get("batch_accepted", False)) is bool \
+        and type(b.get("batch_results", False)) is bool
+
+
+def _accepted_ok(b: dict[str, Any]) -> bool:
+    if type(b.get("submits", False)) is not bool:
+        return False
+    if "job_id" in b:
+        return "job_ids" not in b and type(b["job_id"]) is str
+    ids = b.get("job_ids")
+    return type(ids) is list and 0 < len(ids) <= MAX_ACCEPTED_IDS \
+        and all(type(i) is str and job_id_problem(i) is None for i in ids)
+
+
+_VALID: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "task": _task_ok,
+    "tasks": lambda b: _batch_ok(b.get("tasks"), _task_ok),
+    "result": _result_ok,
+    "results": lambda b: _batch_ok(b.get("results"), _result_ok),
+    "submit": _submit_ok,
+    "submits": lambda b: _SUBMITS[1](b.get("submits")),
+    "accepted": _accepted_ok,
+    "heartbeat": lambda b: True,
+}

@@ -30,12 +30,13 @@ import mmap
 import os
 import pickle
 import threading
+from collections.abc import Hashable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 
-from .. import _segcache
+from .. import _segcache, _spares
 from .._memfd import fill_slot
 from ..errors import SharedMemoryError
 from ..shm import (
@@ -200,11 +201,14 @@ def _dispatch_table() -> dict[Any, Any]:
     return _table
 
 
-def dumps(obj: object, threshold: int, lease: bool = False) -> Encoded:
+def dumps(obj: object, threshold: int, lease: bool = False,
+          spares_for: tuple[int, Hashable | None] | None = None) -> Encoded:
     """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd.
 
     ``lease``: copy plain arrays into recycled segments (``_segcache``); the
-    caller then lends ``Encoded.leases`` to the receiver or gives them back."""
+    caller then lends ``Encoded.leases`` to the receiver or gives them back.
+    ``spares_for``: (task id, its function): add spare segments for the
+    task's results (``_spares``), lent likewise."""
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = _dispatch_table()
@@ -218,28 +222,47 @@ def dumps(obj: object, threshold: int, lease: bool = False) -> Encoded:
         raise
     finally:
         _sending.state = outer
-    return Encoded(buf.getvalue(), state.fds, state.owned, state.borrowed, state.leases)
+    data = buf.getvalue()
+    if lease and spares_for is not None and len(state.fds) + _spares.MAX_SPARES <= MAX_FDS \
+            and (spares := _spares.grant(*spares_for)):
+        # Beside the task: populated segments for the worker's results.
+        state.leases += spares
+        data += _spares.trailer([state.add_fd(spare.fd, owned=False) for spare in spares])
+    return Encoded(data, state.fds, state.owned, state.borrowed, state.leases)
 
 
 _receiving = threading.local()
 
 
-def loads(data: bytes | bytearray | memoryview, fds: list[int]) -> Any:
+def loads(data: bytes | bytearray | memoryview, fds: list[int],
+          copies: dict[int, int] | None = None) -> Any:
     """Unpickle a message whose arrays arrived as ``fds``; every fd is consumed
-    (owned by a segment, or closed) whatever happens."""
+    (owned by a segment, or closed) whatever happens. ``copies``: filled with
+    how many arrays of each byte size arrived as copies made for this message."""
     if not fds:
         return pickle.loads(data)
     _receiving.fds = fds
     _receiving.segments = {}
+    _receiving.copies = copies if copies is not None else {}
+    spares: list[int] = []
     try:
+        # A task may carry spare segments for its result (``_spares``).
+        spares = _spares.split_trailer(memoryview(data), len(fds))
         return pickle.loads(data)
     finally:
         segments: dict[int, Segment] = _receiving.segments
-        unmapped = [fd for i, fd in enumerate(fds) if i not in segments]
+        for i in spares:
+            if i not in segments and fds[i] != LOST_FD:
+                if _segcache.adopting():  # not a worker: nothing to write results into
+                    close_fds([fds[i]])
+                else:
+                    _spares.stash(fds[i])
+        unmapped = [fd for i, fd in enumerate(fds) if i not in segments
+                    and not (i in spares and fd != LOST_FD)]
         for fd in unmapped:
             _segcache.note_unmapped_fd(fd)
         close_fds(unmapped)
-        _receiving.fds = _receiving.segments = None
+        _receiving.fds = _receiving.segments = _receiving.copies = None
 
 
 def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
@@ -256,9 +279,14 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
         try:
             # Another window of a segment mapped already: a mapping of its own.
             fd = fd if seg is None else os.dup(fd)
+            slot = None
+            if sole is not True and _segcache.adopting() and _segcache.lending():
+                slot = _segcache.returned(os.fstat(fd).st_ino)
             try:
-                new = Segment.attach(fd, size, sole is True, origin)
+                new = Segment.attach(fd, size, sole is True, origin, slot)
             except BaseException:
+                if slot is not None:
+                    _segcache.unmap_returned(slot, os.dup(fd), False)
                 if seg is not None:
                     os.close(fd)
                 raise
@@ -270,6 +298,9 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
             segments[index] = new
         seg = new
         _segcache.note_mapped(seg, fd)
+        if sole is True:
+            copies: dict[int, int] = _receiving.copies
+            copies[size] = copies.get(size, 0) + 1
     array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg,
                                              offset=offset + origin - seg.origin,
                                              strides=strides)

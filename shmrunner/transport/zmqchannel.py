@@ -286,10 +286,15 @@ class ZmqChannel:
         while True:
             wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
             try:
-                if not self._socket.poll(wait_ms, zmq.POLLIN):
+                # With no time left, a non-blocking read says the same as a poll,
+                # without the Poller pyzmq builds for every poll() (the busy
+                # loops call recv(0) once per message).
+                if wait_ms and not self._socket.poll(wait_ms, zmq.POLLIN):
                     return None
                 peer, frames, problem = self._recv_frames()
             except zmq.Again:
+                if not wait_ms:
+                    return None
                 continue
             except zmq.ZMQError as exc:
                 raise ChannelError(f"receive on the {self.kind} channel failed: {exc}") from exc

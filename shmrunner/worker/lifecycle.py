@@ -221,16 +221,19 @@ class Lifecycle(Generic[T]):
                 return task
         return None
 
-    def pace(self, worker: Worker[T], results: int, now: float | None = None) -> None:
+    def pace(self, worker: Worker[T], results: int, now: float | None = None,
+             stretch: float = 1.0) -> None:
         """The pacing rule: ``results`` arrived together from ``worker``. Fast
         (under ``fast_task`` seconds per task since its last results): it may
         hold its ``fast_capacity``, so tiny tasks and their results travel
         many per syscall or message; otherwise its base capacity, which keeps
-        the load balanced when tasks take longer."""
+        the load balanced when tasks take longer. ``stretch``: how much longer
+        than its tasks' own time the worker's turnaround is expected to be (a
+        host running more worker processes than it has cores)."""
         if not results:
             return
         now = time.monotonic() if now is None else now
-        per_task = (now - worker.last_result) / results
+        per_task = (now - worker.last_result) / results / stretch
         worker.last_result = now
         if worker.fast_capacity is not None:
             fast = per_task < self.fast_task
@@ -300,10 +303,11 @@ class ProcessLifecycle(Lifecycle[Task]):
                  initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
                  maxtasks: int | None, threshold: int, selector: selectors.BaseSelector,
                  parent_fds: tuple[int, ...], memory_limit: int | None = None,
-                 logs: tuple[int, int] | None = None) -> None:
+                 logs: tuple[int, int] | None = None, fast_task: float = _FAST_TASK) -> None:
         super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
-                         fast_capacity=_FAST_CAPACITY, fast_task=_FAST_TASK,
-                         prefetch_window=_PREFETCH_WINDOW)
+                         fast_capacity=_FAST_CAPACITY, fast_task=fast_task,
+                         # with one process no other worker could take the task
+                         prefetch_window=_PREFETCH_WINDOW if size > 1 else None)
         self._context = context
         self._initializer = initializer
         self._initargs = initargs

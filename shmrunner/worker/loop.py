@@ -43,7 +43,7 @@ from collections.abc import Callable
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from typing import Any
 
-from .. import _segcache
+from .. import _segcache, _spares
 from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
@@ -136,6 +136,7 @@ def _nothing() -> None:
 
 def _releases() -> list[tuple[bytes, list[int], Callable[[], None] | None]]:
     """The RELEASED message for recycled segments no longer mapped here, if any."""
+    _spares.give_back_unused()  # the reply is encoded: spares it did not use go back
     report = _segcache.pending_reports()
     if report is None:
         return []
@@ -155,11 +156,14 @@ def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:
 
 def _encode(task_id: int, ok: bool, value: Any, threshold: int,
             ) -> tuple[bytes, list[int], Callable[[], None]]:
+    _segcache.replying(True)  # arrays it returns by handle go back to the parent only
     try:
         encoded = dumps((ok, value), threshold)
     except Exception as exc:  # the result (or exception) cannot be pickled
         wrapped = MaybeEncodingError(exc, value[0] if not ok else value)
         encoded = dumps((False, (wrapped, traceback.format_exc())), threshold)
+    finally:
+        _segcache.replying(False)
     return TASK_ID.pack(task_id) + encoded.data, encoded.fds, encoded.release
 
 

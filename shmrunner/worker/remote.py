@@ -13,9 +13,12 @@ Data flow::
                   fails with TaskTimeoutError, or TaskCancelledError for a cancel
                   marked "now" (killed at once) (only a task of this connection's
                   session still running here)
-        results <- the engine's thread appends to a deque and writes a wake-up
-                   byte; this loop sends them (only this thread uses the socket),
-                   each to the session whose task it was, or nowhere
+        results <- the engine's manager thread appends them to a deque and,
+                   after each batch it read (on_results), sends them itself
+                   when this loop is asleep (transport/_gate.py: one thread at
+                   a time uses the socket; no thread hop on the latency path),
+                   else wakes this loop, which sends them; each to the session
+                   whose task it was, or nowhere
         welcome -> names the scheduler's session; a new one means the old
                    scheduler is gone: its tasks are stopped, its results dropped
         heartbeats both ways; no word from the scheduler for heartbeat_timeout
@@ -38,6 +41,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -53,9 +57,11 @@ from .._tasklogs import Record, engine_setting
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
+from ..transport._gate import SocketGate
 from ..transport.protocol import (
     MAX_BATCH,
     MAX_CAPACITY,
+    MAX_CPUS,
     Message,
     _pickle_dumps,
     exception_to_wire,
@@ -91,7 +97,11 @@ class _Reply:
         self.logs: list[Record] | None = None  # what the task logged (engine's on_logs)
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
-        self.agent._completed(self.key, self.task, ok, value, self.logs)
+        # No wake-up: on the manager thread, its on_results (Agent._flush) follows
+        # each batch of results; elsewhere it is the agent loop, which sends
+        # before it sleeps. (A crashed manager thread's last failures wait for
+        # the loop's next round: within a heartbeat interval.)
+        self.agent._completed(self.key, self.task, ok, value, self.logs, wake=False)
         self.logs = None
 
 
@@ -135,6 +145,11 @@ class Agent:
         self._wakeup = Wakeup()
         self._stopping = threading.Event()
         self._core: ProcessEngine | None = None
+        # The current connection, for the manager thread's _flush: the socket
+        # is used by whoever holds the gate.
+        self._gate: SocketGate | None = None
+        self._channel: ZmqChannel | None = None
+        self._flush_error: Exception | None = None  # a _flush send that raised
         self._allowed = AllowList(settings.allowed_functions, "worker.allowed_functions")
 
     def stop(self) -> None:
@@ -148,8 +163,11 @@ class Agent:
         self._core = ProcessEngine(EngineSettings(
             processes=self.processes, context=self._ctx,
             shm_threshold=self.settings.shm_threshold, task_logs=logs,
-            memory_limit=self.settings.memory_limit),
-            on_logs=None if logs is None else _keep_logs)
+            memory_limit=self.settings.memory_limit,
+            # One process: nothing to balance here (the hub paces what this agent
+            # holds), so it gets tiny tasks many at a time however busy the host.
+            fast_task=math.inf if self.processes == 1 else None),
+            on_results=self._flush, on_logs=None if logs is None else _keep_logs)
         try:
             while True:
                 if self._session():
@@ -177,6 +195,9 @@ class Agent:
             # pandas here (seconds) would stall heartbeats; the task's process does it.
             defer_foreign=True))
         self._session_id = None
+        gate = SocketGate(channel.socket, self._wakeup)
+        gate.enter()  # this loop holds the socket except while it sleeps
+        self._gate, self._channel = gate, channel
         try:
             if self._first_hello is None:
                 self._first_hello = time.monotonic()
@@ -186,6 +207,7 @@ class Agent:
             hello = Message("hello", {"name": self.name, "host": socket.gethostname(),
                                       "pid": os.getpid(),
                                       "capacity": min(self.processes, MAX_CAPACITY),
+                                      "cpus": min(os.cpu_count() or 1, MAX_CPUS),
                                       "allow_pickle": settings.allow_pickle})
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
@@ -209,8 +231,12 @@ class Agent:
                     wake_at = min(wake_at, self._cancel_at)
                 if idle_since is not None:
                     wake_at = min(wake_at, idle_since + _DRAIN_GRACE)
-                if channel.poll(max(0.0, wake_at - time.monotonic()),
-                                wakeup=self._wakeup, writable=not said_hello):
+                readable = gate.sleep(max(0.0, wake_at - time.monotonic()),
+                                      writable=not said_hello)
+                if self._flush_error is not None:  # the manager thread's send failed
+                    error, self._flush_error = self._flush_error, None
+                    raise error
+                if readable:
                     batch: list[Task] = []
                     try:
                         while (received := channel.recv(0)) is not None:
@@ -262,7 +288,9 @@ class Agent:
             self._stopping.wait(settings.heartbeat_interval)
             return self._stopping.is_set()
         finally:
+            self._gate = self._channel = None
             channel.close()
+            gate.exit()
 
     def _not_a_scheduler(self, rejected: int) -> bool:
         """Before the first welcome: whether to give up on this address (True,
@@ -383,10 +411,35 @@ class Agent:
         batch.append(task)
 
     def _completed(self, key: _Key, task: Task | None, ok: bool, value: Any,
-                   logs: list[Record] | None = None) -> None:
-        """Called on the engine's thread: hand the result to the agent loop."""
+                   logs: list[Record] | None = None, *, wake: bool = True) -> None:
+        """Queue a result for sending (``wake``: tell the agent loop)."""
         self._done.append((key, task, ok, value, logs))
-        self._wakeup.wake()
+        if wake:
+            self._wakeup.wake()
+
+    def _flush(self) -> None:
+        """The engine's ``on_results``, on its manager thread: send what
+        finished, as one message, if the agent loop is asleep (the gate is
+        free) and the send cannot wait (the socket has room); else wake the
+        loop to send it. A send that raises ends the connection (the loop
+        raises it), as it would have in the loop."""
+        if not self._done:
+            return
+        gate, channel = self._gate, self._channel
+        if gate is None or channel is None or not gate.try_enter():
+            self._wakeup.wake()
+            return
+        try:
+            if (self._gate is not gate or channel.closed or self._session_id is None
+                    or len(self._done) > MAX_BATCH or not channel.writable()):
+                self._wakeup.wake()
+            else:
+                self._send_results(channel)
+        except Exception as exc:  # noqa: BLE001 (handed to the loop, which reconnects)
+            self._flush_error = exc
+            self._wakeup.wake()
+        finally:
+            gate.leave()
 
     def _send_results(self, channel: ZmqChannel) -> None:
         """Send what finished since the last round, as one message when several;
