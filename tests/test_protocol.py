@@ -832,3 +832,22 @@ if HAVE_HYPOTHESIS:
     @given(st.lists(st.binary(max_size=64), max_size=4))
     def test_hypothesis_decode_never_raises_anything_else(frames: list[bytes]) -> None:
         decodes_or_refuses(frames)
+
+
+def test_same_host_result_fields_are_checked() -> None:
+    """options.shm_results and a result's shm (results by memfd) must be maps;
+    accepted may name the side channel (_samehost.py; checked in full there)."""
+    ok = Message("submit", {"fn": "m:f", "args": [], "kwargs": {},
+                            "options": {"shm_results": {"channel": "a" * 32, "durable": True}}})
+    assert decode(encode(ok), max_bytes=1 << 20, allow_pickle=False) == ok
+    result = Message("result", {"job_id": "j", "ok": True, "value": [None],
+                                "shm": {"token": "b" * 32, "arrays": []}})
+    assert decode(encode(result), max_bytes=1 << 20, allow_pickle=False) == result
+    accepted = Message("accepted", {"job_id": "j", "same_host": "shmrunner-" + "c" * 32})
+    assert decode(encode(accepted), max_bytes=1 << 20, allow_pickle=False) == accepted
+    for bad in (Message("submit", {"fn": "m:f", "args": [], "kwargs": {},
+                                   "options": {"shm_results": "x"}}),
+                Message("result", {"job_id": "j", "ok": True, "value": 1, "shm": 3}),
+                Message("accepted", {"job_id": "j", "same_host": 5})):
+        with pytest.raises((ValueError, ProtocolError)):  # refused on encode or decode
+            decode(encode(bad), max_bytes=1 << 20, allow_pickle=False)

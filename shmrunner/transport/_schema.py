@@ -279,7 +279,8 @@ def _result_ok(b: dict[str, Any]) -> bool:
     elif "error" not in b:
         return False
     return ("error" not in b or _wire_error(b["error"])) \
-        and ("logs" not in b or wire_ok(b["logs"]))
+        and ("logs" not in b or wire_ok(b["logs"])) \
+        and ("shm" not in b or _str_map(b["shm"]))
 
 
 def _batch_ok(items: object, item_ok: Callable[[dict[str, Any]], bool]) -> bool:
@@ -298,7 +299,8 @@ def _submit_ok(b: dict[str, Any]) -> bool:
 
 
 def _accepted_ok(b: dict[str, Any]) -> bool:
-    if type(b.get("submits", False)) is not bool:
+    if type(b.get("submits", False)) is not bool or \
+            type(b.get("same_host", "")) is not str:
         return False
     if "job_id" in b:
         return "job_ids" not in b and type(b["job_id"]) is str
