@@ -40,10 +40,15 @@ results come back less than ``fast_task`` seconds apart per task holds its
 base capacity, which keeps slow tasks balanced across workers. Local
 processes add a head-of-line rule (``Worker.prefetch_window``): nothing is
 queued behind a task that has run long (longer than the window, or 4x the
-worker's last task), nor on a worker that has finished no task yet, so a
-long task never holds back work another worker could run. What was queued
-behind a task before it turned out long stays there (taking it back would
-need the worker's word that it has not started it).
+worker's last task), behind one whose function last took ``_LONG_TASK`` or
+more (array-sized work: each task goes to whichever worker is free next, so
+a map's last tasks never wait behind one another while a worker idles),
+behind one of another function than the worker's last (its time says nothing
+about this one), nor on a worker that has finished no task yet. What was
+queued behind a task before it turned out long stays there: taking it back
+would need the worker's word that it has not started it, and the worker
+only reads its channel between tasks (a reader thread in every worker
+would be the price).
 
 Not thread-safe by itself: the tier serialises calls (the engine holds its
 lock), except where a method says it runs on the tier's own thread.
@@ -52,6 +57,7 @@ lock), except where a method says it runs on the tier's own thread.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import selectors
@@ -65,7 +71,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar
 
 from .._memsize import describe as describe_size
-from .._tasks import Task
+from .._tasks import Task, run_chunk, run_chunk_into
 from ..errors import MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
 from . import _memwatch
@@ -83,6 +89,10 @@ _FAST_TASK = 500e-6
 # A task joins a worker's queue only while the task running there has run under
 # this long (or 4x the worker's last task time): see Worker.prefetch_window.
 _PREFETCH_WINDOW = 2e-3
+# ... and only behind tasks whose kind last took under this: a queued task saves
+# its worker one round trip (~0.1 ms) but can leave the other workers idle at the
+# end of a map while it waits, up to a whole task; past this, balance wins.
+_LONG_TASK = 10e-3
 
 
 class TaskLike(Protocol):
@@ -114,6 +124,7 @@ class Worker(Generic[T]):
     prefetch_window: float | None = None
     head_since: float = 0.0  # when the running task (the head of ``tasks``) started
     last_task: float | None = None  # how long the last task that finished ran
+    last_kind: object = None  # its function (task_kind): the estimate holds for that only
 
     def __post_init__(self) -> None:
         if not self.base_capacity:
@@ -125,14 +136,32 @@ class Worker(Generic[T]):
         if self.retiring:
             return 0
         free = self.capacity - len(self.tasks)
-        if self.tasks and self.prefetch_window is not None and free > 0:
+        window = self.prefetch_window
+        if window is not None and free > 0:
             last = self.last_task
-            if last is None or (time.monotonic() - self.head_since
-                                > max(self.prefetch_window, 4 * last)):
+            if not self.tasks:
+                # Idle: what it takes in one burst, so the queue takes (and
+                # pickles) no more tasks than the workers will accept.
+                if last is None or last >= _LONG_TASK:
+                    free = 1
+            elif (last is None or last >= _LONG_TASK
+                  or task_kind(self.tasks[0]) is not self.last_kind
+                  or time.monotonic() - self.head_since > max(window, 4 * last)):
                 return 0
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.sent)
         return max(free, 0)
+
+
+def task_kind(task: object) -> object:
+    """What a task's duration is predicted by: the function it runs (a map
+    chunk's function, a partial's function), compared by identity."""
+    fn = getattr(task, "fn", None)
+    if fn is run_chunk or fn is run_chunk_into:
+        fn = task.args[0]  # type: ignore[attr-defined]
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
 
 
 @dataclass
@@ -214,7 +243,10 @@ class Lifecycle(Generic[T]):
             now = time.monotonic()
             worker.last_task = now - worker.head_since
             worker.head_since = now  # the next one starts now
-            return tasks.popleft()
+            task = tasks.popleft()
+            if worker.prefetch_window is not None:
+                worker.last_kind = task_kind(task)
+            return task
         for task in tasks:
             if task.id == task_id:
                 tasks.remove(task)
