@@ -43,8 +43,9 @@ queued behind a task that has run long (longer than the window, or 4x the
 worker's last task), behind one whose function last took ``_LONG_TASK`` or
 more (array-sized work: each task goes to whichever worker is free next, so
 a map's last tasks never wait behind one another while a worker idles),
-behind one of another function than the worker's last (its time says nothing
-about this one), nor on a worker that has finished no task yet. What was
+behind one of a function this worker has not run yet (the last task's time
+of each function predicts that function's only), nor on a worker that has
+finished no task yet. What was
 queued behind a task before it turned out long stays there: taking it back
 would need the worker's word that it has not started it, and the worker
 only reads its channel between tasks (a reader thread in every worker
@@ -89,10 +90,11 @@ _FAST_TASK = 500e-6
 # A task joins a worker's queue only while the task running there has run under
 # this long (or 4x the worker's last task time): see Worker.prefetch_window.
 _PREFETCH_WINDOW = 2e-3
-# ... and only behind tasks whose kind last took under this: a queued task saves
+# ... and only behind a task whose function last took under this: a queued task saves
 # its worker one round trip (~0.1 ms) but can leave the other workers idle at the
 # end of a map while it waits, up to a whole task; past this, balance wins.
 _LONG_TASK = 10e-3
+_KINDS = 64  # functions whose last task time a worker remembers
 
 
 class TaskLike(Protocol):
@@ -119,12 +121,15 @@ class Worker(Generic[T]):
     last_result: float = 0.0
     # Head-of-line rule (local processes; None: off): a task is queued behind
     # the running one only while that has run under this window, or under 4x
-    # the worker's last task time, and never before the worker has finished
-    # one; else a task could wait behind a long one while another worker idles.
+    # the last time of its function here (under _LONG_TASK), and never before
+    # the worker has run its function; else a task could wait behind a long
+    # one while another worker idles.
     prefetch_window: float | None = None
     head_since: float = 0.0  # when the running task (the head of ``tasks``) started
     last_task: float | None = None  # how long the last task that finished ran
-    last_kind: object = None  # its function (task_kind): the estimate holds for that only
+    # How long the last task of each function (``id(task_kind(task))``) ran
+    # here: a task's time predicts the next of its function only.
+    kind_times: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.base_capacity:
@@ -144,10 +149,11 @@ class Worker(Generic[T]):
                 # pickles) no more tasks than the workers will accept.
                 if last is None or last >= _LONG_TASK:
                     free = 1
-            elif (last is None or last >= _LONG_TASK
-                  or task_kind(self.tasks[0]) is not self.last_kind
-                  or time.monotonic() - self.head_since > max(window, 4 * last)):
-                return 0
+            else:
+                took = self.kind_times.get(id(task_kind(self.tasks[0])))
+                if (took is None or took >= _LONG_TASK
+                        or time.monotonic() - self.head_since > max(window, 4 * took)):
+                    return 0
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.sent)
         return max(free, 0)
@@ -155,7 +161,8 @@ class Worker(Generic[T]):
 
 def task_kind(task: object) -> object:
     """What a task's duration is predicted by: the function it runs (a map
-    chunk's function, a partial's function), compared by identity."""
+    chunk's function, a partial's function), keyed by identity (an id reused
+    after the function is gone only misleads one prediction)."""
     fn = getattr(task, "fn", None)
     if fn is run_chunk or fn is run_chunk_into:
         fn = task.args[0]  # type: ignore[attr-defined]
@@ -245,7 +252,10 @@ class Lifecycle(Generic[T]):
             worker.head_since = now  # the next one starts now
             task = tasks.popleft()
             if worker.prefetch_window is not None:
-                worker.last_kind = task_kind(task)
+                times = worker.kind_times
+                times[id(task_kind(task))] = worker.last_task
+                if len(times) > _KINDS:
+                    del times[next(iter(times))]  # the oldest
             return task
         for task in tasks:
             if task.id == task_id:
