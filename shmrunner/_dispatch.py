@@ -131,6 +131,7 @@ class TaskQueue:
         pending = self.pending
         if not pending or self.state == TERMINATE:
             return []
+        self.lifecycle.backlog(len(pending))
         room = self.lifecycle.room() - self.encoding
         if room <= 0:
             return []

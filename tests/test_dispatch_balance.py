@@ -14,7 +14,7 @@ import shmrunner
 from _util import wait_until
 
 DEADLINE = 30.0
-N_TASKS = 16
+N_TASKS = 4
 
 
 def _started(directory: Path) -> dict[int, int]:
@@ -32,9 +32,11 @@ def _go(directory: Path, index: int) -> None:
 
 
 def test_no_task_waits_behind_a_held_one(tmp_path: Path) -> None:
-    """Both workers have finished a long task; one is then held on its next:
-    every other task runs on the other worker meanwhile (nothing was queued
-    behind the held one), so the held worker runs just those two."""
+    """The last tasks of a map of long tasks: once as few tasks wait as there
+    are workers, each goes to whichever worker is free. Worker A finishes a
+    long task first and takes one; worker B then takes the other, though A
+    has room to queue it: held there, it does not hold back A's, and each
+    worker runs two."""
     with shmrunner.Pool(2) as pool:
         try:
             results = [pool.apply_async(balance.held, (str(tmp_path), i))

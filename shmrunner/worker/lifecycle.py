@@ -127,6 +127,11 @@ class Worker(Generic[T]):
     prefetch_window: float | None = None
     head_since: float = 0.0  # when the running task (the head of ``tasks``) started
     last_task: float | None = None  # how long the last task that finished ran
+    # Whether a task may wait behind a long one: only while the engine's queue
+    # holds more tasks than there are workers (Lifecycle.backlog), so that
+    # the other workers cannot run dry meanwhile (a map's last tasks go one
+    # at a time to whichever worker is free).
+    queue_long: bool = False
     # How long the last task of each function (``id(task_kind(task))``) ran
     # here: a task's time predicts the next of its function only.
     kind_times: dict[int, float] = field(default_factory=dict)
@@ -147,11 +152,11 @@ class Worker(Generic[T]):
             if not self.tasks:
                 # Idle: what it takes in one burst, so the queue takes (and
                 # pickles) no more tasks than the workers will accept.
-                if last is None or last >= _LONG_TASK:
+                if last is None or (last >= _LONG_TASK and not self.queue_long):
                     free = 1
             else:
                 took = self.kind_times.get(id(task_kind(self.tasks[0])))
-                if (took is None or took >= _LONG_TASK
+                if (took is None or (took >= _LONG_TASK and not self.queue_long)
                         or time.monotonic() - self.head_since > max(window, 4 * took)):
                     return 0
         if self.max_tasks is not None:
@@ -196,6 +201,7 @@ class Lifecycle(Generic[T]):
         self.fast_task = fast_task
         self.workers: dict[int, Worker[T]] = {}
         self._next_id = 0
+        self._deep = False  # the last backlog(): more tasks waiting than workers
 
     def __iter__(self) -> Iterator[Worker[T]]:
         return iter(list(self.workers.values()))
@@ -212,7 +218,8 @@ class Lifecycle(Generic[T]):
             endpoint = self._spawn(worker_id)
             worker: Worker[T] = Worker(worker_id, endpoint, self.capacity, self.max_tasks,
                                        fast_capacity=self.fast_capacity,
-                                       prefetch_window=self.prefetch_window)
+                                       prefetch_window=self.prefetch_window,
+                                       queue_long=self._deep)
             self.workers[worker_id] = worker
             new.append(worker)
         return new
@@ -224,6 +231,17 @@ class Lifecycle(Generic[T]):
         worker: Worker[T] = Worker(worker_id, endpoint, capacity, fast_capacity=fast_capacity)
         self.workers[worker_id] = worker
         return worker
+
+    def backlog(self, waiting: int) -> None:
+        """``waiting`` tasks wait for a worker (under the tier's lock): while
+        they outnumber the workers, long tasks may be queued behind one
+        another too (each worker's next task is ready when it finishes);
+        near the end, they go one at a time to whichever worker is free."""
+        deep = waiting > len(self.workers)
+        if deep is not self._deep:
+            self._deep = deep
+            for worker in self.workers.values():
+                worker.queue_long = deep
 
     def pick(self) -> Worker[T] | None:
         """The worker that should take the next task: an idle one if any, else
