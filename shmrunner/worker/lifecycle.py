@@ -41,8 +41,9 @@ base capacity, which keeps slow tasks balanced across workers. Local
 processes add a head-of-line rule (``Worker.prefetch_window``): nothing is
 queued behind a task that has run long (longer than the window, or 4x the
 worker's last task), behind one whose function last took ``_LONG_TASK`` or
-more (array-sized work: each task goes to whichever worker is free next, so
-a map's last tasks never wait behind one another while a worker idles),
+more unless more tasks wait than there are workers (:meth:`Lifecycle.backlog`;
+near the end of a map each array-sized task goes to whichever worker is free
+next, so the last ones never wait behind one another while a worker idles),
 behind one of a function this worker has not run yet (the last task's time
 of each function predicts that function's only), nor on a worker that has
 finished no task yet. What was
