@@ -9,8 +9,10 @@ Data flow::
                          |  tasks still being pickled)      v
                          |                        send(): under the lock, each to
                          +-- requeue_locked() <--  the worker Lifecycle.pick() names,
-                             (a worker died or      one send_batch_nowait per worker
-                              shrank meanwhile)
+                         |   (a worker died or      one send_batch_nowait per worker;
+                         |    shrank meanwhile)     slow pickling (arrays) is sent
+                         +-- _trim_locked() <------ as it goes, every _FLUSH_AFTER
+                             (taken, not pickled yet, beyond the workers' room)
 
 One lock guards the queue, the engine's state and the workers' bookkeeping
 (:class:`~shmrunner.worker.lifecycle.ProcessLifecycle`): assigning a task and
@@ -39,6 +41,9 @@ __all__ = ["TaskQueue", "Budget", "RUN", "CLOSE", "TERMINATE"]
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 _Frame = tuple[bytes, list[int], Callable[[], None]]
+
+# Pickling taking longer than this is sent as it goes (TaskQueue.send).
+_FLUSH_AFTER = 1e-3
 
 
 class Budget:
@@ -126,6 +131,7 @@ class TaskQueue:
         pending = self.pending
         if not pending or self.state == TERMINATE:
             return []
+        self.lifecycle.backlog(len(pending))
         room = self.lifecycle.room() - self.encoding
         if room <= 0:
             return []
@@ -138,49 +144,91 @@ class TaskQueue:
     def send(self, tasks: list[Task]) -> list[tuple[Task, BaseException]]:
         """Pickle ``tasks`` without the lock, then under it give each to a
         worker with room and send, one syscall per worker. Returns the tasks
-        to fail once no lock is held (their callbacks must not run under it)."""
+        to fail once no lock is held (their callbacks must not run under it).
+
+        Pickling that takes long (arrays copied into shared memory) is sent as
+        it goes, every ``_FLUSH_AFTER``: a worker starts on the first array
+        task while the next is copied, and once the workers are full the tasks
+        not pickled yet go back to the queue instead of being copied for
+        nothing. Tiny tasks still go in one batch per worker."""
         failed: list[tuple[Task, BaseException]] = []
-        encoded: list[tuple[Task, Encoded]] = []
-        for task in tasks:
-            try:
-                encoded.append((task, encode_task(task, self._threshold)))
-            except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
-                failed.append((task, exc))
-        batches: dict[Worker[Task], tuple[list[_Frame], list[int]]] = {}
-        requeue: list[Task] = []
+        todo = collections.deque(tasks)
         wake = False
-        with self.lock:
-            self.encoding -= len(tasks)
-            stopped = self.stopped_locked()
-            lifecycle = self.lifecycle
-            for task, message in encoded:
-                worker = lifecycle.pick() if stopped is None else None
-                if worker is None:
-                    _segcache.give_back(message.leases)
-                    message.release()
-                    if stopped is not None:
-                        failed.append((task, stopped))
-                    else:  # a worker died or shrank its capacity meanwhile
-                        requeue.append(task)
-                    continue
-                lifecycle.assign(worker, task)
-                _segcache.lend(message.leases, worker)
-                if worker.tasks[0] is task and not task.report_start:
-                    task.started = time.monotonic()
-                frames, ids = batches.setdefault(worker, ([], []))
-                frames.append(frame(task, message))
-                ids.append(task.id)
-            if requeue:
-                self.pending.extendleft(reversed(requeue))
-            for worker, (frames, ids) in batches.items():
-                channel: FdChannel = worker.endpoint.channel
-                # A worker that is gone drops what it is sent; its sentinel fires
-                # and the engine reaps it, requeueing its tasks.
-                channel.send_batch_nowait(frames, ids)
-                wake = wake or channel.wants_write
-        if wake or requeue:
+        while todo:
+            encoded: list[tuple[Task, Encoded]] = []
+            handled = 0
+            since = time.monotonic()
+            while todo:
+                task = todo.popleft()
+                handled += 1
+                try:
+                    encoded.append((task, encode_task(task, self._threshold)))
+                except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
+                    failed.append((task, exc))
+                if todo and time.monotonic() - since >= _FLUSH_AFTER:
+                    break
+            with self.lock:
+                self.encoding -= handled
+                wake = self._send_locked(encoded, failed) or wake
+                if todo:
+                    self._trim_locked(todo, failed)
+        if wake:
             self._wake()
         return failed
+
+    def _send_locked(self, encoded: list[tuple[Task, Encoded]],
+                     failed: list[tuple[Task, BaseException]]) -> bool:
+        """Give each encoded task to the worker ``Lifecycle.pick`` names and
+        send, one batch per worker; True if the manager thread must look (output
+        queued, tasks requeued)."""
+        batches: dict[Worker[Task], tuple[list[_Frame], list[int]]] = {}
+        requeue: list[Task] = []
+        stopped = self.stopped_locked()
+        lifecycle = self.lifecycle
+        for task, message in encoded:
+            worker = lifecycle.pick() if stopped is None else None
+            if worker is None:
+                _segcache.give_back(message.leases)
+                message.release()
+                if stopped is not None:
+                    failed.append((task, stopped))
+                else:  # a worker died or shrank its capacity meanwhile
+                    requeue.append(task)
+                continue
+            lifecycle.assign(worker, task)
+            _segcache.lend(message.leases, worker)
+            if worker.tasks[0] is task and not task.report_start:
+                task.started = time.monotonic()
+            frames, ids = batches.setdefault(worker, ([], []))
+            frames.append(frame(task, message))
+            ids.append(task.id)
+        if requeue:
+            self.pending.extendleft(reversed(requeue))
+        wake = bool(requeue)
+        for worker, (frames, ids) in batches.items():
+            channel: FdChannel = worker.endpoint.channel
+            # A worker that is gone drops what it is sent; its sentinel fires
+            # and the engine reaps it, requeueing its tasks.
+            channel.send_batch_nowait(frames, ids)
+            wake = wake or channel.wants_write
+        return wake
+
+    def _trim_locked(self, todo: collections.deque[Task],
+                     failed: list[tuple[Task, BaseException]]) -> None:
+        """Keep of ``todo`` (taken, not pickled yet) only what the workers
+        still have room for; the rest goes back to the head of the queue."""
+        stopped = self.stopped_locked()
+        if stopped is not None:
+            failed.extend((task, stopped) for task in todo)
+            self.encoding -= len(todo)
+            todo.clear()
+            return
+        others = self.encoding - len(todo)  # tasks other threads are pickling
+        keep = max(0, self.lifecycle.room() - others)
+        if keep < len(todo):
+            back = [todo.pop() for _ in range(len(todo) - keep)]
+            self.pending.extendleft(back)  # popped last-first: extendleft restores the order
+            self.encoding -= len(back)
 
     def requeue_locked(self, tasks: list[Task]) -> None:
         """Put ``tasks`` back at the head of the queue (pickled again at dispatch)."""

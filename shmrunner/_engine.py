@@ -35,11 +35,14 @@ Guarantees:
   16 (the lifecycle's pacing rule), so tiny tasks and their results travel
   many per syscall (the worker batches those results too, see
   ``worker/loop.py``). A task is queued behind a running one only while
-  that has run briefly (under 2 ms, or 4x its worker's last task) and once
-  the worker has finished a task: so queued work does not wait behind a
-  long task while another worker idles (``Worker.prefetch_window``).
-  Tasks are pickled only when dispatched, so shared
-  memory in use stays bounded by the workers' capacity, not by the input.
+  that has run briefly (under 2 ms, or 4x its worker's last task), once the
+  worker has finished a task of the same function, and, if that took 10 ms
+  or more, only while more tasks wait than there are workers: so queued work
+  does not wait behind a long task while another worker idles, and the last
+  array-sized tasks of a map go one at a time to whichever worker is free
+  (``Worker.free``, ``Lifecycle.backlog``). Tasks are pickled only when dispatched (slow
+  pickling is sent as it goes, ``TaskQueue.send``), so shared memory in use
+  stays bounded by the workers' capacity, not by the input.
 * Workers die with the engine's process (``PR_SET_PDEATHSIG``, or a pidfd
   watch under forkserver: ``worker/loop.py``). They are all started by the
   manager thread, which outlives them: the kernel's parent-death signal

@@ -40,10 +40,17 @@ results come back less than ``fast_task`` seconds apart per task holds its
 base capacity, which keeps slow tasks balanced across workers. Local
 processes add a head-of-line rule (``Worker.prefetch_window``): nothing is
 queued behind a task that has run long (longer than the window, or 4x the
-worker's last task), nor on a worker that has finished no task yet, so a
-long task never holds back work another worker could run. What was queued
-behind a task before it turned out long stays there (taking it back would
-need the worker's word that it has not started it).
+worker's last task), behind one whose function last took ``_LONG_TASK`` or
+more unless more tasks wait than there are workers (:meth:`Lifecycle.backlog`;
+near the end of a map each array-sized task goes to whichever worker is free
+next, so the last ones never wait behind one another while a worker idles),
+behind one of a function this worker has not run yet (the last task's time
+of each function predicts that function's only), nor on a worker that has
+finished no task yet. What was
+queued behind a task before it turned out long stays there: taking it back
+would need the worker's word that it has not started it, and the worker
+only reads its channel between tasks (a reader thread in every worker
+would be the price).
 
 Not thread-safe by itself: the tier serialises calls (the engine holds its
 lock), except where a method says it runs on the tier's own thread.
@@ -52,6 +59,7 @@ lock), except where a method says it runs on the tier's own thread.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import selectors
@@ -65,7 +73,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar
 
 from .._memsize import describe as describe_size
-from .._tasks import Task
+from .._tasks import Task, run_chunk, run_chunk_into
 from ..errors import MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
 from . import _memwatch
@@ -83,6 +91,11 @@ _FAST_TASK = 500e-6
 # A task joins a worker's queue only while the task running there has run under
 # this long (or 4x the worker's last task time): see Worker.prefetch_window.
 _PREFETCH_WINDOW = 2e-3
+# ... and only behind a task whose function last took under this: a queued task saves
+# its worker one round trip (~0.1 ms) but can leave the other workers idle at the
+# end of a map while it waits, up to a whole task; past this, balance wins.
+_LONG_TASK = 10e-3
+_KINDS = 64  # functions whose last task time a worker remembers
 
 
 class TaskLike(Protocol):
@@ -109,11 +122,20 @@ class Worker(Generic[T]):
     last_result: float = 0.0
     # Head-of-line rule (local processes; None: off): a task is queued behind
     # the running one only while that has run under this window, or under 4x
-    # the worker's last task time, and never before the worker has finished
-    # one; else a task could wait behind a long one while another worker idles.
+    # the last time of its function here (under _LONG_TASK), and never before
+    # the worker has run its function; else a task could wait behind a long
+    # one while another worker idles.
     prefetch_window: float | None = None
     head_since: float = 0.0  # when the running task (the head of ``tasks``) started
     last_task: float | None = None  # how long the last task that finished ran
+    # Whether a task may wait behind a long one: only while the engine's queue
+    # holds more tasks than there are workers (Lifecycle.backlog), so that
+    # the other workers cannot run dry meanwhile (a map's last tasks go one
+    # at a time to whichever worker is free).
+    queue_long: bool = False
+    # How long the last task of each function (``id(task_kind(task))``) ran
+    # here: a task's time predicts the next of its function only.
+    kind_times: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.base_capacity:
@@ -125,14 +147,34 @@ class Worker(Generic[T]):
         if self.retiring:
             return 0
         free = self.capacity - len(self.tasks)
-        if self.tasks and self.prefetch_window is not None and free > 0:
+        window = self.prefetch_window
+        if window is not None and free > 0:
             last = self.last_task
-            if last is None or (time.monotonic() - self.head_since
-                                > max(self.prefetch_window, 4 * last)):
-                return 0
+            if not self.tasks:
+                # Idle: what it takes in one burst, so the queue takes (and
+                # pickles) no more tasks than the workers will accept.
+                if last is None or (last >= _LONG_TASK and not self.queue_long):
+                    free = 1
+            else:
+                took = self.kind_times.get(id(task_kind(self.tasks[0])))
+                if (took is None or (took >= _LONG_TASK and not self.queue_long)
+                        or time.monotonic() - self.head_since > max(window, 4 * took)):
+                    return 0
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.sent)
         return max(free, 0)
+
+
+def task_kind(task: object) -> object:
+    """What a task's duration is predicted by: the function it runs (a map
+    chunk's function, a partial's function), keyed by identity (an id reused
+    after the function is gone only misleads one prediction)."""
+    fn = getattr(task, "fn", None)
+    if fn is run_chunk or fn is run_chunk_into:
+        fn = task.args[0]  # type: ignore[attr-defined]
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
 
 
 @dataclass
@@ -160,6 +202,7 @@ class Lifecycle(Generic[T]):
         self.fast_task = fast_task
         self.workers: dict[int, Worker[T]] = {}
         self._next_id = 0
+        self._deep = False  # the last backlog(): more tasks waiting than workers
 
     def __iter__(self) -> Iterator[Worker[T]]:
         return iter(list(self.workers.values()))
@@ -176,7 +219,8 @@ class Lifecycle(Generic[T]):
             endpoint = self._spawn(worker_id)
             worker: Worker[T] = Worker(worker_id, endpoint, self.capacity, self.max_tasks,
                                        fast_capacity=self.fast_capacity,
-                                       prefetch_window=self.prefetch_window)
+                                       prefetch_window=self.prefetch_window,
+                                       queue_long=self._deep)
             self.workers[worker_id] = worker
             new.append(worker)
         return new
@@ -188,6 +232,17 @@ class Lifecycle(Generic[T]):
         worker: Worker[T] = Worker(worker_id, endpoint, capacity, fast_capacity=fast_capacity)
         self.workers[worker_id] = worker
         return worker
+
+    def backlog(self, waiting: int) -> None:
+        """``waiting`` tasks wait for a worker (under the tier's lock): while
+        they outnumber the workers, long tasks may be queued behind one
+        another too (each worker's next task is ready when it finishes);
+        near the end, they go one at a time to whichever worker is free."""
+        deep = waiting > len(self.workers)
+        if deep is not self._deep:
+            self._deep = deep
+            for worker in self.workers.values():
+                worker.queue_long = deep
 
     def pick(self) -> Worker[T] | None:
         """The worker that should take the next task: an idle one if any, else
@@ -214,7 +269,13 @@ class Lifecycle(Generic[T]):
             now = time.monotonic()
             worker.last_task = now - worker.head_since
             worker.head_since = now  # the next one starts now
-            return tasks.popleft()
+            task = tasks.popleft()
+            if worker.prefetch_window is not None:
+                times = worker.kind_times
+                times[id(task_kind(task))] = worker.last_task
+                if len(times) > _KINDS:
+                    del times[next(iter(times))]  # the oldest
+            return task
         for task in tasks:
             if task.id == task_id:
                 tasks.remove(task)
