@@ -46,9 +46,7 @@ Guarantees:
 * Workers die with the engine's process (``PR_SET_PDEATHSIG``, or a pidfd
   watch under forkserver: ``worker/loop.py``). They are all started by the
   manager thread, which outlives them: the kernel's parent-death signal
-  follows the *thread* that forked; but for an engine created on the main
-  thread (which lives as long as the process) the first ones are started
-  there, which spares the start a round trip through the manager thread.
+  follows the *thread* that forked.
 * Caller threads send directly when a worker has room (no thread hop on the
   latency path); the manager thread only ever does non-blocking socket work,
   so it can never deadlock with a worker that is blocked sending to it.
@@ -166,12 +164,6 @@ class ProcessEngine:
                                 max(8, 4 * settings.processes), self._wakeup.wake)
         self._manager = Manager(self._queue, self._lifecycle, self._selector, self._wakeup,
                                 settings.initializer, on_results, on_logs)
-        if threading.current_thread() is threading.main_thread():
-            try:
-                self._manager.spawn_first()
-            except BaseException:
-                self._manager.close_resources()
-                raise
         self._thread = threading.Thread(target=self._manager.run, name="shmrunner-pool",
                                         daemon=True)
         self._thread.start()

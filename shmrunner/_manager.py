@@ -64,26 +64,15 @@ class Manager:
         self._started.wait()
         return self._startup_error
 
-    def spawn_first(self) -> None:
-        """Spawn the first workers on the calling thread, before :meth:`run`:
-        only from the main thread, which lives as long as the process, so the
-        workers' parent-death signal (it follows the forking thread) means the
-        process's death, as it does for the manager thread. Saves the start a
-        hand-off to the manager thread and back. Raises what spawning raises."""
-        with self._queue.lock:
-            self._lifecycle.spawn_missing()
-        self._started.set()
-
     def run(self) -> None:
-        if not self._started.is_set():  # else spawn_first() did it
-            try:
-                with self._queue.lock:
-                    self._lifecycle.spawn_missing()
-            except BaseException as exc:
-                self._startup_error = exc
-                self._started.set()
-                return
+        try:
+            with self._queue.lock:
+                self._lifecycle.spawn_missing()
+        except BaseException as exc:
+            self._startup_error = exc
             self._started.set()
+            return
+        self._started.set()
         workers = self._lifecycle.workers
         watch = self._lifecycle.memory_limit is not None
         next_watch = time.monotonic()
