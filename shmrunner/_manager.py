@@ -66,6 +66,10 @@ class Manager:
 
     def run(self) -> None:
         try:
+            # Every worker is forked here, never on the caller's thread: a fork
+            # copies the forking thread's OpenMP team, and a child forked from a
+            # thread that had run torch (libgomp) deadlocks in its first parallel
+            # region (tests/test_foreign_types.py, with torch installed).
             with self._queue.lock:
                 self._lifecycle.spawn_missing()
         except BaseException as exc:
