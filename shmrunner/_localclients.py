@@ -48,7 +48,6 @@ authenticated ZeroMQ endpoint, naming its unguessable token, uses it.
 
 from __future__ import annotations
 
-import array as _array
 import logging
 import os
 import secrets
@@ -70,7 +69,6 @@ from ._samehost import (
     RESULTS,
     TOKEN_RE,
     array_at,
-    fds_of,
     peer_uid,
     socket_address,
 )
@@ -84,7 +82,6 @@ log = logging.getLogger("shmrunner.daemon")
 
 MAX_DEPOSITS = 4096  # unclaimed deposits one side connection may hold
 _MAX_CONNECTIONS = 256
-_ANCBUF = socket.CMSG_SPACE(MAX_FDS * 4)
 _TOKEN = 32  # hex digits of a token
 _SPEC_KEYS = frozenset({"token", "durable", "arrays"})
 _RESULTS_KEYS = frozenset({"channel", "durable"})
@@ -290,12 +287,11 @@ class LocalClients:
     def _serve(self, conn: socket.socket) -> bool:
         """One datagram; False once the connection is closed or out of step."""
         try:
-            data, ancdata, flags, _ = conn.recvmsg(64, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(conn, 64, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             return False
-        fds = fds_of(ancdata)
         if not data and not fds:
             return False  # EOF
         if not fds and (data == RESULTS or data.startswith(GET)):
@@ -326,9 +322,10 @@ class LocalClients:
             else:
                 reply = {"fds": len(fds)}
         try:
-            conn.sendmsg([msgpack.packb(reply)],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _array.array("i", fds))]
-                         if fds else [])
+            if fds:
+                socket.send_fds(conn, [msgpack.packb(reply)], fds)
+            else:
+                conn.send(msgpack.packb(reply))
         except OSError:
             return False  # the client is gone or does not read
         finally:

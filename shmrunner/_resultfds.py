@@ -33,6 +33,7 @@ import numpy as np
 from ._memfd import close_copies, copy_to_memfd
 from ._samehost import MAX_HELD_FDS, MAX_HELD_RESULTS, THRESHOLD, TOKEN, extract_arrays
 from .shm import segment_of
+from .transport.pickling import close_fds
 
 __all__ = ["HeldResults", "export"]
 
@@ -68,7 +69,7 @@ def export(value: Any) -> tuple[Any, list[list[Any]], list[int]]:
             specs.append([path, index, np.lib.format.dtype_to_descr(a.dtype), list(a.shape),
                           list(strides), offset])
     except BaseException:
-        _close(fds)
+        close_fds(fds)
         raise
     return new, specs, fds
 
@@ -150,7 +151,7 @@ class HeldResults:
             entries = list(held.held.values()) if held is not None else []
             self.expired += len(entries)
         for fds, _, _ in entries:
-            _close(fds)
+            close_fds(fds)
 
     def expire(self, ttl: float) -> None:
         """Free results held for longer than ``ttl`` seconds."""
@@ -165,7 +166,7 @@ class HeldResults:
                     gone.append(fds)
             self.expired += len(gone)
         for fds in gone:
-            _close(fds)
+            close_fds(fds)
 
     def status(self) -> dict[str, int]:
         with self._lock:
@@ -180,12 +181,4 @@ class HeldResults:
             self._channels.clear()
             self._by_conn.clear()
         for fds, _, _ in entries:
-            _close(fds)
-
-
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+            close_fds(fds)

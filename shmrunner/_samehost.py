@@ -48,7 +48,7 @@ from .shm import DEFAULT_THRESHOLD, segment_of
 from .transport._arrays import _parse_dtype, _span, raw_layout
 
 __all__ = ["GET", "MAX_ARRAYS", "MAX_FDS", "MAX_HELD_FDS", "MAX_HELD_RESULTS", "NAME", "PUT",
-           "RESULTS", "THRESHOLD", "TOKEN", "array_at", "extract_arrays", "fds_of", "peer_uid",
+           "RESULTS", "THRESHOLD", "TOKEN", "array_at", "extract_arrays", "peer_uid",
            "socket_address"]
 
 PUT = b"put"
@@ -132,16 +132,6 @@ class _Walk:
                 return obj
             return kind(items)
         return obj
-
-
-def fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds an SCM_RIGHTS message carried (the receiver owns them all)."""
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(np.frombuffer(payload[:usable], dtype=np.int32).tolist())
-    return fds
 
 
 def array_at(item: Any, segments: list[Segment], what: str = "options.shm"

@@ -35,7 +35,6 @@ Results (the client thread)::
 
 from __future__ import annotations
 
-import array as _array
 import logging
 import os
 import socket
@@ -60,7 +59,6 @@ from ._samehost import (
     TOKEN_RE,
     array_at,
     extract_arrays,
-    fds_of,
     peer_uid,
     socket_address,
 )
@@ -73,7 +71,6 @@ log = logging.getLogger("shmrunner.client")
 
 _TIMEOUT = 10.0  # longest wait for the daemon's answer on the side channel
 _RETRY = 5.0  # after a failure, look for the side channel again this much later
-_ANCBUF = socket.CMSG_SPACE(MAX_FDS * 4)
 
 Path = list[int | str]
 
@@ -292,8 +289,7 @@ class SameHost:
                     fds.append(fd)
                 specs.append([path, index_of[fd], np.lib.format.dtype_to_descr(a.dtype),
                               list(a.shape), list(strides), offset])
-            sock.sendmsg([PUT], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                  _array.array("i", fds))])
+            socket.send_fds(sock, [PUT], fds)
         finally:
             close_copies(owned)  # in flight, the kernel holds them
         data = sock.recv(4096)
@@ -372,8 +368,7 @@ def _collect(sock: socket.socket, body: dict[str, Any]) -> Any:
                          f"{MAX_ARRAYS} specs}}")
     sock.settimeout(_TIMEOUT)
     sock.send(GET + spec["token"].encode())
-    data, ancdata, flags, _ = sock.recvmsg(4096, _ANCBUF, socket.MSG_CMSG_CLOEXEC)
-    fds = fds_of(ancdata)
+    data, fds, flags, _ = socket.recv_fds(sock, 4096, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     segments: list[Segment] = []
     try:
         if not data:
