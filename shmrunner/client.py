@@ -75,6 +75,7 @@ log = logging.getLogger("shmrunner.client")
 
 _ACCEPT = frozenset({"accepted", "result", "results", "error", "status_reply", "jobs_reply"})
 _MAX_FAILED_ROUNDS = 10              # unexpected errors in a row before the thread gives up
+_CANCEL_LINGER = 2.0  # seconds the last cancels of a shutdown may take to leave (in the background)
 # What runs a chunk of map(chunksize=) items: the daemon's scheduler's own runner.
 _CHUNK_RUNNER = "shmrunner.scheduler:_run_chunk"
 
@@ -404,8 +405,19 @@ class Client(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop submitting; with ``wait``, wait for the outstanding jobs' results
-        (the jobs themselves stay in the daemon either way)."""
+        (the jobs themselves stay in the daemon either way).
+
+        ``cancel_futures``, as in ``concurrent.futures``: every future whose job
+        has not started is cancelled first. A job the daemon has not accepted yet
+        is withdrawn (:meth:`JobFuture.cancel`); an accepted one that waits in
+        the daemon's queue is dropped there (its future then fails with
+        TaskCancelledError); running jobs finish. The cancels are sent before
+        the connection closes, and get ``_CANCEL_LINGER`` seconds to leave."""
         self._ledger.close()  # a submit waiting for room gives up
+        if cancel_futures:
+            for future in self._ledger.futures():
+                future.cancel()
+            self._flush_on_stop = True
         if wait:
             for future in self._ledger.futures():
                 try:
@@ -421,6 +433,7 @@ class Client(Executor):
     # --- the client thread ------------------------------------------------------------
 
     _stop = False
+    _flush_on_stop = False  # shutdown(cancel_futures=True): the cancels must leave
 
     def _run(self) -> None:
         failed_rounds = 0
@@ -441,16 +454,32 @@ class Client(Executor):
             self._ledger.fail_all(ShmrunnerError(
                 f"the client connection to {self.address} failed: {exc!r}"), broken=True)
         finally:
+            linger = 0.0
+            if self._flush_on_stop:
+                try:
+                    self._send_outbox()  # what is left is cancels: every submit was withdrawn
+                    linger = _CANCEL_LINGER
+                except Exception:  # noqa: BLE001 (a broken connection: closing anyway)
+                    log.warning("client: the cancels of shutdown(cancel_futures=True) could "
+                                "not be sent", exc_info=True)
             self._ledger.fail_all(ShmrunnerError("the client was shut down"))
-            self._channel.close()
+            self._channel.close(linger=linger)
             self._wakeup.close()
 
     def _round(self) -> None:
         """Wait for a message, a wake-up (work from another thread), room to
         send what is stuck, or the next timer; then do what is due."""
-        outbox = self._ledger.outbox
         readable = self._channel.poll(self._ledger.next_timer(), wakeup=self._wakeup,
-                                      writable=bool(outbox))
+                                      writable=bool(self._ledger.outbox))
+        self._send_outbox()
+        if readable:
+            while (received := self._channel.recv(0)) is not None:
+                self._receive(received.message)
+        self._check_acks()
+
+    def _send_outbox(self) -> None:
+        """Hand the socket what it takes now, without waiting."""
+        outbox = self._ledger.outbox
         while True:
             if not outbox:
                 if self._ledger.outbox_drained():  # else a submit came meanwhile
@@ -465,10 +494,6 @@ class Client(Executor):
             if not sent:
                 restore(outbox, taken)
                 break  # no connection takes it now (refused?): when one does
-        if readable:
-            while (received := self._channel.recv(0)) is not None:
-                self._receive(received.message)
-        self._check_acks()
 
     # The round's two steps that act on the ledger (one seam each for fault tests).
 

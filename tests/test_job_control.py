@@ -240,6 +240,48 @@ def test_a_future_is_pending_until_accepted_and_its_cancel_withdraws_the_job(
 
 
 @pytest.mark.timeout(120)
+def test_shutdown_with_cancel_futures_drops_every_job_that_has_not_started(
+        tmp_path: Path, daemons: Any) -> None:
+    d = daemons().start()  # one local worker
+    client = d.client()
+    held, started, release = _hold(client, tmp_path, "held")
+    _pid_in(started)
+    # The local tier takes a task more than it runs (queued on its worker): a
+    # second held job fills that place, so the next one waits in the daemon.
+    second = client.submit("_daemon_tasks:hold", str(tmp_path / "second.started"),
+                           str(release), 120.0, job_id="second")
+    marker = tmp_path / "ran"
+    queued = client.submit("_daemon_tasks:append_id", str(marker), "queued", 0.0,
+                           job_id="queued")
+    assert queued.wait_accepted(RESULT)
+    assert client.job_state("queued") == "queued"
+    port = port_of(d.address)
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: stopped(d.pid), timeout=RESULT, message="the daemon to stop")
+        before = rx_queued(d.pid, port)
+        pending = client.submit("_daemon_tasks:append_id", str(marker), "pending", 0.0,
+                                job_id="pending")
+        wait_until(lambda: rx_queued(d.pid, port) > before, timeout=RESULT,
+                   message="the submit to reach the daemon's socket")
+        client.shutdown(wait=False, cancel_futures=True)
+        assert pending.cancelled()  # never accepted: withdrawn, as concurrent.futures does
+        # Accepted: the daemon decides (a running job finishes, a queued one is dropped).
+        assert not any(f.cancelled() for f in (held, second, queued))
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    watcher = d.client()
+    wait_until(lambda: (watcher.job_state("queued"), watcher.job_state("pending"))
+               == ("cancelled", "cancelled"), timeout=RESULT,
+               message="the daemon to drop the queued job and the withdrawn one")
+    assert watcher.job_state("held") == "running"
+    release.touch()
+    assert watcher.result("held", timeout=RESULT) > 0
+    assert watcher.result("second", timeout=RESULT) > 0
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)
 def test_progress_of_a_batch_from_another_client(tmp_path: Path, daemons: Any) -> None:
     d = daemons().start()
     submitter = d.client()

@@ -349,11 +349,13 @@ class ZmqChannel:
         if self.rejected <= 10 or self.rejected % 1000 == 0:
             logger.warning("rejected message #%d from %s: %s", self.rejected, _name(peer), exc)
 
-    def close(self) -> None:
-        """Close the socket, dropping unsent messages (linger 0). Idempotent."""
+    def close(self, linger: float = 0.0) -> None:
+        """Close the socket; unsent messages are dropped, or get ``linger``
+        seconds to leave (ZeroMQ's I/O thread sends them; close does not
+        wait). Idempotent."""
         if not self._closed:
             self._closed = True
-            self._socket.close(linger=0)
+            self._socket.close(linger=round(linger * 1000))
 
     def __enter__(self) -> ZmqChannel:
         return self
