@@ -236,7 +236,7 @@ class Daemon:
             elif msg.type == "fetch":
                 fetches.append((peer, msg))
             elif msg.type == "status":
-                self._reply(peer, Message("status_reply", {"status": self.status()}))
+                self._reply_status(peer)
             elif msg.type == "cancel":
                 cancels.append((peer, msg))
             else:
@@ -514,7 +514,12 @@ class Daemon:
             elif msg.type in ("jobs", "cancel"):
                 self._control(peer, msg)
             else:
-                self._reply(peer, Message("status_reply", {"status": self.status()}))
+                self._reply_status(peer)
+
+    def _reply_status(self, peer: bytes) -> None:
+        # "client": the asker's own id, so it can find its entry among "clients".
+        self._reply(peer, Message("status_reply", {"status": {**self.status(),
+                                                              "client": peer.hex()}}))
 
     def _refuse(self, peer: bytes, msg: Message) -> None:
         self._reply(peer, refusal("the daemon is shutting down; submit again after it "

@@ -297,8 +297,10 @@ def test_progress_of_a_batch_from_another_client(tmp_path: Path, daemons: Any) -
     counts = watcher.progress(ids, wait=False)
     assert counts == {"queued": 0, "running": 1, "done": 5, "failed": 0, "cancelled": 0,
                       "unknown": 0, "total": 6}
-    mine = [c for c in watcher.status()["clients"] if c["done"] == 5]
-    assert mine and mine[0]["running"] == 1  # the submitter's connection, counted
+    own = submitter.status()
+    mine = [c for c in watcher.status()["clients"] if c["client"] == own["client"]]
+    assert mine and (mine[0]["done"], mine[0]["running"]) == (5, 1)  # the submitter's, counted
+    assert watcher.status()["client"] != own["client"]
     seen: list[tuple[int, int | None]] = []
 
     def report(done: int, total: int | None) -> None:
