@@ -135,12 +135,14 @@ class Backlog:
         (jobs cancelled while queued are dropped)."""
         batches: list[tuple[Tier, list[Job]]] = []
         with self._lock:
+            taken = False
             for tier in tiers:
                 if not self._queue:
                     break
                 room = tier.room()
                 jobs = []
                 while room > 0 and self._queue:
+                    taken = True
                     job = self._queue.popleft()
                     if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
                         self._release(job)
@@ -151,8 +153,9 @@ class Backlog:
                     room -= 1
                 if jobs:
                     batches.append((tier, jobs))
-            self._not_full.notify_all()
-            self._all_done.notify_all()
+            if taken:  # (a pump per submit finds no room most of a burst: nothing to tell)
+                self._not_full.notify_all()
+                self._all_done.notify_all()
         return batches
 
     def running_on(self, job: Job) -> Tier | None:
