@@ -7,9 +7,12 @@ Part 1, a stream of tiny tasks: for each agent count N, a
 ``Scheduler(local_workers=0, listen="tcp://127.0.0.1:*")`` and N real
 ``shmrunner worker --processes 1`` agents (each with its own pool process);
 once all said hello, ``--tasks`` submits of ``inc(i)`` and collect them all:
-tasks/s, the hub thread's CPU (from /proc/self/task/TID/stat) and the
-workers the hub declared lost (``Scheduler.status()["lost_workers"]``: must
-be 0). Repetitions are interleaved over agent counts; medians.
+tasks/s, the hub thread's CPU (from /proc/self/task/TID/stat), the CPU
+per task of the agents (each agent and its pool process, from /proc) and of
+this process (submit, Scheduler, hub: getrusage), and the workers the hub
+declared lost (``Scheduler.status()["lost_workers"]``: must be 0). CPU per
+task depends far less than tasks/s on what else the machine runs.
+Repetitions are interleaved over agent counts; medians.
 
 Part 2, idle workers: ``--idle`` simulated workers (DEALER sockets speaking the
 real protocol: hello, then a heartbeat every interval, answering nothing else;
@@ -57,6 +60,28 @@ def hub_thread() -> int:
     raise LookupError("the hub thread is not running")
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its children's threads
+    (an agent and its pool process); 0 for one that is gone."""
+    total = 0.0
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        kids = []
+    for p in (pid, *kids):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def start_agents(address: str, n: int) -> list[subprocess.Popen[bytes]]:
     return [subprocess.Popen(
         [sys.executable, "-m", "shmrunner.cli", "--log-level", "WARNING", "worker",
@@ -94,13 +119,16 @@ def stream(n: int, tasks: int) -> dict[str, float]:
         for f in [sched.submit(_tasks.inc, i) for i in range(4 * n)]:  # warm every agent
             f.result(60)
         hub = hub_thread()
-        cpu0, t0 = thread_cpu(hub), time.perf_counter()
+        agents0 = sum(process_cpu(p.pid) for p in procs)
+        cpu0, own0, t0 = thread_cpu(hub), own_cpu(), time.perf_counter()
         futures = [sched.submit(_tasks.inc, i) for i in range(tasks)]
         results = [f.result(300) for f in futures]
         elapsed = time.perf_counter() - t0
-        hub_cpu = thread_cpu(hub) - cpu0
+        hub_cpu, own = thread_cpu(hub) - cpu0, own_cpu() - own0
+        agents = sum(process_cpu(p.pid) for p in procs) - agents0
         assert results[-1] == tasks, results[-1]
         return {"tasks_per_s": tasks / elapsed, "hub_cpu_share": hub_cpu / elapsed,
+                "agents_us": 1e6 * agents / tasks, "caller_us": 1e6 * own / tasks,
                 "lost": float(sched.status()["lost_workers"])}
     finally:
         stop_agents(procs)
@@ -199,7 +227,9 @@ def main() -> None:
             r = stream(n, args.tasks)
             runs[n].append(r)
             print(f"rep {rep} agents {n:3}: {r['tasks_per_s']:8.0f} tasks/s, hub "
-                  f"{100 * r['hub_cpu_share']:5.1f} % of a core, lost {r['lost']:.0f}",
+                  f"{100 * r['hub_cpu_share']:5.1f} % of a core, CPU per task: agents "
+                  f"{r['agents_us']:4.0f} us, caller {r['caller_us']:4.0f} us, lost "
+                  f"{r['lost']:.0f}; load {Path('/proc/loadavg').read_text().split()[0]}",
                   file=sys.stderr, flush=True)
     best = max(statistics.median(r["tasks_per_s"] for r in runs[n]) for n in counts)
     lines = ["## Scale of one hub", "",
@@ -208,13 +238,16 @@ def main() -> None:
              f"(`inc(i)`) per run, {args.reps} interleaved repetitions, medians; heartbeats "
              f"every {BEAT} s, lost after {BEAT_TIMEOUT} s.", "",
              "| agents (1 process each) | tasks/s | share of the best | hub CPU (% of one core) "
-             "| workers declared lost |", "|---|---|---|---|---|"]
+             "| CPU per task: agents, caller (µs) | workers declared lost |",
+             "|---|---|---|---|---|---|"]
     for n in counts:
         tps = statistics.median(r["tasks_per_s"] for r in runs[n])
         cpu = statistics.median(r["hub_cpu_share"] for r in runs[n])
         lost = sum(r["lost"] for r in runs[n])
+        agents = statistics.median(r["agents_us"] for r in runs[n])
+        caller = statistics.median(r["caller_us"] for r in runs[n])
         lines.append(f"| {n} | {tps:,.0f} | {100 * tps / best:.0f} % | {100 * cpu:.1f} | "
-                     f"{lost:.0f} |")
+                     f"{agents:.0f}, {caller:.0f} | {lost:.0f} |")
     if args.idle:
         r = idle(args.idle, args.idle_seconds)
         lines += ["", f"- {r['workers']:.0f} simulated idle workers (hello, heartbeats) held "

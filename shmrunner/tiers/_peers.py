@@ -8,9 +8,11 @@ others, over a copy, where a stale answer is harmless)::
                      shared Lifecycle bookkeeping (capacity + prefetch slots)
     any message   -> last_seen (results also go through Lifecycle.pace, the
                      one pacing rule, which gives a fast worker more slots;
-                     stretched on a host that runs more worker processes than
-                     its hello said it has cores: there a tiny task's turnaround
-                     is mostly waiting for a core)
+                     timed from its last result or, if it idled since, from
+                     when it was given work again; stretched on a host that
+                     runs more worker processes than its hello said it has
+                     cores: there a tiny task's turnaround is mostly waiting
+                     for a core)
     send          -> track: a big message ZeroMQ has not taken yet
     heartbeat     -> verdict: silent too long, or stopped reading -> lose
     lose/forget   -> out of the roster; lose hands back every job it held
@@ -54,7 +56,7 @@ class Peer:
     """A remote worker as the hub knows it."""
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
-                 "allow_pickle", "outbox")
+                 "allow_pickle", "outbox", "busy_since")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -69,6 +71,7 @@ class Peer:
         # sent): one stuck at the head for heartbeat_timeout means the peer stopped
         # reading. Small ones are copied by pyzmq and never tracked.
         self.outbox: collections.deque[tuple[zmq.MessageTracker, float]] = collections.deque()
+        self.busy_since = 0.0  # when it was last sent a task while it held none
 
 
 class Peers:
@@ -104,6 +107,8 @@ class Peers:
         self.held = sum(len(worker.tasks) for worker in workers)
 
     def assign(self, worker: Worker[Job], job: Job) -> None:
+        if not worker.tasks:
+            worker.endpoint.busy_since = time.monotonic()
         before = worker.free
         self.lifecycle.assign(worker, job)
         self.held += 1
@@ -140,13 +145,19 @@ class Peers:
     def pace(self, worker: Worker[Job], results: int) -> None:
         """``results`` arrived together from ``worker``: the pacing rule, with
         the turnaround stretched by its host's processes per core."""
-        peer: Peer = worker.endpoint
-        stretch = 1.0
-        if peer.cpus is not None:
-            stretch = max(1.0, self._per_host.get(peer.host, 0) / peer.cpus)
         before = worker.free
-        self.lifecycle.pace(worker, results, stretch=stretch)
+        # Its turnaround counts from when it was last given work, not from a
+        # result before it idled: after an idle spell, tiny tasks are still tiny.
+        worker.last_result = max(worker.last_result, worker.endpoint.busy_since)
+        self.lifecycle.pace(worker, results, stretch=self.stretch(worker.endpoint))
         self._free += worker.free - before
+
+    def stretch(self, peer: Peer) -> float:
+        """How much longer than its own time a task's turnaround is expected
+        to take on ``peer``'s host: its connected processes per core, at least 1."""
+        if peer.cpus is None:
+            return 1.0
+        return max(1.0, self._per_host.get(peer.host, 0) / peer.cpus)
 
     def _gone(self, worker: Worker[Job]) -> None:
         """Before ``worker`` leaves the lifecycle: out of the counts and maps."""

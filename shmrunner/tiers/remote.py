@@ -29,7 +29,9 @@ them over through the inbox and the wake-up pipe. Outcomes of one
 ``results`` message reach the Scheduler as one batch (one placement); a
 worker gets jobs many at a time (filled, not dealt one each). A worker is
 never sent more than its capacity plus the prefetch (more when it is fast:
-``_peers.py``).
+``_peers.py``). Calls of a function known to be tiny are packed onto as
+few workers as keep up instead of dealt evenly (``_packing.py``): those it
+holds back wait in the inbox, and room() says 0 meanwhile.
 Guarantees: no peer can block the hub thread (sends never wait); a round that
 raises is logged, counted and recovered from (the workers' tasks rerun), and a
 hub that cannot recover fails every future it holds or is given.
@@ -61,6 +63,7 @@ from ..transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
 from ..transport.zmqchannel import ChannelError, ChannelOptions, CurveKeys, ZmqChannel
 from ..worker.lifecycle import Worker
 from ._admission import admit_workers, warn_unauthenticated
+from ._packing import Packer
 from ._peers import Peer, Peers, WorkerStatus
 from .base import TierEvents
 
@@ -92,6 +95,8 @@ class RemoteTier:
         self._events = events
         self._settings = settings
         self._peers = Peers(settings.prefetch)
+        self._packer = Packer(self._peers)
+        self._stuck = 0  # jobs the last _assign left in the inbox (no worker may take them)
         self._inbox: collections.deque[Job] = collections.deque()
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
         self._wakeup = Wakeup()
@@ -229,7 +234,11 @@ class RemoteTier:
                 try:
                     wait = max(0.0, next_beat - time.monotonic())
                     if self._inbox and self._peers.free() > 0:
-                        wait = 0.0  # jobs handed over on this thread (start) wait to go
+                        # Jobs handed over on this thread (start) go at once; those
+                        # the packing rule held back wait for the busy workers' room
+                        # (a result wakes us), or for one to stop turning tasks over.
+                        wait = 0.0 if len(self._inbox) > self._stuck else min(
+                            wait, self._packer.recheck)
                     readable = gate.sleep(wait)
                     self._wake_pending = False  # from here on, what is handed over is seen
                     if readable:
@@ -344,6 +353,7 @@ class RemoteTier:
             self._ignore(worker.endpoint.identity,
                          f"a result of task {body.get('task_id')}, which it does not hold")
             return
+        self._packer.learn(job, worker.capacity == worker.fast_capacity)  # paced already
         if body["ok"]:
             ok, value = True, body["value"]
         else:
@@ -357,14 +367,18 @@ class RemoteTier:
         self._events.on_done(job, ok, value, batch=batch)
 
     def _hold(self) -> None:
-        """Whether the workers are topped up (then room() is 0): tiny tasks
+        """Whether the workers are topped up, or jobs wait in the inbox for
+        the workers the packing rule fills (then room() is 0): tiny tasks
         are then refilled in bulk, once results free half a prefetch, so they
         travel many per message and the agents wake fewer times. Told to the
         Scheduler when it ends (on_room), so it places its queue then."""
         if not self._peers.held and not self._held_back:
             return  # no worker holds a task (e.g. 1,000 idle ones): not even O(workers)
-        worker = self._peers.lifecycle.pick()
-        held = worker is not None and Peers.topped_up(worker)
+        if self._inbox:  # the packing rule holds jobs back (or every worker is full)
+            held = True
+        else:
+            worker = self._peers.lifecycle.pick()
+            held = worker is not None and Peers.topped_up(worker)
         was, self._held_back = self._held_back, held
         if was and not held:
             self._events.on_room()
@@ -376,25 +390,32 @@ class RemoteTier:
         batches: dict[Worker[Job], list[Job]] = {}
         lifecycle = self._peers.lifecycle
         if not self._inbox:
+            self._stuck = 0
             return
         # Each worker with room takes its even share of the queue at once (an
         # idle one first, then the one with the most room) rather than one job
         # in turn: jobs travel many per message and the agent and its processes
         # wake once for them, yet two jobs and two idle workers still go one each.
+        # Tiny calls instead fill the worker the packing rule names.
+        packer = self._packer
         with_room = sum(1 for worker in lifecycle.workers.values() if worker.free)
         share = -(-len(self._inbox) // max(1, with_room))
         while self._inbox:
-            worker = lifecycle.pick()
+            tiny = packer.tiny(self._inbox[0])
+            worker = packer.pick(tiny)
             if worker is None:
                 break
             peer: Peer = worker.endpoint
             name = f"{peer.name}@{peer.host}"
             batch = batches.setdefault(worker, [])
-            for _ in range(min(worker.free, len(self._inbox), share)):
+            for _ in range(min(worker.free, len(self._inbox), worker.free if tiny else share)):
+                if tiny and not packer.tiny(self._inbox[0]):
+                    break  # a call not known to be tiny is dealt by the even rule
                 job = self._inbox.popleft()
                 self._peers.assign(worker, job)
                 job.worker = name
                 batch.append(job)
+        self._stuck = len(self._inbox)
         for worker, jobs in batches.items():
             if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
                 jobs = self._refuse_pickles(worker, jobs)
