@@ -93,9 +93,9 @@ class Segment(mmap.mmap):
         # in part or not at all (populating and unmapping cost it 3.4 ms per
         # 64 MiB whatever it reads), and even a worker that reads or writes
         # its whole argument spends less CPU faulting it in (a read fault maps
-        # 16 pages, fault-around) than populating it page by page: 260 vs
-        # 360 ms of worker CPU for a W2s map, 350 vs 395 for W2, 335 vs 380
-        # for W4 (bench/bench_map_populate.py, RESULTS.md of 2026-12-02 evening).
+        # 16 pages, fault-around) than populating it: 230 vs 340 ms of worker
+        # CPU for a W2s map, 315 vs 335 for W2, 305 vs 340 for W4 (bench
+        # RESULTS.md, "W6, W3 and W2s, evening of 2026-12-02").
         seg = cls(fd, size, flags=mmap.MAP_SHARED, offset=origin)
         seg.origin = origin
         seg._own(fd, sole, slot)
