@@ -53,10 +53,6 @@ from .errors import ProtocolError, SharedMemoryError
 
 __all__ = ["Segment", "close_copies", "copy_to_memfd", "fill_slot"]
 
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-# Populating maps every page up front (one syscall instead of one fault per
-# page); past this size a receiver that touches a slice should not pay for all.
-_POPULATE_LIMIT = 1 << 30
 # Set on every segment once sized; required of every segment received.
 _SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -93,14 +89,14 @@ class Segment(mmap.mmap):
             raise ProtocolError(f"refused a shared array: its window starts at {origin}, "
                                 "not a page boundary; it was not sent by shmrunner")
         _check_sealed(fd, origin + size)
-        # A worker reads its arguments whole: populating is one syscall (and
-        # 0.5 ms per 64 MiB less than faulting them in). A caller's result
-        # may be read in part or not at all (a check of a few elements, a
-        # result sent on to the next task): populating and unmapping it would
-        # cost 3.4 ms per 64 MiB of the caller's CPU whatever it reads.
-        populate = size <= _POPULATE_LIMIT and not _segcache.adopting()
-        flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
-        seg = cls(fd, size, flags=flags, offset=origin)
+        # Mapped lazily, never with MAP_POPULATE: a caller may read a result
+        # in part or not at all (populating and unmapping cost it 3.4 ms per
+        # 64 MiB whatever it reads), and even a worker that reads or writes
+        # its whole argument spends less CPU faulting it in (a read fault maps
+        # 16 pages, fault-around) than populating it: 230 vs 340 ms of worker
+        # CPU for a W2s map, 315 vs 335 for W2, 305 vs 340 for W4 (bench
+        # RESULTS.md, "W6, W3 and W2s, evening of 2026-12-02").
+        seg = cls(fd, size, flags=mmap.MAP_SHARED, offset=origin)
         seg.origin = origin
         seg._own(fd, sole, slot)
         return seg

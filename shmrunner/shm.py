@@ -21,8 +21,8 @@ shared memory (``/dev/shm``, ``multiprocessing.shared_memory``):
   instead of a SIGBUS or the OOM killer.
 * **Fast.** A plain array is copied into a fresh memfd with ``pwrite`` (one
   kernel copy, no page faults in the sender, and ``ENOSPC`` instead of SIGBUS);
-  a worker maps it with ``MAP_POPULATE`` (the pool's process maps results
-  lazily: a caller may read only part of one).
+  the receiver maps it lazily (a read fault maps 16 pages at once, cheaper
+  than ``MAP_POPULATE`` here even for an array read whole).
 
 If memfds cannot be used at all (no ``memfd_create``, fd limit reached, the
 allocation refused), transfers fall back to pickling the array's bytes, with

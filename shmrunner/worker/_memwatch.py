@@ -10,9 +10,10 @@ Data flow::
                           while the bound alone is over)
         over the limit -> ProcessLifecycle SIGKILLs the worker; its reap fails
                           the running task with MemoryLimitError
-    spawn:  oom_snapshot(pid) <- the worker's memory cgroup (/proc/PID/cgroup)
-            and its oom_kill counter (v1 memory.oom_control, v2 memory.events),
-            else the system's (/proc/vmstat oom_kill)
+    spawn:  oom_snapshot(own pid), just before the fork <- the memory cgroup
+            the worker starts in (its parent's: /proc/PID/cgroup) and its
+            oom_kill counter (v1 memory.oom_control, v2 memory.events), else
+            the system's (/proc/vmstat oom_kill)
     reap of a SIGKILL nobody here sent: oom_evidence(snapshot, claimed) ->
             what rose (the kernel's OOM killer did it) or None (an anonymous
             SIGKILL); each OOM kill counted explains one death at most
