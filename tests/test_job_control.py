@@ -199,6 +199,17 @@ def test_state_shows_attempts_and_worker_after_a_retry(tmp_path: Path, daemons: 
     assert row.split()[:4] == ["flaky", "done", "2", f"local@{HOST}"]
 
 
+def _submit_to_frozen(d: Any, client: Any, marker: Path, job_id: str) -> Any:
+    """Submit ``append_id(marker, job_id)`` to the SIGSTOPped daemon ``d``; its
+    future once the submit waits, unread, in the daemon's socket."""
+    port = port_of(d.address)
+    before = rx_queued(d.pid, port)
+    future = client.submit("_daemon_tasks:append_id", str(marker), job_id, 0.0, job_id=job_id)
+    wait_until(lambda: rx_queued(d.pid, port) > before, timeout=RESULT,
+               message="the submit to reach the daemon's socket")
+    return future
+
+
 @pytest.mark.timeout(120)
 def test_a_future_is_pending_until_accepted_and_its_cancel_withdraws_the_job(
         tmp_path: Path, daemons: Any) -> None:
@@ -210,12 +221,8 @@ def test_a_future_is_pending_until_accepted_and_its_cancel_withdraws_the_job(
     os.kill(d.pid, signal.SIGSTOP)
     try:
         wait_until(lambda: stopped(d.pid), timeout=RESULT, message="the daemon to stop")
-        before = rx_queued(d.pid, port)
-        future = client.submit("_daemon_tasks:append_id", str(marker), "withdrawn", 0.0,
-                               job_id="withdrawn")
         # The submit has left (it waits in the stopped daemon's socket) ...
-        wait_until(lambda: rx_queued(d.pid, port) > before, timeout=RESULT,
-                   message="the submit to reach the daemon's socket")
+        future = _submit_to_frozen(d, client, marker, "withdrawn")
         assert not future.running() and not future.done() and not future.accepted()
         sent = rx_queued(d.pid, port)
         assert future.cancel() is True  # ... and is withdrawn: a cancel follows it
@@ -255,15 +262,10 @@ def test_shutdown_with_cancel_futures_drops_every_job_that_has_not_started(
                            job_id="queued")
     assert queued.wait_accepted(RESULT)
     assert client.job_state("queued") == "queued"
-    port = port_of(d.address)
     os.kill(d.pid, signal.SIGSTOP)
     try:
         wait_until(lambda: stopped(d.pid), timeout=RESULT, message="the daemon to stop")
-        before = rx_queued(d.pid, port)
-        pending = client.submit("_daemon_tasks:append_id", str(marker), "pending", 0.0,
-                                job_id="pending")
-        wait_until(lambda: rx_queued(d.pid, port) > before, timeout=RESULT,
-                   message="the submit to reach the daemon's socket")
+        pending = _submit_to_frozen(d, client, marker, "pending")
         client.shutdown(wait=False, cancel_futures=True)
         assert pending.cancelled()  # never accepted: withdrawn, as concurrent.futures does
         # Accepted: the daemon decides (a running job finishes, a queued one is dropped).

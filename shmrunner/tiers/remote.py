@@ -408,7 +408,8 @@ class RemoteTier:
             peer: Peer = worker.endpoint
             name = f"{peer.name}@{peer.host}"
             batch = batches.setdefault(worker, [])
-            for _ in range(min(worker.free, len(self._inbox), worker.free if tiny else share)):
+            take = worker.free if tiny else min(worker.free, share)
+            for _ in range(min(take, len(self._inbox))):
                 if tiny and not packer.tiny(self._inbox[0]):
                     break  # a call not known to be tiny is dealt by the even rule
                 job = self._inbox.popleft()

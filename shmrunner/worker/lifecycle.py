@@ -334,7 +334,7 @@ class Process:
     __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "oom", "measured")
 
     def __init__(self, process: BaseProcess, channel: FdChannel,
-                 oom: _memwatch.OomSnapshot | None = None) -> None:
+                 oom: _memwatch.OomSnapshot | None) -> None:
         self.process = process
         self.channel = channel
         self.stopping = False
