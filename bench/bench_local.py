@@ -159,6 +159,34 @@ def _tree(root: int) -> set[int]:
     return seen
 
 
+def settle(before: set[int], deadline: float = 30.0) -> None:
+    """Wait until the processes a system started (``before``: this process's
+    tree while it ran) are gone, so that one system's teardown (Ray's takes
+    seconds) is not charged to the system measured next."""
+    end = time.monotonic() + deadline
+    alive = before - {os.getpid()}
+    while alive and time.monotonic() < end:
+        alive = {p for p in alive if _running(p)}
+        if alive:
+            time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def order(systems: list[S.System], rep: int) -> list[S.System]:
+    """The systems' order in round ``rep``: rotated, and reversed every other
+    round, so each system follows each other one (a plain rotation keeps the
+    cyclic order: the same system would always run right after Ray)."""
+    shift = rep % len(systems) if systems else 0
+    rotated = systems[shift:] + systems[:shift]
+    return rotated[::-1] if rep % 2 == 0 else rotated
+
+
 def listeners() -> list[str]:
     """TCP/UDP sockets listening in this process or its workers, as 'proto addr:port pid'."""
     owner: dict[str, int] = {}
@@ -370,14 +398,17 @@ def main() -> None:
             vals[w][s.key].append(v)
 
     for rep in range(args.reps + 1):  # round 0 warms caches, imports and page tables; not counted
-        shift = rep % len(systems) if systems else 0
-        for s in systems[shift:] + systems[:shift]:
+        for s in order(systems, rep):
             if "W6" in wl:
 
                 def lifecycle(s: S.System = s) -> float:
                     t0 = time.perf_counter()
-                    s.stop(s.start(args.timeout))
-                    return time.perf_counter() - t0
+                    h = s.start(args.timeout)
+                    started = _tree(os.getpid())
+                    s.stop(h)
+                    elapsed = time.perf_counter() - t0
+                    settle(started)
+                    return elapsed
 
                 try:
                     record(rep, "W6", s, lifecycle)
@@ -399,10 +430,12 @@ def main() -> None:
                     h = None  # a fresh pool for the next workload
             if h is not None:
                 heard.update(listeners())  # while this system's workers are alive
+                started = _tree(os.getpid())
                 try:
                     s.stop(h)
                 except Exception:
                     traceback.print_exc()
+                settle(started)
         if "W5" in wl and rep > 0:
             floor.append(pipe_floor())
         if arrays and rep > 0:
