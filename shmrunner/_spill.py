@@ -61,7 +61,7 @@ class SpillFiles:
 
     def store(self, frames: Frames) -> tuple[bytes, str | None]:
         """(blob for the row, spill file name or None); the file is fsynced."""
-        size = sum(len(f) for f in frames)
+        size = sum(_nbytes(f) for f in frames)
         if size < SPILL_BYTES:
             return _pack(frames), None
         name = secrets.token_hex(16)
@@ -151,7 +151,12 @@ def _unpack(blob: bytes) -> Frames:
 
 
 def _pack_header(frames: Frames) -> bytes:
-    return struct.pack(f"<I{len(frames)}Q", len(frames), *(len(f) for f in frames))
+    return struct.pack(f"<I{len(frames)}Q", len(frames), *(_nbytes(f) for f in frames))
+
+
+def _nbytes(frame: bytes | memoryview) -> int:
+    # len() of a memoryview counts items of its first dimension, not bytes.
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
 def _split(data: bytes) -> Frames | None:
