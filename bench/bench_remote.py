@@ -466,6 +466,11 @@ def report(
         "`result()`; timing starts once both agents said hello and one task ran. Default "
         "settings: an agent holds at most capacity + prefetch = 2 tasks, and every task is "
         "its own message.",
+        "- **prototype (inline)**, when run: the same two agents, but each runs its tasks "
+        "in its own loop thread (`bench/_inline_agent.py`: no pool process, no manager "
+        "thread, no supervision: no kill on timeout or cancel, a crash takes the agent). "
+        "Not a product mode: the ceiling of a task process that holds its own hub "
+        "connection (docs/scaling.md, slots).",
         "- **Dask**: `LocalCluster(n_workers=2, threads_per_worker=1, processes=True, "
         'host="127.0.0.1", dashboard_address=None)`; `client.submit(fn, x, pure=False)` '
         "then `wait`/`gather`. W2 passes each array as a `submit` argument, so it travels "
@@ -555,7 +560,8 @@ def main() -> None:
         "--systems",
         default="remote,dask,ray,zmq,sched,pool",
         help="remote (shmrunner ZeroMQ tier), dask, ray, zmq (raw pyzmq limit), "
-        "sched (Scheduler, local workers), pool (shmrunner.Pool)",
+        "sched (Scheduler, local workers), pool (shmrunner.Pool), inline (a prototype's "
+        "ceiling: agents that run tasks in their own thread, bench/_inline_agent.py)",
     )
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per call")

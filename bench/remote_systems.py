@@ -114,6 +114,7 @@ class ShmRemote(_Executor):
     """Scheduler(local_workers=0) + two `shmrunner worker --processes 1` agents."""
 
     key, label = "remote", "shmrunner remote (2 agents x 1 proc)"
+    agent = ["-m", "shmrunner.cli", "worker"]
 
     def __init__(self) -> None:
         import shmrunner
@@ -133,9 +134,7 @@ class ShmRemote(_Executor):
                         child_argv(
                             [
                                 sys.executable,
-                                "-m",
-                                "shmrunner.cli",
-                                "worker",
+                                *self.agent,
                                 "--connect",
                                 addr,
                                 "--processes",
@@ -181,6 +180,15 @@ class ShmRemote(_Executor):
 
     def ex(self, h: Any) -> Any:
         return h[0]
+
+
+class ShmInline(ShmRemote):
+    """A prototype's ceiling, not a product: the same, with agents that run each
+    task in their own loop thread (bench/_inline_agent.py: no pool process, no
+    supervision), i.e. what removing the agent -> pool process hop can buy."""
+
+    key, label = "inline", "prototype: tasks run in the agent (no pool process)"
+    agent = [str(HERE / "_inline_agent.py")]
 
 
 class ShmLocal(_Executor):
@@ -466,6 +474,7 @@ def load(keys: Sequence[str]) -> tuple[list[System], dict[str, str]]:
     """Build the requested adapters; one that cannot be imported is skipped with a note."""
     makers: dict[str, Any] = {
         "remote": ShmRemote,
+        "inline": ShmInline,
         "dask": Dask,
         "ray": Ray,
         "zmq": RawZmq,
