@@ -235,6 +235,15 @@ def _parser() -> argparse.ArgumentParser:
     _global_options(parser, None)
     common = _Parser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
+    daemon_client = _Parser(add_help=False)  # the commands that ask a running daemon
+    daemon_client.add_argument("--connect", metavar="ADDR", default=None,
+                               help="the daemon's client address (default: the same-host "
+                                    "daemon's ipc socket)")
+    daemon_client.add_argument("--curve-secret-key", metavar="FILE", default=None,
+                               help="this client's CURVE .key_secret file (with "
+                                    "--curve-server-key)")
+    daemon_client.add_argument("--curve-server-key", metavar="FILE", default=None,
+                               help="the daemon's CURVE public .key file")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=_Parser)
 
@@ -293,13 +302,10 @@ def _parser() -> argparse.ArgumentParser:
     daemon.set_defaults(run=_daemon)
 
     status = commands.add_parser(
-        "status", parents=[common],
+        "status", parents=[common, daemon_client],
         help="show a daemon's workers, queue depth, running, done and failed jobs",
         description="Asks the daemon at --connect (default: this user's daemon on this "
                     "host) for its status and prints it.")
-    status.add_argument("--connect", metavar="ADDR", default=None,
-                        help="the daemon's client address (default: the same-host daemon's "
-                             "ipc socket)")
     status.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for an answer (default: 5)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -308,22 +314,15 @@ def _parser() -> argparse.ArgumentParser:
                              "until Ctrl-C")
     status.add_argument("--count", type=_positive_int, metavar="N", default=None,
                         help="with --watch: stop after N refreshes")
-    status.add_argument("--curve-secret-key", metavar="FILE", default=None,
-                        help="this client's CURVE .key_secret file (with --curve-server-key)")
-    status.add_argument("--curve-server-key", metavar="FILE", default=None,
-                        help="the daemon's CURVE public .key file")
     status.set_defaults(run=_status)
 
     jobs = commands.add_parser(
-        "jobs", parents=[common],
+        "jobs", parents=[common, daemon_client],
         help="list a daemon's recent jobs (id, state, attempts, worker, finished time)",
         description="Asks the daemon at --connect (default: this user's daemon on this "
                     "host) for its most recently accepted jobs, newest first: queued, "
                     "running, done, failed or cancelled (finished results are kept for "
                     "daemon.result_ttl).")
-    jobs.add_argument("--connect", metavar="ADDR", default=None,
-                      help="the daemon's client address (default: the same-host daemon's "
-                           "ipc socket)")
     jobs.add_argument("--limit", type=_positive_int, metavar="N", default=20,
                       help="how many jobs, 1 to 1000 (default: 20)")
     jobs.add_argument("--timeout", type=float, default=5.0,
@@ -332,16 +331,12 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("--log", metavar="JOB_ID", default=None,
                       help="print what that job's task logged and printed instead (kept "
                            "in memory by the daemon for its recent jobs, bounded)")
-    jobs.add_argument("--curve-secret-key", metavar="FILE", default=None,
-                      help="this client's CURVE .key_secret file (with --curve-server-key)")
-    jobs.add_argument("--curve-server-key", metavar="FILE", default=None,
-                      help="the daemon's CURVE public .key file")
     jobs.add_argument("job_ids", nargs="*", metavar="ID",
                       help="show these jobs (up to 256) instead of the most recent ones")
     jobs.set_defaults(run=_jobs)
 
     cancel = commands.add_parser(
-        "cancel", parents=[common],
+        "cancel", parents=[common, daemon_client],
         help="cancel jobs by id, queued or running",
         description="Asks the daemon at --connect to cancel each job: a queued one never "
                     "runs, a running one is stopped on its worker (its process is killed "
@@ -349,15 +344,8 @@ def _parser() -> argparse.ArgumentParser:
                     "restart. Prints each id and its state afterwards; exits 1 when a job "
                     "could not be cancelled (it had finished, or is unknown).")
     cancel.add_argument("job_ids", nargs="+", metavar="ID", help="the jobs (up to 256)")
-    cancel.add_argument("--connect", metavar="ADDR", default=None,
-                        help="the daemon's client address (default: the same-host daemon's "
-                             "ipc socket)")
     cancel.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for each answer (default: 5)")
-    cancel.add_argument("--curve-secret-key", metavar="FILE", default=None,
-                        help="this client's CURVE .key_secret file (with --curve-server-key)")
-    cancel.add_argument("--curve-server-key", metavar="FILE", default=None,
-                        help="the daemon's CURVE public .key file")
     cancel.set_defaults(run=_cancel)
 
     keygen = commands.add_parser(
