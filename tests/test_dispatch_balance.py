@@ -9,7 +9,6 @@ from pathlib import Path
 
 import _balance_tasks as balance
 
-import _sched_tasks as tasks
 import shmrunner
 from _util import wait_until
 
@@ -71,26 +70,3 @@ def test_no_task_waits_behind_a_held_one(tmp_path: Path) -> None:
         pids = [r.get(DEADLINE) for r in results]
     assert pids.count(pid_b) == 2, pids
     assert pids.count(pid_a) == N_TASKS - 2, pids
-
-
-def test_nothing_queued_behind_a_task_of_a_new_function(tmp_path: Path) -> None:
-    """Workers that have finished a task are given a long task of another
-    function and, in the same breath, short ones: no short one is queued
-    behind the long one (its worker's last task time says nothing of it)."""
-    pair = [str(tmp_path / "pair-a"), str(tmp_path / "pair-b")]
-    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
-    with shmrunner.Pool(2) as pool:
-        try:
-            # Both workers finish a task first (these two only return together).
-            warm = [pool.apply_async(tasks.all_started, (pair[0], [pair[1]])),
-                    pool.apply_async(tasks.all_started, (pair[1], [pair[0]]))]
-            assert len({w.get(DEADLINE)["pid"] for w in warm}) == 2
-            long = pool.apply_async(tasks.gated, (started, gate, "long"))
-            short = [pool.apply_async(tasks.square, (i,)) for i in range(8)]
-            wait_until(lambda: all(r.ready() for r in short), DEADLINE,
-                       message="the short tasks, while the long one runs")
-            assert not long.ready()
-            assert [r.get(DEADLINE) for r in short] == [i * i for i in range(8)]
-        finally:
-            Path(gate).touch()
-        assert long.get(DEADLINE) == "long"
