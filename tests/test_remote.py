@@ -145,6 +145,23 @@ def remote_scheduler(**options: Any) -> Scheduler:
                      **options)
 
 
+def rebind(address: str) -> Scheduler:
+    """A remote scheduler on ``address`` once it is free again: libzmq may
+    release the port a moment after shutdown() returns (or after its old
+    owner was killed; see test_port_is_free_when_shutdown_returns)."""
+    bound: list[Scheduler] = []
+
+    def bind() -> bool:
+        try:
+            bound.append(remote_scheduler(listen=address))
+        except ChannelError:
+            return False
+        return True
+
+    wait_until(bind, 10, message="the port to be free again")
+    return bound[0]
+
+
 class Cluster:
     def __init__(self, sched: Scheduler, workers: Workers, gates: Gates) -> None:
         self.sched = sched
@@ -437,18 +454,8 @@ def test_workers_reconnect_after_a_scheduler_restart(tmp_path: Path, gates: Gate
         Cluster(first, workers, gates).both_serve()
         first.shutdown(wait=True)
 
-        # libzmq may release the port a moment after shutdown() returns (see
-        # test_port_is_free_when_shutdown_returns): bind again until it is free.
-        def bind_again() -> bool:
-            nonlocal second
-            try:
-                second = remote_scheduler(listen=address)
-            except ChannelError:
-                return False
-            return True
-
-        wait_until(bind_again, 10, message="the port to be free again")
-        assert second is not None and second.address == address
+        second = rebind(address)
+        assert second.address == address
         wait_until(lambda: registered(second) == pids, JOIN,
                    message="the same workers to reconnect by themselves")
         assert all(p.poll() is None for p in workers.procs)
@@ -494,17 +501,7 @@ def test_a_restarted_schedulers_tasks_get_their_own_results(tmp_path: Path,
         assert gates.started(started)["ppid"] == agent.pid  # the old task 0 runs there
         old.kill()
         old.wait(RESULT)
-
-        def bind_again() -> bool:
-            nonlocal second
-            try:
-                second = remote_scheduler(listen=address)
-            except ChannelError:
-                return False
-            return True
-
-        wait_until(bind_again, 10, message="the port to be free again")
-        assert second is not None
+        second = rebind(address)
         wait_until(lambda: registered(second) == [agent.pid], JOIN,
                    message="the agent to join the new scheduler")
         futures = [second.submit(tasks.add, i, 1000) for i in range(6)]
