@@ -95,6 +95,20 @@ def total(a: np.ndarray) -> float:
     return float(a.sum())
 
 
+_kept: list[np.ndarray] = []
+
+
+def keep(a: np.ndarray) -> float:
+    """Keep a reference to the argument past the task (this worker maps it on)."""
+    _kept.append(a)
+    return float(a.sum())
+
+
+def kept_total() -> float:
+    """The sum of every array this worker kept, read now."""
+    return float(sum(a.sum() for a in _kept))
+
+
 def blob(size: int) -> bytes:
     """A result of ``size`` bytes (a large reply to a client)."""
     return b"r" * size
