@@ -41,7 +41,9 @@ and every local worker it went to reported it unmapped; *dropped*: anything
 else (a worker that died, passed it on or forked while mapping it, a result
 handing it back to the client by handle, a fork of the daemon): the client
 closes it and never reuses it. The client reads these datagrams before each
-deposit (and skips them while it waits for a put's answer), acts only on
+deposit, while it waits for a put's answer, and after it received messages
+from the daemon (results: an idle client takes back what its finished jobs
+used), acts only on
 inodes it lent to that connection, and closes every memfd lent to a
 connection that fails or closes. A daemon that never says ``recycles`` (one
 older than this) gets fresh memfds, closed once sent, as before.

@@ -28,6 +28,9 @@ Data flow (the submitting thread, under one lock)::
     a daemon restarted or gone) -> the arguments as they were: the arrays
     travel as frames on the ZeroMQ socket, as without this path.
 
+The client thread, after it received messages (results): reclaim() takes
+the release datagrams waiting, if no submit holds the lock (never waiting).
+
 Results (the client thread)::
 
     with the side channel, a second connection says b"results" and gets its
@@ -208,6 +211,23 @@ class SameHost:
         rest = {k: v for k, v in body.items() if k != "shm"}
         return {**rest, "value": value}
 
+    def reclaim(self) -> None:
+        """Take the daemon's release datagrams now, unless a submit is using
+        the connection (the client thread, after it received messages): a
+        client that stops submitting gives the memfds of its finished jobs
+        back to the cache, within its budget, instead of keeping them lent."""
+        if self._sock is None or not self.recycles or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._sock is not None:
+                self._take_releases(self._sock)
+        except (OSError, ValueError) as exc:
+            log.info("same-host side channel failed (%s); arrays go on the socket", exc)
+            self._close()
+            self._next_try = 0.0
+        finally:
+            self._lock.release()
+
     def describe(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "durable": self.durable,
                 "connected": self._sock is not None, "recycles": self.recycles,
@@ -300,7 +320,6 @@ class SameHost:
             try:
                 for path, a in found:
                     seg = segment_of(a)
-                    slot = None
                     if seg is not None and min(a.strides, default=0) >= 0:  # by handle: no copy
                         fd = seg.fd
                         offset = seg.origin + a.ctypes.data - seg.address

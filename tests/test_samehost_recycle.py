@@ -56,6 +56,9 @@ def test_a_sequence_of_jobs_reuses_the_memfds(daemons, durable: bool) -> None:
     wait_until(lambda: client.status()["same_host"]["deposits_watched"] == 0, timeout=30,
                message="every deposited memfd to settle")
     assert client.status()["same_host"]["deposits_released"] >= 12
+    # Idle, the client takes them back as messages come (a status answer here).
+    wait_until(lambda: client.status() and _info()["lent_segments"] == 0, timeout=30,
+               message="the idle client to take its memfds back")
 
 
 def test_a_memfd_is_not_reused_while_its_job_runs(daemons, tmp_path: Path) -> None:
