@@ -13,7 +13,8 @@ Data flow (this process, the daemon; one entry per deposited inode)::
         sent(W, inodes)        -> workers[W] += 1 per send (before it is sent)
     manager thread (a worker's release report, ``_segcache.released``/``dropped``):
         released(W, inodes)    -> workers[W] -= 1
-        dropped(W, inodes)     -> escaped (W passed it on, or forked)
+        dropped(W, inodes)     -> escaped, W no longer counted (W passed it
+                                  on, or forked: it never reports it released)
     manager thread: forget(W)  -> W died or was reaped: escaped (a process it
                                   forked may still map it; as ``_segcache``)
     any thread: mapped(segment, inode) -> maps += 1 (a worker's reply handing
@@ -126,11 +127,15 @@ class DepositWatch:
         self._wake_if_settled()
 
     def dropped(self, worker: object, inodes: list[int]) -> None:
+        # The worker never reports such an inode released: settled as escaped
+        # (the client closes it) once the daemon's own mappings go.
         with self._lock:
             for inode in inodes:
                 entry = self._entries.get(inode)
-                if entry is not None and worker in entry.workers:
+                if entry is not None and entry.workers.pop(worker, None) is not None:
                     entry.escaped = True
+                    self._settle_locked(inode, entry)
+        self._wake_if_settled()
 
     def forget(self, worker: object) -> None:
         """``worker`` is gone: whatever it was sent counts as passed on."""

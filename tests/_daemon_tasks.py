@@ -109,6 +109,15 @@ def kept_total() -> float:
     return float(sum(a.sum() for a in _kept))
 
 
+def fork_total(a: np.ndarray) -> float:
+    """Fork while mapping ``a`` (the child exits at once), then sum it."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return float(a.sum())
+
+
 def blob(size: int) -> bytes:
     """A result of ``size`` bytes (a large reply to a client)."""
     return b"r" * size

@@ -93,6 +93,20 @@ def test_an_array_a_worker_keeps_is_never_overwritten(daemons) -> None:
     assert client.status()["same_host"]["deposits_watched"] >= 1  # the kept one
 
 
+def test_a_worker_that_forks_while_mapping_drops_the_memfd(daemons) -> None:
+    """A fork in the worker while it maps the array: the child may map it on,
+    so the daemon says dropped and the client closes that memfd."""
+    d = daemons(scheduler={"local_workers": 1}).start()
+    client = d.client(durable=False)
+    dropped = _info()["dropped"]
+    x = np.full(N, 3.0)
+    assert client.submit("_daemon_tasks:fork_total", x).result(timeout=30) == x.sum()
+    wait_until(lambda: client.status()["same_host"]["deposits_dropped"] >= 1, timeout=30,
+               message="the daemon to drop the forked worker's memfd")
+    _until_recycled(client, 4.0)  # (its release datagram read on the way)
+    assert _info()["dropped"] > dropped
+
+
 def test_a_returned_argument_is_never_reused(daemons) -> None:
     """A task hands its argument back (a result by memfd naming the very
     memfd the client deposited): the client maps it as its result, so that
