@@ -196,7 +196,7 @@ class TaskQueue:
                     requeue.append(task)
                 continue
             lifecycle.assign(worker, task)
-            _segcache.lend(message.leases, worker)
+            _segcache.lend(message.leases, worker, message.borrowed)
             if worker.tasks[0] is task and not task.report_start:
                 task.started = time.monotonic()
             frames, ids = batches.setdefault(worker, ([], []))

@@ -8,8 +8,13 @@ Data flow::
         b"put" + memfds: each fd checked (a memfd sealed against resizing:
             Segment.attach) and mapped; the deposit's bytes <= max_bytes, its
             fds <= MAX_FDS, a connection's unclaimed deposits <= MAX_DEPOSITS
-            -> a random token -> reply {"token"}; anything wrong -> {"error"}
-            and every fd of that datagram closed
+            -> a random token, the memfds watched (_depositwatch) -> reply
+            {"token", "recycles": true}; anything wrong -> {"error"} and every
+            fd of that datagram closed
+        a deposited memfd settled (no mapping here, no local worker holding
+            it: _depositwatch wakes this thread) -> b"released" + report on
+            the connection that deposited it (sent without blocking; what does
+            not fit waits, bounded, for the connection's next event)
         connection closed: its deposits no submit claimed are released
         b"results": this connection becomes a results channel -> {"channel"}
         b"get " + token: the fds of a result held for this connection, sent
@@ -58,14 +63,17 @@ from typing import Any
 
 import msgpack
 
-from . import _jobrefs
+from . import _jobrefs, _segcache
+from ._depositwatch import DepositWatch
 from ._memfd import Segment
 from ._resultfds import HeldResults, export
 from ._samehost import (
     GET,
     MAX_ARRAYS,
     MAX_FDS,
+    MAX_RELEASED,
     PUT,
+    RELEASED,
     RESULTS,
     TOKEN_RE,
     array_at,
@@ -82,6 +90,7 @@ log = logging.getLogger("shmrunner.daemon")
 
 MAX_DEPOSITS = 4096  # unclaimed deposits one side connection may hold
 _MAX_CONNECTIONS = 256
+_MAX_UNSENT = 1 << 16  # settled memfds one connection has not been told of (the rest: never)
 _TOKEN = 32  # hex digits of a token
 _SPEC_KEYS = frozenset({"token", "durable", "arrays"})
 _RESULTS_KEYS = frozenset({"channel", "durable"})
@@ -133,6 +142,14 @@ class LocalClients:
         self.results = HeldResults(max_bytes)  # result fds not yet picked up
         self._stop = False
         self._wakeup = Wakeup()
+        # Deposited memfds until their client may reuse them; the side thread's
+        # own: each connection's serial (fd numbers are reused), and what it
+        # has not been told yet.
+        self._watch = DepositWatch(self._wakeup.wake)
+        self._serials: dict[int, int] = {}  # connection fd -> serial
+        self._by_serial: dict[int, socket.socket] = {}
+        self._unsent: dict[int, list[tuple[int, bool]]] = {}
+        self._next_serial = 0
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._listener.bind(socket_address(self.name))
@@ -142,6 +159,7 @@ class LocalClients:
             self._listener.close()
             self._wakeup.close()
             raise
+        _segcache.watch(self._watch)
         self._thread = threading.Thread(target=self._run, name="shmrunner-samehost",
                                         daemon=True)
         self._thread.start()
@@ -198,6 +216,7 @@ class LocalClients:
         value, specs, fds = export(msg.body["value"])
         if not fds:
             return None
+        self._watch.exported(fds)  # a deposit handed back by handle: the client maps it
         token = None
         try:
             token = self.results.offer(channel, fds)
@@ -216,7 +235,8 @@ class LocalClients:
     def status(self) -> dict[str, int]:
         with self._lock:
             deposits = len(self._deposits)
-        return {"deposits": deposits, "refused": self.refused, **self.results.status()}
+        return {"deposits": deposits, "refused": self.refused, **self._watch.status(),
+                **self.results.status()}
 
     def close(self) -> None:
         self._stop = True
@@ -227,6 +247,8 @@ class LocalClients:
             self._deposits.clear()
             self._held.clear()
         self.results.close()
+        _segcache.unwatch(self._watch)
+        self._watch.close()
 
     # --- the side thread ------------------------------------------------------------
 
@@ -250,6 +272,11 @@ class LocalClients:
                     except Exception as exc:  # noqa: BLE001 (one peer must not stop the thread)
                         log.error("same-host side channel: unexpected error, carrying on: %r",
                                   exc, exc_info=True)
+                try:
+                    self._flush()
+                except Exception as exc:  # noqa: BLE001 (as above)
+                    log.error("same-host side channel: releasing deposits failed, carrying "
+                              "on: %r", exc, exc_info=True)
         finally:
             for conn in list(conns.values()):
                 self._drop(sel, conns, conn)
@@ -271,6 +298,9 @@ class LocalClients:
             return
         conn.setblocking(False)
         conns[conn.fileno()] = conn
+        self._next_serial += 1
+        self._serials[conn.fileno()] = self._next_serial
+        self._by_serial[self._next_serial] = conn
         sel.register(conn, selectors.EVENT_READ)
 
     def _drop(self, sel: selectors.BaseSelector, conns: dict[int, socket.socket],
@@ -280,6 +310,10 @@ class LocalClients:
             for token in self._held.pop(fd, set()):
                 self._deposits.pop(token, None)  # segments released with their last reference
         self.results.close_conn(fd)
+        serial = self._serials.pop(fd, None)
+        if serial is not None:
+            del self._by_serial[serial]
+            self._unsent.pop(serial, None)
         sel.unregister(conn)
         del conns[fd]
         conn.close()
@@ -297,7 +331,7 @@ class LocalClients:
         if not fds and (data == RESULTS or data.startswith(GET)):
             return self._results(conn, data)
         try:
-            reply = {"token": self._deposit(conn.fileno(), data, fds, flags)}
+            reply = {"token": self._deposit(conn.fileno(), data, fds, flags), "recycles": True}
         except ProtocolError as exc:
             self.refused += 1
             reply = {"error": str(exc)}
@@ -358,10 +392,36 @@ class LocalClients:
                 token = secrets.token_hex(_TOKEN // 2)
                 held.add(token)
                 self._deposits[token] = (conn, segments)
+            self._watch.deposited(self._serials[conn], segments)
             return token
         finally:
             for fd in fds:  # those not mapped (refused): closed here
                 os.close(fd)
+
+
+    def _flush(self) -> None:
+        """Tell each connection which of its deposited memfds settled (side thread)."""
+        for serial, inode, ok in self._watch.take():
+            if serial in self._by_serial:
+                pending = self._unsent.setdefault(serial, [])
+                if len(pending) < _MAX_UNSENT:  # (beyond: never reused, closed with the connection)
+                    pending.append((inode, ok))
+        for serial, pending in list(self._unsent.items()):
+            conn = self._by_serial[serial]
+            while pending:
+                chunk = pending[:MAX_RELEASED]
+                report = _segcache.encode_report([i for i, ok in chunk if ok],
+                                                 [i for i, ok in chunk if not ok])
+                try:
+                    conn.send(RELEASED + report)
+                except (BlockingIOError, InterruptedError):
+                    break  # its buffer is full: at its next event
+                except OSError:
+                    pending.clear()  # gone: _serve sees the EOF
+                    break
+                del pending[:len(chunk)]
+            if not pending:
+                del self._unsent[serial]
 
 
 def _size(fd: int) -> int:

@@ -28,6 +28,25 @@ with 0: the value is argument 0). The client sends ``b"get " + token`` on its
 results connection; the daemon answers one datagram ``{"fds": n}`` with the
 n memfds (``SCM_RIGHTS``), or ``{"error": why}``, and closes its own copies.
 The client checks each fd and spec as the daemon checks a deposit's.
+
+Recycled deposits (negotiated per deposit): a daemon that watches its
+deposits answers ``{"token", "recycles": true}``. The client then keeps the
+memfds it copied plain arrays into (its segment cache, ``_segcache``) and
+writes into one again only once the daemon says so, in a datagram it sends
+on the deposit's connection when it likes: ``b"released"`` + a release report
+(``_segcache.encode_report``: two little-endian u32 counts, then as many u64
+inodes: released, then dropped; at most ``MAX_RELEASED``). *Released*: the
+job can no longer run (settled, never retried), the daemon maps it no more,
+and every local worker it went to reported it unmapped; *dropped*: anything
+else (a worker that died, passed it on or forked while mapping it, a result
+handing it back to the client by handle, a fork of the daemon): the client
+closes it and never reuses it. The client reads these datagrams before each
+deposit, while it waits for a put's answer, and after it received messages
+from the daemon (results: an idle client takes back what its finished jobs
+used), acts only on
+inodes it lent to that connection, and closes every memfd lent to a
+connection that fails or closes. A daemon that never says ``recycles`` (one
+older than this) gets fresh memfds, closed once sent, as before.
 """
 
 from __future__ import annotations
@@ -47,13 +66,15 @@ from .errors import ProtocolError
 from .shm import DEFAULT_THRESHOLD, segment_of
 from .transport._arrays import _parse_dtype, _span, raw_layout
 
-__all__ = ["GET", "MAX_ARRAYS", "MAX_FDS", "MAX_HELD_FDS", "MAX_HELD_RESULTS", "NAME", "PUT",
-           "RESULTS", "THRESHOLD", "TOKEN", "array_at", "extract_arrays", "peer_uid",
-           "socket_address"]
+__all__ = ["GET", "MAX_ARRAYS", "MAX_FDS", "MAX_HELD_FDS", "MAX_HELD_RESULTS", "MAX_RELEASED",
+           "NAME", "PUT", "RELEASED", "RESULTS", "THRESHOLD", "TOKEN", "array_at",
+           "extract_arrays", "peer_uid", "socket_address"]
 
 PUT = b"put"
 RESULTS = b"results"  # open a results channel (this connection)
 GET = b"get "  # + a token: the fds of a held result
+RELEASED = b"released"  # + a release report: deposited memfds the client may reuse
+MAX_RELEASED = 1024  # inodes one release datagram names
 TOKEN = 32  # hex digits of a token or a channel id
 TOKEN_RE = re.compile(r"[0-9a-f]{32}")
 THRESHOLD = DEFAULT_THRESHOLD  # result arrays at least this large go as memfds

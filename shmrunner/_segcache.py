@@ -39,6 +39,12 @@ adopted result) are collected, so a recycled segment is never handed out
 while any process still maps it. The parent writes slots only with
 ``pwrite``, and keeps only their fds while they are free.
 
+Watchers (:func:`watch`): a daemon also learns the fate of segments it did
+not make, the memfds same-host clients deposit (``_depositwatch``): the
+by-handle segments of each message :func:`lend` records, the reports and
+deaths above, and this process's own mappings (:func:`note_mapped`) are
+passed on to it; without a watcher nothing more is done.
+
 Budget: the free slots' bytes never exceed :func:`shm_cache_limit` (default:
 an eighth of the memory available when first used; ``SHMRUNNER_SHM_CACHE``
 or :func:`set_shm_cache` override, 0 disables). Slots lent out are not
@@ -53,7 +59,7 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._shmlimits import available_memory
 from .errors import ConfigError
@@ -62,7 +68,8 @@ __all__ = ["Slot", "acquire", "lend", "give_back", "released", "dropped", "forge
            "set_shm_cache", "shm_cache_info", "shm_cache_limit", "size_class",
            "track_releases", "note_mapped", "new_slot", "discard", "note_escaped",
            "pending_reports", "encode_report", "decode_report", "acquire_free", "report_released",
-           "report_dropped", "returned", "lending", "unmap_returned", "replying"]
+           "report_dropped", "returned", "lending", "unmap_returned", "replying", "Watcher",
+           "watch", "unwatch"]
 
 
 @dataclass(eq=False)
@@ -92,6 +99,39 @@ _unreturned: collections.deque[tuple[Slot, int, bool]] = collections.deque()  # 
 _limit: int | None = None
 _stats = {"hits": 0, "misses": 0, "evicted": 0, "recycled": 0, "dropped": 0,
           "spares_granted": 0, "spares_used": 0}
+
+
+class Watcher(Protocol):
+    """Segments this process did not make but must know the fate of (a
+    daemon's deposits from same-host clients, ``_depositwatch``): told what
+    workers are sent and report, and the mappings made here; true while it
+    watches anything."""
+
+    def __bool__(self) -> bool: ...
+    def sent(self, worker: object, inodes: list[int]) -> None: ...
+    def released(self, worker: object, inodes: list[int]) -> None: ...
+    def dropped(self, worker: object, inodes: list[int]) -> None: ...
+    def forget(self, worker: object) -> None: ...
+    def mapped(self, segment: Any, inode: int) -> None: ...
+
+
+_watchers: tuple[Watcher, ...] = ()  # replaced, never changed in place: read without a lock
+
+
+def watch(watcher: Watcher) -> None:
+    global _watchers
+    with _lock:
+        _watchers = (*_watchers, watcher)
+
+
+def unwatch(watcher: Watcher) -> None:
+    global _watchers
+    with _lock:
+        _watchers = tuple(w for w in _watchers if w is not watcher)
+
+
+def _watching() -> tuple[Watcher, ...]:
+    return tuple(w for w in _watchers if w) if _watchers else ()
 
 
 def size_class(nbytes: int) -> int:
@@ -283,9 +323,14 @@ def _adopt(fd: int) -> None:
     _free_slots([Slot(fd, st.st_size, st.st_ino)])
 
 
-def lend(slots: list[Slot], holder: object) -> None:
+def lend(slots: list[Slot], holder: object, borrowed: list[Any] | None = None) -> None:
     """``slots`` were sent to ``holder`` (a worker); they come back with
-    :func:`released` or :func:`forget`."""
+    :func:`released` or :func:`forget`. ``borrowed``: the segments the same
+    message sends by handle (a :class:`Watcher` may want to know)."""
+    if borrowed and (watchers := _watching()):
+        inodes = [os.fstat(seg.fd).st_ino for seg in borrowed]
+        for watcher in watchers:
+            watcher.sent(holder, inodes)
     if not slots:
         return
     with _lock:
@@ -302,6 +347,8 @@ def give_back(slots: list[Slot]) -> None:
 
 def released(holder: object, inodes: list[int]) -> None:
     """``holder`` no longer maps these inodes: their slots may be reused."""
+    for watcher in _watching():
+        watcher.released(holder, inodes)
     with _lock:
         held = _lent.get(holder, {})
         slots = [slot for slot in (held.pop(inode, None) for inode in inodes) if slot is not None]
@@ -318,6 +365,8 @@ def released(holder: object, inodes: list[int]) -> None:
 
 def dropped(holder: object, inodes: list[int]) -> None:
     """``holder`` passed these inodes on (or forked): never reuse them."""
+    for watcher in _watching():
+        watcher.dropped(holder, inodes)
     with _lock:
         held = _lent.get(holder, {})
         slots = [slot for slot in (held.pop(inode, None) for inode in inodes) if slot is not None]
@@ -332,6 +381,8 @@ def dropped(holder: object, inodes: list[int]) -> None:
 def forget(holder: object) -> None:
     """``holder`` is gone: close what it was lent (a process it forked may
     still map those pages, so they are never reused)."""
+    for watcher in _watching():
+        watcher.forget(holder)
     with _lock:
         slots = list(_lent.pop(holder, {}).values())
         for slot in slots:
@@ -390,8 +441,9 @@ def _close(slots: list[Slot]) -> None:
 
 def _reset_in_child() -> None:
     """A fork() child holds copies of the cache's fds: close them, start empty."""
-    global _lock, _free_bytes
+    global _lock, _free_bytes, _watchers
     _lock = threading.Lock()
+    _watchers = ()
     slots = (list(_order.values()) + list(_out.values())
              + [s for held in _lent.values() for s in held.values()])
     slots += [Slot(fd, 0, 0) for fd in _adopted]
@@ -432,6 +484,8 @@ def track_releases() -> None:
 def note_mapped(segment: Any, fd: int) -> None:
     """``segment`` maps the file of ``fd``: count it until it is collected."""
     if not _tracking:
+        for watcher in _watching():
+            watcher.mapped(segment, os.fstat(fd).st_ino)
         return
     inode = os.fstat(fd).st_ino
     _maps[inode] = _maps.get(inode, 0) + 1

@@ -9,15 +9,27 @@ Data flow (the submitting thread, under one lock)::
         first time (waiting) and after a failure (not waiting; at most every
         _RETRY s): the daemon's status names its side channel (_samehost.py);
         connect, check that the daemon runs as this user (SO_PEERCRED)
+        release datagrams the daemon sent meanwhile (not waiting): the memfds
+        it says no process maps any more go back to this process's segment
+        cache (_segcache.released), the others are closed (dropped)
         each array -> a memfd: a shared array's own segment (no copy), a plain
-        one copied once (copy_to_memfd, sealed)
+        contiguous one copied once into a recycled segment (fill_slot: pages
+        that exist already) lent to this connection (_segcache.lend), any
+        other copied into a fresh memfd (copy_to_memfd, sealed)
         one datagram b"put" + the fds -> the daemon's token (a blocking exchange
-        bounded by _TIMEOUT); the copies are closed here once sent
+        bounded by _TIMEOUT, release datagrams on the way taken as above); the
+        fresh copies are closed here once sent; the lent ones are kept, or
+        closed at once if the daemon does not say "recycles" (an older one)
+        the connection failing or closed: every memfd lent to it is closed
+        (_segcache.forget), never reused
         -> options["shm"] = {token, durable, arrays: [[path, index, descr,
            shape, strides, offset]]}
     anything failing (no side channel advertised, another host, another user,
     a daemon restarted or gone) -> the arguments as they were: the arrays
     travel as frames on the ZeroMQ socket, as without this path.
+
+The client thread, after it received messages (results): reclaim() takes
+the release datagrams waiting, if no submit holds the lock (never waiting).
 
 Results (the client thread)::
 
@@ -38,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -46,15 +59,17 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import _jobrefs
+from . import _jobrefs, _segcache
 from ._jobfuture import WaitingCall
-from ._memfd import Segment, close_copies, copy_to_memfd
+from ._memfd import Segment, close_copies, copy_to_memfd, fill_slot
 from ._samehost import (
     GET,
     MAX_ARRAYS,
     MAX_FDS,
+    MAX_RELEASED,
     NAME,
     PUT,
+    RELEASED,
     RESULTS,
     TOKEN_RE,
     array_at,
@@ -71,6 +86,7 @@ log = logging.getLogger("shmrunner.client")
 
 _TIMEOUT = 10.0  # longest wait for the daemon's answer on the side channel
 _RETRY = 5.0  # after a failure, look for the side channel again this much later
+_RECV = len(RELEASED) + _segcache.REPORT.size + 8 * MAX_RELEASED + 1  # one datagram (+1: too long)
 
 Path = list[int | str]
 
@@ -85,6 +101,7 @@ class SameHost:
         self.sent = 0  # submits whose arrays went as memfds (an observation)
         self.received = 0  # results whose arrays came as memfds (an observation)
         self.results_failed = 0  # results whose memfds could not be taken (fetched again)
+        self.recycles = False  # the daemon said it tells which deposited memfds are free
         # The results connection and its channel id (set under _lock; the client
         # thread reads them and uses the socket alone).
         self._results: tuple[socket.socket, str] | None = None
@@ -117,6 +134,7 @@ class SameHost:
             if sock is None:
                 return unchanged
             try:
+                self._take_releases(sock)
                 token, specs = self._deposit(sock, found)
             except (OSError, ValueError) as exc:
                 log.info("same-host side channel failed (%s); arrays go on the socket", exc)
@@ -193,17 +211,41 @@ class SameHost:
         rest = {k: v for k, v in body.items() if k != "shm"}
         return {**rest, "value": value}
 
+    def reclaim(self) -> None:
+        """Take the daemon's release datagrams now, unless a submit is using
+        the connection (the client thread, after it received messages): a
+        client that stops submitting gives the memfds of its finished jobs
+        back to the cache, within its budget, instead of keeping them lent."""
+        if self._sock is None or not self.recycles or not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._sock is not None:
+                self._take_releases(self._sock)
+        except (OSError, ValueError) as exc:
+            log.info("same-host side channel failed (%s); arrays go on the socket", exc)
+            self._close()
+            self._next_try = 0.0
+        finally:
+            self._lock.release()
+
     def describe(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "durable": self.durable,
-                "connected": self._sock is not None, "submits": self.sent,
+                "connected": self._sock is not None, "recycles": self.recycles,
+                "submits": self.sent,
                 "results": self.received, "results_failed": self.results_failed}
 
     def close(self) -> None:
         with self._lock:
+            if self._sock is not None:
+                try:  # what the daemon released already goes back to the cache
+                    self._take_releases(self._sock)
+                except (OSError, ValueError):
+                    pass
             self._close()
 
     def _close(self) -> None:
         if self._sock is not None:
+            _segcache.forget(self._sock)  # lent to a connection that is gone: never reused
             self._sock.close()
             self._sock = None
         if self._results is not None:
@@ -271,39 +313,94 @@ class SameHost:
                  ) -> tuple[str, list[list[Any]]]:
         fds: list[int] = []
         owned: list[int] = []
+        lent: list[int] = []  # inodes of recycled segments lent to this connection
         index_of: dict[int, int] = {}
         specs: list[list[Any]] = []
         try:
-            for path, a in found:
-                seg = segment_of(a)
-                if seg is not None and min(a.strides, default=0) >= 0:  # by handle: no copy
-                    fd = seg.fd
-                    offset = seg.origin + a.ctypes.data - seg.address
-                    strides = a.strides
-                else:
-                    fd, _, strides = copy_to_memfd(a)
-                    owned.append(fd)
-                    offset = 0
-                if fd not in index_of:
-                    index_of[fd] = len(fds)
-                    fds.append(fd)
-                specs.append([path, index_of[fd], np.lib.format.dtype_to_descr(a.dtype),
-                              list(a.shape), list(strides), offset])
-            socket.send_fds(sock, [PUT], fds)
-        finally:
-            close_copies(owned)  # in flight, the kernel holds them
-        data = sock.recv(4096)
-        if not data:
-            raise OSError("the daemon closed the side channel")
+            try:
+                for path, a in found:
+                    seg = segment_of(a)
+                    if seg is not None and min(a.strides, default=0) >= 0:  # by handle: no copy
+                        fd = seg.fd
+                        offset = seg.origin + a.ctypes.data - seg.address
+                        strides = a.strides
+                    elif (a.flags.c_contiguous or a.flags.f_contiguous) and \
+                            (slot := fill_slot(a)) is not None:
+                        _segcache.lend([slot], sock)  # (closed with the connection on failure)
+                        lent.append(slot.inode)
+                        fd, offset, strides = slot.fd, 0, a.strides
+                    else:
+                        fd, _, strides = copy_to_memfd(a)
+                        owned.append(fd)
+                        offset = 0
+                    if fd not in index_of:
+                        index_of[fd] = len(fds)
+                        fds.append(fd)
+                    specs.append([path, index_of[fd], np.lib.format.dtype_to_descr(a.dtype),
+                                  list(a.shape), list(strides), offset])
+                socket.send_fds(sock, [PUT], fds)
+            finally:
+                close_copies(owned)  # in flight, the kernel holds them
+            data = self._answer(sock)
+        except BaseException:
+            _segcache.dropped(sock, lent)  # sent or not: never written again
+            raise
         try:
             reply = msgpack.unpackb(data, raw=False)
         except Exception as exc:  # noqa: BLE001 (whatever msgpack makes of bad bytes)
             raise ValueError(f"the side channel answered garbage ({exc})") from None
+        if type(reply) is not dict or type(reply.get("token")) is not str or \
+                reply.get("recycles") is not True:
+            # Refused, out of step, or a daemon that never says which memfds
+            # are free again: those lent for this deposit are closed now.
+            _segcache.dropped(sock, lent)
+        else:
+            self.recycles = True
         if type(reply) is not dict:
             raise ValueError("the side channel answered out of step")
         if type(reply.get("token")) is not str:
             raise ValueError(f"the daemon refused the arrays: {reply.get('error')!r}")
         return reply["token"], specs
+
+    def _answer(self, sock: socket.socket) -> bytes:
+        """The daemon's answer to a put; release datagrams before it are taken."""
+        while True:
+            data = sock.recv(_RECV)
+            if not data:
+                raise OSError("the daemon closed the side channel")
+            if not data.startswith(RELEASED):
+                return data
+            self._released(sock, data)
+
+    def _take_releases(self, sock: socket.socket) -> None:
+        """Under the lock, not waiting: the release datagrams the daemon sent."""
+        sock.settimeout(0.0)  # (a timeout would wait despite DONTWAIT)
+        try:
+            while True:
+                try:
+                    data = sock.recv(_RECV)
+                except (BlockingIOError, InterruptedError):
+                    return
+                if not data:
+                    raise OSError("the daemon closed the side channel")
+                if not data.startswith(RELEASED):
+                    raise ValueError("the side channel sent something out of step")
+                self._released(sock, data)
+        finally:
+            sock.settimeout(_TIMEOUT)
+
+    @staticmethod
+    def _released(sock: socket.socket, data: bytes) -> None:
+        """A release datagram: of the memfds lent to ``sock`` (others are
+        ignored), those released go back to the cache, the dropped are closed."""
+        try:
+            if len(data) >= _RECV:
+                raise ValueError("too long")
+            free, gone = _segcache.decode_report(data, len(RELEASED))
+        except (ValueError, struct.error) as exc:
+            raise ValueError(f"the side channel sent a malformed release ({exc})") from None
+        _segcache.dropped(sock, gone)
+        _segcache.released(sock, free)
 
 
 def _open_results(advert: str) -> tuple[socket.socket, str] | None:

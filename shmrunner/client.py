@@ -475,6 +475,7 @@ class Client(Executor):
         if readable:
             while (received := self._channel.recv(0)) is not None:
                 self._receive(received.message)
+            self._same_host.reclaim()  # memfds of finished jobs back to the cache
         self._check_acks()
 
     def _send_outbox(self) -> None:

@@ -95,6 +95,29 @@ def total(a: np.ndarray) -> float:
     return float(a.sum())
 
 
+_kept: list[np.ndarray] = []
+
+
+def keep(a: np.ndarray) -> float:
+    """Keep a reference to the argument past the task (this worker maps it on)."""
+    _kept.append(a)
+    return float(a.sum())
+
+
+def kept_total() -> float:
+    """The sum of every array this worker kept, read now."""
+    return float(sum(a.sum() for a in _kept))
+
+
+def fork_total(a: np.ndarray) -> float:
+    """Fork while mapping ``a`` (the child exits at once), then sum it."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return float(a.sum())
+
+
 def blob(size: int) -> bytes:
     """A result of ``size`` bytes (a large reply to a client)."""
     return b"r" * size

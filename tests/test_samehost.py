@@ -49,7 +49,8 @@ def test_arrays_round_trip_by_memfd(daemons, durable: bool) -> None:
     # Results with large arrays came back as memfds: add (2: a and shared) and
     # arrays_out; the totals are floats (frames).
     assert client.same_host == {"enabled": True, "durable": durable, "connected": True,
-                                "submits": 5, "results": 3, "results_failed": 0}
+                                "recycles": True, "submits": 5, "results": 3,
+                                "results_failed": 0}
     status = client.status()["same_host"]
     assert status["deposits"] == 0  # every deposit claimed
     assert status["results_sent"] == 3 and status["result_fds_held"] == 0
@@ -424,11 +425,12 @@ class _HostileDaemon:
     """A stand-in daemon (ZeroMQ ROUTER + side channel) that names memfds in
     every result and answers the pickup with ``answer``; a fetch gets frames."""
 
-    def __init__(self, tmp_path: Path, answer: Any) -> None:
+    def __init__(self, tmp_path: Path, answer: Any, put: Any = None) -> None:
         import secrets
         import threading
 
         self.answer = answer
+        self.put = put  # answers deposits (then results stay frames), or None
         self.name = "shmrunner-" + secrets.token_hex(16)
         self.address = f"ipc://{tmp_path}/hostile-{secrets.token_hex(4)}"
         self.fetched: list[str] = []
@@ -457,8 +459,23 @@ class _HostileDaemon:
                     pass
                 ready, _, _ = select.select(conns, [], [], 0)
                 for conn in ready:
-                    data = conn.recv(100)
-                    if data == b"results":
+                    try:
+                        data, fds, _, _ = socket.recv_fds(conn, 100, 253)
+                    except OSError:  # the client dropped it
+                        data, fds = b"", []
+                    if not data and not fds:
+                        conns.remove(conn)
+                        conn.close()
+                        continue
+                    if data == b"put" and self.put is not None:
+                        try:
+                            self.put(conn, fds)  # (it closes them)
+                        except OSError:  # the client dropped it meanwhile
+                            conns.remove(conn)
+                            conn.close()
+                    elif data == b"results" and self.put is not None:
+                        conn.send(msgpack.packb({"error": "no"}))
+                    elif data == b"results":
                         conn.send(msgpack.packb({"channel": "a" * 32}))
                     elif data.startswith(b"get "):
                         self.answer(conn)
@@ -550,3 +567,58 @@ def test_a_hostile_pickup_answer_falls_back_to_a_fetch(tmp_path: Path, answer: s
     finally:
         client.shutdown(wait=False)
         fake.close()
+
+
+@pytest.mark.parametrize("daemon", ["old", "garbage", "foreign", "honest"])
+def test_the_client_recycles_only_what_its_daemon_releases(tmp_path: Path, daemon: str) -> None:
+    """A stand-in daemon's answers to deposits: one that never says it
+    recycles (an older daemon: nothing stays lent), a malformed release (the
+    connection is dropped, what it was lent closed), releases of memfds the
+    client never lent (ignored), and an honest release of the last deposit's
+    memfds (reused by the next submit)."""
+    import struct
+
+    last: list[int] = []  # the fds of the previous deposit (honest)
+
+    def put(conn: socket.socket, fds: list[int]) -> None:
+        inodes = [os.fstat(fd).st_ino for fd in last]
+        for fd in last:
+            os.close(fd)
+        last[:] = fds
+        if daemon == "garbage":
+            conn.send(b"released" + b"\x01\x00")
+        elif daemon == "foreign":
+            conn.send(b"released" + struct.pack("<II3Q", 2, 1, 12345, 67890, 1))
+        elif daemon == "honest" and inodes:
+            conn.send(b"released" + struct.pack(f"<II{len(inodes)}Q", len(inodes), 0, *inodes))
+        reply = {"token": "c" * 32} if daemon == "old" else {"token": "c" * 32, "recycles": True}
+        conn.send(msgpack.packb(reply))
+
+    fake = _HostileDaemon(tmp_path, lambda conn: None, put=put)
+    client = shmrunner.connect(fake.address)
+    before = shmrunner.shm_cache_info()
+    try:
+        for i in range(3):
+            assert client.submit("_daemon_tasks:total", np.full(100_000, float(i))
+                                 ).result(timeout=30) == "plain"
+        info = shmrunner.shm_cache_info()
+        lent = info["lent_segments"] - before["lent_segments"]
+        recycled = info["recycled"] - before["recycled"]
+        if daemon == "old":
+            assert client.same_host["recycles"] is False and client.same_host["submits"] == 3
+            assert lent == 0 and recycled == 0
+        elif daemon == "garbage":  # each deposit fails: the arrays went as frames
+            assert client.same_host["submits"] == 0 and lent == 0 and recycled == 0
+        elif daemon == "foreign":
+            assert client.same_host["submits"] == 3 and lent == 3 and recycled == 0
+        else:
+            # Deposit 1's memfd is released while deposit 2 waits for its
+            # answer, reused by deposit 3; deposit 2's is released then.
+            assert client.same_host["submits"] == 3 and lent == 1 and recycled == 2
+            assert info["hits"] - before["hits"] == 1
+    finally:
+        client.shutdown(wait=False)
+        fake.close()
+        for fd in last:
+            os.close(fd)
+    assert shmrunner.shm_cache_info()["lent_segments"] == before["lent_segments"]
