@@ -318,9 +318,9 @@ class Intake:
                 del self._futures[job_id]
                 if self._logs is not None:
                     self._logs.settle(job_id, future)
-                described = self._scheduler.describe(future)
-                if described is not None:
-                    runs[job_id] = (described["attempts"], described["worker"])
+                attempts_worker = self._scheduler.runs(future)
+                if attempts_worker is not None:
+                    runs[job_id] = attempts_worker
                 if future.cancelled():  # e.g. cancelled with a job it depends on
                     cancelled.add(job_id)
                     msg = _error_message(job_id, TaskCancelledError(

@@ -44,4 +44,21 @@ def new_job_id() -> str:
     bits (as unguessable as a random UUID). Ids that sort by time keep the
     journal's inserts of a burst on neighbouring index pages: a third less
     time per insert than random ids (bench: journal.add of 100 per commit)."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    return f"{time.time_ns() // 1_000_000:012x}{_random_part()}"
+
+
+# The random parts of ids, drawn from os.urandom _PARTS at a time: one
+# getrandom call per id cost half of new_job_id (1.2 -> 0.7 µs). list.pop and
+# extend are atomic, so threads need no lock (two refilling at once both add).
+_PARTS = 256
+_parts: list[str] = []
+os.register_at_fork(after_in_child=_parts.clear)  # a child never repeats its parent's
+
+
+def _random_part() -> str:
+    try:
+        return _parts.pop()
+    except IndexError:
+        block = os.urandom(10 * _PARTS).hex()
+        _parts.extend([block[i:i + 20] for i in range(0, len(block), 20)])
+        return _parts.pop()

@@ -69,8 +69,9 @@ class Ledger:
         # Their bytes: add_submit() blocks while they exceed max_pending_bytes, so a
         # fast producer cannot fill this process faster than the daemon accepts.
         self._submits_bytes = 0
-        self._shared_bytes: dict[str, int] = {}  # of submits whose arrays went as memfds
+        self._submit_bytes: dict[str, int] = {}  # each one's (its frames, its memfd arrays)
         self._room = threading.Condition(self._lock)
+        self._awaiting_room = 0  # callers waiting on _room (no notify per answer otherwise)
         self._retry_at: dict[str, tuple[float, float]] = {}
         # Jobs someone waits for (an acknowledged Future, a result() call) -> when
         # to ask the daemon about them again: a daemon restarted since does not
@@ -104,7 +105,11 @@ class Ledger:
             # A job larger than the budget alone goes once nothing else waits.
             while (self._submits_bytes and self._broken is None and not self.closed
                    and self._submits_bytes + nbytes > self.max_pending_bytes):
-                self._room.wait()
+                self._awaiting_room += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._awaiting_room -= 1
             if self._broken is not None:
                 future.set_exception(self._broken)
                 return False
@@ -115,8 +120,7 @@ class Ledger:
             heapq.heappush(self._timers, (when, _ACK, job_id))
             self._submits[job_id] = frames
             self._submits_bytes += nbytes
-            if shared_bytes:
-                self._shared_bytes[job_id] = shared_bytes
+            self._submit_bytes[job_id] = nbytes
             self.outbox.append(frames)
             wake, self._sending = not self._sending, True
         return wake
@@ -400,7 +404,7 @@ class Ledger:
             self._futures.clear()
             self._unacked.clear()
             self._submits.clear()
-            self._shared_bytes.clear()
+            self._submit_bytes.clear()
             self._submits_bytes = 0
             self._room.notify_all()
             self._retry_at.clear()
@@ -417,11 +421,13 @@ class Ledger:
 
     def _drop_submit(self, job_id: str) -> None:
         """Under the lock: ``job_id``'s submit is answered; its frames go."""
-        frames = self._submits.pop(job_id, None)
-        if frames is not None:
-            self._submits_bytes -= _frames_bytes(frames) + self._shared_bytes.pop(job_id, 0)
-            self._room.notify_all()
+        if self._submits.pop(job_id, None) is not None:
+            self._submits_bytes -= self._submit_bytes.pop(job_id)
+            if self._awaiting_room:
+                self._room.notify_all()
 
 
 def _frames_bytes(frames: list[Any]) -> int:
+    if len(frames) == 1 and type(frames[0]) is bytes:  # a tiny submit: its header alone
+        return len(frames[0])
     return sum(memoryview(frame).nbytes for frame in frames)

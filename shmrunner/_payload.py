@@ -27,8 +27,8 @@ def only_scalars(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """True when every argument is a plain scalar (no container, array, bytes
     or future): the common tiny task, which needs no walk of its arguments.
     Exact types: a subclass could be anything."""
-    return all(type(a) in _SCALARS for a in args) and all(
-        type(v) in _SCALARS for v in kwargs.values())
+    return _SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(
+        map(type, kwargs.values()))  # (no generator: this runs several times per task)
 
 
 def payload_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

@@ -62,6 +62,7 @@ import numpy as np
 from . import _jobrefs
 from ._deps import MAX_DEPTH
 from ._memfd import Segment
+from ._payload import only_scalars
 from .errors import ProtocolError
 from .shm import DEFAULT_THRESHOLD, segment_of
 from .transport._arrays import _parse_dtype, _span, raw_layout
@@ -109,6 +110,8 @@ def extract_arrays(args: tuple[Any, ...], kwargs: dict[str, Any], threshold: int
                    ) -> tuple[tuple[Any, ...], dict[str, Any], Found]:
     """The arguments with each large array replaced by None, and where each was
     (at most MAX_ARRAYS arrays in MAX_FDS memfds; the rest stay as they are)."""
+    if only_scalars(args, kwargs):  # the common tiny call (or result): nothing to walk
+        return args, kwargs, []
     walk = _Walk(threshold)
     new_args = tuple(walk.swap(a, [i]) for i, a in enumerate(args))
     new_kwargs = {k: walk.swap(v, [k]) for k, v in kwargs.items()}

@@ -52,6 +52,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     import signal
 
+    from ._gcpolicy import tune_for_service
     from .config import resolve
     from .daemon import Daemon
 
@@ -59,6 +60,7 @@ def _daemon(args: argparse.Namespace) -> int:
     daemon_settings, scheduler_settings = settings.daemon, settings.scheduler
     logging.getLogger().setLevel(args.log_level or daemon_settings.log_level)
     daemon = Daemon(daemon_settings, scheduler_settings)
+    tune_for_service()  # this process is the daemon's own: its collector, tuned (_gcpolicy)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop())
     print(f"shmrunner daemon: clients on {daemon.address}, workers on "

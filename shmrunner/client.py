@@ -190,7 +190,10 @@ class Client(Executor):
         shm_results = self._same_host.results_option()
         if shm_results is not None:
             options["shm_results"] = shm_results
-        body = {"job_id": job_id, "fn": fn, "args": args, "kwargs": kwargs,
+        # args as a list: a tuple would travel as an extension type (a nested
+        # pack here, a nested unpack in the daemon), and the daemon unpacks
+        # them into the call either way.
+        body = {"job_id": job_id, "fn": fn, "args": list(args), "kwargs": kwargs,
                 "batch_accepted": True, "batch_results": True}
         if options:  # optional: none is the common case, and an empty map costs both ends
             body["options"] = options

@@ -364,6 +364,14 @@ class Scheduler(Executor):
             self._timers.call_at(time.monotonic() + 0.05,
                                  lambda: self._stop(job, attempt, tier))
 
+    def runs(self, future: Future[Any]) -> tuple[int, str | None] | None:
+        """(attempts started, ``name@host`` of the latest one's worker) of the
+        task of ``future``, or None if it is not this Scheduler's: what
+        :meth:`describe` says of them, without working out the state."""
+        with self._jobs_lock:
+            job = self._jobs.get(future)
+            return (job.attempts, job.worker) if job is not None else self._settled.get(future)
+
     def describe(self, future: Future[Any]) -> dict[str, Any] | None:
         """The task of ``future`` at a glance, or None if it is not this
         Scheduler's (or long gone): ``state`` ("queued", "running", "done",

@@ -10,6 +10,7 @@ the CLI, or a raw DEALER socket for what a Client never sends.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -50,12 +51,15 @@ def test_scheduler_cancel_stops_a_running_task_and_replaces_its_worker(tmp_path:
         assert future.cancel() is False  # concurrent.futures' meaning is kept
         assert sched.describe(future) == {"state": "running", "attempts": 1,
                                           "worker": f"local@{HOST}"}
+        assert sched.runs(future) == (1, f"local@{HOST}")  # describe's two, alone
+        assert sched.runs(concurrent.futures.Future()) is None  # not this Scheduler's
         assert sched.cancel(future) is True
         with pytest.raises(TaskCancelledError, match="cancelled"):
             future.result(RESULT)
         wait_until(lambda: not is_alive(pid), timeout=RESULT, message="the worker to be killed")
         assert sched.describe(future) == {"state": "cancelled", "attempts": 1,
                                           "worker": f"local@{HOST}"}
+        assert sched.runs(future) == (1, f"local@{HOST}")  # settled: kept
         assert sched.cancel(future) is False  # settled: nothing to cancel
         # Never retried (retries=3), and a new process serves the next task.
         from _daemon_tasks import where
@@ -83,6 +87,7 @@ def test_scheduler_cancel_of_a_queued_task_and_of_a_task_waiting_for_its_retry(
                                        "ConnectionError"))
         queued = others.pop()
         assert sched.describe(queued) == {"state": "queued", "attempts": 0, "worker": None}
+        assert sched.runs(queued) == (0, None)
         assert sched.cancel(queued) is True
         assert queued.cancelled()
         release.touch()
