@@ -118,11 +118,16 @@ class Manager:
 
     def _check_memory(self) -> None:
         try:
-            self._lifecycle.check_memory()
+            over = self._lifecycle.over_memory()
         except Exception:  # a /proc surprise must not break the pool: read again next time
             self._memory_errors += 1
             if self._memory_errors <= 3:
                 log.exception("shmrunner pool: reading the workers' memory failed")
+            return
+        if over:
+            with self._queue.lock:
+                for worker, size in over:
+                    self._lifecycle.kill_over_limit(worker, size)
 
     def _read(self, worker: Worker[Task]) -> None:
         channel: FdChannel = worker.endpoint.channel

@@ -25,7 +25,7 @@ What "reap" and "respawn" mean per tier:
   replacement. A worker that has run ``maxtasksperchild`` tasks says ``BYE``
   (:meth:`Lifecycle.retire`) and exits; it is never sent more meanwhile.
   With a ``memory_limit``, the manager thread reads each worker's private
-  memory every ``_memwatch.WATCH_INTERVAL`` (:meth:`ProcessLifecycle.check_memory`)
+  memory every ``_memwatch.WATCH_INTERVAL`` (:meth:`ProcessLifecycle.over_memory`)
   and SIGKILLs one over the limit: its running task fails with
   :class:`~shmrunner.MemoryLimitError`. A worker the kernel's OOM killer
   killed is told from an anonymous SIGKILL by its memory cgroup's OOM-kill
@@ -331,7 +331,8 @@ class Lifecycle(Generic[T]):
 class Process:
     """A local worker process and the parent's end of its channel."""
 
-    __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "oom", "measured")
+    __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "blamed", "oom",
+                 "measured")
 
     def __init__(self, process: BaseProcess, channel: FdChannel,
                  oom: _memwatch.OomSnapshot | None) -> None:
@@ -341,11 +342,12 @@ class Process:
         # Killed on purpose (kill()): only the tasks marked with a kill_reason
         # fail when it is reaped; whatever else it held runs again elsewhere.
         self.killed = False
-        # Killed for its memory (check_memory): the bytes it used then; the
+        # Killed for its memory (kill_over_limit): the bytes it used then; the
         # task it was running fails with MemoryLimitError.
         self.over_limit: int | None = None
+        self.blamed: Task | None = None  # the task it held first then (None: idle)
         # The last exact reading of its private memory: (when, the cheap bound
-        # then, the exact figure), so that check_memory reads smaps rarely.
+        # then, the exact figure), so that over_memory reads smaps rarely.
         self.measured: tuple[float, int, int] | None = None
         # The OOM-kill counter to read should it die of a SIGKILL nobody sent.
         self.oom = oom
@@ -469,15 +471,17 @@ class ProcessLifecycle(Lifecycle[Task]):
                 return True
         return None
 
-    def check_memory(self) -> None:
-        """SIGKILL every worker whose private memory is over ``memory_limit``
-        (manager thread, every ``_memwatch.WATCH_INTERVAL``; unlocked: it only
-        reads /proc). A worker never sent a task is left alone (else one whose
-        initializer alone is over the limit would be replaced forever); it is
-        checked from its first task on, which then fails if it is still over."""
+    def over_memory(self) -> list[tuple[Worker[Task], int]]:
+        """The workers whose private memory is over ``memory_limit``, with the
+        bytes each uses (manager thread, every ``_memwatch.WATCH_INTERVAL``;
+        unlocked: it only reads /proc). A worker never sent a task is left
+        alone (else one whose initializer alone is over the limit would be
+        replaced forever); it is checked from its first task on, which then
+        fails if it is still over. :meth:`kill_over_limit` acts on them."""
         limit = self.memory_limit
         if limit is None:
-            return
+            return []
+        over = []
         now = time.monotonic()
         for worker in self:
             ep: Process = worker.endpoint
@@ -498,16 +502,29 @@ class ProcessLifecycle(Lifecycle[Task]):
                 continue
             ep.measured = (now, bound, size)
             if size > limit:
-                ep.over_limit = size
-                self.memory_kills += 1
-                ep.process.kill()
-                held = [task.describe() for task in list(worker.tasks)[:1]]
-                # With a task, its MemoryLimitError tells the caller; idle, only this does.
-                log.log(logging.INFO if held else logging.WARNING,
-                        "worker pid %s uses %s of private memory, over its memory_limit of "
-                        "%s: killed (task running: %s); a new worker replaces it",
-                        pid, describe_size(size), describe_size(limit),
-                        held[0] if held else "none")
+                over.append((worker, size))
+        return over
+
+    def kill_over_limit(self, worker: Worker[Task], size: int) -> None:
+        """SIGKILL ``worker``, found using ``size`` bytes by :meth:`over_memory`
+        (under the tier's lock, so that no task is sent to it meanwhile). The
+        task it holds first fails with MemoryLimitError when it is reaped;
+        one sent after the kill is innocent and runs again elsewhere."""
+        ep: Process = worker.endpoint
+        if ep.over_limit is not None or worker.id not in self.workers:
+            return
+        ep.over_limit = size
+        ep.blamed = worker.tasks[0] if worker.tasks else None
+        worker.retiring = True  # nothing more is sent to it
+        self.memory_kills += 1
+        ep.process.kill()
+        held = ep.blamed.describe() if ep.blamed is not None else None
+        # With a task, its MemoryLimitError tells the caller; idle, only this does.
+        log.log(logging.INFO if held else logging.WARNING,
+                "worker pid %s uses %s of private memory, over its memory_limit of "
+                "%s: killed (task running: %s); a new worker replaces it",
+                ep.process.pid, describe_size(size), describe_size(self.memory_limit or 0),
+                held or "none")
 
     def leftovers(self, worker: Worker[Task]) -> Iterator[list[tuple[bytearray, list[int]]]]:
         """The batches of messages a dead worker sent before it died (they
@@ -549,12 +566,14 @@ class ProcessLifecycle(Lifecycle[Task]):
         rerun = [task for task in loss.unstarted if task.kill_reason is None]
         running = loss.running
         if running is not None and running.kill_reason is None:
-            if ep.over_limit is not None:  # the task it ran when it held too much memory
+            if ep.over_limit is not None and running is ep.blamed:
+                # the task it ran when it held too much memory
                 failed.append((running, MemoryLimitError(
                     ep.process.pid, ep.process.exitcode, running.describe(),
                     limit=self.memory_limit, size=ep.over_limit)))
-            elif ep.killed:
-                rerun.insert(0, running)  # killed for a task it had already finished
+            elif ep.killed or ep.over_limit is not None:
+                # killed for a task it had already finished, or sent after the kill
+                rerun.insert(0, running)
             else:
                 failed.append((running, self._lost(ep, running)))
         for task in rerun:
