@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+from ._argtree import DESCEND, MAX_DEPTH, Path, Swap
 from ._job import Job
 from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
@@ -51,7 +52,6 @@ from .errors import DependencyError
 __all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_DEPTH",
            "MAX_VISITS"]
 
-MAX_DEPTH = 16  # container levels searched below the argument list
 MAX_VISITS = 10_000  # objects looked at per call, at most
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
@@ -110,31 +110,24 @@ def substitute(args: tuple[Any, ...], kwargs: dict[str, Any], futures: list[Task
     met it; containers holding none are kept as they are, the others are
     rebuilt with their type (a set of futures whose results are unhashable:
     TypeError)."""
-    swap = _Substitution({id(f): f.result(timeout=0) for f in futures}).swap
-    return swap(args, 0), swap(kwargs, 0)
+    return _Substitution({id(f): f.result(timeout=0) for f in futures}).arguments(args, kwargs)
 
 
-class _Substitution:
-    # A class, not a recursive closure: a nested function that calls itself
-    # is a reference cycle, which would keep the results (arrays, maybe) alive
-    # until the garbage collector's next full pass.
+class _Substitution(Swap):
+    """Each settled future (by id) becomes its result, wherever :func:`find`
+    could have met it (sets and dicts under any key included)."""
+
+    sets = True
+    any_key = True
+
     def __init__(self, results: dict[int, Any]) -> None:
+        super().__init__()
         self.results = results
 
-    def swap(self, obj: Any, depth: int) -> Any:
+    def leaf(self, obj: Any, path: Path) -> Any:
         if isinstance(obj, Future):
             return self.results.get(id(obj), obj)
-        kind = type(obj)
-        if kind not in _CONTAINERS or depth >= MAX_DEPTH:
-            return obj
-        if kind is dict:
-            values = {k: self.swap(v, depth + 1) for k, v in obj.items()}
-            same = all(values[k] is v for k, v in obj.items())
-            return obj if same else values
-        items = [self.swap(item, depth + 1) for item in obj]
-        if all(new is old for new, old in zip(items, obj, strict=True)):
-            return obj
-        return kind(items)
+        return DESCEND
 
 
 class _Wait:

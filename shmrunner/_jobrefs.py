@@ -26,7 +26,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any
 
-from ._deps import MAX_DEPTH, MAX_VISITS, futures_in
+from ._argtree import DESCEND, MAX_DEPTH, Path, Swap
+from ._deps import MAX_VISITS, futures_in
 from ._jobfuture import JobFuture
 from ._jobid import job_id_problem
 
@@ -35,8 +36,6 @@ __all__ = ["MAX_REFS", "MAX_PATH", "extract", "parse", "place"]
 MAX_REFS = 1024  # job references in one submit, at most
 MAX_PATH = MAX_DEPTH + 1  # steps in one reference's path (the argument itself, then levels)
 _KEY_MAX = 256  # characters of a str step (a keyword or a dict key)
-
-Path = list[int | str]
 
 
 def extract(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object
@@ -47,24 +46,21 @@ def extract(args: tuple[Any, ...], kwargs: dict[str, Any], owner: object
     if next(futures_in(args, kwargs), None) is None:
         return args, kwargs, []  # the common case: a bounded look, nothing rebuilt
     walk = _Extraction(owner)
-    new_args = tuple(walk.swap(a, [i]) for i, a in enumerate(args))
-    new_kwargs = {k: walk.swap(v, [k]) for k, v in kwargs.items()}
+    new_args, new_kwargs = walk.arguments(args, kwargs)
     return new_args, new_kwargs, walk.refs
 
 
-class _Extraction:
-    # A class, not a recursive closure: a nested function that calls itself
-    # is a reference cycle, which would keep the arguments alive until the
-    # garbage collector's next full pass.
+class _Extraction(Swap):
+    """Each JobFuture of ``owner`` becomes None, noted with its path."""
+
+    max_visits = MAX_VISITS
+
     def __init__(self, owner: object) -> None:
+        super().__init__()
         self.owner = owner
         self.refs: list[tuple[Path, JobFuture]] = []
-        self.visits = 0
 
-    def swap(self, obj: Any, path: Path) -> Any:
-        if self.visits >= MAX_VISITS:
-            return obj
-        self.visits += 1
+    def leaf(self, obj: Any, path: Path) -> Any:
         if isinstance(obj, Future):
             if not isinstance(obj, JobFuture) or obj.owner is not self.owner:
                 raise TypeError(
@@ -74,24 +70,10 @@ class _Extraction:
                 raise TypeError(f"more than {MAX_REFS} futures among one job's arguments")
             self.refs.append((list(path), obj))
             return None
-        kind = type(obj)
-        if len(path) >= MAX_PATH:
-            return obj
-        if kind is dict:
-            out = {}
-            for k, v in obj.items():
-                new = self.swap(v, [*path, k]) if type(k) is str else v
-                out[k] = new
-            return out if any(out[k] is not v for k, v in obj.items()) else obj
-        if kind in (list, tuple):
-            items = [self.swap(item, [*path, i]) for i, item in enumerate(obj)]
-            if all(new is old for new, old in zip(items, obj, strict=True)):
-                return obj
-            return kind(items)
-        if kind in (set, frozenset) and any(isinstance(x, Future) for x in obj):
+        if type(obj) in (set, frozenset) and any(isinstance(x, Future) for x in obj):
             raise TypeError("a Client cannot send futures inside a set (sets do not travel "
                             "on the wire); use a list")
-        return obj
+        return DESCEND
 
 
 def parse(refs: Any) -> list[tuple[Path, str]]:

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from . import _jobrefs
-from ._deps import MAX_DEPTH
+from ._argtree import DESCEND, Path, Swap
 from ._memfd import Segment
 from ._payload import only_scalars
 from .errors import ProtocolError
@@ -100,8 +100,6 @@ def peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
-Path = list[int | str]
-
 
 Found = list[tuple[Path, np.ndarray[Any, Any]]]
 
@@ -113,49 +111,36 @@ def extract_arrays(args: tuple[Any, ...], kwargs: dict[str, Any], threshold: int
     if only_scalars(args, kwargs):  # the common tiny call (or result): nothing to walk
         return args, kwargs, []
     walk = _Walk(threshold)
-    new_args = tuple(walk.swap(a, [i]) for i, a in enumerate(args))
-    new_kwargs = {k: walk.swap(v, [k]) for k, v in kwargs.items()}
+    new_args, new_kwargs = walk.arguments(args, kwargs)
     return new_args, new_kwargs, walk.found
 
 
-class _Walk:
-    # A class, not a recursive closure: a closure that calls itself is a
-    # reference cycle holding ``found``, whose arrays (a result's memfds in
-    # the daemon) would then live until the next garbage collection.
-    __slots__ = ("threshold", "found", "fds", "visits")
+class _Walk(Swap):
+    """Each large plain array becomes None, noted with its path, while the
+    bounds allow (MAX_ARRAYS arrays in MAX_FDS memfds; the rest stay)."""
+
+    max_visits = _VISITS
 
     def __init__(self, threshold: int) -> None:
+        super().__init__()
         self.threshold = threshold
         self.found: Found = []
         self.fds: set[int] = set()
-        self.visits = 0
 
-    def swap(self, obj: Any, path: Path) -> Any:
-        self.visits += 1
-        kind = type(obj)
-        if kind is np.ndarray:
-            found = self.found
-            if obj.nbytes < self.threshold or not raw_layout(obj.dtype) or \
-                    len(found) >= MAX_ARRAYS:
-                return obj
-            seg = segment_of(obj)
-            key = seg.fd if seg is not None else -len(found) - 1
-            if key not in self.fds and len(self.fds) >= MAX_FDS:
-                return obj
-            self.fds.add(key)
-            found.append((list(path), obj))
-            return None
-        if self.visits > _VISITS or len(path) > MAX_DEPTH:
+    def leaf(self, obj: Any, path: Path) -> Any:
+        if type(obj) is not np.ndarray:
+            return DESCEND
+        found = self.found
+        if obj.nbytes < self.threshold or not raw_layout(obj.dtype) or \
+                len(found) >= MAX_ARRAYS:
             return obj
-        if kind is dict:
-            out = {k: self.swap(v, [*path, k]) if type(k) is str else v for k, v in obj.items()}
-            return out if any(out[k] is not v for k, v in obj.items()) else obj
-        if kind in (list, tuple):
-            items = [self.swap(item, [*path, i]) for i, item in enumerate(obj)]
-            if all(new is old for new, old in zip(items, obj, strict=True)):
-                return obj
-            return kind(items)
-        return obj
+        seg = segment_of(obj)
+        key = seg.fd if seg is not None else -len(found) - 1
+        if key not in self.fds and len(self.fds) >= MAX_FDS:
+            return obj
+        self.fds.add(key)
+        found.append((list(path), obj))
+        return None
 
 
 def array_at(item: Any, segments: list[Segment], what: str = "options.shm"

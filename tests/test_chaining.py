@@ -78,6 +78,22 @@ def test_futures_nested_in_lists_tuples_dicts_and_sets(sched: Scheduler) -> None
     assert out.result(RESULT) == ([[1, (2, {"k": 3})], {4}, 1], {"key": {"deep": [[2]]}})
 
 
+# Lists around a future 16 levels below the argument list, the deepest searched (README).
+DEEPEST = 15
+
+
+def _nested(value: Any, levels: int = DEEPEST) -> Any:
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_a_future_at_the_deepest_level_searched_is_resolved(sched: Scheduler) -> None:
+    f = sched.submit(ct.inc, 1)
+    out = sched.submit(ct.echo, _nested(f), key=_nested(f))
+    assert out.result(RESULT) == ([_nested(2)], {"key": _nested(2)})
+
+
 def test_unhashable_results_in_a_set_fail_the_task_clearly(sched: Scheduler) -> None:
     listed = sched.submit(ct.echo, 1)  # returns a tuple holding a list: unhashable
     with pytest.raises(TypeError, match="unhashable"):
@@ -241,6 +257,9 @@ def test_a_client_chains_its_jobs_in_the_daemon(daemons: Callable[..., Any],
         # A job finished long ago: its result comes from the daemon's journal.
         assert client.submit(ct.echo, {"k": [first.job_id, second]}).result(
             RESULT)[0][0]["k"][1][0] == 2.0
+        small = client.submit(ct.inc, 1)
+        assert client.submit(ct.echo, _nested(small), key=_nested(small)).result(
+            RESULT) == ([_nested(2)], {"key": _nested(2)})
         bad = client.submit(ct.fail, "daemon stage broke")
         after_bad = client.submit(ct.inc, bad)
         with pytest.raises(DependencyError, match="daemon stage broke"):
