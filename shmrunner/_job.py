@@ -27,7 +27,7 @@ class Job:
 
     def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any], retries: int, timeout: float | None,
-                 retry_on: frozenset[str] = frozenset()) -> None:
+                 retry_on: frozenset[str] = frozenset(), nbytes: int | None = None) -> None:
         self.id = job_id
         self.future = future
         self.fn = fn  # a callable or a 'module:function' reference; None once settled
@@ -37,7 +37,8 @@ class Job:
         self.timeout = timeout
         self.attempts = 0
         self.handle: Any = None  # the tier's own record of the current attempt
-        self.nbytes = payload_bytes(args, kwargs)  # counted in the byte budget until settled
+        # Counted in the byte budget until settled (given: the caller knows it).
+        self.nbytes = payload_bytes(args, kwargs) if nbytes is None else nbytes
         self.retry_on = retry_on  # 'module:qualname' of the exceptions it is retried on
         self.worker: str | None = None  # set by the tier: 'name@host' of the latest attempt's
         # Set by Scheduler.cancel (under the Backlog's lock): the job is never

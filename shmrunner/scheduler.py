@@ -56,7 +56,7 @@ from . import _retry
 from ._backlog import Backlog
 from ._deps import Dependents
 from ._job import Job
-from ._payload import default_budget
+from ._payload import default_budget, only_scalars
 from ._streams import Progress, chunked_calls, stream, total_of
 from ._tasklogs import Record, emit, level_of
 from ._timers import Timers
@@ -297,14 +297,17 @@ class Scheduler(Executor):
         names = self._retry_on if retry_on is None else _retry.names(retry_on)
         task_id = next(self._ids)
         future = self._dependents.new_future(task_id)
-        job = Job(task_id, future, fn, args, kwargs, retries, timeout, names)
+        scalars = only_scalars(args, kwargs)  # the tiny task: nothing to weigh or resolve
+        job = Job(task_id, future, fn, args, kwargs, retries, timeout, names,
+                  nbytes=0 if scalars else None)
         with self._jobs_lock:
             self._jobs[future] = job
         # First of the future's callbacks: describe() knows the outcome's
         # attempts and worker before anyone else hears of it.
         future.add_done_callback(self._forget)
         try:
-            if not self._dependents.hold(job, block):  # futures among the arguments wait
+            # Futures among the arguments: it waits for them (Dependents queues it).
+            if scalars or not self._dependents.hold(job, block):
                 self._backlog.admit(job, block)
         except BaseException:
             with self._jobs_lock:
