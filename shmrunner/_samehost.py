@@ -100,7 +100,6 @@ def peer_uid(sock: socket.socket) -> int:
     return int(uid)
 
 
-
 Found = list[tuple[Path, np.ndarray[Any, Any]]]
 
 
