@@ -4,6 +4,8 @@ workers and remote workers.
 Data flow::
 
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
+        (only when nothing waited before it: queued jobs mean every tier was
+        full, and a tier that gains room calls on_room)
         (a task with futures of this Scheduler among its arguments waits
         aside until they settle, _deps.py, then joins the queue)
                        (_backlog.py: the queue, the running jobs, the budgets)
@@ -24,7 +26,7 @@ given (``_Events`` here), never the Scheduler.
 
 Placement is by free capacity: the local tier first (no network, no copy),
 then the remote worker with the most room. ``_pump`` runs on whichever thread
-freed capacity or queued work, so a task never waits for a thread hop when a
+freed capacity or queued work into an empty queue, so a task never waits for a thread hop when a
 worker is free. Timeouts are armed when a task is handed to a tier; on expiry
 the tier stops the task (the local tier kills the process running it) and the
 task fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
@@ -36,8 +38,8 @@ settle every one.
 while the tier says "not running yet"); the job is marked so that it is never
 retried and settles with :class:`TaskCancelledError`. :meth:`Scheduler.describe`
 reports a task's state, attempts and worker (the tiers name the worker in
-``Job.worker``); a settled task's last attempts and worker are kept as long as
-its future lives (a weak map).
+``Job.worker``); a settled task's last attempts and worker are kept on its
+future (``settled_runs``), so they live as long as it does.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
@@ -164,12 +165,10 @@ class Scheduler(Executor):
         self._on_task_log = on_task_log
         self._creator = os.getpid()
         self._timers = Timers()
-        # Each unsettled future's job (for cancel and describe), then, once it
-        # settled, its attempts and worker for as long as the future lives.
+        # Each unsettled future's job (for cancel and describe); once it settled,
+        # its attempts and worker are the future's own ``settled_runs``.
         self._jobs_lock = threading.Lock()
         self._jobs: dict[Future[Any], Job] = {}
-        self._settled: weakref.WeakKeyDictionary[Future[Any], tuple[int, str | None]] = (
-            weakref.WeakKeyDictionary())
         self._tiers: list[Tier] = []
         self._local: LocalTier | None = None
         self._remote: RemoteTier | None = None
@@ -307,20 +306,22 @@ class Scheduler(Executor):
         future.add_done_callback(self._forget)
         try:
             # Futures among the arguments: it waits for them (Dependents queues it).
-            if scalars or not self._dependents.hold(job, block):
+            # A job queued behind others waits for a tier's room (on_room places it).
+            place = (scalars or not self._dependents.hold(job, block)) and \
                 self._backlog.admit(job, block)
         except BaseException:
             with self._jobs_lock:
                 self._jobs.pop(future, None)
             raise
-        self._pump()
+        if place:
+            self._pump()
         return future
 
     def _forget(self, future: Future[Any]) -> None:
         with self._jobs_lock:
             job = self._jobs.pop(future, None)
             if job is not None:
-                self._settled[future] = (job.attempts, job.worker)
+                future.settled_runs = (job.attempts, job.worker)  # type: ignore[attr-defined]
 
     # --- job control -------------------------------------------------------------------
 
@@ -373,7 +374,13 @@ class Scheduler(Executor):
         :meth:`describe` says of them, without working out the state."""
         with self._jobs_lock:
             job = self._jobs.get(future)
-            return (job.attempts, job.worker) if job is not None else self._settled.get(future)
+            return (job.attempts, job.worker) if job is not None else self._settled(future)
+
+    def _settled(self, future: Future[Any]) -> tuple[int, str | None] | None:
+        if getattr(future, "owner", None) is not self._dependents.token:
+            return None  # not this Scheduler's
+        runs: tuple[int, str | None] | None = getattr(future, "settled_runs", None)
+        return runs
 
     def describe(self, future: Future[Any]) -> dict[str, Any] | None:
         """The task of ``future`` at a glance, or None if it is not this
@@ -384,7 +391,7 @@ class Scheduler(Executor):
         None before its first)."""
         with self._jobs_lock:
             job = self._jobs.get(future)
-            info = (job.attempts, job.worker) if job is not None else self._settled.get(future)
+            info = (job.attempts, job.worker) if job is not None else self._settled(future)
         if info is None:
             return None
         if future.done():

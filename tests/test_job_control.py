@@ -60,6 +60,8 @@ def test_scheduler_cancel_stops_a_running_task_and_replaces_its_worker(tmp_path:
         assert sched.describe(future) == {"state": "cancelled", "attempts": 1,
                                           "worker": f"local@{HOST}"}
         assert sched.runs(future) == (1, f"local@{HOST}")  # settled: kept
+        with shmrunner.Scheduler(local_workers=1) as other:  # ... for its own Scheduler only
+            assert other.runs(future) is None and other.describe(future) is None
         assert sched.cancel(future) is False  # settled: nothing to cancel
         # Never retried (retries=3), and a new process serves the next task.
         from _daemon_tasks import where
