@@ -49,8 +49,7 @@ from ._job import Job
 from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
 
-__all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_DEPTH",
-           "MAX_VISITS"]
+__all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_VISITS"]
 
 MAX_VISITS = 10_000  # objects looked at per call, at most
 
@@ -66,6 +65,8 @@ class TaskFuture(Future[Any]):
         super().__init__()
         self.owner = owner
         self.task_id = task_id
+        # Once settled: (attempts, worker) of its task, for Scheduler.describe.
+        self.settled_runs: tuple[int, str | None] | None = None
 
 
 def futures_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Future[Any]]:

@@ -26,12 +26,12 @@ given (``_Events`` here), never the Scheduler.
 
 Placement is by free capacity: the local tier first (no network, no copy),
 then the remote worker with the most room. ``_pump`` runs on whichever thread
-freed capacity or queued work into an empty queue, so a task never waits for a thread hop when a
-worker is free. Timeouts are armed when a task is handed to a tier; on expiry
-the tier stops the task (the local tier kills the process running it) and the
-task fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
-thread, ``_timers.py``). No future is left pending: shutdown and tier failures
-settle every one.
+freed capacity or queued work into an empty queue, so a task never waits for a
+thread hop when a worker is free. Timeouts are armed when a task is handed to
+a tier; on expiry the tier stops the task (the local tier kills the process
+running it) and the task fails, or is retried, with :class:`TaskTimeoutError`
+(the timers are one thread, ``_timers.py``). No future is left pending:
+shutdown and tier failures settle every one.
 
 :meth:`Scheduler.cancel` stops a task even while it runs, through the same
 ``Tier.stop`` seam as a timeout (aimed at its current attempt, asked again
@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _retry
 from ._backlog import Backlog
-from ._deps import Dependents
+from ._deps import Dependents, TaskFuture
 from ._job import Job
 from ._payload import default_budget, only_scalars
 from ._streams import Progress, chunked_calls, stream, total_of
@@ -321,7 +321,8 @@ class Scheduler(Executor):
         with self._jobs_lock:
             job = self._jobs.pop(future, None)
             if job is not None:
-                future.settled_runs = (job.attempts, job.worker)  # type: ignore[attr-defined]
+                assert isinstance(future, TaskFuture)  # the only kind submit returns
+                future.settled_runs = (job.attempts, job.worker)
 
     # --- job control -------------------------------------------------------------------
 
@@ -377,10 +378,9 @@ class Scheduler(Executor):
             return (job.attempts, job.worker) if job is not None else self._settled(future)
 
     def _settled(self, future: Future[Any]) -> tuple[int, str | None] | None:
-        if getattr(future, "owner", None) is not self._dependents.token:
-            return None  # not this Scheduler's
-        runs: tuple[int, str | None] | None = getattr(future, "settled_runs", None)
-        return runs
+        if isinstance(future, TaskFuture) and future.owner is self._dependents.token:
+            return future.settled_runs
+        return None  # not this Scheduler's
 
     def describe(self, future: Future[Any]) -> dict[str, Any] | None:
         """The task of ``future`` at a glance, or None if it is not this
