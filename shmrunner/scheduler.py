@@ -473,17 +473,22 @@ class Scheduler(Executor):
         """Hand queued jobs to the tiers with room: the local tier first (no
         network, arrays stay in shared memory), then the remote one; each tier
         gets its jobs in one call, so they travel together."""
-        batches = self._backlog.place(self._tiers)
-        for tier, jobs in batches:
-            try:
-                tier.start(jobs)
-            except BaseException as exc:  # noqa: BLE001 (the tier is gone: these jobs fail)
+        # Again while a tier failed its batch: the room it was given is unused,
+        # and no result will come to place the next queued jobs.
+        failed = True
+        while failed:
+            failed = False
+            for tier, jobs in self._backlog.place(self._tiers):
+                try:
+                    tier.start(jobs)
+                except BaseException as exc:  # noqa: BLE001 (the tier is gone: these fail)
+                    failed = True
+                    for job in jobs:
+                        self._finish(job, False, exc, pump=False)
+                    continue
                 for job in jobs:
-                    self._finish(job, False, exc, pump=False)
-                continue
-            for job in jobs:
-                if job.timeout is not None:
-                    self._arm(job, tier)
+                    if job.timeout is not None:
+                        self._arm(job, tier)
 
     def _arm(self, job: Job, tier: Tier) -> None:
         attempt = job.attempts

@@ -109,6 +109,26 @@ def test_map_timeout_raises_timeout_error(sched: Scheduler, gates: Gates) -> Non
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
+def test_a_reference_that_does_not_resolve_fails_only_its_own_task(
+        sched: Scheduler, gates: Gates) -> None:
+    # Queued behind busy workers, good and bad references are placed together
+    # once room comes: each bad one fails alone, and the rest still run (no
+    # result is on its way to place them otherwise).
+    held = fill_workers(sched, gates)
+    mixed = [sched.submit("_sched_tasks:square" if i % 2 else "no_such_module:fn", i)
+             for i in range(20)]
+    for _, gate in held:
+        gates.open(gate)
+    for i, future in enumerate(mixed):
+        if i % 2:
+            assert future.result(RESULT) == i * i
+        else:
+            with pytest.raises(ImportError, match="no_such_module"):
+                future.result(RESULT)
+    assert sched.submit(tasks.square, 3).result(RESULT) == 9
+
+
 def test_task_exception_comes_back_as_itself(sched: Scheduler) -> None:
     fut = sched.submit(tasks.raise_value_error, "boom")
     with pytest.raises(ValueError, match="boom") as info:

@@ -74,14 +74,22 @@ class LocalTier:
 
     def start(self, jobs: list[Job]) -> None:
         tasks = []
+        unresolved = False
         for job in jobs:
             job.worker = self.name
-            fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
+            try:
+                fn = _resolve(job.fn) if isinstance(job.fn, str) else job.fn
+            except Exception as exc:  # noqa: BLE001 (its own failure, not the batch's)
+                unresolved = True
+                self._events.on_done(job, False, exc, batch=True)
+                continue
             job.handle = (job.attempts, self.engine.new_task(
                 fn, job.args, job.kwargs, _Outcome(self, job),
                 report_start=job.timeout is not None))
             tasks.append(job.handle[1])
         self.engine.submit(tasks)
+        if unresolved:
+            self._events.on_room()  # their room was not used: place what waits
 
     def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
         handle_attempt, task = job.handle
