@@ -306,6 +306,8 @@ class SameHost:
             sock.close()
             return None
         self._sock = sock
+        if self._results is not None:  # opened before (results_option): maybe the old daemon's
+            self._drop_results(self._results)
         self._results = _open_results(advert)
         return sock
 
