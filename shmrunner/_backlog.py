@@ -77,15 +77,10 @@ class Backlog:
                     "submitted": self._submitted, "shutdown": self._shutdown,
                     "pending_bytes": self._held_bytes}
 
-    def admit(self, job: Job, block: bool, deferred: bool = False) -> bool:
+    def admit(self, job: Job, block: bool, deferred: bool = False) -> None:
         """Queue ``job`` once both budgets have room (``block=False``: raise
         :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown.
-        ``deferred``: hold it aside until :meth:`ready` (it waits for futures).
-
-        True when no other job waited in the queue: only then may a tier have
-        room for it now. Jobs left queued mean the last :meth:`place` found
-        every tier full, and a tier that gains room says so
-        (``TierEvents.on_room``), which places the queue then."""
+        ``deferred``: hold it aside until :meth:`ready` (it waits for futures)."""
         with self._not_full:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
@@ -104,9 +99,8 @@ class Backlog:
             self._submitted += 1
             if deferred:
                 self._deferred.add(job)
-                return False
-            self._queue.append(job)
-            return len(self._queue) == 1
+            else:
+                self._queue.append(job)
 
     def ready(self, job: Job, nbytes: int) -> bool:
         """The deferred ``job``'s futures have results: queue it first (it was

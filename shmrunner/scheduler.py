@@ -4,8 +4,6 @@ workers and remote workers.
 Data flow::
 
     submit()/map() --> queue (bounded: submit blocks when full) --> _pump()
-        (only when nothing waited before it: queued jobs mean every tier was
-        full, and a tier that gains room calls on_room)
         (a task with futures of this Scheduler among its arguments waits
         aside until they settle, _deps.py, then joins the queue)
                        (_backlog.py: the queue, the running jobs, the budgets)
@@ -26,12 +24,12 @@ given (``_Events`` here), never the Scheduler.
 
 Placement is by free capacity: the local tier first (no network, no copy),
 then the remote worker with the most room. ``_pump`` runs on whichever thread
-freed capacity or queued work into an empty queue, so a task never waits for a
-thread hop when a worker is free. Timeouts are armed when a task is handed to
-a tier; on expiry the tier stops the task (the local tier kills the process
-running it) and the task fails, or is retried, with :class:`TaskTimeoutError`
-(the timers are one thread, ``_timers.py``). No future is left pending:
-shutdown and tier failures settle every one.
+freed capacity or queued work, so a task never waits for a thread hop when a
+worker is free. Timeouts are armed when a task is handed to a tier; on expiry
+the tier stops the task (the local tier kills the process running it) and the
+task fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
+thread, ``_timers.py``). No future is left pending: shutdown and tier failures
+settle every one.
 
 :meth:`Scheduler.cancel` stops a task even while it runs, through the same
 ``Tier.stop`` seam as a timeout (aimed at its current attempt, asked again
@@ -306,15 +304,13 @@ class Scheduler(Executor):
         future.add_done_callback(self._forget)
         try:
             # Futures among the arguments: it waits for them (Dependents queues it).
-            # A job queued behind others waits for a tier's room (on_room places it).
-            place = (scalars or not self._dependents.hold(job, block)) and \
+            if scalars or not self._dependents.hold(job, block):
                 self._backlog.admit(job, block)
         except BaseException:
             with self._jobs_lock:
                 self._jobs.pop(future, None)
             raise
-        if place:
-            self._pump()
+        self._pump()
         return future
 
     def _forget(self, future: Future[Any]) -> None:
