@@ -29,7 +29,8 @@ Guarantees: a job is acknowledged only once it is in the journal; a daemon
 killed at any moment and restarted runs every acknowledged job that had not
 finished (at-least-once: a job that was running may run twice). SIGTERM or
 SIGINT drains: new submits are refused with an error, running jobs get
-``drain_timeout`` seconds to finish (the rest stay journaled), then exit 0.
+``drain_timeout`` seconds to finish (the rest stay journaled), requests keep
+being answered until none came for 0.1 s, then exit 0.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ _RECENT_JOBS = 20  # jobs a "jobs" listing without ids or limit names
 _EXPIRE_EVERY = 60.0  # longest time between sweeps of expired results
 _BACKLOG_POLL = 0.02  # how soon to retry the scheduler while jobs wait in the backlog
 _MAX_FAILED_ROUNDS = 10  # unexpected errors in a row before the front thread gives up
+_DRAIN_QUIET = 0.1  # seconds without a request before a drained daemon exits
 
 
 class Daemon:
@@ -474,13 +476,23 @@ class Daemon:
                  self._intake.running - self._intake.backlog)
         deadline = time.monotonic() + self.settings.drain_timeout
         failed_rounds = 0
-        while self._intake.running > self._intake.backlog and time.monotonic() < deadline:
+        # Requests keep their answers (submits a refusal) until none came for
+        # _DRAIN_QUIET, even when no job runs: a client whose request was on its
+        # way gets "shutting down" at once, not its own timeout.
+        last_request = time.monotonic()
+        while time.monotonic() < deadline and (
+                self._intake.running > self._intake.backlog
+                or time.monotonic() - last_request < _DRAIN_QUIET):
             try:
-                # Completions and requests wake the poll; the only deadline is the drain's.
-                wait = max(0.0, deadline - time.monotonic())
+                # Completions and requests wake the poll; the deadlines are the drain's
+                # and the quiet spell's.
+                now = time.monotonic()
+                wait = max(0.0, min(deadline, last_request + _DRAIN_QUIET) - now
+                           if self._intake.running <= self._intake.backlog else deadline - now)
                 if self._channel.poll(min(wait, _BACKLOG_POLL) if self._replier.waiting
                                       else wait, wakeup=self._wakeup):
                     self._refuse_submits()
+                    last_request = time.monotonic()
                 self._settle()
                 self._replier.flush()
                 failed_rounds = 0
