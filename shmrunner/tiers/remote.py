@@ -99,6 +99,10 @@ class RemoteTier:
         self._stuck = 0  # jobs the last _assign left in the inbox (no worker may take them)
         self._inbox: collections.deque[Job] = collections.deque()
         self._stops: collections.deque[tuple[Job, int, BaseException]] = collections.deque()
+        # Timeouts due for jobs still in the inbox: their clock has not started (the
+        # agent counts a timeout from when the task starts), so the stop goes out
+        # with the job, aimed at the attempt it was meant for.
+        self._stop_when_sent: dict[Job, int] = {}
         self._wakeup = Wakeup()
         self._wake_pending = False  # a wake-up byte written and not yet seen by the hub
         # Every worker with room is topped up (Peers.topped_up): room() says 0,
@@ -418,22 +422,30 @@ class RemoteTier:
                 batch.append(job)
         self._stuck = len(self._inbox)
         for worker, jobs in batches.items():
-            if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
-                jobs = self._refuse_pickles(worker, jobs)
-                if not jobs:
-                    continue
-            # args as a list: the agent makes the tuple; the wire's tuple ext would
-            # cost a callback and a nested pack per task both ways.
-            bodies = [{"task_id": job.id, "fn": job.fn, "args": list(job.args),
-                       "kwargs": job.kwargs, "timeout": job.timeout} for job in jobs]
-            try:
-                if len(bodies) == 1:
-                    self._send(worker, Message("task", bodies[0]))
-                else:
-                    self._send_batch(worker, jobs, bodies)
-            except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
-                self._peers.finish(worker, jobs[0].id)
-                self._events.on_done(jobs[0], False, exc)
+            due = [job for job in jobs if job in self._stop_when_sent] \
+                if self._stop_when_sent else []
+            self._send_jobs(worker, jobs)
+            for job in due:  # sent now: their timeouts' stops go after them
+                if self._stop_when_sent.pop(job) == job.attempts and job in worker.tasks:
+                    self._send_stop(worker, job)
+
+    def _send_jobs(self, worker: Worker[Job], jobs: list[Job]) -> None:
+        if self._settings.allow_pickle and not worker.endpoint.allow_pickle:
+            jobs = self._refuse_pickles(worker, jobs)
+            if not jobs:
+                return
+        # args as a list: the agent makes the tuple; the wire's tuple ext would
+        # cost a callback and a nested pack per task both ways.
+        bodies = [{"task_id": job.id, "fn": job.fn, "args": list(job.args),
+                   "kwargs": job.kwargs, "timeout": job.timeout} for job in jobs]
+        try:
+            if len(bodies) == 1:
+                self._send(worker, Message("task", bodies[0]))
+            else:
+                self._send_batch(worker, jobs, bodies)
+        except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
+            self._peers.finish(worker, jobs[0].id)
+            self._events.on_done(jobs[0], False, exc)
 
     def _refuse_pickles(self, worker: Worker[Job], jobs: list[Job]) -> list[Job]:
         """Fail here the calls that need a pickle: this worker would reject them
@@ -476,17 +488,24 @@ class RemoteTier:
             if job.attempts != attempt:
                 continue  # that attempt is over (the job was retried since)
             if job in self._inbox:
+                if job.cancelled is None:  # a timeout: it has not run at all yet
+                    self._stop_when_sent[job] = attempt
+                    continue
+                self._stop_when_sent.pop(job, None)
                 self._inbox.remove(job)
                 self._events.on_done(job, False, reason)
                 continue
             for worker in self._peers:
                 if job in worker.tasks:
-                    # The agent kills the process running it and reports the
-                    # timeout (once it has run for it) or, "now", the cancel.
-                    body: dict[str, Any] = {"task_id": job.id}
-                    if job.cancelled is not None:
-                        body["now"] = True
-                    self._send(worker, Message("cancel", body))
+                    self._send_stop(worker, job)
+
+    def _send_stop(self, worker: Worker[Job], job: Job) -> None:
+        # The agent kills the process running it and reports the timeout
+        # (once it has run for it) or, "now", the cancel.
+        body: dict[str, Any] = {"task_id": job.id}
+        if job.cancelled is not None:
+            body["now"] = True
+        self._send(worker, Message("cancel", body))
 
     def _heartbeat(self) -> None:
         self._peers.recount()  # the running counts, checked
@@ -539,6 +558,7 @@ class RemoteTier:
     def _fail_all(self, error: BaseException) -> None:
         jobs = list(self._inbox)
         self._inbox.clear()
+        self._stop_when_sent.clear()
         jobs += self._peers.drop_all()
         for job in jobs:
             self._events.on_done(job, False, error, batch=True)
