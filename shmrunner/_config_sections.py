@@ -122,6 +122,10 @@ class WorkerSettings:
         "as a daemon's clients address); once welcomed it reconnects forever. null: wait "
         "forever (agents started long before their scheduler)")
     allow_pickle: bool = setting(False, checks.flag, "accept pickled functions and arguments")
+    slots: bool = setting(
+        False, checks.flag, "each worker process holds its own connection to the scheduler "
+        "and runs the tasks it is sent; the agent only supervises them (restarts, timeouts, "
+        "cancels, memory_limit): about half the time per tiny task (docs/scaling.md)")
     memory_limit: int | float | str | None = setting(
         None, checks.memory_limit, "private memory each worker process on this host may use "
         "before it is killed and replaced, its task failing with MemoryLimitError: as "

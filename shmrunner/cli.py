@@ -40,6 +40,8 @@ def _worker(args: argparse.Namespace) -> int:
         if value is not None}
     if args.allow_pickle:
         overrides["allow_pickle"] = True
+    if args.slots:
+        overrides["slots"] = True
     settings = with_overrides(settings, overrides, "worker")
     if settings.connect is None:  # the same-host daemon's default socket
         from ._endpoints import client_address
@@ -286,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(default: worker.memory_limit, else none)")
     worker.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled functions and arguments (trusted networks only)")
+    worker.add_argument("--slots", action="store_true",
+                        help="each worker process talks to the scheduler itself, this agent "
+                             "only supervises them: fewer hops per task (worker.slots)")
     _set_option(worker, "worker", "worker.join_timeout=120")
     worker.set_defaults(run=_worker)
 

@@ -16,6 +16,11 @@ others, over a copy, where a stale answer is harmless)::
     send          -> track: a big message ZeroMQ has not taken yet
     heartbeat     -> verdict: silent too long, or stopped reading -> lose
     lose/forget   -> out of the roster; lose hands back every job it held
+    slots         -> an agent that supervises slot processes (hello "slots")
+                     holds no task itself (capacity 0) and is found by its
+                     group; each slot (hello "slot") is a worker of capacity 1
+                     linked to it: alive while its agent is (slots send no
+                     heartbeats), out of the roster with it
 
 Which jobs a worker holds, who has room and which job a lost worker was
 running are :class:`~shmrunner.worker.lifecycle.Lifecycle`'s, as for local
@@ -56,7 +61,8 @@ class Peer:
     """A remote worker as the hub knows it."""
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
-                 "allow_pickle", "outbox", "busy_since")
+                 "allow_pickle", "outbox", "busy_since", "group", "slot_count", "slots",
+                 "supervisor", "slot_index")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -72,6 +78,13 @@ class Peer:
         # reading. Small ones are copied by pyzmq and never tracked.
         self.outbox: collections.deque[tuple[zmq.MessageTracker, float]] = collections.deque()
         self.busy_since = 0.0  # when it was last sent a task while it held none
+        # An agent with slots: its group, how many, and the slot workers by index.
+        self.group: str | None = None
+        self.slot_count = 0
+        self.slots: dict[int, Worker[Job]] = {}
+        # A slot: the agent that supervises it, and its index there.
+        self.supervisor: Worker[Job] | None = None
+        self.slot_index = 0
 
 
 class Peers:
@@ -85,6 +98,7 @@ class Peers:
         self.lifecycle: Lifecycle[Job] = Lifecycle(None, 0, fast_task=_FAST_TASK)
         self._by_identity: dict[bytes, Worker[Job]] = {}
         self._per_host: dict[str, int] = {}  # host -> processes of its connected workers
+        self._groups: dict[str, Worker[Job]] = {}  # slot group -> the agent supervising it
         self.lost = 0
         # Kept as the roster changes (every change goes through this class), so
         # that the Scheduler's room() and busy() cost O(1), not O(workers), per
@@ -132,11 +146,27 @@ class Peers:
     def get(self, identity: bytes) -> Worker[Job] | None:
         return self._by_identity.get(identity)
 
-    def join(self, identity: bytes, body: dict[str, Any]) -> Worker[Job]:
-        """Register a worker from its (validated) hello."""
+    def group(self, group: str) -> Worker[Job] | None:
+        """The agent whose slots join under ``group``, if connected."""
+        return self._groups.get(group)
+
+    def join(self, identity: bytes, body: dict[str, Any],
+             supervisor: Worker[Job] | None = None) -> Worker[Job]:
+        """Register a worker from its (validated) hello; a slot's with the
+        agent that ``supervisor``s it (found by ``group``)."""
         peer = Peer(identity, body)
-        worker = self.lifecycle.add(peer, peer.capacity + self._prefetch,
-                                    fast_capacity=peer.capacity + _FAST_PREFETCH)
+        slots = body.get("slots")
+        if slots is not None:  # it runs no task itself: its slots do
+            peer.capacity = 0
+            peer.group, peer.slot_count = slots["group"], slots["count"]
+            worker = self.lifecycle.add(peer, 0, fast_capacity=0)
+            self._groups[peer.group] = worker
+        else:
+            worker = self.lifecycle.add(peer, peer.capacity + self._prefetch,
+                                        fast_capacity=peer.capacity + _FAST_PREFETCH)
+        if supervisor is not None:
+            peer.supervisor, peer.slot_index = supervisor, body["slot"]["index"]
+            supervisor.endpoint.slots[peer.slot_index] = worker
         self._by_identity[identity] = worker
         self._per_host[peer.host] = self._per_host.get(peer.host, 0) + peer.capacity
         self._free += worker.free
@@ -165,6 +195,12 @@ class Peers:
         self.held -= len(worker.tasks)
         peer: Peer = worker.endpoint
         self._by_identity.pop(peer.identity, None)
+        if peer.group is not None and self._groups.get(peer.group) is worker:
+            del self._groups[peer.group]
+        if peer.supervisor is not None:
+            slots = peer.supervisor.endpoint.slots
+            if slots.get(peer.slot_index) is worker:
+                del slots[peer.slot_index]
         left = self._per_host.get(peer.host, 0) - peer.capacity
         if left > 0:
             self._per_host[peer.host] = left
@@ -180,6 +216,16 @@ class Peers:
         loss = self.lifecycle.lose(worker)
         # A remote worker runs many tasks at once: any of them may have started.
         return ([loss.running] if loss.running is not None else []) + loss.unstarted
+
+    def drop(self, worker: Worker[Job]) -> list[Job]:
+        """Take ``worker`` out of the roster, not counted as lost (its agent
+        said why it ended): the jobs it held, in the order it was sent them."""
+        if worker.id not in self.lifecycle.workers:
+            return []
+        jobs = list(worker.tasks)
+        self._gone(worker)
+        self.lifecycle.lose(worker)
+        return jobs
 
     def forget(self, worker: Worker[Job]) -> None:
         """A drained worker that holds nothing leaves quietly."""
@@ -223,7 +269,10 @@ class Peers:
         peer: Peer = worker.endpoint
         while peer.outbox and peer.outbox[0][0].done:
             peer.outbox.popleft()
-        if peer.last_seen < deadline:
+        # A slot sends no heartbeats: its agent's cover it.
+        last_seen = peer.last_seen if peer.supervisor is None else max(
+            peer.last_seen, peer.supervisor.endpoint.last_seen)
+        if last_seen < deadline:
             return f"silent for over {timeout} s"
         if peer.outbox and peer.outbox[0][1] < deadline:
             return f"it took nothing of what it was sent for over {timeout} s: it stopped reading"

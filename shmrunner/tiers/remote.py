@@ -20,6 +20,13 @@ Data flow::
                       every task the worker held fails with WorkerLostError
                       (the Scheduler retries those it may)
         bye        -> the worker is draining: no new tasks; forgotten once empty
+        slots      -> an agent's slot processes each say hello (``slot``, found by
+                      the agent's group) and are dealt tasks as workers; a stop
+                      for a slot's task goes to its agent (``cancel`` with the
+                      slot, the task's place ``seq`` and ``after``), which kills
+                      the slot and says ``lost``: that task fails (timeout,
+                      cancel, memory, or WorkerLostError when it died), the
+                      slot's other tasks go back to the inbox (none counted an attempt)
 
 Only the holder of the socket gate touches the socket and the roster
 (ZeroMQ sockets are not thread-safe): the hub thread, except while it
@@ -56,7 +63,13 @@ from .._endpoints import secure_ipc_socket
 from .._job import Job
 from .._wakeup import Wakeup
 from ..config import SchedulerSettings
-from ..errors import ShmrunnerError, WorkerLostError
+from ..errors import (
+    MemoryLimitError,
+    ShmrunnerError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
 from ..transport._gate import SocketGate
 from ..transport.curve import release
 from ..transport.protocol import MAX_BATCH, Message, encode, exception_from_wire
@@ -71,7 +84,7 @@ __all__ = ["RemoteTier", "RemoteStatus"]
 
 log = logging.getLogger("shmrunner.scheduler")
 
-_ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye"})
+_ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye", "lost"})
 _OUTBOX = 1000  # messages queued for one worker that it has not taken: then it is lost
 _RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get their turn
 _MAX_FAILURES = 100  # rounds in a row that raise before the hub gives up (no busy loop)
@@ -103,6 +116,9 @@ class RemoteTier:
         # agent counts a timeout from when the task starts), so the stop goes out
         # with the job, aimed at the attempt it was meant for.
         self._stop_when_sent: dict[Job, int] = {}
+        # Slot jobs a stop was sent for (attempt): if their slot ends and they go
+        # back to the inbox, their stop goes out again with them.
+        self._stopped: dict[Job, int] = {}
         self._wakeup = Wakeup()
         self._wake_pending = False  # a wake-up byte written and not yet seen by the hub
         # Every worker with room is topped up (Peers.topped_up): room() says 0,
@@ -332,12 +348,28 @@ class RemoteTier:
                 self._peers.retire(worker)
                 if not worker.tasks:
                     self._forget(worker)
+            elif msg.type == "lost":
+                self._slot_lost(worker, msg.body)
 
     def _hello(self, identity: bytes, body: dict[str, Any]) -> None:
         old = self._peers.get(identity)
         if old is not None:  # it reconnected: what it held under the old session is lost
             self._lose(old, "reconnected")
-        worker = self._peers.join(identity, body)
+        supervisor = None
+        if (slot := body.get("slot")) is not None:
+            supervisor = self._peers.group(slot["group"])
+            if supervisor is None or slot["index"] >= supervisor.endpoint.slot_count:
+                # No agent of ours has that group (any more): not one to deal to.
+                self._ignore(identity, f"a slot's hello for group {slot['group']!r}, index "
+                             f"{slot['index']}, which no connected agent has")
+                return
+            previous = supervisor.endpoint.slots.get(slot["index"])
+            if previous is not None:
+                self._lose(previous, "replaced by a new process")
+        elif "slots" in body and self._peers.group(body["slots"]["group"]) is not None:
+            self._ignore(identity, "an agent's hello with a slot group already in use")
+            return
+        worker = self._peers.join(identity, body, supervisor)
         peer: Peer = worker.endpoint
         log.info("worker %s (%s pid %d) joined with capacity %d",
                  peer.name, peer.host, peer.pid, peer.capacity)
@@ -345,6 +377,50 @@ class RemoteTier:
             "heartbeat_interval": self._settings.heartbeat_interval,
             "heartbeat_timeout": self._settings.heartbeat_timeout,
             "session": self.session}))
+        self._events.on_room()
+
+    def _slot_lost(self, agent: Worker[Job], body: dict[str, Any]) -> None:
+        """``agent`` says its slot ended: the task it ran fails (why), the rest
+        of what the slot held goes back to the inbox, unstarted or with its
+        result lost in the kill (run again: at-least-once)."""
+        slot = agent.endpoint.slots.get(body["slot"])
+        if slot is None or body.get("pid", slot.endpoint.pid) != slot.endpoint.pid:
+            self._ignore(agent.endpoint.identity, f"a lost report for slot {body['slot']}, "
+                         "which is not connected")
+            return
+        peer: Peer = slot.endpoint
+        reason, task_id = body["reason"], body.get("task_id")
+        if reason == "died":
+            self._peers.lost += 1
+            log.warning("worker %s (%s pid %d) died", peer.name, peer.host, peer.pid)
+        jobs = self._peers.drop(slot)
+        culprit = next((job for job in jobs if job.id == task_id), None)
+        again: list[Job] = []
+        for job in jobs:
+            if job is culprit:
+                continue
+            if job.cancelled is not None:
+                self._events.on_done(job, False, job.cancelled, batch=True)
+                continue
+            attempt = self._stopped.pop(job, None)
+            if attempt is not None:
+                self._stop_when_sent[job] = attempt
+            again.append(job)
+        self._inbox.extendleft(reversed(again))
+        if culprit is not None:
+            self._stopped.pop(culprit, None)
+            error: BaseException
+            if reason == "timeout":
+                error = TaskTimeoutError(f"task {culprit.id} ran past its timeout and was stopped")
+            elif reason == "cancelled":
+                error = TaskCancelledError(f"task {culprit.id} was cancelled by its scheduler")
+            elif reason == "memory":
+                error = MemoryLimitError(peer.pid, -9, culprit.id, body.get("limit"),
+                                         body.get("size"))
+            else:
+                error = WorkerLostError(peer.pid, None,
+                                        f"{culprit.id} on {peer.name}@{peer.host}")
+            self._events.on_done(culprit, False, error, batch=True)
         self._events.on_room()
 
     def _result(self, worker: Worker[Job], body: dict[str, Any], batch: bool = False) -> None:
@@ -357,6 +433,8 @@ class RemoteTier:
             self._ignore(worker.endpoint.identity,
                          f"a result of task {body.get('task_id')}, which it does not hold")
             return
+        if self._stopped:
+            self._stopped.pop(job, None)
         self._packer.learn(job, worker.capacity == worker.fast_capacity)  # paced already
         if body["ok"]:
             ok, value = True, body["value"]
@@ -418,6 +496,8 @@ class RemoteTier:
                     break  # a call not known to be tiny is dealt by the even rule
                 job = self._inbox.popleft()
                 self._peers.assign(worker, job)
+                if peer.supervisor is not None:
+                    job.handle = worker.sent  # its place in the slot's order (cancel "seq")
                 job.worker = name
                 batch.append(job)
         self._stuck = len(self._inbox)
@@ -505,6 +585,12 @@ class RemoteTier:
         body: dict[str, Any] = {"task_id": job.id}
         if job.cancelled is not None:
             body["now"] = True
+        peer: Peer = worker.endpoint
+        if peer.supervisor is not None:  # a slot: its agent kills it, and says "lost"
+            body.update(slot=peer.slot_index, seq=job.handle, after=job.timeout or 0.0,
+                        pid=peer.pid)
+            self._stopped[job] = job.attempts
+            worker = peer.supervisor
         self._send(worker, Message("cancel", body))
 
     def _heartbeat(self) -> None:
@@ -515,7 +601,7 @@ class RemoteTier:
             why = self._peers.verdict(worker, timeout, deadline)
             if why is not None:
                 self._lose(worker, why)
-            else:
+            elif worker.endpoint.supervisor is None:  # a slot's agent hears them for it
                 self._send(worker, Message("heartbeat", {}))
 
     def _send(self, worker: Worker[Job], msg: Message) -> bool:
@@ -543,22 +629,34 @@ class RemoteTier:
                         self._ignored)
 
     def _lose(self, worker: Worker[Job], why: str) -> None:
+        peer: Peer = worker.endpoint
+        for slot in list(peer.slots.values()):  # an agent's slots are lost with it
+            self._lose(slot, f"its agent {peer.name} was lost: {why}")
         held = self._peers.lose(worker)
         if held is None:
             return
-        peer: Peer = worker.endpoint
+        if self._stopped:
+            for job in held:
+                self._stopped.pop(job, None)
         log.warning("worker %s (%s pid %d) lost: %s", peer.name, peer.host, peer.pid, why)
         for job in held:
             self._events.on_done(job, False, WorkerLostError(
                 peer.pid, None, f"{job.id} on {peer.name}@{peer.host} ({why})"))
 
     def _forget(self, worker: Worker[Job]) -> None:
+        peer: Peer = worker.endpoint
+        if peer.slots:
+            return  # a draining agent stays while its slots drain (they live by its heartbeats)
         self._peers.forget(worker)
+        agent = peer.supervisor
+        if agent is not None and agent.retiring and not agent.endpoint.slots:
+            self._peers.forget(agent)
 
     def _fail_all(self, error: BaseException) -> None:
         jobs = list(self._inbox)
         self._inbox.clear()
         self._stop_when_sent.clear()
+        self._stopped.clear()
         jobs += self._peers.drop_all()
         for job in jobs:
             self._events.on_done(job, False, error, batch=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,12 +24,12 @@ from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
 
 __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_ACCEPTED_IDS", "MAX_BATCH", "MAX_CAPACITY",
            "MAX_CPUS",
-           "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "MessageType", "Message"]
+           "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "LOST_REASONS", "MessageType", "Message"]
 
 PROTOCOL_VERSION = 2
 
 MessageType = Literal[
-    "hello", "result", "results", "heartbeat", "bye",             # worker -> scheduler
+    "hello", "result", "results", "heartbeat", "bye", "lost",     # worker -> scheduler
     "welcome", "task", "tasks", "cancel", "shutdown",             # scheduler -> worker
     "submit", "accepted", "fetch", "status", "status_reply", "error",  # client <-> daemon
     "jobs", "jobs_reply", "submits",                             # client <-> daemon
@@ -144,6 +145,23 @@ MAX_CPUS = 1 << 16  # cores a worker's host may claim (hello "cpus", optional)
 _CPUS: _Check = (f"an int from 1 to {MAX_CPUS} (cores of the worker's host)",
                  lambda v: type(v) is int and 1 <= v <= MAX_CPUS)
 
+# Slots (worker/_slots.py): an agent's hello names its group (a random token) and
+# how many slot processes it runs; each slot's hello names the group and its index.
+_GROUP_OK = re.compile(r"[0-9a-f]{32}").fullmatch
+_SLOTS: _Check = (f"a map {{group: 32 hex digits, count: int from 1 to {MAX_CAPACITY}}}",
+                  lambda v: type(v) is dict and type(v.get("group")) is str
+                  and _GROUP_OK(v["group"]) is not None and type(v.get("count")) is int
+                  and 1 <= v["count"] <= MAX_CAPACITY)
+_SLOT: _Check = (f"a map {{group: 32 hex digits, index: int from 0 to {MAX_CAPACITY - 1}}}",
+                 lambda v: type(v) is dict and type(v.get("group")) is str
+                 and _GROUP_OK(v["group"]) is not None and type(v.get("index")) is int
+                 and 0 <= v["index"] < MAX_CAPACITY)
+_SLOT_INDEX: _Check = (f"an int from 0 to {MAX_CAPACITY - 1}",
+                       lambda v: type(v) is int and 0 <= v < MAX_CAPACITY)
+LOST_REASONS = frozenset({"died", "timeout", "cancelled", "memory"})
+_LOST_REASON: _Check = (f"one of {sorted(LOST_REASONS)}", lambda v: v in LOST_REASONS)
+_SECONDS: _Check = ("a number >= 0", lambda v: _number(v) and v >= 0)
+
 MAX_JOB_IDS = 256      # job ids one "jobs" query may name
 MAX_JOBS_LIMIT = 1000  # recent jobs one "jobs" listing may ask for
 _JOB_IDS: _Check = (f"a list of 1 to {MAX_JOB_IDS} str",
@@ -174,7 +192,7 @@ _LOGS: _Check = (f"a list of at most {MAX_WIRE_RECORDS} [time, level 0-100, name
 # type -> (required fields, optional fields); unknown fields are ignored (versioning rule).
 _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "hello": ({"name": _STR, "host": _STR, "pid": _ID, "capacity": _CAPACITY},
-              {"cpus": _CPUS}),
+              {"cpus": _CPUS, "slots": _SLOTS, "slot": _SLOT}),
     "result": ({"ok": _BOOL}, {"task_id": _ID, "job_id": _STR, "value": _ANY, "error": _ERROR,
                                "session": _SESSION, "logs": _LOGS,
                                # arrays as memfds to a same-host client (_samehost.py)
@@ -182,11 +200,19 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "results": ({"results": _BATCH}, {}),
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
+    # An agent's slot process ended (it killed it for a timeout, a cancel or its
+    # memory, or it died): task_id, the task it was running.
+    # pid: the slot process's; size, limit: its private memory and memory_limit (bytes).
+    "lost": ({"slot": _SLOT_INDEX, "reason": _LOST_REASON},
+             {"task_id": _ID, "pid": _ID, "size": _ID, "limit": _ID}),
     "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
                  "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
     "tasks": ({"tasks": _BATCH}, {}),
-    "cancel": ({}, {"task_id": _ID, "job_id": _STR, "now": _BOOL, "queued_only": _BOOL}),
+    # slot, seq, after: a task of one of the agent's slots (the seq-th task sent to
+    # that slot), to be killed once it has run ``after`` seconds.
+    "cancel": ({}, {"task_id": _ID, "job_id": _STR, "now": _BOOL, "queued_only": _BOOL,
+                    "slot": _SLOT_INDEX, "seq": _ID, "after": _SECONDS, "pid": _ID}),
     "shutdown": ({}, {}),
     "submit": ({"fn": _FN, "args": _ARGS, "kwargs": _MAP},
                {"job_id": _OPT_JOB, "options": _OPTIONS, "batch_accepted": _BOOL,

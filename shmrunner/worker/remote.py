@@ -34,6 +34,13 @@ Data flow::
 
 SIGTERM or SIGINT: the agent says ``bye`` (the scheduler stops sending work),
 finishes the tasks it holds, sends their results and exits 0.
+
+With ``slots`` (``--slots``) the agent runs no task itself: its processes
+each hold their own connection to the scheduler and it supervises them
+(``_slots.py``): it says hello with ``slots: {group, count}``, forks them
+after each welcome, kills one when the scheduler's cancel names its task
+(``seq``, ``after``) or it goes over ``memory_limit``, and reports every end
+of one as ``lost``. Its heartbeats cover its slots.
 """
 
 from __future__ import annotations
@@ -44,13 +51,13 @@ import logging
 import math
 import multiprocessing
 import os
-import pickle
 import signal
 import socket
 import threading
 import time
 from typing import Any
 
+from .. import _memsize
 from .._allowlist import AllowList
 from .._engine import EngineSettings, ProcessEngine, Task
 from .._tasklogs import Record, engine_setting
@@ -58,16 +65,11 @@ from .._wakeup import Wakeup
 from ..config import WorkerSettings
 from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
 from ..transport._gate import SocketGate
-from ..transport.protocol import (
-    MAX_BATCH,
-    MAX_CAPACITY,
-    MAX_CPUS,
-    Message,
-    _pickle_dumps,
-    exception_to_wire,
-    resolve_function,
-)
+from ..transport.protocol import MAX_BATCH, MAX_CAPACITY, MAX_CPUS, Message, _pickle_dumps
 from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
+from . import _memwatch
+from ._slots import Slots, SlotSpec, lost_body
+from ._taskcall import call_pickled, resolve, result_body, send_results
 
 __all__ = ["Agent", "run_agent"]
 
@@ -151,6 +153,12 @@ class Agent:
         self._channel: ZmqChannel | None = None
         self._flush_error: Exception | None = None  # a _flush send that raised
         self._allowed = AllowList(settings.allowed_functions, "worker.allowed_functions")
+        self._slots: Slots | None = None  # with settings.slots: the processes it supervises
+        # Slot cancels still to act on: (slot, task id) -> (reason, seconds it must
+        # have run, its place in the slot's order, the slot's pid, times asked).
+        self._slot_cancels: dict[tuple[int, int], tuple[str, float, int, int | None, int]] = {}
+        self._slot_cancel_at: float | None = None
+        self._next_memory_check = 0.0
 
     def stop(self) -> None:
         """Drain and exit: safe from a signal handler or another thread."""
@@ -160,6 +168,18 @@ class Agent:
     def run(self) -> int:
         logs = engine_setting(self.settings.task_logs, self.settings.task_log_bytes,
                               "worker.task_logs")
+        if self.settings.slots:
+            self._slots = Slots(
+                SlotSpec(self.settings, client_keys(self.settings.curve_secret_key,
+                                                    self.settings.curve_server_key),
+                         self.name, os.getpid(), logs),
+                min(self.processes, MAX_CAPACITY), self._ctx, self._wakeup,
+                _memsize.resolve(self.settings.memory_limit))
+            try:
+                return self._serve()
+            finally:
+                self._slots.close()
+                self._wakeup.close()
         self._core = ProcessEngine(EngineSettings(
             processes=self.processes, context=self._ctx,
             shm_threshold=self.settings.shm_threshold, task_logs=logs,
@@ -169,11 +189,7 @@ class Agent:
             fast_task=math.inf if self.processes == 1 else None),
             on_results=self._flush, on_logs=None if logs is None else _keep_logs)
         try:
-            while True:
-                if self._session():
-                    if self._wrong_endpoint is not None:
-                        raise ShmrunnerError(self._wrong_endpoint)
-                    return 0
+            return self._serve()
         finally:
             if self._running:
                 self._core.terminate()
@@ -181,6 +197,13 @@ class Agent:
                 self._core.close()
             self._core.join()
             self._wakeup.close()
+
+    def _serve(self) -> int:
+        while True:
+            if self._session():
+                if self._wrong_endpoint is not None:
+                    raise ShmrunnerError(self._wrong_endpoint)
+                return 0
 
     # --- one connection ------------------------------------------------------------------
 
@@ -209,6 +232,10 @@ class Agent:
                                       "capacity": min(self.processes, MAX_CAPACITY),
                                       "cpus": min(os.cpu_count() or 1, MAX_CPUS),
                                       "allow_pickle": settings.allow_pickle})
+            if self._slots is not None:  # new slots for a new connection
+                self._slots.reset()
+                self._slot_cancels.clear()
+                hello.body["slots"] = {"group": self._slots.group, "count": self._slots.count}
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
             self._beat = (settings.heartbeat_interval, settings.heartbeat_timeout)
@@ -229,6 +256,10 @@ class Agent:
                 wake_at = next_beat
                 if self._cancel_at is not None:
                     wake_at = min(wake_at, self._cancel_at)
+                if self._slot_cancel_at is not None:
+                    wake_at = min(wake_at, self._slot_cancel_at)
+                if self._slots is not None and self._slots.memory_limit is not None:
+                    wake_at = min(wake_at, self._next_memory_check)
                 if idle_since is not None:
                     wake_at = min(wake_at, idle_since + _DRAIN_GRACE)
                 readable = gate.sleep(max(0.0, wake_at - time.monotonic()),
@@ -251,15 +282,20 @@ class Agent:
                     next_beat = min(next_beat, last_heard + self._beat[0])
                 if self._joined is None and self._not_a_scheduler(channel.rejected):
                     return True
-                self._retry_cancels()
-                self._send_results(channel)
+                if self._slots is not None:
+                    self._tend_slots(channel)
+                else:
+                    self._retry_cancels()
+                    self._send_results(channel)
                 now = time.monotonic()
                 if self._stopping.is_set():
                     if not said_bye:
                         if channel.writable():
                             channel.send(Message("bye", {"reason": "draining"}))
                         said_bye = True
-                    if self._running:
+                        if self._slots is not None:
+                            self._slots.drain()
+                    if self._running or (self._slots is not None and self._slots.alive()):
                         idle_since = None
                     elif idle_since is None:
                         idle_since = now
@@ -316,8 +352,14 @@ class Agent:
 
     def _handle(self, msg: Message, batch: list[Task]) -> bool:
         """Act on one message (tasks are appended to ``batch``); False on shutdown."""
-        assert self._core is not None
-        if msg.type in ("task", "tasks") and self._session_id is None:
+        if self._slots is not None and msg.type in ("task", "tasks", "cancel"):
+            if msg.type == "cancel" and self._session_id is not None and "slot" in msg.body:
+                self._slot_cancel(msg.body)
+            elif msg.type != "cancel":  # a scheduler deals tasks to the slots, never here
+                self.refused += 1
+                log.warning("refused a %s message: this agent runs its tasks in its slots",
+                            msg.type)
+        elif msg.type in ("task", "tasks") and self._session_id is None:
             self.refused += 1  # a scheduler always welcomes first: not one to trust
             log.warning("refused a %s message that came before the welcome", msg.type)
         elif msg.type == "task":
@@ -351,6 +393,8 @@ class Agent:
         be delivered, so they are dropped and its tasks stopped, freeing the
         processes for the new scheduler's work (_send_results drops their results)."""
         self._session_id = session
+        if self._slots is not None:
+            self._slots.start(session)
         if self._joined is not None and session != self._joined:
             gone = self._joined
             for key in list(self._running):
@@ -368,8 +412,7 @@ class Agent:
         Every round asks (a result may have started the task); ``_cancel_at``
         is the latest time to ask again: when the task will have run for its
         timeout, or after a backoff while it has not started."""
-        assert self._core is not None
-        if not self._cancels:
+        if not self._cancels or self._core is None:
             self._cancel_at = None
             return
         now = time.monotonic()
@@ -388,6 +431,60 @@ class Agent:
             retry_at = when if retry_at is None else min(retry_at, when)
         self._cancel_at = retry_at
 
+    # --- slots ---------------------------------------------------------------------------
+
+    def _slot_cancel(self, body: dict[str, Any]) -> None:
+        """The scheduler stops a task of one of our slots: a cancel ("now"),
+        else a timeout (once the task has run ``after`` seconds)."""
+        assert self._slots is not None
+        index = body["slot"]
+        if index >= self._slots.count:
+            return
+        reason = "cancelled" if body.get("now") is True else "timeout"
+        self._slot_cancels[(index, body.get("task_id", -1))] = (
+            reason, float(body.get("after", 0.0)), body.get("seq", 0), body.get("pid"), 0)
+
+    def _tend_slots(self, channel: ZmqChannel) -> None:
+        """One round of supervision: memory, cancels due, ends reported, re-forks."""
+        slots = self._slots
+        assert slots is not None
+        now = time.monotonic()
+        if slots.memory_limit is not None and now >= self._next_memory_check:
+            slots.over_memory()
+            self._next_memory_check = now + _memwatch.WATCH_INTERVAL
+        retry_at: float | None = None
+        for key, (reason, after, seq, pid, tries) in list(self._slot_cancels.items()):
+            index, task_id = key
+            if pid is not None and slots.pid(index) != pid:
+                del self._slot_cancels[key]  # that process is gone: its tasks with it
+                continue
+            started, running, since = slots.words.read(index)
+            if started < seq:  # not started yet: ask again
+                when = now + min(_CANCEL_RETRY_MAX, _CANCEL_RETRY * 2 ** min(tries, 16))
+                self._slot_cancels[key] = (reason, after, seq, pid, tries + 1)
+            elif started == seq and running == task_id:
+                if reason == "cancelled" or now - since >= after:
+                    slots.kill(index, reason, task_id)
+                    del self._slot_cancels[key]
+                    continue
+                when = since + after
+            else:  # over: its result is on its way
+                del self._slot_cancels[key]
+                continue
+            retry_at = when if retry_at is None else min(retry_at, when)
+        self._slot_cancel_at = retry_at
+        for ended in slots.reap():
+            for key in [key for key in self._slot_cancels if key[0] == ended.index]:
+                del self._slot_cancels[key]
+            if ended.reason == "exited":
+                continue  # drained (it said bye), or told to shut down
+            if ended.reason == "died":
+                log.warning("slot %d (pid %s) died while running task %s; a new one replaces it",
+                            ended.index, ended.pid, ended.task_id)
+            if self._session_id is not None and channel.writable():
+                channel.send(Message("lost", lost_body(ended, slots.memory_limit)))
+        slots.refill()
+
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
         assert self._core is not None and self._session_id is not None
         task_id = body["task_id"]
@@ -396,9 +493,9 @@ class Agent:
             fn = body["fn"]
             self._allowed.check(fn, body["args"])  # before anything is imported
             if isinstance(fn, str):
-                fn = _resolve(fn)
+                fn = resolve(fn)
             else:  # arrived pickled (cloudpickle): the engine's plain pickle may refuse it
-                fn = functools.partial(_call_pickled, _pickle_dumps(fn))
+                fn = functools.partial(call_pickled, _pickle_dumps(fn))
             reply = _Reply(self, key)
             task = reply.task = self._core.new_task(fn, tuple(body["args"]), body["kwargs"],
                                                     reply, report_start=bool(body.get("timeout")))
@@ -459,42 +556,14 @@ class Agent:
                 self._timeouts.pop(key, None)
             if key[0] != session:
                 continue  # for a scheduler that is gone
-            body = _result_body(session, key[1], ok, value)
+            body = result_body(session, key[1], ok, value)
             if logs:
                 body["logs"] = logs
             bodies.append(body)
-        if len(bodies) > 1:
-            try:
-                channel.send(Message("results", {"results": bodies}))
-                bodies = []
-            except (TypeError, ValueError):
-                pass  # one result cannot travel: send them one by one below
-        for body in bodies:
-            try:
-                channel.send(Message("result", body))
-            except (TypeError, ValueError) as exc:
-                failed = _result_body(
-                    session, body["task_id"], False,
-                    TypeError(f"the result of task {body['task_id']} cannot be sent back: {exc}"))
-                if "logs" in body:
-                    failed["logs"] = body["logs"]
-                channel.send(Message("result", failed))
+        if bodies:
+            send_results(channel, session, bodies)
         if self._done:
             self._wakeup.wake()  # more than one batch finished: go round again
-
-
-_resolve = functools.lru_cache(maxsize=1024)(resolve_function)
-
-
-def _call_pickled(blob: bytes, /, *args: Any, **kwargs: Any) -> Any:
-    return pickle.loads(blob)(*args, **kwargs)
-
-
-def _result_body(session: str, task_id: int, ok: bool, value: Any) -> dict[str, Any]:
-    if ok:
-        return {"session": session, "task_id": task_id, "ok": True, "value": value}
-    return {"session": session, "task_id": task_id, "ok": False,
-            "error": exception_to_wire(value)}
 
 
 def run_agent(settings: WorkerSettings) -> int:

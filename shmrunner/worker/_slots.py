@@ -1,0 +1,389 @@
+"""Slots: an agent's worker processes each talk to the hub themselves
+(``shmrunner worker --slots``); the agent only supervises them.
+
+Data flow::
+
+    hub ROUTER <== DEALER of slot i (its own connection, the agent's CURVE key)
+        hello {slot: {group, index}} -> the hub files it under its agent
+        task(s) -> run here, in order, in this process's main thread
+                   (TaskWords: what it runs, for the agent to read)
+        results <- straight back; several at once when the next queued
+                   call's function is known to take under _BATCH_TASK
+        no heartbeats of its own: its agent's cover it
+    agent (worker/remote.py) over its own connection, off the task path:
+        Slots.start(session) forks one process per slot after each new welcome
+        a death (watch thread) -> reap() -> "lost {slot, task_id, died}", re-fork
+        hub's cancel {slot, seq, after} -> Slots.kill when TaskWords says the
+                   slot runs that task and it has run ``after`` -> "lost"
+        memory_limit -> over_memory() -> kill -> "lost {.., memory}"
+
+Per task this removes the agent loop's wake, decode and encode, the hop to a
+pool process and the agent manager's wake (docs/scaling.md, "Fewer hops").
+A slot dies with its agent (PR_SET_PDEATHSIG); SIGTERM drains it (bye, the
+tasks it holds, exit 0).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from .._allowlist import AllowList
+from .._wakeup import Wakeup
+from ..config import WorkerSettings
+from ..transport.protocol import MAX_CPUS, Message
+from ..transport.zmqchannel import ChannelOptions, CurveKeys, ZmqChannel
+from . import _memwatch
+from ._taskcall import call_task, result_body, send_results
+from ._taskwords import TaskWords
+from .loop import _die_with_owner
+
+__all__ = ["Slots", "SlotSpec"]
+
+log = logging.getLogger("shmrunner.worker")
+
+_ACCEPT = frozenset({"welcome", "task", "tasks", "heartbeat", "shutdown"})
+_DRAIN_GRACE = 0.2  # seconds without new work before a draining slot exits
+# A result waits to travel with the next ones only while the next queued call's
+# function last ran under this (so tiny calls come back many per message).
+_BATCH_TASK = 0.5e-3
+_BATCH_MAX = 256  # results in one message at most
+# Seconds a slot waits for its welcome: only a hub that restarted since its
+# agent was welcomed never answers (then the agent reconnects and re-forks).
+_WELCOME_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """What every slot of one agent is started with (forked: never pickled)."""
+
+    settings: WorkerSettings
+    curve: CurveKeys | None
+    name: str
+    owner_pid: int
+    logs: tuple[int, int] | None  # (level, limit) of the task log capture, or None
+
+
+# --- the slot process ------------------------------------------------------------------
+
+def slot_main(spec: SlotSpec, group: str, index: int, session: str, words: TaskWords) -> None:
+    """Serve the hub as slot ``index`` of ``group`` for ``session``."""
+    _die_with_owner(spec.owner_pid, direct_child=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    settings = spec.settings
+    capture = None
+    if spec.logs is not None:
+        from .._tasklogs import Capture
+
+        capture = Capture(*spec.logs)
+        capture.install(list(logging.getLogger().handlers))
+    allowed = AllowList(settings.allowed_functions, "worker.allowed_functions")
+    channel = ZmqChannel("dealer", ChannelOptions(
+        max_bytes=settings.max_message_bytes, allow_pickle=settings.allow_pickle,
+        accept=_ACCEPT, curve=spec.curve))
+    try:
+        channel.connect(settings.connect or "")
+        _Slot(spec, group, index, session, words, channel, allowed, capture, stopping).serve()
+    finally:
+        channel.close(linger=1.0)
+
+
+class _Slot:
+    def __init__(self, spec: SlotSpec, group: str, index: int, session: str, words: TaskWords,
+                 channel: ZmqChannel, allowed: AllowList, capture: Any,
+                 stopping: threading.Event) -> None:
+        self.spec, self.group, self.index, self.session = spec, group, index, session
+        self.words = words
+        self.channel, self.allowed, self.capture, self.stopping = (channel, allowed, capture,
+                                                                   stopping)
+        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.took: dict[Any, float] = {}  # function reference -> how long its last call ran
+        self.welcomed = False
+
+    def serve(self) -> None:
+        settings, channel = self.spec.settings, self.channel
+        hello = Message("hello", {
+            "name": f"{self.spec.name}/{self.index}", "host": socket.gethostname(),
+            "pid": os.getpid(), "capacity": 1, "cpus": min(os.cpu_count() or 1, MAX_CPUS),
+            "allow_pickle": settings.allow_pickle,
+            "slot": {"group": self.group, "index": self.index}})
+        while not channel.writable():  # the connection is up: the hello cannot block
+            if self.stopping.wait(0.01):
+                return
+        channel.send(hello)
+        # Not welcomed in time: the hub does not know our agent (it restarted
+        # meanwhile); the agent forks a new slot after its own new welcome.
+        welcome_by: float | None = time.monotonic() + max(_WELCOME_WAIT,
+                                                           settings.heartbeat_timeout)
+        said_bye = False
+        idle_since: float | None = None
+        while True:
+            if self.queue:
+                self._run_queued()
+                idle_since = None
+                continue
+            now = time.monotonic()
+            if self.stopping.is_set():
+                if not said_bye:
+                    channel.send(Message("bye", {"reason": "draining"}))
+                    said_bye = True
+                idle_since = idle_since or now
+                if now - idle_since > _DRAIN_GRACE:
+                    return
+                wait: float | None = idle_since + _DRAIN_GRACE - now
+            elif welcome_by is not None:
+                if now > welcome_by:
+                    log.warning("slot %d: no welcome from %s; exiting", self.index,
+                                settings.connect)
+                    os._exit(1)
+                wait = welcome_by - now
+            else:
+                wait = 0.5  # a SIGTERM is seen within this
+            if channel.poll(wait):
+                if not self._receive():
+                    return
+                if welcome_by is not None and self.welcomed:
+                    welcome_by = None
+
+    def _receive(self) -> bool:
+        """Take every message waiting; False on shutdown."""
+        while (received := self.channel.recv(0)) is not None:
+            msg = received.message
+            if msg.type == "task" and self.welcomed:
+                self.queue.append(msg.body)
+            elif msg.type == "tasks" and self.welcomed:
+                self.queue.extend(msg.body["tasks"])
+            elif msg.type == "welcome":
+                if msg.body["session"] != self.session:
+                    log.warning("slot %d: welcomed by another scheduler session; exiting",
+                                self.index)
+                    os._exit(1)  # our agent re-forks us for its own session
+                self.welcomed = True
+            elif msg.type == "shutdown":
+                return False
+        return True
+
+    def _run_queued(self) -> None:
+        """Run what is queued, in order; results go back at once, or many per
+        message while the next call is known to be tiny."""
+        bodies: list[dict[str, Any]] = []
+        while self.queue:
+            body = self.queue.popleft()
+            fn = body.get("fn")
+            started = time.monotonic()
+            self.words.begin(self.index, body["task_id"])
+            if self.capture is not None:
+                self.capture.begin(body["task_id"])
+            ok, value = call_task(self.allowed, body)
+            self.took[fn if isinstance(fn, str) else id(fn)] = time.monotonic() - started
+            result = result_body(self.session, body["task_id"], ok, value)
+            if self.capture is not None and (records := self.capture.take()):
+                result["logs"] = records
+            del value
+            bodies.append(result)
+            if not self.queue:
+                self._receive()  # tasks that came meanwhile keep the batch going
+            if (not self.queue or len(bodies) >= _BATCH_MAX
+                    or self.took.get(_kind(self.queue[0].get("fn")), 1.0) >= _BATCH_TASK):
+                send_results(self.channel, self.session, bodies)
+                bodies = []
+            self.words.end(self.index)
+        if bodies:
+            send_results(self.channel, self.session, bodies)
+
+
+def _kind(fn: Any) -> Any:
+    return fn if isinstance(fn, str) else id(fn)
+
+
+# --- the agent's side --------------------------------------------------------------------
+
+@dataclass
+class Ended:
+    """A slot process that ended: killed here (``reason``) or died by itself."""
+
+    index: int
+    pid: int | None
+    task_id: int | None  # the task it was running, by its TaskWords
+    # "died", "exited" (status 0: drained), or why it was killed: "timeout",
+    # "cancelled", "memory"
+    reason: str
+    size: int | None = None  # the private memory it used, for "memory"
+
+
+class Slots:
+    """The agent's slot processes: forked per scheduler session, watched,
+    killed on request, re-forked when they end (unless draining)."""
+
+    def __init__(self, spec: SlotSpec, count: int, context: multiprocessing.context.BaseContext,
+                 wakeup: Wakeup, memory_limit: int | None) -> None:
+        self.spec = spec
+        self.count = count
+        self._ctx: Any = context
+        self._wakeup = wakeup
+        self.memory_limit = memory_limit
+        self.words = TaskWords(count)
+        self.group = secrets.token_hex(16)  # new for each connection of the agent (reset)
+        self.session: str | None = None
+        self.draining = False
+        self._procs: list[BaseProcess | None] = [None] * count
+        self._killed: dict[int, Ended] = {}  # pid -> why it was killed here
+        self._lock = threading.Lock()  # the process list, for the watch thread
+        self._reload_r, self._reload_w = os.pipe()
+        self._watch = threading.Thread(target=self._watch_deaths, name="shmrunner-slot-watch",
+                                       daemon=True)
+        self._closed = False
+        self._watch.start()
+
+    def pid(self, index: int) -> int | None:
+        proc = self._procs[index]
+        return proc.pid if proc is not None else None
+
+    def alive(self) -> int:
+        return sum(1 for proc in self._procs if proc is not None)
+
+    def reset(self) -> None:
+        """The agent opens a new connection: its slots end, and the next ones
+        join under a new group (the hub forgets the old one with the old
+        connection; a late hello of an old slot is refused)."""
+        self.kill_all()
+        self.session = None
+        self.group = secrets.token_hex(16)
+
+    def start(self, session: str) -> None:
+        """The agent's connection was welcomed into ``session``: fork the slots."""
+        self.session = session
+        self.refill()
+
+    def refill(self) -> None:
+        """Fork a process for every empty slot (not while draining)."""
+        if self.session is None or self.draining or self._closed:
+            return
+        for index, proc in enumerate(self._procs):
+            if proc is None:
+                self.words.reset(index)
+                proc = self._ctx.Process(target=slot_main, name=f"shmrunner-slot-{index}",
+                                         args=(self.spec, self.group, index, self.session,
+                                               self.words),
+                                         daemon=True)
+                proc.start()
+                with self._lock:
+                    self._procs[index] = proc
+        self._reload()
+
+    def reap(self) -> list[Ended]:
+        """The slot processes that ended since the last call (their slots empty)."""
+        ended = []
+        for index, proc in enumerate(self._procs):
+            if proc is None or proc.is_alive():
+                continue
+            proc.join()
+            with self._lock:
+                self._procs[index] = None
+            why = self._killed.pop(proc.pid or -1, None)
+            if why is None:
+                _, task_id, _ = self.words.read(index)
+                why = Ended(index, proc.pid, task_id, "exited" if proc.exitcode == 0 else "died")
+            ended.append(why)
+        if ended:
+            self._reload()  # the watch thread waits on the slots left
+        return ended
+
+    def kill(self, index: int, reason: str, task_id: int | None,
+             size: int | None = None) -> None:
+        """SIGKILL slot ``index`` for ``task_id`` (reap reports its end, with
+        ``reason`` and that task: if the slot moved on to another meanwhile,
+        that one is not blamed; the hub runs it again)."""
+        proc = self._procs[index]
+        if proc is None or proc.pid in self._killed:
+            return
+        self._killed[proc.pid or -1] = Ended(index, proc.pid, task_id, reason, size)
+        proc.kill()
+
+    def over_memory(self) -> None:
+        """Kill the slots over ``memory_limit`` (reap reports them)."""
+        limit = self.memory_limit
+        if limit is None:
+            return
+        for index, proc in enumerate(self._procs):
+            if proc is None or proc.pid is None or proc.pid in self._killed:
+                continue
+            bound = _memwatch.anonymous_memory(proc.pid)
+            if bound is None or bound <= limit:
+                continue
+            _, task_id, _ = self.words.read(index)
+            size = _memwatch.private_memory(proc.pid)
+            if size is not None and size > limit:
+                log.info("slot %d (pid %d) uses %d bytes of private memory, over its "
+                         "memory_limit of %d: killed", index, proc.pid, size, limit)
+                self.kill(index, "memory", task_id, size)
+
+    def drain(self) -> None:
+        """SIGTERM every slot: each finishes what it holds and exits."""
+        self.draining = True
+        for proc in self._procs:
+            if proc is not None:
+                proc.terminate()
+
+    def kill_all(self) -> None:
+        for index, proc in enumerate(self._procs):
+            if proc is not None:
+                proc.kill()
+                proc.join()
+                with self._lock:
+                    self._procs[index] = None
+                self._killed.pop(proc.pid or -1, None)
+        self._reload()
+
+    def close(self) -> None:
+        self._closed = True
+        self.kill_all()
+        self._reload()
+        self._watch.join()
+        os.close(self._reload_r)
+        os.close(self._reload_w)
+
+    # --- the watch thread: wakes the agent loop when a slot process ends ------------------
+
+    def _reload(self) -> None:
+        os.write(self._reload_w, b"\0")
+
+    def _watch_deaths(self) -> None:
+        while not self._closed:
+            with self._lock:
+                sentinels = {proc.sentinel: proc for proc in self._procs if proc is not None}
+            ready = multiprocessing.connection.wait([*sentinels, self._reload_r])
+            if self._reload_r in ready:
+                os.read(self._reload_r, 4096)
+            if any(fd in sentinels for fd in ready):
+                self._wakeup.wake()
+                # Seen: wait for a reload (the loop reaps and re-forks) before
+                # watching these again, so a reaped sentinel cannot spin here.
+                os.read(self._reload_r, 4096)
+
+
+def lost_body(ended: Ended, limit: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"slot": ended.index, "reason": ended.reason}
+    if ended.task_id is not None:
+        body["task_id"] = ended.task_id
+    if ended.pid is not None:
+        body["pid"] = ended.pid
+    if ended.size is not None:
+        body["size"] = ended.size
+        if limit is not None:
+            body["limit"] = limit
+    return body
+

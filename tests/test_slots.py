@@ -1,0 +1,321 @@
+"""Slots: ``shmrunner worker --slots``, whose processes each hold their own
+connection to the scheduler while the agent supervises them.
+
+Real agents (``python -m shmrunner.cli worker --slots``) against a real
+Scheduler over 127.0.0.1: results, arrays and errors travel; a slot killed
+(by a test, a timeout, a cancel, its memory limit) fails only the task it
+ran, the tasks queued behind it run on its replacement, and nothing outlives
+the agent. Hostile hellos and reports are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import _memory_tasks
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from test_remote import JOIN, RESULT, Workers, remote_scheduler
+from test_timeouts import _stress
+
+import _sched_tasks as tasks
+from _sched_tasks import Gates
+from _util import children, is_alive, wait_until
+from shmrunner import (
+    MemoryLimitError,
+    TaskCancelledError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+from shmrunner.transport.protocol import PROTOCOL_VERSION, Message, decode, encode
+
+
+class SlotCluster:
+    """A Scheduler and one ``--slots`` agent of ``processes`` slots."""
+
+    def __init__(self, tmp_path: Path, processes: int, *extra: str) -> None:
+        self.sched = remote_scheduler()
+        self.workers = Workers(tmp_path)
+        assert self.sched.address is not None
+        self.agent = self.workers.start(self.sched.address, "a", "--slots",
+                                        "--processes", str(processes), *extra)
+        self.processes = processes
+        try:
+            wait_until(lambda: len(self.slot_pids()) == processes, JOIN,
+                       message=f"the agent and its {processes} slots to join")
+        except BaseException:
+            self.close()
+            raise
+
+    def slots(self) -> list[dict[str, Any]]:
+        return [w for w in self.sched.status()["workers"] if w["name"].startswith("a/")]
+
+    def slot_pids(self) -> list[int]:
+        return sorted(w["pid"] for w in self.slots())
+
+    def close(self) -> None:
+        try:
+            self.workers.stop_all()
+        finally:
+            self.sched.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def gates(tmp_path: Path) -> Gates:
+    d = tmp_path / "gates"
+    d.mkdir()
+    return Gates(d)
+
+
+@pytest.fixture
+def one_slot(tmp_path: Path, gates: Gates) -> Iterator[SlotCluster]:
+    cluster = SlotCluster(tmp_path, 1)
+    try:
+        yield cluster
+    finally:
+        gates.open_all()
+        cluster.close()
+
+
+@pytest.fixture
+def two_slots(tmp_path: Path, gates: Gates) -> Iterator[SlotCluster]:
+    cluster = SlotCluster(tmp_path, 2)
+    try:
+        yield cluster
+    finally:
+        gates.open_all()
+        cluster.close()
+
+
+def started_pid(gates: Gates, name: str) -> int:
+    """The pid a gated task reported when it started."""
+    path = gates.path(name)
+    wait_until(lambda: os.path.exists(path) and os.path.getsize(path) > 0, RESULT,
+               message=f"task {name} to start")
+    return int(json.loads(Path(path).read_text())["pid"])
+
+
+# --- what travels ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_results_arrays_and_errors_travel_through_slots(two_slots: SlotCluster,
+                                                        gates: Gates) -> None:
+    sched = two_slots.sched
+    assert sched.submit(tasks.add, 2, 3).result(RESULT) == 5
+    assert sched.submit("_sched_tasks:square", 7).result(RESULT) == 49
+    arr = np.arange(300_000, dtype=np.float64)  # 2.4 MB: its own frame, both ways
+    np.testing.assert_array_equal(sched.submit(tasks.double, arr).result(RESULT), arr * 2)
+    with pytest.raises(ValueError, match="bad input"):
+        sched.submit(tasks.raise_value_error, "bad input").result(RESULT)
+    squares = [sched.submit(tasks.square, i) for i in range(500)]
+    assert [f.result(RESULT) for f in squares] == [i * i for i in range(500)]
+    # Two tasks that finish only when both run at once: both slots take work,
+    # each in its own process, the agent's children.
+    a, b = gates.path("a"), gates.path("b")
+    pids = {f.result(RESULT)["pid"] for f in [sched.submit(tasks.all_started, a, [b]),
+                                              sched.submit(tasks.all_started, b, [a])]}
+    assert pids == set(two_slots.slot_pids())
+    assert set(pids) <= set(children(two_slots.agent.pid))
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_the_agent_and_its_slots(two_slots: SlotCluster) -> None:
+    workers = two_slots.sched.status()["workers"]
+    (agent,) = [w for w in workers if w["name"] == "a"]
+    assert agent["capacity"] == 0 and agent["pid"] == two_slots.agent.pid  # runs nothing itself
+    assert sorted(w["name"] for w in two_slots.slots()) == ["a/0", "a/1"]
+    assert all(w["capacity"] == 1 for w in two_slots.slots())
+
+
+# --- a slot that ends ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_slot_fails_only_its_task_and_is_replaced(one_slot: SlotCluster,
+                                                           gates: Gates) -> None:
+    sched = one_slot.sched
+    (before,) = one_slot.slot_pids()
+    running = sched.submit(tasks.gated, gates.path("started"), gates.path("never"))
+    queued = [sched.submit(tasks.square, i) for i in range(5)]  # behind it, on the same slot
+    pid = started_pid(gates, "started")
+    assert pid == before
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerLostError):
+        running.result(RESULT)
+    assert [f.result(RESULT) for f in queued] == [i * i for i in range(5)]
+    wait_until(lambda: len(one_slot.slot_pids()) == 1 and one_slot.slot_pids() != [before],
+               JOIN, message="a new slot process to join")
+    assert sched.status()["lost_workers"] == 1
+    assert sched.submit(tasks.add, 1, 1).result(RESULT) == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_timeout_kills_its_slot_and_spares_the_tasks_behind_it(
+        one_slot: SlotCluster) -> None:
+    sched = one_slot.sched
+    (before,) = one_slot.slot_pids()
+    slow = sched.submit(tasks.sleep_for, 60.0, timeout=0.5)
+    after = [sched.submit(tasks.square, i) for i in range(3)]
+    started = time.monotonic()
+    with pytest.raises(TaskTimeoutError):
+        slow.result(RESULT)
+    assert time.monotonic() - started < 20
+    assert [f.result(RESULT) for f in after] == [0, 1, 4]
+    wait_until(lambda: one_slot.slot_pids() not in ([], [before]), JOIN,
+               message="a new slot process to join")
+    assert sched.status()["lost_workers"] == 0  # stopped on purpose, not lost
+
+
+@pytest.mark.timeout(90)
+def test_cancel_stops_a_running_slot_task(one_slot: SlotCluster, gates: Gates) -> None:
+    sched = one_slot.sched
+    running = sched.submit(tasks.gated, gates.path("started"), gates.path("never"))
+    started_pid(gates, "started")
+    assert sched.cancel(running)
+    with pytest.raises(TaskCancelledError):
+        running.result(RESULT)
+    assert sched.submit(tasks.add, 2, 2).result(RESULT) == 4
+
+
+@pytest.mark.timeout(90)
+def test_a_slot_over_its_memory_limit_is_killed(tmp_path: Path, gates: Gates) -> None:
+    cluster = SlotCluster(tmp_path, 1, "--memory-limit", "150MiB")
+    try:
+        with pytest.raises(MemoryLimitError) as info:
+            cluster.sched.submit(_memory_tasks.hog, 400).result(RESULT)
+        assert info.value.limit == 150 * (1 << 20)
+        assert cluster.sched.submit(tasks.add, 1, 2).result(RESULT) == 3
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_of_the_agent_ends_its_slots(tmp_path: Path, gates: Gates) -> None:
+    cluster = SlotCluster(tmp_path, 2)
+    try:
+        running = cluster.sched.submit(tasks.gated, gates.path("started"), gates.path("never"))
+        started_pid(gates, "started")
+        slots = cluster.slot_pids()
+        cluster.agent.kill()
+        cluster.agent.wait(RESULT)
+        wait_until(lambda: not any(is_alive(pid) for pid in slots), 10,
+                   message="the slots to die with their agent")
+        with pytest.raises(WorkerLostError):
+            running.result(RESULT)
+        wait_until(lambda: not cluster.sched.status()["workers"], 10,
+                   message="the scheduler to forget the agent and its slots")
+    finally:
+        gates.open_all()
+        cluster.close()
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_drains_the_slots(two_slots: SlotCluster) -> None:
+    sched = two_slots.sched
+    futures = [sched.submit(tasks.sleep_for, 0.5) for _ in range(4)]
+    wait_until(lambda: sum(w["busy"] for w in two_slots.slots()) == 4, RESULT,
+               message="the slots to hold the tasks")
+    slots = two_slots.slot_pids()
+    two_slots.agent.terminate()
+    assert [f.result(RESULT) for f in futures] == ["slept"] * 4
+    assert two_slots.agent.wait(RESULT) == 0
+    assert not any(is_alive(pid) for pid in slots)
+
+
+@pytest.mark.timeout(300)
+def test_timeouts_at_the_deadline_fail_only_their_own_task_slots(tmp_path: Path) -> None:
+    cluster = SlotCluster(tmp_path, 2)
+    try:
+        _stress(cluster.sched, tmp_path / "journal", 400)
+    finally:
+        cluster.close()
+
+
+# --- hostile peers -------------------------------------------------------------------------
+
+
+def _say(sock: zmq.Socket[Any], type_: str, body: dict[str, Any]) -> None:
+    """Send a message as a hostile peer would: unchecked by our own encoder."""
+    sock.send_multipart([msgpack.packb([PROTOCOL_VERSION, type_, body])])
+
+
+@pytest.mark.timeout(60)
+def test_a_slot_hello_for_an_unknown_agent_gets_nothing(two_slots: SlotCluster) -> None:
+    sched = two_slots.sched
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    try:
+        assert sched.address is not None
+        peer.connect(sched.address)
+        hello = {"name": "intruder", "host": "x", "pid": 1, "capacity": 1}
+        rejected = sched.status()["rejected"]
+        _say(peer, "hello", {**hello, "slot": {"group": secrets.token_hex(16), "index": 0}})
+        _say(peer, "hello", {**hello, "slot": {"group": "../../etc", "index": 0}})
+        _say(peer, "hello", {**hello, "slot": {"group": secrets.token_hex(16), "index": -1}})
+        wait_until(lambda: sched.status()["rejected"] >= rejected + 3, 10,
+                   message="the hellos to be refused")
+        assert not peer.poll(300), "a refused slot was answered"
+        assert "intruder" not in {w["name"] for w in sched.status()["workers"]}
+        # A "lost" report from a peer that supervises nothing is ignored.
+        _say(peer, "lost", {"slot": 0, "reason": "died", "task_id": 0})
+        assert sched.submit(tasks.add, 1, 2).result(RESULT) == 3
+        assert sorted(w["name"] for w in two_slots.slots()) == ["a/0", "a/1"]
+    finally:
+        peer.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_report_for_a_slot_of_another_agent_is_ignored(two_slots: SlotCluster,
+                                                              gates: Gates) -> None:
+    # An agent of our own, speaking the protocol by hand: it may only report on
+    # its own slots, never on the real agent's.
+    sched = two_slots.sched
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    try:
+        assert sched.address is not None
+        peer.connect(sched.address)
+        _say(peer, "hello", {"name": "other", "host": "x", "pid": 1, "capacity": 1,
+                             "slots": {"group": secrets.token_hex(16), "count": 2}})
+        assert peer.poll(10_000)
+        assert decode(peer.recv_multipart(copy=False), max_bytes=1 << 20,
+                      allow_pickle=False).type == "welcome"
+        running = sched.submit(tasks.gated, gates.path("started"), gates.path("go"))
+        pid = started_pid(gates, "started")
+        _say(peer, "lost", {"slot": 0, "reason": "timeout", "task_id": 0})
+        _say(peer, "lost", {"slot": 1, "reason": "died"})
+        time.sleep(0.3)  # nothing to wait for: the reports must change nothing
+        assert not running.done()
+        assert pid in two_slots.slot_pids()
+        gates.open(gates.path("go"))
+        assert running.result(RESULT) is None
+    finally:
+        peer.close(linger=0)
+        ctx.term()
+
+
+def test_slot_messages_are_checked_by_the_schema() -> None:
+    good = {"name": "n", "host": "h", "pid": 1, "capacity": 1}
+    for bad in ({"group": "x" * 32, "index": 0}, {"group": "a" * 32, "index": 4096},
+                {"group": "a" * 32}, ["a" * 32, 0]):
+        with pytest.raises(ValueError, match="slot"):
+            encode(Message("hello", {**good, "slot": bad}))
+    for bad_lost in ({"slot": 0, "reason": "bored"}, {"slot": -1, "reason": "died"},
+                     {"reason": "died"}):
+        with pytest.raises(ValueError):
+            encode(Message("lost", bad_lost))
+    encode(Message("lost", {"slot": 3, "reason": "memory", "task_id": 9, "size": 1, "limit": 1}))
+
