@@ -353,6 +353,36 @@ def targets(vals: dict[str, dict[str, list[tuple[int, float]]]]) -> list[str]:
         lambda x: x <= 3,
     )
     row(
+        "W5 (issue 9, item 3): --slots latency ÷ raw pyzmq round trip",
+        "W5",
+        "slots",
+        "zmq",
+        "≤ 3×",
+        same,
+        "{:.1f}×",
+        lambda x: x <= 3,
+    )
+    row(
+        "W1b (issue 9, item 4): remote tasks/s ÷ Pool(2)'s",
+        "W1b",
+        "remote",
+        "pool",
+        "≥ 1×",
+        inv,
+        "{:.2f}×",
+        lambda x: x >= 1,
+    )
+    row(
+        "W1b (issue 9, item 4): --slots tasks/s ÷ Pool(2)'s",
+        "W1b",
+        "slots",
+        "pool",
+        "≥ 1×",
+        inv,
+        "{:.2f}×",
+        lambda x: x >= 1,
+    )
+    row(
         "W2: remote throughput as % of raw pyzmq 64 MiB",
         "W2",
         "remote",
@@ -560,7 +590,8 @@ def main() -> None:
         "--systems",
         default="remote,dask,ray,zmq,sched,pool",
         help="remote (shmrunner ZeroMQ tier), dask, ray, zmq (raw pyzmq limit), "
-        "sched (Scheduler, local workers), pool (shmrunner.Pool), inline (a prototype's "
+        "sched (Scheduler, local workers), pool (shmrunner.Pool), slots (agents with "
+        "--slots), inline (a prototype's "
         "ceiling: agents that run tasks in their own thread, bench/_inline_agent.py)",
     )
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")

@@ -115,6 +115,7 @@ class ShmRemote(_Executor):
 
     key, label = "remote", "shmrunner remote (2 agents x 1 proc)"
     agent = ["-m", "shmrunner.cli", "worker"]
+    joined = WORKERS  # workers in the scheduler's status once every agent is up
 
     def __init__(self) -> None:
         import shmrunner
@@ -148,7 +149,7 @@ class ShmRemote(_Executor):
                     )
                 )
             deadline = time.monotonic() + min(timeout, 60.0)
-            while len(sched.status()["workers"]) < WORKERS:
+            while len(sched.status()["workers"]) < self.joined:
                 dead = [p.args for p in h[1] if p.poll() is not None]
                 if dead:
                     raise RuntimeError(f"worker agent exited during start-up: {dead[0]}")
@@ -189,6 +190,15 @@ class ShmInline(ShmRemote):
 
     key, label = "inline", "prototype: tasks run in the agent (no pool process)"
     agent = [str(HERE / "_inline_agent.py")]
+
+
+class ShmSlots(ShmRemote):
+    """The same agents with ``--slots``: each pool process holds its own
+    connection to the scheduler, the agent supervises (worker/_slots.py)."""
+
+    key, label = "slots", "shmrunner remote, agents with --slots (2 x 1 slot)"
+    agent = ["-m", "shmrunner.cli", "worker", "--slots"]
+    joined = 2 * WORKERS  # each agent and its slot
 
 
 class ShmLocal(_Executor):
@@ -475,6 +485,7 @@ def load(keys: Sequence[str]) -> tuple[list[System], dict[str, str]]:
     makers: dict[str, Any] = {
         "remote": ShmRemote,
         "inline": ShmInline,
+        "slots": ShmSlots,
         "dask": Dask,
         "ray": Ray,
         "zmq": RawZmq,

@@ -25,7 +25,7 @@ OPTIONS = {
     (): ["--help", *GLOBAL, "demo", "worker", "daemon", "status", "keygen"],
     ("demo",): ["--help", *GLOBAL, "--arrays", "--mib", "--processes"],
     ("worker",): ["--help", *GLOBAL, "--connect", "--processes", "--name", "--config",
-                  "--allow-pickle", "--set", "--memory-limit"],
+                  "--allow-pickle", "--set", "--memory-limit", "--slots"],
     ("daemon",): ["--help", *GLOBAL, "--config", "--set"],
     ("status",): ["--help", *GLOBAL, "--connect", "--timeout", "--json", "--watch", "--count",
                   "--curve-secret-key", "--curve-server-key"],

@@ -596,7 +596,7 @@ def test_agent_recovers_from_an_unexpected_error(monkeypatch: pytest.MonkeyPatch
     agent = remote.Agent(WorkerSettings(connect=sched.address, processes=1, name="inproc",
                                         heartbeat_interval=BEAT,
                                         heartbeat_timeout=BEAT_TIMEOUT))
-    original = remote._result_body
+    original = remote.result_body
     raised: list[bool] = []
 
     def fail_once(*args: Any) -> dict[str, Any]:
@@ -605,7 +605,7 @@ def test_agent_recovers_from_an_unexpected_error(monkeypatch: pytest.MonkeyPatch
             raise RuntimeError("injected failure")
         return original(*args)
 
-    monkeypatch.setattr(remote, "_result_body", fail_once)
+    monkeypatch.setattr(remote, "result_body", fail_once)
     thread = threading.Thread(target=agent.run, name="agent", daemon=True)
     thread.start()
     try:

@@ -319,3 +319,39 @@ def test_slot_messages_are_checked_by_the_schema() -> None:
             encode(Message("lost", bad_lost))
     encode(Message("lost", {"slot": 3, "reason": "memory", "task_id": 9, "size": 1, "limit": 1}))
 
+
+
+@pytest.mark.timeout(60)
+def test_a_scheduler_that_does_not_know_slots_gets_an_error_not_silence(
+        tmp_path: Path) -> None:
+    # An older scheduler takes the agent for a worker and sends it a task: the
+    # agent answers it with an error naming the cause.
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    workers = Workers(tmp_path)
+    try:
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        workers.start(f"tcp://127.0.0.1:{port}", "a", "--slots")
+
+        def receive() -> tuple[bytes, Message]:
+            assert router.poll(JOIN * 1000), "no message from the agent"
+            identity, *frames = router.recv_multipart(copy=False)
+            return identity.bytes, decode(frames, max_bytes=1 << 20, allow_pickle=False)
+
+        agent, hello = receive()
+        assert hello.type == "hello" and "slots" in hello.body
+        router.send_multipart([agent, *encode(Message("welcome", {
+            "heartbeat_interval": 1.0, "heartbeat_timeout": 30.0, "session": "old"}))])
+        router.send_multipart([agent, *encode(Message("task", {
+            "task_id": 7, "fn": "_sched_tasks:square", "args": [3], "kwargs": {}}))])
+        while True:
+            identity, msg = receive()
+            if identity == agent and msg.type in ("result", "results"):
+                break
+        assert msg.type == "result" and msg.body["task_id"] == 7 and not msg.body["ok"]
+        assert "--slots" in msg.body["error"]["message"]
+    finally:
+        router.close(linger=0)
+        ctx.term()
+        workers.stop_all()

@@ -17,7 +17,7 @@ import pytest
 import _sched_tasks as tasks
 import shmrunner
 from _util import wait_until
-from shmrunner import TaskTimeoutError
+from shmrunner import TaskCancelledError, TaskTimeoutError
 from shmrunner._job import Job
 from shmrunner._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from shmrunner._sink import ResultSink
@@ -116,17 +116,31 @@ def test_remote_tier_reports_outcomes_and_room_through_its_events() -> None:
         assert status["alive"] and status["workers"] == [] and tier.room() == 0
         waiting = job(0, tasks.square, 3)
         started(tier, waiting)  # no worker: it waits in the tier
-        reason = TaskTimeoutError("stopped by the test")
-        assert tier.stop(waiting, waiting.attempts, reason)
+        # A cancel fails it at once; a timeout waits for it to run (its clock
+        # starts on a worker), so a job waiting here is not failed by one.
+        cancel = TaskCancelledError("cancelled by the test")
+        waiting.cancelled = cancel
+        assert tier.stop(waiting, waiting.attempts, cancel)
         wait_until(lambda: events.outcome(waiting), RESULT, message="the stopped job's outcome")
-        assert events.outcome(waiting) == (False, reason)
+        assert events.outcome(waiting) == (False, cancel)
+        queued = job(2, tasks.square, 5, timeout=0.1)
+        started(tier, queued)
+        assert tier.stop(queued, queued.attempts, TaskTimeoutError("timed out in the queue"))
         stale = job(1, tasks.square, 4)
         started(tier, stale)
-        tier.stop(stale, stale.attempts - 1, reason)  # an attempt that is over: nothing
+        tier.stop(stale, stale.attempts - 1, cancel)  # an attempt that is over: nothing
+        marker = job(3, tasks.square, 6)  # stops apply in order: once this one's did,
+        started(tier, marker)             # the ones before it were applied too
+        marker.cancelled = cancel
+        tier.stop(marker, marker.attempts, cancel)
+        wait_until(lambda: events.outcome(marker), RESULT, message="the marker's outcome")
+        assert events.outcome(queued) is None and events.outcome(stale) is None
     finally:
         tier.close(wait=True)
     # Closing fails what it still held, without asking for placement.
     assert events.outcome(stale) is not None and events.outcome(stale)[0] is False
+    assert events.outcome(queued) is not None
+    assert not isinstance(events.outcome(queued)[1], TaskTimeoutError)
     assert events.room == 0
 
 

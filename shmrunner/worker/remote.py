@@ -286,7 +286,7 @@ class Agent:
                     self._tend_slots(channel)
                 else:
                     self._retry_cancels()
-                    self._send_results(channel)
+                self._send_results(channel)
                 now = time.monotonic()
                 if self._stopping.is_set():
                     if not said_bye:
@@ -355,10 +355,15 @@ class Agent:
         if self._slots is not None and msg.type in ("task", "tasks", "cancel"):
             if msg.type == "cancel" and self._session_id is not None and "slot" in msg.body:
                 self._slot_cancel(msg.body)
-            elif msg.type != "cancel":  # a scheduler deals tasks to the slots, never here
-                self.refused += 1
-                log.warning("refused a %s message: this agent runs its tasks in its slots",
-                            msg.type)
+            elif msg.type != "cancel" and self._session_id is not None:
+                # A scheduler that knows slots deals to them, never here: this one
+                # is older. Each task fails with the reason, rather than never returning.
+                for body in (msg.body["tasks"] if msg.type == "tasks" else [msg.body]):
+                    self._completed((self._session_id, body["task_id"]), None, False,
+                                    ShmrunnerError(
+                                        "this worker runs its tasks in its slots (--slots), "
+                                        "which this scheduler does not know: upgrade it, or "
+                                        "start the worker without --slots"))
         elif msg.type in ("task", "tasks") and self._session_id is None:
             self.refused += 1  # a scheduler always welcomes first: not one to trust
             log.warning("refused a %s message that came before the welcome", msg.type)
