@@ -138,7 +138,8 @@ class _Slot:
             now = time.monotonic()
             if self.stopping.is_set():
                 if not said_bye:
-                    channel.send(Message("bye", {"reason": "draining"}))
+                    if channel.writable():  # no scheduler (gone): nobody to tell
+                        channel.send(Message("bye", {"reason": "draining"}))
                     said_bye = True
                 idle_since = idle_since or now
                 if now - idle_since > _DRAIN_GRACE:
