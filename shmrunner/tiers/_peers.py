@@ -62,7 +62,7 @@ class Peer:
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
                  "allow_pickle", "outbox", "busy_since", "group", "slot_count", "slots",
-                 "supervisor", "slot_index")
+                 "supervisor", "slot_index", "delivered")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -85,6 +85,7 @@ class Peer:
         # A slot: the agent that supervises it, and its index there.
         self.supervisor: Worker[Job] | None = None
         self.slot_index = 0
+        self.delivered = 0  # tasks sent to this slot (a task's place: Job.handle)
 
 
 class Peers:

@@ -496,8 +496,6 @@ class RemoteTier:
                     break  # a call not known to be tiny is dealt by the even rule
                 job = self._inbox.popleft()
                 self._peers.assign(worker, job)
-                if peer.supervisor is not None:
-                    job.handle = worker.sent  # its place in the slot's order (cancel "seq")
                 job.worker = name
                 batch.append(job)
         self._stuck = len(self._inbox)
@@ -520,7 +518,8 @@ class RemoteTier:
                    "kwargs": job.kwargs, "timeout": job.timeout} for job in jobs]
         try:
             if len(bodies) == 1:
-                self._send(worker, Message("task", bodies[0]))
+                if self._send(worker, Message("task", bodies[0])):
+                    self._sent_to_slot(worker, jobs)
             else:
                 self._send_batch(worker, jobs, bodies)
         except (TypeError, ValueError) as exc:  # the call cannot travel: it fails
@@ -551,6 +550,7 @@ class RemoteTier:
             try:
                 if not self._send(worker, Message("tasks", {"tasks": chunk})):
                     return  # lost: what it held is rerun
+                self._sent_to_slot(worker, jobs[start:start + MAX_BATCH])
             except (TypeError, ValueError):
                 # One call in the batch cannot travel: send them one by one so
                 # only that one fails.
@@ -558,9 +558,22 @@ class RemoteTier:
                     try:
                         if not self._send(worker, Message("task", body)):
                             return
+                        self._sent_to_slot(worker, [job])
                     except (TypeError, ValueError) as exc:
                         self._peers.finish(worker, job.id)
                         self._events.on_done(job, False, exc)
+
+    @staticmethod
+    def _sent_to_slot(worker: Worker[Job], jobs: list[Job]) -> None:
+        """``jobs`` reached ``worker``: for a slot, number them in the order it
+        runs them (a cancel's ``seq``: the agent compares it with the slot's count
+        of tasks started)."""
+        peer: Peer = worker.endpoint
+        if peer.supervisor is None:
+            return
+        for job in jobs:
+            peer.delivered += 1
+            job.handle = peer.delivered
 
     def _apply_stops(self) -> None:
         while self._stops:

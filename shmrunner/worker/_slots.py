@@ -59,6 +59,7 @@ _DRAIN_GRACE = 0.2  # seconds without new work before a draining slot exits
 # function last ran under this (so tiny calls come back many per message).
 _BATCH_TASK = 0.5e-3
 _BATCH_MAX = 256  # results in one message at most
+_KINDS = 256  # functions whose last duration a slot remembers
 # Seconds a slot waits for its welcome: only a hub that restarted since its
 # agent was welcomed never answers (then the agent reconnects and re-forks).
 _WELCOME_WAIT = 10.0
@@ -110,8 +111,10 @@ class _Slot:
         self.channel, self.allowed, self.capture, self.stopping = (channel, allowed, capture,
                                                                    stopping)
         self.queue: collections.deque[dict[str, Any]] = collections.deque()
-        self.took: dict[Any, float] = {}  # function reference -> how long its last call ran
+        # Function reference -> how long its last call ran (the newest _KINDS).
+        self.took: dict[Any, float] = {}
         self.welcomed = False
+        self.shutdown = False
 
     def serve(self) -> None:
         settings, channel = self.spec.settings, self.channel
@@ -130,7 +133,7 @@ class _Slot:
                                                            settings.heartbeat_timeout)
         said_bye = False
         idle_since: float | None = None
-        while True:
+        while not self.shutdown:
             if self.queue:
                 self._run_queued()
                 idle_since = None
@@ -154,13 +157,12 @@ class _Slot:
             else:
                 wait = 0.5  # a SIGTERM is seen within this
             if channel.poll(wait):
-                if not self._receive():
-                    return
+                self._receive()
                 if welcome_by is not None and self.welcomed:
                     welcome_by = None
 
-    def _receive(self) -> bool:
-        """Take every message waiting; False on shutdown."""
+    def _receive(self) -> None:
+        """Take every message waiting."""
         while (received := self.channel.recv(0)) is not None:
             msg = received.message
             if msg.type == "task" and self.welcomed:
@@ -174,8 +176,7 @@ class _Slot:
                     os._exit(1)  # our agent re-forks us for its own session
                 self.welcomed = True
             elif msg.type == "shutdown":
-                return False
-        return True
+                self.shutdown = True
 
     def _run_queued(self) -> None:
         """Run what is queued, in order; results go back at once, or many per
@@ -189,7 +190,10 @@ class _Slot:
             if self.capture is not None:
                 self.capture.begin(body["task_id"])
             ok, value = call_task(self.allowed, body)
-            self.took[fn if isinstance(fn, str) else id(fn)] = time.monotonic() - started
+            took = self.took
+            took[_kind(fn)] = time.monotonic() - started
+            if len(took) > _KINDS:
+                del took[next(iter(took))]  # the oldest
             result = result_body(self.session, body["task_id"], ok, value)
             if self.capture is not None and (records := self.capture.take()):
                 result["logs"] = records
@@ -207,7 +211,9 @@ class _Slot:
 
 
 def _kind(fn: Any) -> Any:
-    return fn if isinstance(fn, str) else id(fn)
+    """A call's function as ``took`` keys it: its reference, or "a pickled one"
+    (each message decodes a new object, so no identity carries over)."""
+    return fn if isinstance(fn, str) else None
 
 
 # --- the agent's side --------------------------------------------------------------------
