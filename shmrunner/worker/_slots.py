@@ -60,6 +60,7 @@ _DRAIN_GRACE = 0.2  # seconds without new work before a draining slot exits
 _BATCH_TASK = 0.5e-3
 _BATCH_MAX = 256  # results in one message at most
 _KINDS = 256  # functions whose last duration a slot remembers
+_SIGNAL_CHECK = 0.5  # seconds an idle slot waits before it looks at its SIGTERM flag
 # Seconds a slot waits for its welcome: only a hub that restarted since its
 # agent was welcomed never answers (then the agent reconnects and re-forks).
 _WELCOME_WAIT = 10.0
@@ -155,8 +156,10 @@ class _Slot:
                     os._exit(1)
                 wait = welcome_by - now
             else:
-                wait = 0.5  # a SIGTERM is seen within this
-            if channel.poll(wait):
+                wait = _SIGNAL_CHECK
+            # pyzmq's poll resumes after a signal's handler ran: SIGTERM is seen
+            # when it returns, so it never waits long.
+            if channel.poll(min(wait, _SIGNAL_CHECK)):
                 self._receive()
                 if welcome_by is not None and self.welcomed:
                     welcome_by = None
