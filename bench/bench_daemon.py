@@ -138,11 +138,14 @@ class DaemonProc:
         return rc
 
 
+AGENT_OPTIONS: list[str] = []  # --agent-slots: ["--slots"]
+
+
 def start_agent(addr: str, name: str, log: Path) -> subprocess.Popen[Any]:
     with open(log, "ab") as err:
         return subprocess.Popen(
             R.child_argv([sys.executable, "-m", "shmrunner.cli", "worker", "--connect", addr,
-                          "--processes", "1", "--name", name]),
+                          "--processes", "1", "--name", name, *AGENT_OPTIONS]),
             start_new_session=True, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
 
 
@@ -150,7 +153,7 @@ def wait_workers(client: Any, n: int, timeout: float, procs: list[Any] = ()) -> 
     deadline = time.monotonic() + timeout
     while True:
         st = client.status(timeout=max(1.0, deadline - time.monotonic()))
-        if len(st["workers"]) >= n:
+        if len(st["workers"]) >= n * (2 if AGENT_OPTIONS else 1):  # slots: agent + its slot
             return st
         dead = [p.args for p in procs if p.poll() is not None]
         if dead:
@@ -723,6 +726,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--agent-slots", action="store_true",
+                    help="agents (the daemon's and the remote tier's) run with --slots")
     ap.add_argument("--only", default="W1b,W2", help="workloads of parts 1-2: W1b,W2")
     ap.add_argument("--systems", default="daemon,dlocal,remote,sched",
                     help="daemon (client -> daemon -> 2 agents), dlocal (daemon with 2 local "
@@ -738,16 +743,20 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per call")
     ap.add_argument("--keep", action="store_true", help="keep durability trials' temp dirs")
     args = ap.parse_args()
+    if args.agent_slots:
+        AGENT_OPTIONS.append("--slots")
     wl = [w for w in WORKLOADS if w in args.only.split(",")]
     kill_at = [int(x) for x in args.kill_at.split(",") if x.strip()]
     makers = {
-        "daemon": lambda: DaemonSys("daemon", "client → daemon → 2 agents × 1 proc", 0, AGENTS),
+        "daemon": lambda: DaemonSys("daemon", "client → daemon → 2 agents × 1 proc"
+                                    + (" (--slots)" if args.agent_slots else ""), 0, AGENTS),
         "dlocal": lambda: DaemonSys("dlocal", "client → daemon(local_workers=2)", 2, 0),
-        "remote": R.ShmRemote,
+        "remote": R.ShmSlots if args.agent_slots else R.ShmRemote,
         "sched": R.ShmLocal,
     }
     systems = [makers[k]() for k in args.systems.split(",") if k]
     R.ShmRemote.label = "Scheduler remote tier (2 agents × 1 proc)"
+    R.ShmSlots.label = "Scheduler remote tier (2 agents × 1 slot, --slots)"
 
     BR.install_handlers()
     step = args.timeout + 120.0

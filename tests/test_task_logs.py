@@ -224,17 +224,20 @@ def hub(**options: Any) -> Scheduler:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("slots", [False, True], ids=["pool", "slots"])
 def test_remote_agent_sends_its_tasks_logs(caplog: pytest.LogCaptureFixture,
-                                           workers: Workers) -> None:
+                                           workers: Workers, slots: bool) -> None:
     caplog.set_level(logging.INFO, logger="shmrunner.task")
     sched = hub()
     try:
         assert sched.address is not None
-        workers.start(sched.address, "agent-with-logs")
-        wait_until(lambda: len(sched.status()["workers"]) == 1, RESULT,
+        workers.start(sched.address, "agent-with-logs", *(["--slots"] if slots else []))
+        # With slots: the agent and its one slot process, which runs the tasks.
+        wait_until(lambda: len(sched.status()["workers"]) == 1 + slots, RESULT,
                    message="the agent to join")
         assert sched.submit("_log_tasks:chatty", 7).result(RESULT) == 8
-        assert_chatty(task_records(caplog), 7, worker="agent-with-logs")
+        assert_chatty(task_records(caplog), 7,
+                      worker="agent-with-logs/0" if slots else "agent-with-logs")
         caplog.clear()
         assert sched.submit("_log_tasks:quiet", 7).result(RESULT) == 8
         assert task_records(caplog) == []
