@@ -318,8 +318,9 @@ def test_each_key_works_only_on_its_own_endpoint(tmp_path: Path, daemons, worker
     assert d.status()["done"] == 1  # the refused submit never reached the daemon
 
 
+@pytest.mark.parametrize("slots", [False, True], ids=["pool", "slots"])
 def test_scheduler_curve_admits_only_authorised_workers(
-        tmp_path: Path, workers, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, workers, caplog: pytest.LogCaptureFixture, slots: bool) -> None:
     k = _keys(tmp_path)
     caplog.set_level(logging.WARNING, logger="shmrunner.auth")
     keys = server_keys(str(k["server_secret"]), str(k["workers"]))
@@ -327,9 +328,10 @@ def test_scheduler_curve_admits_only_authorised_workers(
                              heartbeat_interval=0.2, heartbeat_timeout=1.0) as sched:
 
         def worker(name: str, key: str) -> Worker:
+            # With slots, each slot process joins with the agent's key too.
             w = Worker(tmp_path, None, name, config=_worker_config(
                 tmp_path, name, connect=sched.address, curve_secret_key=str(k[key]),
-                curve_server_key=str(k["server"])))
+                curve_server_key=str(k["server"]), slots=slots))
             workers.append(w)
             return w
 

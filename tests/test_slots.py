@@ -355,3 +355,40 @@ def test_a_scheduler_that_does_not_know_slots_gets_an_error_not_silence(
         router.close(linger=0)
         ctx.term()
         workers.stop_all()
+
+
+@pytest.mark.timeout(120)
+def test_slots_come_back_after_a_scheduler_restart(tmp_path: Path) -> None:
+    # The agent reconnects to the new scheduler by itself and brings new slots
+    # (a new group): the old ones are ended, none is left behind.
+    from test_remote import free_port, rebind
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    first = remote_scheduler(listen=address)
+    workers = Workers(tmp_path)
+    second = None
+    try:
+        agent = workers.start(address, "a", "--slots", "--processes", "2")
+
+        def slot_pids(sched: Any) -> list[int]:
+            return sorted(w["pid"] for w in sched.status()["workers"] if "/" in w["name"])
+
+        wait_until(lambda: len(slot_pids(first)) == 2, JOIN, message="two slots to join")
+        old = slot_pids(first)
+        assert first.submit(tasks.add, 1, 2).result(RESULT) == 3
+        first.shutdown(wait=True)
+        second = rebind(address)
+        wait_until(lambda: len(slot_pids(second)) == 2, JOIN,
+                   message="the agent and two new slots to join the new scheduler")
+        assert not set(slot_pids(second)) & set(old)
+        wait_until(lambda: not any(is_alive(pid) for pid in old), 10,
+                   message="the old slots to end")
+        assert sorted(slot_pids(second)) == sorted(children(agent.pid))
+        assert list(second.map(tasks.square, range(20))) == [i * i for i in range(20)]
+    finally:
+        try:
+            workers.stop_all()
+        finally:
+            first.shutdown(wait=True, cancel_futures=True)
+            if second is not None:
+                second.shutdown(wait=True, cancel_futures=True)
