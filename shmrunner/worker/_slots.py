@@ -148,7 +148,7 @@ class _Slot:
                 idle_since = idle_since or now
                 if now - idle_since > _DRAIN_GRACE:
                     return
-                wait: float | None = idle_since + _DRAIN_GRACE - now
+                wait = idle_since + _DRAIN_GRACE - now
             elif welcome_by is not None:
                 if now > welcome_by:
                     log.warning("slot %d: no welcome from %s; exiting", self.index,
