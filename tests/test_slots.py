@@ -10,6 +10,7 @@ the agent. Hostile hellos and reports are refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -69,31 +70,26 @@ class SlotCluster:
             self.sched.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.fixture
-def gates(tmp_path: Path) -> Gates:
-    d = tmp_path / "gates"
-    d.mkdir()
-    return Gates(d)
+@contextlib.contextmanager
+def slot_cluster(tmp_path: Path, gates: Gates, processes: int) -> Iterator[SlotCluster]:
+    cluster = SlotCluster(tmp_path, processes)
+    try:
+        yield cluster
+    finally:
+        gates.open_all()
+        cluster.close()
 
 
 @pytest.fixture
 def one_slot(tmp_path: Path, gates: Gates) -> Iterator[SlotCluster]:
-    cluster = SlotCluster(tmp_path, 1)
-    try:
+    with slot_cluster(tmp_path, gates, 1) as cluster:
         yield cluster
-    finally:
-        gates.open_all()
-        cluster.close()
 
 
 @pytest.fixture
 def two_slots(tmp_path: Path, gates: Gates) -> Iterator[SlotCluster]:
-    cluster = SlotCluster(tmp_path, 2)
-    try:
+    with slot_cluster(tmp_path, gates, 2) as cluster:
         yield cluster
-    finally:
-        gates.open_all()
-        cluster.close()
 
 
 def started_pid(gates: Gates, name: str) -> int:
@@ -249,15 +245,25 @@ def _say(sock: zmq.Socket[Any], type_: str, body: dict[str, Any]) -> None:
     sock.send_multipart([msgpack.packb([PROTOCOL_VERSION, type_, body])])
 
 
-@pytest.mark.timeout(60)
-def test_a_slot_hello_for_an_unknown_agent_gets_nothing(two_slots: SlotCluster) -> None:
-    sched = two_slots.sched
+@contextlib.contextmanager
+def raw_peer(address: str | None) -> Iterator[zmq.Socket[Any]]:
+    """A DEALER connected to ``address``, speaking the protocol by hand."""
+    assert address is not None
     ctx = zmq.Context()
     peer = ctx.socket(zmq.DEALER)
     peer.setsockopt(zmq.LINGER, 0)
     try:
-        assert sched.address is not None
-        peer.connect(sched.address)
+        peer.connect(address)
+        yield peer
+    finally:
+        peer.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_slot_hello_for_an_unknown_agent_gets_nothing(two_slots: SlotCluster) -> None:
+    sched = two_slots.sched
+    with raw_peer(sched.address) as peer:
         hello = {"name": "intruder", "host": "x", "pid": 1, "capacity": 1}
         rejected = sched.status()["rejected"]
         _say(peer, "hello", {**hello, "slot": {"group": secrets.token_hex(16), "index": 0}})
@@ -271,9 +277,6 @@ def test_a_slot_hello_for_an_unknown_agent_gets_nothing(two_slots: SlotCluster) 
         _say(peer, "lost", {"slot": 0, "reason": "died", "task_id": 0})
         assert sched.submit(tasks.add, 1, 2).result(RESULT) == 3
         assert sorted(w["name"] for w in two_slots.slots()) == ["a/0", "a/1"]
-    finally:
-        peer.close(linger=0)
-        ctx.term()
 
 
 @pytest.mark.timeout(60)
@@ -282,12 +285,7 @@ def test_a_lost_report_for_a_slot_of_another_agent_is_ignored(two_slots: SlotClu
     # An agent of our own, speaking the protocol by hand: it may only report on
     # its own slots, never on the real agent's.
     sched = two_slots.sched
-    ctx = zmq.Context()
-    peer = ctx.socket(zmq.DEALER)
-    peer.setsockopt(zmq.LINGER, 0)
-    try:
-        assert sched.address is not None
-        peer.connect(sched.address)
+    with raw_peer(sched.address) as peer:
         _say(peer, "hello", {"name": "other", "host": "x", "pid": 1, "capacity": 1,
                              "slots": {"group": secrets.token_hex(16), "count": 2}})
         assert peer.poll(10_000)
@@ -302,9 +300,6 @@ def test_a_lost_report_for_a_slot_of_another_agent_is_ignored(two_slots: SlotClu
         assert pid in two_slots.slot_pids()
         gates.open(gates.path("go"))
         assert running.result(RESULT) is None
-    finally:
-        peer.close(linger=0)
-        ctx.term()
 
 
 def test_slot_messages_are_checked_by_the_schema() -> None:

@@ -62,7 +62,7 @@ class Peer:
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
                  "allow_pickle", "outbox", "busy_since", "group", "slot_count", "slots",
-                 "supervisor", "slot_index", "delivered")
+                 "supervisor", "slot_index", "delivered", "ended", "ended_slots")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -82,10 +82,13 @@ class Peer:
         self.group: str | None = None
         self.slot_count = 0
         self.slots: dict[int, Worker[Job]] = {}
+        # Its slots whose process ended, by pid, until its "lost" report on them.
+        self.ended_slots: dict[int, Worker[Job]] = {}
         # A slot: the agent that supervises it, and its index there.
         self.supervisor: Worker[Job] | None = None
         self.slot_index = 0
         self.delivered = 0  # tasks sent to this slot (a task's place: Job.handle)
+        self.ended = False  # a send found its connection gone: its agent's report is due
 
 
 class Peers:
@@ -199,9 +202,11 @@ class Peers:
         if peer.group is not None and self._groups.get(peer.group) is worker:
             del self._groups[peer.group]
         if peer.supervisor is not None:
-            slots = peer.supervisor.endpoint.slots
-            if slots.get(peer.slot_index) is worker:
-                del slots[peer.slot_index]
+            agent: Peer = peer.supervisor.endpoint
+            if agent.slots.get(peer.slot_index) is worker:
+                del agent.slots[peer.slot_index]
+            if agent.ended_slots.get(peer.pid) is worker:
+                del agent.ended_slots[peer.pid]
         left = self._per_host.get(peer.host, 0) - peer.capacity
         if left > 0:
             self._per_host[peer.host] = left
@@ -217,6 +222,21 @@ class Peers:
         loss = self.lifecycle.lose(worker)
         # A remote worker runs many tasks at once: any of them may have started.
         return ([loss.running] if loss.running is not None else []) + loss.unstarted
+
+    def set_aside(self, slot: Worker[Job]) -> None:
+        """``slot``'s process ended (its connection is gone, or a new process
+        took its index): no new jobs; it keeps what it held until its agent's
+        ``lost`` report (found by pid) says what became of it, or it is lost
+        (``verdict``: its agent's heartbeats no longer cover it)."""
+        peer: Peer = slot.endpoint
+        if peer.ended or peer.supervisor is None:
+            return
+        peer.ended = True
+        self.retire(slot)
+        agent: Peer = peer.supervisor.endpoint
+        if agent.slots.get(peer.slot_index) is slot:
+            del agent.slots[peer.slot_index]
+        agent.ended_slots[peer.pid] = slot
 
     def drop(self, worker: Worker[Job]) -> list[Job]:
         """Take ``worker`` out of the roster, not counted as lost (its agent
@@ -270,8 +290,9 @@ class Peers:
         peer: Peer = worker.endpoint
         while peer.outbox and peer.outbox[0][0].done:
             peer.outbox.popleft()
-        # A slot sends no heartbeats: its agent's cover it.
-        last_seen = peer.last_seen if peer.supervisor is None else max(
+        # A slot sends no heartbeats: its agent's cover it (not once it has
+        # ended and the agent's report on it is awaited).
+        last_seen = peer.last_seen if peer.supervisor is None or peer.ended else max(
             peer.last_seen, peer.supervisor.endpoint.last_seen)
         if last_seen < deadline:
             return f"silent for over {timeout} s"

@@ -364,8 +364,8 @@ class RemoteTier:
                              f"{slot['index']}, which no connected agent has")
                 return
             previous = supervisor.endpoint.slots.get(slot["index"])
-            if previous is not None:
-                self._lose(previous, "replaced by a new process")
+            if previous is not None:  # its agent's report on it may still be on its way
+                self._peers.set_aside(previous)
         elif "slots" in body and self._peers.group(body["slots"]["group"]) is not None:
             self._ignore(identity, "an agent's hello with a slot group already in use")
             return
@@ -383,8 +383,10 @@ class RemoteTier:
         """``agent`` says its slot ended: the task it ran fails (why), the rest
         of what the slot held goes back to the inbox, unstarted or with its
         result lost in the kill (run again: at-least-once)."""
-        slot = agent.endpoint.slots.get(body["slot"])
-        if slot is None or body.get("pid", slot.endpoint.pid) != slot.endpoint.pid:
+        slot = agent.endpoint.ended_slots.get(body.get("pid", -1)) or agent.endpoint.slots.get(
+            body["slot"])
+        if (slot is None or slot.endpoint.slot_index != body["slot"]
+                or body.get("pid", slot.endpoint.pid) != slot.endpoint.pid):
             self._ignore(agent.endpoint.identity, f"a lost report for slot {body['slot']}, "
                          "which is not connected")
             return
@@ -625,6 +627,11 @@ class RemoteTier:
         try:
             sent = self._channel.try_send(msg, peer.identity, track=True)
         except ChannelError:
+            if peer.supervisor is not None:
+                # A slot whose process ended (its agent killed it, or it died):
+                # its agent's "lost" says which task it ran.
+                self._peers.set_aside(worker)
+                return False
             self._lose(worker, "unreachable")
             return False
         if sent is False:
@@ -643,7 +650,7 @@ class RemoteTier:
 
     def _lose(self, worker: Worker[Job], why: str) -> None:
         peer: Peer = worker.endpoint
-        for slot in list(peer.slots.values()):  # an agent's slots are lost with it
+        for slot in [*peer.slots.values(), *peer.ended_slots.values()]:  # lost with it
             self._lose(slot, f"its agent {peer.name} was lost: {why}")
         held = self._peers.lose(worker)
         if held is None:
@@ -658,11 +665,12 @@ class RemoteTier:
 
     def _forget(self, worker: Worker[Job]) -> None:
         peer: Peer = worker.endpoint
-        if peer.slots:
+        if peer.slots or peer.ended_slots:
             return  # a draining agent stays while its slots drain (they live by its heartbeats)
         self._peers.forget(worker)
         agent = peer.supervisor
-        if agent is not None and agent.retiring and not agent.endpoint.slots:
+        if (agent is not None and agent.retiring and not agent.endpoint.slots
+                and not agent.endpoint.ended_slots):
             self._peers.forget(agent)
 
     def _fail_all(self, error: BaseException) -> None:

@@ -26,6 +26,7 @@ tasks it holds, exit 0).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -189,10 +190,12 @@ class _Slot:
             body = self.queue.popleft()
             fn = body.get("fn")
             started = time.monotonic()
-            self.words.begin(self.index, body["task_id"])
             if self.capture is not None:
                 self.capture.begin(body["task_id"])
-            ok, value = call_task(self.allowed, body)
+            # Its clock starts just before its function is called (a timeout is
+            # the time it ran), and the kill waits that long from here.
+            ok, value = call_task(self.allowed, body, functools.partial(
+                self.words.begin, self.index, body["task_id"]))
             took = self.took
             took[_kind(fn)] = time.monotonic() - started
             if len(took) > _KINDS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 from .._allowlist import AllowList
@@ -21,14 +22,24 @@ def call_pickled(blob: bytes, /, *args: Any, **kwargs: Any) -> Any:
     return pickle.loads(blob)(*args, **kwargs)
 
 
-def call_task(allowed: AllowList, body: dict[str, Any]) -> tuple[bool, Any]:
+def call_task(allowed: AllowList, body: dict[str, Any],
+              starting: Callable[[], None] | None = None) -> tuple[bool, Any]:
     """Run a task message's call here: (True, its value) or (False, the exception).
-    The function is checked against the allow-list before anything is imported."""
+    The function is checked against the allow-list before anything is imported;
+    ``starting`` is called once, just before the function is (or before the
+    failure is returned, when there is no function to call)."""
     try:
         fn = body["fn"]
         allowed.check(fn, body["args"])
         if isinstance(fn, str):
             fn = resolve(fn)
+    except BaseException as exc:  # noqa: BLE001 (refused or not found: the task fails)
+        if starting is not None:
+            starting()
+        return False, exc
+    if starting is not None:
+        starting()
+    try:
         return True, fn(*body["args"], **body["kwargs"])
     except BaseException as exc:  # noqa: BLE001 (even SystemExit: the task fails, not us)
         return False, exc

@@ -81,6 +81,7 @@ _DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
 # usually comes with another task's result, which wakes the loop anyway): the
 # first retry, doubled up to the cap.
 _CANCEL_RETRY, _CANCEL_RETRY_MAX = 0.02, 1.0
+_KILL_MARGIN = 0.005  # seconds a slot's timed-out task gets beyond its timeout
 
 
 _Key = tuple[str, int]  # (the scheduler's session, its task id): unique across restarts
@@ -468,11 +469,13 @@ class Agent:
                 when = now + min(_CANCEL_RETRY_MAX, _CANCEL_RETRY * 2 ** min(tries, 16))
                 self._slot_cancels[key] = (reason, after, seq, pid, tries + 1)
             elif started == seq and running == task_id:
-                if reason == "cancelled" or now - since >= after:
+                # _KILL_MARGIN: a preemption between the slot's stamp and the
+                # function's first line must not stop it short of its time.
+                if reason == "cancelled" or now - since >= after + _KILL_MARGIN:
                     slots.kill(index, reason, task_id)
                     del self._slot_cancels[key]
                     continue
-                when = since + after
+                when = since + after + _KILL_MARGIN
             else:  # over: its result is on its way
                 del self._slot_cancels[key]
                 continue
