@@ -32,6 +32,7 @@ import _sched_tasks as tasks
 from _sched_tasks import Gates
 from _util import children, is_alive, wait_until
 from shmrunner import (
+    FunctionNotAllowedError,
     MemoryLimitError,
     TaskCancelledError,
     TaskTimeoutError,
@@ -43,8 +44,9 @@ from shmrunner.transport.protocol import PROTOCOL_VERSION, Message, decode, enco
 class SlotCluster:
     """A Scheduler and one ``--slots`` agent of ``processes`` slots."""
 
-    def __init__(self, tmp_path: Path, processes: int, *extra: str) -> None:
-        self.sched = remote_scheduler()
+    def __init__(self, tmp_path: Path, processes: int, *extra: str,
+                 **options: Any) -> None:
+        self.sched = remote_scheduler(**options)
         self.workers = Workers(tmp_path)
         assert self.sched.address is not None
         self.agent = self.workers.start(self.sched.address, "a", "--slots",
@@ -191,6 +193,43 @@ def test_a_slot_over_its_memory_limit_is_killed(tmp_path: Path, gates: Gates) ->
             cluster.sched.submit(_memory_tasks.hog, 400).result(RESULT)
         assert info.value.limit == 150 * (1 << 20)
         assert cluster.sched.submit(tasks.add, 1, 2).result(RESULT) == 3
+    finally:
+        cluster.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_task_that_kills_its_slot_runs_again_on_the_replacement(
+        one_slot: SlotCluster, gates: Gates) -> None:
+    attempts = gates.path("attempts")
+    got = one_slot.sched.submit(tasks.kill_self_first_time, gates.path("marker"), attempts,
+                                retries=1).result(RESULT)
+    runs = [json.loads(line) for line in Path(attempts).read_text().splitlines()]
+    assert len(runs) == 2 and runs[0]["pid"] != runs[1]["pid"] == got["pid"]
+    assert got["ppid"] == one_slot.agent.pid  # both slots were the agent's children
+    assert one_slot.sched.status()["lost_workers"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_slots_run_pickled_lambdas_and_refuse_what_their_list_does_not_name(
+        tmp_path: Path, gates: Gates) -> None:
+    cluster = SlotCluster(tmp_path, 1, "--allow-pickle", allow_pickle=True)
+    try:
+        offset = 10
+        assert cluster.sched.submit(lambda x: x + offset, 1).result(RESULT) == 11
+        assert cluster.sched.submit(tasks.union, frozenset({1}), frozenset({2})).result(
+            RESULT) == frozenset({1, 2})
+    finally:
+        cluster.close()
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    cluster = SlotCluster(strict, 1, "--set", "worker.allowed_functions=[_sched_tasks:add]")
+    try:
+        assert cluster.sched.submit("_sched_tasks:add", 1, 2).result(RESULT) == 3
+        marker = tmp_path / "pwned"
+        with pytest.raises(FunctionNotAllowedError, match="worker.allowed_functions"):
+            cluster.sched.submit("builtins:exec", f"open({str(marker)!r}, 'w')").result(RESULT)
+        assert not marker.exists()
+        assert cluster.sched.submit("_sched_tasks:add", 2, 2).result(RESULT) == 4
     finally:
         cluster.close()
 
