@@ -22,3 +22,9 @@ def _append(path: str, line: str) -> None:
         os.write(fd, line.encode())
     finally:
         os.close(fd)
+
+
+def note_and_exit(journal: str) -> None:
+    """Record this run's start (as nap does), then end the process at once."""
+    _append(journal, f"0 start {time.monotonic()!r}\n")
+    os._exit(3)

@@ -29,6 +29,7 @@ from test_remote import JOIN, RESULT, Workers, remote_scheduler
 from test_timeouts import _stress
 
 import _sched_tasks as tasks
+import _timeout_tasks
 from _sched_tasks import Gates
 from _util import children, is_alive, wait_until
 from shmrunner import (
@@ -207,6 +208,22 @@ def test_a_task_that_kills_its_slot_runs_again_on_the_replacement(
     assert len(runs) == 2 and runs[0]["pid"] != runs[1]["pid"] == got["pid"]
     assert got["ppid"] == one_slot.agent.pid  # both slots were the agent's children
     assert one_slot.sched.status()["lost_workers"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_slot_that_keeps_dying_is_forked_again_ever_later(one_slot: SlotCluster,
+                                                             tmp_path: Path) -> None:
+    # Each attempt ends its slot at once: the agent re-forks it after 0.05 s,
+    # then 0.1, 0.2, 0.4, 0.8 (a slot that cannot start must not fork in a loop).
+    journal = tmp_path / "runs"
+    with pytest.raises(WorkerLostError):
+        one_slot.sched.submit(_timeout_tasks.note_and_exit, str(journal),
+                              retries=5).result(RESULT)
+    starts = [float(line.split()[2]) for line in journal.read_text().splitlines()]
+    assert len(starts) == 6
+    assert starts[-1] - starts[0] >= 0.05 + 0.1 + 0.2 + 0.4 + 0.8
+    # It still serves once a task lets it live.
+    assert one_slot.sched.submit(tasks.add, 1, 1).result(RESULT) == 2
 
 
 @pytest.mark.timeout(90)

@@ -62,6 +62,11 @@ _BATCH_TASK = 0.5e-3
 _BATCH_MAX = 256  # results in one message at most
 _KINDS = 256  # functions whose last duration a slot remembers
 _SIGNAL_CHECK = 0.5  # seconds an idle slot waits before it looks at its SIGTERM flag
+# A slot that ends within _QUICK_DEATH of its start is re-forked after a delay
+# that doubles with each such end (from _REFORK_DELAY, up to _REFORK_DELAY_MAX):
+# one that cannot start (no memory, no file descriptors) must not fork in a loop.
+_QUICK_DEATH = 1.0
+_REFORK_DELAY, _REFORK_DELAY_MAX = 0.05, 5.0
 # Seconds a slot waits for its welcome: only a hub that restarted since its
 # agent was welcomed never answers (then the agent reconnects and re-forks).
 _WELCOME_WAIT = 10.0
@@ -253,6 +258,10 @@ class Slots:
         self.session: str | None = None
         self.draining = False
         self._procs: list[BaseProcess | None] = [None] * count
+        self._started = [0.0] * count  # when each slot's process was forked
+        self._quick_deaths = [0] * count  # its ends in a row within _QUICK_DEATH of a start
+        self._refork_at = [0.0] * count  # not before (monotonic s)
+        self.next_refill: float | None = None  # when refill has a slot to fork again
         self._killed: dict[int, Ended] = {}  # pid -> why it was killed here
         self._lock = threading.Lock()  # the process list, for the watch thread
         self._reload_r, self._reload_w = os.pipe()
@@ -282,11 +291,18 @@ class Slots:
         self.refill()
 
     def refill(self) -> None:
-        """Fork a process for every empty slot (not while draining)."""
+        """Fork a process for every empty slot whose delay is over (not while
+        draining); ``next_refill``: when one waits for its delay."""
+        self.next_refill = None
         if self.session is None or self.draining or self._closed:
             return
+        now = time.monotonic()
         for index, proc in enumerate(self._procs):
-            if proc is None:
+            if proc is None and self._refork_at[index] > now:
+                at = self._refork_at[index]
+                self.next_refill = at if self.next_refill is None else min(self.next_refill, at)
+            elif proc is None:
+                self._started[index] = now
                 self.words.reset(index)
                 proc = self._ctx.Process(target=slot_main, name=f"shmrunner-slot-{index}",
                                          args=(self.spec, self.group, index, self.session,
@@ -307,6 +323,13 @@ class Slots:
             with self._lock:
                 self._procs[index] = None
             why = self._killed.pop(proc.pid or -1, None)
+            now = time.monotonic()
+            if why is not None or now - self._started[index] >= _QUICK_DEATH:
+                self._quick_deaths[index] = 0  # killed here, or it ran a while: at once
+            else:
+                self._refork_at[index] = now + min(
+                    _REFORK_DELAY_MAX, _REFORK_DELAY * 2 ** min(self._quick_deaths[index], 16))
+                self._quick_deaths[index] += 1
             if why is None:
                 _, task_id, _ = self.words.read(index)
                 why = Ended(index, proc.pid, task_id, "exited" if proc.exitcode == 0 else "died")
@@ -352,6 +375,8 @@ class Slots:
                 proc.terminate()
 
     def kill_all(self) -> None:
+        self._refork_at = [0.0] * self.count  # a new session starts them at once
+        self._quick_deaths = [0] * self.count
         for index, proc in enumerate(self._procs):
             if proc is not None:
                 proc.kill()

@@ -261,6 +261,8 @@ class Agent:
                     wake_at = min(wake_at, self._slot_cancel_at)
                 if self._slots is not None and self._slots.memory_limit is not None:
                     wake_at = min(wake_at, self._next_memory_check)
+                if self._slots is not None and self._slots.next_refill is not None:
+                    wake_at = min(wake_at, self._slots.next_refill)
                 if idle_since is not None:
                     wake_at = min(wake_at, idle_since + _DRAIN_GRACE)
                 readable = gate.sleep(max(0.0, wake_at - time.monotonic()),
