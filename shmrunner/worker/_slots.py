@@ -12,10 +12,12 @@ Data flow::
         no heartbeats of its own: its agent's cover it
     agent (worker/remote.py) over its own connection, off the task path:
         Slots.start(session) forks one process per slot after each new welcome
-        a death (watch thread) -> reap() -> "lost {slot, task_id, died}", re-fork
-        hub's cancel {slot, seq, after} -> Slots.kill when TaskWords says the
-                   slot runs that task and it has run ``after`` -> "lost"
-        memory_limit -> over_memory() -> kill -> "lost {.., memory}"
+        hub's cancel {slot, seq, after} -> Slots.stop; each round of the agent's
+        loop, Slots.tend (by Slots.wake_at at the latest):
+            a stop whose task TaskWords shows running (for ``after``) -> kill
+            memory_limit -> over_memory() -> kill
+            a slot's end (the watch thread wakes the loop) -> reap() -> the
+                agent says "lost {slot, task_id, reason}"; re-forked
 
 Per task this removes the agent loop's wake, decode and encode, the hop to a
 pool process and the agent manager's wake (docs/scaling.md, "Fewer hops").
@@ -67,6 +69,12 @@ _SIGNAL_CHECK = 0.5  # seconds an idle slot waits before it looks at its SIGTERM
 # one that cannot start (no memory, no file descriptors) must not fork in a loop.
 _QUICK_DEATH = 1.0
 _REFORK_DELAY, _REFORK_DELAY_MAX = 0.05, 5.0
+# How soon to look again at a stop whose task has not started yet: the first
+# retry, doubled up to the cap (as the agent's pool path does).
+_STOP_RETRY, _STOP_RETRY_MAX = 0.02, 1.0
+# Seconds a timed-out task gets beyond its timeout: a preemption between the
+# slot's stamp and the function's first line must not stop it short of its time.
+_KILL_MARGIN = 0.005
 # Seconds a slot waits for its welcome: only a hub that restarted since its
 # agent was welcomed never answers (then the agent reconnects and re-forks).
 _WELCOME_WAIT = 10.0
@@ -261,7 +269,12 @@ class Slots:
         self._started = [0.0] * count  # when each slot's process was forked
         self._quick_deaths = [0] * count  # its ends in a row within _QUICK_DEATH of a start
         self._refork_at = [0.0] * count  # not before (monotonic s)
-        self.next_refill: float | None = None  # when refill has a slot to fork again
+        self._next_refill: float | None = None  # when refill has a slot to fork again
+        # Stops still to act on: (slot, task id) -> (reason, seconds it must have
+        # run, its place in the slot's order, the slot's pid, times looked at).
+        self._stops: dict[tuple[int, int], tuple[str, float, int, int | None, int]] = {}
+        self._stop_at: float | None = None  # when to look at them again at the latest
+        self._next_memory_check = 0.0
         self._killed: dict[int, Ended] = {}  # pid -> why it was killed here
         self._lock = threading.Lock()  # the process list, for the watch thread
         self._reload_r, self._reload_w = os.pipe()
@@ -282,6 +295,7 @@ class Slots:
         join under a new group (the hub forgets the old one with the old
         connection; a late hello of an old slot is refused)."""
         self.kill_all()
+        self._stops.clear()
         self.session = None
         self.group = secrets.token_hex(16)
 
@@ -290,17 +304,73 @@ class Slots:
         self.session = session
         self.refill()
 
+    def stop(self, index: int, task_id: int, reason: str, after: float, seq: int,
+             pid: int | None) -> None:
+        """The scheduler stops ``task_id``, the ``seq``-th task sent to slot
+        ``index`` (process ``pid``): ``reason`` "cancelled" at once, "timeout"
+        once it has run ``after`` seconds. Acted on by :meth:`tend`."""
+        if index < self.count:
+            self._stops[(index, task_id)] = (reason, after, seq, pid, 0)
+
+    def wake_at(self) -> float | None:
+        """When :meth:`tend` has something to do at the latest (None: on events only)."""
+        times = [t for t in (self._stop_at, self._next_refill) if t is not None]
+        if self.memory_limit is not None:
+            times.append(self._next_memory_check)
+        return min(times, default=None)
+
+    def tend(self) -> list[Ended]:
+        """One round of supervision: memory, stops due, ends, re-forks; the
+        slot processes that ended since the last round (for ``lost``)."""
+        now = time.monotonic()
+        if self.memory_limit is not None and now >= self._next_memory_check:
+            self.over_memory()
+            self._next_memory_check = now + _memwatch.WATCH_INTERVAL
+        self._apply_stops(now)
+        ended = self.reap()
+        for gone in ended:  # its process took its tasks with it
+            for key in [key for key in self._stops if key[0] == gone.index]:
+                del self._stops[key]
+        self.refill()
+        return ended
+
+    def _apply_stops(self, now: float) -> None:
+        """Kill a slot only while its task word shows the task named running (and,
+        for a timeout, for long enough); fewer started than ``seq``: not yet."""
+        retry_at: float | None = None
+        for key, (reason, after, seq, pid, tries) in list(self._stops.items()):
+            index, task_id = key
+            if pid is not None and self.pid(index) != pid:
+                del self._stops[key]  # that process is gone: its tasks with it
+                continue
+            started, running, since = self.words.read(index)
+            if started < seq:  # not started yet: look again
+                when = now + min(_STOP_RETRY_MAX, _STOP_RETRY * 2 ** min(tries, 16))
+                self._stops[key] = (reason, after, seq, pid, tries + 1)
+            elif started == seq and running == task_id:
+                if reason == "cancelled" or now - since >= after + _KILL_MARGIN:
+                    self.kill(index, reason, task_id)
+                    del self._stops[key]
+                    continue
+                when = since + after + _KILL_MARGIN
+            else:  # over: its result is on its way
+                del self._stops[key]
+                continue
+            retry_at = when if retry_at is None else min(retry_at, when)
+        self._stop_at = retry_at
+
     def refill(self) -> None:
         """Fork a process for every empty slot whose delay is over (not while
-        draining); ``next_refill``: when one waits for its delay."""
-        self.next_refill = None
+        draining)."""
+        self._next_refill = None
         if self.session is None or self.draining or self._closed:
             return
         now = time.monotonic()
         for index, proc in enumerate(self._procs):
             if proc is None and self._refork_at[index] > now:
                 at = self._refork_at[index]
-                self.next_refill = at if self.next_refill is None else min(self.next_refill, at)
+                self._next_refill = at if self._next_refill is None else min(self._next_refill,
+                                                                             at)
             elif proc is None:
                 self._started[index] = now
                 self.words.reset(index)

@@ -67,7 +67,6 @@ from ..errors import ShmrunnerError, TaskCancelledError, TaskTimeoutError
 from ..transport._gate import SocketGate
 from ..transport.protocol import MAX_BATCH, MAX_CAPACITY, MAX_CPUS, Message, _pickle_dumps
 from ..transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
-from . import _memwatch
 from ._slots import Slots, SlotSpec, lost_body
 from ._taskcall import call_pickled, resolve, result_body, send_results
 
@@ -81,7 +80,6 @@ _DRAIN_GRACE = 0.2  # seconds without new work before a draining agent exits
 # usually comes with another task's result, which wakes the loop anyway): the
 # first retry, doubled up to the cap.
 _CANCEL_RETRY, _CANCEL_RETRY_MAX = 0.02, 1.0
-_KILL_MARGIN = 0.005  # seconds a slot's timed-out task gets beyond its timeout
 
 
 _Key = tuple[str, int]  # (the scheduler's session, its task id): unique across restarts
@@ -155,11 +153,6 @@ class Agent:
         self._flush_error: Exception | None = None  # a _flush send that raised
         self._allowed = AllowList(settings.allowed_functions, "worker.allowed_functions")
         self._slots: Slots | None = None  # with settings.slots: the processes it supervises
-        # Slot cancels still to act on: (slot, task id) -> (reason, seconds it must
-        # have run, its place in the slot's order, the slot's pid, times asked).
-        self._slot_cancels: dict[tuple[int, int], tuple[str, float, int, int | None, int]] = {}
-        self._slot_cancel_at: float | None = None
-        self._next_memory_check = 0.0
 
     def stop(self) -> None:
         """Drain and exit: safe from a signal handler or another thread."""
@@ -235,7 +228,6 @@ class Agent:
                                       "allow_pickle": settings.allow_pickle})
             if self._slots is not None:  # new slots for a new connection
                 self._slots.reset()
-                self._slot_cancels.clear()
                 hello.body["slots"] = {"group": self._slots.group, "count": self._slots.count}
             said_hello = False
             # Until the welcome says otherwise (the scheduler's settings win).
@@ -257,12 +249,8 @@ class Agent:
                 wake_at = next_beat
                 if self._cancel_at is not None:
                     wake_at = min(wake_at, self._cancel_at)
-                if self._slot_cancel_at is not None:
-                    wake_at = min(wake_at, self._slot_cancel_at)
-                if self._slots is not None and self._slots.memory_limit is not None:
-                    wake_at = min(wake_at, self._next_memory_check)
-                if self._slots is not None and self._slots.next_refill is not None:
-                    wake_at = min(wake_at, self._slots.next_refill)
+                if self._slots is not None and (due := self._slots.wake_at()) is not None:
+                    wake_at = min(wake_at, due)
                 if idle_since is not None:
                     wake_at = min(wake_at, idle_since + _DRAIN_GRACE)
                 readable = gate.sleep(max(0.0, wake_at - time.monotonic()),
@@ -357,7 +345,11 @@ class Agent:
         """Act on one message (tasks are appended to ``batch``); False on shutdown."""
         if self._slots is not None and msg.type in ("task", "tasks", "cancel"):
             if msg.type == "cancel" and self._session_id is not None and "slot" in msg.body:
-                self._slot_cancel(msg.body)
+                body = msg.body
+                self._slots.stop(body["slot"], body.get("task_id", -1),
+                                 "cancelled" if body.get("now") is True else "timeout",
+                                 float(body.get("after", 0.0)), body.get("seq", 0),
+                                 body.get("pid"))
             elif msg.type != "cancel" and self._session_id is not None:
                 # A scheduler that knows slots deals to them, never here: this one
                 # is older. Each task fails with the reason, rather than never returning.
@@ -441,51 +433,11 @@ class Agent:
 
     # --- slots ---------------------------------------------------------------------------
 
-    def _slot_cancel(self, body: dict[str, Any]) -> None:
-        """The scheduler stops a task of one of our slots: a cancel ("now"),
-        else a timeout (once the task has run ``after`` seconds)."""
-        assert self._slots is not None
-        index = body["slot"]
-        if index >= self._slots.count:
-            return
-        reason = "cancelled" if body.get("now") is True else "timeout"
-        self._slot_cancels[(index, body.get("task_id", -1))] = (
-            reason, float(body.get("after", 0.0)), body.get("seq", 0), body.get("pid"), 0)
-
     def _tend_slots(self, channel: ZmqChannel) -> None:
-        """One round of supervision: memory, cancels due, ends reported, re-forks."""
+        """A round of the slots' supervision; each end of one is told as ``lost``."""
         slots = self._slots
         assert slots is not None
-        now = time.monotonic()
-        if slots.memory_limit is not None and now >= self._next_memory_check:
-            slots.over_memory()
-            self._next_memory_check = now + _memwatch.WATCH_INTERVAL
-        retry_at: float | None = None
-        for key, (reason, after, seq, pid, tries) in list(self._slot_cancels.items()):
-            index, task_id = key
-            if pid is not None and slots.pid(index) != pid:
-                del self._slot_cancels[key]  # that process is gone: its tasks with it
-                continue
-            started, running, since = slots.words.read(index)
-            if started < seq:  # not started yet: ask again
-                when = now + min(_CANCEL_RETRY_MAX, _CANCEL_RETRY * 2 ** min(tries, 16))
-                self._slot_cancels[key] = (reason, after, seq, pid, tries + 1)
-            elif started == seq and running == task_id:
-                # _KILL_MARGIN: a preemption between the slot's stamp and the
-                # function's first line must not stop it short of its time.
-                if reason == "cancelled" or now - since >= after + _KILL_MARGIN:
-                    slots.kill(index, reason, task_id)
-                    del self._slot_cancels[key]
-                    continue
-                when = since + after + _KILL_MARGIN
-            else:  # over: its result is on its way
-                del self._slot_cancels[key]
-                continue
-            retry_at = when if retry_at is None else min(retry_at, when)
-        self._slot_cancel_at = retry_at
-        for ended in slots.reap():
-            for key in [key for key in self._slot_cancels if key[0] == ended.index]:
-                del self._slot_cancels[key]
+        for ended in slots.tend():
             if ended.reason == "exited":
                 continue  # drained (it said bye), or told to shut down
             if ended.reason == "died":
@@ -493,7 +445,6 @@ class Agent:
                             ended.index, ended.pid, ended.task_id)
             if self._session_id is not None and channel.writable():
                 channel.send(Message("lost", lost_body(ended, slots.memory_limit)))
-        slots.refill()
 
     def _accept(self, body: dict[str, Any], batch: list[Task]) -> None:
         assert self._core is not None and self._session_id is not None
