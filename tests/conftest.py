@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,43 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield make
     leftovers = [pid for d in made for pid in d.close()]
     assert not leftovers, f"processes outlived their daemon and were killed: {leftovers}"
+
+
+# A real memory cgroup for the OOM-killer tests (test_memory_limit.py, test_slots.py):
+# a process joins it by writing its pid to its cgroup.procs; its children inherit it.
+def _memory_cgroup() -> tuple[str, str] | None:
+    from shmrunner.worker._memwatch import memory_cgroup
+
+    return memory_cgroup()
+
+
+@pytest.fixture
+def oom_cgroup(tmp_path: Path) -> Iterator[str]:
+    """A memory cgroup of 256 MiB under this process's own (removed afterwards);
+    skips when this host does not let us make one."""
+    found = _memory_cgroup()
+    if found is None:
+        pytest.skip("no memory cgroup (v1 memory hierarchy, or v2 with memory) to nest one in")
+    parent, version = found
+    path = os.path.join(parent, f"shmrunner-test-{os.getpid()}-{tmp_path.name}")
+    try:
+        os.mkdir(path)
+        limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
+        with open(os.path.join(path, limit_file), "w") as f:
+            f.write(str(256 << 20))
+        if version == "v2":
+            with open(os.path.join(path, "memory.swap.max"), "w") as f:
+                f.write("0")
+    except OSError as exc:
+        if os.path.isdir(path):
+            os.rmdir(path)
+        pytest.skip(f"cannot create a memory cgroup under {parent}: {exc}")
+    try:
+        yield path
+    finally:
+        def empty() -> bool:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                return not f.read().strip()
+
+        wait_until(empty, timeout=15, message="the cgroup's processes to exit")
+        os.rmdir(path)

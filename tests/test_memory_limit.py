@@ -319,44 +319,6 @@ if __name__ == "__main__":
 """
 
 
-def _memory_cgroup() -> tuple[str, str] | None:
-    from shmrunner.worker._memwatch import memory_cgroup
-
-    return memory_cgroup()
-
-
-@pytest.fixture
-def oom_cgroup(tmp_path: Path) -> Iterator[str]:
-    """A memory cgroup of 256 MiB under this process's own (removed afterwards);
-    skips when this host does not let us make one."""
-    found = _memory_cgroup()
-    if found is None:
-        pytest.skip("no memory cgroup (v1 memory hierarchy, or v2 with memory) to nest one in")
-    parent, version = found
-    path = os.path.join(parent, f"shmrunner-test-{os.getpid()}-{tmp_path.name}")
-    try:
-        os.mkdir(path)
-        limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
-        with open(os.path.join(path, limit_file), "w") as f:
-            f.write(str(256 * MiB))
-        if version == "v2":
-            with open(os.path.join(path, "memory.swap.max"), "w") as f:
-                f.write("0")
-    except OSError as exc:
-        if os.path.isdir(path):
-            os.rmdir(path)
-        pytest.skip(f"cannot create a memory cgroup under {parent}: {exc}")
-    try:
-        yield path
-    finally:
-        def empty() -> bool:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                return not f.read().strip()
-
-        wait_until(empty, timeout=15, message="the cgroup's processes to exit")
-        os.rmdir(path)
-
-
 @pytest.mark.timeout(120)
 def test_a_worker_killed_by_the_kernel_oom_killer_is_reported_as_such(
         tmp_path: Path, oom_cgroup: str) -> None:

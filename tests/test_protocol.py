@@ -26,6 +26,7 @@ import zmq
 
 from shmrunner.errors import ProtocolError, WorkerLostError, attach_remote_traceback
 from shmrunner.transport.protocol import (
+    MAX_EVIDENCE,
     MAX_FRAMES,
     MAX_NESTING,
     MESSAGE_TYPES,
@@ -145,6 +146,9 @@ SAMPLES = [
     Message("hello", {"name": "w2/0", "host": "node7", "pid": 4244, "capacity": 1,
                       "slot": {"group": "0123456789abcdef" * 2, "index": 0}}),
     Message("lost", {"slot": 1, "reason": "timeout", "task_id": 12, "pid": 4245}),
+    Message("lost", {"slot": 0, "reason": "oom", "task_id": 13, "pid": 4246, "limit": 2**30,
+                     "evidence": "its memory cgroup's (/sys/fs/cgroup/w) oom_kill count rose "
+                                 "from 0 to 1 while it ran"}),
     Message("welcome", {"heartbeat_interval": 0.5, "heartbeat_timeout": 5,
                         "session": "0123abcd"}),
     Message("task", {"task_id": 1, "fn": "math:hypot", "args": (ARR, 2),
@@ -586,6 +590,14 @@ INVALID: list[tuple[str, list[Any], str]] = [
     ("jobs: id an int", [header(V, "jobs", {"job_ids": [5]})], r"'job_ids' must be a list"),
     ("jobs: limit 0", [header(V, "jobs", {"limit": 0})], r"'limit' must be an int from 1"),
     ("jobs_reply: not a list", [header(V, "jobs_reply", {"jobs": 5})], "'jobs' must be"),
+    ("lost: evidence too long", [header(V, "lost", {"slot": 0, "reason": "oom",
+                                                    "evidence": "x" * (MAX_EVIDENCE + 1)})],
+     f"'evidence' must be a str of at most {MAX_EVIDENCE} characters"),
+    ("lost: evidence not a str", [header(V, "lost", {"slot": 0, "reason": "oom",
+                                                     "evidence": [b"x"]})],
+     "'evidence' must be a str"),
+    ("lost: unknown reason", [header(V, "lost", {"slot": 0, "reason": "oomed"})],
+     "'reason' must be one of"),
     ("unknown type", [header(V, "launch", {})], "unknown message type 'launch'"),
     ("type not str", [header(V, 5, {})], "unknown message type 5"),
     ("body a list", [header(V, "cancel", [1])], "must be a map"),

@@ -3,9 +3,10 @@ connection to the scheduler while the agent supervises them.
 
 Real agents (``python -m shmrunner.cli worker --slots``) against a real
 Scheduler over 127.0.0.1: results, arrays and errors travel; a slot killed
-(by a test, a timeout, a cancel, its memory limit) fails only the task it
-ran, the tasks queued behind it run on its replacement, and nothing outlives
-the agent. Hostile hellos and reports are refused.
+(by a test, a timeout, a cancel, its memory limit, the kernel's OOM killer in
+a real memory cgroup) fails only the task it ran, the tasks queued behind it
+run on its replacement, and nothing outlives the agent. Hostile hellos and
+reports are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,21 +28,24 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from test_remote import JOIN, RESULT, Workers, remote_scheduler
+from test_remote import JOIN, RESULT, Workers, remote_scheduler, stop_cluster
 from test_timeouts import _stress
 
 import _sched_tasks as tasks
 import _timeout_tasks
+from _daemon_tasks import env
 from _sched_tasks import Gates
 from _util import children, is_alive, wait_until
 from shmrunner import (
     FunctionNotAllowedError,
     MemoryLimitError,
+    Scheduler,
     TaskCancelledError,
     TaskTimeoutError,
     WorkerLostError,
 )
-from shmrunner.transport.protocol import PROTOCOL_VERSION, Message, decode, encode
+from shmrunner.transport.protocol import MAX_EVIDENCE, PROTOCOL_VERSION, Message, decode, encode
+from shmrunner.worker._slots import Ended, lost_body
 
 
 class SlotCluster:
@@ -196,6 +202,78 @@ def test_a_slot_over_its_memory_limit_is_killed(tmp_path: Path, gates: Gates) ->
         assert cluster.sched.submit(tasks.add, 1, 2).result(RESULT) == 3
     finally:
         cluster.close()
+
+
+# Joins the memory cgroup argv[1] (its slots, forked later, start there too), then
+# becomes the agent with the rest of argv.
+_AGENT_IN_CGROUP = """
+import os, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-m", "shmrunner.cli", *sys.argv[2:]])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_slot_killed_by_the_kernel_oom_killer_is_reported_as_such(
+        tmp_path: Path, gates: Gates, oom_cgroup: str) -> None:
+    # Default heartbeats: the agent shares the cgroup that runs out of memory.
+    sched = Scheduler(local_workers=0, listen="tcp://127.0.0.1:*")
+    workers = Workers(tmp_path)  # stop_all: SIGTERM, exit 0, its slots gone
+    try:
+        assert sched.address is not None
+        with open(workers.log_path("a"), "wb") as log:
+            workers.procs.append(subprocess.Popen(
+                [sys.executable, "-c", _AGENT_IN_CGROUP, oom_cgroup, "--log-level", "INFO",
+                 "worker", "--connect", sched.address, "--processes", "2", "--name", "a",
+                 "--slots"], env=env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+
+        def slot_pids() -> list[int]:
+            return sorted(w["pid"] for w in sched.status()["workers"]
+                          if w["name"].startswith("a/"))
+
+        wait_until(lambda: len(slot_pids()) == 2, JOIN, message="the agent's 2 slots to join")
+        first = slot_pids()
+        workers.note_pool()
+        with open(os.path.join(oom_cgroup, "cgroup.procs")) as f:
+            assert set(first) <= {int(pid) for pid in f.read().split()}
+
+        # 1 GiB in a cgroup of 256 MiB: the kernel's OOM killer kills that slot.
+        with pytest.raises(MemoryLimitError) as caught:
+            sched.submit(_memory_tasks.hog, 1024).result(RESULT)
+        err = caught.value
+        assert err.oom_killer is True and err.pid in first
+        assert f"worker pid {err.pid} was killed by the kernel's OOM killer" in str(err)
+        assert "oom_kill count rose" in str(err) and os.path.basename(oom_cgroup) in str(err)
+        (survivor,) = set(first) - {err.pid}
+
+        # Replaced: both slots (the survivor and the new one) run tasks.
+        wait_until(lambda: len(slot_pids()) == 2 and err.pid not in slot_pids(), JOIN,
+                   message="a new slot process to join")
+        a, b = gates.path("a"), gates.path("b")
+        pids = {f.result(RESULT)["pid"] for f in [sched.submit(tasks.all_started, a, [b]),
+                                                  sched.submit(tasks.all_started, b, [a])]}
+        assert pids == set(slot_pids()) and survivor in pids
+        workers.note_pool()
+
+        # Then both die of a plain SIGKILL. The survivor's OOM-kill counter was
+        # read before the OOM kill, but that kill explained one death only.
+        running = [sched.submit(tasks.gated, gates.path(f"started{i}"), gates.path("never"))
+                   for i in range(2)]
+        started = [started_pid(gates, f"started{i}") for i in range(2)]
+        assert set(started) == pids
+        for pid in started:
+            os.kill(pid, signal.SIGKILL)
+        for future in running:
+            with pytest.raises(WorkerLostError) as lost:
+                future.result(RESULT)
+            assert type(lost.value) is WorkerLostError
+        assert sched.status()["lost_workers"] == 3  # the OOM-killed slot counts as lost
+        assert sched.submit(tasks.add, 1, 1).result(RESULT) == 2
+        workers.note_pool()
+        assert "killed by the kernel's OOM killer" in workers.log("a")
+    finally:
+        stop_cluster(sched, workers, gates)
 
 
 @pytest.mark.timeout(90)
@@ -369,6 +447,11 @@ def test_slot_messages_are_checked_by_the_schema() -> None:
         with pytest.raises(ValueError):
             encode(Message("lost", bad_lost))
     encode(Message("lost", {"slot": 3, "reason": "memory", "task_id": 9, "size": 1, "limit": 1}))
+    # An OOM kill's evidence names a cgroup directory, which may be long: the agent
+    # clips it to what the schema takes rather than fail its report.
+    body = lost_body(Ended(2, 77, 9, "oom", evidence="x" * 5000), 1 << 30)
+    assert body["limit"] == 1 << 30 and len(body["evidence"]) == MAX_EVIDENCE
+    encode(Message("lost", body))
 
 
 

@@ -25,8 +25,10 @@ Data flow::
                       for a slot's task goes to its agent (``cancel`` with the
                       slot, the task's place ``seq`` and ``after``), which kills
                       the slot and says ``lost``: that task fails (timeout,
-                      cancel, memory, or WorkerLostError when it died), the
-                      slot's other tasks go back to the inbox (none counted an attempt)
+                      cancel, memory, MemoryLimitError with oom_killer when
+                      the kernel's OOM killer killed it, or WorkerLostError
+                      when it died), the slot's other tasks go back to the
+                      inbox (none counted an attempt)
 
 Only the holder of the socket gate touches the socket and the roster
 (ZeroMQ sockets are not thread-safe): the hub thread, except while it
@@ -395,6 +397,10 @@ class RemoteTier:
         if reason == "died":
             self._peers.lost += 1
             log.warning("worker %s (%s pid %d) died", peer.name, peer.host, peer.pid)
+        elif reason == "oom":
+            self._peers.lost += 1
+            log.warning("worker %s (%s pid %d) was killed by the kernel's OOM killer (%s)",
+                        peer.name, peer.host, peer.pid, body.get("evidence", ""))
         jobs = self._peers.drop(slot)
         culprit = next((job for job in jobs if job.id == task_id), None)
         again: list[Job] = []
@@ -419,6 +425,9 @@ class RemoteTier:
             elif reason == "memory":
                 error = MemoryLimitError(peer.pid, -9, culprit.id, body.get("limit"),
                                          body.get("size"))
+            elif reason == "oom":  # as worker/lifecycle.py reports it for a pool process
+                error = MemoryLimitError(peer.pid, -9, culprit.id, body.get("limit"),
+                                         oom_killer=True, evidence=body.get("evidence", ""))
             else:
                 error = WorkerLostError(peer.pid, None,
                                         f"{culprit.id} on {peer.name}@{peer.host}")

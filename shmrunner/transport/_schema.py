@@ -24,7 +24,8 @@ from .._tasklogs import MAX_WIRE_CHARS, MAX_WIRE_RECORDS, wire_ok
 
 __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_ACCEPTED_IDS", "MAX_BATCH", "MAX_CAPACITY",
            "MAX_CPUS",
-           "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "LOST_REASONS", "MessageType", "Message"]
+           "MAX_EVIDENCE", "MAX_JOB_IDS", "MAX_JOBS_LIMIT", "LOST_REASONS", "MessageType",
+           "Message"]
 
 PROTOCOL_VERSION = 2
 
@@ -158,8 +159,13 @@ _SLOT: _Check = (f"a map {{group: 32 hex digits, index: int from 0 to {MAX_CAPAC
                  and 0 <= v["index"] < MAX_CAPACITY)
 _SLOT_INDEX: _Check = (f"an int from 0 to {MAX_CAPACITY - 1}",
                        lambda v: type(v) is int and 0 <= v < MAX_CAPACITY)
-LOST_REASONS = frozenset({"died", "timeout", "cancelled", "memory"})
+LOST_REASONS = frozenset({"died", "oom", "timeout", "cancelled", "memory"})
 _LOST_REASON: _Check = (f"one of {sorted(LOST_REASONS)}", lambda v: v in LOST_REASONS)
+# Why "oom" (worker/_memwatch.py's evidence: one line naming the OOM-kill counter
+# and its cgroup directory); bounded, as it lands in the task's error message.
+MAX_EVIDENCE = 1024
+_EVIDENCE: _Check = (f"a str of at most {MAX_EVIDENCE} characters",
+                     lambda v: type(v) is str and len(v) <= MAX_EVIDENCE)
 _SECONDS: _Check = ("a number >= 0", lambda v: _number(v) and v >= 0)
 
 MAX_JOB_IDS = 256      # job ids one "jobs" query may name
@@ -201,10 +207,11 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     "heartbeat": ({}, {}),
     "bye": ({}, {"reason": _STR}),
     # An agent's slot process ended (it killed it for a timeout, a cancel or its
-    # memory, or it died): task_id, the task it was running.
-    # pid: the slot process's; size, limit: its private memory and memory_limit (bytes).
+    # memory, or it died: "oom" when the kernel's OOM killer did it): task_id, the
+    # task it was running. pid: the slot process's; size, limit: its private memory
+    # and memory_limit (bytes); evidence: why "oom".
     "lost": ({"slot": _SLOT_INDEX, "reason": _LOST_REASON},
-             {"task_id": _ID, "pid": _ID, "size": _ID, "limit": _ID}),
+             {"task_id": _ID, "pid": _ID, "size": _ID, "limit": _ID, "evidence": _EVIDENCE}),
     "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
                  "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),

@@ -38,6 +38,7 @@ from ._schema import (
     MAX_BATCH,
     MAX_CAPACITY,
     MAX_CPUS,
+    MAX_EVIDENCE,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     Message,
@@ -46,8 +47,8 @@ from ._schema import (
 
 __all__ = [
     "PROTOCOL_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_HEADER_BYTES", "MAX_NESTING",
-    "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_CPUS", "MAX_FRAMES", "MessageType",
-    "Message",
+    "MESSAGE_TYPES", "MAX_BATCH", "MAX_CAPACITY", "MAX_CPUS", "MAX_EVIDENCE", "MAX_FRAMES",
+    "MessageType", "Message",
     "RemoteTaskError", "Frame", "EXT_ARRAY", "EXT_TUPLE", "EXT_PICKLE",
     "encode", "decode", "function_ref", "resolve_function",
     "exception_to_wire", "exception_from_wire", "remote_traceback",

@@ -28,8 +28,8 @@ are the parent's until the worker writes to them; ``RssAnon`` counts them,
 which is why it is only the cheap first test). Arrays a task itself creates
 in shared memory (``shmrunner.empty``) are shared pages and not counted
 either. Swapped-out pages are not counted. Stateless, except the cgroup
-mount points, read once per process (the lifecycle keeps the snapshots and
-the claimed counts).
+mount points, read once per process (the lifecycle, and an agent's Slots,
+keep the snapshots and the claimed counts).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ Data flow::
             memory_limit -> over_memory() -> kill
             a slot's end (the watch thread wakes the loop) -> reap() -> the
                 agent says "lost {slot, task_id, reason}"; re-forked
+                (a SIGKILL not sent here: "oom" with the evidence when the
+                OOM-kill counter read before its fork rose, _memwatch.py)
 
 Per task this removes the agent loop's wake, decode and encode, the hop to a
 pool process and the agent manager's wake (docs/scaling.md, "Fewer hops").
@@ -45,7 +47,7 @@ from typing import Any
 from .._allowlist import AllowList
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
-from ..transport.protocol import MAX_CPUS, Message
+from ..transport.protocol import MAX_CPUS, MAX_EVIDENCE, Message
 from ..transport.zmqchannel import ChannelOptions, CurveKeys, ZmqChannel
 from . import _memwatch
 from ._taskcall import call_task, result_body, send_results
@@ -244,10 +246,11 @@ class Ended:
     index: int
     pid: int | None
     task_id: int | None  # the task it was running, by its TaskWords
-    # "died", "exited" (status 0: drained), or why it was killed: "timeout",
-    # "cancelled", "memory"
+    # "died", "oom" (the kernel's OOM killer), "exited" (status 0: drained), or
+    # why it was killed here: "timeout", "cancelled", "memory"
     reason: str
     size: int | None = None  # the private memory it used, for "memory"
+    evidence: str | None = None  # how we know, for "oom"
 
 
 class Slots:
@@ -276,6 +279,10 @@ class Slots:
         self._stop_at: float | None = None  # when to look at them again at the latest
         self._next_memory_check = 0.0
         self._killed: dict[int, Ended] = {}  # pid -> why it was killed here
+        # Each slot's OOM-kill counter as read before its fork, and the counts
+        # already put down to a death (one OOM kill explains one death only).
+        self._oom: list[_memwatch.OomSnapshot | None] = [None] * count
+        self._oom_claimed: dict[str, int] = {}
         self._lock = threading.Lock()  # the process list, for the watch thread
         self._reload_r, self._reload_w = os.pipe()
         self._watch = threading.Thread(target=self._watch_deaths, name="shmrunner-slot-watch",
@@ -374,6 +381,8 @@ class Slots:
             elif proc is None:
                 self._started[index] = now
                 self.words.reset(index)
+                # Read here, not in the child: it starts in this process's cgroup.
+                self._oom[index] = _memwatch.oom_snapshot(os.getpid())
                 proc = self._ctx.Process(target=slot_main, name=f"shmrunner-slot-{index}",
                                          args=(self.spec, self.group, index, self.session,
                                                self.words),
@@ -402,7 +411,11 @@ class Slots:
                 self._quick_deaths[index] += 1
             if why is None:
                 _, task_id, _ = self.words.read(index)
-                why = Ended(index, proc.pid, task_id, "exited" if proc.exitcode == 0 else "died")
+                evidence = (_memwatch.oom_evidence(self._oom[index], self._oom_claimed)
+                            if proc.exitcode == -signal.SIGKILL else None)
+                reason = ("exited" if proc.exitcode == 0
+                          else "died" if evidence is None else "oom")
+                why = Ended(index, proc.pid, task_id, reason, evidence=evidence)
             ended.append(why)
         if ended:
             self._reload()  # the watch thread waits on the slots left
@@ -491,7 +504,9 @@ def lost_body(ended: Ended, limit: int | None) -> dict[str, Any]:
         body["pid"] = ended.pid
     if ended.size is not None:
         body["size"] = ended.size
-        if limit is not None:
-            body["limit"] = limit
+    if limit is not None and ended.reason in ("memory", "oom"):
+        body["limit"] = limit
+    if ended.evidence is not None:
+        body["evidence"] = ended.evidence[:MAX_EVIDENCE]  # a cgroup path could be longer
     return body
 

@@ -40,7 +40,8 @@ each hold their own connection to the scheduler and it supervises them
 (``_slots.py``): it says hello with ``slots: {group, count}``, forks them
 after each welcome, kills one when the scheduler's cancel names its task
 (``seq``, ``after``) or it goes over ``memory_limit``, and reports every end
-of one as ``lost``. Its heartbeats cover its slots.
+of one as ``lost`` (why: ``timeout``, ``cancelled``, ``memory``, ``oom`` when the
+kernel's OOM killer killed it, else ``died``). Its heartbeats cover its slots.
 """
 
 from __future__ import annotations
@@ -443,6 +444,10 @@ class Agent:
             if ended.reason == "died":
                 log.warning("slot %d (pid %s) died while running task %s; a new one replaces it",
                             ended.index, ended.pid, ended.task_id)
+            elif ended.reason == "oom":
+                log.warning("slot %d (pid %s) was killed by the kernel's OOM killer (%s) while "
+                            "running task %s; a new one replaces it", ended.index, ended.pid,
+                            ended.evidence, ended.task_id)
             if self._session_id is not None and channel.writable():
                 channel.send(Message("lost", lost_body(ended, slots.memory_limit)))
 
