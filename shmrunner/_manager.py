@@ -35,9 +35,10 @@ from .worker.loop import BYE, INIT_FAILED, LOGS, RELEASED, STARTED, TASK_ID
 
 __all__ = ["Manager", "LogsCallback"]
 
-# Told, on the manager thread, a task's log records (``_tasklogs.py``) and the
-# pid of the worker that ran it, just before the task's result is delivered.
-LogsCallback = Callable[[Task, int | None, list[Any]], None]
+# Told, on the manager thread, a task's log records (``_tasklogs.py``), the pid
+# of the worker that ran it, and whether its result follows at once (``final``;
+# else the task runs on: a long task's early records).
+LogsCallback = Callable[[Task, int | None, list[Any], bool], None]
 
 log = logging.getLogger("shmrunner.pool")
 
@@ -171,7 +172,7 @@ class Manager:
         lifecycle.pace(worker, len(outcomes))
         queue = self._queue
         if logs:
-            self._logs(worker, logs)
+            self._logs(worker, logs, {task_id for task_id, _, _ in outcomes})
         with queue.lock:
             finished = [(lifecycle.finish(worker, task_id), ok, value)
                         for task_id, ok, value in outcomes]
@@ -204,8 +205,10 @@ class Manager:
             return
         _segcache.dropped(worker, gone)
         _segcache.released(worker, free)
-    def _logs(self, worker: Worker[Task], logs: list[tuple[int, bytearray]]) -> None:
-        """Hand each task's log records to ``on_logs`` (before its result)."""
+    def _logs(self, worker: Worker[Task], logs: list[tuple[int, bytearray]],
+              finishing: set[int]) -> None:
+        """Hand each task's log records to ``on_logs`` (before its result, which
+        follows at once for the tasks in ``finishing``)."""
         if self._on_logs is None:
             return
         with self._queue.lock:
@@ -217,7 +220,7 @@ class Manager:
                 continue  # not a task of this worker's (it was lost meanwhile)
             try:
                 records = pickle.loads(memoryview(payload)[2 * TASK_ID.size:])
-                self._on_logs(task, pid, records)
+                self._on_logs(task, pid, records, task_id in finishing)
             except Exception:  # noqa: BLE001 (a log must never cost a result)
                 log.exception("shmrunner pool: forwarding the log of task %s failed", task_id)
 

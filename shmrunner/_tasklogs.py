@@ -14,8 +14,11 @@ Data flow::
      most one a second, sent from the task's thread when it logs)
         engine's manager thread (_manager.py) -> the engine's ``on_logs``:
             Pool, Scheduler local tier -> emit() on "shmrunner.task"
-            remote agent -> the result message's "logs" field -> the hub checks it
-                (checked(): types and sizes) -> emit() at the Scheduler
+            remote agent -> the result message's "logs" field, or, early, a
+                "logs" message -> the hub checks it (checked(): types and
+                sizes) -> emit() at the Scheduler
+    a slot process (worker/_slots.py): the same, its Capture's sender sending
+        the "logs" message itself
             Scheduler -> also its daemon's per-job store (_joblogs.py)
 
 Why this shape: a task that logs nothing costs its worker about 0.1 us (a

@@ -41,7 +41,7 @@ class _Forward:
     def __init__(self, level: int) -> None:
         self.level = level
 
-    def __call__(self, task: Task, pid: int | None, records: list[Any]) -> None:
+    def __call__(self, task: Task, pid: int | None, records: list[Any], final: bool) -> None:
         emit(records, level=self.level, worker=local_worker(pid), host=HOST, task_id=task.id,
              pid=pid)
 

@@ -245,6 +245,36 @@ def test_remote_agent_sends_its_tasks_logs(caplog: pytest.LogCaptureFixture,
         sched.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("slots", [False, True], ids=["pool", "slots"])
+def test_a_long_remote_tasks_log_arrives_while_it_runs(caplog: pytest.LogCaptureFixture,
+                                                       workers: Workers, tmp_path: Path,
+                                                       slots: bool) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    release = tmp_path / "release"
+    seen: list[tuple[str, bool]] = []  # (message, its future done yet) as on_task_log saw them
+    sched = hub(on_task_log=lambda future, records, worker, host: seen.extend(
+        (record[3], future.done()) for record in records))
+    try:
+        assert sched.address is not None
+        workers.start(sched.address, "agent-long", *(["--slots"] if slots else []))
+        wait_until(lambda: len(sched.status()["workers"]) == 1 + slots, RESULT,
+                   message="the agent to join")
+        future = sched.submit("_log_tasks:long_task", str(release))
+        wait_until(lambda: any(r.getMessage() == "still working" for r in task_records(caplog)),
+                   RESULT, message="the running task's line")
+        assert not future.done()
+        record = next(r for r in task_records(caplog) if r.getMessage() == "still working")
+        assert record.worker == ("agent-long/0" if slots else "agent-long")  # type: ignore[attr-defined]
+        release.touch()
+        assert future.result(RESULT) == "released"
+        assert [r.getMessage() for r in task_records(caplog)] == ["still working", "done"]
+        assert seen == [("still working", False), ("done", False)]
+        assert sched.status()["rejected"] == 0
+    finally:
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
 class RawAgent:
     """A fake agent on a raw DEALER: says hello, takes tasks, answers by hand."""
 
@@ -270,6 +300,11 @@ class RawAgent:
     def result(self, task_id: int, logs: Any) -> None:
         self.sock.send_multipart([msgpack.packb([PROTOCOL_VERSION, "result", {
             "session": self.session, "task_id": task_id, "ok": True, "value": task_id,
+            "logs": logs}])])
+
+    def early_logs(self, task_id: int, logs: Any, session: str | None = None) -> None:
+        self.sock.send_multipart([msgpack.packb([PROTOCOL_VERSION, "logs", {
+            "session": self.session if session is None else session, "task_id": task_id,
             "logs": logs}])])
 
 
@@ -300,10 +335,24 @@ def test_garbage_logs_from_a_raw_peer_are_refused(caplog: pytest.LogCaptureFixtu
             peer.result(task_id, logs)
             wait_until(lambda n=count: sched.status()["rejected"] >= n, RESULT,
                        message=f"garbage log {count} to be refused")
+        # The same garbage as a running task's early log; then honest lines for a
+        # task it does not hold, and for another session's task: all refused.
+        line = [[1.5, logging.WARNING, "remote.app", "an honest line"]]
+        refused = count
+        for logs, other_id, session in [*((logs, task_id, None) for logs in GARBAGE.values()),
+                                        (line, task_id + 1, None), (line, task_id, "0" * 32)]:
+            peer.early_logs(other_id, logs, session)
+            refused += 1
+            wait_until(lambda n=refused: sched.status()["rejected"] >= n, RESULT,
+                       message=f"bad early log {refused} to be refused")
         assert not future.done() and task_records(caplog) == []
-        peer.result(task_id, [[1.5, logging.WARNING, "remote.app", "an honest line"]])
+        peer.early_logs(task_id, [[1.25, logging.INFO, "remote.app", "early"]])
+        wait_until(lambda: len(task_records(caplog)) == 1, RESULT, message="the early line")
+        assert not future.done()
+        peer.result(task_id, line)
         assert future.result(RESULT) == task_id
-        (record,) = task_records(caplog)
+        early, record = task_records(caplog)
+        assert (early.getMessage(), early.created) == ("early", 1.25)
         assert record.getMessage() == "an honest line"
         assert (record.worker, record.host, record.created) == ("raw", "attacker", 1.5)  # type: ignore[attr-defined]
     finally:
@@ -314,6 +363,27 @@ def test_garbage_logs_from_a_raw_peer_are_refused(caplog: pytest.LogCaptureFixtu
 
 
 # --- the daemon keeps each job's log ----------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_daemon_shows_a_running_remote_jobs_log(daemons, workers: Workers,
+                                                tmp_path: Path) -> None:
+    d = daemons(scheduler={"local_workers": 0}).start()
+    workers.start(d.workers_address, "agent-d")
+    client = d.client()
+    wait_until(lambda: len(client.status()["workers"]) == 1, RESULT,
+               message="the agent to join the daemon")
+    release = tmp_path / "release"
+    future = client.submit("_log_tasks:long_task", str(release), job_id="long")
+    assert future.wait_accepted(RESULT)
+    wait_until(lambda: "still working" in client.job_log("long"), RESULT,
+               message="the running job's line in its log")
+    assert not future.done()
+    release.touch()
+    assert future.result(timeout=RESULT) == "released"
+    lines = client.job_log("long").splitlines()
+    assert [line.split(" INFO stdout [agent-d@", 1)[1].split("] ", 1)[1]
+            for line in lines] == ["still working", "done"], lines
 
 
 @pytest.mark.timeout(120)

@@ -65,8 +65,8 @@ class LocalTier:
         batch = self.engine.is_engine_thread()
         self._events.on_done(job, ok, value, batch=batch)
 
-    def _logs(self, task: Task, pid: int | None, records: list[Record]) -> None:
-        # On the engine's thread, just before the task's result.
+    def _logs(self, task: Task, pid: int | None, records: list[Record], final: bool) -> None:
+        # On the engine's thread, while the task runs or just before its result.
         outcome = task.result
         if isinstance(outcome, _Outcome):
             self._events.on_log(outcome.job, records, worker=local_worker(pid), host=HOST,

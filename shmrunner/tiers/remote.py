@@ -15,6 +15,8 @@ Data flow::
         result     -> of this session and a task the worker holds? Lifecycle.finish ->
                       events.on_done (the Scheduler retries or settles); else
                       ignored, counted
+        logs       -> a running task's early log records: events.on_log (the
+                      rest come with its result); not a task it holds: ignored
         heartbeat  -> last_seen; silence past heartbeat_timeout, a full send queue,
                       or a big message not taken for as long -> Peers.lose:
                       every task the worker held fails with WorkerLostError
@@ -86,7 +88,7 @@ __all__ = ["RemoteTier", "RemoteStatus"]
 
 log = logging.getLogger("shmrunner.scheduler")
 
-_ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye", "lost"})
+_ACCEPT = frozenset({"hello", "result", "results", "heartbeat", "bye", "lost", "logs"})
 _OUTBOX = 1000  # messages queued for one worker that it has not taken: then it is lost
 _RECEIVE_SLICE = 0.05  # seconds of receiving before heartbeats and sends get their turn
 _MAX_FAILURES = 100  # rounds in a row that raise before the hub gives up (no busy loop)
@@ -352,6 +354,8 @@ class RemoteTier:
                     self._forget(worker)
             elif msg.type == "lost":
                 self._slot_lost(worker, msg.body)
+            elif msg.type == "logs":
+                self._early_logs(worker, msg.body)
 
     def _hello(self, identity: bytes, body: dict[str, Any]) -> None:
         old = self._peers.get(identity)
@@ -458,6 +462,19 @@ class RemoteTier:
             self._events.on_log(job, [tuple(record) for record in body["logs"]],
                                 worker=peer.name, host=peer.host)
         self._events.on_done(job, ok, value, batch=batch)
+
+    def _early_logs(self, worker: Worker[Job], body: dict[str, Any]) -> None:
+        """What a task still running on ``worker`` logged so far (its records
+        checked by the schema): to the Scheduler, as its result's would be."""
+        task_id = body["task_id"]
+        job = next((job for job in worker.tasks if job.id == task_id), None)
+        if body["session"] != self.session or job is None:
+            self._ignore(worker.endpoint.identity, f"the log of task {task_id}, which it "
+                         "does not run for this session")
+            return
+        peer: Peer = worker.endpoint
+        self._events.on_log(job, [tuple(record) for record in body["logs"]],
+                            worker=peer.name, host=peer.host)
 
     def _hold(self) -> None:
         """Whether the workers are topped up, or jobs wait in the inbox for

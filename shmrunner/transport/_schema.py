@@ -30,7 +30,7 @@ __all__ = ["PROTOCOL_VERSION", "MESSAGE_TYPES", "MAX_ACCEPTED_IDS", "MAX_BATCH",
 PROTOCOL_VERSION = 2
 
 MessageType = Literal[
-    "hello", "result", "results", "heartbeat", "bye", "lost",     # worker -> scheduler
+    "hello", "result", "results", "heartbeat", "bye", "lost", "logs",  # worker -> scheduler
     "welcome", "task", "tasks", "cancel", "shutdown",             # scheduler -> worker
     "submit", "accepted", "fetch", "status", "status_reply", "error",  # client <-> daemon
     "jobs", "jobs_reply", "submits",                             # client <-> daemon
@@ -212,6 +212,8 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
     # and memory_limit (bytes); evidence: why "oom".
     "lost": ({"slot": _SLOT_INDEX, "reason": _LOST_REASON},
              {"task_id": _ID, "pid": _ID, "size": _ID, "limit": _ID, "evidence": _EVIDENCE}),
+    # What a long task logged so far, while it runs (the rest comes with its result).
+    "logs": ({"session": _SESSION, "task_id": _ID, "logs": _LOGS}, {}),
     "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
                  "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),

@@ -9,6 +9,8 @@ Data flow::
                    (TaskWords: what it runs, for the agent to read)
         results <- straight back; several at once when the next queued
                    call's function is known to take under _BATCH_TASK
+        logs    <- what a task running over a second logs, as it logs (the
+                   capture's sender, _tasklogs.py); the rest with its result
         no heartbeats of its own: its agent's cover it
     agent (worker/remote.py) over its own connection, off the task path:
         Slots.start(session) forks one process per slot after each new welcome
@@ -132,6 +134,13 @@ class _Slot:
         self.took: dict[Any, float] = {}
         self.welcomed = False
         self.shutdown = False
+        if capture is not None:  # a long task's records go out as it logs (_tasklogs.py)
+            capture.sender = self._send_logs
+
+    def _send_logs(self, task_id: int, records: list[Any]) -> None:
+        # On this process's main thread (the capture's rule), which owns the socket.
+        self.channel.send(Message("logs", {"session": self.session, "task_id": task_id,
+                                           "logs": records}))
 
     def serve(self) -> None:
         settings, channel = self.spec.settings, self.channel

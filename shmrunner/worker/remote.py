@@ -19,6 +19,9 @@ Data flow::
                    a time uses the socket; no thread hop on the latency path),
                    else wakes this loop, which sends them; each to the session
                    whose task it was, or nowhere
+        logs    <- a task's log records ride in its result; a long task's early
+                   ones (on_logs, not final) go the same way ahead of it, as a
+                   "logs" message
         welcome -> names the scheduler's session; a new one means the old
                    scheduler is gone: its tasks are stopped, its results dropped
         heartbeats both ways; no word from the scheduler for heartbeat_timeout
@@ -107,12 +110,15 @@ class _Reply:
         self.logs = None
 
 
-def _keep_logs(task: Task, pid: int | None, records: list[Record]) -> None:
-    """The engine's ``on_logs``: a task's records ride with its result (a long
-    task's early ones too: they are bounded by its worker's capture)."""
+def _keep_logs(task: Task, pid: int | None, records: list[Record], final: bool) -> None:
+    """The engine's ``on_logs``: a task's last records ride with its result; a
+    long task's early ones go out at once, as a ``logs`` message."""
     reply = task.result
     if isinstance(reply, _Reply):
-        reply.logs = records if reply.logs is None else reply.logs + records
+        if final:
+            reply.logs = records if reply.logs is None else reply.logs + records
+        else:
+            reply.agent._completed(reply.key, task, None, None, records)
 
 
 class Agent:
@@ -125,7 +131,7 @@ class Agent:
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self._ctx = context or multiprocessing.get_context()
         self._done: collections.deque[
-            tuple[_Key, Task | None, bool, Any, list[Record] | None]] = collections.deque()
+            tuple[_Key, Task | None, bool | None, Any, list[Record] | None]] = collections.deque()
         self._running: dict[_Key, Task] = {}
         # Cancels ProcessEngine.kill put off: why, the seconds the task must have run
         # first, and how many times it was asked; when to ask again at the latest.
@@ -473,9 +479,10 @@ class Agent:
             self._timeouts[key] = body["timeout"]
         batch.append(task)
 
-    def _completed(self, key: _Key, task: Task | None, ok: bool, value: Any,
+    def _completed(self, key: _Key, task: Task | None, ok: bool | None, value: Any,
                    logs: list[Record] | None = None, *, wake: bool = True) -> None:
-        """Queue a result for sending (``wake``: tell the agent loop)."""
+        """Queue a result for sending (``wake``: tell the agent loop); ``ok``
+        None: only ``logs``, of a task that runs on (sent ahead of its result)."""
         self._done.append((key, task, ok, value, logs))
         if wake:
             self._wakeup.wake()
@@ -509,14 +516,19 @@ class Agent:
         only to the session that sent the task (others' results are dropped)."""
         session = self._session_id
         if session is None:  # not welcomed yet on this connection: keep them until then,
-            for key, task, _, _, _ in list(self._done):  # but they are no longer running
-                if task is not None and self._running.get(key) is task:
+            for key, task, ok, _, _ in list(self._done):  # but they are no longer running
+                if ok is not None and task is not None and self._running.get(key) is task:
                     del self._running[key]  # (a drain must not wait for a welcome)
                     self._timeouts.pop(key, None)
             return
         bodies: list[dict[str, Any]] = []
         while self._done and len(bodies) < MAX_BATCH:
             key, task, ok, value, logs = self._done.popleft()
+            if ok is None:  # a running task's early log: ahead of its result, as it came
+                if key[0] == session and logs and self._running.get(key) is task:
+                    channel.send(Message("logs", {"session": session, "task_id": key[1],
+                                                  "logs": logs}))
+                continue
             if task is not None and self._running.get(key) is task:
                 del self._running[key]  # not a newer attempt that reuses the id
                 self._timeouts.pop(key, None)
