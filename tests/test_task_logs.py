@@ -362,6 +362,47 @@ def test_garbage_logs_from_a_raw_peer_are_refused(caplog: pytest.LogCaptureFixtu
         sched.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.timeout(90)
+def test_a_peer_cannot_flood_the_log_of_a_task_it_runs(caplog: pytest.LogCaptureFixture) -> None:
+    """Early logs are bounded per task as an honest agent's capture bounds a
+    whole task's log: past MAX_WIRE_CHARS the rest is refused (counted)."""
+    from shmrunner._tasklogs import MAX_WIRE_CHARS
+
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    sched = hub()
+    context: zmq.Context[Any] = zmq.Context()
+    peer = None
+    chunk = [[1.0, logging.INFO, "stdout", "x" * (MAX_WIRE_CHARS // 3 - 10)]]
+    try:
+        assert sched.address is not None
+        peer = RawAgent(context, sched.address)
+        future = sched.submit("_log_tasks:quiet", 1)
+        task_id = peer.next_task()
+        for sent in range(1, 4):  # three thirds: within the bound
+            peer.early_logs(task_id, chunk)
+            wait_until(lambda n=sent: len(task_records(caplog)) == n, RESULT,
+                       message=f"early log {sent}")
+        peer.early_logs(task_id, chunk)  # a fourth: past it
+        wait_until(lambda: sched.status()["rejected"] == 1, RESULT,
+                   message="the log past the bound to be refused")
+        assert len(task_records(caplog)) == 3 and not future.done()
+        peer.result(task_id, [[2.0, logging.INFO, "stdout", "the result's own"]])
+        assert future.result(RESULT) == task_id
+        assert task_records(caplog)[-1].getMessage() == "the result's own"
+        # The next task has a budget of its own.
+        future = sched.submit("_log_tasks:quiet", 2)
+        task_id = peer.next_task()
+        peer.early_logs(task_id, chunk)
+        wait_until(lambda: len(task_records(caplog)) == 5, RESULT, message="the next task's log")
+        peer.result(task_id, [])
+        assert future.result(RESULT) == task_id and sched.status()["rejected"] == 1
+    finally:
+        if peer is not None:
+            peer.sock.close(linger=0)
+        context.destroy(linger=0)
+        sched.shutdown(wait=True, cancel_futures=True)
+
+
 # --- the daemon keeps each job's log ----------------------------------------------------
 
 

@@ -62,7 +62,7 @@ class Peer:
 
     __slots__ = ("identity", "name", "host", "pid", "capacity", "cpus", "last_seen",
                  "allow_pickle", "outbox", "busy_since", "group", "slot_count", "slots",
-                 "supervisor", "slot_index", "delivered", "ended", "ended_slots")
+                 "supervisor", "slot_index", "delivered", "ended", "ended_slots", "logged")
 
     def __init__(self, identity: bytes, body: dict[str, Any]) -> None:
         self.identity = identity
@@ -89,6 +89,8 @@ class Peer:
         self.slot_index = 0
         self.delivered = 0  # tasks sent to this slot (a task's place: Job.handle)
         self.ended = False  # a send found its connection gone: its agent's report is due
+        # Characters of early log ("logs" messages) per (task id, attempt) it holds.
+        self.logged: dict[tuple[int, int], int] = {}
 
 
 class Peers:

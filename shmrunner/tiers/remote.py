@@ -65,6 +65,7 @@ import zmq
 
 from .._endpoints import secure_ipc_socket
 from .._job import Job
+from .._tasklogs import MAX_WIRE_CHARS
 from .._wakeup import Wakeup
 from ..config import SchedulerSettings
 from ..errors import (
@@ -465,14 +466,29 @@ class RemoteTier:
 
     def _early_logs(self, worker: Worker[Job], body: dict[str, Any]) -> None:
         """What a task still running on ``worker`` logged so far (its records
-        checked by the schema): to the Scheduler, as its result's would be."""
-        task_id = body["task_id"]
+        checked by the schema): to the Scheduler, as its result's would be.
+        Bounded per attempt as an honest agent's capture bounds a task's whole
+        log (MAX_WIRE_CHARS), so a peer cannot flood the scheduler's log with
+        one task."""
+        task_id, peer = body["task_id"], worker.endpoint
         job = next((job for job in worker.tasks if job.id == task_id), None)
         if body["session"] != self.session or job is None:
-            self._ignore(worker.endpoint.identity, f"the log of task {task_id}, which it "
-                         "does not run for this session")
+            self._ignore(peer.identity, f"the log of task {task_id}, which it does not run "
+                         "for this session")
             return
-        peer: Peer = worker.endpoint
+        logged = peer.logged
+        if len(logged) > len(worker.tasks):  # forget the tasks it holds no more
+            held = {(job.id, job.attempts) for job in worker.tasks}
+            for key in [key for key in logged if key not in held]:
+                del logged[key]
+        key = (task_id, job.attempts)
+        size = logged.get(key, 0) + sum(len(name) + len(text)
+                                        for _, _, name, text in body["logs"])
+        if size > MAX_WIRE_CHARS:
+            self._ignore(peer.identity, f"the log of task {task_id}: more than "
+                         f"{MAX_WIRE_CHARS} characters while it runs")
+            return
+        logged[key] = size
         self._events.on_log(job, [tuple(record) for record in body["logs"]],
                             worker=peer.name, host=peer.host)
 
