@@ -47,7 +47,11 @@ _HEADER = struct.Struct("<QI")
 MAX_FDS = 253
 _ANCBUF = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _RECV_CHUNK = 1 << 16
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# Flags as plain ints: socket's are IntFlag members, and combining or testing
+# those runs enum code in Python on every message (microseconds per message).
+_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 #: Stands in for an fd the kernel could not install here (no free fd slot).
 LOST_FD = -1
@@ -177,7 +181,7 @@ class FdChannel:
         while self._pending:
             frame, fds, done, tags = self._pending[0]
             try:
-                sent = self.sock.sendmsg([frame], _rights(fds), socket.MSG_DONTWAIT)
+                sent = self.sock.sendmsg([frame], _rights(fds), _DONTWAIT)
             except BlockingIOError:
                 return
             except (BrokenPipeError, ConnectionResetError):
@@ -224,7 +228,7 @@ class FdChannel:
     def _receive_some(self, blocking: bool) -> int:
         """One recvmsg; the bytes received (0 if it would block). Raises
         PeerClosed at EOF."""
-        flags = _CLOEXEC | (0 if blocking else socket.MSG_DONTWAIT)
+        flags = _CLOEXEC if blocking else _CLOEXEC | _DONTWAIT
         size = max(_RECV_CHUNK, min(self._missing(), 1 << 24))
         try:
             data, anc, msg_flags, _ = self.sock.recvmsg(size, _ANCBUF, flags)
@@ -232,13 +236,14 @@ class FdChannel:
             return 0
         except ConnectionResetError:
             data, anc, msg_flags = b"", [], 0
-        fds = array.array("i")
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        truncated = bool(msg_flags & socket.MSG_CTRUNC)
-        if fds or truncated:
-            self._rfds.append((fds.tolist(), truncated))
+        truncated = bool(msg_flags & _CTRUNC)
+        if anc or truncated:  # most messages carry no fds
+            fds = array.array("i")
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+            if fds or truncated:
+                self._rfds.append((fds.tolist(), truncated))
         if not data:
             raise PeerClosed
         self._rbuf += data
