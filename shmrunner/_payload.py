@@ -11,6 +11,7 @@ objects costs a bounded time to measure (and counts what was seen).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ _MAX_VISITS = 10_000  # objects looked at per task, at most
 _SCALARS = frozenset({int, float, bool, complex, str, type(None)})
 
 
-def only_scalars(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def only_scalars(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     """True when every argument is a plain scalar (no container, array, bytes
     or future): the common tiny task, which needs no walk of its arguments.
     Exact types: a subclass could be anything."""

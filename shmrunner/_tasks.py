@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from . import _spares
+from ._payload import only_scalars
 from ._sink import ResultSink
 from .errors import ConfigError, attach_remote_traceback
 from .shm import DEFAULT_THRESHOLD
@@ -28,6 +30,9 @@ from .worker.loop import REPORT_START, TASK_ID
 
 __all__ = ["Task", "run_chunk", "encode_task", "frame", "decode_outcome", "deliver",
            "resolve_threshold"]
+
+# Functions the standard pickler names as our reducers would (by reference).
+_FUNCTIONS = frozenset({types.FunctionType, types.BuiltinFunctionType})
 
 
 class Task:
@@ -89,7 +94,8 @@ def encode_task(task: Task, threshold: int) -> Encoded:
     # Spares for its results are keyed by the user's function (``_spares``).
     key = _spares.key_of(task.args[0] if task.fn is run_chunk and task.args else task.fn)
     return dumps((task.fn, task.args, task.kwargs), threshold, lease=True,
-                 spares_for=(task.id, key))
+                 spares_for=(task.id, key),
+                 plain=type(task.fn) in _FUNCTIONS and only_scalars(task.args, task.kwargs))
 
 
 def frame(task: Task, message: Encoded) -> tuple[bytes, list[int], Callable[[], None]]:

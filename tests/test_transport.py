@@ -433,6 +433,25 @@ def test_dumps_failure_closes_the_fds_it_created() -> None:
     assert open_fds() == before
 
 
+@pytest.mark.parametrize("obj", [(divmod, (7, 2), {}), (os.getpid, (), {"a": None}),
+                                 (True, 2.5), (False, "text"), (True, None)])
+def test_the_plain_way_pickles_as_the_full_pickler_does(obj: Any) -> None:
+    # Tiny tasks and their results skip our pickler (plain=True): same bytes.
+    plain = pickling.dumps(obj, THRESHOLD, plain=True)
+    assert plain.data == pickling.dumps(obj, THRESHOLD).data and plain.fds == []
+    assert pickling.loads(plain.data, []) == obj
+
+
+def test_the_plain_way_refuses_what_the_full_pickler_refuses() -> None:
+    def local(x: int) -> int:
+        return x
+
+    with pytest.raises(Exception) as full:  # noqa: B017 (whatever pickle raises for it)
+        pickling.dumps((local, (1,), {}), THRESHOLD)
+    with pytest.raises(type(full.value)):
+        pickling.dumps((local, (1,), {}), THRESHOLD, plain=True)
+
+
 def test_loads_consumes_every_fd_whatever_happens() -> None:
     # Unused fds are closed...
     fds = [labelled_fd("unused", "loads-probe") for _ in range(3)]

@@ -44,6 +44,7 @@ from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined
 from typing import Any
 
 from .. import _segcache, _spares
+from .._payload import only_scalars
 from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
@@ -158,7 +159,7 @@ def _encode(task_id: int, ok: bool, value: Any, threshold: int,
             ) -> tuple[bytes, list[int], Callable[[], None]]:
     _segcache.replying(True)  # arrays it returns by handle go back to the parent only
     try:
-        encoded = dumps((ok, value), threshold)
+        encoded = dumps((ok, value), threshold, plain=ok and only_scalars((value,), {}))
     except Exception as exc:  # the result (or exception) cannot be pickled
         wrapped = MaybeEncodingError(exc, value[0] if not ok else value)
         encoded = dumps((False, (wrapped, traceback.format_exc())), threshold)
