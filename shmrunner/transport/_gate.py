@@ -36,6 +36,10 @@ from .._wakeup import Wakeup
 
 __all__ = ["SocketGate"]
 
+# pyzmq's constants as plain ints: & and | on its enum flags run Python code
+# (about a microsecond each), several times a round on the hub's hot path.
+_POLLIN, _POLLOUT, _EVENTS = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.EVENTS)
+
 
 class SocketGate:
     """Who may use ``socket`` now: the owner, or a helper that got in without waiting."""
@@ -62,10 +66,10 @@ class SocketGate:
         no limit) for a message, a wake-up or, with ``writable``, room to send;
         helpers may use the socket meanwhile. True when a message waits.
         Raises ``zmq.ZMQError`` if the socket is gone."""
-        want = zmq.POLLIN | (zmq.POLLOUT if writable else 0)
+        want = _POLLIN | (_POLLOUT if writable else 0)
         events = self._events()
         if events & want or (timeout is not None and timeout <= 0):
-            return bool(events & zmq.POLLIN)
+            return bool(events & _POLLIN)
         wait_ms = -1 if timeout is None else math.ceil(timeout * 1000)
         self._lock.release()
         try:
@@ -74,12 +78,12 @@ class SocketGate:
             self._lock.acquire()
         if any(fd == self._wakeup.fd for fd, _ in ready):
             self._wakeup.drain()
-        return bool(self._events() & zmq.POLLIN)
+        return bool(self._events() & _POLLIN)
 
     def _events(self) -> int:
         """ZMQ_EVENTS: what the socket could do now (reading it processes the
         socket's pending commands, which consumes ZMQ_FD's signal)."""
-        return int(self._socket.getsockopt(zmq.EVENTS))
+        return int(self._socket.getsockopt(_EVENTS))
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -91,7 +95,7 @@ class SocketGate:
         """A helper is done: wake the owner if a message now waits (the helper's
         socket calls may have consumed the signal the owner sleeps on)."""
         try:
-            if self._events() & zmq.POLLIN:
+            if self._events() & _POLLIN:
                 self._wakeup.wake()
         except zmq.ZMQError:
             self._wakeup.wake()  # the owner finds out what happened

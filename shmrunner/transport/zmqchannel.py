@@ -92,7 +92,10 @@ class Received(NamedTuple):
     message: Message
 
 
-_POLLIN_OUT = zmq.POLLIN | zmq.POLLOUT
+# pyzmq's constants as plain ints: & and | on its enum flags run Python code
+# (about a microsecond each) on every message.
+_POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+_POLLIN_OUT = _POLLIN | _POLLOUT
 
 class ZmqChannel:
     """One DEALER or ROUTER socket sending and receiving protocol messages."""
@@ -190,7 +193,7 @@ class ZmqChannel:
         full (``send_hwm`` messages it has not taken), else True (or the tracker,
         with ``track=True``). Whoever must not be blocked by one slow peer (the
         scheduler's hub) sends this way."""
-        return self._send(msg, peer, track, zmq.NOBLOCK)
+        return self._send(msg, peer, track, _NOBLOCK)
 
     def send_frames(self, frames: Sequence[Any], peer: bytes | None = None, *,
                     track: bool = False) -> zmq.MessageTracker | None:
@@ -207,7 +210,7 @@ class ZmqChannel:
         when the peer's queue is full. A peer a ROUTER does not know (gone)
         is a :class:`ChannelError`."""
         self._check_open()
-        return self._send_frames(frames, peer, track, zmq.NOBLOCK, "prepared")
+        return self._send_frames(frames, peer, track, _NOBLOCK, "prepared")
 
     def writable(self) -> bool:
         """Whether a send would not wait now. A DEALER whose only connection
@@ -215,7 +218,7 @@ class ZmqChannel:
         send, and a send would wait the whole send timeout."""
         self._check_open()
         try:
-            return bool(self._socket.poll(0, zmq.POLLOUT))
+            return bool(self._socket.poll(0, _POLLOUT))
         except zmq.ZMQError as exc:
             raise ChannelError(f"poll of the {self.kind} channel failed: {exc}") from exc
 
@@ -227,14 +230,14 @@ class ZmqChannel:
         (``recv(0)`` next). The owner passes the time to its next deadline:
         no wait polls on a fixed tick."""
         self._check_open()
-        events = _POLLIN_OUT if writable else zmq.POLLIN
+        events = _POLLIN_OUT if writable else _POLLIN
         fd = -1 if wakeup is None else wakeup.fd
         poller = self._poller
         if poller is None or self._polled_fd != fd or self._polled_events != events:
             if poller is None or self._polled_fd != fd:
                 poller = self._poller = zmq.Poller()
                 if fd >= 0:
-                    poller.register(fd, zmq.POLLIN)
+                    poller.register(fd, _POLLIN)
             poller.register(self._socket, events)   # a second register modifies
             self._polled_fd, self._polled_events = fd, events
         wait_ms = None if timeout is None else (
@@ -246,7 +249,7 @@ class ZmqChannel:
         readable = False
         for which, found in ready:
             if which is self._socket:
-                readable = bool(found & zmq.POLLIN)
+                readable = bool(found & _POLLIN)
             elif wakeup is not None:
                 wakeup.drain()
         return readable
@@ -266,7 +269,7 @@ class ZmqChannel:
         try:
             tracker = self._socket.send_multipart(frames, flags, copy=False, track=track)
         except zmq.Again as exc:
-            if flags & zmq.NOBLOCK:
+            if flags & _NOBLOCK:
                 return False
             raise ChannelError(f"send of a {what} message timed out after "
                                f"{self.options.send_timeout}s: no peer, or its queue is full"
@@ -289,7 +292,7 @@ class ZmqChannel:
                 # With no time left, a non-blocking read says the same as a poll,
                 # without the Poller pyzmq builds for every poll() (the busy
                 # loops call recv(0) once per message).
-                if wait_ms and not self._socket.poll(wait_ms, zmq.POLLIN):
+                if wait_ms and not self._socket.poll(wait_ms, _POLLIN):
                     return None
                 peer, frames, problem = self._recv_frames()
             except zmq.Again:
@@ -321,7 +324,7 @@ class ZmqChannel:
         and dropped (libzmq delivers a multipart message whole, so it is all
         here), and the problem is returned instead of the frames."""
         sock, options = self._socket, self.options
-        frame: zmq.Frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frame: zmq.Frame = sock.recv(_NOBLOCK, copy=False)
         peer: bytes | None = None
         if self.kind == "router":   # the identity ROUTER adds; not the peer's to spend
             peer = frame.bytes
