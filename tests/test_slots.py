@@ -28,7 +28,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from test_remote import JOIN, RESULT, Workers, remote_scheduler, stop_cluster
+from test_remote import BEAT_TIMEOUT, JOIN, RESULT, Workers, remote_scheduler, stop_cluster
 from test_timeouts import _stress
 
 import _sched_tasks as tasks
@@ -411,6 +411,33 @@ def test_a_slot_hello_for_an_unknown_agent_gets_nothing(two_slots: SlotCluster) 
         _say(peer, "lost", {"slot": 0, "reason": "died", "task_id": 0})
         assert sched.submit(tasks.add, 1, 2).result(RESULT) == 3
         assert sorted(w["name"] for w in two_slots.slots()) == ["a/0", "a/1"]
+
+
+@pytest.mark.timeout(60)
+def test_a_quiet_slot_that_died_keeps_its_tasks_until_its_agent_reports(one_slot: SlotCluster,
+                                                                         gates: Gates) -> None:
+    """A slot says nothing while it runs a long task. When it dies and the hub
+    finds its connection gone (a send to it fails) before its agent's report,
+    the slot is set aside: heartbeat rounds meanwhile must not declare it lost
+    on its own old silence, which would fail the task queued behind, unstarted."""
+    c = one_slot
+    running = c.sched.submit(tasks.gated, gates.path("started"), gates.path("never"))
+    pid = started_pid(gates, "started")
+    time.sleep(BEAT_TIMEOUT + 0.4)  # the state under test: silent past the heartbeat timeout
+    os.kill(c.agent.pid, signal.SIGSTOP)  # its report on the slot waits
+    try:
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not is_alive(pid), RESULT, message="the slot to die")
+        innocent = c.sched.submit(tasks.add, 1, 1)
+        # Heartbeat rounds pass (every BEAT) while the agent cannot report; less
+        # than BEAT_TIMEOUT, so the agent itself is not lost meanwhile.
+        time.sleep(BEAT_TIMEOUT / 2)
+        assert c.sched.status()["lost_workers"] == 0
+    finally:
+        os.kill(c.agent.pid, signal.SIGCONT)
+    assert innocent.result(RESULT) == 2  # rerun on the replacement slot
+    error = running.exception(RESULT)
+    assert isinstance(error, WorkerLostError) and "silent" not in str(error), error
 
 
 @pytest.mark.timeout(60)

@@ -234,6 +234,10 @@ class Peers:
         if peer.ended or peer.supervisor is None:
             return
         peer.ended = True
+        # Judged from now on by its own clock (verdict): a slot quiet while it
+        # ran a long task must not be lost before its agent had a whole
+        # heartbeat_timeout to report its end (its tasks would fail, unstarted).
+        peer.last_seen = max(peer.last_seen, time.monotonic())
         self.retire(slot)
         agent: Peer = peer.supervisor.endpoint
         if agent.slots.get(peer.slot_index) is slot:
