@@ -815,7 +815,9 @@ def test_task_timeout_through_the_remote_tier(cluster: Cluster) -> None:
     fut = sched.submit(tasks.count_and_sleep, attempts, 60, timeout=1.0)
     with pytest.raises(TaskTimeoutError):
         fut.result(RESULT)
-    assert time.monotonic() - t0 < 1.0 + 2.0
+    # Stopped by its timeout, long before its 60 s sleep would end (a bound loose
+    # enough for a loaded 2-core machine: not a timing measurement).
+    assert time.monotonic() - t0 < 1.0 + 10.0
     (run,) = [json.loads(line) for line in Path(attempts).read_text().splitlines()]
     assert run["ppid"] in cluster.pids
     wait_until(lambda: not is_alive(run["pid"]), 10,
