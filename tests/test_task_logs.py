@@ -320,87 +320,87 @@ GARBAGE = {
 }
 
 
-@pytest.mark.timeout(90)
-def test_garbage_logs_from_a_raw_peer_are_refused(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="shmrunner.task")
+@pytest.fixture
+def raw_peer() -> Iterator[tuple[Scheduler, RawAgent]]:
+    """A hub and a fake agent joined to it on a raw DEALER."""
     sched = hub()
     context: zmq.Context[Any] = zmq.Context()
-    peer = None
     try:
         assert sched.address is not None
         peer = RawAgent(context, sched.address)
-        future = sched.submit("_log_tasks:quiet", 1)
-        task_id = peer.next_task()
-        for count, logs in enumerate(GARBAGE.values(), 1):
-            peer.result(task_id, logs)
-            wait_until(lambda n=count: sched.status()["rejected"] >= n, RESULT,
-                       message=f"garbage log {count} to be refused")
-        # The same garbage as a running task's early log; then honest lines for a
-        # task it does not hold, and for another session's task: all refused.
-        line = [[1.5, logging.WARNING, "remote.app", "an honest line"]]
-        refused = count
-        for logs, other_id, session in [*((logs, task_id, None) for logs in GARBAGE.values()),
-                                        (line, task_id + 1, None), (line, task_id, "0" * 32)]:
-            peer.early_logs(other_id, logs, session)
-            refused += 1
-            wait_until(lambda n=refused: sched.status()["rejected"] >= n, RESULT,
-                       message=f"bad early log {refused} to be refused")
-        assert not future.done() and task_records(caplog) == []
-        peer.early_logs(task_id, [[1.25, logging.INFO, "remote.app", "early"]])
-        wait_until(lambda: len(task_records(caplog)) == 1, RESULT, message="the early line")
-        assert not future.done()
-        peer.result(task_id, line)
-        assert future.result(RESULT) == task_id
-        early, record = task_records(caplog)
-        assert (early.getMessage(), early.created) == ("early", 1.25)
-        assert record.getMessage() == "an honest line"
-        assert (record.worker, record.host, record.created) == ("raw", "attacker", 1.5)  # type: ignore[attr-defined]
-    finally:
-        if peer is not None:
+        try:
+            yield sched, peer
+        finally:
             peer.sock.close(linger=0)
+    finally:
         context.destroy(linger=0)
         sched.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.timeout(90)
-def test_a_peer_cannot_flood_the_log_of_a_task_it_runs(caplog: pytest.LogCaptureFixture) -> None:
+def test_garbage_logs_from_a_raw_peer_are_refused(caplog: pytest.LogCaptureFixture,
+                                                  raw_peer: tuple[Scheduler, RawAgent]) -> None:
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    sched, peer = raw_peer
+    future = sched.submit("_log_tasks:quiet", 1)
+    task_id = peer.next_task()
+    for count, logs in enumerate(GARBAGE.values(), 1):
+        peer.result(task_id, logs)
+        wait_until(lambda n=count: sched.status()["rejected"] >= n, RESULT,
+                   message=f"garbage log {count} to be refused")
+    # The same garbage as a running task's early log; then honest lines for a
+    # task it does not hold, and for another session's task: all refused.
+    line = [[1.5, logging.WARNING, "remote.app", "an honest line"]]
+    refused = count
+    for logs, other_id, session in [*((logs, task_id, None) for logs in GARBAGE.values()),
+                                    (line, task_id + 1, None), (line, task_id, "0" * 32)]:
+        peer.early_logs(other_id, logs, session)
+        refused += 1
+        wait_until(lambda n=refused: sched.status()["rejected"] >= n, RESULT,
+                   message=f"bad early log {refused} to be refused")
+    assert not future.done() and task_records(caplog) == []
+    peer.early_logs(task_id, [[1.25, logging.INFO, "remote.app", "early"]])
+    wait_until(lambda: len(task_records(caplog)) == 1, RESULT, message="the early line")
+    assert not future.done()
+    peer.result(task_id, line)
+    assert future.result(RESULT) == task_id
+    early, record = task_records(caplog)
+    assert (early.getMessage(), early.created) == ("early", 1.25)
+    assert record.getMessage() == "an honest line"
+    assert (record.worker, record.host, record.created) == ("raw", "attacker", 1.5)  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_cannot_flood_the_log_of_a_task_it_runs(caplog: pytest.LogCaptureFixture,
+                                                       raw_peer: tuple[Scheduler, RawAgent]
+                                                       ) -> None:
     """Early logs are bounded per task as an honest agent's capture bounds a
     whole task's log: past MAX_WIRE_CHARS the rest is refused (counted)."""
     from shmrunner._tasklogs import MAX_WIRE_CHARS
 
     caplog.set_level(logging.INFO, logger="shmrunner.task")
-    sched = hub()
-    context: zmq.Context[Any] = zmq.Context()
-    peer = None
+    sched, peer = raw_peer
     chunk = [[1.0, logging.INFO, "stdout", "x" * (MAX_WIRE_CHARS // 3 - 10)]]
-    try:
-        assert sched.address is not None
-        peer = RawAgent(context, sched.address)
-        future = sched.submit("_log_tasks:quiet", 1)
-        task_id = peer.next_task()
-        for sent in range(1, 4):  # three thirds: within the bound
-            peer.early_logs(task_id, chunk)
-            wait_until(lambda n=sent: len(task_records(caplog)) == n, RESULT,
-                       message=f"early log {sent}")
-        peer.early_logs(task_id, chunk)  # a fourth: past it
-        wait_until(lambda: sched.status()["rejected"] == 1, RESULT,
-                   message="the log past the bound to be refused")
-        assert len(task_records(caplog)) == 3 and not future.done()
-        peer.result(task_id, [[2.0, logging.INFO, "stdout", "the result's own"]])
-        assert future.result(RESULT) == task_id
-        assert task_records(caplog)[-1].getMessage() == "the result's own"
-        # The next task has a budget of its own.
-        future = sched.submit("_log_tasks:quiet", 2)
-        task_id = peer.next_task()
+    future = sched.submit("_log_tasks:quiet", 1)
+    task_id = peer.next_task()
+    for sent in range(1, 4):  # three thirds: within the bound
         peer.early_logs(task_id, chunk)
-        wait_until(lambda: len(task_records(caplog)) == 5, RESULT, message="the next task's log")
-        peer.result(task_id, [])
-        assert future.result(RESULT) == task_id and sched.status()["rejected"] == 1
-    finally:
-        if peer is not None:
-            peer.sock.close(linger=0)
-        context.destroy(linger=0)
-        sched.shutdown(wait=True, cancel_futures=True)
+        wait_until(lambda n=sent: len(task_records(caplog)) == n, RESULT,
+                   message=f"early log {sent}")
+    peer.early_logs(task_id, chunk)  # a fourth: past it
+    wait_until(lambda: sched.status()["rejected"] == 1, RESULT,
+               message="the log past the bound to be refused")
+    assert len(task_records(caplog)) == 3 and not future.done()
+    peer.result(task_id, [[2.0, logging.INFO, "stdout", "the result's own"]])
+    assert future.result(RESULT) == task_id
+    assert task_records(caplog)[-1].getMessage() == "the result's own"
+    # The next task has a budget of its own.
+    future = sched.submit("_log_tasks:quiet", 2)
+    task_id = peer.next_task()
+    peer.early_logs(task_id, chunk)
+    wait_until(lambda: len(task_records(caplog)) == 5, RESULT, message="the next task's log")
+    peer.result(task_id, [])
+    assert future.result(RESULT) == task_id and sched.status()["rejected"] == 1
 
 
 # --- the daemon keeps each job's log ----------------------------------------------------

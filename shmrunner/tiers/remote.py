@@ -399,13 +399,11 @@ class RemoteTier:
             return
         peer: Peer = slot.endpoint
         reason, task_id = body["reason"], body.get("task_id")
-        if reason == "died":
+        if reason in ("died", "oom"):  # not killed on purpose: a lost worker
             self._peers.lost += 1
-            log.warning("worker %s (%s pid %d) died", peer.name, peer.host, peer.pid)
-        elif reason == "oom":
-            self._peers.lost += 1
-            log.warning("worker %s (%s pid %d) was killed by the kernel's OOM killer (%s)",
-                        peer.name, peer.host, peer.pid, body.get("evidence", ""))
+            log.warning("worker %s (%s pid %d) %s", peer.name, peer.host, peer.pid,
+                        "died" if reason == "died" else
+                        f"was killed by the kernel's OOM killer ({body.get('evidence', '')})")
         jobs = self._peers.drop(slot)
         culprit = next((job for job in jobs if job.id == task_id), None)
         again: list[Job] = []
