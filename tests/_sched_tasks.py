@@ -119,6 +119,15 @@ def mark_run(path: str, value: Any = None) -> Any:
     return value
 
 
+def mark_run_then_hold(path: str, gate: str, value: int) -> int:
+    """Leave a trace at ``path``; every task but the first (``value`` 0) then waits
+    for ``gate``, so the queue behind it cannot drain before the test acts."""
+    append_line(path, str(os.getpid()))
+    if value:
+        wait_for(gate)
+    return value
+
+
 def all_started(started: str, others: list[str]) -> dict[str, int]:
     """Report at ``started``, then wait until every path in ``others`` exists: only
     tasks that run at the same time, on different processes, all return."""

@@ -76,12 +76,14 @@ def test_the_stream_timeout_counts_from_the_call(sched: Scheduler) -> None:
 
 
 def test_breaking_out_cancels_the_tasks_not_started(tmp_path: Path) -> None:
-    ran = tmp_path / "ran"
+    ran, gate = tmp_path / "ran", tmp_path / "gate"
     with Scheduler(local_workers=1) as sched:
-        results = sched.imap(tasks.mark_run, [str(ran)] * 50, range(50), buffersize=20,
-                             timeout=RESULT)
+        results = sched.imap(tasks.mark_run_then_hold, [str(ran)] * 50, [str(gate)] * 50,
+                             range(50), buffersize=20, timeout=RESULT)
         assert next(results) == 0
+        # The second task holds the only worker, so the queue cannot drain first.
         results.close()
+        tasks.report(str(gate))
     # Submitted: 21 at most; the queued ones were cancelled.
     assert len(ran.read_text().splitlines()) < 21
 
