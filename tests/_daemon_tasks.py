@@ -46,6 +46,16 @@ def ones(n: int, dtype: str = "float64") -> np.ndarray:
     return np.ones(n, dtype=dtype)
 
 
+def ones_after(n: int, release: str, limit: float = 60.0) -> np.ndarray:
+    """``ones(n)`` once ``release`` exists: a result held back until the caller says."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
+    return np.ones(n)
+
+
 def inc_inplace(a: np.ndarray) -> np.ndarray:
     """a += 1, returned (W4): the same memory goes back."""
     a += 1

@@ -164,9 +164,15 @@ def test_remote_worker_joins_shows_in_status_and_runs_jobs(tmp_path: Path, daemo
         return any(int(p.read_text()) in agent for p in tmp_path.glob("started?"))
 
     wait_until(started_remotely, timeout=30, message="a job to start on the remote worker")
-    status = d.status()
-    assert named(status, "remote-one")["busy"] >= 1  # type: ignore[index]
-    assert status["running"] == 6
+
+    def all_running() -> bool:
+        # The daemon accepts (journals) the six one by one: a job may start on
+        # the agent before the last ones are accepted and handed to a worker.
+        status = d.status()
+        remote = named(status, "remote-one")
+        return remote is not None and remote["busy"] >= 1 and status["running"] == 6
+
+    wait_until(all_running, timeout=30, message="all six jobs handed to a worker")
     release.touch()
     pids = [f.result(timeout=30) for f in futures]
     assert any(pid in children(w.pid) for pid in pids), \

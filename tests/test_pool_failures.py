@@ -54,7 +54,9 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 MiB = 1 << 20
 BIG = 64 * MiB  # bytes of the "large array" arguments
 RESULT_TIMEOUT = 30  # a healthy result arrives in well under a second
-HANG_TIMEOUT = 5  # where a test probes for a hang: long enough for any healthy pool
+# Where a test probes for a hang: long enough for a healthy pool on a loaded machine
+# (a respawn under spawn), and under the 30 s a _SlowReduce holds its caller.
+HANG_TIMEOUT = 20
 
 # --- helpers ------------------------------------------------------------------------------
 

@@ -155,8 +155,10 @@ def test_backoff_applies_to_lost_worker_retries(tmp_path: Path) -> None:
 
 def test_shutdown_waits_for_a_task_in_backoff_and_runs_its_retry(tmp_path: Path) -> None:
     log = tmp_path / "attempts"
+    # The backoff is the window in which this test must see the task wait (and
+    # shut down): long enough that a loaded machine's polling cannot miss it.
     sched = Scheduler(local_workers=1, retries=1, retry_on=["ConnectionError"],
-                      retry_backoff=0.5)
+                      retry_backoff=3.0)
     try:
         fut = sched.submit(tasks.fail_first, str(log), 1, "ConnectionError")
         wait_until(lambda: sched.status()["retry_waiting"] == 1, timeout=RESULT,

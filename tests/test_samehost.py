@@ -359,17 +359,23 @@ import sys, threading
 import shmrunner
 from shmrunner import _shmclient
 # A client that never picks its results up (stuck, slow): the daemon holds them.
+# Its collect blocks the client thread, which then sends nothing more: so the
+# jobs are all accepted (sent) before the first may finish (argv[3], the gate).
 _shmclient.SameHost.collect = lambda self, body: threading.Event().wait()
 c = shmrunner.connect(sys.argv[1])
 import numpy as np
 assert c.submit("_daemon_tasks:total", np.ones(100_000)).result(30) == 100_000  # side channel
-futures = [c.submit("_daemon_tasks:ones", 100_000) for _ in range(int(sys.argv[2]))]
+release = sys.argv[3]
+futures = [c.submit("_daemon_tasks:ones_after", 100_000, release)
+           for _ in range(int(sys.argv[2]))]
+assert all(f.wait_accepted(30) for f in futures)
+open(release, "w").close()
 print("submitted", flush=True)
 threading.Event().wait()
 """
 
 
-def test_kill9_of_a_client_with_results_in_flight_frees_them(daemons) -> None:
+def test_kill9_of_a_client_with_results_in_flight_frees_them(daemons, tmp_path: Path) -> None:
     """A client that does not pick up its result memfds, then is SIGKILLed:
     the daemon frees every fd it held for it (status back to the baseline)."""
     import subprocess
@@ -382,8 +388,8 @@ def test_kill9_of_a_client_with_results_in_flight_frees_them(daemons) -> None:
     assert [f.result(30).size for f in [warm.submit("_daemon_tasks:ones", 100_000)
                                         for _ in range(5)]] == [100_000] * 5
     baseline = _memfds(d.pid)
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLIENT, d.address, "5"], env=env(),
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLIENT, d.address, "5",
+                             str(tmp_path / "release")], env=env(), stdout=subprocess.PIPE)
     try:
         wait_until(lambda: d.status()["same_host"]["result_fds_held"] == 5, timeout=60,
                    message="the daemon to hold 5 results for the stuck client")
@@ -408,8 +414,8 @@ def test_results_never_picked_up_expire_after_result_ttl(daemons, tmp_path: Path
     from _daemon_tasks import env
 
     d = daemons(daemon={"result_ttl": 1.0}).start()
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLIENT, d.address, "2"], env=env(),
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLIENT, d.address, "2",
+                             str(tmp_path / "release")], env=env(), stdout=subprocess.PIPE)
     try:
         wait_until(lambda: d.status()["same_host"]["results_expired"] == 2, timeout=60,
                    message="the results never picked up to expire")

@@ -70,7 +70,9 @@ def test_a_worker_at_a_daemons_clients_address_says_so_and_exits_1(tmp_path: Pat
         last = assert_wrong_endpoint(code, lines, daemon.address)
         assert "1.5 s" in last and "worker.join_timeout" in last, last
         assert len(lines) == 1, lines  # --log-level ERROR hid the reconnect warnings
-        assert daemon.status()["rejected"] >= 1  # it heard a hello it had no use for
+        # It heard a hello it had no use for (counted when read: poll, do not race it).
+        wait_until(lambda: daemon.status()["rejected"] >= 1, 30,
+                   message="the daemon to count the worker's hello as rejected")
     finally:
         assert not daemon.close()
 

@@ -322,8 +322,16 @@ def test_try_send_reports_a_full_peer_queue_instead_of_waiting(sockets: Sockets)
     assert peer is not None
     big = Message("status_reply", {"status": {"a": np.zeros(1 << 20)}})  # 8 MiB each
     results = [router.try_send(big, peer) for _ in range(20)]
-    assert results[0] is True and results[-1] is False
-    tracker = router.try_send(Message("heartbeat"), peer, track=True)
+    assert results[0] is True and False in results  # the queue filled, and said so
+    # Refused, but ZeroMQ's I/O thread may still be moving what was queued into the
+    # peer's buffers (it lags on a loaded machine), and then frees room for a
+    # message or two more: offer until the queue is full for good. Each offer
+    # returns at once; a send that waited would hang here (send_timeout 60 s).
+    for _ in range(100):
+        tracker = router.try_send(Message("heartbeat"), peer, track=True)
+        if tracker is False:
+            break
+        assert isinstance(tracker, zmq.MessageTracker)
     assert tracker is False
     with pytest.raises(ChannelError, match="not connected"):
         router.try_send(Message("heartbeat"), b"no-such-peer")
@@ -371,7 +379,8 @@ def test_try_send_frames_reports_a_full_peer_queue(sockets: Sockets) -> None:
     assert peer is not None
     big = encode(Message("status_reply", {"status": {"a": np.zeros(1 << 20)}}))  # 8 MiB
     results = [router.try_send_frames(big, peer) for _ in range(20)]
-    assert results[0] is True and results[-1] is False
+    # (Not necessarily the last: ZeroMQ's I/O thread may free room meanwhile.)
+    assert results[0] is True and False in results
 
 
 def test_poll_ends_at_a_message_a_wakeup_room_to_send_or_its_timeout(
