@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import zmq
 
+from _util import wait_until
 from shmrunner._wakeup import Wakeup
 from shmrunner.errors import ConfigError
 from shmrunner.transport.protocol import PROTOCOL_VERSION as V
@@ -428,3 +430,23 @@ def test_frame_and_byte_limits_hold_while_receiving(sockets: Sockets) -> None:
     raw.send_multipart(good)
     _, msg = must_recv(router)
     assert msg == hello("after") and router.rejected == 3
+
+
+def test_a_huge_refused_message_is_read_a_slice_per_call(sockets: Sockets) -> None:
+    """libzmq delivers a multipart message whole, so a refused one is read to its
+    end; that happens a bounded slice per recv() call, so a loop calling
+    recv(0) gets its turn back many times while a million frames go by, and
+    the time it took shows in drain_seconds."""
+    router, endpoint = sockets.router(ChannelOptions(max_frames=10))
+    raw = sockets.raw(zmq.DEALER)
+    raw.connect(endpoint)
+    raw.send_multipart([b""] * 1_000_000)
+    raw.send_multipart(encode(hello("after")))
+    wait_until(lambda: router.poll(0), WAIT, message="the flood to arrive")
+    calls_without_a_message, deadline = 0, time.monotonic() + WAIT
+    while (got := router.recv(0)) is None:
+        calls_without_a_message += 1
+        assert time.monotonic() < deadline, "recv(0) never got through the flood"
+    assert got.message == hello("after") and router.rejected == 1
+    assert calls_without_a_message >= 10  # the flood came back in slices, not in one call
+    assert router.drain_seconds > 0

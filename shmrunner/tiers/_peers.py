@@ -15,6 +15,7 @@ others, over a copy, where a stale answer is harmless)::
                      for a core)
     send          -> track: a big message ZeroMQ has not taken yet
     heartbeat     -> verdict: silent too long, or stopped reading -> lose
+                     (time the hub spent reading a refused message: excused)
     lose/forget   -> out of the roster; lose hands back every job it held
     slots         -> an agent that supervises slot processes (hello "slots")
                      holds no task itself (capacity 0) and is found by its
@@ -287,6 +288,14 @@ class Peers:
         while peer.outbox and peer.outbox[0][0].done:
             peer.outbox.popleft()
         peer.outbox.append((sent, time.monotonic()))
+
+    def excuse(self, seconds: float) -> None:
+        """The hub spent ``seconds`` reading a message it refused: nobody else's
+        could be read meanwhile, so that time is no peer's silence."""
+        now = time.monotonic()
+        for worker in self.lifecycle:
+            peer: Peer = worker.endpoint
+            peer.last_seen = min(now, peer.last_seen + seconds)
 
     @staticmethod
     def verdict(worker: Worker[Job], timeout: float, deadline: float) -> str | None:

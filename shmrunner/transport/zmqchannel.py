@@ -18,7 +18,11 @@ is full, so one slow peer cannot stall whoever serves the others.
 
 Guarantees: a peer cannot crash or stall the reader (bad messages are counted,
 never raised; every wait has a deadline; inbound frames are capped by
-``zmq.MAXMSGSIZE`` and whole messages by ``max_bytes``); ``ZMQError`` never
+``zmq.MAXMSGSIZE`` and whole messages by ``max_bytes``; a refused message of
+very many frames, which libzmq delivers whole and must be read to the end, is
+read a slice of ``_DROP_SLICE`` frames per ``recv`` call, so the owner's loop
+goes on between slices, and ``drain_seconds`` says how long it took: a
+million empty frames, 2 MB on the wire, cost seconds to read); ``ZMQError`` never
 escapes (it becomes :class:`ChannelError`); ``close()`` always releases the
 socket and is idempotent. One thread owns a channel: ZeroMQ sockets are not
 thread-safe.
@@ -96,6 +100,19 @@ class Received(NamedTuple):
 # (about a microsecond each) on every message.
 _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 _POLLIN_OUT = _POLLIN | _POLLOUT
+# Frames of a refused message read per recv() call (about 30-60 ms in pyzmq):
+# the rest waits for the next call, so no one message holds the owner's thread.
+_DROP_SLICE = 16_384
+
+
+class _Refusing:
+    """A refused message being read to its end: whose, and how far it got."""
+
+    __slots__ = ("peer", "count", "total")
+
+    def __init__(self, peer: bytes | None, count: int, total: int) -> None:
+        self.peer, self.count, self.total = peer, count, total
+
 
 class ZmqChannel:
     """One DEALER or ROUTER socket sending and receiving protocol messages."""
@@ -107,6 +124,11 @@ class ZmqChannel:
         self.kind = kind
         self.options = options = options or ChannelOptions()
         self.rejected = 0
+        # Seconds spent reading refused messages' frames, all told: an owner that
+        # judges peers by their silence does not count this time against them
+        # (no other peer's message can be read while one is being read).
+        self.drain_seconds = 0.0
+        self._refusing: _Refusing | None = None
         self._closed = False
         self._poller: zmq.Poller | None = None
         self._polled_fd, self._polled_events = -1, 0   # what the poller has registered
@@ -295,6 +317,10 @@ class ZmqChannel:
                 if wait_ms and not self._socket.poll(wait_ms, _POLLIN):
                     return None
                 peer, frames, problem = self._recv_frames()
+                if frames is None:  # a refused message, read in part: others go on
+                    if not wait_ms:
+                        return None
+                    continue
             except zmq.Again:
                 if not wait_ms:
                     return None
@@ -318,11 +344,14 @@ class ZmqChannel:
                 continue
             return Received(peer, msg)
 
-    def _recv_frames(self) -> tuple[bytes | None, list[zmq.Frame], str | None]:
+    def _recv_frames(self) -> tuple[bytes | None, list[zmq.Frame] | None, str | None]:
         """One message, frame by frame, holding no more than the limits allow:
         past ``max_frames`` frames or ``max_bytes`` bytes the rest of it is read
         and dropped (libzmq delivers a multipart message whole, so it is all
-        here), and the problem is returned instead of the frames."""
+        here), and the problem is returned instead of the frames; frames None:
+        the message is being refused and more of it waits (``_refuse``)."""
+        if self._refusing is not None:
+            return self._refuse(True)
         sock, options = self._socket, self.options
         frame: zmq.Frame = sock.recv(_NOBLOCK, copy=False)
         peer: bytes | None = None
@@ -337,14 +366,36 @@ class ZmqChannel:
             total += len(frame)
             if count <= options.max_frames and total <= options.max_bytes:
                 frames.append(frame)
-            else:
-                frames.clear()   # keep reading to the end of the message, keeping nothing
-        if count > options.max_frames:
-            return peer, [], (f"message of {count} frames exceeds the limit of "
-                              f"{options.max_frames}")
-        if total > options.max_bytes:
-            return peer, [], f"message of {total} bytes exceeds the limit of {options.max_bytes}"
+            else:  # keep reading to the end of the message, keeping nothing
+                self._refusing = _Refusing(peer, count, total)
+                return self._refuse(frame.more)
         return peer, frames, None
+
+    def _refuse(self, more: bool) -> tuple[bytes | None, list[zmq.Frame] | None, str | None]:
+        """Read on through the refused message, ``_DROP_SLICE`` frames at most;
+        its problem once it has all been read, else frames None."""
+        refusing = self._refusing
+        assert refusing is not None
+        started = time.monotonic()
+        sock, count, total = self._socket, refusing.count, refusing.total
+        for _ in range(_DROP_SLICE):
+            if not more:
+                break
+            frame = sock.recv(copy=False)   # the message is all here: never waits
+            count += 1
+            total += len(frame)
+            more = frame.more
+        self.drain_seconds += time.monotonic() - started
+        refusing.count, refusing.total = count, total
+        if more:
+            return refusing.peer, None, None
+        self._refusing = None
+        options = self.options
+        if count > options.max_frames:
+            return refusing.peer, [], (f"message of {count} frames exceeds the limit of "
+                                       f"{options.max_frames}")
+        return refusing.peer, [], (f"message of {total} bytes exceeds the limit of "
+                                   f"{options.max_bytes}")
 
     def _reject(self, peer: bytes | None, exc: ProtocolError) -> None:
         self.rejected += 1
