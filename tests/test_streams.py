@@ -61,11 +61,15 @@ def test_map_results_in_order_over_several_iterables_and_chunks(sched: Scheduler
                           timeout=RESULT)) == [2 * i for i in range(100)]
 
 
-def test_imap_unordered_yields_what_finishes_first(sched: Scheduler) -> None:
-    results = sched.imap_unordered(tasks.sleep_for, [5.0, 0.0], timeout=RESULT)
-    # The quick task's result comes first, while the slow one still runs.
-    assert next(results) == "slept"
-    assert next(results) == "slept"
+def test_imap_unordered_yields_what_finishes_first(sched: Scheduler, tmp_path: Path) -> None:
+    held, opened = tmp_path / "held", tmp_path / "opened"
+    opened.touch()
+    results = sched.imap_unordered(tasks.gated, [str(tmp_path / "s1"), str(tmp_path / "s2")],
+                                   [str(held), str(opened)], ["held", "quick"], timeout=RESULT)
+    # The second task's result comes first, while the first one still waits.
+    assert next(results) == "quick"
+    tasks.report(str(held))
+    assert next(results) == "held"
 
 
 def test_the_stream_timeout_counts_from_the_call(sched: Scheduler) -> None:
