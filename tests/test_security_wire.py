@@ -217,54 +217,53 @@ def attack(send: Any, rejected: Any, pid: int | str) -> None:
         assert grown < bound, f"{name}: RSS grew by {grown / MiB:.0f} MiB"
 
 
-@pytest.mark.timeout(120)
-def test_hub_refuses_frame_floods_and_expanding_headers(tmp_path: Path, raw: Raw) -> None:
+@pytest.fixture
+def hub_with_agent(tmp_path: Path, raw: Raw) -> Iterator[tuple[Scheduler, int, Any]]:
+    """A hub (the file's 1 s heartbeat timeout), one real agent joined to it,
+    and a raw DEALER connected to it as the attacker: (hub, agent pid, socket)."""
     sched = hub_scheduler()
     workers = Workers(tmp_path)
     try:
         assert sched.address is not None
         agent = workers.start(sched.address, "real")
         wait_until(lambda: len(sched.status()["workers"]) == 1, RESULT, message="the agent to join")
-        sock = raw.dealer(sched.address)
-        attack(sock.send_multipart, lambda: sched.status()["rejected"], "self")
-        status = sched.status()
-        assert [w["pid"] for w in status["workers"]] == [agent.pid]
-        assert status["lost_workers"] == 0  # never blocked long enough to lose its agent
-        assert sched.submit(tasks.add, 2, 3).result(RESULT) == 5
+        yield sched, agent.pid, raw.dealer(sched.address)
     finally:
         workers.stop_all()
         sched.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.timeout(120)
+def test_hub_refuses_frame_floods_and_expanding_headers(
+        hub_with_agent: tuple[Scheduler, int, Any]) -> None:
+    sched, agent_pid, sock = hub_with_agent
+    attack(sock.send_multipart, lambda: sched.status()["rejected"], "self")
+    status = sched.status()
+    assert [w["pid"] for w in status["workers"]] == [agent_pid]
+    assert status["lost_workers"] == 0  # never blocked long enough to lose its agent
+    assert sched.submit(tasks.add, 2, 3).result(RESULT) == 5
+
+
+@pytest.mark.timeout(120)
 def test_one_message_of_millions_of_frames_never_stops_the_hubs_heartbeats(
-        tmp_path: Path, raw: Raw) -> None:
+        hub_with_agent: tuple[Scheduler, int, Any]) -> None:
     """libzmq hands over a multipart message whole, so a refused one must be
     read to its end: 1.5 million empty frames (3 MB on the wire) take seconds,
     longer than the heartbeat timeout. The hub reads it a slice at a time, goes
     on with its heartbeats between slices, and does not count that time as
     its agent's silence: the agent is never lost, nor does it leave."""
-    sched = hub_scheduler()
-    workers = Workers(tmp_path)
-    try:
-        assert sched.address is not None
-        agent = workers.start(sched.address, "real")
-        wait_until(lambda: len(sched.status()["workers"]) == 1, RESULT, message="the agent to join")
-        (joined,) = sched.status()["workers"]
-        sock = raw.dealer(sched.address)
-        sent = time.monotonic()
-        sock.send_multipart([b""] * 1_500_000)
-        wait_until(lambda: sched.status()["rejected"] >= 1, RESULT,
-                   message="the flood of frames to be refused")
-        # What makes this a test: reading it took longer than the timeout.
-        assert time.monotonic() - sent > BEAT_TIMEOUT
-        status = sched.status()
-        assert status["lost_workers"] == 0
-        assert [(w["id"], w["pid"]) for w in status["workers"]] == [(joined["id"], agent.pid)]
-        assert sched.submit(tasks.add, 2, 3).result(RESULT) == 5
-    finally:
-        workers.stop_all()
-        sched.shutdown(wait=True, cancel_futures=True)
+    sched, agent_pid, sock = hub_with_agent
+    (joined,) = sched.status()["workers"]
+    sent = time.monotonic()
+    sock.send_multipart([b""] * 1_500_000)
+    wait_until(lambda: sched.status()["rejected"] >= 1, RESULT,
+               message="the flood of frames to be refused")
+    # What makes this a test: reading it took longer than the timeout.
+    assert time.monotonic() - sent > BEAT_TIMEOUT
+    status = sched.status()
+    assert status["lost_workers"] == 0
+    assert [(w["id"], w["pid"]) for w in status["workers"]] == [(joined["id"], agent_pid)]
+    assert sched.submit(tasks.add, 2, 3).result(RESULT) == 5
 
 
 class FakeScheduler:
