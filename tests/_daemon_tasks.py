@@ -27,6 +27,15 @@ class TaskFailed(Exception):
     """A task's own exception class: it must come back to the client as itself."""
 
 
+def _wait_for(release: str, limit: float) -> None:
+    """Block (in the job) until ``release`` exists, ``limit`` seconds at most."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
+
+
 def inc(x: int) -> int:
     return x + 1
 
@@ -48,11 +57,7 @@ def ones(n: int, dtype: str = "float64") -> np.ndarray:
 
 def ones_after(n: int, release: str, limit: float = 60.0) -> np.ndarray:
     """``ones(n)`` once ``release`` exists: a result held back until the caller says."""
-    deadline = time.monotonic() + limit
-    while not os.path.exists(release):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{release} never appeared")
-        time.sleep(0.01)
+    _wait_for(release, limit)
     return np.ones(n)
 
 
@@ -69,11 +74,7 @@ def nested_total(d: dict[str, Any]) -> float:
 def gated_total(a: np.ndarray, started: str, release: str, limit: float = 60.0) -> float:
     """float(a.sum()) once ``release`` exists; ``started`` is created first."""
     Path(started).touch()
-    deadline = time.monotonic() + limit
-    while not os.path.exists(release):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{release} never appeared")
-        time.sleep(0.01)
+    _wait_for(release, limit)
     return float(a.sum())
 
 
@@ -139,11 +140,7 @@ def hold(started: str, release: str, limit: float = 60.0, payload: Any = None) -
     tmp = f"{started}.tmp"
     Path(tmp).write_text(str(os.getpid()))
     os.replace(tmp, started)
-    deadline = time.monotonic() + limit
-    while not os.path.exists(release):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{release} never appeared")
-        time.sleep(0.01)
+    _wait_for(release, limit)
     return os.getpid()
 
 

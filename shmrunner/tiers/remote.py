@@ -137,7 +137,6 @@ class RemoteTier:
         self.session = secrets.token_hex(8)
         self._ignored = 0  # results for a session or task this hub does not know
         self._errors = 0  # unexpected exceptions the hub thread recovered from
-        self._excused = 0.0  # of the channel's drain_seconds, credited to the peers
         self._broken: BaseException | None = None  # why the hub thread died, if it did
         self._crash_lock = threading.Lock()
         # Its own context: term() in _release waits until libzmq has really closed
@@ -323,9 +322,8 @@ class RemoteTier:
             if time.monotonic() > until:  # a flood of (even rejected) messages too
                 return
             received = self._channel.recv(0)
-            if self._channel.drain_seconds != self._excused:  # a refused flood of frames
-                self._peers.excuse(self._channel.drain_seconds - self._excused)
-                self._excused = self._channel.drain_seconds
+            if stalled := self._channel.drained():  # a refused flood of frames held us
+                self._peers.excuse(stalled)
             if received is None:
                 return
             peer, msg = received

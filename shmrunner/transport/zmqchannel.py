@@ -21,7 +21,7 @@ never raised; every wait has a deadline; inbound frames are capped by
 ``zmq.MAXMSGSIZE`` and whole messages by ``max_bytes``; a refused message of
 very many frames, which libzmq delivers whole and must be read to the end, is
 read a slice of ``_DROP_SLICE`` frames per ``recv`` call, so the owner's loop
-goes on between slices, and ``drain_seconds`` says how long it took: a
+goes on between slices, and ``drained()`` says how long it took: a
 million empty frames, 2 MB on the wire, cost seconds to read); ``ZMQError`` never
 escapes (it becomes :class:`ChannelError`); ``close()`` always releases the
 socket and is idempotent. One thread owns a channel: ZeroMQ sockets are not
@@ -124,10 +124,7 @@ class ZmqChannel:
         self.kind = kind
         self.options = options = options or ChannelOptions()
         self.rejected = 0
-        # Seconds spent reading refused messages' frames, all told: an owner that
-        # judges peers by their silence does not count this time against them
-        # (no other peer's message can be read while one is being read).
-        self.drain_seconds = 0.0
+        self._drained = 0.0  # seconds reading refused frames since drained() was asked
         self._refusing: _Refusing | None = None
         self._closed = False
         self._poller: zmq.Poller | None = None
@@ -303,6 +300,13 @@ class ZmqChannel:
         # pyzmq returns a tracker for any zero-copy frame: only one asked for counts.
         return tracker if track and tracker is not None else True
 
+    def drained(self) -> float:
+        """Seconds spent reading refused messages' frames since the last call: an
+        owner that judges peers by their silence does not count this time against
+        them (no other peer's message can be read while one is being read)."""
+        seconds, self._drained = self._drained, 0.0
+        return seconds
+
     def recv(self, timeout: float) -> Received | None:
         """The next valid message, or None when ``timeout`` seconds pass without
         one. Invalid messages are counted, logged and skipped, never raised."""
@@ -385,7 +389,7 @@ class ZmqChannel:
             count += 1
             total += len(frame)
             more = frame.more
-        self.drain_seconds += time.monotonic() - started
+        self._drained += time.monotonic() - started
         refusing.count, refusing.total = count, total
         if more:
             return refusing.peer, None, None
