@@ -46,6 +46,7 @@ from typing import Any
 
 from ._argtree import DESCEND, MAX_DEPTH, Path, Swap
 from ._job import Job
+from ._lightfuture import LightFuture
 from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
 
@@ -56,7 +57,7 @@ MAX_VISITS = 10_000  # objects looked at per call, at most
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
-class TaskFuture(Future[Any]):
+class TaskFuture(LightFuture[Any]):
     """The Future a Scheduler returns: it knows its Scheduler (an opaque token,
     not a reference, so a kept future does not keep the Scheduler alive) and
     its task id, which error messages name."""
