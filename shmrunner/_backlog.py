@@ -51,6 +51,10 @@ class Backlog:
         self._lock = threading.Lock()
         self._not_full = threading.Condition(self._lock)
         self._all_done = threading.Condition(self._lock)
+        # Threads waiting on each condition: a notify with none waiting is
+        # skipped (a Condition's notify runs in Python; several per task).
+        self._submitters_waiting = 0
+        self._idle_waiters = 0
         self._queue: collections.deque[Job] = collections.deque()
         self._running: dict[Job, Tier] = {}  # each job handed to a tier, and which
         # Jobs sitting out a retry backoff: neither queued nor running, but not
@@ -81,7 +85,7 @@ class Backlog:
         """Queue ``job`` once both budgets have room (``block=False``: raise
         :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown.
         ``deferred``: hold it aside until :meth:`ready` (it waits for futures)."""
-        with self._not_full:
+        with self._lock:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
             while not self._shutdown and (
@@ -92,7 +96,11 @@ class Backlog:
                         f"{len(self._queue)} tasks ({self._held_bytes} bytes of arguments) "
                         "already wait for a worker (scheduler.max_pending, "
                         "max_pending_bytes); submit again later")
-                self._not_full.wait()
+                self._submitters_waiting += 1
+                try:
+                    self._not_full.wait()
+                finally:
+                    self._submitters_waiting -= 1
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._held_bytes += job.nbytes
@@ -125,8 +133,8 @@ class Backlog:
                 return False
             self._deferred.discard(job)
             self._release(job)
-            self._not_full.notify_all()
-            self._all_done.notify_all()
+            self._wake_submitters()
+            self._wake_idle_waiters()
             return True
 
     def place(self, tiers: Sequence[Tier]) -> list[tuple[Tier, list[Job]]]:
@@ -154,8 +162,8 @@ class Backlog:
                 if jobs:
                     batches.append((tier, jobs))
             if taken:  # (a pump per submit finds no room most of a burst: nothing to tell)
-                self._not_full.notify_all()
-                self._all_done.notify_all()
+                self._wake_submitters()
+                self._wake_idle_waiters()
         return batches
 
     def running_on(self, job: Job) -> Tier | None:
@@ -195,8 +203,8 @@ class Backlog:
                 return False
             job.cancelled = reason
             self._release(job)
-            self._not_full.notify_all()
-            self._all_done.notify_all()
+            self._wake_submitters()
+            self._wake_idle_waiters()
             return True
 
     def finish(self, job: Job, retry: bool, wait: bool = False) -> bool:
@@ -214,7 +222,7 @@ class Backlog:
                     self._queue.appendleft(job)
             else:
                 self._release(job)
-            self._all_done.notify_all()
+            self._wake_idle_waiters()
             return retry
 
     def resume(self, job: Job) -> bool:
@@ -240,14 +248,18 @@ class Backlog:
                 self._deferred.clear()
                 for job in cancelled:
                     self._release(job)
-            self._not_full.notify_all()
+            self._wake_submitters()
         return cancelled
 
     def wait_idle(self) -> None:
         """Wait until no job is queued, running or waiting for a retry."""
-        with self._all_done:
+        with self._lock:
             while self._queue or self._running or self._waiting or self._deferred:
-                self._all_done.wait()
+                self._idle_waiters += 1
+                try:
+                    self._all_done.wait()
+                finally:
+                    self._idle_waiters -= 1
 
     def drain(self) -> list[Job]:
         """Take out every job still queued or running (the tiers are closed)."""
@@ -265,4 +277,14 @@ class Backlog:
         if job.nbytes:
             self._held_bytes -= job.nbytes
             job.nbytes = 0
+            self._wake_submitters()
+
+    def _wake_submitters(self) -> None:
+        """Under the lock: the budgets may have room for a blocked submit."""
+        if self._submitters_waiting:
             self._not_full.notify_all()
+
+    def _wake_idle_waiters(self) -> None:
+        """Under the lock: the backlog may be empty for a waiting shutdown."""
+        if self._idle_waiters:
+            self._all_done.notify_all()

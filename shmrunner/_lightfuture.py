@@ -21,6 +21,7 @@ first use (``wait`` and ``as_completed`` read it, and get a real one).
 
 from __future__ import annotations
 
+import _thread
 import logging
 import threading
 from collections.abc import Callable
@@ -42,6 +43,8 @@ _SETTLED = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 # The logger Future's own callbacks report to: a failing callback is logged
 # where a user of concurrent.futures looks for it.
 _LOGGER = logging.getLogger("concurrent.futures")
+# The C lock itself: threading.RLock is a Python function around it.
+_RLock = getattr(_thread, "RLock", threading.RLock)
 
 
 class LightFuture(Future[T]):
@@ -49,7 +52,7 @@ class LightFuture(Future[T]):
     a thread waits for it."""
 
     def __init__(self) -> None:  # not Future's: it makes the Condition up front
-        self._lock = threading.RLock()
+        self._lock = _RLock()
         self._cond: threading.Condition | None = None
         self._state = PENDING
         self._result: Any = None
