@@ -13,15 +13,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import InvalidStateError
 from typing import Any
 
+from ._lightfuture import LightFuture
 from .transport.protocol import Message
 
 __all__ = ["JobFuture", "WaitingCall"]
 
 
-class JobFuture(Future[Any]):
+class JobFuture(LightFuture[Any]):
     """The Future of a job submitted to a daemon: ``job_id``, and whether the
     daemon has journaled it (from then on it survives a daemon restart).
 
@@ -71,7 +72,7 @@ class JobFuture(Future[Any]):
     def wait_accepted(self, timeout: float | None = None) -> bool:
         """Wait until the job is durably accepted (True), or until it settled
         without that or ``timeout`` seconds passed (False)."""
-        with self._condition:  # the Future's own lock: set_accepted reads _decided under it
+        with self._lock:  # the future's own lock: set_accepted reads _decided under it
             if self._accepted or self.done():
                 return self._accepted
             if self._decided is None:
@@ -92,7 +93,7 @@ class JobFuture(Future[Any]):
             self.set_running_or_notify_cancel()
         except (InvalidStateError, RuntimeError):
             pass  # settled already (a result can come before the "accepted")
-        with self._condition:
+        with self._lock:
             event = self._decided
         if event is not None:
             event.set()
