@@ -190,7 +190,7 @@ class _Slot:
                     welcome_by = None
 
     def _receive(self) -> None:
-        """Take every message waiting."""
+        """Take every message waiting (the first is there: poll or readable said so)."""
         while (received := self.channel.recv(0)) is not None:
             msg = received.message
             if msg.type == "task" and self.welcomed:
@@ -205,6 +205,8 @@ class _Slot:
                 self.welcomed = True
             elif msg.type == "shutdown":
                 self.shutdown = True
+            if not self.channel.readable():
+                return
 
     def _run_queued(self) -> None:
         """Run what is queued, in order; results go back at once, or many per
@@ -229,7 +231,7 @@ class _Slot:
                 result["logs"] = records
             del value
             bodies.append(result)
-            if not self.queue:
+            if not self.queue and self.channel.readable():
                 self._receive()  # tasks that came meanwhile keep the batch going
             if (not self.queue or len(bodies) >= _BATCH_MAX
                     or self.took.get(_kind(self.queue[0].get("fn")), 1.0) >= _BATCH_TASK):
