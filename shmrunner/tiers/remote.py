@@ -318,8 +318,12 @@ class RemoteTier:
 
     def _receive(self) -> None:
         until = time.monotonic() + _RECEIVE_SLICE
-        for _ in range(256):  # bounded: heartbeats and stops get their turn
+        for count in range(256):  # bounded: heartbeats and stops get their turn
             if time.monotonic() > until:  # a flood of (even rejected) messages too
+                return
+            # The first waits (the gate said so); then read on while one does:
+            # cheaper than the recv that finds none (pyzmq raises zmq.Again).
+            if count and not self._channel.readable():
                 return
             received = self._channel.recv(0)
             if stalled := self._channel.drained():  # a refused flood of frames held us

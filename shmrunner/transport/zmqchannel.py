@@ -321,9 +321,11 @@ class ZmqChannel:
         """The next valid message, or None when ``timeout`` seconds pass without
         one. Invalid messages are counted, logged and skipped, never raised."""
         self._check_open()
-        deadline = time.monotonic() + timeout
+        # recv(0), the busy loops' call once per message, does no clock arithmetic.
+        deadline = time.monotonic() + timeout if timeout > 0 else None
         while True:
-            wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            wait_ms = 0 if deadline is None else max(
+                0, math.ceil((deadline - time.monotonic()) * 1000))
             try:
                 # With no time left, a non-blocking read says the same as a poll,
                 # without the Poller pyzmq builds for every poll() (the busy
@@ -353,7 +355,8 @@ class ZmqChannel:
                     raise ProtocolError(f"unexpected {msg.type} message on this channel")
             except ProtocolError as exc:
                 self._reject(peer, exc)
-                if time.monotonic() >= deadline:   # a flood of garbage cannot hold us here
+                # A flood of garbage cannot hold us here.
+                if deadline is None or time.monotonic() >= deadline:
                     return None
                 continue
             return Received(peer, msg)
