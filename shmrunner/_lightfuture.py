@@ -12,9 +12,10 @@ Data flow (the states and rules are ``Future``'s own)::
 
 Why: ``Future.__init__`` builds a ``threading.Condition`` (a Python object
 and several bound methods) and every state change enters and notifies it in
-Python: about 10 µs per future from creation to result, against 3 µs here
-(bench/RESULTS.md). For an Executor of tiny tasks that is a fifth of its
-per-task cost, paid even by the futures nobody waits on one by one. The
+Python: from creation to result a future here costs about a third of one
+of those (bench/RESULTS.md, "Lighter futures"). For an Executor of tiny
+tasks the difference was a fifth of its per-task cost, paid even by the
+futures nobody waits on one by one. The
 public behaviour is ``Future``'s; only the private ``_condition`` is made on
 first use (``wait`` and ``as_completed`` read it, and get a real one).
 """
@@ -108,25 +109,22 @@ class LightFuture(Future[T]):
         raise RuntimeError("Future in unexpected state")
 
     def set_result(self, result: T) -> None:
-        with self._lock:
-            if self._state in _SETTLED:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
-            for waiter in self._waiters:
-                waiter.add_result(self)
-            if self._cond is not None:
-                self._cond.notify_all()
-        self._run_callbacks()
+        self._settle(result, None, failed=False)
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self._settle(None, exception, failed=True)
+
+    def _settle(self, result: Any, exception: BaseException | None, failed: bool) -> None:
         with self._lock:
             if self._state in _SETTLED:
                 raise InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
+            self._result, self._exception = result, exception
             self._state = FINISHED
             for waiter in self._waiters:
-                waiter.add_exception(self)
+                if failed:
+                    waiter.add_exception(self)
+                else:
+                    waiter.add_result(self)
             if self._cond is not None:
                 self._cond.notify_all()
         self._run_callbacks()
