@@ -450,3 +450,26 @@ def test_a_huge_refused_message_is_read_a_slice_per_call(sockets: Sockets) -> No
     assert got.message == hello("after") and router.rejected == 1
     assert calls_without_a_message >= 10  # the flood came back in slices, not in one call
     assert router.drained() > 0
+
+
+def test_the_time_to_refuse_a_hostile_header_shows_in_drained(sockets: Sockets) -> None:
+    """A header of nested empty lists is decoded up to the decoder's container
+    budget before it is refused: a quarter of a second in which no other peer's
+    message is read. drained() reports it, so an owner that judges peers by
+    their silence (the hub's heartbeats) does not blame them for it; a valid
+    message adds nothing."""
+    router, endpoint = sockets.router()
+    raw = sockets.raw(zmq.DEALER)
+    raw.connect(endpoint)
+    n = 1 << 20
+    raw.send_multipart([b"\x93" + msgpack.packb(V) + msgpack.packb("hello")
+                        + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n])
+    wait_until(lambda: router.poll(0), WAIT, message="the header to arrive")
+    router.drained()  # nothing refused yet: start from zero
+    started = time.monotonic()
+    assert router.recv(0) is None and router.rejected == 1
+    took = time.monotonic() - started
+    assert 0 < router.drained() <= took
+    raw.send_multipart(encode(hello("after")))
+    assert must_recv(router).message == hello("after")
+    assert router.drained() == 0

@@ -21,8 +21,10 @@ never raised; every wait has a deadline; inbound frames are capped by
 ``zmq.MAXMSGSIZE`` and whole messages by ``max_bytes``; a refused message of
 very many frames, which libzmq delivers whole and must be read to the end, is
 read a slice of ``_DROP_SLICE`` frames per ``recv`` call, so the owner's loop
-goes on between slices, and ``drained()`` says how long it took: a
-million empty frames, 2 MB on the wire, cost seconds to read); ``ZMQError`` never
+goes on between slices, and ``drained()`` says how long refused messages
+took, frames and decoding: a million empty frames, 2 MB on the wire, cost
+seconds to read, a header of nested empty lists a quarter of a second to
+refuse); ``ZMQError`` never
 escapes (it becomes :class:`ChannelError`); ``close()`` always releases the
 socket and is idempotent. One thread owns a channel: ZeroMQ sockets are not
 thread-safe.
@@ -125,7 +127,7 @@ class ZmqChannel:
         self.kind = kind
         self.options = options = options or ChannelOptions()
         self.rejected = 0
-        self._drained = 0.0  # seconds reading refused frames since drained() was asked
+        self._drained = 0.0  # seconds spent on refused messages since drained() was asked
         self._refusing: _Refusing | None = None
         self._closed = False
         self._poller: zmq.Poller | None = None
@@ -311,9 +313,10 @@ class ZmqChannel:
         return tracker if track and tracker is not None else True
 
     def drained(self) -> float:
-        """Seconds spent reading refused messages' frames since the last call: an
-        owner that judges peers by their silence does not count this time against
-        them (no other peer's message can be read while one is being read)."""
+        """Seconds spent on refused messages since the last call (reading their
+        frames, decoding a header that turned out invalid): an owner that judges
+        peers by their silence does not count this time against them (no other
+        peer's message can be read while one is being read)."""
         seconds, self._drained = self._drained, 0.0
         return seconds
 
@@ -343,6 +346,7 @@ class ZmqChannel:
                 continue
             except zmq.ZMQError as exc:
                 raise ChannelError(f"receive on the {self.kind} channel failed: {exc}") from exc
+            decoding = time.monotonic()
             try:
                 if problem is not None:
                     raise ProtocolError(problem)
@@ -354,9 +358,13 @@ class ZmqChannel:
                 if self.options.accept is not None and msg.type not in self.options.accept:
                     raise ProtocolError(f"unexpected {msg.type} message on this channel")
             except ProtocolError as exc:
+                now = time.monotonic()
+                # A hostile header can cost a quarter of a second to refuse
+                # (its containers are built up to the decoder's budget).
+                self._drained += now - decoding
                 self._reject(peer, exc)
                 # A flood of garbage cannot hold us here.
-                if deadline is None or time.monotonic() >= deadline:
+                if deadline is None or now >= deadline:
                     return None
                 continue
             return Received(peer, msg)
