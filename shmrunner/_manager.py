@@ -4,11 +4,13 @@ workers' channels (results), their process sentinels (deaths) and a
 
 It delivers results and refills workers (``_dispatch.py``), reaps dead
 workers and respawns them (``worker/lifecycle.py``), stops idle workers once
-the engine is closed, and, should it crash, fails every task rather than
+the engine is closed (and kills one still alive ``STOP_GRACE`` later, so that
+a close always ends), and, should it crash, fails every task rather than
 leave one pending forever. With a ``memory_limit`` its wait has a timeout, so
-it reads the workers' memory every ``_memwatch.WATCH_INTERVAL`` (without one
-it waits on events only). It only ever does non-blocking socket work, so it
-can never deadlock with a worker blocked sending to it.
+it reads the workers' memory every ``_memwatch.WATCH_INTERVAL``; so it has
+while a stopped worker's grace runs (otherwise it waits on events only). It
+only ever does non-blocking socket work, so it can never deadlock with a
+worker blocked sending to it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class Manager:
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self._memory_errors = 0  # unexpected errors reading the workers' memory
+        # Once closed and idle: seconds until a worker told to stop is killed
+        # for not exiting (the select wakes then); None otherwise.
+        self._stop_wait: float | None = None
 
     def wait_started(self) -> BaseException | None:
         """Wait until the first workers are spawned; the error if they could not be."""
@@ -105,12 +110,14 @@ class Manager:
                 # Once closed, every round may be the one after the last result.
                 if (chores or self._queue.state != RUN) and self._housekeeping():
                     break
+                timeout = self._stop_wait  # a stopped worker's grace runs out
                 if watch:  # a killed worker's sentinel fires: it is reaped in a later round
                     now = time.monotonic()
                     if now >= next_watch:
                         self._check_memory()
                         next_watch = now + WATCH_INTERVAL
-                    timeout = max(0.0, next_watch - now)
+                    until_watch = max(0.0, next_watch - now)
+                    timeout = until_watch if timeout is None else min(timeout, until_watch)
         except BaseException as exc:
             log.exception("shmrunner pool manager thread crashed; terminating the pool")
             self._crash(exc)
@@ -249,7 +256,8 @@ class Manager:
             self._on_results()
 
     def _housekeeping(self) -> bool:
-        """Respawn, stop idle workers once closed, watch writability; True to exit."""
+        """Respawn, stop idle workers once closed (and kill those that do not
+        exit), watch writability; True to exit."""
         spawned = False
         queue, lifecycle = self._queue, self._lifecycle
         with queue.lock:
@@ -262,7 +270,7 @@ class Manager:
                     if spawned:
                         queue.changed.notify_all()  # wait_for_workers
                 if state == CLOSE and not work_left:
-                    lifecycle.stop_idle()
+                    self._stop_wait = lifecycle.stop_idle()
                     if not len(lifecycle):
                         return True
                 lifecycle.watch_writes()

@@ -768,6 +768,52 @@ def test_terminate_while_tasks_run(ctx: multiprocessing.context.BaseContext,
         pool.join()
 
 
+def _close_in_thread(close: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=close, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("front", ["pool", "scheduler"])
+def test_close_ends_when_a_worker_never_exits(front: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that never acts on its stop (frozen with SIGSTOP here; in the
+    wild, one wedged on a lock it inherited mid-use from fork) is killed once
+    its grace has run out: close() + join() and shutdown(wait=True) end, the
+    process is gone, and a warning names it."""
+    caplog.set_level("WARNING", logger="shmrunner.pool")
+    if front == "pool":
+        pool = shmrunner.Pool(1, context=multiprocessing.get_context("fork"))
+        pid = pool.apply(os.getpid)
+
+        def close() -> None:
+            pool.close()
+            pool.join()
+    else:
+        scheduler = shmrunner.Scheduler(local_workers=1)
+        pid = scheduler.submit(os.getpid).result(timeout=RESULT_TIMEOUT)
+
+        def close() -> None:
+            scheduler.shutdown(wait=True)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        closing = _close_in_thread(close)
+        closing.join(HANG_TIMEOUT + 10)
+        assert not closing.is_alive(), "closing waited forever for a worker that never exits"
+        assert not is_alive(pid)
+        assert any(f"worker pid {pid} did not exit" in record.getMessage()
+                   for record in caplog.records)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if front == "pool":
+            pool.terminate()
+            pool.join()
+        else:
+            scheduler.shutdown(wait=False, cancel_futures=True)
+
+
 @pytest.mark.timeout(60)
 def test_terminate_cancels_queued_tasks(tmp_path: Any) -> None:
     """Two workers, six blocking tasks: two run, two wait in the workers' queues,

@@ -80,11 +80,16 @@ from . import _memwatch
 from .loop import worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
-           "TERMINATE_GRACE"]
+           "TERMINATE_GRACE", "STOP_GRACE"]
 
 log = logging.getLogger("shmrunner.pool")
 
 TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when stopping all processes
+# Seconds an idle worker has to exit once told to stop (a close): one that has
+# not by then is killed, so that close() and join() always end. A worker exits
+# in milliseconds; one that does not is wedged (e.g. forked while another
+# thread held a lock it takes on its way out, such as a std stream's).
+STOP_GRACE = 5.0
 _CAPACITY = 2  # tasks a local worker holds: one running, one queued behind it
 _FAST_CAPACITY = 16  # ... when its tasks take under _FAST_TASK seconds each
 _FAST_TASK = 500e-6
@@ -331,14 +336,14 @@ class Lifecycle(Generic[T]):
 class Process:
     """A local worker process and the parent's end of its channel."""
 
-    __slots__ = ("process", "channel", "stopping", "killed", "over_limit", "blamed", "oom",
+    __slots__ = ("process", "channel", "stop_deadline", "killed", "over_limit", "blamed", "oom",
                  "measured")
 
     def __init__(self, process: BaseProcess, channel: FdChannel,
                  oom: _memwatch.OomSnapshot | None) -> None:
         self.process = process
         self.channel = channel
-        self.stopping = False
+        self.stop_deadline: float | None = None  # told to stop: killed if alive after this
         # Killed on purpose (kill()): only the tasks marked with a kill_reason
         # fail when it is reaped; whatever else it held runs again elsewhere.
         self.killed = False
@@ -422,14 +427,28 @@ class ProcessLifecycle(Lifecycle[Task]):
     def processes(self) -> list[BaseProcess]:
         return [worker.endpoint.process for worker in self]
 
-    def stop_idle(self) -> None:
+    def stop_idle(self) -> float | None:
         """Ask every worker to exit once it has nothing left (the engine is
-        closed and its work done): the empty message means "stop"."""
+        closed and its work done): the empty message means "stop". A worker
+        still alive :data:`STOP_GRACE` seconds later is killed (it is reaped
+        when its sentinel fires). Returns the seconds until the next such
+        deadline (None: no worker left to wait for)."""
+        now = time.monotonic()
+        next_deadline: float | None = None
         for worker in self:
             ep: Process = worker.endpoint
-            if not ep.stopping:
-                ep.stopping = True
+            if ep.stop_deadline is None:
+                ep.stop_deadline = now + STOP_GRACE
                 ep.channel.send_nowait(b"", [])
+            elif now >= ep.stop_deadline and not ep.killed:
+                log.warning("worker pid %s did not exit within %.0f s of being told to stop; "
+                            "killed it", ep.process.pid, STOP_GRACE)
+                ep.killed = True
+                ep.process.kill()
+                continue
+            if not ep.killed and (next_deadline is None or ep.stop_deadline < next_deadline):
+                next_deadline = ep.stop_deadline
+        return None if next_deadline is None else max(0.0, next_deadline - now)
 
     def watch_writes(self) -> None:
         """Watch for writability exactly the channels with output queued."""
