@@ -4,7 +4,7 @@ Data flow (the states and rules are ``Future``'s own)::
 
     made PENDING ----------------------------- an RLock; no Condition yet
     set_running_or_notify_cancel, set_result, set_exception, add_done_callback,
-    done(), a result() of a settled future: under that lock, or a plain read
+    done(), result() and exception() of a settled future: under that lock, or a plain read
     a thread that must wait (result/exception of an unsettled future), and
     concurrent.futures.wait / as_completed: ``_condition``, made then, on the
     same lock, so every path still serializes on one lock and is woken by
@@ -86,6 +86,11 @@ class LightFuture(Future[T]):
         if self._state == FINISHED and self._exception is None:
             return cast(T, self._result)  # set before the state, under the lock
         return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == FINISHED:
+            return self._exception  # set before the state, under the lock
+        return super().exception(timeout)
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
         with self._lock:

@@ -44,6 +44,8 @@ def test_result_waits_for_a_result_set_on_another_thread(make: Any) -> None:
     assert future.running() and not future.done()
     with pytest.raises(cf.TimeoutError):
         future.result(timeout=0.01)
+    with pytest.raises(cf.TimeoutError):
+        future.exception(timeout=0.01)
     later(0.05, lambda: future.set_result(42))
     assert future.result(timeout=10) == 42
     assert future.done() and not future.running() and not future.cancelled()
@@ -66,6 +68,8 @@ def test_cancel_only_before_it_runs(make: Any) -> None:
     assert not queued.set_running_or_notify_cancel()  # the executor skips it
     with pytest.raises(cf.CancelledError):
         queued.result(timeout=1)
+    with pytest.raises(cf.CancelledError):
+        queued.exception(timeout=1)
     with pytest.raises(cf.InvalidStateError):
         queued.set_result(1)
     assert running.set_running_or_notify_cancel()
