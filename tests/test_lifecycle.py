@@ -350,3 +350,39 @@ def test_retire_stops_new_work_and_losing_it_loses_nothing() -> None:
     life.retire(w)
     assert w.free == 0 and life.pick() is None
     assert life.lose(w).running is None
+
+
+# --- the head-of-line rule (prefetch_window) -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KindTask:
+    id: int
+    fn: object
+
+
+def _quick() -> None: ...
+
+
+def _never_run_here() -> None: ...
+
+
+def test_a_task_is_queued_behind_the_head_only_while_its_function_is_known_quick() -> None:
+    """Each time the head changes (a task assigned to an idle worker, the head
+    finishing) the rule looks at the new head's function: nothing goes behind
+    one that has never run on this worker, even right after a quick one."""
+    life: Lifecycle[KindTask] = Lifecycle(FakeSpawner(), size=1, capacity=4,
+                                          prefetch_window=10.0)
+    (worker,) = life.populate()
+    assert worker.free == 1  # idle, nothing known yet: one task, not a burst
+    life.assign(worker, KindTask(1, _quick))
+    assert worker.free == 0  # _quick has never run here: nothing queued behind it
+    life.finish(worker, 1)
+    life.assign(worker, KindTask(2, _quick))
+    assert worker.free == 3  # _quick is known quick now: the rest may queue behind it
+    life.assign(worker, KindTask(3, _never_run_here))
+    life.finish(worker, 2)
+    assert worker.free == 0  # the head is now _never_run_here: nothing more behind it
+    life.finish(worker, 3)
+    life.assign(worker, KindTask(4, _quick))
+    assert worker.free == 3

@@ -141,6 +141,9 @@ class Worker(Generic[T]):
     # How long the last task of each function (``id(task_kind(task))``) ran
     # here: a task's time predicts the next of its function only.
     kind_times: dict[int, float] = field(default_factory=dict)
+    # kind_times of the running task's function, noted when it became the head
+    # (Lifecycle.assign, finish): free() is read per submit, the lookup is not.
+    head_took: float | None = None
 
     def __post_init__(self) -> None:
         if not self.base_capacity:
@@ -161,7 +164,7 @@ class Worker(Generic[T]):
                 if last is None or (last >= _LONG_TASK and not self.queue_long):
                     free = 1
             else:
-                took = self.kind_times.get(id(task_kind(self.tasks[0])))
+                took = self.head_took
                 if (took is None or (took >= _LONG_TASK and not self.queue_long)
                         or time.monotonic() - self.head_since > max(window, 4 * took)):
                     return 0
@@ -264,6 +267,8 @@ class Lifecycle(Generic[T]):
     def assign(self, worker: Worker[T], task: T) -> None:
         if not worker.tasks:
             worker.head_since = time.monotonic()
+            if worker.prefetch_window is not None:
+                worker.head_took = worker.kind_times.get(id(task_kind(task)))
         worker.tasks.append(task)
         worker.sent += 1
 
@@ -280,6 +285,7 @@ class Lifecycle(Generic[T]):
                 times[id(task_kind(task))] = worker.last_task
                 if len(times) > _KINDS:
                     del times[next(iter(times))]  # the oldest
+                worker.head_took = times.get(id(task_kind(tasks[0]))) if tasks else None
             return task
         for task in tasks:
             if task.id == task_id:
