@@ -32,9 +32,21 @@ _fd_limit_raised = False
 _available_cache: tuple[float, int] = (0.0, 0)
 
 
+def _renew_lock_in_child() -> None:
+    # fork() copies the lock held if another thread held it then: a worker
+    # forked at that moment would wait for it forever on its way to serving.
+    global _limits_lock
+    _limits_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_lock_in_child)
+
+
 def raise_fd_limit() -> None:
     """Lift the soft fd limit to the hard one: every live shared array holds an fd."""
     global _fd_limit_raised
+    if _fd_limit_raised:
+        return  # the common case: no lock
     with _limits_lock:
         if _fd_limit_raised:
             return

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any
@@ -332,6 +333,57 @@ def test_idle_worker_sigkilled_is_replaced(ctx: multiprocessing.context.BaseCont
         assert set(ran_on) <= set(after)
         results = [pool.apply_async(tasks.add_one, (i,)) for i in range(20)]
         assert [r.get(timeout=RESULT_TIMEOUT) for r in results] == list(range(1, 21))
+
+
+def _module_locks() -> list[str]:
+    """'module:name' of every lock shmrunner keeps at module level."""
+    import importlib
+    import pkgutil
+
+    lock_types = (type(threading.Lock()), type(threading.RLock()))
+    found = []
+    for info in pkgutil.walk_packages(shmrunner.__path__, "shmrunner."):
+        module = importlib.import_module(info.name)
+        found += [f"{info.name}:{name}" for name, value in vars(module).items()
+                  if isinstance(value, lock_types)]
+    return sorted(found)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", _module_locks())
+def test_a_worker_forked_while_a_module_lock_is_held_still_serves(where: str) -> None:
+    """fork() copies a lock held by another thread as held, forever: a worker
+    respawned while some thread of the pool's process holds one of
+    shmrunner's module locks must not need it (or must renew it) on its way
+    to serving tasks, or every task sent to it would hang."""
+    import importlib
+
+    module_name, name = where.split(":")
+    with running_pool(1, context=multiprocessing.get_context("fork")) as pool:
+        assert pool.apply(tasks.add_one, (1,)) == 2
+        (victim,) = pool_pids(pool)
+        lock = getattr(importlib.import_module(module_name), name)
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with lock:
+                held.set()
+                release.wait(RESULT_TIMEOUT)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        try:
+            assert held.wait(RESULT_TIMEOUT)
+            os.kill(victim, signal.SIGKILL)
+            # Replaced while the lock is held, unless reaping needs the lock itself
+            # (then the fork follows its release): either way the pool must serve.
+            deadline = time.monotonic() + 5.0
+            while pool_pids(pool) in ([], [victim]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            release.set()
+            holder.join(RESULT_TIMEOUT)
+        assert pool.apply_async(tasks.add_one, (2,)).get(timeout=HANG_TIMEOUT) == 3
 
 
 @pytest.mark.timeout(60)
