@@ -50,10 +50,13 @@ import _tasks  # noqa: E402
 
 N_ARRAYS = 16
 W1B_N, W5_N, W5_WARM = 5_000, 300, 30
+# Bursts of W1B_N per repetition, the median one counted: a single burst lasts
+# 0.2-0.4 s, and one scheduling hiccup then moves a repetition by half.
+W1B_BURSTS = 3
 W2_BYTES = N_ARRAYS * _tasks.N * 8
 
 WORKLOADS: dict[str, str] = {
-    "W1b": "5,000 single submits of inc(i), then collect all",
+    "W1b": f"5,000 single submits of inc(i), then collect all (median of {W1B_BURSTS} bursts)",
     "W2": "16 x 64 MiB float64 in, task returns float(a.sum())",
     "W5": f"single-task latency: inc(1), median of {W5_N} calls",
 }
@@ -110,11 +113,13 @@ def check(ok: bool, what: str) -> None:
 def run_one(s: R.System, h: Any, w: str, arrays: list[np.ndarray], timeout: float) -> float:
     """Seconds for W1b and W2, microseconds for W5; inputs exist before the clock starts."""
     if w == "W1b":
-        t0 = time.perf_counter()
-        res = s.w1b(h, W1B_N, timeout)
-        dt = time.perf_counter() - t0
-        check(len(res) == W1B_N and res[-1] == W1B_N and res[0] == 1, "W1b results")
-        return dt
+        times = []
+        for _ in range(W1B_BURSTS):
+            t0 = time.perf_counter()
+            res = s.w1b(h, W1B_N, timeout)
+            times.append(time.perf_counter() - t0)
+            check(len(res) == W1B_N and res[-1] == W1B_N and res[0] == 1, "W1b results")
+        return statistics.median(times)
     if w == "W2":
         gc.collect()
         t0 = time.perf_counter()
