@@ -7,10 +7,10 @@ workers and respawns them (``worker/lifecycle.py``), stops idle workers once
 the engine is closed (and kills one still alive ``STOP_GRACE`` later, so that
 a close always ends), and, should it crash, fails every task rather than
 leave one pending forever. With a ``memory_limit`` its wait has a timeout, so
-it reads the workers' memory every ``_memwatch.WATCH_INTERVAL``; so it has
-while a stopped worker's grace runs (otherwise it waits on events only). It
-only ever does non-blocking socket work, so it can never deadlock with a
-worker blocked sending to it.
+it reads the workers' memory every ``_memwatch.WATCH_INTERVAL``; it also has
+one while a stopped worker's grace runs out (otherwise it waits on events
+only). It only ever does non-blocking socket work, so it can never deadlock
+with a worker blocked sending to it.
 """
 
 from __future__ import annotations

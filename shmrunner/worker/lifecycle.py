@@ -80,7 +80,7 @@ from . import _memwatch
 from .loop import worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
-           "TERMINATE_GRACE", "STOP_GRACE"]
+           "TERMINATE_GRACE"]
 
 log = logging.getLogger("shmrunner.pool")
 
