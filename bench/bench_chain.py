@@ -52,6 +52,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(  # agents, Dask's and Ray's workers 
     p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p
 )
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray keeps to 127.0.0.1
 # The daemon journals every result (1 GiB per stage here): let them expire soon.
 os.environ.setdefault("SHMRUNNER_DAEMON__RESULT_TTL", "20")
 

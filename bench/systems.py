@@ -195,6 +195,10 @@ class Ray(System):
         import os
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Read when ray is imported: without it, Ray on Linux swaps the
+        # _node_ip_address 127.0.0.1 given to ray.init for the host's outward
+        # address and its servers listen there (and on every interface).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         self.ray = ray
