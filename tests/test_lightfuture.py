@@ -175,6 +175,41 @@ def test_many_threads_waiting_on_one_future_all_wake(make: Any) -> None:
     assert results == ["all"] * 8
 
 
+def test_waiters_blocked_in_result_and_exception_wake_on_cancel(make: Any) -> None:
+    future = make()
+    outcomes: list[str] = []
+    ready = threading.Barrier(3)
+
+    def wait(call: Callable[[], Any]) -> None:
+        ready.wait()
+        try:
+            call()
+        except cf.CancelledError:
+            outcomes.append("cancelled")
+
+    threads = [threading.Thread(target=wait, args=(call,), daemon=True)
+               for call in (future.result, future.exception)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    later(0.1, future.cancel)  # no timeout in the waits: only the cancel ends them
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == ["cancelled", "cancelled"]
+
+
+def test_a_waiter_that_timed_out_does_not_stop_a_later_one(make: Any) -> None:
+    future = make()
+    with pytest.raises(cf.TimeoutError):
+        future.exception(timeout=0.01)
+    with pytest.raises(cf.TimeoutError):
+        future.result(timeout=0.01)
+    later(0.05, lambda: future.set_exception(ValueError("late")))
+    assert isinstance(future.exception(timeout=10), ValueError)
+    with pytest.raises(ValueError, match="late"):
+        future.result(timeout=0)
+
+
 def test_a_scheduler_future_is_a_light_one_and_waits_like_any() -> None:
     with Scheduler(local_workers=1) as sched:
         futures = [sched.submit(pow, 2, n) for n in range(20)]
