@@ -75,7 +75,7 @@ from ._tasks import Task, deliver
 from ._wakeup import Wakeup
 from .errors import ShmrunnerError, TaskCancelledError
 from .shm import DEFAULT_THRESHOLD
-from .worker.lifecycle import TERMINATE_GRACE, ProcessLifecycle
+from .worker.lifecycle import TERMINATE_GRACE, ProcessLifecycle, stop_grace
 
 __all__ = ["ProcessEngine", "EngineSettings", "EngineStatus", "Budget", "Task", "RUN", "CLOSE",
            "TERMINATE"]
@@ -150,6 +150,7 @@ class ProcessEngine:
         # fork() child that used them would send on the parent's sockets.
         self._pid = os.getpid()
         self._ids = itertools.count()
+        grace = stop_grace()  # checked before anything is opened
         self._selector = selectors.DefaultSelector()
         self._wakeup = Wakeup()
         self._selector.register(self._wakeup.fd, selectors.EVENT_READ, ("wake", None))
@@ -159,6 +160,7 @@ class ProcessEngine:
             maxtasks=settings.maxtasksperchild, threshold=settings.shm_threshold,
             selector=self._selector, parent_fds=self._wakeup.fds(),
             memory_limit=memsize.resolve(settings.memory_limit), logs=settings.task_logs,
+            stop_grace=grace,
             **({} if settings.fast_task is None else {"fast_task": settings.fast_task}))
         self._queue = TaskQueue(self._lifecycle, settings.shm_threshold,
                                 max(8, 4 * settings.processes), self._wakeup.wake)

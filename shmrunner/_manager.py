@@ -4,7 +4,7 @@ workers' channels (results), their process sentinels (deaths) and a
 
 It delivers results and refills workers (``_dispatch.py``), reaps dead
 workers and respawns them (``worker/lifecycle.py``), stops idle workers once
-the engine is closed (and kills one still alive ``STOP_GRACE`` later, so that
+the engine is closed (and kills one still alive its stop grace later, so that
 a close always ends), and, should it crash, fails every task rather than
 leave one pending forever. With a ``memory_limit`` its wait has a timeout, so
 it reads the workers' memory every ``_memwatch.WATCH_INTERVAL``; it also has

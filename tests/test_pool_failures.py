@@ -828,13 +828,14 @@ def _close_in_thread(close: Callable[[], None]) -> threading.Thread:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("front", ["pool", "scheduler"])
-def test_close_ends_when_a_worker_never_exits(front: str,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_close_ends_when_a_worker_never_exits(front: str, caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker that never acts on its stop (frozen with SIGSTOP here; in the
     wild, one wedged on a lock it inherited mid-use from fork) is killed once
-    its grace has run out: close() + join() and shutdown(wait=True) end, the
-    process is gone, and a warning names it."""
+    its grace (SHMRUNNER_STOP_GRACE) has run out: close() + join() and
+    shutdown(wait=True) end, the process is gone, and a warning names it."""
     caplog.set_level("WARNING", logger="shmrunner.pool")
+    monkeypatch.setenv("SHMRUNNER_STOP_GRACE", "2")
     if front == "pool":
         pool = shmrunner.Pool(1, context=multiprocessing.get_context("fork"))
         pid = pool.apply(os.getpid)
@@ -864,6 +865,14 @@ def test_close_ends_when_a_worker_never_exits(front: str,
             pool.join()
         else:
             scheduler.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan", "1e9"])
+def test_a_bad_stop_grace_is_refused_in_one_line(value: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHMRUNNER_STOP_GRACE", value)
+    with pytest.raises(shmrunner.ConfigError, match="SHMRUNNER_STOP_GRACE=.*set it to"):
+        shmrunner.Pool(1)
 
 
 @pytest.mark.timeout(60)

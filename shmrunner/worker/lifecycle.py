@@ -61,6 +61,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import os
 import selectors
 import signal
@@ -74,22 +75,25 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from .._memsize import describe as describe_size
 from .._tasks import Task, run_chunk, run_chunk_into
-from ..errors import MemoryLimitError, WorkerLostError
+from ..errors import ConfigError, MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
 from . import _memwatch
 from .loop import worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
-           "TERMINATE_GRACE"]
+           "TERMINATE_GRACE", "stop_grace"]
 
 log = logging.getLogger("shmrunner.pool")
 
 TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when stopping all processes
-# Seconds an idle worker has to exit once told to stop (a close): one that has
-# not by then is killed, so that close() and join() always end. A worker exits
-# in milliseconds; one that does not is wedged (e.g. forked while another
-# thread held a lock it takes on its way out, such as a std stream's).
-STOP_GRACE = 5.0
+# Seconds an idle worker has to exit once told to stop (a close), unless the
+# SHMRUNNER_STOP_GRACE environment variable says otherwise: one still alive
+# then is killed, so that close() and join() always end. A worker exits in
+# milliseconds, or as long as the finalizers a user's initializer registered
+# take; one that never does is wedged (e.g. forked while another thread held
+# a lock it takes on its way out, such as a std stream's).
+STOP_GRACE = 30.0
+_MAX_STOP_GRACE = 86400.0
 _CAPACITY = 2  # tasks a local worker holds: one running, one queued behind it
 _FAST_CAPACITY = 16  # ... when its tasks take under _FAST_TASK seconds each
 _FAST_TASK = 500e-6
@@ -339,6 +343,21 @@ class Lifecycle(Generic[T]):
 # --- local processes ------------------------------------------------------------------
 
 
+def stop_grace() -> float:
+    """:data:`STOP_GRACE`, or the seconds ``SHMRUNNER_STOP_GRACE`` names."""
+    env = os.environ.get("SHMRUNNER_STOP_GRACE")
+    if not env:
+        return STOP_GRACE
+    try:
+        grace = float(env)
+    except ValueError:
+        grace = math.nan
+    if not 0 < grace <= _MAX_STOP_GRACE:  # (nan fails too)
+        raise ConfigError(f"SHMRUNNER_STOP_GRACE={env!r} is not a number of seconds in "
+                          f"(0, {_MAX_STOP_GRACE:.0f}]; set it to e.g. 30 or unset it")
+    return grace
+
+
 class Process:
     """A local worker process and the parent's end of its channel."""
 
@@ -378,7 +397,8 @@ class ProcessLifecycle(Lifecycle[Task]):
                  initializer: Callable[..., object] | None, initargs: tuple[Any, ...],
                  maxtasks: int | None, threshold: int, selector: selectors.BaseSelector,
                  parent_fds: tuple[int, ...], memory_limit: int | None = None,
-                 logs: tuple[int, int] | None = None, fast_task: float = _FAST_TASK) -> None:
+                 logs: tuple[int, int] | None = None, fast_task: float = _FAST_TASK,
+                 stop_grace: float = STOP_GRACE) -> None:
         super().__init__(self._start, size, capacity=_CAPACITY, max_tasks=maxtasks,
                          fast_capacity=_FAST_CAPACITY, fast_task=fast_task,
                          # with one process no other worker could take the task
@@ -391,6 +411,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         self._selector = selector
         self._parent_fds = parent_fds  # fds a fork() child must close (the engine's own)
         self.memory_limit = memory_limit  # bytes of private memory per worker, or None
+        self.stop_grace = stop_grace  # seconds a worker told to stop has to exit
         self.memory_kills = 0  # workers killed for exceeding memory_limit
         self.oom_kills = 0  # workers the kernel's OOM killer killed
         self._oom_claimed: dict[str, int] = {}  # OOM-kill counts already put down to a death
@@ -436,7 +457,7 @@ class ProcessLifecycle(Lifecycle[Task]):
     def stop_idle(self) -> float | None:
         """Ask every worker to exit once it has nothing left (the engine is
         closed and its work done): the empty message means "stop". A worker
-        still alive :data:`STOP_GRACE` seconds later is killed (it is reaped
+        still alive ``stop_grace`` seconds later is killed (it is reaped
         when its sentinel fires). Returns the seconds until the next such
         deadline (None: no worker left to wait for)."""
         now = time.monotonic()
@@ -444,11 +465,12 @@ class ProcessLifecycle(Lifecycle[Task]):
         for worker in self:
             ep: Process = worker.endpoint
             if ep.stop_deadline is None:
-                ep.stop_deadline = now + STOP_GRACE
+                ep.stop_deadline = now + self.stop_grace
                 ep.channel.send_nowait(b"", [])
             elif now >= ep.stop_deadline and not ep.killed:
-                log.warning("worker pid %s did not exit within %.0f s of being told to stop; "
-                            "killed it", ep.process.pid, STOP_GRACE)
+                log.warning("worker pid %s did not exit within %g s of being told to stop; "
+                            "killed it (SHMRUNNER_STOP_GRACE sets how long it may take)",
+                            ep.process.pid, self.stop_grace)
                 ep.killed = True
                 ep.process.kill()
                 continue
