@@ -820,12 +820,6 @@ def test_terminate_while_tasks_run(ctx: multiprocessing.context.BaseContext,
         pool.join()
 
 
-def _close_in_thread(close: Callable[[], None]) -> threading.Thread:
-    thread = threading.Thread(target=close, daemon=True)
-    thread.start()
-    return thread
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("front", ["pool", "scheduler"])
 def test_close_ends_when_a_worker_never_exits(front: str, caplog: pytest.LogCaptureFixture,
@@ -851,7 +845,8 @@ def test_close_ends_when_a_worker_never_exits(front: str, caplog: pytest.LogCapt
             scheduler.shutdown(wait=True)
     os.kill(pid, signal.SIGSTOP)
     try:
-        closing = _close_in_thread(close)
+        closing = threading.Thread(target=close, daemon=True)
+        closing.start()
         closing.join(HANG_TIMEOUT + 10)
         assert not closing.is_alive(), "closing waited forever for a worker that never exits"
         assert not is_alive(pid)

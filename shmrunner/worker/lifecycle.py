@@ -461,22 +461,23 @@ class ProcessLifecycle(Lifecycle[Task]):
         when its sentinel fires). Returns the seconds until the next such
         deadline (None: no worker left to wait for)."""
         now = time.monotonic()
-        next_deadline: float | None = None
+        deadlines = []
         for worker in self:
             ep: Process = worker.endpoint
+            if ep.killed:
+                continue  # dying already: its sentinel will fire
             if ep.stop_deadline is None:
                 ep.stop_deadline = now + self.stop_grace
                 ep.channel.send_nowait(b"", [])
-            elif now >= ep.stop_deadline and not ep.killed:
+            elif now >= ep.stop_deadline:
                 log.warning("worker pid %s did not exit within %g s of being told to stop; "
                             "killed it (SHMRUNNER_STOP_GRACE sets how long it may take)",
                             ep.process.pid, self.stop_grace)
                 ep.killed = True
                 ep.process.kill()
                 continue
-            if not ep.killed and (next_deadline is None or ep.stop_deadline < next_deadline):
-                next_deadline = ep.stop_deadline
-        return None if next_deadline is None else max(0.0, next_deadline - now)
+            deadlines.append(ep.stop_deadline)
+        return max(0.0, min(deadlines) - now) if deadlines else None
 
     def watch_writes(self) -> None:
         """Watch for writability exactly the channels with output queued."""
