@@ -59,15 +59,42 @@ _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 class TaskFuture(LightFuture[Any]):
     """The Future a Scheduler returns: it knows its Scheduler (an opaque token,
-    not a reference, so a kept future does not keep the Scheduler alive) and
-    its task id, which error messages name."""
+    not a reference, so a kept future does not keep the Scheduler alive), its
+    task id, which error messages name, and, until it settles, its job (what
+    ``Scheduler.cancel`` and ``describe`` act on; no table keyed by future)."""
 
     def __init__(self, owner: object, task_id: int) -> None:
         super().__init__()
         self.owner = owner
         self.task_id = task_id
+        self.job: Job | None = None  # set by submit; None once settled
         # Once settled: (attempts, worker) of its task, for Scheduler.describe.
         self.settled_runs: tuple[int, str | None] | None = None
+
+    def runs(self) -> tuple[Job | None, tuple[int, str | None] | None]:
+        """(its job while unsettled, (attempts, worker of the latest))."""
+        job = self.job
+        if job is not None:
+            return job, (job.attempts, job.worker)
+        return None, self.settled_runs
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        self._let_go()
+        return True
+
+    def _settle(self, result: Any, exception: BaseException | None, failed: bool) -> None:
+        self._let_go()  # whichever path settles it: the Scheduler's, a shutdown's, a dependency's
+        super()._settle(result, exception, failed)
+
+    def _let_go(self) -> None:
+        # Keep the job's last runs, not the job: the job refers to this future,
+        # and its arguments must not live as long as the caller keeps the future.
+        job = self.job
+        if job is not None:
+            self.settled_runs = (job.attempts, job.worker)
+            self.job = None
 
 
 def futures_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Future[Any]]:

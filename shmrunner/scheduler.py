@@ -36,8 +36,9 @@ settle every one.
 while the tier says "not running yet"); the job is marked so that it is never
 retried and settles with :class:`TaskCancelledError`. :meth:`Scheduler.describe`
 reports a task's state, attempts and worker (the tiers name the worker in
-``Job.worker``); a settled task's last attempts and worker are kept on its
-future (``settled_runs``), so they live as long as it does.
+``Job.worker``). Both find the job on its future (``TaskFuture.job``); a
+settled future keeps only its task's last attempts and worker
+(``settled_runs``), so they live as long as it does and the job does not.
 """
 
 from __future__ import annotations
@@ -163,10 +164,6 @@ class Scheduler(Executor):
         self._on_task_log = on_task_log
         self._creator = os.getpid()
         self._timers = Timers()
-        # Each unsettled future's job (for cancel and describe); once it settled,
-        # its attempts and worker are the future's own ``settled_runs``.
-        self._jobs_lock = threading.Lock()
-        self._jobs: dict[Future[Any], Job] = {}
         self._tiers: list[Tier] = []
         self._local: LocalTier | None = None
         self._remote: RemoteTier | None = None
@@ -297,28 +294,23 @@ class Scheduler(Executor):
         scalars = only_scalars(args, kwargs)  # the tiny task: nothing to weigh or resolve
         job = Job(task_id, future, fn, args, kwargs, retries, timeout, names,
                   nbytes=0 if scalars else None)
-        with self._jobs_lock:
-            self._jobs[future] = job
-        # First of the future's callbacks: describe() knows the outcome's
-        # attempts and worker before anyone else hears of it.
-        future.add_done_callback(self._forget)
+        future.job = job
         try:
             # Futures among the arguments: it waits for them (Dependents queues it).
             if scalars or not self._dependents.hold(job, block):
                 self._backlog.admit(job, block)
         except BaseException:
-            with self._jobs_lock:
-                self._jobs.pop(future, None)
+            future.job = None  # never admitted: the caller gets the error, not the future
             raise
         self._pump()
         return future
 
-    def _forget(self, future: Future[Any]) -> None:
-        with self._jobs_lock:
-            job = self._jobs.pop(future, None)
-            if job is not None:
-                assert isinstance(future, TaskFuture)  # the only kind submit returns
-                future.settled_runs = (job.attempts, job.worker)
+    def _runs(self, future: Future[Any]) -> tuple[Job | None, tuple[int, str | None] | None]:
+        """(the unsettled job of ``future``, (attempts, worker)); (None, None)
+        when ``future`` is not this Scheduler's."""
+        if isinstance(future, TaskFuture) and future.owner is self._dependents.token:
+            return future.runs()
+        return None, None
 
     # --- job control -------------------------------------------------------------------
 
@@ -338,8 +330,7 @@ class Scheduler(Executor):
         False, and nothing stops, once the task runs."""
         if future.cancel():
             return True
-        with self._jobs_lock:
-            job = self._jobs.get(future)
+        job, _ = self._runs(future)
         if job is None:
             return False
         reason = TaskCancelledError(f"task {job.id} was cancelled")
@@ -369,14 +360,7 @@ class Scheduler(Executor):
         """(attempts started, ``name@host`` of the latest one's worker) of the
         task of ``future``, or None if it is not this Scheduler's: what
         :meth:`describe` says of them, without working out the state."""
-        with self._jobs_lock:
-            job = self._jobs.get(future)
-            return (job.attempts, job.worker) if job is not None else self._settled(future)
-
-    def _settled(self, future: Future[Any]) -> tuple[int, str | None] | None:
-        if isinstance(future, TaskFuture) and future.owner is self._dependents.token:
-            return future.settled_runs
-        return None  # not this Scheduler's
+        return self._runs(future)[1]
 
     def describe(self, future: Future[Any]) -> dict[str, Any] | None:
         """The task of ``future`` at a glance, or None if it is not this
@@ -385,9 +369,7 @@ class Scheduler(Executor):
         ``attempts`` (started so far) and ``worker`` (``name@host`` of the
         worker of its latest attempt; ``local@host`` for a local process;
         None before its first)."""
-        with self._jobs_lock:
-            job = self._jobs.get(future)
-            info = (job.attempts, job.worker) if job is not None else self._settled(future)
+        job, info = self._runs(future)
         if info is None:
             return None
         if future.done():

@@ -15,10 +15,12 @@ import json
 import os
 import signal
 import socket
+import weakref
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 
 import _retry_tasks
@@ -107,6 +109,36 @@ def test_scheduler_cancel_of_a_queued_task_and_of_a_task_waiting_for_its_retry(
             flaky.result(RESULT)
         assert sched.status()["retry_waiting"] == 0
     assert [event for event, _ in _retry_tasks.attempts(str(attempts))] == ["start", "fail"]
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_future_does_not_keep_its_tasks_arguments(tmp_path: Path) -> None:
+    """A caller may keep futures for as long as it likes (a list of results):
+    once settled or cancelled, they must not hold the arrays they were
+    submitted with, cancelled while queued included."""
+    from _daemon_tasks import hold, total
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    with shmrunner.Scheduler(local_workers=1) as sched:
+        blocker = sched.submit(hold, str(started), str(release), 120.0)
+        _pid_in(started)
+        futures, refs = [], []
+        while sched.status()["queued"] < 2:  # the worker may take a few ahead
+            a = np.ones(1000)
+            refs.append(weakref.ref(a))
+            futures.append(sched.submit(total, a))
+            del a
+        victim = futures.pop()
+        assert victim.cancel() is True  # queued: concurrent.futures' own cancel
+        assert sched.describe(victim) == {"state": "cancelled", "attempts": 0, "worker": None}
+        release.touch()
+        blocker.result(RESULT)
+        assert [f.result(RESULT) for f in futures] == [1000.0] * len(futures)
+        # No gc.collect(): a reference cycle through a kept future would hold them.
+        wait_until(lambda: all(ref() is None for ref in refs), timeout=RESULT,
+                   message="the arguments of settled and cancelled tasks to be freed")
+        assert sched.describe(futures[0]) == {"state": "done", "attempts": 1,
+                                              "worker": f"local@{HOST}"}
 
 
 # --- the daemon -------------------------------------------------------------------------
