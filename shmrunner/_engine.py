@@ -67,6 +67,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from . import _memsize as memsize
+from . import _pid
 from ._atexit import stop_at_exit
 from ._dispatch import CLOSE, RUN, TERMINATE, Budget, TaskQueue
 from ._manager import LogsCallback, Manager
@@ -148,7 +149,7 @@ class ProcessEngine:
         self.settings = settings
         # Workers, sockets and the manager thread belong to this process: a
         # fork() child that used them would send on the parent's sockets.
-        self._pid = os.getpid()
+        self._pid = _pid.current()
         self._ids = itertools.count()
         grace = stop_grace()  # checked before anything is opened
         self._selector = selectors.DefaultSelector()
@@ -195,8 +196,7 @@ class ProcessEngine:
         """Tasks the workers could take now beyond those queued (negative when
         more are queued). Read without the lock: a stale answer only delays or
         queues a task."""
-        workers = list(self._lifecycle.workers.values())
-        return sum(worker.free for worker in workers) - len(self._queue.pending)
+        return self._lifecycle.room() - len(self._queue.pending)
 
     def capacity(self) -> int:
         """Worker processes alive now."""
@@ -334,16 +334,16 @@ class ProcessEngine:
 
     def is_engine_thread(self) -> bool:
         """Whether the caller runs on the manager thread (in a result callback)."""
-        return threading.current_thread() is self._thread
+        return threading.get_ident() == self._thread.ident
 
     def in_owner(self) -> bool:
-        return os.getpid() == self._pid
+        return _pid.current() == self._pid
 
     def check_process(self, owner: str = "Pool") -> None:
         """Raise in a fork() child: the workers answer the parent, and only the
         parent's manager thread reads their results (the child would steal
         some from the parent and wait forever for its own)."""
-        if os.getpid() != self._pid:
+        if _pid.current() != self._pid:
             raise ShmrunnerError(
                 f"this {owner} was created in process {self._pid} and cannot be used from "
                 f"process {os.getpid()}, a fork() of it; create a new {owner} in the child")

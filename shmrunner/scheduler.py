@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
-from . import _retry
+from . import _pid, _retry
 from ._backlog import Backlog
 from ._deps import Dependents, TaskFuture
 from ._job import Job
@@ -162,7 +162,7 @@ class Scheduler(Executor):
         self._retry_on = _retry.names(self.settings.retry_on)
         self._log_level = level_of(self.settings.task_logs, "scheduler.task_logs")
         self._on_task_log = on_task_log
-        self._creator = os.getpid()
+        self._creator = _pid.current()
         self._timers = Timers()
         self._tiers: list[Tier] = []
         self._local: LocalTier | None = None
@@ -272,7 +272,7 @@ class Scheduler(Executor):
                 kwargs: dict[str, Any], retries: int | None, timeout: float | None,
                 retry_on: Iterable[type[BaseException] | str] | None,
                 block: bool) -> Future[Any]:
-        if os.getpid() != self._creator:
+        if _pid.current() != self._creator:
             # A fork() child would send on its parent's sockets and steal its results.
             raise ShmrunnerError(
                 f"this Scheduler was created in process {self._creator} and cannot be used "
@@ -429,7 +429,7 @@ class Scheduler(Executor):
         return self.local_capacity() + remote
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if os.getpid() != self._creator:
+        if _pid.current() != self._creator:
             return  # a fork() child's copy: the workers and sockets are the parent's
         cancelled = self._backlog.shut_down(cancel_futures)
         for job in cancelled:

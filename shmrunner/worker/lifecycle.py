@@ -336,8 +336,12 @@ class Lifecycle(Generic[T]):
         return sum(len(w.tasks) for w in self.workers.values())
 
     def room(self) -> int:
-        """Tasks the workers may be sent now, all together (under the tier's lock)."""
-        return sum(worker.free for worker in self.workers.values())
+        """Tasks the workers may be sent now, all together; safe without the
+        tier's lock (a snapshot of the workers), though then at once stale."""
+        room = 0
+        for worker in list(self.workers.values()):  # (a loop: read per submit)
+            room += worker.free
+        return room
 
 
 # --- local processes ------------------------------------------------------------------
