@@ -4,7 +4,8 @@ budgets that make ``submit`` block.
 Data flow::
 
     submit() --admit()--> queue (waits while max_pending jobs are queued or
-                          the held argument bytes would pass the byte budget)
+                          the held argument bytes would pass the byte budget);
+                          says whether placing could start it now
     _pump()  --place()--> each tier with room gets its jobs --> running {job: tier}
     on_done  --finish()-> running --> settled (the bytes are released), or back
                           to the front of the queue for a retry, or, with a
@@ -66,6 +67,10 @@ class Backlog:
         self._submitted = 0  # tasks accepted by submit, ever
         self._shutdown = False
         self._held_bytes = 0  # payload bytes of the jobs queued or running
+        # The last place() left jobs queued: every tier was full. Until a
+        # tier gains room, and says so (TierEvents.on_room, which places
+        # again), a job queued behind them has no room either.
+        self._tiers_full = False
 
     def queued(self) -> int:
         """Jobs waiting for a worker."""
@@ -81,10 +86,15 @@ class Backlog:
                     "submitted": self._submitted, "shutdown": self._shutdown,
                     "pending_bytes": self._held_bytes}
 
-    def admit(self, job: Job, block: bool, deferred: bool = False) -> None:
+    def admit(self, job: Job, block: bool, deferred: bool = False) -> bool:
         """Queue ``job`` once both budgets have room (``block=False``: raise
         :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown.
-        ``deferred``: hold it aside until :meth:`ready` (it waits for futures)."""
+        ``deferred``: hold it aside until :meth:`ready` (it waits for futures).
+
+        Returns whether a :meth:`place` now could start it: False when jobs
+        wait ahead of it and the last place found every tier full (a tier
+        that gains room calls ``on_room``, and that places the queue). In a
+        burst of submits this spares each one a look at every tier's room."""
         with self._lock:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
@@ -107,8 +117,10 @@ class Backlog:
             self._submitted += 1
             if deferred:
                 self._deferred.add(job)
-            else:
-                self._queue.append(job)
+                return True
+            behind = bool(self._queue) and self._tiers_full
+            self._queue.append(job)
+            return not behind
 
     def ready(self, job: Job, nbytes: int) -> bool:
         """The deferred ``job``'s futures have results: queue it first (it was
@@ -161,6 +173,7 @@ class Backlog:
                     room -= 1
                 if jobs:
                     batches.append((tier, jobs))
+            self._tiers_full = bool(self._queue)
             if taken:  # (a pump per submit finds no room most of a burst: nothing to tell)
                 self._wake_submitters()
                 self._wake_idle_waiters()

@@ -298,11 +298,14 @@ class Scheduler(Executor):
         try:
             # Futures among the arguments: it waits for them (Dependents queues it).
             if scalars or not self._dependents.hold(job, block):
-                self._backlog.admit(job, block)
+                could_start = self._backlog.admit(job, block)
+            else:
+                could_start = True
         except BaseException:
             future.job = None  # never admitted: the caller gets the error, not the future
             raise
-        self._pump()
+        if could_start:
+            self._pump()
         return future
 
     def _runs(self, future: Future[Any]) -> tuple[Job | None, tuple[int, str | None] | None]:

@@ -655,7 +655,10 @@ class RemoteTier:
         self._send(worker, Message("cancel", body))
 
     def _heartbeat(self) -> None:
+        free = self._peers.free()
         self._peers.recount()  # the running counts, checked
+        if self._peers.free() > free:
+            self._events.on_room()  # the counts had drifted low: room the Scheduler must hear of
         timeout = self._settings.heartbeat_timeout
         deadline = time.monotonic() - timeout
         for worker in self._peers:
