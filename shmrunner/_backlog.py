@@ -233,9 +233,10 @@ class Backlog:
                     self._waiting.add(job)
                 else:
                     self._queue.appendleft(job)
-            else:
+            elif job.nbytes:
                 self._release(job)
-            self._wake_idle_waiters()
+            if self._idle_waiters:  # (inline: this runs once per task)
+                self._all_done.notify_all()
             return retry
 
     def resume(self, job: Job) -> bool:

@@ -134,7 +134,8 @@ class LightFuture(Future[T]):
                     waiter.add_result(self)
             if self._cond is not None:
                 self._cond.notify_all()
-        self._run_callbacks()
+        if self._done_callbacks:
+            self._run_callbacks()
 
     def _run_callbacks(self) -> None:
         for callback in self._done_callbacks:

@@ -512,14 +512,13 @@ class Scheduler(Executor):
 
     @staticmethod
     def _settle(job: Job, ok: bool, value: Any) -> None:
-        if not job.future.done():  # a shutdown may have cancelled it meanwhile
-            try:
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(value)
-            except InvalidStateError:
-                pass
+        try:
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+        except InvalidStateError:
+            pass  # a shutdown cancelled it meanwhile
         job.fn, job.args, job.kwargs = None, (), {}  # free the arguments now
     def _task_log(self, job: Job, records: list[Record], worker: str, host: str,
                   pid: int | None) -> None:

@@ -21,14 +21,18 @@ only translates between a :class:`~shmrunner._job.Job` and an engine task.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .._job import Job
 from .._tasklogs import HOST, Record, engine_setting, local_worker
 from .._tasks import Task
 from ..config import SchedulerSettings
 from .base import TierEvents
+
+if TYPE_CHECKING:
+    from .._engine import ProcessEngine
 
 __all__ = ["LocalTier", "LocalStatus"]
 
@@ -60,11 +64,6 @@ class LocalTier:
         # The engine's own view (it lets workers with tiny tasks hold more).
         return self.engine.room()
 
-    def done(self, job: Job, ok: bool, value: Any) -> None:
-        # On the engine's thread, on_room runs once per batch (after_results).
-        batch = self.engine.is_engine_thread()
-        self._events.on_done(job, ok, value, batch=batch)
-
     def _logs(self, task: Task, pid: int | None, records: list[Record], final: bool) -> None:
         # On the engine's thread, while the task runs or just before its result.
         outcome = task.result
@@ -84,7 +83,7 @@ class LocalTier:
                 self._events.on_done(job, False, exc, batch=True)
                 continue
             job.handle = (job.attempts, self.engine.new_task(
-                fn, job.args, job.kwargs, _Outcome(self, job),
+                fn, job.args, job.kwargs, _Outcome(self._events, self.engine, job),
                 report_start=job.timeout is not None))
             tasks.append(job.handle[1])
         self.engine.submit(tasks)
@@ -119,11 +118,14 @@ def _resolve(ref: str) -> Callable[..., Any]:
 class _Outcome:
     """The engine's :class:`~shmrunner._sink.ResultSink` for one job's attempt."""
 
-    __slots__ = ("tier", "job")
+    __slots__ = ("events", "engine", "job")
 
-    def __init__(self, tier: LocalTier, job: Job) -> None:
-        self.tier = tier
+    def __init__(self, events: TierEvents, engine: ProcessEngine, job: Job) -> None:
+        self.events = events
+        self.engine = engine
         self.job = job
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
-        self.tier.done(self.job, ok, value)
+        # On the engine's thread, on_room follows once per batch (on_results).
+        self.events.on_done(self.job, ok, value,
+                            batch=threading.get_ident() == self.engine.thread_ident)
