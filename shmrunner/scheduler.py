@@ -24,12 +24,14 @@ given (``_Events`` here), never the Scheduler.
 
 Placement is by free capacity: the local tier first (no network, no copy),
 then the remote worker with the most room. ``_pump`` runs on whichever thread
-freed capacity or queued work, so a task never waits for a thread hop when a
-worker is free. Timeouts are armed when a task is handed to a tier; on expiry
-the tier stops the task (the local tier kills the process running it) and the
-task fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
-thread, ``_timers.py``). No future is left pending: shutdown and tier failures
-settle every one.
+freed capacity (a tier's ``on_room``) or queued work that could start now, so
+a task never waits for a thread hop when a worker is free; a submit behind a
+queue that found every tier full leaves it to the next ``on_room``.
+Timeouts are armed when a task is handed to a tier; on expiry the tier
+stops the task (the local tier kills the process running it) and the task
+fails, or is retried, with :class:`TaskTimeoutError` (the timers are one
+thread, ``_timers.py``). No future is left pending: shutdown and tier
+failures settle every one.
 
 :meth:`Scheduler.cancel` stops a task even while it runs, through the same
 ``Tier.stop`` seam as a timeout (aimed at its current attempt, asked again

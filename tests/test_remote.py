@@ -76,6 +76,7 @@ class Workers:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [TESTS_DIR, REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONFAULTHANDLER"] = "1"  # a stuck one's threads go to its log (stop_all)
         cfg: list[str] = []
         if config is True:
             cfg = ["--config", str(self.config)]
@@ -94,6 +95,11 @@ class Workers:
 
     def log(self, name: str) -> str:
         return self.log_path(name).read_text(errors="replace")
+
+    def _log_of(self, pid: int) -> str:
+        proc = self.by_pid(pid)
+        name = proc.args[proc.args.index("--name") + 1]  # type: ignore[union-attr]
+        return f"--- log of {name} (pid {pid}) ---\n{self.log(name)}"
 
     def by_pid(self, pid: int) -> subprocess.Popen[bytes]:
         (proc,) = [p for p in self.procs if p.pid == pid]
@@ -118,12 +124,18 @@ class Workers:
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
+                # SIGABRT: faulthandler writes where every thread is to its log.
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    proc.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(RESULT)
                 stuck.append(proc.pid)
-                proc.kill()
-                proc.wait(RESULT)
         wait_until(lambda: not any(is_alive(pid) for pid in self.grandchildren), 10,
                    message="the workers' pool processes to exit")
-        assert not stuck, f"workers {stuck} did not exit within {grace} s of SIGTERM"
+        logs = "".join(self._log_of(pid)[-6000:] for pid in stuck)
+        assert not stuck, f"workers {stuck} did not exit within {grace} s of SIGTERM:\n{logs}"
         codes = {proc.pid: proc.returncode for proc in terminated}
         assert all(code == 0 for code in codes.values()), f"exit codes after SIGTERM: {codes}"
 
@@ -437,6 +449,23 @@ def test_shutdown_cancel_futures_settles_a_task_waiting_for_retry(tmp_path: Path
 
 
 # --- scheduler restart ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_tasks_submitted_while_no_worker_has_room_run_when_one_joins(tmp_path: Path,
+                                                                     gates: Gates) -> None:
+    """Submits behind a queue that found every tier full do not place it
+    themselves: the worker that joins later must start all of them."""
+    sched = remote_scheduler()
+    workers = Workers(tmp_path)
+    try:
+        futures = [sched.submit(tasks.square, i) for i in range(50)]
+        assert sched.status()["queued"] == 50  # no worker: nothing could start
+        assert sched.address is not None
+        workers.start(sched.address, "late")
+        assert [f.result(RESULT) for f in futures] == [i * i for i in range(50)]
+    finally:
+        stop_cluster(sched, workers, gates)
 
 
 @pytest.mark.timeout(60)

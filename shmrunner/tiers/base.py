@@ -40,7 +40,8 @@ class TierEvents(Protocol):
     def on_room(self) -> None:
         """The tier can take more jobs now (a worker joined, a batch of
         outcomes was delivered), or must be given the queued ones to fail them
-        (it broke)."""
+        (it broke). A tier must call it whenever it gains room: once every
+        tier was found full, jobs submitted behind the queue wait for it."""
 
 
 class Tier(Protocol):
