@@ -85,11 +85,7 @@ class TaskFuture(LightFuture[Any]):
         return True
 
     def _settle(self, result: Any, exception: BaseException | None, failed: bool) -> None:
-        # Whichever path settles it (the Scheduler's, a shutdown's, a dependency's).
-        job = self.job
-        if job is not None:  # _let_go, inline: once per task
-            self.settled_runs = (job.attempts, job.worker)
-            self.job = None
+        self._let_go()  # whichever path settles it: the Scheduler's, a shutdown's, a dependency's
         super()._settle(result, exception, failed)
 
     def _let_go(self) -> None:

@@ -76,7 +76,7 @@ def run_chunk_into(fn: Callable[..., Any], chunk: list[Any], star: bool, out: An
     returning it: the gather costs no copy back to the caller."""
     for i, item in enumerate(chunk):
         value = fn(*item) if star else fn(item)
-        row = out[i]
+        row = out[i, ...]  # a view even of a 1-d out (out[i] would be a scalar copy)
         shape = getattr(value, "shape", None)
         if shape is None:
             shape = np.shape(value)

@@ -228,7 +228,8 @@ class Pool:
                    out: np.ndarray[Any, Any] | None = None) -> MapResult:
         self._check_running()
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
-        items = list(items)
+        if type(items) is not range:  # a range's slices are ranges: a chunk travels as 3 ints
+            items = list(items)
         if out is not None:
             _check_out(out, len(items))
         if chunksize is None:

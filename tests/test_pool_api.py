@@ -211,6 +211,19 @@ def test_arrays_through_apply(pool):
     assert_returned_shared(pool.apply(add, (), {"a": a, "b": 1.0}), a + 1.0)
 
 
+def test_map_over_ranges_as_over_lists(pool):
+    # A range is chunked by slicing (its chunks travel as ranges): every step,
+    # sign and chunk size must give what the builtin map gives.
+    for r in (range(1000), range(10, -50, -3), range(7, 8), range(0), range(5, 500, 7)):
+        expected = [x * x for x in r]
+        assert pool.map(square, r) == expected
+        assert pool.map(square, r, chunksize=3) == expected
+        assert pool.map_async(square, r).get(timeout=20) == expected
+    out = shmrunner.empty((100,), dtype=np.int64)
+    assert pool.map(square, range(100), out=out) is out
+    assert out.tolist() == [x * x for x in range(100)]
+
+
 def test_arrays_through_map_and_starmap(pool):
     arrays = [np.full(BIG, i, dtype=np.float64) for i in range(6)]
     for results in (pool.map(double, arrays),
