@@ -482,6 +482,35 @@ def test_slot_messages_are_checked_by_the_schema() -> None:
 
 
 
+@pytest.mark.timeout(120)
+def test_an_agent_stopped_while_it_forks_its_slots_exits_promptly(tmp_path: Path) -> None:
+    # SIGTERM right after the welcome reaches the agent while its slots are
+    # being forked: a slot that had not installed its own SIGTERM handler yet
+    # lost the agent's drain signal and lived on until its welcome wait ran out
+    # (10 s), and the agent with it. Several trials: the window is short.
+    for trial in range(5):
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        (tmp_path / str(trial)).mkdir()
+        workers = Workers(tmp_path / str(trial))
+        try:
+            port = router.bind_to_random_port("tcp://127.0.0.1")
+            proc = workers.start(f"tcp://127.0.0.1:{port}", "a", "--slots")
+            assert router.poll(JOIN * 1000), "no hello from the agent"
+            agent = router.recv_multipart()[0]
+            router.send_multipart([agent, *encode(Message("welcome", {
+                "heartbeat_interval": 1.0, "heartbeat_timeout": 30.0, "session": "s"}))])
+            time.sleep(0.002 * trial)  # (a spread of moments in the forks)
+            proc.terminate()
+            proc.wait(5.0)  # TimeoutExpired: it did not drain
+            assert proc.returncode == 0
+        finally:
+            router.close(linger=0)
+            ctx.term()
+            workers.stop_all()
+
+
 @pytest.mark.timeout(60)
 def test_a_scheduler_that_does_not_know_slots_gets_an_error_not_silence(
         tmp_path: Path) -> None:

@@ -103,6 +103,8 @@ def slot_main(spec: SlotSpec, group: str, index: int, session: str, words: TaskW
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # Started with SIGTERM blocked (Slots.refill): one sent meanwhile is delivered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     settings = spec.settings
     capture = None
     if spec.logs is not None:
@@ -398,7 +400,15 @@ class Slots:
                                          args=(self.spec, self.group, index, self.session,
                                                self.words),
                                          daemon=True)
-                proc.start()
+                # A fork child runs the agent's SIGTERM handler until slot_main
+                # installs its own: a drain's SIGTERM in that window was lost and
+                # the slot lingered until its welcome wait ran out (10 s). Forked
+                # with SIGTERM blocked, the child takes it once it can act on it.
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                try:
+                    proc.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 with self._lock:
                     self._procs[index] = proc
         self._reload()
