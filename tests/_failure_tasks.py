@@ -10,7 +10,9 @@ import ctypes
 import fcntl
 import os
 import signal
+import sys
 import threading
+import time
 
 import numpy as np
 
@@ -281,3 +283,13 @@ class CraftedSegment:
 
 def return_crafted_segment(kind: str) -> CraftedSegment:
     return CraftedSegment(kind)
+
+
+def child_stops_on_sigterm() -> int:
+    """Start a process, SIGTERM it, return how it ended (-15: it stopped)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.2)  # let it start its sleep
+    proc.terminate()
+    return proc.wait(30)

@@ -891,6 +891,48 @@ def test_terminate_cancels_queued_tasks(tmp_path: Any) -> None:
         pool.join()
 
 
+_HANDLER_SCRIPT = """
+import os, signal, sys, time
+import shmrunner
+def on_term(signum, frame):  # an application's own shutdown hook
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+signal.signal(signal.SIGTERM, on_term)
+with shmrunner.Pool(2, context=__import__("multiprocessing").get_context(sys.argv[2])) as pool:
+    assert pool.map(abs, [-1, -2, -3, -4]) == [1, 2, 3, 4]
+    started = time.monotonic()
+    pool.terminate()
+    pool.join()
+    print(f"{time.monotonic() - started:.3f}")
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_terminate_does_not_run_the_parents_sigterm_handler_in_workers(tmp_path: Any,
+                                                                       method: str) -> None:
+    """A service that installed a SIGTERM handler for itself and uses a Pool:
+    terminate() must end the workers, not run that handler in each of them
+    (which then lived on until the SIGKILL a second later)."""
+    ran = tmp_path / "handler-ran-in"
+    out = subprocess.run([sys.executable, "-c", _HANDLER_SCRIPT, str(ran), method],
+                         capture_output=True, text=True, timeout=50, check=True)
+    assert not ran.exists(), f"the parent's SIGTERM handler ran in workers {ran.read_text()}"
+    assert float(out.stdout) < 0.9  # ended by SIGTERM, not by the SIGKILL after 1 s
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_sent_sigterm_keeps_serving_and_its_children_still_stop() -> None:
+    """A SIGTERM to the whole process group (Slurm's, a shell's) must leave the
+    workers to their pool, which drains them; a process a task starts must
+    still stop on SIGTERM (the workers' handler is not inherited through exec)."""
+    with shmrunner.Pool(1) as pool:
+        pid = pool.apply(os.getpid)
+        os.kill(pid, signal.SIGTERM)
+        assert pool.apply(os.getpid) == pid  # the same process serves on
+        assert pool.apply(tasks.child_stops_on_sigterm) == -signal.SIGTERM
+
+
 @pytest.mark.timeout(60)
 def test_terminate_ends_imap_iterator(tmp_path: Any) -> None:
     """imap over an endless input: after terminate() + join(), reading the iterator

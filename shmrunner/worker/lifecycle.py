@@ -85,7 +85,7 @@ __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Proce
 
 log = logging.getLogger("shmrunner.pool")
 
-TERMINATE_GRACE = 1.0  # seconds between SIGTERM and SIGKILL when stopping all processes
+TERMINATE_GRACE = 1.0  # seconds to wait for a killed process to be reaped
 # Seconds an idle worker has to exit once told to stop (a close), unless the
 # SHMRUNNER_STOP_GRACE environment variable says otherwise: one still alive
 # then is killed, so that close() and join() always end. A worker exits in
@@ -437,9 +437,13 @@ class ProcessLifecycle(Lifecycle[Task]):
             name=f"shmrunner-worker-{worker_id}",
             daemon=True,
         )
+        # SIGTERM blocked across the fork: until worker_main installs its own
+        # handler, the child would run the parent's (see worker_main).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             process.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child_end.close()
         return Process(process, FdChannel(parent_end), oom)
 
@@ -654,19 +658,15 @@ class ProcessLifecycle(Lifecycle[Task]):
         return WorkerLostError(pid, exitcode, running.describe())
 
     def terminate_all(self) -> list[Worker[Task]]:
-        """SIGTERM every process, SIGKILL those alive after the grace period,
+        """SIGKILL every process (``terminate()``: "stops the worker processes
+        immediately"; a worker does not act on SIGTERM, see worker_main) and
         join them all; the caller then reaps them. Manager thread, unlocked."""
         workers = list(self)
         for worker in workers:
             if worker.endpoint.process.exitcode is None:
-                worker.endpoint.process.terminate()
-        deadline = time.monotonic() + TERMINATE_GRACE
+                worker.endpoint.process.kill()
         for worker in workers:
-            process = worker.endpoint.process
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.exitcode is None:
-                process.kill()
-                process.join()
+            worker.endpoint.process.join()
         return workers
 
     def lose_all(self) -> tuple[list[Process], list[Task]]:

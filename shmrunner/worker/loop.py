@@ -70,6 +70,15 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
     task's logs and printed text and send them with its result."""
     _die_with_owner(owner_pid, direct_child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The pool ends its workers (a stop message, SIGKILL), never a SIGTERM:
+    # not the parent's own handler, which a fork child inherits (a service's
+    # shutdown hook must not run in each worker), and not a SIGTERM sent to
+    # the whole process group (Slurm's, a shell's), which leaves the parent to
+    # drain its workers. A handler, not SIG_IGN: exec() resets a handler, so
+    # the processes a task starts still stop on SIGTERM. Forked with SIGTERM
+    # blocked (ProcessLifecycle._start): one sent meanwhile lands here.
+    signal.signal(signal.SIGTERM, _ignore_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     raise_fd_limit()  # each shared array received holds two fds
     _segcache.track_releases()
     for fd in inherited:  # fork: the parent's ends of the other workers' channels
@@ -132,6 +141,10 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
 
 
 def _nothing() -> None:
+    pass
+
+
+def _ignore_sigterm(signum: int, frame: object) -> None:
     pass
 
 
