@@ -54,7 +54,7 @@ from ..transport.zmqchannel import ChannelOptions, CurveKeys, ZmqChannel
 from . import _memwatch
 from ._taskcall import call_task, result_body, send_results
 from ._taskwords import TaskWords
-from .loop import _die_with_owner
+from .loop import _die_with_owner, sigterm_blocked
 
 __all__ = ["Slots", "SlotSpec"]
 
@@ -402,13 +402,9 @@ class Slots:
                                          daemon=True)
                 # A fork child runs the agent's SIGTERM handler until slot_main
                 # installs its own: a drain's SIGTERM in that window was lost and
-                # the slot lingered until its welcome wait ran out (10 s). Forked
-                # with SIGTERM blocked, the child takes it once it can act on it.
-                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-                try:
+                # the slot lingered until its welcome wait ran out (10 s).
+                with sigterm_blocked():
                     proc.start()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 with self._lock:
                     self._procs[index] = proc
         self._reload()

@@ -78,7 +78,7 @@ from .._tasks import Task, run_chunk, run_chunk_into
 from ..errors import ConfigError, MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
 from . import _memwatch
-from .loop import worker_main
+from .loop import sigterm_blocked, worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
            "TERMINATE_GRACE", "stop_grace"]
@@ -437,13 +437,10 @@ class ProcessLifecycle(Lifecycle[Task]):
             name=f"shmrunner-worker-{worker_id}",
             daemon=True,
         )
-        # SIGTERM blocked across the fork: until worker_main installs its own
-        # handler, the child would run the parent's (see worker_main).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
-            process.start()
+            with sigterm_blocked():  # until worker_main has its own handler
+                process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             child_end.close()
         return Process(process, FdChannel(parent_end), oom)
 

@@ -39,7 +39,8 @@ import socket
 import struct
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.pool import MaybeEncodingError  # type: ignore[attr-defined]
 from typing import Any
 
@@ -146,6 +147,19 @@ def _nothing() -> None:
 
 def _ignore_sigterm(signum: int, frame: object) -> None:
     pass
+
+
+@contextmanager
+def sigterm_blocked() -> Iterator[None]:
+    """Fork inside this (``process.start()``): the child starts with SIGTERM
+    blocked, so one sent before it installs its own handler waits for it
+    instead of running the handler inherited from this process; the child
+    unblocks it (worker_main, the slots' slot_main)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _releases() -> list[tuple[bytes, list[int], Callable[[], None] | None]]:
