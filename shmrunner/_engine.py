@@ -11,8 +11,9 @@ Data flow::
                   pick a worker with room,    a Wakeup          (close, terminate,
                   pickle the task (arrays         |              queued output)
                   -> memfd fds), send             v
-                                  |           results -> the task's result object
-                                  v                      (callbacks), on_results()
+                                  |           results -> on_room() (refill first),
+                                  v           then the tasks' result objects
+                                              (callbacks), then on_results()
                  worker i <--- its own AF_UNIX socketpair ---> worker i
                  (spawned, reaped, replaced, retired: worker/lifecycle.py)
 
@@ -138,13 +139,17 @@ class ProcessEngine:
 
     Kept apart from :class:`~shmrunner.Pool` so the thread holds no reference
     to the facade, which can then be garbage collected (and warn) like
-    ``multiprocessing.Pool``. ``on_results`` runs on the manager thread after
-    each batch of results is delivered and when respawned workers add room
-    (the Scheduler refills the engine there, many tasks per syscall).
+    ``multiprocessing.Pool``. On the manager thread: ``on_room`` runs as soon
+    as a batch of results has freed its workers' slots, before those results
+    are delivered, and when respawned workers add room (the Scheduler refills
+    the engine there, many tasks per syscall, while the worker still has work);
+    ``on_results`` runs after each batch of results is delivered (what the
+    deliveries queued, or sends, goes out there).
     """
 
     def __init__(self, settings: EngineSettings, *,
                  on_results: Callable[[], None] | None = None,
+                 on_room: Callable[[], None] | None = None,
                  on_logs: LogsCallback | None = None) -> None:
         self.settings = settings
         # Workers, sockets and the manager thread belong to this process: a
@@ -166,7 +171,7 @@ class ProcessEngine:
         self._queue = TaskQueue(self._lifecycle, settings.shm_threshold,
                                 max(8, 4 * settings.processes), self._wakeup.wake)
         self._manager = Manager(self._queue, self._lifecycle, self._selector, self._wakeup,
-                                settings.initializer, on_results, on_logs)
+                                settings.initializer, on_results, on_logs, on_room)
         self._thread = threading.Thread(target=self._manager.run, name="shmrunner-pool",
                                         daemon=True)
         self._thread.start()

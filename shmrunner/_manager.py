@@ -50,13 +50,15 @@ class Manager:
                  selector: selectors.BaseSelector, wakeup: Wakeup,
                  initializer: Callable[..., object] | None,
                  on_results: Callable[[], None] | None,
-                 on_logs: LogsCallback | None = None) -> None:
+                 on_logs: LogsCallback | None = None,
+                 on_room: Callable[[], None] | None = None) -> None:
         self._queue = queue
         self._lifecycle = lifecycle
         self._selector = selector
         self._wakeup = wakeup
         self._initializer = initializer
         self._on_results = on_results
+        self._on_room = on_room
         self._on_logs = on_logs
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
@@ -193,6 +195,11 @@ class Manager:
                 head.started = now  # next in line: running now
             taken = queue.take_locked()
         failed = queue.send(taken) if taken else []
+        if finished and self._on_room is not None:
+            # Before the results settle: a queue kept above the engine (the
+            # Scheduler's) refills the worker now, so it does not sit idle
+            # while its results are delivered.
+            self._on_room()
         for task, ok, value in finished:
             if task is not None:
                 deliver(task, ok, value)
@@ -278,8 +285,8 @@ class Manager:
             self._kill_all()
             return True
         queue.dispatch()
-        if spawned and self._on_results is not None:
-            self._on_results()  # a respawn added capacity: the Scheduler may have work
+        if spawned and self._on_room is not None:
+            self._on_room()  # a respawn added capacity: the Scheduler may have work
         return False
 
     def _kill_all(self) -> None:

@@ -8,9 +8,13 @@ Data flow::
     or Scheduler.cancel                           the task is killed: a timed-out task
                                                   once it has run for its timeout, a
                                                   cancelled one at once)
+    engine's manager thread --on_room-----------> events.on_room() once a batch of
+                                                 results has freed room, before they
+                                                 settle (the worker is refilled first)
     engine's manager thread --_Outcome.settle--> events.on_done(batch=True) per
                                                  task, then events.on_room()
-                                                 once per batch (on_results)
+                                                 once per batch (on_results: places
+                                                 the retries those queued)
     engine's manager thread --on_logs-----------> events.on_log (a task's log
                                                  records, before its result)
 
@@ -57,7 +61,7 @@ class LocalTier:
         self.engine = ProcessEngine(EngineSettings(
             processes=processes, context=multiprocessing.get_context(settings.start_method),
             shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit,
-            task_logs=logs), on_results=events.on_room,
+            task_logs=logs), on_room=events.on_room, on_results=events.on_room,
             on_logs=None if logs is None else self._logs)
 
     def room(self) -> int:
