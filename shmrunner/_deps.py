@@ -64,7 +64,7 @@ class TaskFuture(LightFuture[Any]):
     ``Scheduler.cancel`` and ``describe`` act on; no table keyed by future)."""
 
     def __init__(self, owner: object, task_id: int) -> None:
-        super().__init__()
+        self._light_init()
         self.owner = owner
         self.task_id = task_id
         self.job: Job | None = None  # set by submit; None once settled
@@ -85,8 +85,13 @@ class TaskFuture(LightFuture[Any]):
         return True
 
     def _settle(self, result: Any, exception: BaseException | None, failed: bool) -> None:
-        self._let_go()  # whichever path settles it: the Scheduler's, a shutdown's, a dependency's
-        super()._settle(result, exception, failed)
+        # Whichever path settles it (the Scheduler's, a shutdown's, a
+        # dependency's) lets go of the job (_let_go, inline: once per task).
+        job = self.job
+        if job is not None:
+            self.settled_runs = (job.attempts, job.worker)
+            self.job = None
+        LightFuture._settle(self, result, exception, failed)
 
     def _let_go(self) -> None:
         # Keep the job's last runs, not the job: the job refers to this future,

@@ -2,24 +2,29 @@
 
 Data flow (the states and rules are ``Future``'s own)::
 
-    made PENDING ----------------------------- an RLock; no Condition yet
+    made PENDING ----------------------------- an RLock; no Condition, no lists yet
     set_running_or_notify_cancel, set_result, set_exception, add_done_callback,
     done(), result() and exception() of a settled future: under that lock, or a plain read
     a thread that must wait (result/exception of an unsettled future), and
     concurrent.futures.wait / as_completed: ``_condition``, made then, on the
     same lock, so every path still serializes on one lock and is woken by
-    set_result / set_exception / cancel
+    set_result / set_exception / cancel; ``_waiters`` (what wait and
+    as_completed append to) and the done-callbacks list are made on first
+    use too, under that lock
 
 Why: ``Future.__init__`` builds a ``threading.Condition`` (a Python object
 and several bound methods) and every state change enters and notifies it in
 Python: from creation to result a future here costs about a third of one
 of those (bench/RESULTS.md, "Lighter futures"). For an Executor of tiny
 tasks the difference was a fifth of its per-task cost, paid even by the
-futures nobody waits on one by one. The public behaviour is ``Future``'s;
-only the private ``_condition`` is made on first use (``wait`` and
-``as_completed`` read it, and get a real one). The state constants come from
-``concurrent.futures._base``, unchanged since Python 3.2; tests/test_lightfuture.py
-checks the behaviour against a plain ``Future`` on the running Python.
+futures nobody waits on one by one. The two lists are made lazily because
+thousands of futures held at once, each with two lists, made the garbage
+collector's passes a tenth of a tiny-task burst. The public behaviour is
+``Future``'s; only the private ``_condition`` and ``_waiters`` are made on
+first use (``wait`` and ``as_completed`` read them, and get real ones).
+The state constants come from ``concurrent.futures._base``, unchanged since
+Python 3.2; tests/test_lightfuture.py checks the behaviour against a plain
+``Future`` on the running Python.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from concurrent.futures._base import (
     PENDING,
     RUNNING,
 )
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 __all__ = ["LightFuture"]
 
@@ -55,13 +60,17 @@ class LightFuture(Future[T]):
     a thread waits for it."""
 
     def __init__(self) -> None:  # not Future's: it makes the Condition up front
+        self._light_init()
+
+    def _light_init(self) -> None:
+        # (A subclass made once per task calls this, not __init__ through super().)
         self._lock = _RLock()
         self._cond: threading.Condition | None = None
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[T]], object]] = []
+        self._waiter_list: list[Any] | None = None
+        self._callbacks: list[Callable[[Future[T]], object]] | None = None
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -72,6 +81,24 @@ class LightFuture(Future[T]):
                 if cond is None:
                     cond = self._cond = threading.Condition(self._lock)
         return cond
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        waiters = self._waiter_list
+        if waiters is None:
+            with self._lock:
+                waiters = self._waiter_list
+                if waiters is None:
+                    waiters = self._waiter_list = []
+        return waiters
+
+    @property
+    def _done_callbacks(self) -> list[Callable[[Future[T]], object]]:
+        # Read by Future.cancel (through _invoke_callbacks).
+        with self._lock:
+            if self._callbacks is None:
+                self._callbacks = []
+            return self._callbacks
 
     def done(self) -> bool:
         return self._state in _SETTLED
@@ -84,7 +111,8 @@ class LightFuture(Future[T]):
 
     def result(self, timeout: float | None = None) -> T:
         if self._state == FINISHED and self._exception is None:
-            return cast(T, self._result)  # set before the state, under the lock
+            # Set before the state, under the lock. (No typing.cast: a call per result.)
+            return self._result  # type: ignore[no-any-return]
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -95,7 +123,10 @@ class LightFuture(Future[T]):
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
         with self._lock:
             if self._state not in _SETTLED:
-                self._done_callbacks.append(fn)
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
                 return
         try:
             fn(self)
@@ -109,7 +140,7 @@ class LightFuture(Future[T]):
                 return True
             if self._state == CANCELLED:
                 self._state = CANCELLED_AND_NOTIFIED
-                for waiter in self._waiters:
+                for waiter in self._waiter_list or ():
                     waiter.add_cancelled(self)
                 return False
         _LOGGER.critical("Future %s in unexpected state: %s", id(self), self._state)
@@ -127,18 +158,19 @@ class LightFuture(Future[T]):
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result, self._exception = result, exception
             self._state = FINISHED
-            for waiter in self._waiters:
-                if failed:
-                    waiter.add_exception(self)
-                else:
-                    waiter.add_result(self)
+            if self._waiter_list:
+                for waiter in self._waiter_list:
+                    if failed:
+                        waiter.add_exception(self)
+                    else:
+                        waiter.add_result(self)
             if self._cond is not None:
                 self._cond.notify_all()
-        if self._done_callbacks:
-            self._run_callbacks()
+        if self._callbacks:
+            self._run_callbacks(self._callbacks)
 
-    def _run_callbacks(self) -> None:
-        for callback in self._done_callbacks:
+    def _run_callbacks(self, callbacks: list[Callable[[Future[T]], object]]) -> None:
+        for callback in callbacks:
             try:
                 callback(self)
             except Exception:

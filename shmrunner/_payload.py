@@ -28,8 +28,9 @@ def only_scalars(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     """True when every argument is a plain scalar (no container, array, bytes
     or future): the common tiny task, which needs no walk of its arguments.
     Exact types: a subclass could be anything."""
-    return _SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(
-        map(type, kwargs.values()))  # (no generator: this runs several times per task)
+    # (No generator, and no look at an empty kwargs: this runs several times per task.)
+    return _SCALARS.issuperset(map(type, args)) and (
+        not kwargs or _SCALARS.issuperset(map(type, kwargs.values())))
 
 
 def payload_bytes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
