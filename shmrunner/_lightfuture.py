@@ -60,10 +60,6 @@ class LightFuture(Future[T]):
     a thread waits for it."""
 
     def __init__(self) -> None:  # not Future's: it makes the Condition up front
-        self._light_init()
-
-    def _light_init(self) -> None:
-        # (A subclass made once per task calls this, not __init__ through super().)
         self._lock = _RLock()
         self._cond: threading.Condition | None = None
         self._state = PENDING
