@@ -25,7 +25,6 @@ only translates between a :class:`~shmrunner._job.Job` and an engine task.
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -131,5 +130,4 @@ class _Outcome:
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
         # On the engine's thread, on_room follows once per batch (on_results).
-        self.events.on_done(self.job, ok, value,
-                            batch=threading.get_ident() == self.engine.thread_ident)
+        self.events.on_done(self.job, ok, value, batch=self.engine.is_engine_thread())
