@@ -9,6 +9,7 @@ import collections
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -192,6 +193,34 @@ def test_finished_results_are_fetchable_after_kill9_and_after_sigterm(daemons) -
     after_term = d.client()
     for i, f in futures.items():
         np.testing.assert_array_equal(after_term.result(f.job_id, timeout=30), a + i)
+
+
+@pytest.mark.timeout(120)
+def test_hundreds_of_jobs_journaled_at_once_survive_kill9_and_record_their_runs(
+        daemons) -> None:
+    """The journal writes a round's jobs many rows to a statement, and their
+    results the same way: 250 jobs accepted while no worker runs them, kill -9,
+    a restart with a worker: every one runs once, its result is fetchable by
+    id, and its state says it was done on its first attempt by that worker."""
+    d = daemons(scheduler={"local_workers": 0}).start()
+    client = d.client()
+    ids = [f"many-{i:03d}" for i in range(250)]
+    futures = [client.submit("_daemon_tasks:inc", i, job_id=job_id)
+               for i, job_id in enumerate(ids)]
+    assert all(f.wait_accepted(timeout=30) for f in futures)
+    assert client.status(timeout=10)["queued"] == 250  # nothing ran: no worker
+    d.forget(client)
+    d.kill9()
+
+    d.scheduler_settings["local_workers"] = 1
+    d.start()
+    later = d.client()
+    assert [later.result(job_id, timeout=60) for job_id in ids] == [i + 1 for i in range(250)]
+    assert later.status(timeout=10)["done"] == 250  # replayed, each run once
+    for job_id in (ids[0], ids[99], ids[100], ids[249]):  # across statement boundaries
+        info = later.job_info(job_id)
+        assert (info["state"], info["attempts"], info["worker"]) == (
+            "done", 1, f"local@{socket.gethostname()}"), info
 
 
 @pytest.mark.timeout(60)
