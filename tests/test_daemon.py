@@ -741,10 +741,12 @@ def test_garbage_on_every_endpoint_is_counted_and_the_daemon_keeps_serving(
 
 # --- the journal is the daemon's -----------------------------------------------------------
 
-def _refused_start(d: Daemon) -> tuple[int, list[str]]:
-    """Start ``d``'s process expecting it to refuse: (exit code, stderr lines)."""
+def _refused_start(d: Daemon, module: str = "shmrunner.cli") -> tuple[int, list[str]]:
+    """Start ``d``'s process (``python -m module daemon``) expecting it to refuse:
+    (exit code, stderr lines)."""
     d.write_config()
-    proc = Proc(["daemon", "--config", str(d.config_path)], d.log, stdout=d.dir / "out.txt")
+    proc = Proc(["daemon", "--config", str(d.config_path)], d.log, stdout=d.dir / "out.txt",
+                module=module)
     try:
         wait_until(lambda: not proc.alive() or READY in proc.text(), timeout=30,
                    message="the daemon to exit (or to start)")
@@ -773,6 +775,13 @@ def test_a_corrupt_journal_is_one_line_and_a_nonzero_exit(tmp_path: Path, daemon
     code, lines = _refused_start(d)
     assert code == 2 and len(lines) == 1, lines
     assert "not a readable SQLite journal" in lines[0] and "move it" in lines[0], lines
+
+
+@pytest.mark.timeout(60)
+def test_a_python_whose_sqlite_is_too_old_is_one_line_and_a_nonzero_exit(daemons) -> None:
+    code, lines = _refused_start(daemons(), module="_old_sqlite_daemon")
+    assert code == 2 and len(lines) == 1, lines
+    assert "SQLite 3.24.0 or newer is needed, this Python has 3.20.0" in lines[0], lines
 
 
 @pytest.mark.timeout(60)
