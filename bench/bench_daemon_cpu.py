@@ -9,7 +9,13 @@ remote tier; runs --jobs submits of inc(i), then collects all; and reads
 process and of the daemon, and for each agent with its pool processes.
 Prints µs per job, medians over --reps (one warm-up round not counted).
 
-python bench/bench_daemon_cpu.py [--jobs 5000] [--reps 3] [--no-remote]
+It also prints each path's CPU ceiling: the jobs/s it would reach if every one
+of the machine's cores did nothing but its work (cores ÷ total CPU per job),
+and what the daemon path's ceiling is as a share of the remote tier's measured
+rate. A share below a target says no scheduling of the same work on this
+machine can meet it; only less CPU per job can.
+
+python bench/bench_daemon_cpu.py [--jobs 5000] [--reps 3] [--no-remote] [--agent-slots]
 """
 
 from __future__ import annotations
@@ -118,15 +124,42 @@ def _groups(row: dict[str, float]) -> dict[str, float]:
     return g
 
 
+def _ceilings(rows: dict[str, list[dict[str, float]]], cores: int) -> None:
+    """Each path's jobs/s with all ``cores`` busy on its work alone, and the daemon
+    path's ceiling as a share of the remote tier's measured rate."""
+    ceiling = {key: statistics.median(cores * 1e6 / r["total"] for r in rs if r["total"] > 0)
+               for key, rs in rows.items() if rs}
+    rate = {key: statistics.median(r["jobs/s"] for r in rs) for key, rs in rows.items() if rs}
+    print(f"CPU ceilings ({cores} cores ÷ total CPU per job):")
+    for key, c in ceiling.items():
+        print(f"  {key:28s} {c:9.0f} jobs/s (measured {rate[key]:.0f}, "
+              f"{100 * rate[key] / c:.0f} % of it)")
+    remote = next((k for k in rate if k != "daemon"), None)
+    if "daemon" in ceiling and remote is not None:
+        print(f"  daemon path's ceiling as a share of the {remote} tier's measured rate: "
+              f"{100 * ceiling['daemon'] / rate[remote]:.0f} %")
+        # The daemon's threads share one interpreter lock, so its own CPU per job
+        # bounds the rate even on a machine with cores to spare.
+        own = statistics.median(r["daemon process"] for r in rows["daemon"])
+        print(f"  the daemon process alone, one core: {1e6 / own:.0f} jobs/s, "
+              f"{100e6 / own / rate[remote]:.0f} % of the {remote} tier's rate; "
+              f"80 % of that rate needs at most {1e6 / (0.8 * rate[remote]):.1f} µs "
+              f"of daemon CPU per job (measured {own:.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-remote", action="store_true")
+    ap.add_argument("--agent-slots", action="store_true",
+                    help="agents with --slots, on both paths (bench_daemon.py's --agent-slots)")
     args = ap.parse_args()
+    if args.agent_slots:
+        BD.AGENT_OPTIONS.append("--slots")
     systems: list[Any] = [BD.DaemonSys("daemon", "client -> daemon -> 2 agents", 0, BD.AGENTS)]
     if not args.no_remote:
-        systems.append(R.ShmRemote())
+        systems.append(R.ShmSlots() if args.agent_slots else R.ShmRemote())
     rows: dict[str, list[dict[str, float]]] = {s.key: [] for s in systems}
     print(f"load at start {loadavg()}", file=sys.stderr)
     for rep in range(args.reps + 1):
@@ -142,6 +175,7 @@ def main() -> None:
         print(f"{key} ({args.jobs} jobs, medians of {len(rs)}; µs per job):")
         for k in names:
             print(f"  {k:28s} {statistics.median(r.get(k, 0.0) for r in rs):9.1f}")
+    _ceilings(rows, os.cpu_count() or 1)
     _ = _tasks  # imported for the systems' task references
 
 
