@@ -667,6 +667,7 @@ def _garbage(kind: str) -> list[list[bytes]]:
         [msgpack.packb(["1", "status", {}])],
         [msgpack.packb([PROTOCOL_VERSION, "no-such-type", {}])],
         [msgpack.packb([PROTOCOL_VERSION, "fetch", {}])],               # schema: no job_id
+        [msgpack.packb([PROTOCOL_VERSION, "lost", {"slot": 0, "reason": []}])],  # unhashable
         [msgpack.packb([PROTOCOL_VERSION, "submit", {"fn": 3, "args": [], "kwargs": {}}])],
         [msgpack.packb({"not": "a list"})],
         [bytes(arr[0])],                                               # array frames missing
@@ -734,6 +735,48 @@ def test_garbage_on_every_endpoint_is_counted_and_the_daemon_keeps_serving(
     workers.append(w)
     wait_until(lambda: named(d.status(), "after-garbage") is not None, timeout=30,
                message="a worker to join after the garbage")
+    assert d.proc.alive()  # type: ignore[union-attr]
+    assert "Traceback" not in d.proc.text()  # type: ignore[union-attr]
+
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_report_whose_reason_is_a_list_is_refused_and_costs_no_task(
+        tmp_path: Path, daemons, workers) -> None:
+    """A schema check must not trip over a value it cannot hash: such a message is
+    refused and counted like any other garbage. It once raised TypeError past the
+    channel; ten in a row stopped the daemon, and on the workers endpoint each one
+    dropped every remote worker's tasks."""
+    d = daemons(scheduler={"local_workers": 0}).start()
+    workers.append(Worker(tmp_path, d.workers_address, "steady"))
+    wait_until(lambda: named(d.status(), "steady") is not None, timeout=30,
+               message="the worker to join")
+    client = d.client()
+    started, release = tmp_path / "started", tmp_path / "release"
+    held = client.submit("_daemon_tasks:hold", str(started), str(release))
+    wait_until(started.exists, timeout=30, message="the held job to start")
+    hostile = [msgpack.packb([PROTOCOL_VERSION, "lost", {"slot": 0, "reason": reason}])
+               for reason in ([], {}, [1, 2])]
+    ctx = zmq.Context()
+    try:
+        for endpoint in (d.address, d.workers_address):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            for i in range(12):  # one a round, more rounds than the daemon's crash limit
+                refused = d.status()["rejected"] + 1
+                s.send_multipart([hostile[i % len(hostile)]])
+                wait_until(lambda n=refused: d.status()["rejected"] >= n, timeout=10,
+                           message="the hostile lost report to be refused")
+            s.close(linger=0)
+    finally:
+        ctx.term()
+    assert d.status()["rejected"] == 24
+    release.write_text("go")
+    assert held.result(timeout=30) == int(started.read_text())
+    job = client.job_info(held.job_id)
+    assert (job["state"], job["attempts"]) == ("done", 1), job
+    assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
     assert d.proc.alive()  # type: ignore[union-attr]
     assert "Traceback" not in d.proc.text()  # type: ignore[union-attr]
 

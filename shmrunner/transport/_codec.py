@@ -377,6 +377,8 @@ def decode(frames: Sequence[Frame], *, max_bytes: int, allow_pickle: bool,
         _check_body(type_, body)
     except _Invalid as exc:
         raise ProtocolError(str(exc)) from None
+    except Exception as exc:  # a check that trips on a hostile value is still a bad message
+        raise ProtocolError(f"{type_} message breaks its schema: {_reason(exc)}") from exc
     if len(decoder.used) != len(views) - 1:
         unused = sorted(set(range(1, len(views))) - decoder.used)
         raise ProtocolError(f"frames {unused} are not referenced by the header")

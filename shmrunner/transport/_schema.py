@@ -160,7 +160,8 @@ _SLOT: _Check = (f"a map {{group: 32 hex digits, index: int from 0 to {MAX_CAPAC
 _SLOT_INDEX: _Check = (f"an int from 0 to {MAX_CAPACITY - 1}",
                        lambda v: type(v) is int and 0 <= v < MAX_CAPACITY)
 LOST_REASONS = frozenset({"died", "oom", "timeout", "cancelled", "memory"})
-_LOST_REASON: _Check = (f"one of {sorted(LOST_REASONS)}", lambda v: v in LOST_REASONS)
+_LOST_REASON: _Check = (f"one of {sorted(LOST_REASONS)}",
+                         lambda v: type(v) is str and v in LOST_REASONS)
 # Why "oom" (worker/_memwatch.py's evidence: one line naming the OOM-kill counter
 # and its cgroup directory); bounded, as it lands in the task's error message.
 MAX_EVIDENCE = 1024
