@@ -170,6 +170,10 @@ def array_at(item: Any, segments: list[Segment], what: str = "options.shm"
     if span is None or span > room or math.prod(shape) * dtype.itemsize > max(room, 0):
         raise ProtocolError(f"an {what} array of shape {tuple(shape)} and dtype {dtype} "
                             f"does not fit its memfd ({len(seg)} bytes from offset {offset})")
-    array: np.ndarray[Any, Any] = np.ndarray(tuple(shape), dtype, buffer=seg, offset=offset,
-                                             strides=tuple(strides))
+    try:  # numpy's own limits (e.g. a dimension past 2**63 beside a 0) are the peer's fault
+        array: np.ndarray[Any, Any] = np.ndarray(tuple(shape), dtype, buffer=seg,
+                                                 offset=offset, strides=tuple(strides))
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(f"an {what} array of shape {tuple(shape)[:8]} cannot be made: "
+                            f"{str(exc)[:200]}") from None
     return path, array

@@ -290,6 +290,12 @@ class Daemon:
             except ShmrunnerError as exc:
                 self._reply(peer, refusal(str(exc), job_id, "invalid"))
                 return
+            except Exception as exc:  # our bug, met by one submit: it must not cost the round
+                log.exception("taking a same-host submit failed")
+                self._reply(peer, refusal(f"the daemon could not take this submit: "
+                                          f"{type(exc).__name__}: {str(exc)[:200]}", job_id,
+                                          "invalid"))
+                return
             if frames is None or journaled is not msg:  # not the message as received
                 frames = encode(journaled, allow_pickle=self._scheduler_settings.allow_pickle)
             accepted.append((job_id or uuid.uuid4().hex, frames, peer, run))

@@ -228,7 +228,7 @@ def test_hostile_side_channel_input_is_refused(tmp_path: Path, daemons) -> None:
         fd = _memfd(8 << 10)
         try:
             # A token is good for one claim, failed or not: one each.
-            tokens = [_put(sock, [fd])["token"] for _ in range(6)]
+            tokens = [_put(sock, [fd])["token"] for _ in range(7)]
         finally:
             os.close(fd)
         cases = {
@@ -245,6 +245,9 @@ def test_hostile_side_channel_input_is_refused(tmp_path: Path, daemons) -> None:
             "path": ({"token": tokens[4], "arrays": [[[5], 0, "<f8", [4], [8], 0]]},
                      "past the arguments"),
             "form": ({"token": tokens[5], "arrays": "x"}, "options.shm must be"),
+            # Spans nothing (a 0 in the shape), so it fits; numpy refuses the stride.
+            "numpy": ({"token": tokens[6], "arrays": [[[0], 0, "|u1", [0], [2**63], 0]]},
+                      "cannot be made"),
         }
         for job_id, (spec, _) in cases.items():
             dealer.send_multipart(encode(Message("submit", {
