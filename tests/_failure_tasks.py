@@ -293,3 +293,16 @@ def child_stops_on_sigterm() -> int:
     time.sleep(0.2)  # let it start its sleep
     proc.terminate()
     return proc.wait(30)
+
+
+def fork_helper(release: str, limit: float = 60.0) -> int:
+    """Fork a helper (no exec, as a library's background process would) that
+    outlives this task, holding every fd the worker has, until ``release``
+    exists; return its pid."""
+    pid = os.fork()
+    if pid == 0:
+        deadline = time.monotonic() + limit
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(0)
+    return pid

@@ -272,6 +272,33 @@ def test_task_calling_os_exit(ctx: multiprocessing.context.BaseContext) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_worker_that_dies_while_a_process_it_forked_lives_is_replaced_at_once(
+        ctx: multiprocessing.context.BaseContext, tmp_path: Any) -> None:
+    """The helper holds the worker's copies of its sentinel pipe and channel
+    socket, so neither reports the death; the pool must still see it."""
+    release = tmp_path / "release"
+    helpers: list[int] = []
+    try:
+        with running_pool(1, context=ctx) as pool:
+            helpers.append(pool.apply(tasks.fork_helper, (str(release),)))
+            with pytest.raises(WorkerLostError) as info:
+                pool.apply_async(tasks.exit_with, (3,)).get(timeout=HANG_TIMEOUT)
+            assert info.value.exitcode == 3
+            assert pool.apply(tasks.add_one, (41,)) == 42
+            # The replacement forks one too; close + join still end with the worker.
+            helpers.append(pool.apply(tasks.fork_helper, (str(release),)))
+            pool.close()
+            pool.join()
+            assert pool_pids(pool) == []
+            # Both deaths were seen while the helpers still lived.
+            assert all(is_alive(pid) for pid in helpers)
+    finally:
+        release.touch()
+        wait_until(lambda: not any(is_alive(pid) for pid in helpers), timeout=30,
+                   message="the helpers to exit")
+
+
+@pytest.mark.timeout(60)
 def test_worker_death_is_blamed_on_the_task_that_killed_it(tmp_path: Any) -> None:
     """Tiny tasks queued back to back, then one that ends the worker: only that one
     fails, it runs exactly once, and every tiny task before and after it returns."""

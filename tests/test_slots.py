@@ -31,6 +31,7 @@ import zmq
 from test_remote import BEAT_TIMEOUT, JOIN, RESULT, Workers, remote_scheduler, stop_cluster
 from test_timeouts import _stress
 
+import _failure_tasks
 import _sched_tasks as tasks
 import _timeout_tasks
 from _daemon_tasks import env
@@ -162,6 +163,27 @@ def test_a_killed_slot_fails_only_its_task_and_is_replaced(one_slot: SlotCluster
                JOIN, message="a new slot process to join")
     assert sched.status()["lost_workers"] == 1
     assert sched.submit(tasks.add, 1, 1).result(RESULT) == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_slot_that_dies_while_a_process_it_forked_lives_is_replaced(
+        one_slot: SlotCluster, tmp_path: Path) -> None:
+    """The helper holds the slot's copies of its sentinel pipe and sockets; the
+    agent still sees the slot end (its pidfd at once; its waitpid each round)."""
+    sched = one_slot.sched
+    (before,) = one_slot.slot_pids()
+    release = tmp_path / "release"
+    helper = sched.submit(_failure_tasks.fork_helper, str(release)).result(RESULT)
+    try:
+        with pytest.raises(WorkerLostError):
+            sched.submit(_failure_tasks.exit_with, 3).result(RESULT)
+        wait_until(lambda: len(one_slot.slot_pids()) == 1 and one_slot.slot_pids() != [before],
+                   JOIN, message="a new slot process to join while the helper lives")
+        assert is_alive(helper)
+        assert sched.submit(tasks.add, 1, 1).result(RESULT) == 2
+    finally:
+        release.touch()
+        wait_until(lambda: not is_alive(helper), timeout=30, message="the helper to exit")
 
 
 @pytest.mark.timeout(90)

@@ -52,6 +52,7 @@ from ..config import WorkerSettings
 from ..transport.protocol import MAX_CPUS, MAX_EVIDENCE, Message
 from ..transport.zmqchannel import ChannelOptions, CurveKeys, ZmqChannel
 from . import _memwatch
+from ._ended import EndWatch
 from ._taskcall import call_task, result_body, send_results
 from ._taskwords import TaskWords
 from .loop import _die_with_owner, sigterm_blocked
@@ -282,6 +283,8 @@ class Slots:
         self.session: str | None = None
         self.draining = False
         self._procs: list[BaseProcess | None] = [None] * count
+        self._ends: list[EndWatch | None] = [None] * count  # what the watch thread waits on
+        self._retired: list[EndWatch] = []  # of joined processes: the watch thread closes them
         self._started = [0.0] * count  # when each slot's process was forked
         self._quick_deaths = [0] * count  # its ends in a row within _QUICK_DEATH of a start
         self._refork_at = [0.0] * count  # not before (monotonic s)
@@ -407,6 +410,7 @@ class Slots:
                     proc.start()
                 with self._lock:
                     self._procs[index] = proc
+                    self._ends[index] = EndWatch(proc)
         self._reload()
 
     def reap(self) -> list[Ended]:
@@ -416,8 +420,7 @@ class Slots:
             if proc is None or proc.is_alive():
                 continue
             proc.join()
-            with self._lock:
-                self._procs[index] = None
+            self._forget(index)
             why = self._killed.pop(proc.pid or -1, None)
             now = time.monotonic()
             if why is not None or now - self._started[index] >= _QUICK_DEATH:
@@ -437,6 +440,15 @@ class Slots:
         if ended:
             self._reload()  # the watch thread waits on the slots left
         return ended
+
+    def _forget(self, index: int) -> None:
+        """Slot ``index``'s process is joined: empty the slot; its watch is closed
+        by the watch thread, never while that thread may be waiting on it."""
+        with self._lock:
+            self._procs[index] = None
+            watch, self._ends[index] = self._ends[index], None
+            if watch is not None:
+                self._retired.append(watch)
 
     def kill(self, index: int, reason: str, task_id: int | None,
              size: int | None = None) -> None:
@@ -481,8 +493,7 @@ class Slots:
             if proc is not None:
                 proc.kill()
                 proc.join()
-                with self._lock:
-                    self._procs[index] = None
+                self._forget(index)
                 self._killed.pop(proc.pid or -1, None)
         self._reload()
 
@@ -491,8 +502,13 @@ class Slots:
         self.kill_all()
         self._reload()
         self._watch.join()
+        self._close_retired()
         os.close(self._reload_r)
         os.close(self._reload_w)
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            self._retired.pop().close()
 
     # --- the watch thread: wakes the agent loop when a slot process ends ------------------
 
@@ -502,11 +518,12 @@ class Slots:
     def _watch_deaths(self) -> None:
         while not self._closed:
             with self._lock:
-                sentinels = {proc.sentinel: proc for proc in self._procs if proc is not None}
-            ready = multiprocessing.connection.wait([*sentinels, self._reload_r])
+                self._close_retired()
+                ends = {watch.fd for watch in self._ends if watch is not None}
+            ready = multiprocessing.connection.wait([*ends, self._reload_r])
             if self._reload_r in ready:
                 os.read(self._reload_r, 4096)
-            if any(fd in sentinels for fd in ready):
+            if any(fd in ends for fd in ready):
                 self._wakeup.wake()
                 # Seen: wait for a reload (the loop reaps and re-forks) before
                 # watching these again, so a reaped sentinel cannot spin here.

@@ -78,6 +78,7 @@ from .._tasks import Task, run_chunk, run_chunk_into
 from ..errors import ConfigError, MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
 from . import _memwatch
+from ._ended import EndWatch
 from .loop import sigterm_blocked, worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
@@ -365,13 +366,14 @@ def stop_grace() -> float:
 class Process:
     """A local worker process and the parent's end of its channel."""
 
-    __slots__ = ("process", "channel", "stop_deadline", "killed", "over_limit", "blamed", "oom",
-                 "measured")
+    __slots__ = ("process", "channel", "ended", "stop_deadline", "killed", "over_limit",
+                 "blamed", "oom", "measured")
 
     def __init__(self, process: BaseProcess, channel: FdChannel,
                  oom: _memwatch.OomSnapshot | None) -> None:
         self.process = process
         self.channel = channel
+        self.ended = EndWatch(process)  # readable once it exits (grandchildren or not)
         self.stop_deadline: float | None = None  # told to stop: killed if alive after this
         # Killed on purpose (kill()): only the tasks marked with a kill_reason
         # fail when it is reaped; whatever else it held runs again elsewhere.
@@ -429,6 +431,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         inherited: list[int] = []
         if method == "fork":
             inherited = [w.endpoint.channel.fileno() for w in self]
+            inherited += [fd for w in self if (fd := w.endpoint.ended.pidfd) is not None]
             inherited += [*self._parent_fds, parent_end.fileno()]
         process = self._context.Process(  # type: ignore[attr-defined]
             target=worker_main,
@@ -458,7 +461,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         for worker in new:
             ep: Process = worker.endpoint
             self._selector.register(ep.channel.sock, selectors.EVENT_READ, ("chan", worker))
-            self._selector.register(ep.process.sentinel, selectors.EVENT_READ, ("dead", worker))
+            self._selector.register(ep.ended.fd, selectors.EVENT_READ, ("dead", worker))
         return bool(new)
 
     def processes(self) -> list[BaseProcess]:
@@ -594,11 +597,12 @@ class ProcessLifecycle(Lifecycle[Task]):
         except PeerClosed:
             pass
         ep.process.join()
-        for fileobj in (ep.channel.sock, ep.process.sentinel):
+        for fileobj in (ep.channel.sock, ep.ended.fd):
             try:
                 self._selector.unregister(fileobj)
             except (KeyError, ValueError):
                 pass
+        ep.ended.close()
 
     def reap(self, worker: Worker[Task], stopped: BaseException | None,
              ) -> tuple[list[tuple[Task, BaseException]], list[Task]]:
@@ -688,7 +692,9 @@ class ProcessLifecycle(Lifecycle[Task]):
             except (OSError, ValueError, AssertionError):
                 pass  # reaped already
             ep.channel.close()
+            ep.ended.close()
 
     def close(self) -> None:
         for worker in self:
             worker.endpoint.channel.close()
+            worker.endpoint.ended.close()
