@@ -7,7 +7,7 @@ Data flow::
     caller threads                         manager thread (one per engine)
     submit() -----------+                   selectors loop over:
     imap feeder threads +-> TaskQueue         worker channels  (results, EOF)
-                             (_dispatch.py)   process sentinels (deaths)
+                             (_dispatch.py)   process end watches (deaths)
                   pick a worker with room,    a Wakeup          (close, terminate,
                   pickle the task (arrays         |              queued output)
                   -> memfd fds), send             v

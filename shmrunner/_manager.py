@@ -1,5 +1,5 @@
 """The process engine's manager thread: one ``selectors`` loop over the
-workers' channels (results), their process sentinels (deaths) and a
+workers' channels (results), their processes' end watches (deaths) and a
 :class:`~shmrunner._wakeup.Wakeup` (close, terminate, queued output).
 
 It delivers results and refills workers (``_dispatch.py``), reaps dead

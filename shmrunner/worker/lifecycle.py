@@ -4,7 +4,7 @@ Data flow::
 
     tier (the process engine's manager thread; the remote tier's hub thread)
         |  local:  ProcessLifecycle.spawn_missing()  starts processes, watches
-        |          their channels and sentinels in the engine's selector
+        |          their channels and end watches (pidfds) in the engine's selector
         |  remote: Lifecycle.add(peer, capacity)     an agent said hello
         v
     Lifecycle ---- workers: {id -> Worker(endpoint, tasks deque, sent count)}
@@ -18,10 +18,11 @@ Data flow::
 
 What "reap" and "respawn" mean per tier:
 
-* local processes (:class:`ProcessLifecycle`): a process sentinel fires; the
-  process is joined, and :meth:`ProcessLifecycle.reap` says which of its tasks
-  fail (the one running, with :class:`~shmrunner.WorkerLostError`, or the
-  reason it was killed for) and which run again; ``spawn_missing`` starts a
+* local processes (:class:`ProcessLifecycle`): its end watch fires (a
+  pidfd, ``_ended.py``); the process is joined, and
+  :meth:`ProcessLifecycle.reap` says which of its tasks fail (the one
+  running, with :class:`~shmrunner.WorkerLostError`, or the reason it was
+  killed for) and which run again; ``spawn_missing`` starts a
   replacement. A worker that has run ``maxtasksperchild`` tasks says ``BYE``
   (:meth:`Lifecycle.retire`) and exits; it is never sent more meanwhile.
   With a ``memory_limit``, the manager thread reads each worker's private
@@ -392,7 +393,7 @@ class Process:
 class ProcessLifecycle(Lifecycle[Task]):
     """The process engine's workers: processes started from its manager thread
     (the kernel's parent-death signal follows the thread that forked), each
-    with its own AF_UNIX channel; channel and sentinel are watched in the
+    with its own AF_UNIX channel; channel and end watch are watched in the
     engine's selector with the data ``("chan", worker)`` and ``("dead", worker)``.
 
     Spawning and reaping run on the manager thread; the rest under the
