@@ -13,6 +13,7 @@ from .errors import (
     MemoryLimitError,
     ProtocolError,
     RemoteTaskError,
+    SchedulerBusyError,
     SharedMemoryError,
     ShmrunnerError,
     TaskCancelledError,
@@ -55,5 +56,6 @@ __all__ = [
     "RemoteTaskError",
     "ConfigError",
     "FunctionNotAllowedError",
+    "SchedulerBusyError",
     "SharedMemoryUnavailableWarning",
 ]

@@ -86,10 +86,12 @@ class Backlog:
                     "submitted": self._submitted, "shutdown": self._shutdown,
                     "pending_bytes": self._held_bytes}
 
-    def admit(self, job: Job, block: bool, deferred: bool = False) -> bool:
+    def admit(self, job: Job, block: bool, deferred: bool = False,
+              over_budget: bool = False) -> bool:
         """Queue ``job`` once both budgets have room (``block=False``: raise
-        :class:`SchedulerBusyError` instead of waiting); RuntimeError after shutdown.
-        ``deferred``: hold it aside until :meth:`ready` (it waits for futures).
+        :class:`SchedulerBusyError` instead of waiting; ``over_budget``: queue
+        it now, room or not); RuntimeError after shutdown. ``deferred``: hold
+        it aside until :meth:`ready` (it waits for futures).
 
         Returns whether a :meth:`place` now could start it: False when jobs
         wait ahead of it and the last place found every tier full (a tier
@@ -98,7 +100,7 @@ class Backlog:
         with self._lock:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
-            while not self._shutdown and (
+            while not self._shutdown and not over_budget and (
                     len(self._queue) + len(self._deferred) >= self._max_pending
                     or (self._held_bytes and self._held_bytes + job.nbytes > self.byte_budget)):
                 if not block:

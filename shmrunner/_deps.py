@@ -50,6 +50,17 @@ from ._lightfuture import LightFuture
 from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
 
+# How many Scheduler futures this thread is settling (running their done-callbacks).
+_in_callbacks = threading.local()
+
+
+def in_done_callback() -> bool:
+    """Whether this thread runs a done-callback of a Scheduler future now. A
+    submit from there must not wait for room in the queue: the thread may be
+    the one that frees it (a tier's), so it would wait forever, as it never
+    does with ``concurrent.futures`` executors."""
+    return getattr(_in_callbacks, "depth", 0) > 0
+
 __all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_VISITS"]
 
 MAX_VISITS = 10_000  # objects looked at per call, at most
@@ -86,7 +97,14 @@ class TaskFuture(LightFuture[Any]):
 
     def _settle(self, result: Any, exception: BaseException | None, failed: bool) -> None:
         self._let_go()  # whichever path settles it: the Scheduler's, a shutdown's, a dependency's
-        LightFuture._settle(self, result, exception, failed)
+        if self._callbacks is None:
+            LightFuture._settle(self, result, exception, failed)
+            return
+        _in_callbacks.depth = getattr(_in_callbacks, "depth", 0) + 1
+        try:  # its done-callbacks run in here
+            LightFuture._settle(self, result, exception, failed)
+        finally:
+            _in_callbacks.depth -= 1
 
     def _let_go(self) -> None:
         # Keep the job's last runs, not the job: the job refers to this future,
@@ -186,14 +204,15 @@ class Dependents:
     def new_future(self, task_id: int) -> TaskFuture:
         return TaskFuture(self.token, task_id)
 
-    def hold(self, job: Job, block: bool) -> bool:
+    def hold(self, job: Job, block: bool, over_budget: bool = False) -> bool:
         """Admit ``job`` as waiting for the futures in its arguments and watch
-        them; False (nothing done) when it has none. Raises TypeError for a
-        foreign future, before anything is admitted."""
+        them (``block``, ``over_budget``: as ``Backlog.admit``); False (nothing
+        done) when it has none. Raises TypeError for a foreign future, before
+        anything is admitted."""
         deps = find(job.args, job.kwargs, self.token)
         if not deps:
             return False
-        self._backlog.admit(job, block, deferred=True)
+        self._backlog.admit(job, block, deferred=True, over_budget=over_budget)
         job.future.add_done_callback(self._cancelled_by_caller(job))
         wait = _Wait(job, deps)
         for dep in deps:

@@ -169,5 +169,5 @@ class LightFuture(Future[T]):
         for callback in callbacks:
             try:
                 callback(self)
-            except Exception:
+            except (Exception, SystemExit):  # sys.exit() would end an engine thread
                 _LOGGER.exception("exception calling callback for %r", self)

@@ -4,8 +4,8 @@
 ``IMapIterator`` and ``IMapUnorderedIterator`` (imap, imap_unordered). The
 manager thread delivers outcomes with ``settle(index, ok, value)`` (each is a
 :class:`~shmrunner._sink.ResultSink`); callbacks run there before waiters
-wake, as in ``multiprocessing``. A callback that raises is logged, never
-allowed to kill the thread that serves the pool.
+wake, as in ``multiprocessing``. A callback that raises (``SystemExit``
+too) is logged, never allowed to kill the thread that serves the pool.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ Callback = Callable[[Any], object] | None
 def _call(callback: Callable[[Any], object], value: Any) -> None:
     try:
         callback(value)
-    except Exception:
+    except (Exception, SystemExit):  # sys.exit() would end the manager thread, not the program
         log.exception("a pool callback raised")
 
 
@@ -75,12 +75,14 @@ class ApplyResult:
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
         self._success, self._value = ok, value
-        if ok and self._callback is not None:
-            _call(self._callback, value)
-        if not ok and self._error_callback is not None:
-            _call(self._error_callback, value)
-        self._done = True
-        self._gate.release()
+        try:
+            if ok and self._callback is not None:
+                _call(self._callback, value)
+            if not ok and self._error_callback is not None:
+                _call(self._error_callback, value)
+        finally:  # whatever a callback did, the result is ready
+            self._done = True
+            self._gate.release()
 
 
 AsyncResult = ApplyResult

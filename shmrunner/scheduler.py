@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _pid, _retry
 from ._backlog import Backlog
-from ._deps import Dependents, TaskFuture
+from ._deps import Dependents, TaskFuture, in_done_callback
 from ._job import Job
 from ._payload import default_budget, only_scalars
 from ._streams import Progress, chunked_calls, stream, total_of
@@ -297,10 +297,13 @@ class Scheduler(Executor):
         job = Job(task_id, future, fn, args, kwargs, retries, timeout, names,
                   nbytes=0 if scalars else None)
         future.job = job
+        # From a done-callback (a tier's thread, maybe the one that frees room):
+        # queued now, over the budgets if need be, as an Executor never blocks there.
+        over = in_done_callback()
         try:
             # Futures among the arguments: it waits for them (Dependents queues it).
-            if scalars or not self._dependents.hold(job, block):
-                could_start = self._backlog.admit(job, block)
+            if scalars or not self._dependents.hold(job, block, over):
+                could_start = self._backlog.admit(job, block, over_budget=over)
             else:
                 could_start = True
         except BaseException:

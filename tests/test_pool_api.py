@@ -456,14 +456,19 @@ def test_callbacks_and_error_callbacks(fork_pool):
     assert calls == []
 
 
-def test_a_raising_callback_does_not_break_the_pool(fork_pool, caplog):
+@pytest.mark.parametrize("error", [RuntimeError("callback bug"), SystemExit(1)],
+                         ids=["RuntimeError", "SystemExit"])
+def test_a_raising_callback_does_not_break_the_pool(fork_pool, caplog, error):
     def bad_callback(value):
-        raise RuntimeError("callback bug")
+        raise error
 
     with caplog.at_level(logging.ERROR, logger="shmrunner"):
         r = fork_pool.apply_async(square, (3,), callback=bad_callback)
         assert r.get(timeout=20) == 9
-    assert any("callback" in rec.getMessage() for rec in caplog.records)
+        e = fork_pool.apply_async(raise_key_error, ("x",), error_callback=bad_callback)
+        with pytest.raises(KeyError):
+            e.get(timeout=20)
+    assert sum("callback" in rec.getMessage() for rec in caplog.records) == 2
     assert fork_pool.map(square, range(10)) == [i * i for i in range(10)]
 
 

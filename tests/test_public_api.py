@@ -37,7 +37,7 @@ EXPECTED_ALL = sorted([
     "TaskCancelledError", "DependencyError",
     "InitializerError", "SharedMemoryError", "ProtocolError", "ConfigError",
     "ChannelError", "ChannelClosedError", "RemoteTaskError", "FunctionNotAllowedError",
-    "SharedMemoryUnavailableWarning",
+    "SchedulerBusyError", "SharedMemoryUnavailableWarning",
 ])
 
 ERRORS = [
@@ -46,7 +46,7 @@ ERRORS = [
     shmrunner.SharedMemoryError,
     shmrunner.ProtocolError, shmrunner.ConfigError, shmrunner.ChannelError,
     shmrunner.ChannelClosedError, shmrunner.RemoteTaskError, shmrunner.FunctionNotAllowedError,
-    shmrunner.MemoryLimitError,
+    shmrunner.MemoryLimitError, shmrunner.SchedulerBusyError,
 ]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

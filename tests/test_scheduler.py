@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import math
 import os
+import sys
 import threading
 import time
 from multiprocessing.pool import RemoteTraceback
@@ -413,6 +415,52 @@ def test_backpressure_blocks_submit_until_tasks_finish(gates: Gates) -> None:
     finally:
         tasks.report(gate, "")
         s.shutdown(wait=True, cancel_futures=True)
+
+
+
+@pytest.mark.timeout(60)
+def test_a_done_callback_submits_while_the_queue_is_full(gates: Gates) -> None:
+    """The callback runs on the thread that frees the queue's room: its submit
+    is queued at once, over max_pending, instead of waiting for itself forever
+    (as concurrent.futures executors never wait there either)."""
+    (started_a, gate_a), (started_g, gate_g) = gates.new(), gates.new()
+    s = Scheduler(local_workers=2, max_pending=2)
+    try:
+        chained: list[concurrent.futures.Future[object]] = []
+        a = s.submit(tasks.gated, started_a, gate_a, 3)
+        a.add_done_callback(lambda f: chained.append(s.submit(tasks.square, f.result())))
+        g = s.submit(tasks.gated, started_g, gate_g, 10)
+        Gates.started(started_a)
+        Gates.started(started_g)
+        # The budget fills with tasks that wait for g: no worker can take them.
+        waiting = []
+        with pytest.raises(shmrunner.SchedulerBusyError):
+            while len(waiting) < 100:
+                waiting.append(s.try_submit(tasks.add, g, len(waiting)))
+        assert s.status()["waiting_on_futures"] == 2
+        Gates.open(gate_a)
+        assert a.result(RESULT) == 3
+        wait_until(lambda: len(chained) == 1, RESULT, message="the callback to submit")
+        assert chained[0].result(RESULT) == 9
+        Gates.open(gate_g)
+        assert [f.result(RESULT) for f in waiting] == [10, 11]
+        assert s.submit(tasks.add, 1, 1).result(RESULT) == 2
+    finally:
+        gates.open_all()
+        s.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_done_callback_calling_sys_exit_is_logged_and_the_scheduler_serves_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with Scheduler(local_workers=1) as s, \
+            caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        f = s.submit(tasks.square, 4)
+        f.add_done_callback(lambda _: sys.exit(3))
+        assert f.result(RESULT) == 16
+        assert [x.result(RESULT) for x in [s.submit(tasks.square, i) for i in range(5)]] \
+            == [0, 1, 4, 9, 16]
+    assert any(r.exc_info and isinstance(r.exc_info[1], SystemExit) for r in caplog.records)
 
 
 # --- construction --------------------------------------------------------------------
