@@ -304,8 +304,10 @@ class ProcessEngine:
                 self._queue.state = CLOSE
         self._wakeup.wake()
 
-    def terminate(self) -> None:
-        """Stop the workers now; tasks not finished fail with TaskCancelledError."""
+    def terminate(self, wait: bool = False) -> None:
+        """Stop the workers now; tasks not finished fail with TaskCancelledError.
+        ``wait``: return once the manager thread has killed and reaped them
+        (bounded; never on the manager thread itself, as from a callback)."""
         if not self.in_owner():
             # A fork() child (its copy of the lock may be held forever by a
             # thread that does not exist there): the engine is the parent's.
@@ -319,6 +321,8 @@ class ProcessEngine:
         for task in cancelled:
             deliver(task, False, TaskCancelledError("the pool was terminated"))
         self._wakeup.wake()
+        if wait and not self.is_engine_thread():
+            self._thread.join(TERMINATE_GRACE + 5.0)
 
     def join(self) -> None:
         """Wait for the feeders and the manager thread (close or terminate first)."""
@@ -333,9 +337,7 @@ class ProcessEngine:
         """Terminate and wait (bounded): the interpreter is exiting."""
         if not self.in_owner() or self.terminated and not self._thread.is_alive():
             return
-        self.terminate()
-        if not self.is_engine_thread():
-            self._thread.join(TERMINATE_GRACE + 5.0)
+        self.terminate(wait=True)
 
     def is_engine_thread(self) -> bool:
         """Whether the caller runs on the manager thread (in a result callback)."""

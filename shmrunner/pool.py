@@ -148,9 +148,10 @@ class Pool:
         self._engine.close()
 
     def terminate(self) -> None:
-        """Stop the workers now; tasks not finished fail with TaskCancelledError."""
+        """Stop the workers now and wait until they are gone (as multiprocessing
+        does); tasks not finished fail with TaskCancelledError."""
         self._state = TERMINATE
-        self._engine.terminate()
+        self._engine.terminate(wait=True)
 
     def join(self) -> None:
         """Wait for the workers to exit; call close() or terminate() first."""

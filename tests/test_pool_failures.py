@@ -848,6 +848,25 @@ def test_terminate_while_tasks_run(ctx: multiprocessing.context.BaseContext,
 
 
 @pytest.mark.timeout(60)
+def test_leaving_a_with_block_ends_the_workers_before_it_returns(tmp_path: Any) -> None:
+    """``__exit__`` is terminate(), which (as in multiprocessing) returns once
+    the workers are gone, busy ones included."""
+    path = str(tmp_path / "running")
+    pool = shmrunner.Pool(2)
+    try:
+        with pool:
+            workers = pool_pids(pool)
+            running = pool.apply_async(tasks.hold_and_block, (path,))
+            read_pid(path)
+            assert pool.map(tasks.add_one, range(4)) == [1, 2, 3, 4]
+        assert not any(is_alive(pid) for pid in workers)  # no wait: gone already
+        assert running.ready()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("front", ["pool", "scheduler"])
 def test_close_ends_when_a_worker_never_exits(front: str, caplog: pytest.LogCaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
