@@ -46,7 +46,7 @@ from ._allowlist import AllowList
 from ._batchprogress import job_counts
 from ._daemonkeys import daemon_keys, release_clients_domain
 from ._endpoints import daemon_addresses, secure_ipc_socket
-from ._fetchwaiters import FetchWaiters
+from ._fetchwaiters import MAX_TIMED_FETCHES, FetchWaiters
 from ._intake import Intake, Request
 from ._jobid import job_id_problem
 from ._joblogs import JobLogs
@@ -373,7 +373,11 @@ class Daemon:
             self._replier.reply_frames(peer, found[1])
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._waiters.add(job_id, peer, deadline)
+            if not self._waiters.add(job_id, peer, deadline):
+                self._reply(peer, Message("error", {
+                    "reason": f"{MAX_TIMED_FETCHES} fetches of job {job_id} with a timeout "
+                              "already wait from this client; wait for their answers",
+                    "job_id": job_id, "fetch": True, "code": "busy"}))
 
     # --- job control: "jobs" (states) and "cancel" ----------------------------------------
 

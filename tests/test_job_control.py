@@ -10,6 +10,7 @@ the CLI, or a raw DEALER socket for what a Client never sends.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -353,6 +354,42 @@ def test_progress_of_a_batch_from_another_client(tmp_path: Path, daemons: Any) -
     assert seen[0] == (5, 6) and seen[-1] == (6, 6)
     # Ids the daemon never saw count as finished ("unknown"): a wait always ends.
     assert watcher.progress(["never-submitted"], timeout=RESULT)["unknown"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_flood_of_timed_fetches_of_one_job_is_bounded_and_answered_once(
+        tmp_path: Path, daemons: Any) -> None:
+    """One peer's timed fetches of one job are capped (the rest refused at
+    once); each kept one is answered once when it times out; the result goes to
+    the peer once, however many of its fetches wait; others are served."""
+    d = daemons().start()
+    client = d.client()
+    started, release = tmp_path / "started", tmp_path / "release"
+    held = client.submit("_daemon_tasks:hold", str(started), str(release))
+    wait_until(started.exists, timeout=RESULT, message="the held job to start")
+    peer = RawPeer(d.address, rcvhwm=100_000)
+    try:
+        flood = 2000
+        for i in range(flood):  # the first 64 expire in 2-3 s, the rest much later
+            timeout = 2.0 + i / 1000 if i < 64 else 600.0
+            peer.send(Message("fetch", {"job_id": held.job_id, "timeout": timeout}))
+        assert client.status(timeout=RESULT)["running"] == 1  # another client is served
+        codes = collections.Counter()
+        while sum(codes.values()) < flood:
+            reply = peer.recv(timeout=RESULT)
+            assert reply is not None and reply.type == "error", (codes, reply)
+            codes[reply.body["code"]] += 1
+        assert codes == {"busy": flood - 64, "timeout": 64}
+        peer.send(Message("fetch", {"job_id": held.job_id, "timeout": 600.0}))  # room again
+        peer.send(Message("fetch", {"job_id": held.job_id, "timeout": 600.0}))
+        assert client.status(timeout=RESULT)["running"] == 1  # both fetches were read
+        release.write_text("go")
+        assert held.result(timeout=RESULT) == int(started.read_text())
+        result = peer.recv(timeout=RESULT)
+        assert result is not None and result.type == "result", result
+        assert peer.recv(timeout=0.5) is None  # once, not once per waiting fetch
+    finally:
+        peer.close()
 
 
 @pytest.mark.timeout(120)
