@@ -91,6 +91,8 @@ class Daemon:
         self._accepted_messages = 0  # "accepted" messages sent (a batched one counts once)
         self._rejected_items = 0  # items of "submits" messages that were no valid submit
         self._batched_submits = 0  # submits that came in "submits" messages
+        # Fetches left unanswered: a large result of that job was on its way to the peer.
+        self._repeated_fetches = 0
         self._stop = threading.Event()
         self._wakeup = Wakeup()
         self._waiters = FetchWaiters()
@@ -357,6 +359,9 @@ class Daemon:
         self._intake.settle()
 
     def _fetch(self, peer: bytes, job_id: str, timeout: float | None) -> None:
+        if self._replier.result_pending(peer, job_id):
+            self._repeated_fetches += 1
+            return  # its large result is on its way to this peer already
         try:
             found = self.journal.get(job_id)
         except JournalError as exc:
@@ -370,7 +375,7 @@ class Daemon:
                                                 "job_id": job_id, "fetch": True,
                                                 "code": "unknown"}))
         elif found[0] in (DONE, FAILED, CANCELLED) and found[1] is not None:
-            self._replier.reply_frames(peer, found[1])
+            self._replier.reply_result(peer, job_id, found[1])
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
             if not self._waiters.add(job_id, peer, deadline):
@@ -474,6 +479,7 @@ class Daemon:
             "uptime": round(time.monotonic() - self._started, 3),
             "draining": self._stop.is_set(),
             "dropped_replies": self._replier.dropped,
+            "repeated_fetches": self._repeated_fetches,
             "accepted_messages": self._accepted_messages,
             "batched_submits": self._batched_submits,
             "same_host": (None if self._local is None

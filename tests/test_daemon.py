@@ -29,6 +29,7 @@ from _daemon_tasks import (
     READY,
     Daemon,
     Proc,
+    RawPeer,
     TaskFailed,
     Worker,
     iter_lines,
@@ -779,6 +780,47 @@ def test_a_lost_report_whose_reason_is_a_list_is_refused_and_costs_no_task(
     assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
     assert d.proc.alive()  # type: ignore[union-attr]
     assert "Traceback" not in d.proc.text()  # type: ignore[union-attr]
+
+
+
+def _rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_asks_for_a_large_result_again_and_again_without_reading_is_bounded(
+        daemons) -> None:
+    """ZeroMQ queues up to 1000 messages a peer whatever their size: 500 fetches
+    of a 4 MiB result from a peer that never reads once grew the daemon by 2 GB.
+    A large result on its way to a peer is not read and queued again for it."""
+    d = daemons().start()
+    client = d.client()
+    big = client.submit("_daemon_tasks:blob", 4 << 20)
+    assert len(big.result(timeout=30)) == 4 << 20
+    before = _rss_mib(d.pid)
+    hog = RawPeer(d.address, rcvhwm=1)
+    try:
+        hog.socket.setsockopt(zmq.RCVBUF, 4096)
+        for _ in range(500):
+            hog.send(Message("fetch", {"job_id": big.job_id}))
+        # The kernel's socket buffers may take a copy or two before ZeroMQ holds one.
+        wait_until(lambda: client.status()["repeated_fetches"] >= 490, timeout=60,
+                   message="the fetches after the first to be seen as repeats")
+        grown = _rss_mib(d.pid) - before
+        assert grown < 100, f"the daemon grew by {grown} MiB for one peer"
+        results = 0
+        while (reply := hog.recv(timeout=1.0)) is not None:
+            assert reply.type == "result", reply
+            results += 1
+        assert 1 <= results == 500 - client.status()["repeated_fetches"]
+        # Once it has the result, a new fetch is answered again.
+        hog.send(Message("fetch", {"job_id": big.job_id}))
+        again = hog.recv(timeout=30)
+        assert again is not None and len(again.body["value"]) == 4 << 20
+        assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
+    finally:
+        hog.close()
 
 
 
