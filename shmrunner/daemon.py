@@ -93,6 +93,7 @@ class Daemon:
         self._batched_submits = 0  # submits that came in "submits" messages
         # Fetches left unanswered: a large result of that job was on its way to the peer.
         self._repeated_fetches = 0
+        self._request_errors = 0  # requests whose handling raised (a bug), answered with it
         self._stop = threading.Event()
         self._wakeup = Wakeup()
         self._waiters = FetchWaiters()
@@ -229,22 +230,35 @@ class Daemon:
                 break
             peer, msg = received
             assert peer is not None
-            if msg.type == "submits":  # each item as the single submit it is
-                self._batched_submits += len(msg.body["submits"])
-                for inner in self._unbatch(msg):
-                    self._take_submit(peer, inner[0], inner[1], accepted, room)
-            elif msg.type == "submit":
-                self._take_submit(peer, msg, None, accepted, room)
-            elif self._bad_id(peer, msg):
-                pass
-            elif msg.type == "fetch":
-                fetches.append((peer, msg))
-            elif msg.type == "status":
-                self._reply_status(peer)
-            elif msg.type == "cancel":
-                cancels.append((peer, msg))
-            else:
-                self._control(peer, msg)
+            try:
+                if msg.type == "submits":  # each item as the single submit it is
+                    self._batched_submits += len(msg.body["submits"])
+                    for inner in self._unbatch(msg):
+                        self._take_submit(peer, inner[0], inner[1], accepted, room)
+                elif msg.type == "submit":
+                    self._take_submit(peer, msg, None, accepted, room)
+                elif self._bad_id(peer, msg):
+                    pass
+                elif msg.type == "fetch":
+                    fetches.append((peer, msg))
+                elif msg.type == "status":
+                    self._reply_status(peer)
+                elif msg.type == "cancel":
+                    cancels.append((peer, msg))
+                else:
+                    self._control(peer, msg)
+            except (JournalError, ChannelClosedError):
+                raise  # the daemon's own failures: the loop decides
+            except Exception as exc:  # our bug, met by one request: not the round's others
+                self._request_errors += 1
+                log.exception("handling a %s request failed", msg.type)
+                job_id = msg.body.get("job_id")
+                error = refusal(f"the daemon could not handle this {msg.type}: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}",
+                                job_id if type(job_id) is str else None, "invalid")
+                if msg.type == "jobs":  # so a client settles its jobs() call with it
+                    error.body["jobs"] = True
+                self._reply(peer, error)
         if accepted:
             try:
                 new = set(self.journal.add([(job_id, frames)
@@ -292,7 +306,8 @@ class Daemon:
             except ShmrunnerError as exc:
                 self._reply(peer, refusal(str(exc), job_id, "invalid"))
                 return
-            except Exception as exc:  # our bug, met by one submit: it must not cost the round
+            except Exception as exc:  # our bug, met by one submit of a batch: not the others
+                self._request_errors += 1
                 log.exception("taking a same-host submit failed")
                 self._reply(peer, refusal(f"the daemon could not take this submit: "
                                           f"{type(exc).__name__}: {str(exc)[:200]}", job_id,
@@ -480,6 +495,7 @@ class Daemon:
             "draining": self._stop.is_set(),
             "dropped_replies": self._replier.dropped,
             "repeated_fetches": self._repeated_fetches,
+            "request_errors": self._request_errors,
             "accepted_messages": self._accepted_messages,
             "batched_submits": self._batched_submits,
             "same_host": (None if self._local is None

@@ -930,6 +930,36 @@ def test_the_front_thread_survives_an_unexpected_error(daemons) -> None:
     assert d.proc.alive()  # type: ignore[union-attr]
 
 
+@pytest.mark.timeout(60)
+def test_a_request_whose_handling_fails_gets_an_error_and_costs_no_other_request(
+        daemons) -> None:
+    """A bug met by one kind of request ("jobs", injected here, every time) is
+    answered with an error naming it, round after round; the daemon serves the
+    rest (it once lost the round's other requests, and stopped after ten)."""
+    d = daemons(fault=("_control", "always")).start()
+    client = d.client()
+    with pytest.raises(shmrunner.ShmrunnerError, match="could not handle this jobs"):
+        client.jobs(timeout=30)
+    peer = RawPeer(d.address)
+    try:
+        for _ in range(12):  # one a round: more rounds than the daemon's crash limit
+            peer.send(Message("jobs", {"limit": 5}))
+            reply = peer.recv(timeout=30)
+            assert reply is not None and reply.type == "error", reply
+            assert "could not handle this jobs: RuntimeError: injected fault" \
+                in reply.body["reason"]
+        peer.send(Message("jobs", {"limit": 5}))  # in the round of a submit: it is still taken
+        peer.send(Message("submit", {"fn": "_daemon_tasks:inc", "args": [41], "kwargs": {},
+                                     "job_id": "after-faults"}))
+        replies = [peer.recv(timeout=30) for _ in range(3)]  # error, accepted, result
+        assert sorted(r.type for r in replies if r is not None) == ["accepted", "error", "result"]
+        assert next(r for r in replies if r.type == "result").body["value"] == 42
+    finally:
+        peer.close()
+    assert client.status()["request_errors"] == 14
+    assert d.proc.alive()  # type: ignore[union-attr]
+
+
 @pytest.mark.timeout(90)
 def test_a_front_thread_that_keeps_failing_exits_with_one_line_and_keeps_the_journal(
         tmp_path: Path, daemons) -> None:
