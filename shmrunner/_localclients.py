@@ -382,7 +382,11 @@ class LocalClients:
                 if total > self.max_bytes:
                     raise ProtocolError(f"a deposit holds more than {self.max_bytes} bytes "
                                         "(scheduler.max_message_bytes)")
-                segments.append(Segment.attach(fds[0], max(size, 1)))
+                try:
+                    segments.append(Segment.attach(fds[0], max(size, 1)))
+                except OSError as exc:  # e.g. sealed against writes: no shared mapping
+                    raise ProtocolError(f"a deposited memfd cannot be mapped: {exc.strerror}"
+                                        ) from None
                 fds.pop(0)  # owned by its segment now
             with self._lock:
                 held = self._held.setdefault(conn, set())

@@ -209,6 +209,13 @@ def test_hostile_side_channel_input_is_refused(tmp_path: Path, daemons) -> None:
         assert "more than 1048576 bytes" in _put(sock, [big])["error"]
         assert "no fd" in _put(sock, [])["error"]
         assert "must be b'put'" in _put(sock, [good], data=b"junk")["error"]
+        write_sealed = _memfd(4096, sealed=False)
+        fcntl.fcntl(write_sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        try:
+            assert "cannot be mapped" in _put(sock, [write_sealed])["error"]
+        finally:
+            os.close(write_sealed)
         assert len(_put(sock, [good])["token"]) == 32
     finally:
         for fd in (r, w, unsealed, big, good):
