@@ -39,20 +39,40 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-count = check(lambda v: is_int(v) and v >= 0, "a whole number >= 0")
-positive = check(lambda v: is_int(v) and v >= 1, "a whole number >= 1")
-optional_count = check(lambda v: v is None or (is_int(v) and v >= 0),
-                       "a whole number >= 0, or null for the CPU count")
-optional_positive = check(lambda v: v is None or (is_int(v) and v >= 1),
-                          "a whole number >= 1, or null for the CPU count")
+# Upper bounds: every count ends up in a C integer (a ZeroMQ option, a poll's
+# milliseconds, a time_t), and a value past one raised OverflowError deep in a
+# thread (the hub's, the timer's) instead of one line here.
+MAX_WHOLE = 1 << 62
+MAX_SECONDS = 1_000_000  # about 11.6 days; ZeroMQ's poll takes a 32-bit ms count
+
+
+def _whole(v: Any, low: int) -> bool:
+    return is_int(v) and low <= v <= MAX_WHOLE
+
+
+def _seconds(v: Any, low_open: bool = True) -> bool:
+    # A float compares False with nan; inf fails the bound.
+    return _is_number(v) and (v > 0 if low_open else v >= 0) and v <= MAX_SECONDS
+
+
+count = check(lambda v: _whole(v, 0), "a whole number >= 0 and at most 2**62")
+positive = check(lambda v: _whole(v, 1), "a whole number >= 1 and at most 2**62")
+optional_count = check(lambda v: v is None or _whole(v, 0),
+                       "a whole number >= 0 and at most 2**62, or null for the CPU count")
+optional_positive = check(lambda v: v is None or _whole(v, 1),
+                          "a whole number >= 1 and at most 2**62, or null for the CPU count")
 # As protocol.MAX_CAPACITY (not imported: config stays light): a worker holds at
 # most its capacity plus the prefetch, both bounded.
 _MAX_PREFETCH = 4096
 prefetch = check(lambda v: is_int(v) and 0 <= v <= _MAX_PREFETCH,
                  f"a whole number from 0 to {_MAX_PREFETCH}")
-seconds = check(lambda v: _is_number(v) and v > 0, "a number of seconds > 0")
-optional_seconds = check(lambda v: v is None or (_is_number(v) and v > 0),
-                         "a number of seconds > 0, or null for none")
+seconds = check(_seconds, f"a number of seconds > 0 and at most {MAX_SECONDS:,}")
+# A duration nothing waits on (only compared with timestamps): years are fine.
+MAX_LONG_SECONDS = 1_000_000_000
+long_seconds = check(lambda v: _is_number(v) and 0 < v <= MAX_LONG_SECONDS,
+                     f"a number of seconds > 0 and at most {MAX_LONG_SECONDS:,}")
+optional_seconds = check(lambda v: v is None or _seconds(v),
+                         f"a number of seconds > 0 and at most {MAX_SECONDS:,}, or null for none")
 flag = check(lambda v: isinstance(v, bool), "true or false")
 address = check(lambda v: isinstance(v, str) and bool(_ADDRESS.match(v)),
                 "a ZeroMQ address such as tcp://127.0.0.1:5560")
@@ -93,8 +113,8 @@ exception_names = check(
     f"a list (at most {MAX_RETRY_ON}) of exception class names such as ConnectionError or "
     "'mypkg.errors:Flaky', or [] for none")
 memory_limit = check(lambda v: _memsize.problem(v) is None, _memsize.EXPECTED)
-optional_backoff = check(lambda v: _is_number(v) and v >= 0,
-                         "a number of seconds >= 0 (0: retry at once)")
+optional_backoff = check(lambda v: _seconds(v, low_open=False),
+                         f"a number of seconds from 0 (retry at once) to {MAX_SECONDS:,}")
 
 
 def setting(default: Any, checker: Check, doc: str) -> Any:

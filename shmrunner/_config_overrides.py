@@ -44,8 +44,10 @@ class Override:
 def _yaml_value(text: str, source: str) -> Any:
     import yaml
 
+    from . import _yaml  # yaml loads lazily: importing shmrunner stays light
+
     try:
-        return yaml.safe_load(text)
+        return _yaml.load(text)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: the value is not valid YAML: {problem}") from None

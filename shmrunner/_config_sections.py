@@ -171,7 +171,8 @@ class DaemonSettings:
     journal: str | None = setting(
         None, checks.optional_path, "SQLite journal of accepted jobs (null: "
         "$XDG_STATE_HOME/shmrunner/journal.sqlite, else ~/.local/state/shmrunner/...)")
-    result_ttl: float = setting(3600.0, checks.seconds, "seconds finished results stay fetchable")
+    result_ttl: float = setting(3600.0, checks.long_seconds,
+                                "seconds finished results stay fetchable")
     drain_timeout: float = setting(
         30.0, checks.seconds, "seconds SIGTERM waits for running jobs before exiting (the rest "
                               "stay journaled and run after a restart)")

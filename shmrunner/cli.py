@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from . import _config_checks as checks
 from .errors import ConfigError, ShmrunnerError
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
@@ -313,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
         help="show a daemon's workers, queue depth, running, done and failed jobs",
         description="Asks the daemon at --connect (default: this user's daemon on this "
                     "host) for its status and prints it.")
-    status.add_argument("--timeout", type=float, default=5.0,
+    status.add_argument("--timeout", type=_positive_float, default=5.0,
                         help="seconds to wait for an answer (default: 5)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.add_argument("--watch", type=_positive_float, metavar="SECONDS", default=None,
@@ -332,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
                     "daemon.result_ttl).")
     jobs.add_argument("--limit", type=_positive_int, metavar="N", default=20,
                       help="how many jobs, 1 to 1000 (default: 20)")
-    jobs.add_argument("--timeout", type=float, default=5.0,
+    jobs.add_argument("--timeout", type=_positive_float, default=5.0,
                       help="seconds to wait for an answer (default: 5)")
     jobs.add_argument("--json", action="store_true", help="print the jobs as JSON")
     jobs.add_argument("--log", metavar="JOB_ID", default=None,
@@ -351,7 +352,7 @@ def _parser() -> argparse.ArgumentParser:
                     "restart. Prints each id and its state afterwards; exits 1 when a job "
                     "could not be cancelled (it had finished, or is unknown).")
     cancel.add_argument("job_ids", nargs="+", metavar="ID", help="the jobs (up to 256)")
-    cancel.add_argument("--timeout", type=float, default=5.0,
+    cancel.add_argument("--timeout", type=_positive_float, default=5.0,
                         help="seconds to wait for each answer (default: 5)")
     cancel.set_defaults(run=_cancel)
 
@@ -401,8 +402,9 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be a number of seconds > 0")
+    problem = checks.seconds(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text} is not {problem}")
     return value
 
 

@@ -85,6 +85,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
     """Read and validate a YAML settings file."""
     import yaml
 
+    from . import _yaml  # yaml loads lazily: importing shmrunner stays light
+
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -96,7 +98,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     except ValueError as exc:  # a NUL in the path: no file can have that name
         raise ConfigError(f"{source!r}: cannot read the file: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
+from . import _config_checks as checks
 from . import _pid, _retry
 from ._backlog import Backlog
 from ._deps import Dependents, TaskFuture, in_done_callback
@@ -288,8 +289,8 @@ class Scheduler(Executor):
             raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
         if timeout is None:
             timeout = self.settings.timeout
-        elif not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        elif (problem := checks.seconds(timeout)) is not None:
+            raise ValueError(f"timeout must be {problem}, got {timeout!r}")
         names = self._retry_on if retry_on is None else _retry.names(retry_on)
         task_id = next(self._ids)
         future = self._dependents.new_future(task_id)

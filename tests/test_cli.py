@@ -109,6 +109,16 @@ def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
                  id="worker-set-other-section"),
     pytest.param(["worker", "--set", "worker.join_timeout=-1"], ["worker.join_timeout"],
                  id="worker-set-bad-join-timeout"),
+    pytest.param(["status", "--connect", "tcp://127.0.0.1:1", "--timeout", "inf"],
+                 ["--timeout", "at most 1,000,000"], id="status-timeout-inf"),
+    pytest.param(["jobs", "--connect", "tcp://127.0.0.1:1", "--timeout", "-1"],
+                 ["--timeout", "seconds > 0"], id="jobs-timeout-negative"),
+    pytest.param(["cancel", "--connect", "tcp://127.0.0.1:1", "--timeout", "nan", "j1"],
+                 ["--timeout", "seconds > 0"], id="cancel-timeout-nan"),
+    pytest.param(["worker", "--set", "worker.max_message_bytes=99999999999999999999999"],
+                 ["worker.max_message_bytes", "at most 2**62"], id="worker-huge-message-bytes"),
+    pytest.param(["worker", "--set", "worker.heartbeat_interval=3000000"],
+                 ["worker.heartbeat_interval", "at most 1,000,000"], id="worker-huge-heartbeat"),
 ])
 def test_bad_worker_and_status_settings_are_one_line(args: list[str], words: list[str]) -> None:
     done = run_cli(*args, timeout=30)

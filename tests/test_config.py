@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from shmrunner import ConfigError
-from shmrunner.config import SchedulerSettings, Settings, WorkerSettings, load, parse
+from shmrunner.config import SchedulerSettings, Settings, WorkerSettings, load, parse, resolve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,6 +76,19 @@ def test_unknown_section(tmp_path: Path) -> None:
     ("scheduler:\n  start_method: thread\n", "scheduler.start_method", "fork, spawn"),
     ("worker:\n  processes: two\n", "worker.processes", "whole number"),
     ("worker:\n  name: ''\n", "worker.name", "short name"),
+    # Bounded: past these a value overflowed a C integer deep in a thread (the hub's
+    # poll, the timer's wait, a ZeroMQ option) instead of being refused here.
+    ("scheduler:\n  heartbeat_interval: 3000000\n  heartbeat_timeout: 6000000\n",
+     "scheduler.heartbeat_interval", "at most 1,000,000"),
+    ("scheduler:\n  heartbeat_timeout: .inf\n", "scheduler.heartbeat_timeout",
+     "at most 1,000,000"),
+    ("scheduler:\n  timeout: 10000000000\n", "scheduler.timeout", "at most 1,000,000"),
+    ("scheduler:\n  retry_backoff: .inf\n", "scheduler.retry_backoff", "1,000,000"),
+    ("scheduler:\n  max_message_bytes: 99999999999999999999999\n",
+     "scheduler.max_message_bytes", "at most 2**62"),
+    ("worker:\n  heartbeat_interval: 3000000\n", "worker.heartbeat_interval",
+     "at most 1,000,000"),
+    ("daemon:\n  result_ttl: .inf\n", "daemon.result_ttl", "at most 1,000,000,000"),
 ])
 def test_wrong_type_or_range(tmp_path: Path, text: str, key: str, expected: str) -> None:
     msg = config_error(write(tmp_path, text))
@@ -119,6 +132,26 @@ def test_not_yaml(tmp_path: Path) -> None:
     assert "not valid YAML" in msg
     msg = config_error(write(tmp_path, "\tscheduler:\n", "tab.yaml"))
     assert "not valid YAML" in msg
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path: Path) -> None:
+    # Two scheduler blocks once dropped the first one's allow-list without a word.
+    msg = config_error(write(tmp_path, "scheduler:\n  allowed_functions: ['mypkg.safe']\n"
+                                       "daemon:\n  result_ttl: 60\n"
+                                       "scheduler:\n  retries: 0\n"))
+    assert "line 5" in msg and "duplicate key 'scheduler' (first at line 1)" in msg, msg
+    msg = config_error(write(tmp_path, "scheduler:\n  retries: 1\n  retries: 2\n", "k.yaml"))
+    assert "duplicate key 'retries'" in msg, msg
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        resolve(sets=["scheduler.allowed_functions={a: 1, a: 2}"], sections=("scheduler",),
+                environ={})
+    # A month of results is fine: nothing waits on result_ttl.
+    assert load(write(tmp_path, "daemon:\n  result_ttl: 2592000\n", "t.yaml")
+                ).daemon.result_ttl == 2592000
+    # YAML merge keys may still be overridden.
+    merged = load(write(tmp_path, "scheduler:\n  <<: {retries: 1, timeout: 5}\n  retries: 2\n",
+                        "m.yaml"))
+    assert (merged.scheduler.retries, merged.scheduler.timeout) == (2, 5)
 
 
 def test_binary_file_is_one_config_error(tmp_path: Path) -> None:

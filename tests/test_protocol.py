@@ -632,7 +632,11 @@ INVALID: list[tuple[str, list[Any], str]] = [
                                                        "heartbeat_timeout": 2})],
      "lacks field 'session'"),
     ("interval 0", [header(V, "welcome", {"heartbeat_interval": 0, "heartbeat_timeout": 1})],
-     "'heartbeat_interval' must be a number > 0"),
+     "'heartbeat_interval' must be a number of seconds > 0"),
+    # A hub's heartbeats bound the worker's polls (ZeroMQ takes 32-bit milliseconds).
+    ("interval 3e6", [header(V, "welcome", {"heartbeat_interval": 3e6, "heartbeat_timeout": 6e6,
+                                            "session": "s"})],
+     "'heartbeat_interval' must be a number of seconds > 0 and at most 1,000,000"),
     ("fn not a ref", [header(V, "task", {"task_id": 1, "fn": "os.system", "args": [],
                                          "kwargs": {}})], "'fn' must be a function reference"),
     ("kwargs int keys", [header(V, "task", {"task_id": 1, "fn": "m:f", "args": [],

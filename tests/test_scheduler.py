@@ -495,6 +495,9 @@ def test_invalid_arguments() -> None:
             s.submit(tasks.square, 1, retries=-1)
         with pytest.raises(ValueError):
             s.submit(tasks.square, 1, timeout=0)
+        for huge in (1e10, float("inf"), float("nan")):  # 1e10 once killed the timer thread
+            with pytest.raises(ValueError, match="at most 1,000,000"):
+                s.submit(tasks.square, 1, timeout=huge)
         with pytest.raises(TypeError):
             s.submit(42)  # type: ignore[arg-type]
         assert s.submit(tasks.square, 3).result(RESULT) == 9

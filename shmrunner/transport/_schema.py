@@ -117,7 +117,9 @@ def _wire_error(v: Any) -> bool:
 _ID: _Check = ("an int >= 0", lambda v: type(v) is int and v >= 0)
 _STR: _Check = ("a str", lambda v: type(v) is str)
 _BOOL: _Check = ("a bool", lambda v: type(v) is bool)
-_POSITIVE: _Check = ("a number > 0", lambda v: _number(v) and v > 0)
+MAX_HEARTBEAT = 1_000_000  # seconds (config's MAX_SECONDS): a worker polls for this long
+_HEARTBEAT: _Check = (f"a number of seconds > 0 and at most {MAX_HEARTBEAT:,}",
+                      lambda v: _number(v) and 0 < v <= MAX_HEARTBEAT)
 _TIMEOUT: _Check = ("None or a number > 0", lambda v: v is None or (_number(v) and v > 0))
 _WAIT: _Check = ("None or a number >= 0", lambda v: v is None or (_number(v) and v >= 0))
 _FN: _Check = ("a function reference 'package.module:qualname'",
@@ -215,7 +217,7 @@ _SCHEMAS: dict[str, tuple[dict[str, _Check], dict[str, _Check]]] = {
              {"task_id": _ID, "pid": _ID, "size": _ID, "limit": _ID, "evidence": _EVIDENCE}),
     # What a long task logged so far, while it runs (the rest comes with its result).
     "logs": ({"session": _SESSION, "task_id": _ID, "logs": _LOGS}, {}),
-    "welcome": ({"heartbeat_interval": _POSITIVE, "heartbeat_timeout": _POSITIVE,
+    "welcome": ({"heartbeat_interval": _HEARTBEAT, "heartbeat_timeout": _HEARTBEAT,
                  "session": _SESSION}, {}),
     "task": ({"task_id": _ID, "fn": _FN, "args": _ARGS, "kwargs": _MAP}, {"timeout": _TIMEOUT}),
     "tasks": ({"tasks": _BATCH}, {}),
