@@ -436,6 +436,30 @@ def test_a_slot_hello_for_an_unknown_agent_gets_nothing(two_slots: SlotCluster) 
 
 
 @pytest.mark.timeout(60)
+def test_a_hello_that_is_both_a_slot_and_an_agent_of_slots_is_refused(
+        two_slots: SlotCluster) -> None:
+    """Such peers, each the slot of the one before, once chained a thousand deep
+    and the hub's loss of the head recursed until its thread died."""
+    sched = two_slots.sched
+    head_group, link_group = secrets.token_hex(16), secrets.token_hex(16)
+    with raw_peer(sched.address) as head, raw_peer(sched.address) as link:
+        _say(head, "hello", {"name": "head", "host": "x", "pid": 1, "capacity": 1,
+                             "slots": {"group": head_group, "count": 1}})
+        wait_until(lambda: "head" in {w["name"] for w in sched.status()["workers"]}, 10,
+                   message="the head to join")
+        rejected = sched.status()["rejected"]
+        _say(link, "hello", {"name": "link", "host": "x", "pid": 2, "capacity": 1,
+                             "slot": {"group": head_group, "index": 0},
+                             "slots": {"group": link_group, "count": 1}})
+        wait_until(lambda: sched.status()["rejected"] > rejected, 10,
+                   message="the hybrid hello to be refused")
+        assert not link.poll(300), "a hybrid hello was welcomed"
+        assert "link" not in {w["name"] for w in sched.status()["workers"]}
+        _say(head, "hello", {"name": "head", "host": "x", "pid": 1, "capacity": 1})  # again
+        assert sched.submit(tasks.add, 1, 2).result(RESULT) == 3
+
+
+@pytest.mark.timeout(60)
 def test_a_quiet_slot_that_died_keeps_its_tasks_until_its_agent_reports(one_slot: SlotCluster,
                                                                          gates: Gates) -> None:
     """A slot says nothing while it runs a long task. When it dies and the hub

@@ -369,6 +369,11 @@ class RemoteTier:
         if old is not None:  # it reconnected: what it held under the old session is lost
             self._lose(old, "reconnected")
         supervisor = None
+        if "slot" in body and "slots" in body:
+            # Both a slot and an agent of slots: chained, such peers once made
+            # _lose recurse a thousand deep and killed the hub thread.
+            self._ignore(identity, "a hello that is both a slot's and an agent's of slots")
+            return
         if (slot := body.get("slot")) is not None:
             supervisor = self._peers.group(slot["group"])
             if supervisor is None or slot["index"] >= supervisor.endpoint.slot_count:
@@ -700,7 +705,12 @@ class RemoteTier:
     def _lose(self, worker: Worker[Job], why: str) -> None:
         peer: Peer = worker.endpoint
         for slot in [*peer.slots.values(), *peer.ended_slots.values()]:  # lost with it
-            self._lose(slot, f"its agent {peer.name} was lost: {why}")
+            self._lose_one(slot, f"its agent {peer.name} was lost: {why}")
+        self._lose_one(worker, why)
+
+    def _lose_one(self, worker: Worker[Job], why: str) -> None:
+        """``worker`` is lost (a slot has no slots of its own: _hello sees to it)."""
+        peer: Peer = worker.endpoint
         held = self._peers.lose(worker)
         if held is None:
             return
