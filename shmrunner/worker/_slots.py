@@ -49,7 +49,7 @@ from typing import Any
 from .._allowlist import AllowList
 from .._wakeup import Wakeup
 from ..config import WorkerSettings
-from ..transport.protocol import MAX_CPUS, MAX_EVIDENCE, Message
+from ..transport.protocol import MAX_CAPACITY, MAX_CPUS, MAX_EVIDENCE, Message
 from ..transport.zmqchannel import ChannelOptions, CurveKeys, ZmqChannel
 from . import _memwatch
 from ._ended import EndWatch
@@ -332,8 +332,11 @@ class Slots:
         """The scheduler stops ``task_id``, the ``seq``-th task sent to slot
         ``index`` (process ``pid``): ``reason`` "cancelled" at once, "timeout"
         once it has run ``after`` seconds. Acted on by :meth:`tend`."""
-        if index < self.count:
+        if index < self.count and (len(self._stops) < self.count * MAX_CAPACITY
+                                   or (index, task_id) in self._stops):
             self._stops[(index, task_id)] = (reason, after, seq, pid, 0)
+        # else: more stops than the slots could hold tasks (only a hostile scheduler
+        # names that many): they could never all be due, and must not grow without end.
 
     def wake_at(self) -> float | None:
         """When :meth:`tend` has something to do at the latest (None: on events only)."""
