@@ -35,6 +35,7 @@ import threading
 import time
 from typing import Any
 
+from . import _pid
 from ._jobfuture import JobFuture, WaitingCall
 from .errors import ShmrunnerError
 from .transport.protocol import Message, encode, exception_from_wire
@@ -44,6 +45,8 @@ __all__ = ["Ledger"]
 _BUSY_FIRST, _BUSY_MAX = 0.02, 1.0   # backoff of a submit the daemon was too busy to take
 # Error codes after which the daemon will never answer about that job (docs/protocol.md).
 _FINAL_FETCH_CODES = frozenset({"unknown", "journal", "invalid"})
+_IN_FLIGHT = ("job id {!r} is in flight on this client already (its future is not settled): "
+              "wait for that future, or fetch the job with client.result(job_id)")
 # The client thread's timers (in one heap, ordered by when they are due).
 _ACK, _REFETCH, _RETRY = 0, 1, 2
 _Timer = tuple[float, int, str]  # (when, which, job id)
@@ -82,8 +85,10 @@ class Ledger:
         self._status_calls: collections.deque[WaitingCall] = collections.deque()
         # "jobs" and "cancel" requests: the daemon answers them in the order sent.
         self._jobs_calls: collections.deque[WaitingCall] = collections.deque()
-        self.closed = False
+        self.closed = False  # no more submits (shutdown began)
+        self.ended = False  # the client thread stops (shutdown is over): no more requests
         self._broken: ShmrunnerError | None = None
+        self._owner = _pid.current()  # a fork() child has no client thread: refused there
         # The daemon takes "submits" batches (it said so in an "accepted").
         self.batch_submits = False
         # A submit woke the client thread, which has not found the outbox empty since.
@@ -91,19 +96,37 @@ class Ledger:
 
     # --- the callers' side ---------------------------------------------------------------
 
+    def check_usable(self, what: str, submit: bool = False) -> None:
+        """Raise if a call cannot be served: in a fork() child of the client's
+        process (its thread is not there), or after shutdown (a submit once it
+        began; other requests, such as its own cancels, once it is over)."""
+        if _pid.current() != self._owner:
+            raise ShmrunnerError(f"this Client was created in process {self._owner}; a fork() "
+                                 "child cannot use it: call shmrunner.connect() in the child")
+        if self.closed if submit else self.ended:
+            raise RuntimeError(f"cannot {what} after shutdown")
+
+    def refuse_in_flight(self, job_id: str) -> None:
+        """ValueError if this client has ``job_id`` submitted and not settled."""
+        with self._lock:
+            if job_id in self._futures:
+                raise ValueError(_IN_FLIGHT.format(job_id))
+
     def add_submit(self, job_id: str, frames: list[Any], future: JobFuture,
-                   shared_bytes: int = 0) -> bool:
+                   shared_bytes: int = 0, wait: bool = True) -> bool:
         """Queue a submit, waiting while the ones not yet accepted hold more than
         ``max_pending_bytes`` (its frames, and ``shared_bytes`` of arrays handed
         over as memfds); True if the client thread must be woken for it (it said
         the outbox was drained since the last such wake-up; until it does, it
         goes on sending, and takes this one with the others: which is what lets
         it batch them). A broken client fails ``future`` instead (False); a
-        closed one raises."""
+        closed one raises, and so does one with ``job_id`` in flight already.
+        ``wait=False`` (the client thread, in a done-callback: it is the one
+        that frees room): queued at once, over the budget if need be."""
         nbytes = _frames_bytes(frames) + shared_bytes
         with self._lock:
             # A job larger than the budget alone goes once nothing else waits.
-            while (self._submits_bytes and self._broken is None and not self.closed
+            while (wait and self._submits_bytes and self._broken is None and not self.closed
                    and self._submits_bytes + nbytes > self.max_pending_bytes):
                 self._awaiting_room += 1
                 try:
@@ -115,6 +138,8 @@ class Ledger:
                 return False
             if self.closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if job_id in self._futures:  # its future would never settle: one per id
+                raise ValueError(_IN_FLIGHT.format(job_id))
             self._futures[job_id] = future
             self._unacked[job_id] = when = time.monotonic() + self.ack_timeout
             heapq.heappush(self._timers, (when, _ACK, job_id))
@@ -136,6 +161,7 @@ class Ledger:
 
     def add_fetch(self, job_id: str, call: WaitingCall, timeout: float | None) -> None:
         """Queue a fetch of ``job_id`` that ``call`` waits for (raises if broken)."""
+        self.check_usable("fetch a result")
         with self._lock:
             if self._broken is not None:
                 raise self._broken
@@ -156,6 +182,7 @@ class Ledger:
 
     def add_status(self, call: WaitingCall) -> None:
         """Queue a status request that ``call`` waits for (raises if broken)."""
+        self.check_usable("ask for the status")
         with self._lock:
             if self._broken is not None:
                 raise self._broken
@@ -170,6 +197,7 @@ class Ledger:
 
     def add_jobs(self, call: WaitingCall, msg: Message) -> None:
         """Queue a "jobs" or "cancel" request that ``call`` waits for (raises if broken)."""
+        self.check_usable("ask about jobs" if msg.type == "jobs" else "cancel a job")
         with self._lock:
             if self._broken is not None:
                 raise self._broken

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["Progress", "Meter", "stream", "chunked_calls", "total_of", "metered"]
+__all__ = ["Progress", "Meter", "stream", "chunked_calls", "check_sizes", "total_of", "metered"]
 
 # What ``progress=`` accepts: True (a tqdm bar when tqdm is installed), False
 # or None (nothing), or a callable(done, total) with total None when unknown.
@@ -93,6 +93,19 @@ def metered(items: Iterator[Any], meter: Meter) -> Iterator[Any]:
         meter.close()
 
 
+
+def check_sizes(chunksize: object, buffersize: object) -> None:
+    """TypeError or ValueError, in one line, unless both are whole numbers >= 1
+    (buffersize may be None: the caller's default)."""
+    for name, value in (("chunksize", chunksize), ("buffersize", buffersize)):
+        if value is None and name == "buffersize":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a whole number >= 1, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
 def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]], *,
            ordered: bool, buffersize: int, timeout: float | None = None,
            chunked: bool = False, progress: Progress = None,
@@ -104,8 +117,7 @@ def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
     As ``Executor.map``: the first ``buffersize`` calls are submitted now,
     not at the first ``next()``; ``timeout`` counts from this call, for the
     whole stream (past it, :class:`TimeoutError`)."""
-    if buffersize < 1:
-        raise ValueError(f"buffersize must be >= 1, got {buffersize!r}")
+    check_sizes(1, buffersize)
     deadline = None if timeout is None else time.monotonic() + timeout
     meter = Meter(progress, total)
     if ordered:

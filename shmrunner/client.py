@@ -61,7 +61,7 @@ from ._jobid import check_job_id, new_job_id
 from ._jobrefs import extract
 from ._ledger import Ledger
 from ._shmclient import SameHost
-from ._streams import Progress, chunked_calls, stream, total_of
+from ._streams import Progress, check_sizes, chunked_calls, stream, total_of
 from ._submitbatch import SubmitFrames, next_message, restore
 from ._wakeup import Wakeup
 from .errors import DependencyError, ResultTimeoutError, ShmrunnerError, TaskCancelledError
@@ -163,9 +163,11 @@ class Client(Executor):
         results (without a trip through this client) once they finish; a
         failed one fails this job with DependencyError, a cancelled one
         cancels it. ``submit`` first waits until those jobs are accepted."""
-        if self._ledger.closed:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        job_id = new_job_id() if job_id is None else check_job_id(job_id)
+        self._ledger.check_usable("schedule new futures", submit=True)
+        if job_id is None:
+            job_id = new_job_id()
+        else:  # checked before its arrays are handed over
+            self._ledger.refuse_in_flight(check_job_id(job_id))
         options: dict[str, Any] = {}
         if retries is not None:
             options["retries"] = retries
@@ -200,7 +202,10 @@ class Client(Executor):
         frames = SubmitFrames(encode(Message("submit", body), allow_pickle=self._allow_pickle))
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
-        if self._ledger.add_submit(job_id, frames, future, shared_bytes):
+        # On the client thread (a done-callback) a submit never waits for room:
+        # that thread is the one that frees it.
+        if self._ledger.add_submit(job_id, frames, future, shared_bytes,
+                                   wait=threading.current_thread() is not self._thread):
             self._wake()
         return future
 
@@ -227,15 +232,15 @@ class Client(Executor):
     def _stream(self, fn: Callable[..., Any] | str, iterables: tuple[Iterable[Any], ...],
                 ordered: bool, timeout: float | None, chunksize: int,
                 buffersize: int | None, progress: Progress) -> Iterator[Any]:
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1")
+        check_sizes(chunksize, buffersize)
         calls: Iterator[tuple[Any, ...]] = chunked_calls(iterables, chunksize)
         if chunksize > 1:
             ref = fn if isinstance(fn, str) else function_ref(fn)
             calls = ((_CHUNK_RUNNER, ref, chunk) for chunk in calls)
         else:
             calls = ((fn, *args) for args in calls)
-        return stream(self.submit, calls, ordered=ordered, buffersize=buffersize or 64,
+        return stream(self.submit, calls, ordered=ordered,
+                      buffersize=64 if buffersize is None else buffersize,
                       timeout=timeout, chunked=chunksize > 1, progress=progress,
                       total=total_of(iterables))
 
@@ -428,6 +433,7 @@ class Client(Executor):
                 except BaseException:  # noqa: BLE001 (cancelled: nothing to wait for)
                     pass
         self._same_host.close()
+        self._ledger.ended = True  # later requests would never be answered: refused
         self._stop = True  # before the wake: the thread may sleep with no deadline
         self._wake()
         if threading.current_thread() is not self._thread:

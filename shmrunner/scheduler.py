@@ -60,7 +60,7 @@ from ._backlog import Backlog
 from ._deps import Dependents, TaskFuture, in_done_callback
 from ._job import Job
 from ._payload import default_budget, only_scalars
-from ._streams import Progress, chunked_calls, stream, total_of
+from ._streams import Progress, check_sizes, chunked_calls, stream, total_of
 from ._tasklogs import Record, emit, level_of
 from ._timers import Timers
 from .config import SchedulerSettings, load
@@ -418,8 +418,7 @@ class Scheduler(Executor):
     def _stream(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
                 ordered: bool, timeout: float | None, chunksize: int,
                 buffersize: int | None, progress: Progress) -> Iterator[Any]:
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1")
+        check_sizes(chunksize, buffersize)
         if buffersize is None:
             buffersize = max(64, 4 * self._slots())
         calls: Iterator[tuple[Any, ...]] = chunked_calls(iterables, chunksize)

@@ -5,6 +5,7 @@ exceptions as themselves, remote workers joining the daemon."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -136,6 +137,98 @@ def test_resubmitting_a_job_id_is_idempotent(tmp_path: Path, daemons) -> None:
     again = other.submit("_daemon_tasks:append_id", str(ran), "job-x", 0.0, job_id="job-x")
     assert again.job_id == "job-x" and again.result(timeout=30) == "job-x"
     assert ran.read_text().splitlines() == ["job-x"]
+
+
+@pytest.mark.timeout(60)
+def test_a_job_id_this_client_has_in_flight_is_refused_and_the_first_settles(
+        tmp_path: Path, daemons) -> None:
+    """A second submit of an id still in flight once replaced the first's future,
+    which then never settled (and its bytes stayed counted against the budget)."""
+    d = daemons().start()
+    client = d.client()
+    started, release = tmp_path / "started", tmp_path / "release"
+    first = client.submit("_daemon_tasks:hold", str(started), str(release), job_id="job-y")
+    with pytest.raises(ValueError, match="'job-y' is in flight on this client already"):
+        client.submit("_daemon_tasks:inc", 1, job_id="job-y")
+    release.touch()
+    assert first.result(timeout=30) == int(started.read_text())
+    # Settled: the id may be submitted again (the daemon answers with the same job).
+    assert client.submit("_daemon_tasks:inc", 1, job_id="job-y").result(timeout=30) \
+        == first.result()
+
+
+@pytest.mark.timeout(60)
+def test_every_call_after_shutdown_raises_at_once(daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    job = client.submit("_daemon_tasks:inc", 1)
+    assert job.result(timeout=30) == 2
+    client.shutdown()
+    for call, what in [(lambda: client.submit("_daemon_tasks:inc", 1), "schedule new futures"),
+                       (lambda: client.result(job.job_id), "fetch a result"),
+                       (lambda: client.status(), "ask for the status"),
+                       (lambda: client.job_state(job.job_id), "ask about jobs"),
+                       (lambda: client.cancel(job.job_id), "cancel a job")]:
+        with pytest.raises(RuntimeError, match=f"cannot {what} after shutdown"):
+            call()
+
+
+@pytest.mark.timeout(90)
+def test_a_done_callback_submits_while_the_byte_budget_is_full(tmp_path: Path,
+                                                               daemons) -> None:
+    """Done-callbacks run on the client thread, the one that frees the budget as
+    the daemon accepts submits: a submit there is queued at once, over the
+    budget, instead of waiting for itself forever (as concurrent.futures never
+    waits there)."""
+    d = daemons(scheduler={"local_workers": 1, "max_pending": 1}).start()
+    client = d.client(max_pending_bytes=600_000)
+    payload = b"x" * 400_000
+    release = tmp_path / "release"
+    paths = iter(tmp_path / f"started-{i}" for i in range(10))
+    first_started = next(paths)
+    first = client.submit("_daemon_tasks:hold", str(first_started), str(release))
+    wait_until(first_started.exists, timeout=30, message="the first job to start")
+    queued = client.submit("_daemon_tasks:inc", 1)  # the daemon's queue is full now
+    assert queued.wait_accepted(30)
+    # The first is accepted (the daemon's local tier holds the queued job); the second
+    # is refused "busy" and sent again and again: it holds 400 KB of the 600 KB.
+    held = [client.submit("_daemon_tasks:hold", str(next(paths)), str(release), 60.0, payload)
+            for _ in range(2)]
+    chained: list[Any] = []
+    first.add_done_callback(lambda _: chained.append(client.submit(
+        "_daemon_tasks:hold", str(next(paths)), str(release), 60.0, payload)))
+    release.touch()
+    assert isinstance(first.result(timeout=30), int)
+    assert queued.result(timeout=30) == 2
+    wait_until(lambda: len(chained) == 1, timeout=30, message="the callback's submit")
+    assert all(isinstance(f.result(timeout=30), int) for f in [*held, *chained])
+
+
+@pytest.mark.timeout(60)
+def test_a_fork_child_cannot_use_its_parents_client(daemons) -> None:
+    d = daemons().start()
+    client = d.client()
+    assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its parent's client has no thread here
+        code = 1
+        try:
+            os.close(read)
+            try:
+                client.submit("_daemon_tasks:inc", 1)
+            except shmrunner.ShmrunnerError as exc:
+                os.write(write, str(exc).encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        said = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    assert "a fork() child cannot use it: call shmrunner.connect() in the child" in said
+    assert client.submit("_daemon_tasks:inc", 2).result(timeout=30) == 3  # the parent's works
 
 
 @pytest.mark.timeout(90)

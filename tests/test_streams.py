@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,20 @@ def test_input_is_read_at_most_buffersize_ahead(sched: Scheduler, method: str) -
     assert source.read <= 25
     if method != "imap_unordered":
         assert taken == [i * i for i in range(20)]
+
+
+@pytest.mark.parametrize(("option", "value", "error"), [
+    ("chunksize", 0, ValueError), ("chunksize", 1.5, TypeError), ("chunksize", True, TypeError),
+    ("buffersize", 0, ValueError), ("buffersize", -1, ValueError),
+    ("buffersize", 2.0, TypeError)])
+def test_bad_chunk_and_buffer_sizes_are_one_clear_error(sched: Scheduler, daemons: Any,
+                                                       option: str, value: Any,
+                                                       error: type[Exception]) -> None:
+    """Scheduler and Client alike; a buffersize of 0 was once taken as the default."""
+    client = daemons().start().client()
+    for executor in (sched, client):
+        with pytest.raises(error, match=f"{option} must be"):
+            list(executor.map(tasks.square, range(3), **{option: value}))
 
 
 def test_map_results_in_order_over_several_iterables_and_chunks(sched: Scheduler) -> None:
