@@ -120,6 +120,31 @@ def test_eval_and_friends_are_refused_before_anything_runs(tmp_path: Path, daemo
     assert d.status()["failed"] == len(attacks) + 1
 
 
+def test_a_module_pattern_allows_what_the_module_defines_not_what_it_holds(
+        tmp_path: Path, daemons, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imported functions, objects walked to through a partial, and names a
+    module __getattr__ would make (importing who knows what) are refused."""
+    lazy = tmp_path / "lazy-getattr-ran"
+    monkeypatch.setenv("SHMRUNNER_TEST_LAZY_MARKER", str(lazy))
+    d = daemons(daemon=_ipc(tmp_path), scheduler={"allowed_functions": ["_allowlist_tasks"]})
+    d.start()
+    client = d.client()
+    assert client.submit("_allowlist_tasks:double", 2).result(timeout=30) == 4
+    assert client.submit("_allowlist_tasks:Scaler.triple", 2).result(timeout=30) == 6
+    marker = tmp_path / "pwned"
+    for fn, args, why in [
+            ("_allowlist_tasks:run", (["touch", str(marker)],), "comes from 'subprocess'"),
+            ("_allowlist_tasks:echo", ("x",), "comes from 'functools'"),
+            ("_allowlist_tasks:echo.func", ("x",), "comes from 'functools'"),
+            ("_allowlist_tasks:os.system", (f"touch {marker}",), "goes through the module")]:
+        with pytest.raises(shmrunner.FunctionNotAllowedError, match=why):
+            client.submit(fn, *args).result(timeout=30)
+    with pytest.raises(ImportError, match="has no attribute 'numpy_like_lazy_name'"):
+        client.submit("_allowlist_tasks:numpy_like_lazy_name").result(timeout=30)
+    assert not marker.exists()
+    assert not lazy.exists()  # the module's __getattr__ never ran
+
+
 def test_module_patterns_and_wildcards(tmp_path: Path, daemons) -> None:
     d = daemons(daemon=_ipc(tmp_path), scheduler={"allowed_functions": ["_daemon_*", "math"]})
     d.start()

@@ -63,9 +63,13 @@ _refs: dict[Any, str] = {}   # callables that resolved back to themselves
 def resolve_function(ref: str, *, strict: bool = False) -> Callable[..., Any]:
     """Import the callable named by ``ref``; ``ImportError`` naming ``ref`` if it
     cannot be found, ``TypeError`` if it is not callable. ``strict`` (an
-    allow-list's check) refuses a path through another module
-    (``pkg:os.system``): a pattern allowing ``pkg`` allows what ``pkg`` defines,
-    not everything it imported."""
+    allow-list's check): a pattern allowing ``pkg`` allows what ``pkg`` (or a
+    module below it) defines, not everything it imported, so every object on
+    the path must say so in its ``__module__`` (``pkg:run`` after ``from
+    subprocess import run`` is refused, as are ``pkg:os.system`` and
+    ``pkg:a_partial.func``), and names are looked up in a module's own
+    ``__dict__``, never through a module ``__getattr__`` that could import
+    modules the list does not allow."""
     if not _is_ref(ref):
         raise ValueError(f"{ref!r} is not a function reference 'package.module:qualname'")
     module_name, _, qualname = ref.partition(":")
@@ -76,15 +80,30 @@ def resolve_function(ref: str, *, strict: bool = False) -> Callable[..., Any]:
                           f"failed: {exc!r}", name=module_name) from exc
     for part in qualname.split("."):
         try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
+            if strict and isinstance(obj, types.ModuleType):
+                obj = object.__getattribute__(obj, "__dict__")[part]
+            else:
+                obj = getattr(obj, part)
+        except (AttributeError, KeyError) as exc:
             raise ImportError(f"cannot resolve function {ref!r}: {module_name!r} has no "
                               f"attribute {qualname!r}", name=module_name) from exc
-        if strict and isinstance(obj, types.ModuleType):
-            raise TypeError(f"function reference {ref!r} goes through the module "
-                            f"{obj.__name__!r}; name the function in its own module")
+        if strict:
+            _defined_in(obj, module_name, ref)
     if not callable(obj):
         raise TypeError(f"function reference {ref!r} names a {type(obj).__name__}, "
                         "not a callable")
     return cast(Callable[..., Any], obj)
+
+
+def _defined_in(obj: Any, module_name: str, ref: str) -> None:
+    """TypeError unless ``obj`` was defined in ``module_name`` or below it."""
+    if isinstance(obj, types.ModuleType):
+        raise TypeError(f"function reference {ref!r} goes through the module "
+                        f"{obj.__name__!r}; name the function in its own module")
+    owner = getattr(obj, "__module__", None)
+    if not isinstance(owner, str) or (owner != module_name
+                                      and not owner.startswith(module_name + ".")):
+        where = f"comes from {owner!r}" if isinstance(owner, str) else "has no module"
+        raise TypeError(f"function reference {ref!r} reaches a {type(obj).__name__} that "
+                        f"{where}, not {module_name!r}; name it where it is defined")
 
