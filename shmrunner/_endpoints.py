@@ -84,6 +84,12 @@ def daemon_addresses(settings: DaemonSettings, curve: bool) -> tuple[str, str, l
                             "code as this user")
             continue
         path = ipc_path(configured)
+        if path is not None and path.startswith("@"):
+            raise ConfigError(
+                f"{what}: {configured} is an abstract socket, which has no permissions: any "
+                "local user could connect and run code as this user; use an ipc:// socket "
+                "file in a private directory, configure CURVE, or set "
+                "daemon.allow_unauthenticated: true")
         if path is None:
             raise ConfigError(
                 f"{what}: {configured} has no authentication: anyone who can reach the port "
@@ -110,7 +116,7 @@ def secure_ipc_socket(address: str) -> None:
     """Make a bound ipc socket owner-only: connecting needs write permission on
     it, so this shuts out other users even outside a private directory."""
     path = ipc_path(address)
-    if path is not None:
+    if path is not None and not path.startswith("@"):  # an abstract socket has no file
         try:
             os.chmod(path, 0o600)
         except OSError as exc:

@@ -202,12 +202,12 @@ class Proc:
     stderr appended to ``log``; stop() ends it and everything it started."""
 
     def __init__(self, args: list[str], log: Path, stdout: Path | None = None,
-                 module: str = "shmrunner.cli") -> None:
+                 module: str = "shmrunner.cli", cwd: Path = REPO) -> None:
         self.args = args
         self.log = log
         self.stdout = stdout or log
         with open(log, "ab") as err, open(self.stdout, "ab") as out:
-            self.popen = subprocess.Popen(cli(*args, module=module), cwd=REPO, env=env(),
+            self.popen = subprocess.Popen(cli(*args, module=module), cwd=cwd, env=env(),
                                           stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           start_new_session=True)
         self.pid = self.popen.pid

@@ -61,11 +61,11 @@ def _ipc(tmp_path: Path) -> dict[str, Any]:
     return {"clients": f"ipc://{tmp_path}/c.sock", "workers": f"ipc://{tmp_path}/w.sock"}
 
 
-def _refused(args: list[str], tmp_path: Path) -> str:
+def _refused(args: list[str], tmp_path: Path, **popen: Any) -> str:
     """Run ``shmrunner daemon ARGS``: it must exit non-zero with one line; return it."""
     n = len(list(tmp_path.glob("refused-*.err")))
     proc = Proc(["daemon", *args], tmp_path / f"refused-{n}.err",
-                stdout=tmp_path / f"refused-{n}.out")
+                stdout=tmp_path / f"refused-{n}.out", **popen)
     try:
         wait_until(lambda: not proc.alive() or READY in proc.text(), timeout=30,
                    message="the daemon to exit")
@@ -258,6 +258,14 @@ def test_tcp_without_curve_is_refused_unless_opted_in(tmp_path: Path) -> None:
                                                     "workers": f"ipc://{shared}/w"})],
                     tmp_path)
     assert "daemon.workers" in line and str(shared) in line
+    # An abstract socket (ipc://@name) has no permissions at all: any local user
+    # could connect, even to a daemon run from a private directory.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    for key in ("clients", "workers"):
+        daemon = {**_ipc(tmp_path), key: f"ipc://@shmrunner-test-{key}-{os.getpid()}"}
+        line = _refused(["--config", _config(tmp_path, daemon)], tmp_path, cwd=private)
+        assert f"daemon.{key}" in line and "abstract socket" in line, line
 
 
 def test_an_unauthenticated_tcp_scheduler_warns(caplog: pytest.LogCaptureFixture) -> None:
