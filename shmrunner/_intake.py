@@ -3,7 +3,7 @@
 Data flow::
 
     front thread: start(job_id, request) -> backlog (journaled, in order)
-        feed(): backlog -> Scheduler.try_submit while its queue has room (never
+        feed(): backlog -> Scheduler.try_submit_call while its queue has room (never
                 waiting for room: a replay or a burst larger than max_pending
                 waits here); a request that cannot run settles as a failure
     front thread: describe(job_id): state, attempts, worker (Scheduler.describe)
@@ -160,9 +160,10 @@ class Intake:
                 args, kwargs = body["args"], body["kwargs"]
                 if options.get("refs"):  # other jobs' futures among the arguments
                     args, kwargs = self._resolve(job_id, args, kwargs, options["refs"])
-                future = self._scheduler.try_submit(
-                    body["fn"], *args, retries=options.get("retries"),
-                    timeout=options.get("timeout"), **kwargs)
+                # Arguments as values: a kwarg named retry_on is the function's.
+                future = self._scheduler.try_submit_call(
+                    body["fn"], args, kwargs, retries=options.get("retries"),
+                    timeout=options.get("timeout"))
             except SchedulerBusyError:
                 return
             except Exception as exc:

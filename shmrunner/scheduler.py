@@ -271,6 +271,14 @@ class Scheduler(Executor):
         such as the daemon's front thread)."""
         return self._submit(fn, args, kwargs, retries, timeout, retry_on, block=False)
 
+    def try_submit_call(self, fn: Callable[..., Any] | str, args: Iterable[Any],
+                        kwargs: dict[str, Any], *, retries: int | None = None,
+                        timeout: float | None = None) -> Future[Any]:
+        """:meth:`try_submit` with the call's arguments as values: every key of
+        ``kwargs`` reaches ``fn``, ``retries`` and ``retry_on`` included (for a
+        caller that holds a call it did not write, such as the daemon)."""
+        return self._submit(fn, tuple(args), dict(kwargs), retries, timeout, None, block=False)
+
     def _submit(self, fn: Callable[..., Any] | str, args: tuple[Any, ...],
                 kwargs: dict[str, Any], retries: int | None, timeout: float | None,
                 retry_on: Iterable[type[BaseException] | str] | None,

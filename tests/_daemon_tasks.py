@@ -91,6 +91,11 @@ def where() -> int:
     return os.getpid()
 
 
+def keywords(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments the task was called with."""
+    return kwargs
+
+
 def append_id(path: str, job_id: str, delay: float) -> str:
     """Record that job ``job_id`` ran (one line, one O_APPEND write), then work a little."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

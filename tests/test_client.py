@@ -158,6 +158,16 @@ def test_a_job_id_this_client_has_in_flight_is_refused_and_the_first_settles(
 
 
 @pytest.mark.timeout(60)
+def test_keyword_arguments_named_like_scheduler_options_reach_the_function(daemons) -> None:
+    # The daemon once passed them to its Scheduler's submit, which took retry_on.
+    d = daemons().start()
+    client = d.client()
+    got = client.submit("_daemon_tasks:keywords", retry_on="ValueError", block=True,
+                        fn="f").result(timeout=30)
+    assert got == {"retry_on": "ValueError", "block": True, "fn": "f"}
+
+
+@pytest.mark.timeout(60)
 def test_every_call_after_shutdown_raises_at_once(daemons) -> None:
     d = daemons().start()
     client = d.client()
