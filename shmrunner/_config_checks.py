@@ -11,6 +11,7 @@ same one on a value before it replaces a field.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Callable
 from dataclasses import field, fields
@@ -107,11 +108,20 @@ patterns = check(
 # name; never imported, matched against the names of a raised exception's classes.
 _EXCEPTION_NAME = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$")
 MAX_RETRY_ON = 100
+def _exception_name(n: Any) -> bool:
+    if not isinstance(n, str) or len(n) > 300 or not _EXCEPTION_NAME.match(n):
+        return False
+    if ":" in n or "." in n:
+        return True
+    found = builtins.__dict__.get(n)  # a bare name is a builtin's, or it never matches
+    return isinstance(found, type) and issubclass(found, BaseException)
+
+
 exception_names = check(
     lambda v: isinstance(v, (list, tuple)) and len(v) <= MAX_RETRY_ON and all(
-        isinstance(n, str) and len(n) <= 300 and bool(_EXCEPTION_NAME.match(n)) for n in v),
-    f"a list (at most {MAX_RETRY_ON}) of exception class names such as ConnectionError or "
-    "'mypkg.errors:Flaky', or [] for none")
+        _exception_name(n) for n in v),
+    f"a list (at most {MAX_RETRY_ON}) of exception class names: a builtin's such as "
+    "ConnectionError, or 'module:qualname' such as 'mypkg.errors:Flaky'; or [] for none")
 memory_limit = check(lambda v: _memsize.problem(v) is None, _memsize.EXPECTED)
 optional_backoff = check(lambda v: _seconds(v, low_open=False),
                          f"a number of seconds from 0 (retry at once) to {MAX_SECONDS:,}")

@@ -144,6 +144,12 @@ class Capture:
         return stream
 
     def add(self, created: float, level: int, name: str, message: str) -> None:
+        # What the wire carries (wire_ok): a level from 0 to 100 and UTF-8 text.
+        # A custom level past 100, or a lone surrogate (surrogateescape'd bytes
+        # printed), once failed the whole result's send on a remote worker.
+        if not 0 <= level <= 100:
+            level = min(max(level, 0), 100)
+        message, name = _utf8(message), _utf8(name)
         cost = len(message) + len(name) + _RECORD_COST
         with self._lock:
             room = self.limit - self._used
@@ -204,6 +210,17 @@ class Capture:
             records.append((created, logging.WARNING, LOGGER,
                             f"[... {dropped} characters truncated]"))
         return records
+
+
+def _utf8(text: str) -> str:
+    """``text``, its lone surrogates (undecodable bytes) written as escapes."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class _Handler(logging.Handler):

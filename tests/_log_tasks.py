@@ -63,3 +63,11 @@ def long_task(release: str) -> str:
         time.sleep(0.01)
     print("done")
     return "released"
+
+
+def odd_records(x: int) -> int:
+    """Text the wire cannot carry as it is: undecodable bytes printed (lone
+    surrogates) and a custom level past logging's CRITICAL scale."""
+    print(b"bad bytes: \xff\xfe".decode("utf-8", "surrogateescape"))
+    logging.getLogger("myapp.custom").log(150, "level one-fifty")
+    return x + 1

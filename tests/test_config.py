@@ -89,6 +89,8 @@ def test_unknown_section(tmp_path: Path) -> None:
     ("worker:\n  heartbeat_interval: 3000000\n", "worker.heartbeat_interval",
      "at most 1,000,000"),
     ("daemon:\n  result_ttl: .inf\n", "daemon.result_ttl", "at most 1,000,000,000"),
+    # A bare name is a builtin's: any other could never match a raised exception.
+    ("scheduler:\n  retry_on: [Flaky]\n", "scheduler.retry_on", "a builtin's"),
 ])
 def test_wrong_type_or_range(tmp_path: Path, text: str, key: str, expected: str) -> None:
     msg = config_error(write(tmp_path, text))

@@ -124,6 +124,10 @@ def test_per_call_retry_on_names_are_checked() -> None:
         with pytest.raises(ValueError, match="not an exception class name"):
             sched.submit(tasks.fail_first, "/nonexistent", 0, "ValueError",
                          retry_on=["not a name"])
+        # A bare name that is no builtin exception could never match: refused.
+        with pytest.raises(ValueError, match="'Flaky' is not an exception class name"):
+            sched.submit(tasks.fail_first, "/nonexistent", 0, "ValueError",
+                         retry_on=["Flaky"])
         assert sched.status()["submitted"] == 0
 
 

@@ -241,6 +241,13 @@ def test_remote_agent_sends_its_tasks_logs(caplog: pytest.LogCaptureFixture,
         caplog.clear()
         assert sched.submit("_log_tasks:quiet", 7).result(RESULT) == 8
         assert task_records(caplog) == []
+        # Records the wire cannot carry as they are (they once failed the result's
+        # send, and the task was reported lost): escaped, and the level clamped.
+        assert sched.submit("_log_tasks:odd_records", 1).result(RESULT) == 2
+        got = {(r.levelno, r.getMessage()) for r in task_records(caplog)}
+        assert (logging.INFO, "bad bytes: \\udcff\\udcfe") in got, got
+        assert (100, "level one-fifty") in got, got
+        assert sched.status()["lost_workers"] == 0
     finally:
         sched.shutdown(wait=True, cancel_futures=True)
 
@@ -445,6 +452,12 @@ def test_daemon_keeps_a_jobs_log_for_the_client(daemons) -> None:
     shown = run_cli("jobs", "--connect", d.address, "--log", "chat")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout == log
+    # Undecodable bytes printed: the log is still answered (it once never was).
+    assert client.submit("_log_tasks:odd_records", 1, job_id="odd").result(RESULT) == 2
+    assert "bad bytes: \\udcff\\udcfe" in client.job_log("odd")
+    bad = run_cli("jobs", "--connect", d.address, "--log", "not an id")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert "invalid job id" in bad.stderr
 
 
 def test_daemon_job_logs_are_bounded_per_job_and_in_all() -> None:

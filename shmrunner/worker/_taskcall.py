@@ -70,4 +70,9 @@ def send_results(channel: ZmqChannel, session: str, bodies: list[dict[str, Any]]
                 TypeError(f"the result of task {body['task_id']} cannot be sent back: {exc}"))
             if "logs" in body:
                 failed["logs"] = body["logs"]
+                try:
+                    channel.send(Message("result", failed))
+                    continue
+                except (TypeError, ValueError):
+                    del failed["logs"]  # they were what could not travel
             channel.send(Message("result", failed))
