@@ -250,15 +250,7 @@ class Daemon:
             except (JournalError, ChannelClosedError):
                 raise  # the daemon's own failures: the loop decides
             except Exception as exc:  # our bug, met by one request: not the round's others
-                self._request_errors += 1
-                log.exception("handling a %s request failed", msg.type)
-                job_id = msg.body.get("job_id")
-                error = refusal(f"the daemon could not handle this {msg.type}: "
-                                f"{type(exc).__name__}: {str(exc)[:200]}",
-                                job_id if type(job_id) is str else None, "invalid")
-                if msg.type == "jobs":  # so a client settles its jobs() call with it
-                    error.body["jobs"] = True
-                self._reply(peer, error)
+                self._failed_request(peer, msg, exc)
         if accepted:
             try:
                 new = set(self.journal.add([(job_id, frames)
@@ -307,15 +299,23 @@ class Daemon:
                 self._reply(peer, refusal(str(exc), job_id, "invalid"))
                 return
             except Exception as exc:  # our bug, met by one submit of a batch: not the others
-                self._request_errors += 1
-                log.exception("taking a same-host submit failed")
-                self._reply(peer, refusal(f"the daemon could not take this submit: "
-                                          f"{type(exc).__name__}: {str(exc)[:200]}", job_id,
-                                          "invalid"))
+                self._failed_request(peer, msg, exc)
                 return
             if frames is None or journaled is not msg:  # not the message as received
                 frames = encode(journaled, allow_pickle=self._scheduler_settings.allow_pickle)
             accepted.append((job_id or uuid.uuid4().hex, frames, peer, run))
+
+    def _failed_request(self, peer: bytes, msg: Message, exc: Exception) -> None:
+        """Handling ``msg`` raised (a bug): log it, count it, and tell the peer."""
+        self._request_errors += 1
+        log.exception("handling a %s request failed", msg.type)
+        job_id = msg.body.get("job_id")
+        error = refusal(f"the daemon could not handle this {msg.type}: "
+                        f"{type(exc).__name__}: {str(exc)[:200]}",
+                        job_id if type(job_id) is str else None, "invalid")
+        if msg.type == "jobs":  # so a client settles its jobs() call with it
+            error.body["jobs"] = True
+        self._reply(peer, error)
 
     def _unbatch(self, msg: Message) -> Iterator[tuple[Message, list[Any]]]:
         """The valid submits of a "submits" message; the others are counted in
