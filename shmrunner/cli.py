@@ -157,8 +157,6 @@ def _cancel(args: argparse.Namespace) -> int:
     from .transport._schema import MAX_JOB_IDS
 
     ids = _job_ids(args.job_ids, MAX_JOB_IDS)
-    if args.log is not None:
-        _job_ids([args.log], 1)
     client = Client(args.connect, ack_timeout=args.timeout,
                     curve_secret_key=args.curve_secret_key,
                     curve_server_key=args.curve_server_key)
