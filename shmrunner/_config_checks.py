@@ -51,9 +51,9 @@ def _whole(v: Any, low: int) -> bool:
     return is_int(v) and low <= v <= MAX_WHOLE
 
 
-def _seconds(v: Any, low_open: bool = True) -> bool:
-    # A float compares False with nan; inf fails the bound.
-    return _is_number(v) and (v > 0 if low_open else v >= 0) and v <= MAX_SECONDS
+def _seconds(v: Any, zero: bool = False, most: float = MAX_SECONDS) -> bool:
+    # nan fails every comparison; inf fails the bound.
+    return _is_number(v) and (v >= 0 if zero else v > 0) and v <= most
 
 
 count = check(lambda v: _whole(v, 0), "a whole number >= 0 and at most 2**62")
@@ -70,7 +70,7 @@ prefetch = check(lambda v: is_int(v) and 0 <= v <= _MAX_PREFETCH,
 seconds = check(_seconds, f"a number of seconds > 0 and at most {MAX_SECONDS:,}")
 # A duration nothing waits on (only compared with timestamps): years are fine.
 MAX_LONG_SECONDS = 1_000_000_000
-long_seconds = check(lambda v: _is_number(v) and 0 < v <= MAX_LONG_SECONDS,
+long_seconds = check(lambda v: _seconds(v, most=MAX_LONG_SECONDS),
                      f"a number of seconds > 0 and at most {MAX_LONG_SECONDS:,}")
 optional_seconds = check(lambda v: v is None or _seconds(v),
                          f"a number of seconds > 0 and at most {MAX_SECONDS:,}, or null for none")
@@ -123,7 +123,7 @@ exception_names = check(
     f"a list (at most {MAX_RETRY_ON}) of exception class names: a builtin's such as "
     "ConnectionError, or 'module:qualname' such as 'mypkg.errors:Flaky'; or [] for none")
 memory_limit = check(lambda v: _memsize.problem(v) is None, _memsize.EXPECTED)
-optional_backoff = check(lambda v: _seconds(v, low_open=False),
+optional_backoff = check(lambda v: _seconds(v, zero=True),
                          f"a number of seconds from 0 (retry at once) to {MAX_SECONDS:,}")
 
 
