@@ -101,6 +101,48 @@ class TaskQueue:
             for task, error in self.send(taken):
                 deliver(task, False, error)
 
+    def claim(self) -> Worker[Task] | None:
+        """An idle worker for a task the calling thread will wait for, reading
+        the worker's channel itself (``ProcessLifecycle.claim``); None: use
+        :meth:`submit` (tasks wait in the queue, no worker is idle, stopped)."""
+        if self.pending:
+            return None  # (read without the lock: a stale answer only loses the shortcut)
+        with self.lock:
+            if self.pending or self.state != RUN or self.broken is not None:
+                return None
+            return self.lifecycle.claim()
+
+    def send_claimed(self, worker: Worker[Task], task: Task) -> bool:
+        """Pickle ``task`` and send it to ``worker`` (claimed); False if it
+        failed instead (delivered: pickling raised, or the engine stopped)."""
+        try:
+            message = encode_task(task, self._threshold)
+        except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
+            deliver(task, False, exc)
+            return False
+        with self.lock:
+            stopped = self.stopped_locked()
+            if stopped is None:
+                self.lifecycle.assign(worker, task)
+                _segcache.lend(message.leases, worker, message.borrowed)
+                task.started = time.monotonic()
+                worker.endpoint.channel.send_batch_nowait([frame(task, message)], [task.id])
+                return True
+        _segcache.give_back(message.leases)
+        message.release()
+        deliver(task, False, stopped)
+        return False
+
+    def hand_back(self, worker: Worker[Task]) -> None:
+        """Return a claimed worker to the manager thread, and give it whatever
+        waited meanwhile."""
+        with self.lock:
+            self.lifecycle.hand_back(worker)
+            taken = self.take_locked()
+        if taken:
+            for task, error in self.send(taken):
+                deliver(task, False, error)
+
     def wait_for_room(self, budget: Budget | None = None) -> bool:
         """Block a feeder until the queue has room and its ``budget`` a task
         to spend (then spent); False once terminated."""

@@ -72,7 +72,7 @@ from . import _pid
 from ._atexit import stop_at_exit
 from ._dispatch import CLOSE, RUN, TERMINATE, Budget, TaskQueue
 from ._manager import LogsCallback, Manager
-from ._sink import ResultSink
+from ._sink import AwaitedSink, ResultSink
 from ._tasks import Task, deliver
 from ._wakeup import Wakeup
 from .errors import ShmrunnerError, TaskCancelledError
@@ -196,6 +196,26 @@ class ProcessEngine:
         fails them (through their results) if the engine is stopped."""
         self.check_process()
         self._queue.submit(tasks)
+
+    def call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+             result: AwaitedSink) -> None:
+        """Run one task whose outcome the calling thread waits for next
+        (``Pool.apply``): sent to an idle worker whose reply this thread reads
+        itself (``Manager.read_claimed``), so ``result`` is usually settled
+        on return; else (tasks queued, no worker idle, called from a result
+        callback) submitted as usual."""
+        self.check_process()
+        task = self.new_task(fn, args, kwargs, result)
+        queue = self._queue
+        worker = None if self.is_engine_thread() else queue.claim()
+        if worker is None:
+            queue.submit([task])
+            return
+        try:
+            if queue.send_claimed(worker, task):
+                self._manager.read_claimed(worker, result)
+        finally:
+            queue.hand_back(worker)
 
     def room(self) -> int:
         """Tasks the workers could take now beyond those queued (negative when

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import select
 import selectors
 import struct
 import threading
@@ -26,6 +27,7 @@ from typing import Any
 
 from . import _segcache
 from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
+from ._sink import AwaitedSink
 from ._tasks import Task, decode_outcome, deliver
 from ._wakeup import Wakeup
 from .errors import InitializerError, ShmrunnerError
@@ -105,7 +107,12 @@ class Manager:
                                 worker.endpoint.channel.flush()
                             chores = True
                         if mask & selectors.EVENT_READ:
-                            self._read(worker)
+                            reader = worker.endpoint.reader
+                            if reader.acquire(False):  # else a caller claimed it just now
+                                try:
+                                    self._read(worker)
+                                finally:
+                                    reader.release()
                     elif kind == "dead":
                         self._reap(worker)
                         chores = True
@@ -139,7 +146,37 @@ class Manager:
                 for worker, size in over:
                     self._lifecycle.kill_over_limit(worker, size)
 
-    def _read(self, worker: Worker[Task]) -> None:
+    def read_claimed(self, worker: Worker[Task], result: AwaitedSink) -> None:
+        """On a caller's thread that claimed ``worker`` and sent it one task
+        (``TaskQueue.claim``): read and handle the worker's messages as this
+        thread would, until ``result`` is settled, the channel ends or the
+        worker dies (this thread then reaps it, once the caller hands it back).
+
+        Why: the reply wakes the waiting caller directly, instead of waking
+        this thread, which then wakes the caller (a thread hand-off and an
+        interpreter-lock hand-off less per ``Pool.apply``)."""
+        ep = worker.endpoint
+        channel: FdChannel = ep.channel
+        sock = channel.sock.fileno()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        poller.register(ep.ended.fd, select.POLLIN)
+        writing = False
+        while not result.ready():
+            if channel.wants_write is not writing:  # a large task not sent whole yet
+                writing = channel.wants_write
+                poller.modify(sock, select.POLLIN | (select.POLLOUT if writing else 0))
+            for fd, events in poller.poll():
+                if fd != sock:
+                    return  # the worker died: the manager thread reaps it
+                if events & select.POLLOUT:
+                    with self._queue.lock:
+                        channel.flush()
+                if events & ~select.POLLOUT and not self._read(worker):
+                    return
+
+    def _read(self, worker: Worker[Task]) -> bool:
+        """Handle what the worker sent; False once its channel has ended."""
         channel: FdChannel = worker.endpoint.channel
         try:
             messages = channel.read_ready()
@@ -147,8 +184,9 @@ class Manager:
             if exc.args:
                 log.error("worker pid %s: %s; replacing it", worker.endpoint.process.pid, exc)
             self._lifecycle.unreadable(worker, exc)
-            return
+            return False
         self._handle(worker, messages)
+        return True
 
     def _handle(self, worker: Worker[Task], messages: list[tuple[bytearray, list[int]]]) -> None:
         """Decode a worker's messages, then under one lock: retire finished
@@ -250,6 +288,12 @@ class Manager:
             deliver(task, False, error)
 
     def _reap(self, worker: Worker[Task]) -> None:
+        # A caller that claimed the worker (read_claimed) sees its end too and
+        # hands it back at once: wait for that, no lock held (it may need one).
+        with worker.endpoint.reader:
+            self._reap_unclaimed(worker)
+
+    def _reap_unclaimed(self, worker: Worker[Task]) -> None:
         for messages in self._lifecycle.leftovers(worker):
             self._handle(worker, messages)
         queue = self._queue

@@ -90,7 +90,11 @@ class Pool:
 
     def apply(self, func: Callable[..., Any], args: Iterable[Any] = (),
               kwds: Mapping[str, Any] = {}) -> Any:  # noqa: B006 (multiprocessing's signature)
-        return self.apply_async(func, args, kwds).get()
+        self._check_running()
+        result = ApplyResult()
+        # The calling thread reads the reply itself when a worker is idle.
+        self._engine.call(func, tuple(args), dict(kwds), result)
+        return result.get()
 
     def apply_async(self, func: Callable[..., Any], args: Iterable[Any] = (),
                     kwds: Mapping[str, Any] = {},  # noqa: B006

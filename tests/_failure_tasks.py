@@ -306,3 +306,9 @@ def fork_helper(release: str, limit: float = 60.0) -> int:
             time.sleep(0.01)
         os._exit(0)
     return pid
+
+
+def report_then_wait_gate(path: str, gate: str) -> str:
+    """Report this worker's pid at ``path``, then :func:`wait_gate` on ``gate``."""
+    report(path, str(os.getpid()))
+    return wait_gate(gate)

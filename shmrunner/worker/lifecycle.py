@@ -31,6 +31,10 @@ What "reap" and "respawn" mean per tier:
   :class:`~shmrunner.MemoryLimitError`. A worker the kernel's OOM killer
   killed is told from an anonymous SIGKILL by its memory cgroup's OOM-kill
   counter (``_memwatch.py``) and reported with the same error.
+  ``Pool.apply`` may :meth:`ProcessLifecycle.claim` an idle worker: its
+  caller sends the task and reads the reply itself, the manager thread
+  leaves the channel alone (``Process.reader``) until the worker is handed
+  back, and reaps it only then if it died meanwhile.
 * remote agents (``_hub.py``): the heartbeat verdict is the reap (the hub calls
   :meth:`Lifecycle.lose`), and the agent reconnecting is the respawn (a new
   hello, :meth:`Lifecycle.add`).
@@ -67,6 +71,7 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -127,6 +132,9 @@ class Worker(Generic[T]):
     tasks: collections.deque[T] = field(default_factory=collections.deque)
     sent: int = 0
     retiring: bool = False
+    # A caller thread reads this worker's replies itself (Pool.apply on an idle
+    # worker, ProcessLifecycle.claim): it is given no other task meanwhile.
+    claimed: bool = False
     # Pacing (Lifecycle.pace): ``capacity`` moves between these two.
     base_capacity: int = 0
     fast_capacity: int | None = None
@@ -158,7 +166,7 @@ class Worker(Generic[T]):
     @property
     def free(self) -> int:
         """How many more tasks this worker may be sent now."""
-        if self.retiring:
+        if self.retiring or self.claimed:
             return 0
         free = self.capacity - len(self.tasks)
         window = self.prefetch_window
@@ -368,13 +376,17 @@ class Process:
     """A local worker process and the parent's end of its channel."""
 
     __slots__ = ("process", "channel", "ended", "stop_deadline", "killed", "over_limit",
-                 "blamed", "oom", "measured")
+                 "blamed", "oom", "measured", "reader", "channel_ended")
 
     def __init__(self, process: BaseProcess, channel: FdChannel,
                  oom: _memwatch.OomSnapshot | None) -> None:
         self.process = process
         self.channel = channel
         self.ended = EndWatch(process)  # readable once it exits (grandchildren or not)
+        # Held by the one thread reading the channel: the manager thread for a
+        # round of its loop, or a caller that claimed the worker (claim()).
+        self.reader = threading.Lock()
+        self.channel_ended = False  # EOF or out of step (unreadable): never read again
         self.stop_deadline: float | None = None  # told to stop: killed if alive after this
         # Killed on purpose (kill()): only the tasks marked with a kill_reason
         # fail when it is reaped; whatever else it held runs again elsewhere.
@@ -506,11 +518,46 @@ class ProcessLifecycle(Lifecycle[Task]):
             except (KeyError, ValueError):
                 pass
 
+    def claim(self) -> Worker[Task] | None:
+        """An idle worker whose channel the calling thread will read itself
+        (locked): it gets no other task and the manager thread leaves its
+        channel alone until :meth:`hand_back`; its death is still watched
+        (the manager thread reaps it once it is handed back). None if no
+        worker is idle, or the manager thread is reading the idle one."""
+        for worker in self.workers.values():
+            ep: Process = worker.endpoint
+            if (worker.tasks or not worker.free or ep.channel.wants_write or ep.killed
+                    or ep.stop_deadline is not None or ep.channel_ended
+                    or not ep.reader.acquire(False)):
+                continue
+            self._selector.unregister(ep.channel.sock)
+            worker.claimed = True
+            return worker
+        return None
+
+    def hand_back(self, worker: Worker[Task]) -> None:
+        """The claiming thread is done with ``worker`` (locked): the manager
+        thread watches its channel again (reading what came after)."""
+        ep: Process = worker.endpoint
+        worker.claimed = False
+        try:
+            if not ep.channel_ended:
+                events = selectors.EVENT_READ
+                if ep.channel.wants_write:
+                    events |= selectors.EVENT_WRITE
+                self._selector.register(ep.channel.sock, events, ("chan", worker))
+        finally:
+            ep.reader.release()
+
     def unreadable(self, worker: Worker[Task], error: PeerClosed) -> None:
         """``worker``'s channel reached EOF (its sentinel will fire: it is
-        reaped then) or went out of step. Manager thread."""
+        reaped then) or went out of step. The thread reading it."""
         ep: Process = worker.endpoint
-        self._selector.unregister(ep.channel.sock)
+        ep.channel_ended = True
+        try:
+            self._selector.unregister(ep.channel.sock)
+        except KeyError:
+            pass  # claimed: hand_back leaves it unwatched
         if error.args:
             # Not an EOF but a frame out of step: the channel cannot be read any
             # more, and a live worker nobody reads would hold its tasks forever.
