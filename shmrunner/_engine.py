@@ -51,6 +51,12 @@ Guarantees:
 * Caller threads send directly when a worker has room (no thread hop on the
   latency path); the manager thread only ever does non-blocking socket work,
   so it can never deadlock with a worker that is blocked sending to it.
+* ``call`` (``Pool.apply``) goes one step further: with a worker idle, the
+  caller claims it and reads the reply itself (``Manager.read_claimed``),
+  so the reply wakes the caller instead of the manager thread, which would
+  then wake the caller. The claimed worker gets no other task; it is handed
+  back when the result is in, the worker dies, or the caller is interrupted,
+  and the manager thread reaps a dead one only once it is handed back.
 * No user code runs under the engine's lock (``_dispatch.py``).
 """
 
