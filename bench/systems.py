@@ -80,7 +80,10 @@ class MpLike(System):
         return [r.get(timeout) for r in pending]
 
     def call(self, h: Any, fn: Callable[[Any], Any], arg: Any, timeout: float) -> Any:
-        return h.apply_async(fn, (arg,)).get(timeout)
+        # W5 is apply(), as its label says (multiprocessing's and torch's apply
+        # is apply_async().get(); shmrunner's reads its own reply). apply() has
+        # no timeout: a hung pool hangs the run, as it would the user's call.
+        return h.apply(fn, (arg,))
 
 
 class Torch(MpLike):

@@ -80,6 +80,8 @@ class FdChannel:
             tuple[memoryview, list[int], list[Callable[[], None]], list[tuple[object, int]]]]
         self._pending = collections.deque()
         self._dropped: list[object] = []
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -129,7 +131,13 @@ class FdChannel:
             if missing > _RECV_CHUNK:
                 self._read_exact(missing)
             else:
-                self._receive_some(blocking=True)
+                # Wait in poll(), then read without blocking: a reader asleep in
+                # recvmsg is also woken whenever the peer reads what this end
+                # sent (the kernel's write-space wake-up is not filtered by
+                # event there, as poll's is), which costs the peer a wake-up
+                # of this process on every reply it reads.
+                self._readable.poll()
+                self._receive_some(blocking=False)
 
     # --- non-blocking side ------------------------------------------------------
 
