@@ -106,8 +106,9 @@ class Intake:
         self._backlog: collections.deque[tuple[str, Request]] = collections.deque()
         # Jobs handed to the scheduler, until settled: their state, and a cancel.
         self._futures: dict[str, Future[Any]] = {}
-        # Cancelled by a client, not yet journaled: job id -> (attempts, worker, ran).
-        self._cancelled: dict[str, tuple[int, str | None, bool]] = {}
+        # Cancelled by a client, not yet journaled: job id -> (attempts, worker, when it
+        # was cancelled if not before it started).
+        self._cancelled: dict[str, tuple[int, str | None, str | None]] = {}
         self._owners: dict[str, bytes] = {}  # held job -> the connection that submitted it
         self._finished_by: collections.OrderedDict[bytes, collections.Counter[str]] = (
             collections.OrderedDict())
@@ -251,7 +252,11 @@ class Intake:
         if future is not None:
             described = self._scheduler.describe(future) or {}
             attempts, worker = described.get("attempts", 0), described.get("worker")
-            ran = attempts > 0
+            # "running": placed on a worker (it may still wait there behind
+            # another task); "queued" after an attempt: in its retry backoff.
+            ran = ("while it ran or waited on its worker (stopped there)"
+                   if described.get("state") == "running"
+                   else "while it waited to be retried" if attempts > 0 else None)
             del self._futures[job_id]  # its own completion, when it comes, is ignored
             stopped = (self._scheduler.cancel(future)
                        if running or described.get("state") == "queued" else False)
@@ -267,7 +272,7 @@ class Intake:
         for index, (queued_id, _) in enumerate(self._backlog):
             if queued_id == job_id:
                 del self._backlog[index]
-                self._cancelled[job_id] = (0, None, False)
+                self._cancelled[job_id] = (0, None, None)
                 with self._completions_lock:
                     self._completions.append((job_id, None))
                 return True
@@ -333,8 +338,7 @@ class Intake:
                 runs[job_id] = (attempts, worker)
                 cancelled.add(job_id)
                 msg = _error_message(job_id, TaskCancelledError(
-                    f"job {job_id} was cancelled " + ("while it ran (its worker was stopped)"
-                                                      if ran else "before it started")))
+                    f"job {job_id} was cancelled {ran or 'before it started'}"))
             self._running.discard(job_id)
             try:
                 frames = encode(msg, allow_pickle=self._settings.allow_pickle)

@@ -239,6 +239,24 @@ def test_state_shows_attempts_and_worker_after_a_retry(tmp_path: Path, daemons: 
     assert row.split()[:4] == ["flaky", "done", "2", f"local@{HOST}"]
 
 
+@pytest.mark.timeout(120)
+def test_cancel_during_a_retry_backoff_says_so(tmp_path: Path, daemons: Any) -> None:
+    d = daemons(scheduler={"retry_on": ["ConnectionError"], "retry_backoff": 600.0,
+                           "retry_backoff_max": 600.0}).start()
+    client = d.client()
+    path = tmp_path / "attempts"
+    future = client.submit("_retry_tasks:fail_first", str(path), 1, "ConnectionError",
+                           retries=2, job_id="backoff")
+    wait_until(lambda: path.exists() and "fail" in path.read_text(), timeout=RESULT,
+               message="the first attempt to fail")
+    wait_until(lambda: client.job_info("backoff")["state"] == "queued", timeout=RESULT,
+               message="the job to wait for its retry")
+    assert client.cancel(future) == "cancelled"
+    with pytest.raises(TaskCancelledError, match="while it waited to be retried"):
+        future.result(RESULT)
+    assert path.read_text().count("start") == 1  # never retried
+
+
 def _submit_to_frozen(d: Any, client: Any, marker: Path, job_id: str) -> Any:
     """Submit ``append_id(marker, job_id)`` to the SIGSTOPped daemon ``d``; its
     future once the submit waits, unread, in the daemon's socket."""
