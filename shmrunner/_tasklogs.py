@@ -11,7 +11,9 @@ Data flow::
                                                truncated]" record at the end)
     after the task: records? --LOGS message, just before the result-->
     (a task running past FLUSH_EVERY: also LOGS messages while it runs, at
-     most one a second, sent from the task's thread when it logs)
+     most one a second: in a local worker from a flusher thread, so what a
+     task printed once before computing quietly shows within a second; in a
+     slot process from the task's thread when it logs again)
         engine's manager thread (_manager.py) -> the engine's ``on_logs``:
             Pool, Scheduler local tier -> emit() on "shmrunner.task"
             remote agent -> the result message's "logs" field, or, early, a
@@ -42,10 +44,12 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,6 +98,17 @@ def valid_setting(value: Any) -> bool:
 
 # --- the worker side ---------------------------------------------------------------------
 
+_captures: weakref.WeakSet[Capture] = weakref.WeakSet()
+
+
+def _forked_all() -> None:
+    for capture in list(_captures):
+        capture._forked()
+
+
+os.register_at_fork(after_in_child=_forked_all)
+
+
 class Capture:
     """One task's bounded log, fed by a root-logger handler and by replacements
     of sys.stdout/sys.stderr (for those whose level passes ``level``).
@@ -110,20 +125,71 @@ class Capture:
         self._used = 0
         self._dropped = 0
         self._streams: list[_Stream] = []
+        self._handler: logging.Handler | None = None
         self.partial = False  # a stream holds the start of a line (take() ends it)
         # Early flushes of a long task's records: sender(task id, records), called
-        # from the worker's main thread only (where no other send can be under way).
+        # from the worker's main thread when a task logs, or from the flusher
+        # thread (start_flusher) holding the worker's send lock.
         self.sender: Callable[[int, list[Record]], None] | None = None
         self._main = threading.get_ident()
         self._task_id = 0
+        self._running = False  # between begin() and take()
         self._next_flush = math.inf
         self._sending = False
+        self._send_lock: threading.Lock | None = None
+        self._armed: threading.Event | None = None  # set while the flusher has work
+        _captures.add(self)
+
+    def start_flusher(self, send_lock: threading.Lock) -> None:
+        """Send a long task's records every FLUSH_EVERY from a thread of their
+        own, even while the task logs nothing more. ``send_lock``: held by the
+        worker around every send on its channel (and around take() and the
+        result's send, so a task's records never follow its result)."""
+        self._send_lock = send_lock
+        self._armed = threading.Event()
+        threading.Thread(target=self._flush_loop, name="shmrunner-task-logs",
+                         daemon=True).start()
+
+    def _flush_loop(self) -> None:
+        armed = self._armed
+        assert armed is not None
+        while True:
+            armed.wait()
+            if not self._running:
+                armed.clear()
+                if not self._running:  # begin() sets _running, then re-arms
+                    continue
+            wait = self._next_flush - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                self._flush()
+
+    def _forked(self) -> None:
+        # A process a task forks (no exec) shares the worker's channel: it must
+        # never send on it (its frames would interleave with the worker's), nor
+        # wait on a lock another thread held at the fork. It prints and logs
+        # as an uncaptured process would.
+        self.sender = None
+        self._lock = threading.Lock()
+        self._send_lock = self._armed = None
+        for stream in self._streams:
+            if sys.stdout is stream:
+                sys.stdout = stream.original
+            if sys.stderr is stream:
+                sys.stderr = stream.original
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
 
     def begin(self, task_id: int) -> None:
         """Task ``task_id`` starts: its records go out early once it has run
         FLUSH_EVERY seconds (at most once every FLUSH_EVERY), the rest with its result."""
         self._task_id = task_id
         self._next_flush = time.monotonic() + FLUSH_EVERY
+        self._running = True
+        armed = self._armed
+        if armed is not None and not armed.is_set():  # (set() takes a lock: only when idle)
+            armed.set()
 
     def install(self, inherited: Sequence[logging.Handler] = ()) -> None:
         """Capture from now on. ``inherited``: root handlers the worker got from
@@ -132,7 +198,8 @@ class Capture:
         root = logging.getLogger()
         for handler in inherited:
             root.removeHandler(handler)
-        root.addHandler(_Handler(self))
+        self._handler = _Handler(self)
+        root.addHandler(self._handler)
         if self.level <= logging.INFO:
             sys.stdout = self._stream("stdout", logging.INFO, sys.stdout)
         if self.level <= logging.WARNING:
@@ -180,14 +247,26 @@ class Capture:
         """Send what a long task logged so far (its bound still counts it)."""
         if self._sending or self.sender is None:
             return  # the send itself logged
+        lock = self._send_lock
+        if lock is None:
+            self._send_early()
+            return
+        with lock:
+            if self._running:  # (not ended, its records taken, meanwhile)
+                self._send_early()
+
+    def _send_early(self) -> None:
         with self._lock:
             records, self._records = self._records, []
         self._next_flush = time.monotonic() + FLUSH_EVERY
         if not records:
             return
+        sender = self.sender
+        if sender is None:
+            return
         self._sending = True
         try:
-            self.sender(self._task_id, records)
+            sender(self._task_id, records)
         except Exception:  # noqa: BLE001 (the parent is gone: the worker loop sees it next)
             pass
         finally:
@@ -195,6 +274,7 @@ class Capture:
 
     def take(self) -> list[Record]:
         """The records of the task that just ended not sent yet (empty: none)."""
+        self._running = False
         if not (self._used or self._dropped or self.partial):
             return []  # the common case, once per task: keep it this cheap
         if self.partial:
@@ -254,6 +334,11 @@ class _Stream(io.TextIOBase):
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return self._encoding
+
+    @property
+    def original(self) -> Any:
+        """The stream this one stands in for."""
+        return self._original
 
     @property
     def buffer(self) -> Any:

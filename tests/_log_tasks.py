@@ -65,9 +65,37 @@ def long_task(release: str) -> str:
     return "released"
 
 
+def print_then_wait(release: str) -> str:
+    """Says one line at once, then waits quietly (bounded) for ``release``."""
+    print("started")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "released"
+
+
 def odd_records(x: int) -> int:
     """Text the wire cannot carry as it is: undecodable bytes printed (lone
     surrogates) and a custom level past logging's CRITICAL scale."""
     print(b"bad bytes: \xff\xfe".decode("utf-8", "surrogateescape"))
     logging.getLogger("myapp.custom").log(150, "level one-fifty")
     return x + 1
+
+
+def fork_and_print() -> int:
+    """Runs past the early-flush threshold, forks a child (no exec) that
+    prints and logs, waits for it, then prints itself; returns the child's
+    exit status."""
+    start = time.monotonic()
+    while time.monotonic() - start < 1.2:
+        sum(range(1000))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            print("from the child", flush=True)
+            logging.getLogger("myapp.child").warning("child warned")
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("from the worker")
+    return status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,6 +142,44 @@ def test_a_long_tasks_log_arrives_while_it_runs(caplog: pytest.LogCaptureFixture
         release.touch()
         assert future.result(RESULT) == "released"
     assert [r.getMessage() for r in task_records(caplog)] == ["still working", "done"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("executor", ["scheduler", "pool"])
+def test_a_quiet_tasks_first_line_arrives_while_it_runs(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path, executor: str) -> None:
+    """A task that prints once and then computes without a word: its line
+    must not wait for the task's end (a worker's flusher sends it)."""
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    release = tmp_path / "release"
+    with (Scheduler(local_workers=1) if executor == "scheduler"
+          else Pool(1, task_logs="INFO")) as runner:
+        if isinstance(runner, Scheduler):
+            future = runner.submit(tasks.print_then_wait, str(release))
+            done = future.done
+        else:
+            result = runner.apply_async(tasks.print_then_wait, (str(release),))
+            done = result.ready
+        wait_until(lambda: any(r.getMessage() == "started" for r in task_records(caplog)),
+                   RESULT, message="the running task's line")
+        assert not done()
+        release.touch()
+        assert (future.result(RESULT) if isinstance(runner, Scheduler)
+                else result.get(RESULT)) == "released"
+    assert [r.getMessage() for r in task_records(caplog)] == ["started"]
+
+
+@pytest.mark.timeout(60)
+def test_a_process_a_task_forks_never_sends_on_its_workers_channel(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The child shares the worker's channel: its records would interleave
+    with the worker's frames. Its output is its own (uncaptured)."""
+    caplog.set_level(logging.INFO, logger="shmrunner.task")
+    with Pool(1, task_logs="INFO") as pool:
+        pid = pool.apply(os.getpid)
+        assert pool.apply(tasks.fork_and_print) == 0
+        assert pool.apply(os.getpid) == pid  # the same worker serves on
+    assert [r.getMessage() for r in task_records(caplog)] == ["from the worker"]
 
 
 @pytest.mark.timeout(60)

@@ -98,6 +98,8 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
                                       threshold)])
             return
     capture = None
+    # Held around every send: the task-log flusher thread sends too.
+    send_lock = threading.Lock()
     if logs is not None:
         from .._tasklogs import Capture
 
@@ -108,6 +110,7 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
             channel.send_batch([(_logs_message(task_id, records), [], _nothing)])
 
         capture.sender = send_logs
+        capture.start_flusher(send_lock)
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -119,7 +122,9 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         (task_id,) = TASK_ID.unpack_from(payload)
         if task_id & REPORT_START:
             task_id ^= REPORT_START
-            channel.send_batch([(TASK_ID.pack(STARTED) + TASK_ID.pack(task_id), [], _nothing)])
+            with send_lock:
+                channel.send_batch([(TASK_ID.pack(STARTED) + TASK_ID.pack(task_id), [],
+                                     _nothing)])
         if capture is not None:
             capture.begin(task_id)
         ok, value = _run(memoryview(payload)[TASK_ID.size:], fds)
@@ -128,17 +133,20 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
         # task runs would be lost if that task killed us, and the parent could
         # no longer tell which of its tasks we were running.
         reply = _encode(task_id, ok, value, threshold)
-        records = capture.take() if capture is not None else None
-        # Nothing logged: nothing more is sent (the common case).
-        log_message: list[tuple[bytes, list[int], Callable[[], None] | None]] = [
-            (_logs_message(task_id, records), [], _nothing)] if records else []
-        channel.send_batch([*_releases(), *log_message, reply])
+        with send_lock:  # the task's last records, then its result: never the other way
+            records = capture.take() if capture is not None else None
+            # Nothing logged: nothing more is sent (the common case).
+            log_message: list[tuple[bytes, list[int], Callable[[], None] | None]] = [
+                (_logs_message(task_id, records), [], _nothing)] if records else []
+            channel.send_batch([*_releases(), *log_message, reply])
         del value, reply  # unmap this task's arrays before waiting for the next
         if late := _releases():
-            channel.send_batch(late)  # the result held them: free them for reuse now
+            with send_lock:
+                channel.send_batch(late)  # the result held them: free them for reuse now
         done += 1
     if maxtasks is not None and done >= maxtasks:
-        channel.send_batch([_encode(BYE, True, None, threshold)])
+        with send_lock:
+            channel.send_batch([_encode(BYE, True, None, threshold)])
 
 
 def _nothing() -> None:
