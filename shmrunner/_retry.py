@@ -11,11 +11,16 @@ Matching is by name over the exception's class and its bases, so a setting
 in a YAML file can name a class of a package the scheduler never imports, and
 a remote task's exception that could not be rebuilt here
 (:class:`~shmrunner.errors.RemoteTaskError`) still matches by its original
-class's name. Stateless.
+class's name. A name a module only re-exports (``json:JSONDecodeError``,
+defined in ``json.decoder``) also matches by the class's own name, provided
+that module is imported here when the name is read (looked up in the
+module's ``__dict__``: never imported, no module ``__getattr__`` run).
+Stateless.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from ._config_checks import exception_names
@@ -47,11 +52,32 @@ def names(spec: Iterable[type[BaseException] | str]) -> frozenset[str]:
                 raise ValueError(f"retry_on: {item!r} is not an exception class name; use "
                                  "'module:qualname' (e.g. 'mypkg.errors:Flaky') or a "
                                  "builtin's name (e.g. 'ConnectionError')")
-            out.add(_canonical(item))
+            name = _canonical(item)
+            out.add(name)
+            defined = _defined_as(name)
+            if defined is not None:
+                out.add(defined)
         else:
             raise TypeError(f"retry_on takes exception classes or their names "
                             f"('module:qualname'), got {item!r}")
     return frozenset(out)
+
+
+def _defined_as(name: str) -> str | None:
+    """The 'module:qualname' where the class ``name`` refers to is defined,
+    if its module is imported already and it names an exception class."""
+    module_name, _, qualname = name.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None:
+        return None
+    found: object = module
+    for part in qualname.split("."):
+        found = vars(found).get(part) if hasattr(found, "__dict__") else None
+        if found is None:
+            return None
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        return None
+    return f"{found.__module__}:{found.__qualname__}"
 
 
 def matches(exc: BaseException, retry_on: frozenset[str]) -> bool:

@@ -8,8 +8,10 @@ CLOCK_MONOTONIC on Linux, so times from different processes compare).
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable
 
 from shmrunner.errors import RemoteTaskError
 
@@ -35,9 +37,11 @@ def _failed(path: str) -> None:
         f.write(f"fail {time.monotonic()!r}\n")
 
 
-_ERRORS: dict[str, type[BaseException]] = {
+_ERRORS: dict[str, Callable[[str], BaseException]] = {
     "ConnectionError": ConnectionError, "ConnectionRefusedError": ConnectionRefusedError,
     "ValueError": ValueError, "Flaky": Flaky, "FlakyChild": FlakyChild,
+    # defined in json.decoder, known to users as json.JSONDecodeError
+    "JSONDecodeError": lambda message: json.JSONDecodeError(message, "", 0),
 }
 
 

@@ -73,6 +73,8 @@ def test_spent_retries_fail_with_the_tasks_own_last_exception(tmp_path: Path) ->
     (["_retry_tasks.Flaky"], "Flaky"),           # module.Name
     (["_retry_tasks:Flaky"], "FlakyChild"),      # a subclass of a listed class
     (["OSError"], "ConnectionRefusedError"),     # a builtin base by its bare name
+    (["json:JSONDecodeError"], "JSONDecodeError"),  # re-exported by the module named
+    (["json.JSONDecodeError"], "JSONDecodeError"),
 ])
 def test_retry_on_names_match_the_class_and_its_bases(
         tmp_path: Path, retry_on: list[str], error: str) -> None:
