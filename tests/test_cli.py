@@ -399,3 +399,19 @@ def test_daemon_settings_precedence_file_environment_set(
         leftovers = daemon.stop()
     assert daemon.popen.returncode == 0, daemon.text()
     assert not leftovers, leftovers
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_connecting_over_tcp_without_curve_says_what_that_opens(
+        tmp_path: Path) -> None:
+    from _daemon_tasks import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody answers: it retries meanwhile
+    worker = Proc(["worker", "--connect", address, "--processes", "1"], tmp_path / "worker.err")
+    try:
+        wait_until(lambda: "without CURVE" in worker.text() or not worker.alive(), timeout=30,
+                   message="the worker's warning")
+        line = next(line for line in worker.text().splitlines() if "without CURVE" in line)
+        assert address in line and "worker.curve_server_key" in line
+    finally:
+        assert worker.stop() == []

@@ -546,6 +546,13 @@ class Agent:
 
 def run_agent(settings: WorkerSettings) -> int:
     """Run an agent until SIGTERM/SIGINT (drains, then returns 0)."""
+    if (settings.connect or "").startswith("tcp://") and settings.curve_server_key is None:
+        # As the daemon refuses to serve tcp:// unauthenticated: here the risk
+        # is the other way round, whoever answers at the address runs code.
+        log.warning("connecting to %s without CURVE: whoever answers at that address can "
+                    "run any function worker.allowed_functions allows, as this user; set "
+                    "worker.curve_secret_key and worker.curve_server_key to authenticate "
+                    "the scheduler", settings.connect)
     agent = Agent(settings)
     previous = {sig: signal.signal(sig, lambda *_: agent.stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
