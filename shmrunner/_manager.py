@@ -30,7 +30,7 @@ from ._dispatch import CLOSE, RUN, TERMINATE, TaskQueue
 from ._sink import AwaitedSink
 from ._tasks import Task, decode_outcome, deliver
 from ._wakeup import Wakeup
-from .errors import InitializerError, ShmrunnerError
+from .errors import InitializerError, ShmrunnerError, TaskCancelledError
 from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import close_fds
 from .worker._memwatch import WATCH_INTERVAL
@@ -172,8 +172,22 @@ class Manager:
                 if events & select.POLLOUT:
                     with self._queue.lock:
                         channel.flush()
-                if events & ~select.POLLOUT and not self._read(worker):
+                if events & ~select.POLLOUT and not self._read_or_abandon(worker):
                     return
+
+    def _read_or_abandon(self, worker: Worker[Task]) -> bool:
+        """:meth:`_read` on a claiming caller's thread, where KeyboardInterrupt
+        (or an exception a signal handler raises) can strike between reading
+        messages and handling them: then the worker is killed, and its reap
+        settles what it held, instead of a result being lost for good."""
+        try:
+            return self._read(worker)
+        except BaseException as exc:
+            with self._queue.lock:
+                self._lifecycle.abandon(worker, TaskCancelledError(
+                    f"the call was interrupted ({type(exc).__name__}) while it read the "
+                    "worker's reply; the worker was replaced"))
+            raise
 
     def _read(self, worker: Worker[Task]) -> bool:
         """Handle what the worker sent; False once its channel has ended."""

@@ -185,3 +185,34 @@ def test_apply_with_maxtasksperchild_one_runs_each_call_in_a_new_worker() -> Non
         pids = [pool.apply(os.getpid) for _ in range(4)]
         assert len(set(pids)) == 4
         assert pool.apply(tasks.add_one, (1,)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_an_exception_while_apply_handles_its_reply_costs_the_worker_not_the_pool() -> None:
+    """A KeyboardInterrupt can strike between reading the reply and settling
+    it (here: raised by a logging handler for the task's printed line, which
+    the caller's thread re-emits first). The task must fail and its worker
+    be replaced, not be left held forever (close() + join() would hang)."""
+    import logging
+
+    class Interrupting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise KeyboardInterrupt
+
+    logger = logging.getLogger("shmrunner.task")
+    handler = Interrupting()
+    with shmrunner.Pool(1, task_logs="INFO") as pool:
+        pid = pool.apply(os.getpid)
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                pool.apply(print, ("a line",))
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        assert pool.apply(tasks.add_one, (1,)) == 2
+        assert pool.apply(os.getpid) != pid  # replaced
+        pool.close()
+        pool.join()

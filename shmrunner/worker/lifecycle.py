@@ -580,6 +580,15 @@ class ProcessLifecycle(Lifecycle[Task]):
                 return True
         return None
 
+    def abandon(self, worker: Worker[Task], reason: BaseException) -> None:
+        """SIGKILL ``worker`` (locked): messages read from its channel were lost
+        before they were handled (the reading thread was interrupted), so only
+        its reap can account for what it held. Its tasks fail with ``reason``."""
+        for task in worker.tasks:
+            task.kill_reason = reason
+        worker.endpoint.killed = True
+        worker.endpoint.process.kill()
+
     def over_memory(self) -> list[tuple[Worker[Task], int]]:
         """The workers whose private memory is over ``memory_limit``, with the
         bytes each uses (manager thread, every ``_memwatch.WATCH_INTERVAL``;
