@@ -243,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     _global_options(common, argparse.SUPPRESS)
     daemon_client = _Parser(add_help=False)  # the commands that ask a running daemon
-    daemon_client.add_argument("--connect", metavar="ADDR", default=None,
+    daemon_client.add_argument("--connect", metavar="ADDR", type=_address, default=None,
                                help="the daemon's client address (default: the same-host "
                                     "daemon's ipc socket)")
     daemon_client.add_argument("--curve-secret-key", metavar="FILE", default=None,
@@ -397,6 +397,15 @@ def _memory_limit(text: str) -> int | float | str:
     if problem(value) is not None:
         raise argparse.ArgumentTypeError(f"expected {EXPECTED}, got {text!r}")
     return value
+
+
+def _address(text: str) -> str:
+    # Checked here, as worker.connect is: ZeroMQ's own refusal came at connect
+    # time, as a failure (exit 1) instead of a usage error.
+    problem = checks.address(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"expected {problem}, got {text!r}")
+    return text
 
 
 def _positive_float(text: str) -> float:

@@ -1,0 +1,20 @@
+"""Audit of what the docs promise: one-line errors for bad arguments to the
+Pool, the Scheduler, the Client and the CLI, and the daemon's answers
+matching the requests they answer (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from _daemon_tasks import run_cli
+
+# --- the CLI -----------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [("status",), ("jobs",), ("cancel", "some-job")])
+def test_cli_malformed_connect_address_is_one_usage_line(command: tuple[str, ...]) -> None:
+    # As `worker --connect bogus` already is: a malformed value is exit 2, naming it.
+    done = run_cli(*command, "--connect", "bogus", "--timeout", "1")
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "bogus" in done.stderr and "Traceback" not in done.stderr
