@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
+import operator
 import os
 import queue
 import threading
@@ -75,6 +76,9 @@ class Pool:
         logs = engine_setting(task_logs, task_log_bytes, "Pool task_logs")
         if processes is None:
             processes = os.cpu_count() or 1
+        # A whole number, as multiprocessing's range(processes) insists: 2.5
+        # made a pool whose map() failed later, on its chunk size.
+        processes = operator.index(processes)
         settings = EngineSettings(  # validates, as multiprocessing.Pool does
             processes=processes, initializer=initializer, initargs=tuple(initargs),
             maxtasksperchild=maxtasksperchild,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import shmrunner
 from _daemon_tasks import run_cli
 
 # --- the CLI -----------------------------------------------------------------------------
@@ -18,3 +19,13 @@ def test_cli_malformed_connect_address_is_one_usage_line(command: tuple[str, ...
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "bogus" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- the Pool ----------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_pool_refuses_a_fractional_process_count() -> None:
+    # multiprocessing.Pool(2.5) raises TypeError at once; this one made a pool
+    # whose map() then failed with a TypeError about chunk sizes.
+    with pytest.raises(TypeError, match="float"):
+        shmrunner.Pool(2.5)  # type: ignore[arg-type]
