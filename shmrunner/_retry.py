@@ -40,7 +40,7 @@ def _canonical(name: str) -> str:
 def names(spec: Iterable[type[BaseException] | str]) -> frozenset[str]:
     """The 'module:qualname' names of ``spec``'s exception classes and class names
     (TypeError for anything else, ValueError for a string that is no class name)."""
-    if isinstance(spec, (str, bytes)) or isinstance(spec, type):
+    if isinstance(spec, (str, bytes, type)) or not isinstance(spec, Iterable):
         raise TypeError(f"retry_on must be a list or tuple of exception classes or names, "
                         f"got {spec!r}")
     out = set()

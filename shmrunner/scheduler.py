@@ -148,7 +148,13 @@ class Scheduler(Executor):
                  **options: Any) -> None:
         from .config import with_overrides
 
-        base = settings or SchedulerSettings()
+        if settings is not None and not isinstance(settings, SchedulerSettings):
+            # (dataclasses.replace's own TypeError named no argument)
+            raise TypeError(f"settings must be a shmrunner.config.SchedulerSettings "
+                            f"(shmrunner.config.load(path).scheduler), not "
+                            f"{type(settings).__name__}; give single settings as keyword "
+                            "options instead, e.g. Scheduler(retries=2)")
+        base = settings if settings is not None else SchedulerSettings()
         if local_workers is not None:
             options["local_workers"] = local_workers
         if listen is not None:

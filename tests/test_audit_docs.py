@@ -9,6 +9,11 @@ import pytest
 import shmrunner
 from _daemon_tasks import run_cli
 
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
 # --- the CLI -----------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
@@ -29,3 +34,21 @@ def test_pool_refuses_a_fractional_process_count() -> None:
     # whose map() then failed with a TypeError about chunk sizes.
     with pytest.raises(TypeError, match="float"):
         shmrunner.Pool(2.5)  # type: ignore[arg-type]
+
+
+# --- the Scheduler -----------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_scheduler_settings_of_the_wrong_type_is_named() -> None:
+    with pytest.raises(TypeError, match="settings"):
+        shmrunner.Scheduler(local_workers=0, settings={"local_workers": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="settings"):
+        shmrunner.Scheduler(local_workers=1, settings=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_retry_on_that_is_no_list_is_named() -> None:
+    with shmrunner.Scheduler(local_workers=1) as sched:
+        with pytest.raises(TypeError, match="retry_on"):
+            sched.submit(_inc, 1, retry_on=5)  # type: ignore[arg-type]
+        assert sched.submit(_inc, 1).result(timeout=30) == 2
