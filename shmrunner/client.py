@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
+from . import _config_checks as checks
 from ._jobfuture import JobFuture, WaitingCall
 from ._jobid import check_job_id, new_job_id
 from ._jobrefs import extract
@@ -94,9 +95,10 @@ class Client(Executor):
 
         self.address = address = client_address(address, "clients")
         self._allow_pickle = allow_pickle
-        self._ledger = Ledger(address, ack_timeout=ack_timeout,
-                              refetch_interval=refetch_interval,
-                              max_pending_bytes=max_pending_bytes)
+        self._ledger = Ledger(address, ack_timeout=_option("ack_timeout", ack_timeout),
+                              refetch_interval=_option("refetch_interval", refetch_interval),
+                              max_pending_bytes=_option("max_pending_bytes",
+                                                        max_pending_bytes))
         self._wakeup = Wakeup()
         # Arrays to a daemon on this host go as memfds (_shmclient.py).
         self._same_host = SameHost(self._ask_status, self._ledger.drop_status,
@@ -121,7 +123,7 @@ class Client(Executor):
 
     @ack_timeout.setter
     def ack_timeout(self, value: float) -> None:
-        self._ledger.ack_timeout = value
+        self._ledger.ack_timeout = _option("ack_timeout", value)
 
     @property
     def refetch_interval(self) -> float:
@@ -129,7 +131,7 @@ class Client(Executor):
 
     @refetch_interval.setter
     def refetch_interval(self, value: float) -> None:
-        self._ledger.refetch_interval = value
+        self._ledger.refetch_interval = _option("refetch_interval", value)
 
     @property
     def max_pending_bytes(self) -> int:
@@ -137,7 +139,7 @@ class Client(Executor):
 
     @max_pending_bytes.setter
     def max_pending_bytes(self, value: int) -> None:
-        self._ledger.max_pending_bytes = value
+        self._ledger.max_pending_bytes = _option("max_pending_bytes", value)
 
     @property
     def same_host(self) -> dict[str, Any]:
@@ -170,9 +172,9 @@ class Client(Executor):
             self._ledger.refuse_in_flight(check_job_id(job_id))
         options: dict[str, Any] = {}
         if retries is not None:
-            options["retries"] = retries
+            options["retries"] = _option("retries", retries)
         if timeout is not None:
-            options["timeout"] = timeout
+            options["timeout"] = _option("timeout", timeout)
         future = JobFuture(job_id, owner=self)
         args, kwargs, refs = extract(args, kwargs, self)
         if refs:
@@ -250,6 +252,8 @@ class Client(Executor):
         a ``TimeoutError``); works after reconnecting and across a daemon
         restart. A job the daemon does not know raises :class:`ShmrunnerError`."""
         check_job_id(job_id)
+        if timeout is not None and timeout < 0:
+            timeout = 0  # as concurrent.futures: a time already run out, not a bad value
         call = WaitingCall(timeout)
         self._ledger.add_fetch(job_id, call, timeout)
         self._wake()
@@ -582,6 +586,21 @@ def _wait_accepted(refs: list[tuple[list[Any], JobFuture]]) -> BaseException | N
         error.__cause__ = cause
         return error
     return None
+
+
+# What each option (and submit's per-job ones) must be: checked where the
+# caller passes it, not found out later as a busy loop (refetch_interval=0),
+# every submit failing (ack_timeout=0) or the wire codec's list of fields.
+_OPTIONS = {"ack_timeout": checks.seconds, "refetch_interval": checks.seconds,
+            "max_pending_bytes": checks.positive, "timeout": checks.seconds,
+            "retries": checks.count}
+
+
+def _option(name: str, value: Any) -> Any:
+    problem = _OPTIONS[name](value)
+    if problem is not None:
+        raise ValueError(f"{name} must be {problem}, got {value!r}")
+    return value
 
 
 def connect(address: str | None = None, **options: Any) -> Client:

@@ -4,10 +4,14 @@ matching the requests they answer (docs/protocol.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 import shmrunner
 from _daemon_tasks import run_cli
+from shmrunner.errors import ResultTimeoutError
 
 
 def _inc(x: int) -> int:
@@ -52,3 +56,43 @@ def test_scheduler_retry_on_that_is_no_list_is_named() -> None:
         with pytest.raises(TypeError, match="retry_on"):
             sched.submit(_inc, 1, retry_on=5)  # type: ignore[arg-type]
         assert sched.submit(_inc, 1).result(timeout=30) == 2
+
+
+# --- the Client --------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("options", [{"refetch_interval": 0}, {"refetch_interval": -1},
+                                     {"ack_timeout": 0}, {"ack_timeout": float("nan")},
+                                     {"max_pending_bytes": -1}])
+def test_client_refuses_timing_options_it_cannot_honour(options: dict[str, Any]) -> None:
+    # refetch_interval=0 made the client thread spin at 100% CPU re-asking the
+    # daemon; ack_timeout=0 failed every submit as "not acknowledged within 0 s".
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=name):
+        shmrunner.connect("ipc:///nonexistent/shmrunner-audit.sock", **options)
+
+
+@pytest.mark.timeout(90)
+def test_client_submit_bad_retries_and_timeout_name_the_option(
+        daemons: Callable[..., Any]) -> None:
+    d = daemons().start()
+    client = d.client()
+    for kwargs, name in (({"timeout": -1}, "timeout"), ({"timeout": "1"}, "timeout"),
+                         ({"retries": -1}, "retries"), ({"retries": "1"}, "retries")):
+        with pytest.raises(ValueError, match=name) as info:
+            client.submit("_daemon_tasks:inc", 1, **kwargs)
+        # As Scheduler.submit says it, not the wire codec's field list.
+        assert "cannot encode" not in str(info.value)
+    assert client.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2
+
+
+@pytest.mark.timeout(90)
+def test_client_result_with_a_negative_timeout_times_out(daemons: Callable[..., Any]) -> None:
+    # concurrent.futures: result(timeout=-1) is a timeout already expired.
+    d = daemons().start()
+    client = d.client()
+    future = client.submit("time:sleep", 5)
+    assert future.wait_accepted(timeout=30)
+    with pytest.raises(ResultTimeoutError):
+        client.result(future.job_id, timeout=-1)
+    assert client.result(future.job_id, timeout=60) is None
