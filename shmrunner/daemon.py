@@ -219,8 +219,11 @@ class Daemon:
         fetches: list[tuple[bytes, Message]] = []
         # Cancels too, and they come before the batch's jobs are fed to the
         # scheduler: a submit cancelled at once (a client's future cancelled
-        # before it was accepted) never starts.
-        cancels: list[tuple[bytes, Message]] = []
+        # before it was accepted) never starts. "jobs" queries wait with them:
+        # a client matches the answers to both to its requests in the order it
+        # sent them (docs/protocol.md), so a query answered before a cancel it
+        # followed settled the wrong call, with another job's record.
+        controls: list[tuple[bytes, Message]] = []
         assert self.scheduler is not None
         limit = self._scheduler_settings.max_pending
         room = limit - self.scheduler.queued() - self._intake.backlog
@@ -243,10 +246,8 @@ class Daemon:
                     fetches.append((peer, msg))
                 elif msg.type == "status":
                     self._reply_status(peer)
-                elif msg.type == "cancel":
-                    cancels.append((peer, msg))
-                else:
-                    self._control(peer, msg)
+                else:  # "jobs" or "cancel"
+                    controls.append((peer, msg))
             except (JournalError, ChannelClosedError):
                 raise  # the daemon's own failures: the loop decides
             except Exception as exc:  # our bug, met by one request: not the round's others
@@ -271,8 +272,13 @@ class Daemon:
                     self._start(job_id, msg, peer)
                 else:  # a resubmission of a known job: answer as a fetch would
                     self._fetch(peer, job_id, None)
-        for peer, msg in cancels:
-            self._control(peer, msg)
+        for peer, msg in controls:
+            try:
+                self._control(peer, msg)
+            except (JournalError, ChannelClosedError):
+                raise
+            except Exception as exc:  # our bug, met by one request: not the round's others
+                self._failed_request(peer, msg, exc)
         for peer, msg in fetches:
             self._fetch(peer, msg.body["job_id"], msg.body.get("timeout"))
 
@@ -313,7 +319,7 @@ class Daemon:
         error = refusal(f"the daemon could not handle this {msg.type}: "
                         f"{type(exc).__name__}: {str(exc)[:200]}",
                         job_id if type(job_id) is str else None, "invalid")
-        if msg.type == "jobs":  # so a client settles its jobs() call with it
+        if msg.type in ("jobs", "cancel"):  # so a client settles its jobs() call with it
             error.body["jobs"] = True
         self._reply(peer, error)
 

@@ -4,6 +4,7 @@ matching the requests they answer (docs/protocol.md)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -96,3 +97,22 @@ def test_client_result_with_a_negative_timeout_times_out(daemons: Callable[..., 
     with pytest.raises(ResultTimeoutError):
         client.result(future.job_id, timeout=-1)
     assert client.result(future.job_id, timeout=60) is None
+
+
+@pytest.mark.timeout(120)
+def test_job_queries_are_answered_with_their_own_jobs_after_cancels(
+        daemons: Callable[..., Any]) -> None:
+    # Cancelled futures send cancels the daemon answered after the next "jobs"
+    # query of the same poll round, so that query got a cancel's answer: another
+    # job's record from jobs(job_ids=...), a KeyError from job_state().
+    d = daemons().start()
+    client = d.client()
+    for round_ in range(5):
+        futures = [client.submit("time:sleep", 0.5) for _ in range(4)]
+        for future in futures:
+            future.cancel()
+        assert client.job_state(f"nosuch-{round_}") == "unknown"
+        assert client.jobs(job_ids=[f"other-{round_}"])[0]["job_id"] == f"other-{round_}"
+        deadline = time.monotonic() + 30
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.01)
