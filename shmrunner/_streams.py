@@ -17,7 +17,8 @@ Why: ``Executor.map`` submits its whole input before it yields anything, so
 input is read as results are consumed: memory is bounded by ``buffersize``
 tasks (and by the executor's byte budget), whatever the input's length.
 Closing the generator early (``break``) cancels the tasks it had submitted and
-not yet started.
+not yet started. An exception the input raises comes in its place, after the
+results of the items read before it (as in ``multiprocessing``'s imap).
 """
 
 from __future__ import annotations
@@ -42,7 +43,53 @@ def chunked_calls(iterables: tuple[Iterable[Any], ...], chunksize: int) -> Itera
     items = zip(*iterables, strict=False)
     if chunksize == 1:
         return items
-    return iter(lambda: list(itertools.islice(items, chunksize)), [])
+    return _chunks(items, chunksize)
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items; when the input raises, the items read before
+    it still make a (short) chunk, then the exception follows."""
+    while True:
+        chunk: list[Any] = []
+        try:
+            chunk.extend(itertools.islice(items, size))
+        except Exception:
+            if chunk:
+                yield chunk
+            raise
+        if not chunk:
+            return
+        yield chunk
+
+
+class _Input:
+    """The calls, read on demand. An exception the caller's input raises is
+    kept, and raised once the results of the items read before it have been
+    yielded (where ``multiprocessing``'s imap raises it): raised at once, it
+    would drop the results of the tasks already submitted."""
+
+    def __init__(self, calls: Iterator[tuple[Any, ...]]) -> None:
+        self._calls = calls
+        self.error: Exception | None = None
+
+    def take(self, n: int) -> Iterator[tuple[Any, ...]]:
+        """Up to ``n`` more calls, one at a time (each is submitted before the
+        next is read: the executor's backpressure applies to the reading)."""
+        for _ in range(n):
+            if self.error is not None:
+                return
+            try:
+                call = next(self._calls)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 (the caller's input: re-raised in its place)
+                self.error = exc
+                return
+            yield call
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def total_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
@@ -120,15 +167,16 @@ def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
     check_sizes(1, buffersize)
     deadline = None if timeout is None else time.monotonic() + timeout
     meter = Meter(progress, total)
+    source = _Input(calls)
     if ordered:
         window: collections.deque[Future[Any]] = collections.deque(
-            submit(*call) for call in itertools.islice(calls, buffersize))
-        return _deliver(_ordered(submit, calls, window, deadline), window, chunked, meter)
+            submit(*call) for call in source.take(buffersize))
+        return _deliver(_ordered(submit, source, window, deadline), window, chunked, meter)
     finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
     running: set[Future[Any]] = set()
-    for call in itertools.islice(calls, buffersize):
+    for call in source.take(buffersize):
         _launch(submit, call, running, finished)
-    return _deliver(_unordered(submit, calls, running, finished, deadline), running, chunked,
+    return _deliver(_unordered(submit, source, running, finished, deadline), running, chunked,
                     meter)
 
 
@@ -136,14 +184,15 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _ordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
+def _ordered(submit: Callable[..., Future[Any]], source: _Input,
              pending: collections.deque[Future[Any]],
              deadline: float | None) -> Iterator[Any]:
     while pending:
         value = pending.popleft().result(_remaining(deadline))
-        for call in itertools.islice(calls, 1):
+        for call in source.take(1):
             pending.append(submit(*call))
         yield value
+    source.raise_error()
 
 
 def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
@@ -153,7 +202,7 @@ def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
     future.add_done_callback(finished.put)
 
 
-def _unordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
+def _unordered(submit: Callable[..., Future[Any]], source: _Input,
                pending: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]],
                deadline: float | None) -> Iterator[Any]:
     while pending:
@@ -163,9 +212,10 @@ def _unordered(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ..
             raise TimeoutError(f"the stream's timeout ran out with {len(pending)} "
                                "tasks unfinished") from None
         pending.discard(future)
-        for call in itertools.islice(calls, 1):
+        for call in source.take(1):
             _launch(submit, call, pending, finished)
         yield future.result()
+    source.raise_error()
 
 
 def _deliver(results: Iterator[Any], pending: Collection[Future[Any]], chunked: bool,
