@@ -37,8 +37,10 @@ slot is never one that waits.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
@@ -52,6 +54,11 @@ from .errors import DependencyError
 
 # How many Scheduler futures this thread is settling (running their done-callbacks).
 _in_callbacks = threading.local()
+# Per thread: the dependency settlements still to handle while one is being
+# handled further up this thread's stack (``queue`` None: none is).
+_settling = threading.local()
+
+log = logging.getLogger("shmrunner.scheduler")
 
 
 def in_done_callback() -> bool:
@@ -226,7 +233,28 @@ class Dependents:
         return done
 
     def _settled(self, wait: _Wait, dep: Future[Any]) -> None:
-        """A dependency of ``wait.job`` settled (any thread)."""
+        """A dependency of ``wait.job`` settled (any thread).
+
+        Handled in a loop, not by recursion: failing or cancelling a dependent
+        settles its own dependents from inside this call, and a chain a few
+        hundred tasks deep would exhaust the stack (the RecursionError, logged
+        by the future, left the rest of the chain pending forever)."""
+        queue = getattr(_settling, "queue", None)
+        if queue is not None:  # an outer call on this thread handles it next
+            queue.append((self, wait, dep))
+            return
+        _settling.queue = queue = collections.deque([(self, wait, dep)])
+        try:
+            while queue:
+                owner, waiting, settled = queue.popleft()
+                try:
+                    owner._handle(waiting, settled)
+                except Exception:  # noqa: BLE001 (the others must still settle)
+                    log.exception("settling the dependents of %r failed", settled)
+        finally:
+            _settling.queue = None
+
+    def _handle(self, wait: _Wait, dep: Future[Any]) -> None:
         with wait.lock:
             if wait.over:
                 return
@@ -266,10 +294,27 @@ class Dependents:
         dep_id = dep.task_id if isinstance(dep, TaskFuture) else "?"
         error = DependencyError(
             f"task {job.id} did not run: task {dep_id}, whose future is among its "
-            f"arguments, failed with {type(cause).__name__}: {cause}")
+            f"arguments, failed with {_describe(cause)}")
         error.__cause__ = cause
         job.fn, job.args, job.kwargs = None, (), {}
         _settle(job.future, error)
+
+
+def _describe(cause: BaseException) -> str:
+    """``cause`` for a dependent's message. A DependencyError is named with the
+    first failure up its chain, not with its own message: each link quoting
+    the whole message of the link before made them quadratic in the depth."""
+    if not isinstance(cause, DependencyError):
+        return f"{type(cause).__name__}: {cause}"
+    root: BaseException = cause
+    seen = {id(root)}
+    while isinstance(root, DependencyError) and root.__cause__ is not None \
+            and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    if root is cause:
+        return f"DependencyError: {cause}"
+    return f"DependencyError (the first failure up its chain: {type(root).__name__}: {root})"
 
 
 def _settle(future: Future[Any], error: BaseException) -> None:

@@ -3,12 +3,15 @@ test pins one defect found (and fixed, or marked xfail with why)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 
 import pytest
 
+import _chain_tasks as ct
 import _sched_tasks as tasks
-from shmrunner import Scheduler
+from _sched_tasks import Gates
+from shmrunner import DependencyError, Scheduler
 
 RESULT = 30  # seconds: a healthy result arrives in well under one
 DEEP = 400  # links: deeper than the recursion limit allows frames per link
@@ -35,3 +38,53 @@ def test_an_input_error_comes_after_the_results_of_the_items_read_before_it(
         for value in results:
             got.append(value)
     assert sorted(got) == [i * i for i in range(10)]
+
+
+def _chain(sched: Scheduler, head: concurrent.futures.Future[object],
+           links: int) -> list[concurrent.futures.Future[object]]:
+    futures = [head]
+    for _ in range(links):
+        futures.append(sched.submit(ct.inc, futures[-1]))
+    return futures
+
+
+def test_a_failure_at_the_head_of_a_deep_chain_fails_every_link(sched: Scheduler) -> None:
+    """Each link's failure used to settle the next one from inside its own
+    done-callback: a few hundred links deep, RecursionError (logged) left the
+    rest of the chain pending forever, and shutdown() waited for them."""
+    futures = _chain(sched, sched.submit(ct.fail, "stage one broke"), DEEP)
+    _, not_done = concurrent.futures.wait(futures, timeout=RESULT)
+    assert not not_done, f"{len(not_done)} of {len(futures)} links never settled"
+    error = futures[-1].exception()
+    assert isinstance(error, DependencyError)
+    assert sched.status()["waiting_on_futures"] == 0
+
+
+def test_a_dependency_error_names_the_root_cause_in_a_bounded_message(
+        sched: Scheduler) -> None:
+    """Each link's message used to embed the whole message of the link before
+    it: quadratic in the chain's depth (tens of MB a thousand links down)."""
+    futures = _chain(sched, sched.submit(ct.fail, "stage one broke"), 50)
+    _, not_done = concurrent.futures.wait(futures, timeout=RESULT)
+    assert not not_done
+    last = futures[-1].exception()
+    assert isinstance(last, DependencyError)
+    assert "ValueError: stage one broke" in str(last)
+    assert len(str(last)) < 500
+
+
+def test_cancelling_the_head_of_a_deep_chain_cancels_every_link(
+        sched: Scheduler, gates: Gates) -> None:
+    # Hold both workers (and what the local tier sends ahead) so the head stays queued.
+    started = []
+    for i in range(6):
+        s, g = gates.new()
+        sched.submit(tasks.gated, s, g, i)
+        started.append(s)
+    Gates.started(started[0])
+    head = sched.submit(ct.inc, 1)
+    futures = _chain(sched, head, DEEP)
+    assert head.cancel(), "the head should still be queued"
+    assert all(f.cancelled() for f in futures), (
+        f"{sum(not f.cancelled() for f in futures)} links were not cancelled")
+    assert sched.status()["waiting_on_futures"] == 0
