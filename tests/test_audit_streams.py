@@ -4,6 +4,9 @@ test pins one defect found (and fixed, or marked xfail with why)."""
 from __future__ import annotations
 
 import concurrent.futures
+import gc
+import itertools
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +14,8 @@ import pytest
 import _chain_tasks as ct
 import _sched_tasks as tasks
 from _sched_tasks import Gates
-from shmrunner import DependencyError, Scheduler
+from _util import wait_until
+from shmrunner import DependencyError, Pool, Scheduler
 
 RESULT = 30  # seconds: a healthy result arrives in well under one
 DEEP = 400  # links: deeper than the recursion limit allows frames per link
@@ -88,3 +92,29 @@ def test_cancelling_the_head_of_a_deep_chain_cancels_every_link(
     assert all(f.cancelled() for f in futures), (
         f"{sum(not f.cancelled() for f in futures)} links were not cancelled")
     assert sched.status()["waiting_on_futures"] == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the imap feeder waits in TaskQueue.wait_for_room (_dispatch.py) for a budget "
+    "only the consumer gives back, and join() waits for feeders; ending it needs "
+    "the feeder to notice the dropped iterator (a weakref whose finalizer wakes "
+    "it, safely from any thread, since a GC pass may run while the queue's lock "
+    "is held): a change to the dispatch path, left to its owner"))
+def test_pool_close_and_join_return_after_an_abandoned_imap_with_buffersize() -> None:
+    """Breaking out of an imap(buffersize=N) loop and dropping the iterator
+    left its feeder waiting forever for the consumer to take a result, and
+    join() waits for feeders: close(); join() hung."""
+    pool = Pool(2)
+    try:
+        results = pool.imap(tasks.square, itertools.count(), buffersize=3)
+        for i, _ in enumerate(results):
+            if i == 5:
+                break
+        del results
+        gc.collect()
+        pool.close()
+        joiner = threading.Thread(target=pool.join, daemon=True)
+        joiner.start()
+        wait_until(lambda: not joiner.is_alive(), 10, message="pool.join() to return")
+    finally:
+        pool.terminate()
