@@ -451,8 +451,15 @@ class Scheduler(Executor):
         return self.local_capacity() + remote
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """``Executor.shutdown``. Called from a done-callback, it returns at
+        once, as with ``wait=False``: that thread delivers the results waited for."""
         if _pid.current() != self._creator:
             return  # a fork() child's copy: the workers and sockets are the parent's
+        if wait and in_done_callback():
+            # On the thread that settles futures (a tier's, the timers'): waiting
+            # here for the running tasks would wait for this very thread to deliver
+            # their results. The waiting is done on a thread of its own instead.
+            wait = False
         cancelled = self._backlog.shut_down(cancel_futures)
         for job in cancelled:
             # A job waiting for a retry is already RUNNING: cancel() cannot settle it.

@@ -118,3 +118,26 @@ def test_pool_close_and_join_return_after_an_abandoned_imap_with_buffersize() ->
         wait_until(lambda: not joiner.is_alive(), 10, message="pool.join() to return")
     finally:
         pool.terminate()
+
+
+def test_shutdown_from_a_done_callback_does_not_deadlock_the_scheduler(gates: Gates) -> None:
+    """A done-callback runs on the thread that settles futures (a tier's):
+    shutdown() (wait=True) there waited for the other running tasks, whose
+    results that very thread delivers, so nothing ever settled again, and a
+    later shutdown() from the caller hung too. concurrent.futures' executors
+    do not hang there (joining the current thread raises, and is logged)."""
+    s = Scheduler(local_workers=2)
+    started, gate = gates.new()
+    try:
+        other = s.submit(tasks.gated, started, gate, "other")
+        Gates.started(started)
+        failing = s.submit(tasks.raise_value_error, "stop everything")
+        failing.add_done_callback(lambda _: s.shutdown())
+        concurrent.futures.wait([failing], timeout=RESULT)
+        gates.open(gate)
+        assert other.result(RESULT) == "other"
+    finally:
+        gates.open_all()
+        closer = threading.Thread(target=s.shutdown, daemon=True)
+        closer.start()
+        wait_until(lambda: not closer.is_alive(), RESULT, message="shutdown() to return")
