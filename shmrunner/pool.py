@@ -209,15 +209,13 @@ class Pool:
     def _map(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
              chunksize: int | None, progress: Progress,
              out: np.ndarray[Any, Any] | None = None) -> Any:
-        if out is not None:
-            self._map_async(func, iterable, star, chunksize, out=out).get()
-            return out
         if not progress:
-            return self._map_async(func, iterable, star, chunksize).get()
+            values = self._map_async(func, iterable, star, chunksize, out=out).get()
+            return out if out is not None else values
         # The caller waits anyway: it follows the chunks as they come in.
         chunks: queue.SimpleQueue[int] = queue.SimpleQueue()
         items = list(iterable)
-        result = self._map_async(func, items, star, chunksize, on_chunk=chunks.put)
+        result = self._map_async(func, items, star, chunksize, on_chunk=chunks.put, out=out)
         meter = Meter(progress, len(items))
         try:
             while meter.done < len(items):
@@ -227,7 +225,8 @@ class Pool:
                 meter.add(count)
         finally:
             meter.close()
-        return result.get()
+        values = result.get()
+        return out if out is not None else values
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
                    chunksize: int | None,

@@ -13,6 +13,7 @@ import pytest
 
 import _chain_tasks as ct
 import _sched_tasks as tasks
+import shmrunner
 from _sched_tasks import Gates
 from _util import wait_until
 from shmrunner import DependencyError, Pool, Scheduler
@@ -141,3 +142,15 @@ def test_shutdown_from_a_done_callback_does_not_deadlock_the_scheduler(gates: Ga
         closer = threading.Thread(target=s.shutdown, daemon=True)
         closer.start()
         wait_until(lambda: not closer.is_alive(), RESULT, message="shutdown() to return")
+
+
+def test_pool_map_reports_progress_with_out_too() -> None:
+    """map(progress=..., out=...) returned the filled array but never called
+    progress: the out= path ignored it."""
+    seen: list[tuple[int, int | None]] = []
+    with Pool(2) as pool:
+        out = shmrunner.empty((8,))
+        assert pool.map(tasks.square, range(8), chunksize=2, out=out,
+                        progress=lambda done, total: seen.append((done, total))) is out
+        assert list(out) == [i * i for i in range(8)]
+    assert seen == [(2, 8), (4, 8), (6, 8), (8, 8)]
