@@ -48,7 +48,7 @@ from typing import Any
 
 from ._argtree import DESCEND, MAX_DEPTH, Path, Swap
 from ._job import Job
-from ._lightfuture import LightFuture
+from ._lightfuture import LightFuture, notify_cancelled
 from ._payload import only_scalars, payload_bytes
 from .errors import DependencyError
 
@@ -228,8 +228,8 @@ class Dependents:
 
     def _cancelled_by_caller(self, job: Job) -> Callable[[Future[Any]], None]:
         def done(future: Future[Any]) -> None:
-            if future.cancelled():
-                self._backlog.forget(job)
+            if future.cancelled() and self._backlog.forget(job):
+                notify_cancelled(job.future)  # never queued: nothing else will
         return done
 
     def _settled(self, wait: _Wait, dep: Future[Any]) -> None:
@@ -269,8 +269,8 @@ class Dependents:
             self._release(job, wait.deps)
             wait.deps = []
         elif dep.cancelled():
-            if self._backlog.forget(job):
-                job.future.cancel()
+            if self._backlog.forget(job) and job.future.cancel():
+                notify_cancelled(job.future)  # never queued: nothing else will
         elif self._backlog.forget(job):
             self._fail(job, dep)
 

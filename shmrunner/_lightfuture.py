@@ -43,7 +43,7 @@ from concurrent.futures._base import (
 )
 from typing import Any, TypeVar
 
-__all__ = ["LightFuture"]
+__all__ = ["LightFuture", "notify_cancelled"]
 
 T = TypeVar("T")
 
@@ -142,6 +142,19 @@ class LightFuture(Future[T]):
         _LOGGER.critical("Future %s in unexpected state: %s", id(self), self._state)
         raise RuntimeError("Future in unexpected state")
 
+    def notify_cancelled(self) -> None:
+        """For an executor dropping this cancelled future from its queue (it
+        will never pick it up): tell ``wait`` and ``as_completed``, as
+        ``set_running_or_notify_cancel`` does for one it picks up. Without
+        this they never count the future as done. Nothing if not cancelled,
+        or told already."""
+        with self._lock:
+            if self._state != CANCELLED:
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiter_list or ():
+                waiter.add_cancelled(self)
+
     def set_result(self, result: T) -> None:
         self._settle(result, None, failed=False)
 
@@ -171,3 +184,10 @@ class LightFuture(Future[T]):
                 callback(self)
             except (Exception, SystemExit):  # sys.exit() would end an engine thread
                 _LOGGER.exception("exception calling callback for %r", self)
+
+
+def notify_cancelled(future: Future[Any]) -> None:
+    """:meth:`LightFuture.notify_cancelled` for a future of any type (the
+    Scheduler's jobs hold theirs as plain ``Future``; all are LightFutures)."""
+    if isinstance(future, LightFuture):
+        future.notify_cancelled()

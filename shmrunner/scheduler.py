@@ -59,6 +59,7 @@ from . import _pid, _retry
 from ._backlog import Backlog
 from ._deps import Dependents, TaskFuture, in_done_callback
 from ._job import Job
+from ._lightfuture import notify_cancelled
 from ._payload import default_budget, only_scalars
 from ._streams import Progress, check_sizes, chunked_calls, stream, total_of
 from ._tasklogs import Record, emit, level_of
@@ -462,8 +463,11 @@ class Scheduler(Executor):
             wait = False
         cancelled = self._backlog.shut_down(cancel_futures)
         for job in cancelled:
+            # Taken out of the queue: no place() will tell wait() and as_completed().
+            if job.future.cancel():
+                notify_cancelled(job.future)
             # A job waiting for a retry is already RUNNING: cancel() cannot settle it.
-            if not job.future.cancel() and not job.future.done():
+            elif not job.future.done():
                 job.future.set_exception(TaskCancelledError(
                     f"task {job.id} was waiting for a retry when the scheduler shut down "
                     "with cancel_futures=True"))
@@ -573,8 +577,8 @@ class Scheduler(Executor):
             if not job.future.done():
                 if job.future.running():
                     job.future.set_exception(ShmrunnerError("the scheduler shut down"))
-                else:
-                    job.future.cancel()
+                elif job.future.cancel():
+                    notify_cancelled(job.future)
 
     def __enter__(self) -> Scheduler:
         return self

@@ -154,3 +154,42 @@ def test_pool_map_reports_progress_with_out_too() -> None:
                         progress=lambda done, total: seen.append((done, total))) is out
         assert list(out) == [i * i for i in range(8)]
     assert seen == [(2, 8), (4, 8), (6, 8), (8, 8)]
+
+
+def test_wait_and_as_completed_see_a_dependent_cancelled_with_its_dependency(
+        sched: Scheduler, gates: Gates) -> None:
+    """A task waiting for a future is never queued; cancelled (by its
+    dependency's cancel, or the caller's), it stayed CANCELLED without being
+    told to concurrent.futures.wait() and as_completed(), which waited for it
+    until their timeout (forever without one)."""
+    started = []
+    for i in range(6):
+        s, g = gates.new()
+        sched.submit(tasks.gated, s, g, i)
+        started.append(s)
+    Gates.started(started[0])
+    head = sched.submit(ct.inc, 1)
+    child = sched.submit(ct.inc, head)
+    other = sched.submit(ct.inc, sched.submit(tasks.gated, *gates.new(), 0))
+    assert head.cancel() and child.cancelled()
+    assert other.cancel()
+    done, _ = concurrent.futures.wait([child, other], timeout=RESULT)
+    assert done == {child, other}
+    assert set(concurrent.futures.as_completed([child, other], timeout=RESULT)) == {child, other}
+
+
+def test_wait_sees_queued_tasks_cancelled_by_shutdown(gates: Gates) -> None:
+    s = Scheduler(local_workers=1)
+    try:
+        started, gate = gates.new()
+        s.submit(tasks.gated, started, gate, 0)
+        Gates.started(started)
+        queued = [s.submit(tasks.square, i) for i in range(4)]
+        s.shutdown(wait=False, cancel_futures=True)
+        cancelled = [f for f in queued if f.cancelled()]
+        assert cancelled
+        done, _ = concurrent.futures.wait(cancelled, timeout=RESULT)
+        assert done == set(cancelled)
+    finally:
+        gates.open_all()
+        s.shutdown()
