@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import InvalidStateError
+from concurrent.futures._base import CANCELLED, PENDING
 from typing import Any
 
 from ._lightfuture import LightFuture
@@ -60,6 +61,9 @@ class JobFuture(LightFuture[Any]):
             if not self._withdrawn and self.withdraw is not None:
                 self._withdrawn = True
                 self.withdraw(self.job_id)
+            # Withdrawn: no "accepted" will move it on, so wait() and
+            # as_completed() are told now (they never saw it done otherwise).
+            self.notify_cancelled()
             return True
         if not self.done() and self.cancel_in_daemon is not None:
             self.cancel_in_daemon(self.job_id)
@@ -89,10 +93,12 @@ class JobFuture(LightFuture[Any]):
         if self._accepted:
             return
         self._accepted = True
-        try:
-            self.set_running_or_notify_cancel()
-        except (InvalidStateError, RuntimeError):
-            pass  # settled already (a result can come before the "accepted")
+        with self._lock:  # (reentrant) no cancel or result between the look and the move
+            # Settled already (a result can come before the "accepted"), or
+            # cancelled and told: set_running_or_notify_cancel would log a
+            # "Future in unexpected state" at CRITICAL and raise.
+            if self._state in (PENDING, CANCELLED):
+                self.set_running_or_notify_cancel()
         with self._lock:
             event = self._decided
         if event is not None:

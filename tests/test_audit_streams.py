@@ -8,6 +8,7 @@ import gc
 import itertools
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -193,3 +194,14 @@ def test_wait_sees_queued_tasks_cancelled_by_shutdown(gates: Gates) -> None:
     finally:
         gates.open_all()
         s.shutdown()
+
+
+def test_wait_sees_a_client_future_cancelled_before_the_daemon_accepted_it(
+        daemons: Any) -> None:
+    client = daemons().start().client()
+    futures = [client.submit(tasks.square, i) for i in range(200)]
+    cancelled = [f for f in futures if f.cancel()]
+    if not cancelled:
+        pytest.skip("the daemon accepted every job before the cancels")
+    done, _ = concurrent.futures.wait(cancelled, timeout=10)
+    assert done == set(cancelled)
