@@ -89,6 +89,15 @@ class TaskFuture(LightFuture[Any]):
         # Once settled: (attempts, worker) of its task, for Scheduler.describe.
         self.settled_runs: tuple[int, str | None] | None = None
 
+    def __reduce__(self) -> Any:
+        # Reached when a future sits where find() does not look and so travels
+        # with the task: say that, not "cannot pickle '_thread.RLock' object".
+        raise TypeError(
+            f"a future (of task {self.task_id}) cannot be sent to a worker: futures are "
+            "resolved only as arguments or inside lists, tuples, sets and dict values, "
+            f"up to {MAX_DEPTH} levels deep (not as a dict key, nor inside a namedtuple, "
+            "a dataclass or another object); put it there, or pass its result()")
+
     def runs(self) -> tuple[Job | None, tuple[int, str | None] | None]:
         """(its job while unsettled, (attempts, worker of the latest))."""
         job = self.job

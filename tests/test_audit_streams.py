@@ -205,3 +205,15 @@ def test_wait_sees_a_client_future_cancelled_before_the_daemon_accepted_it(
         pytest.skip("the daemon accepted every job before the cancels")
     done, _ = concurrent.futures.wait(cancelled, timeout=10)
     assert done == set(cancelled)
+
+
+def test_a_future_where_futures_are_not_resolved_fails_with_a_clear_error(
+        sched: Scheduler) -> None:
+    """It failed the task with "cannot pickle '_thread.RLock' object"."""
+    dep = sched.submit(ct.inc, 1)
+    deep: Any = dep
+    for _ in range(20):  # deeper than the levels searched
+        deep = [deep]
+    for arg in ({dep: 1}, deep):
+        with pytest.raises(TypeError, match="futures are resolved only as arguments"):
+            sched.submit(ct.echo, arg).result(RESULT)
