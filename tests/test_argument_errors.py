@@ -1,4 +1,4 @@
-"""Audit of what the docs promise: one-line errors for bad arguments to the
+"""What the docs promise of bad input: one-line errors for bad arguments to the
 Pool, the Scheduler, the Client and the CLI, and the daemon's answers
 matching the requests they answer (docs/protocol.md)."""
 
