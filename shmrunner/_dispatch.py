@@ -47,13 +47,16 @@ _FLUSH_AFTER = 1e-3
 
 
 class Budget:
-    """How many more tasks an imap feeder may submit (its ``buffersize``):
-    one is spent per task, one given back per result its consumer takes."""
+    """An imap feeder's allowance: ``free`` more tasks it may submit (its
+    ``buffersize``; None: no limit), one spent per task and one given back
+    per result its consumer takes; ``abandoned`` once the consumer dropped
+    the results (set without any lock: the feeder stops)."""
 
-    __slots__ = ("free",)
+    __slots__ = ("free", "abandoned")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int | None) -> None:
         self.free = size
+        self.abandoned = False
 
 
 class TaskQueue:
@@ -145,23 +148,25 @@ class TaskQueue:
 
     def wait_for_room(self, budget: Budget | None = None) -> bool:
         """Block a feeder until the queue has room and its ``budget`` a task
-        to spend (then spent); False once terminated."""
+        to spend (then spent); False once terminated or abandoned."""
         with self.changed:
             # Woken by every change that ends the wait (take_locked,
-            # remove_locked, clear_locked and give_back notify; so does
-            # terminating).
-            while self.state != TERMINATE and (
+            # remove_locked, clear_locked and give_back notify; so do
+            # terminating, and the manager thread when an abandon woke it).
+            while self.state != TERMINATE and (budget is None or not budget.abandoned) and (
                     len(self.pending) >= self.feed_limit
-                    or (budget is not None and budget.free <= 0)):
+                    or (budget is not None and budget.free is not None and budget.free <= 0)):
                 self.changed.wait()
-            if self.state == TERMINATE:
+            if self.state == TERMINATE or budget is not None and budget.abandoned:
                 return False
-            if budget is not None:
+            if budget is not None and budget.free is not None:
                 budget.free -= 1
             return True
 
     def give_back(self, budget: Budget) -> None:
         """A result of ``budget``'s imap was consumed: its feeder may read on."""
+        if budget.free is None:
+            return
         with self.changed:
             budget.free += 1
             self.changed.notify_all()

@@ -279,9 +279,16 @@ class ProcessEngine:
         return self._queue.wait_for_room(budget)
 
     @staticmethod
-    def new_budget(size: int) -> Budget:
-        """A feeder's allowance of ``size`` tasks ahead of its consumer."""
+    def new_budget(size: int | None) -> Budget:
+        """A feeder's allowance of ``size`` tasks ahead of its consumer (None: no limit)."""
         return Budget(size)
+
+    def abandon(self, budget: Budget) -> None:
+        """The consumer of ``budget``'s feeder is gone: the feeder stops. Safe
+        from any thread and from a garbage collector's finalizer (takes no
+        lock: the manager thread wakes the feeder)."""
+        budget.abandoned = True
+        self._wakeup.wake()
 
     def give_back(self, budget: Budget) -> None:
         """The consumer took a result: ``budget``'s feeder may submit one more."""

@@ -334,6 +334,8 @@ class Manager:
                     spawned = lifecycle.spawn_missing()
                     if spawned:
                         queue.changed.notify_all()  # wait_for_workers
+                if queue.feeders:  # one may have been abandoned (ProcessEngine.abandon)
+                    queue.changed.notify_all()
                 if state == CLOSE and not work_left:
                     self._stop_wait = lifecycle.stop_idle()
                     if not len(lifecycle):
