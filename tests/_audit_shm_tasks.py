@@ -1,0 +1,27 @@
+"""Worker functions for test_audit_shm.py (importable by spawned workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def row(i: int, n: int = 1000) -> np.ndarray:
+    return np.full(n, i, dtype=np.float64)
+
+
+def fail_first_then_straggle(i: int, gate: str) -> float:
+    """Item 0 opens ``gate`` and fails; item 1 waits for the gate, then takes
+    a while before its result is written into ``out``: a straggler of a map
+    that has already failed."""
+    if i == 0:
+        with open(gate, "w"):
+            pass
+        raise KeyError("item 0 fails")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # slow work: the map's failure is known well before it ends
+    return float(i)
