@@ -104,11 +104,23 @@ class MapResult(ApplyResult):
         self._success = True
         self._left = -(-length // chunksize) if chunksize else 0
         self._ended = self._left == 0  # under the lock: only one chunk settles the map
+        # Chunks not settled yet, failed map or not (see wait_all_settled).
+        self._unsettled = self._left
+        self._all_settled = threading.Event()
         if self._left == 0:
+            self._all_settled.set()
             super().settle(0, True, self._value)
+
+    def wait_all_settled(self) -> None:
+        """Wait until every chunk has settled, even after the map failed
+        (``map(out=...)``: the chunks still running write into ``out``)."""
+        self._all_settled.wait()
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
         with self._lock:
+            self._unsettled -= 1
+            if self._unsettled == 0:
+                self._all_settled.set()
             if self._ended:
                 return  # already failed: later chunks are dropped, as in multiprocessing
             if ok:

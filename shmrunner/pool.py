@@ -16,7 +16,6 @@ import os
 import queue
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -211,8 +210,8 @@ class Pool:
              chunksize: int | None, progress: Progress,
              out: np.ndarray[Any, Any] | None = None) -> Any:
         if not progress:
-            values = self._map_async(func, iterable, star, chunksize, out=out).get()
-            return out if out is not None else values
+            result = self._map_async(func, iterable, star, chunksize, out=out)
+            return self._map_value(result, out)
         # The caller waits anyway: it follows the chunks as they come in.
         chunks: queue.SimpleQueue[int] = queue.SimpleQueue()
         items = list(iterable)
@@ -226,8 +225,20 @@ class Pool:
                 meter.add(count)
         finally:
             meter.close()
-        values = result.get()
-        return out if out is not None else values
+        return self._map_value(result, out)
+
+    @staticmethod
+    def _map_value(result: MapResult, out: np.ndarray[Any, Any] | None) -> Any:
+        """What map returns; with ``out``, once none of its tasks writes into
+        ``out`` any more, even when it fails: the caller may reuse ``out`` at
+        once, and a straggler of a failed map would overwrite the next map's rows."""
+        try:
+            value = result.get()
+        except Exception:
+            if out is not None:
+                result.wait_all_settled()
+            raise
+        return out if out is not None else value
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any], star: bool,
                    chunksize: int | None,
@@ -272,15 +283,11 @@ class Pool:
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         engine = self._engine
-        budget = engine.new_budget(buffersize)
-        result = kind(functools.partial(engine.give_back, budget) if buffersize is not None
+        budget = engine.new_budget(buffersize) if buffersize is not None else None
+        result = kind(functools.partial(engine.give_back, budget) if budget is not None
                       else None)
-        # Dropped by its consumer (and its tasks settled): the feeder stops
-        # reading the input, so close() + join() end.
-        weakref.finalize(result, engine.abandon, budget)
         feeder = threading.Thread(target=_feed,
-                                  args=(engine, weakref.ref(result), func, iter(iterable),
-                                        chunksize, budget),
+                                  args=(engine, result, func, iter(iterable), chunksize, budget),
                                   name="shmrunner-imap-feeder", daemon=True)
         engine.add_feeder(feeder)
         feeder.start()
@@ -303,20 +310,13 @@ def _check_out(out: object, length: int) -> None:
         raise ValueError("map(out=...): out is read-only")
 
 
-def _feed(engine: ProcessEngine, results: weakref.ref[IMapIterator],
-          func: Callable[[Any], Any], items: Iterator[Any], chunksize: int,
-          budget: Budget) -> None:
-    """An imap's feeder thread: read the input lazily, at the pace the pool
-    runs it. It holds its results only while it submits (``results`` is a
-    weak reference), so a consumer that drops them ends it."""
+def _feed(engine: ProcessEngine, result: IMapIterator, func: Callable[[Any], Any],
+          items: Iterator[Any], chunksize: int, budget: Budget | None) -> None:
+    """An imap's feeder thread: read the input lazily, at the pace the pool runs it."""
     index = 0
     try:
         while True:
-            room = engine.wait_for_room(budget)
-            result = results()
-            if result is None:
-                return  # abandoned
-            if not room:
+            if not engine.wait_for_room(budget):
                 # Terminated: end the iterator rather than leave next() waiting.
                 result.settle(index, False, TaskCancelledError("the pool was terminated"))
                 result._set_length(index + 1)
@@ -338,6 +338,5 @@ def _feed(engine: ProcessEngine, results: weakref.ref[IMapIterator],
                 # end the iterator instead of draining the input.
                 result._set_length(index)
                 return
-            del result, chunk, fn, args  # not held while waiting for room
     finally:
         engine.remove_feeder(threading.current_thread())

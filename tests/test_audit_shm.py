@@ -25,7 +25,6 @@ def test_map_out_reports_progress() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="a failed map(out=) raises while its chunks still write")
 def test_a_failed_map_out_leaves_nothing_writing_into_out(tmp_path: Any) -> None:
     """When map(out=...) raises, no task of that map still writes into out:
     the README says to reuse out for every call of a loop, and a straggler of
