@@ -43,6 +43,7 @@ import fcntl
 import mmap
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -155,7 +156,12 @@ os.register_at_fork(before=_fork_shares_all)
 
 def _new_memfd(size: int) -> int:
     """A memfd of ``size`` bytes whose size is sealed (see the module docstring)."""
-    fd = os.memfd_create("shmrunner", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    create: Callable[[str, int], int] | None = getattr(os, "memfd_create", None)
+    if create is None:
+        # A Python built against a libc without it (glibc < 2.27): an OSError,
+        # as on a kernel without memfds, so that transfers fall back to pickling.
+        raise OSError(errno.ENOSYS, "this Python has no os.memfd_create")
+    fd = create("shmrunner", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)

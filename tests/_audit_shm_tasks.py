@@ -25,3 +25,23 @@ def fail_first_then_straggle(i: int, gate: str) -> float:
         time.sleep(0.01)
     time.sleep(0.5)  # slow work: the map's failure is known well before it ends
     return float(i)
+
+
+def full(i: float, n: int = 1 << 17) -> np.ndarray:
+    """A 1 MiB result."""
+    return np.full(n, float(i))
+
+
+def total(a: np.ndarray) -> float:
+    return float(a.sum())
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+class Unpicklable:
+    """An argument whose pickling fails (as a lock's, or a socket's, does)."""
+
+    def __reduce__(self) -> str:
+        raise TypeError("cannot pickle this object")
