@@ -36,6 +36,7 @@ explained there); ``_shmlimits.py`` the fd limit and the memory check.
 
 from __future__ import annotations
 
+import errno
 import warnings
 from typing import Any
 
@@ -97,12 +98,23 @@ def empty(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndar
     try:
         seg = Segment.allocate(nbytes)
     except OSError as exc:
-        raise SharedMemoryError(
-            f"cannot allocate {mib(nbytes)} of shared memory: {exc.strerror or exc}; "
-            "free memory or use a smaller array"
-        ) from exc
+        raise _allocation_error(exc, nbytes) from exc
     array: np.ndarray[Any, Any] = np.ndarray(shape_t, dt, buffer=seg)
     return array
+
+
+def _allocation_error(exc: OSError, nbytes: int) -> SharedMemoryError:
+    """The one-line error for a segment :func:`empty` could not make: the fix
+    depends on what ran out (fds, memory) or is missing (memfds)."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return fd_limit_error("cannot allocate a shared array")
+    if exc.errno == errno.ENOSYS:
+        return SharedMemoryError(
+            f"cannot allocate a shared array: shared memory is unavailable ({exc.strerror}); "
+            "pass plain numpy arrays instead, which are pickled to the workers")
+    return SharedMemoryError(
+        f"cannot allocate {mib(nbytes)} of shared memory: {exc.strerror or exc}; "
+        "free memory or use a smaller array")
 
 
 def zeros(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndarray[Any, Any]:

@@ -116,7 +116,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="TODO")
 def test_empty_at_the_fd_limit_names_the_limit(tmp_path: Path) -> None:
     """empty() out of fds says so and how to raise the limit (as receiving
     an array does), not "free memory or use a smaller array"."""
