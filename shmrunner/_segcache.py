@@ -47,7 +47,8 @@ passed on to it; without a watcher nothing more is done.
 
 Budget: the free slots' bytes never exceed :func:`shm_cache_limit` (default:
 an eighth of the memory available when first used; ``SHMRUNNER_SHM_CACHE``
-or :func:`set_shm_cache` override, 0 disables). Slots lent out are not
+or :func:`set_shm_cache` override, 0 disables), nor their number an eighth
+of the soft ``RLIMIT_NOFILE`` (each holds an fd). Slots lent out are not
 counted: they are the arrays in flight, as without a cache.
 """
 
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import collections
 import os
+import resource
 import struct
 import threading
 import weakref
@@ -95,7 +97,7 @@ _adopted: collections.deque[int] = collections.deque()  # fds adopt() queued
 _out: dict[int, Slot] = {}  # inode -> slot being filled or sent: neither free nor lent yet
 # Returned slots: the worker released them, the parent still maps them.
 _awaiting: dict[int, Slot] = {}
-_unreturned: collections.deque[tuple[Slot, int, bool]] = collections.deque()  # finalizers queue
+_unreturned: collections.deque[tuple[Slot, bool]] = collections.deque()  # finalizers queue
 _limit: int | None = None
 _stats = {"hits": 0, "misses": 0, "evicted": 0, "recycled": 0, "dropped": 0,
           "spares_granted": 0, "spares_used": 0}
@@ -250,7 +252,12 @@ def adopt(fd: int) -> None:
 
     Called by a garbage collector's finalizer, which may run inside any
     allocation, even one made under ``_lock``: only queued here, taken in by
-    the next :func:`acquire` (or info, or budget change)."""
+    the next :func:`acquire` (or info, or budget change). Closed at once
+    when the cache could not keep it anyway: queued, it would hold an fd
+    until the pool's next task, however many arrays the program drops."""
+    if len(_adopted) + len(_order) >= _max_free_segments():  # racy reads: at worst one more
+        _close([Slot(fd, 0, 0)])
+        return
     _adopted.append(fd)
 
 
@@ -263,10 +270,10 @@ def _take_in_adopted() -> None:
         _adopt(fd)
     while _unreturned:
         try:
-            slot, fd, kept = _unreturned.popleft()
+            slot, kept = _unreturned.popleft()
         except IndexError:
             return
-        _parent_unmapped(slot, fd, kept)
+        _parent_unmapped(slot, kept)
 
 
 def returned(inode: int) -> Slot | None:
@@ -291,18 +298,18 @@ def lending() -> bool:
 def unmap_returned(slot: Slot, fd: int, kept: bool) -> None:
     """A mapping of a returned slot here is collected (its own ``fd``);
     ``kept``: it was neither sent on by handle nor mapped across a fork.
-    Called by a finalizer: only queued (see :func:`adopt`)."""
-    _unreturned.append((slot, fd, kept))
+    Called by a finalizer: only queued (see :func:`adopt`), its fd closed now."""
+    _close([Slot(fd, 0, 0)])
+    _unreturned.append((slot, kept))
 
 
-def _parent_unmapped(slot: Slot, fd: int, kept: bool) -> None:
+def _parent_unmapped(slot: Slot, kept: bool) -> None:
     with _lock:
         slot.parent_maps -= 1
         slot.escaped = slot.escaped or not kept
         settled = slot.parent_maps == 0 and slot.worker_done
         if settled:
             _awaiting.pop(slot.inode, None)
-    _close([Slot(fd, 0, 0)])
     if settled:
         if slot.escaped:
             _close([slot])
@@ -418,11 +425,25 @@ def _take_locked(slot: Slot) -> None:
     _free_bytes -= slot.size
 
 
+def _max_free_segments() -> int:
+    """How many free slots may be kept: each holds an fd, and a byte budget
+    alone would let a cache of small segments take most of a low
+    ``RLIMIT_NOFILE`` (4096 on some clusters), leaving none for the arrays
+    the program holds. An eighth of the soft limit, as the byte budget is of
+    memory."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(soft // 8, 16)
+
+
 def _evict_locked(limit: int) -> list[Slot]:
-    """Drop the least recently freed slots until the free bytes fit ``limit``."""
+    """Drop the least recently freed slots until the free bytes fit ``limit``
+    and their fds :func:`_max_free_segments`."""
     global _free_bytes
     out = []
-    while _free_bytes > limit and _order:
+    most = _max_free_segments()
+    while (_free_bytes > limit or len(_order) > most) and _order:
         _, slot = _order.popitem(last=False)
         _free_bytes -= slot.size
         _free[slot.size].remove(slot)
@@ -447,7 +468,7 @@ def _reset_in_child() -> None:
     slots = (list(_order.values()) + list(_out.values())
              + [s for held in _lent.values() for s in held.values()])
     slots += [Slot(fd, 0, 0) for fd in _adopted]
-    slots += list(_awaiting.values()) + [Slot(fd, 0, 0) for _, fd, _ in _unreturned]
+    slots += list(_awaiting.values())
     _adopted.clear()
     _awaiting.clear()
     _unreturned.clear()

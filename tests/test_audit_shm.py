@@ -91,7 +91,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="TODO")
 def test_the_segment_cache_leaves_room_under_the_fd_limit(tmp_path: Path) -> None:
     """Free recycled segments cost an fd each; a byte budget alone let them take
     most of a low RLIMIT_NOFILE, so a process that held no array any more
