@@ -176,3 +176,23 @@ def test_unpicklable_items_do_not_stall_the_tasks_queued_behind_them() -> None:
         with pytest.raises(TypeError, match="cannot pickle"):
             failed.get(timeout=20)
         assert pool.apply_async(at.pid).get(timeout=20) > 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="pickling._reduce_array pickles a shared array by value "
+                   "once a message holds MAX_FDS (253) fds: the task writes into a copy")
+def test_a_task_given_more_shared_arrays_than_one_message_carries_sees_them_all() -> None:
+    """Shared arrays pass by handle, so a task's writes are the caller's; past
+    253 distinct segments in one task they silently travelled as copies and
+    those writes were lost. Either they all stay shared or the task fails
+    with one clear SharedMemoryError."""
+    arrays = [shmrunner.zeros(10) for _ in range(300)]
+    with shmrunner.Pool(1) as pool:
+        try:
+            pool.apply(at.add_one_to_each, (arrays,))
+        except shmrunner.SharedMemoryError as exc:
+            assert "\n" not in str(exc)
+            return
+    changed = [int(a[0]) for a in arrays]
+    del arrays  # not kept alive by a failure's traceback: the leak check would wait on them
+    assert changed == [1] * 300
