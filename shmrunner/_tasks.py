@@ -85,7 +85,13 @@ def run_chunk_into(fn: Callable[..., Any], chunk: list[Any], star: bool, out: An
                 f"map(out=...): result {first + i} has shape {tuple(shape)}, but "
                 f"out[{first + i}] has shape {row.shape}; make out's shape "
                 f"(len(items), *result shape)")
-        np.copyto(row, value, casting="same_kind")
+        try:
+            np.copyto(row, value, casting="same_kind")
+        except TypeError as exc:  # numpy's message names neither the result nor out
+            raise TypeError(
+                f"map(out=...): result {first + i} (dtype {np.asarray(value).dtype}) cannot "
+                f"be written into out (dtype {row.dtype}) under numpy's same_kind rule; "
+                "allocate out with the results' dtype") from exc
     return [None] * len(chunk)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import _audit_shm_tasks as at
+import numpy as np
 import pytest
 
 import shmrunner
@@ -74,6 +75,7 @@ import gc, json, os, resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 import shmrunner
 import _audit_shm_tasks as at
+import numpy as np
 
 if __name__ == "__main__":
     with shmrunner.Pool(1) as pool:
@@ -129,6 +131,7 @@ del os.memfd_create  # a Python built without it (an old glibc)
 import numpy as np
 import shmrunner
 import _audit_shm_tasks as at
+import numpy as np
 
 if __name__ == "__main__":
     with warnings.catch_warnings(record=True) as caught:
@@ -196,3 +199,12 @@ def test_a_task_given_more_shared_arrays_than_one_message_carries_sees_them_all(
     changed = [int(a[0]) for a in arrays]
     del arrays  # not kept alive by a failure's traceback: the leak check would wait on them
     assert changed == [1] * 300
+
+
+@pytest.mark.timeout(60)
+def test_map_out_of_the_wrong_dtype_names_the_result_and_out() -> None:
+    with shmrunner.Pool(1) as pool:
+        with pytest.raises(TypeError, match=r"map\(out=...\): result 0 \(dtype float64\) "
+                                            r"cannot be written into out \(dtype int32\)") as info:
+            pool.map(at.row, range(2), out=shmrunner.empty((2, 1000), dtype=np.int32))
+        assert "\n" not in str(info.value)
