@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from . import _segcache, _spares
-from ._shmlimits import check_fits, mib
+from ._shmlimits import check_fits, mib, raise_fd_limit
 from .errors import ProtocolError, SharedMemoryError
 
 __all__ = ["Segment", "close_copies", "copy_to_memfd", "fill_slot"]
@@ -90,6 +90,7 @@ class Segment(mmap.mmap):
             raise ProtocolError(f"refused a shared array: its window starts at {origin}, "
                                 "not a page boundary; it was not sent by shmrunner")
         _check_sealed(fd, origin + size)
+        raise_fd_limit()  # each segment held costs two fds (this one and mmap's)
         # Mapped lazily, never with MAP_POPULATE: a caller may read a result
         # in part or not at all (populating and unmapping cost it 3.4 ms per
         # 64 MiB whatever it reads), and even a worker that reads or writes
@@ -156,6 +157,9 @@ os.register_at_fork(before=_fork_shares_all)
 
 def _new_memfd(size: int) -> int:
     """A memfd of ``size`` bytes whose size is sealed (see the module docstring)."""
+    # Every segment made or received holds fds: the first lifts the soft limit
+    # (a program may never call shm.empty, which does it too).
+    raise_fd_limit()
     create: Callable[[str, int], int] | None = getattr(os, "memfd_create", None)
     if create is None:
         # A Python built against a libc without it (glibc < 2.27): an OSError,

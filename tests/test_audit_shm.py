@@ -208,3 +208,28 @@ def test_map_out_of_the_wrong_dtype_names_the_result_and_out() -> None:
                                             r"cannot be written into out \(dtype int32\)") as info:
             pool.map(at.row, range(2), out=shmrunner.empty((2, 1000), dtype=np.int32))
         assert "\n" not in str(info.value)
+
+
+SOFT_FD_LIMIT_SCRIPT = """
+import json, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+import shmrunner
+import _audit_shm_tasks as at
+
+if __name__ == "__main__":
+    with shmrunner.Pool(1) as pool:  # plain arrays only: no shmrunner.empty() call
+        try:
+            results = pool.map(at.full, range(200), chunksize=1)  # 2 fds each
+            error = None
+        except shmrunner.SharedMemoryError as exc:
+            results, error = [], str(exc)
+    print(json.dumps({"held": len(results), "error": error}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_holding_many_results_raises_the_soft_fd_limit(tmp_path: Path) -> None:
+    """README: shmrunner raises the soft RLIMIT_NOFILE to the hard limit the
+    first time it allocates a shared array; it did so only in empty(), so a
+    program using the Pool with plain arrays failed at the soft limit."""
+    assert run_script(tmp_path, SOFT_FD_LIMIT_SCRIPT) == {"held": 200, "error": None}
