@@ -178,7 +178,7 @@ def test_unpicklable_items_do_not_stall_the_tasks_queued_behind_them() -> None:
         failed = pool.map_async(at.total, [at.Unpicklable()] * 200, chunksize=1)
         with pytest.raises(TypeError, match="cannot pickle"):
             failed.get(timeout=20)
-        assert pool.apply_async(at.pid).get(timeout=20) > 0
+        assert pool.apply_async(at.pid).get(timeout=10) > 0
 
 
 @pytest.mark.timeout(60)
