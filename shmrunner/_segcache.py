@@ -71,7 +71,7 @@ __all__ = ["Slot", "acquire", "lend", "give_back", "released", "dropped", "forge
            "track_releases", "note_mapped", "new_slot", "discard", "note_escaped",
            "pending_reports", "encode_report", "decode_report", "acquire_free", "report_released",
            "report_dropped", "returned", "lending", "unmap_returned", "replying", "Watcher",
-           "watch", "unwatch"]
+           "watch", "unwatch", "check_env"]
 
 
 @dataclass(eq=False)
@@ -152,17 +152,29 @@ def shm_cache_limit() -> int:
     """The byte budget of free cached segments (see the module docstring)."""
     global _limit
     if _limit is None:
-        env = os.environ.get("SHMRUNNER_SHM_CACHE")
-        if env:
-            try:
-                _limit = max(int(env), 0)
-            except ValueError:
-                raise ConfigError(
-                    f"SHMRUNNER_SHM_CACHE={env!r} is not a whole number of bytes; "
-                    "set it to e.g. 1073741824, 0 to disable the cache, or unset it") from None
-        else:
-            _limit = available_memory() // 8
+        env = _env_limit()
+        _limit = env if env is not None else available_memory() // 8
     return _limit
+
+
+def check_env() -> None:
+    """Raise ConfigError for a malformed ``SHMRUNNER_SHM_CACHE`` now (a pool
+    or scheduler is made), not later from inside a task's pickling or the
+    manager thread, where it fails tasks instead of the program's setup."""
+    if _limit is None:
+        _env_limit()
+
+
+def _env_limit() -> int | None:
+    env = os.environ.get("SHMRUNNER_SHM_CACHE")
+    if not env:
+        return None
+    try:
+        return max(int(env), 0)
+    except ValueError:
+        raise ConfigError(
+            f"SHMRUNNER_SHM_CACHE={env!r} is not a whole number of bytes; "
+            "set it to e.g. 1073741824, 0 to disable the cache, or unset it") from None
 
 
 def set_shm_cache(max_bytes: int | None) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _segcache
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from ._streams import Meter, Progress, metered, total_of
@@ -79,6 +80,7 @@ class Pool:
         # A whole number, as multiprocessing's range(processes) insists: 2.5
         # made a pool whose map() failed later, on its chunk size.
         processes = operator.index(processes)
+        _segcache.check_env()
         settings = EngineSettings(  # validates, as multiprocessing.Pool does
             processes=processes, initializer=initializer, initargs=tuple(initargs),
             maxtasksperchild=maxtasksperchild,

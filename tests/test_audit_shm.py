@@ -233,3 +233,37 @@ def test_holding_many_results_raises_the_soft_fd_limit(tmp_path: Path) -> None:
     first time it allocates a shared array; it did so only in empty(), so a
     program using the Pool with plain arrays failed at the soft limit."""
     assert run_script(tmp_path, SOFT_FD_LIMIT_SCRIPT) == {"held": 200, "error": None}
+
+
+BAD_CACHE_ENV_SCRIPT = """
+import json, os
+os.environ["SHMRUNNER_SHM_CACHE"] = "64MiB"  # not a whole number of bytes
+import numpy as np
+import shmrunner
+import _audit_shm_tasks as at
+
+def outcome(make):
+    try:
+        with make() as runner:
+            runner.map(at.total, [np.ones(1 << 17)] * 4)
+            runner.map(at.total, [np.ones(1 << 17)] * 4)
+        return "ran"
+    except shmrunner.ConfigError as exc:
+        return "ConfigError" if "SHMRUNNER_SHM_CACHE" in str(exc) else repr(exc)
+    except Exception as exc:
+        return repr(exc)
+
+if __name__ == "__main__":
+    print(json.dumps({"pool": outcome(lambda: shmrunner.Pool(2)),
+                      "scheduler": outcome(lambda: shmrunner.Scheduler(local_workers=2))}))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_shm_cache_variable_fails_at_construction(tmp_path: Path) -> None:
+    """SHMRUNNER_SHM_CACHE was parsed only when a task's arrays were copied:
+    the ConfigError then failed tasks from inside the pickler (or the
+    manager thread), and the tasks queued behind them stalled. It is checked
+    when a Pool or Scheduler is made, like SHMRUNNER_SHM_THRESHOLD."""
+    assert run_script(tmp_path, BAD_CACHE_ENV_SCRIPT) == {"pool": "ConfigError",
+                                                          "scheduler": "ConfigError"}

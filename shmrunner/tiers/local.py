@@ -52,8 +52,10 @@ class LocalTier:
     def __init__(self, events: TierEvents, processes: int, settings: SchedulerSettings) -> None:
         import multiprocessing
 
+        from .. import _segcache
         from .._engine import EngineSettings, ProcessEngine
 
+        _segcache.check_env()
         self._events = events
         self.name = f"local@{socket.gethostname()}"  # what Job.worker says of these workers
         logs = engine_setting(settings.task_logs, settings.task_log_bytes, "scheduler.task_logs")
