@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -285,11 +286,15 @@ class Pool:
             if buffersize < 1:
                 raise ValueError("buffersize must be None or > 0")
         engine = self._engine
-        budget = engine.new_budget(buffersize) if buffersize is not None else None
-        result = kind(functools.partial(engine.give_back, budget) if budget is not None
+        budget = engine.new_budget(buffersize)
+        result = kind(functools.partial(engine.give_back, budget) if buffersize is not None
                       else None)
+        # Dropped by its consumer (and its tasks settled): the feeder stops
+        # reading the input, so close() + join() end.
+        weakref.finalize(result, engine.abandon, budget)
         feeder = threading.Thread(target=_feed,
-                                  args=(engine, result, func, iter(iterable), chunksize, budget),
+                                  args=(engine, weakref.ref(result), func, iter(iterable),
+                                        chunksize, budget),
                                   name="shmrunner-imap-feeder", daemon=True)
         engine.add_feeder(feeder)
         feeder.start()
@@ -312,13 +317,20 @@ def _check_out(out: object, length: int) -> None:
         raise ValueError("map(out=...): out is read-only")
 
 
-def _feed(engine: ProcessEngine, result: IMapIterator, func: Callable[[Any], Any],
-          items: Iterator[Any], chunksize: int, budget: Budget | None) -> None:
-    """An imap's feeder thread: read the input lazily, at the pace the pool runs it."""
+def _feed(engine: ProcessEngine, results: weakref.ref[IMapIterator],
+          func: Callable[[Any], Any], items: Iterator[Any], chunksize: int,
+          budget: Budget) -> None:
+    """An imap's feeder thread: read the input lazily, at the pace the pool
+    runs it. It holds its results only while it submits (``results`` is a
+    weak reference), so a consumer that drops them ends it."""
     index = 0
     try:
         while True:
-            if not engine.wait_for_room(budget):
+            room = engine.wait_for_room(budget)
+            result = results()
+            if result is None:
+                return  # abandoned
+            if not room:
                 # Terminated: end the iterator rather than leave next() waiting.
                 result.settle(index, False, TaskCancelledError("the pool was terminated"))
                 result._set_length(index + 1)
@@ -340,5 +352,6 @@ def _feed(engine: ProcessEngine, result: IMapIterator, func: Callable[[Any], Any
                 # end the iterator instead of draining the input.
                 result._set_length(index)
                 return
+            del result, chunk, fn, args  # not held while waiting for room
     finally:
         engine.remove_feeder(threading.current_thread())
