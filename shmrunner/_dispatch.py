@@ -203,7 +203,7 @@ class TaskQueue:
         wake = False
         while todo:
             encoded: list[tuple[Task, Encoded]] = []
-            handled = 0
+            handled = unpicklable = 0
             since = time.monotonic()
             while todo:
                 task = todo.popleft()
@@ -212,6 +212,7 @@ class TaskQueue:
                     encoded.append((task, encode_task(task, self._threshold)))
                 except BaseException as exc:  # noqa: BLE001 (user __reduce__ code: the task fails)
                     failed.append((task, exc))
+                    unpicklable += 1
                 if todo and time.monotonic() - since >= _FLUSH_AFTER:
                     break
             with self.lock:
@@ -219,6 +220,10 @@ class TaskQueue:
                 wake = self._send_locked(encoded, failed) or wake
                 if todo:
                     self._trim_locked(todo, failed)
+                elif unpicklable:
+                    # The room they were taken for is free again, and no reply
+                    # will come to dispatch the tasks queued behind them.
+                    todo.extend(self.take_locked())
         if wake:
             self._wake()
         return failed

@@ -99,7 +99,7 @@ def encode_task(task: Task, threshold: int) -> Encoded:
     """Pickle ``task``'s call; raises whatever user ``__reduce__`` code raises."""
     # Spares for its results are keyed by the user's function (``_spares``).
     key = _spares.key_of(task.args[0] if task.fn is run_chunk and task.args else task.fn)
-    return dumps((task.fn, task.args, task.kwargs), threshold, lease=True,
+    return dumps((task.fn, task.args, task.kwargs), threshold, lease=True, by_handle=True,
                  spares_for=(task.id, key),
                  plain=type(task.fn) in _FUNCTIONS and only_scalars(task.args, task.kwargs))
 

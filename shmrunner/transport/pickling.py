@@ -91,11 +91,13 @@ def close_fds(fds: list[int]) -> None:
 class _Sending:
     """Per-message state of a dump: the fds collected so far."""
 
-    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd", "lease", "leases")
+    __slots__ = ("threshold", "fds", "owned", "borrowed", "index_of_fd", "lease", "leases",
+                 "by_handle")
 
-    def __init__(self, threshold: int, lease: bool) -> None:
+    def __init__(self, threshold: int, lease: bool, by_handle: bool = False) -> None:
         self.threshold = threshold
         self.lease = lease
+        self.by_handle = by_handle
         self.leases: list[_segcache.Slot] = []
         self.fds: list[int] = []
         self.owned: list[int] = []
@@ -122,8 +124,14 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
     full = len(state.fds) >= MAX_FDS
     seg = segment_of(array)
     if seg is not None:
-        if full and seg.fd not in state.index_of_fd:
-            return array.__reduce__()  # a segment already in the message costs no new fd
+        if full and seg.fd not in state.index_of_fd:  # (one already in costs no new fd)
+            if state.by_handle:
+                # A copy would silently drop the task's writes into it.
+                raise SharedMemoryError(
+                    f"a task can carry at most {MAX_FDS} distinct shared arrays (its "
+                    f"message's fd limit), and this one has more; pass views of fewer, "
+                    f"larger shared arrays (shmrunner.empty((n, ...))), or split the task")
+            return array.__reduce__()  # a result: a copy is what the caller gets anyway
         _segcache.note_escaped(seg)
         seg.shared_out()
         index = state.add_fd(seg.fd, owned=False)
@@ -203,7 +211,7 @@ def _dispatch_table() -> dict[Any, Any]:
 
 def dumps(obj: object, threshold: int, lease: bool = False,
           spares_for: tuple[int, Hashable | None] | None = None,
-          plain: bool = False) -> Encoded:
+          plain: bool = False, by_handle: bool = False) -> Encoded:
     """Pickle ``obj``, moving arrays of ``threshold`` bytes or more by fd.
 
     ``lease``: copy plain arrays into recycled segments (``_segcache``); the
@@ -212,8 +220,10 @@ def dumps(obj: object, threshold: int, lease: bool = False,
     task's results (``_spares``), lent likewise. ``plain``: the caller knows
     ``obj`` holds only functions and scalars (no array, nothing our reducers
     handle): pickled as the standard pickler does, in a quarter of the time
-    (the tiny task's and its result's way)."""
-    state = _Sending(threshold, lease)
+    (the tiny task's and its result's way). ``by_handle``: every shared array
+    must travel by handle (a task's arguments, which it may write into):
+    past :data:`MAX_FDS` segments raise SharedMemoryError rather than copy."""
+    state = _Sending(threshold, lease, by_handle)
     data = _plain(obj) if plain else None
     if data is None:
         buf = io.BytesIO()

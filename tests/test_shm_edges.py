@@ -1,4 +1,4 @@
-"""Audit of shared memory through the public API: map(out=...) gathers,
+"""Edges of shared memory through the public API: map(out=...) gathers,
 recycled segments, resource limits. Real worker processes throughout."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import _audit_shm_tasks as at
+import _shm_edge_tasks as at
 import numpy as np
 import pytest
 
@@ -74,7 +74,7 @@ CACHE_FDS_SCRIPT = """
 import gc, json, os, resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 import shmrunner
-import _audit_shm_tasks as at
+import _shm_edge_tasks as at
 import numpy as np
 
 if __name__ == "__main__":
@@ -130,7 +130,7 @@ import json, os, warnings
 del os.memfd_create  # a Python built without it (an old glibc)
 import numpy as np
 import shmrunner
-import _audit_shm_tasks as at
+import _shm_edge_tasks as at
 import numpy as np
 
 if __name__ == "__main__":
@@ -169,9 +169,6 @@ def test_without_memfd_create_arrays_fall_back_to_pickling(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="_dispatch.Queue.send takes at most the workers' room; "
-                   "when every task it took fails to pickle nothing is sent, so no reply "
-                   "comes to dispatch the rest of the queue: later tasks wait forever")
 def test_unpicklable_items_do_not_stall_the_tasks_queued_behind_them() -> None:
     with shmrunner.Pool(1) as pool:
         pool.apply(at.pid)
@@ -182,8 +179,6 @@ def test_unpicklable_items_do_not_stall_the_tasks_queued_behind_them() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="pickling._reduce_array pickles a shared array by value "
-                   "once a message holds MAX_FDS (253) fds: the task writes into a copy")
 def test_a_task_given_more_shared_arrays_than_one_message_carries_sees_them_all() -> None:
     """Shared arrays pass by handle, so a task's writes are the caller's; past
     253 distinct segments in one task they silently travelled as copies and
@@ -214,7 +209,7 @@ SOFT_FD_LIMIT_SCRIPT = """
 import json, resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 import shmrunner
-import _audit_shm_tasks as at
+import _shm_edge_tasks as at
 
 if __name__ == "__main__":
     with shmrunner.Pool(1) as pool:  # plain arrays only: no shmrunner.empty() call
@@ -240,7 +235,7 @@ import json, os
 os.environ["SHMRUNNER_SHM_CACHE"] = "64MiB"  # not a whole number of bytes
 import numpy as np
 import shmrunner
-import _audit_shm_tasks as at
+import _shm_edge_tasks as at
 
 def outcome(make):
     try:
