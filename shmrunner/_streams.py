@@ -110,6 +110,9 @@ class Meter:
         self._bar: Any = None
         if callable(progress):
             self._callback = progress
+        elif progress not in (True, False, None):  # (5 or "yes" once meant a bar)
+            raise TypeError(f"progress must be True (a tqdm bar), False/None, or a "
+                            f"callable(done, total), got {progress!r}")
         elif progress:
             try:
                 from tqdm.auto import tqdm

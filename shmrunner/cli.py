@@ -74,6 +74,10 @@ def _daemon(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from .client import Client
 
+    if args.watch is None and args.count is not None:
+        raise ConfigError("--count N is how many --watch refreshes to show: give "
+                          "--watch SECONDS too")
+
     client = Client(args.connect, ack_timeout=args.timeout,
                     curve_secret_key=args.curve_secret_key,
                     curve_server_key=args.curve_server_key)
@@ -114,6 +118,9 @@ def _jobs(args: argparse.Namespace) -> int:
     ids = _job_ids(args.job_ids, MAX_JOB_IDS)
     if args.log is not None:
         _job_ids([args.log], 1)
+        if ids:
+            raise ConfigError(f"--log {args.log} shows one job's log: give no other job id "
+                              f"(or drop --log to list jobs {' '.join(ids)})")
     client = Client(args.connect, ack_timeout=args.timeout,
                     curve_secret_key=args.curve_secret_key,
                     curve_server_key=args.curve_server_key)

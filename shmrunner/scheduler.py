@@ -352,6 +352,9 @@ class Scheduler(Executor):
 
         ``future.cancel()`` itself keeps ``concurrent.futures``' meaning:
         False, and nothing stops, once the task runs."""
+        if not isinstance(future, Future):
+            raise TypeError(f"cancel() takes a future this Scheduler returned, got "
+                            f"{type(future).__name__}")
         if future.cancel():
             return True
         job, _ = self._runs(future)

@@ -31,7 +31,31 @@ def test_cli_malformed_connect_address_is_one_usage_line(command: tuple[str, ...
     assert "bogus" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, words", [
+    (("jobs", "--log", "one", "two"), ["--log one", "two"]),
+    (("status", "--count", "2"), ["--count", "--watch"]),
+])
+def test_cli_options_that_would_be_ignored_are_refused(args: tuple[str, ...],
+                                                       words: list[str]) -> None:
+    done = run_cli(*args, "--connect", "tcp://127.0.0.1:1", "--timeout", "1")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in words), lines
+
+
 # --- the Pool ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_progress_that_is_neither_a_flag_nor_a_callable_is_named() -> None:
+    with shmrunner.Pool(1) as pool:
+        with pytest.raises(TypeError, match="progress must be"):
+            pool.map(_inc, range(3), progress=5)  # type: ignore[arg-type]
+    with shmrunner.Scheduler(local_workers=1) as sched:
+        with pytest.raises(TypeError, match="progress must be"):
+            sched.map(_inc, range(3), progress="yes")  # type: ignore[arg-type]
+        assert list(sched.map(_inc, range(3), progress=None)) == [1, 2, 3]
 
 @pytest.mark.timeout(60)
 def test_pool_refuses_a_fractional_process_count() -> None:
@@ -49,6 +73,13 @@ def test_scheduler_settings_of_the_wrong_type_is_named() -> None:
         shmrunner.Scheduler(local_workers=0, settings={"local_workers": 1})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="settings"):
         shmrunner.Scheduler(local_workers=1, settings=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_scheduler_cancel_of_something_else_than_a_future_is_named() -> None:
+    with shmrunner.Scheduler(local_workers=1) as sched:
+        with pytest.raises(TypeError, match="cancel\\(\\) takes a future"):
+            sched.cancel(5)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(60)
