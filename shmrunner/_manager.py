@@ -11,6 +11,12 @@ it reads the workers' memory every ``_memwatch.WATCH_INTERVAL``; it also has
 one while a stopped worker's grace runs out (otherwise it waits on events
 only). It only ever does non-blocking socket work, so it can never deadlock
 with a worker blocked sending to it.
+
+A ``Pool.apply`` caller may claim an idle worker (``ProcessLifecycle.claim``)
+and read its reply on its own thread (:meth:`Manager.read_claimed`, the same
+handling as here); meanwhile this thread leaves that channel alone
+(``Process.reader``), and a dead claimed worker is reaped once its claimer,
+which watches the same end, has handed it back.
 """
 
 from __future__ import annotations
