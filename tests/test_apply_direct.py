@@ -216,3 +216,18 @@ def test_an_exception_while_apply_handles_its_reply_costs_the_worker_not_the_poo
         assert pool.apply(os.getpid) != pid  # replaced
         pool.close()
         pool.join()
+
+
+@pytest.mark.timeout(60)
+def test_apply_waiting_on_a_long_task_does_not_burn_the_callers_cpu() -> None:
+    """After tiny tasks, apply polls for a while before it sleeps (their
+    replies come sooner than a wake-up would): for a long task, that while is
+    bounded, and the caller then sleeps."""
+    import time
+
+    with shmrunner.Pool(1) as pool:
+        for _ in range(20):
+            pool.apply(tasks.add_one, (1,))
+        start = time.thread_time()
+        pool.apply(time.sleep, (0.5,))
+        assert time.thread_time() - start < 0.1  # the whole wait spun would be 0.5 s
