@@ -70,6 +70,7 @@ FLUSH_EVERY = 1.0  # seconds: how often a long task's records go out before its 
 MAX_WIRE_CHARS = MAX_LIMIT + 256  # the truncation marker comes on top of the limit
 MAX_WIRE_RECORDS = MAX_LIMIT // _RECORD_COST + 1
 _MAX_NAME = 200  # characters of a logger name kept
+_MIN_NAP = 0.05  # seconds: the flusher's shortest sleep
 
 Record = tuple[float, int, str, str]  # (created, levelno, logger name or stdout/stderr, message)
 
@@ -134,6 +135,7 @@ class Capture:
         self._main = threading.get_ident()
         self._task_id = 0
         self._running = False  # between begin() and take()
+        self._begun = 0  # tasks begun (the flusher tells an idle worker by it)
         self._next_flush = math.inf
         self._sending = False
         self._send_lock: threading.Lock | None = None
@@ -151,19 +153,22 @@ class Capture:
                          daemon=True).start()
 
     def _flush_loop(self) -> None:
+        # Wakes at most about once a FLUSH_EVERY while tasks run, and sleeps on
+        # ``armed`` once none has begun for a whole nap: disarming between two
+        # tiny tasks made every begin() wake this thread (a quarter of a tiny
+        # task's throughput, in lock and interpreter-lock hand-offs).
         armed = self._armed
         assert armed is not None
         while True:
             armed.wait()
-            if not self._running:
-                armed.clear()
-                if not self._running:  # begin() sets _running, then re-arms
-                    continue
-            wait = self._next_flush - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            else:
+            begun = self._begun
+            time.sleep(max(self._next_flush - time.monotonic(), _MIN_NAP))
+            if self._running and time.monotonic() >= self._next_flush:
                 self._flush()
+            elif not self._running and self._begun == begun:  # idle since the last nap
+                armed.clear()
+                if self._running or self._begun != begun:  # one began meanwhile
+                    armed.set()
 
     def _forked(self) -> None:
         # A process a task forks (no exec) shares the worker's channel: it must
@@ -187,6 +192,7 @@ class Capture:
         self._task_id = task_id
         self._next_flush = time.monotonic() + FLUSH_EVERY
         self._running = True
+        self._begun += 1
         armed = self._armed
         if armed is not None and not armed.is_set():  # (set() takes a lock: only when idle)
             armed.set()

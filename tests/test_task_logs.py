@@ -169,6 +169,33 @@ def test_a_quiet_tasks_first_line_arrives_while_it_runs(
     assert [r.getMessage() for r in task_records(caplog)] == ["started"]
 
 
+def _helper_thread_switches(pid: int) -> int:
+    """Voluntary context switches of a process's threads other than its main one."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if int(tid) != pid:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_workers_log_flusher_sleeps_through_tiny_tasks() -> None:
+    """The flusher thread wakes about once a second while tasks run; it once
+    went back to sleep between two tiny tasks, so every task woke it (a
+    quarter of a tiny task's throughput)."""
+    with Pool(1, task_logs="INFO") as pool:
+        pool.map(tasks.quiet, range(100), chunksize=1)
+        (pid,) = [p.pid for p in pool._pool]
+        before = _helper_thread_switches(pid)
+        results = [pool.apply_async(tasks.quiet, (i,)) for i in range(3000)]
+        assert [r.get(RESULT) for r in results] == [tasks.quiet(i) for i in range(3000)]
+        woken = _helper_thread_switches(pid) - before
+    assert woken < 300, f"the worker's helper threads woke {woken} times for 3000 tasks"
+
+
 @pytest.mark.timeout(60)
 def test_a_process_a_task_forks_never_sends_on_its_workers_channel(
         caplog: pytest.LogCaptureFixture) -> None:
