@@ -142,6 +142,11 @@ class TaskQueue:
         with self.lock:
             self.lifecycle.hand_back(worker)
             taken = self.take_locked()
+            closing = self.state != RUN
+        if closing:
+            # The manager thread saw none of this worker's replies: once closed,
+            # it must look again (stop the idle workers, end), or join() waits forever.
+            self._wake()
         if taken:
             for task, error in self.send(taken):
                 deliver(task, False, error)

@@ -492,6 +492,11 @@ class ProcessLifecycle(Lifecycle[Task]):
             ep: Process = worker.endpoint
             if ep.killed:
                 continue  # dying already: its sentinel will fire
+            if worker.claimed:
+                # A Pool.apply caller claimed it and is about to send it a task:
+                # told to stop now, it would exit with that task unrun. Once
+                # handed back, the manager thread looks again (TaskQueue.hand_back).
+                continue
             if ep.stop_deadline is None:
                 ep.stop_deadline = now + self.stop_grace
                 ep.channel.send_nowait(b"", [])

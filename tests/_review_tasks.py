@@ -1,0 +1,68 @@
+"""Importable helpers for test_audit_review.py (workers import them by name)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.util
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _touch(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+
+
+def _slow_exit(marker: str, seconds: float) -> None:
+    _touch(f"{marker}.{os.getpid()}")
+    time.sleep(seconds)
+
+
+def exit_slowly(marker: str, seconds: float) -> None:
+    """Initializer: when this worker exits, it writes ``marker.<pid>`` then
+    takes ``seconds`` (a worker with cleanup to do, e.g. flushing a cache)."""
+    multiprocessing.util.Finalize(None, _slow_exit, args=(marker, seconds), exitpriority=10)
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> None:
+    """Poll (with a deadline) until ``path``, or a file named ``path.*``, exists."""
+    folder, name = os.path.split(path)
+    deadline = time.monotonic() + timeout
+    while not any(entry == name or entry.startswith(name + ".")
+                  for entry in os.listdir(folder)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.005)
+
+
+class PicklesAfter:
+    """An argument whose pickling waits until ``path`` exists (a large array
+    copied, a slow __reduce__): the window between claim and send."""
+
+    def __init__(self, path: str, started: str) -> None:
+        self.path, self.started = path, started
+
+    def __reduce__(self) -> Any:
+        _touch(self.started)
+        wait_for_file(self.path)
+        return (str, ("pickled",))
+
+
+def log_then_sleep(n: int, seconds: float) -> int:
+    log = logging.getLogger("review")
+    for i in range(n):
+        log.warning("record %d", i)
+    time.sleep(seconds)
+    return n
+
+
+def started_then_wait(started: str, gate: str) -> int:
+    """Say it runs (``started``), then wait for the test's ``gate`` file."""
+    _touch(started)
+    wait_for_file(gate)
+    return os.getpid()

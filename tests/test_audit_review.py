@@ -1,0 +1,83 @@
+"""Adversarial review of the s14 mechanisms: Pool.apply's claimed read (the
+caller thread reads its worker's reply), the task-log flusher thread, imap
+abandonment. Real processes, real kills, threads raced with deadlines."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import _review_tasks as tasks
+import shmrunner
+
+TIMEOUT = 30.0
+
+
+class Call(threading.Thread):
+    """``pool.apply(...)`` on a thread of its own; ``outcome`` once it returns."""
+
+    def __init__(self, pool: shmrunner.Pool, fn: Any, args: tuple[Any, ...]) -> None:
+        super().__init__(daemon=True)
+        self.pool, self.fn, self.args = pool, fn, args
+        self.outcome: tuple[bool, Any] | None = None
+
+    def run(self) -> None:
+        try:
+            self.outcome = (True, self.pool.apply(self.fn, self.args))
+        except BaseException as exc:  # noqa: BLE001 (the test looks at it)
+            self.outcome = (False, exc)
+
+    def result(self) -> tuple[bool, Any]:
+        self.join(TIMEOUT)
+        assert not self.is_alive(), "apply() still waits"
+        assert self.outcome is not None
+        return self.outcome
+
+
+def joined_within(pool: shmrunner.Pool, timeout: float) -> bool:
+    joiner = threading.Thread(target=pool.join, daemon=True)
+    joiner.start()
+    joiner.join(timeout)
+    return not joiner.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_close_then_join_ends_after_an_apply_that_was_running(tmp_path: Path) -> None:
+    # multiprocessing: close() lets the running apply finish, then join() returns.
+    pool = shmrunner.Pool(1)
+    try:
+        started, gate = tmp_path / "started", tmp_path / "gate"
+        call = Call(pool, tasks.started_then_wait, (str(started), str(gate)))
+        call.start()
+        tasks.wait_for_file(str(started))
+        pool.close()
+        gate.write_text("go")
+        ok, _ = call.result()
+        assert ok
+        assert joined_within(pool, 15.0), "join() hangs after close() (the manager never wakes)"
+    finally:
+        pool.terminate()
+
+
+@pytest.mark.timeout(60)
+def test_close_while_an_apply_pickles_its_arguments_still_runs_it(tmp_path: Path) -> None:
+    # The caller had claimed the idle worker and was pickling the task's
+    # arguments (a large array, a slow __reduce__) when another thread called
+    # close(): the apply was made first, so it must run, as multiprocessing's does.
+    # The other worker, told to stop by close(), says when it exits; the
+    # claimed one was told to stop in the same breath and exited, task unrun.
+    exiting = tmp_path / "exiting"
+    pool = shmrunner.Pool(2, initializer=tasks.exit_slowly, initargs=(str(exiting), 2.0))
+    try:
+        started = tmp_path / "pickling"
+        call = Call(pool, tasks.identity, (tasks.PicklesAfter(str(exiting), str(started)),))
+        call.start()
+        tasks.wait_for_file(str(started))
+        pool.close()
+        assert call.result() == (True, "pickled")
+        assert joined_within(pool, 15.0)
+    finally:
+        pool.terminate()
