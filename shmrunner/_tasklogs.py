@@ -234,8 +234,12 @@ class Capture:
                 full = True
         if full:
             self._add_cut(created, level, name, message)
-        elif self.sender is not None and time.monotonic() >= self._next_flush \
-                and threading.get_ident() == self._main:
+        elif (self._running and self.sender is not None
+              and time.monotonic() >= self._next_flush
+              and threading.get_ident() == self._main):
+            # Not once the task ended: take() closes an open line (a record
+            # added here) while the worker holds its send lock, which _flush
+            # takes too: the worker hung for good.
             self._flush()
 
     def _add_cut(self, created: float, level: int, name: str, message: str) -> None:

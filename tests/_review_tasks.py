@@ -66,3 +66,12 @@ def started_then_wait(started: str, gate: str) -> int:
     _touch(started)
     wait_for_file(gate)
     return os.getpid()
+
+
+def partial_line_after(seconds: float) -> float:
+    """Print part of a line, then sleep ``seconds``: the line is still open
+    when the task returns (the worker closes it when it takes the records)."""
+    import sys
+    sys.stdout.write("progress: ")
+    time.sleep(seconds)
+    return seconds

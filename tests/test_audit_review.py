@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import _review_tasks as tasks
 import pytest
 
-import _review_tasks as tasks
 import shmrunner
 
 TIMEOUT = 30.0
@@ -81,3 +81,16 @@ def test_close_while_an_apply_pickles_its_arguments_still_runs_it(tmp_path: Path
         assert joined_within(pool, 15.0)
     finally:
         pool.terminate()
+
+
+@pytest.mark.timeout(120)
+def test_a_task_ending_on_an_open_line_near_a_log_flush_does_not_hang_its_worker() -> None:
+    # The worker closes a task's open line (printed without its newline) while
+    # it holds its send lock; that record, arriving past the flush time, made
+    # it send early, taking the same lock: the worker hung for good. Tasks
+    # ending around FLUSH_EVERY (1 s) race the flusher thread; a few of these
+    # hung each run before the fix.
+    durations = [0.999 + 0.0005 * i for i in range(10)] * 2
+    with shmrunner.Pool(2, task_logs="INFO") as pool:
+        result = pool.map_async(tasks.partial_line_after, durations, chunksize=1)
+        assert result.get(30) == durations
