@@ -53,14 +53,6 @@ class PicklesAfter:
         return (str, ("pickled",))
 
 
-def log_then_sleep(n: int, seconds: float) -> int:
-    log = logging.getLogger("review")
-    for i in range(n):
-        log.warning("record %d", i)
-    time.sleep(seconds)
-    return n
-
-
 def started_then_wait(started: str, gate: str) -> int:
     """Say it runs (``started``), then wait for the test's ``gate`` file."""
     _touch(started)
@@ -75,3 +67,38 @@ def partial_line_after(seconds: float) -> float:
     sys.stdout.write("progress: ")
     time.sleep(seconds)
     return seconds
+
+
+def fork_while_logging(forks: int, seconds: float) -> int:
+    """Fork ``forks`` children over ``seconds`` while a helper thread logs
+    without pause; each child logs and prints, then exits."""
+    import threading
+
+    log = logging.getLogger("review")
+    stop = threading.Event()
+
+    def chatter() -> None:
+        i = 0
+        while not stop.is_set():
+            log.warning("chatter %d", i)
+            i += 1
+
+    helper = threading.Thread(target=chatter)
+    helper.start()
+    done = 0
+    try:
+        for _ in range(forks):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    log.warning("child")
+                    print("child", flush=True)
+                finally:
+                    os._exit(0)
+            _, status = os.waitpid(pid, 0)
+            done += os.waitstatus_to_exitcode(status) == 0
+            time.sleep(seconds / forks)
+    finally:
+        stop.set()
+        helper.join()
+    return done

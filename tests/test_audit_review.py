@@ -94,3 +94,68 @@ def test_a_task_ending_on_an_open_line_near_a_log_flush_does_not_hang_its_worker
     with shmrunner.Pool(2, task_logs="INFO") as pool:
         result = pool.map_async(tasks.partial_line_after, durations, chunksize=1)
         assert result.get(30) == durations
+
+
+@pytest.mark.timeout(120)
+def test_apply_from_many_threads_while_workers_are_sigkilled_then_close_and_join() -> None:
+    # Every call returns its own value or WorkerLostError (never another's,
+    # never a hang), and close() + join() end with the calls still going.
+    import os
+    import random
+    import signal
+    import time
+
+    from shmrunner import WorkerLostError
+
+    pool = shmrunner.Pool(3)
+    stop = threading.Event()
+    wrong: list[Any] = []
+    done = [0] * 5
+
+    def call(k: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                value = pool.apply(tasks.identity, ((k, i),))
+            except WorkerLostError:
+                continue
+            except ValueError:  # "Pool not running": closed meanwhile
+                return
+            if value != (k, i):
+                wrong.append(value)
+            done[k] += 1
+
+    callers = [threading.Thread(target=call, args=(k,), daemon=True) for k in range(5)]
+    try:
+        for caller in callers:
+            caller.start()
+        kills, deadline = 0, time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            pids = [process.pid for process in pool._pool]
+            try:
+                os.kill(random.choice(pids), signal.SIGKILL)
+                kills += 1
+            except (ProcessLookupError, IndexError):
+                pass
+            stop.wait(0.005)
+        pool.close()
+        stop.set()
+        for caller in callers:
+            caller.join(TIMEOUT)
+        assert not any(caller.is_alive() for caller in callers), "an apply() still waits"
+        assert joined_within(pool, 15.0), "join() hangs"
+        assert not wrong and min(done) > 0 and kills > 50
+    finally:
+        stop.set()
+        pool.terminate()
+
+
+@pytest.mark.timeout(120)
+def test_tasks_that_fork_while_a_thread_logs_neither_hang_nor_lose_their_result() -> None:
+    # The worker's log flusher thread and the task's logging thread hold their
+    # locks at random moments of each fork: the children must still log, print
+    # and exit, and the task's records and result arrive.
+    with shmrunner.Pool(2, task_logs="INFO", task_log_bytes=10_000) as pool:
+        results = [pool.apply_async(tasks.fork_while_logging, (60, 1.5)) for _ in range(4)]
+        assert [result.get(60) for result in results] == [60] * 4
