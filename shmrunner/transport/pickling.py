@@ -128,9 +128,10 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
             if state.by_handle:
                 # A copy would silently drop the task's writes into it.
                 raise SharedMemoryError(
-                    f"a task can carry at most {MAX_FDS} distinct shared arrays (its "
-                    f"message's fd limit), and this one has more; pass views of fewer, "
-                    f"larger shared arrays (shmrunner.empty((n, ...))), or split the task")
+                    f"a task's message carries at most {MAX_FDS} file descriptors (one "
+                    f"per distinct shared array and per large plain array), and this "
+                    f"one needs more; pass views of fewer, larger shared arrays "
+                    f"(shmrunner.empty((n, ...))), or split the task")
             return array.__reduce__()  # a result: a copy is what the caller gets anyway
         _segcache.note_escaped(seg)
         seg.shared_out()

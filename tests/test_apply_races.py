@@ -1,4 +1,4 @@
-"""Adversarial review of the s14 mechanisms: Pool.apply's claimed read (the
+"""Races around Pool.apply's claimed read (the
 caller thread reads its worker's reply), the task-log flusher thread, imap
 abandonment. Real processes, real kills, threads raced with deadlines."""
 
@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import _review_tasks as tasks
+import _apply_race_tasks as tasks
 import pytest
 
 import shmrunner
