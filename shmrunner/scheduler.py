@@ -50,6 +50,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
@@ -106,22 +107,49 @@ def _run_chunk(fn: Callable[..., Any] | str, chunk: list[tuple[Any, ...]]) -> li
 
 
 class _Events:
-    """The Scheduler as its tiers see it (:class:`~shmrunner.tiers.base.TierEvents`)."""
+    """The Scheduler as its tiers see it (:class:`~shmrunner.tiers.base.TierEvents`).
+
+    It holds the Scheduler weakly: the tiers' threads hold it, and a strong
+    reference would keep a Scheduler its user dropped without ``shutdown()``
+    alive, with its workers, threads and sockets, until the interpreter exits.
+    """
 
     __slots__ = ("_scheduler",)
 
     def __init__(self, scheduler: Scheduler) -> None:
-        self._scheduler = scheduler
+        self._scheduler = weakref.ref(scheduler)
 
     def on_done(self, job: Job, ok: bool, value: Any, *, batch: bool = False) -> None:
-        self._scheduler._finish(job, ok, value, pump=not batch)
+        scheduler = self._scheduler()
+        if scheduler is None:
+            # Collected in a reference cycle (weak references are cleared before
+            # its __del__ runs): no retry now, but the future still settles.
+            Scheduler._settle(job, ok, value)
+            return
+        scheduler._finish(job, ok, value, pump=not batch)
 
     def on_room(self) -> None:
-        self._scheduler._pump()
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            scheduler._pump()
 
     def on_log(self, job: Job, records: list[Record], *, worker: str, host: str,
                pid: int | None = None) -> None:
-        self._scheduler._task_log(job, records, worker, host, pid)
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            scheduler._task_log(job, records, worker, host, pid)
+
+
+def _weak_method(method: Callable[[], None]) -> Callable[[], None]:
+    """``method()`` while its object lives; nothing after (see ``_Events``)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 class Scheduler(Executor):
@@ -168,7 +196,7 @@ class Scheduler(Executor):
                                 self.settings.max_pending_bytes or default_budget())
         self._ids = itertools.count()
         # Futures of this Scheduler among a task's arguments (_deps.py).
-        self._dependents = Dependents(self._backlog, self._pump)
+        self._dependents = Dependents(self._backlog, _weak_method(self._pump))
         self._retry_on = _retry.names(self.settings.retry_on)
         self._log_level = level_of(self.settings.task_logs, "scheduler.task_logs")
         self._on_task_log = on_task_log
@@ -189,6 +217,7 @@ class Scheduler(Executor):
                 self._remote = RemoteTier(events, self.settings, curve)
                 self._tiers.append(self._remote)
         except BaseException:
+            self._shut_down = True  # nothing for __del__ to stop
             self._close_tiers(wait=False)
             raise
 
@@ -459,6 +488,7 @@ class Scheduler(Executor):
         once, as with ``wait=False``: that thread delivers the results waited for."""
         if _pid.current() != self._creator:
             return  # a fork() child's copy: the workers and sockets are the parent's
+        self._shut_down = True
         if wait and in_done_callback():
             # On the thread that settles futures (a tier's, the timers'): waiting
             # here for the running tasks would wait for this very thread to deliver
@@ -582,6 +612,19 @@ class Scheduler(Executor):
                     job.future.set_exception(ShmrunnerError("the scheduler shut down"))
                 elif job.future.cancel():
                     notify_cancelled(job.future)
+
+    _shut_down = False
+
+    def __del__(self) -> None:
+        # Dropped without shutdown(): as a concurrent.futures executor, finish
+        # the tasks it holds (their futures still settle), then stop the
+        # workers. The shutdown thread holds the Scheduler until then.
+        if self._shut_down or getattr(self, "_creator", None) != _pid.current():
+            return  # shut down, a fork() child's copy, or __init__ failed early
+        try:
+            self.shutdown(wait=False)
+        except RuntimeError:  # interpreter shutdown: no new threads (atexit stops the engines)
+            self._close_tiers(wait=False)
 
     def __enter__(self) -> Scheduler:
         return self
