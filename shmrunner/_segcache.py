@@ -267,10 +267,22 @@ def adopt(fd: int) -> None:
     the next :func:`acquire` (or info, or budget change). Closed at once
     when the cache could not keep it anyway: queued, it would hold an fd
     until the pool's next task, however many arrays the program drops."""
-    if len(_adopted) + len(_order) >= _max_free_segments():  # racy reads: at worst one more
+    if len(_adopted) + len(_order) >= _max_free_segments() or not _may_keep(fd):
         _close([Slot(fd, 0, 0)])
         return
     _adopted.append(fd)
+
+
+def _may_keep(fd: int) -> bool:
+    """Whether the cache could keep segment ``fd`` beside its free slots: with
+    the cache disabled (limit 0), or a segment over the budget, queueing it
+    would keep its pages until the next allocation, which a closed pool never
+    makes. Racy unlocked reads (see :func:`adopt`): at worst one more queued."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        return False
+    return size == size_class(size) and _free_bytes + size <= shm_cache_limit()
 
 
 def _take_in_adopted() -> None:
