@@ -166,7 +166,14 @@ class IMapIterator:
             self._on_consumed()
         if ok:
             return value
-        raise value
+        try:
+            raise value
+        finally:
+            # The traceback keeps this frame: holding ``self`` and ``value`` it
+            # would make a cycle only the garbage collector breaks (and an
+            # exception the caller keeps would pin the iterator), so a dropped
+            # imap's feeder would wait for room forever and join() with it.
+            del self, value
 
     __next__ = next
 
