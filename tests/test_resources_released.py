@@ -1,4 +1,5 @@
-"""Defects found by the randomized concurrency stress harness
+"""Resources given back when the user lets go: dropped results with the cache
+off, an imap left by a task's error. Found by the randomized stress harness
 (tests/stress_harness.py), each reduced to a deterministic reproduction."""
 
 from __future__ import annotations
