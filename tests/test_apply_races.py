@@ -10,31 +10,11 @@ from typing import Any
 
 import _apply_race_tasks as tasks
 import pytest
+from test_apply_direct import Call
 
 import shmrunner
 
 TIMEOUT = 30.0
-
-
-class Call(threading.Thread):
-    """``pool.apply(...)`` on a thread of its own; ``outcome`` once it returns."""
-
-    def __init__(self, pool: shmrunner.Pool, fn: Any, args: tuple[Any, ...]) -> None:
-        super().__init__(daemon=True)
-        self.pool, self.fn, self.args = pool, fn, args
-        self.outcome: tuple[bool, Any] | None = None
-
-    def run(self) -> None:
-        try:
-            self.outcome = (True, self.pool.apply(self.fn, self.args))
-        except BaseException as exc:  # noqa: BLE001 (the test looks at it)
-            self.outcome = (False, exc)
-
-    def result(self) -> tuple[bool, Any]:
-        self.join(TIMEOUT)
-        assert not self.is_alive(), "apply() still waits"
-        assert self.outcome is not None
-        return self.outcome
 
 
 def joined_within(pool: shmrunner.Pool, timeout: float) -> bool:
