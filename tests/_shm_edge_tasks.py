@@ -51,3 +51,12 @@ def add_one_to_each(arrays: list[np.ndarray]) -> int:
     for a in arrays:
         a += 1
     return len(arrays)
+
+
+def try_write(a: np.ndarray) -> str:
+    """Write into ``a``; say whether numpy let it."""
+    try:
+        a[0] = 99
+    except ValueError:
+        return "refused"
+    return "wrote"

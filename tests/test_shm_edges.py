@@ -262,3 +262,17 @@ def test_a_malformed_shm_cache_variable_fails_at_construction(tmp_path: Path) ->
     when a Pool or Scheduler is made, like SHMRUNNER_SHM_THRESHOLD."""
     assert run_script(tmp_path, BAD_CACHE_ENV_SCRIPT) == {"pool": "ConfigError",
                                                           "scheduler": "ConfigError"}
+
+
+@pytest.mark.timeout(60)
+def test_a_read_only_view_of_a_shared_array_stays_read_only_in_the_worker() -> None:
+    """The worker maps the caller's own pages: a view the caller made
+    read-only must not let the task write into them."""
+    shared = shmrunner.zeros(100_000)
+    view = shared[:]
+    view.flags.writeable = False
+    with shmrunner.Pool(1) as pool:
+        assert pool.apply(at.try_write, (view,)) == "refused"
+        assert shared[0] == 0.0
+        assert pool.apply(at.try_write, (shared,)) == "wrote"  # a writable one still is
+    assert shared[0] == 99.0

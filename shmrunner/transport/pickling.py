@@ -139,7 +139,7 @@ def _reduce_array(array: np.ndarray[Any, Any]) -> Any:
         state.borrowed.append(seg)
         origin, size, offset = _window(array, seg)
         return _rebuild_array, (index, size, offset, array.shape, array.strides, array.dtype,
-                                False, origin)
+                                False, origin, not array.flags.writeable)
     if full or array.nbytes < state.threshold:
         return array.__reduce__()
     if state.lease and (array.flags.c_contiguous or array.flags.f_contiguous):
@@ -294,9 +294,12 @@ def loads(data: bytes | bytearray | memoryview, fds: list[int],
 
 def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
                    strides: tuple[int, ...], dtype: np.dtype[Any],
-                   sole: bool = False, origin: int = 0) -> np.ndarray[Any, Any]:
+                   sole: bool = False, origin: int = 0,
+                   readonly: bool = False) -> np.ndarray[Any, Any]:
     """``sole``: the sender kept nothing of this segment (a copy it made);
-    ``origin``, ``size``: the window of the file to map (see :func:`_window`)."""
+    ``origin``, ``size``: the window of the file to map (see :func:`_window`);
+    ``readonly``: the sender's view of these shared pages was read-only, and
+    so is this one (the receiver must not write where the sender may not)."""
     segments: dict[int, Segment] = _receiving.segments
     seg = segments.get(index)
     if seg is None or not (seg.origin <= origin and origin + size <= seg.origin + len(seg)):
@@ -331,4 +334,6 @@ def _rebuild_array(index: int, size: int, offset: int, shape: tuple[int, ...],
     array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, buffer=seg,
                                              offset=offset + origin - seg.origin,
                                              strides=strides)
+    if readonly:
+        array.flags.writeable = False
     return array
