@@ -42,6 +42,11 @@ What the client knows about each job, and its timers, is in ``_ledger``; the
 Future type in ``_jobfuture``; following a batch by its ids (``progress``) in
 ``_batchprogress``.
 
+The thread holds its Client only while it handles a round (``_serve``), and
+nothing the Client holds points back at it (``SameHost`` holds it weakly):
+a Client dropped without ``shutdown()`` is freed once nothing holds it (its
+pending futures do), and its thread then closes the socket and ends.
+
 Guarantee: every Future and every waiting call settles. The client thread
 survives an unexpected exception in one round (logged); if rounds keep
 failing, or the socket breaks, it fails everything it holds with the cause,
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -100,11 +106,13 @@ class Client(Executor):
                               max_pending_bytes=_option("max_pending_bytes",
                                                         max_pending_bytes))
         self._wakeup = Wakeup()
-        # Arrays to a daemon on this host go as memfds (_shmclient.py).
-        self._same_host = SameHost(self._ask_status, self._ledger.drop_status,
+        # Arrays to a daemon on this host go as memfds (_shmclient.py). It
+        # holds this Client weakly: no cycle, so a dropped Client is freed at
+        # once, whatever its thread was doing when the cycle collector ran.
+        me = weakref.ref(self)
+        self._same_host = SameHost(lambda: _ask_status_of(me), self._ledger.drop_status,
                                    durable=durable, enabled=same_host,
-                                   on_client_thread=lambda: threading.current_thread()
-                                   is self._thread)
+                                   on_client_thread=lambda: _is_thread_of(me))
         self._channel = ZmqChannel("dealer", ChannelOptions(
             max_bytes=max_message_bytes, allow_pickle=allow_pickle, accept=_ACCEPT,
             curve=client_keys(curve_secret_key, curve_server_key)))
@@ -113,7 +121,14 @@ class Client(Executor):
         except BaseException:
             self._channel.close()
             raise
-        self._thread = threading.Thread(target=self._run, name="shmrunner-client", daemon=True)
+        # The thread holds this Client only while it handles a round (_serve),
+        # so one dropped without shutdown() is collected once nothing else
+        # holds it (its futures do: their jobs finish first); this wake-up
+        # then lets the thread see it is gone and end.
+        self._thread = threading.Thread(
+            target=_serve, args=(weakref.ref(self), self._channel, self._wakeup, self._ledger),
+            name="shmrunner-client", daemon=True)
+        weakref.finalize(self, self._wakeup.wake)
         self._thread.start()
 
     # The settings live in the ledger, which acts on them.
@@ -448,66 +463,16 @@ class Client(Executor):
     _stop = False
     _flush_on_stop = False  # shutdown(cancel_futures=True): the cancels must leave
 
-    def _run(self) -> None:
-        failed_rounds = 0
-        try:
-            while not self._stop:
-                try:
-                    self._round()
-                    failed_rounds = 0
-                except ChannelError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 (a bug must not strand every future)
-                    failed_rounds += 1
-                    log.error("client thread: unexpected error (%d in a row), carrying on: %r",
-                              failed_rounds, exc, exc_info=True)
-                    if failed_rounds >= _MAX_FAILED_ROUNDS:
-                        raise
-        except Exception as exc:  # noqa: BLE001 (every waiter must hear about it)
-            self._ledger.fail_all(ShmrunnerError(
-                f"the client connection to {self.address} failed: {exc!r}"), broken=True)
-        finally:
-            linger = 0.0
-            if self._flush_on_stop:
-                try:
-                    self._send_outbox()  # what is left is cancels: every submit was withdrawn
-                    linger = _CANCEL_LINGER
-                except Exception:  # noqa: BLE001 (a broken connection: closing anyway)
-                    log.warning("client: the cancels of shutdown(cancel_futures=True) could "
-                                "not be sent", exc_info=True)
-            self._ledger.fail_all(ShmrunnerError("the client was shut down"))
-            self._channel.close(linger=linger)
-            self._wakeup.close()
-
-    def _round(self) -> None:
-        """Wait for a message, a wake-up (work from another thread), room to
-        send what is stuck, or the next timer; then do what is due."""
-        readable = self._channel.poll(self._ledger.next_timer(), wakeup=self._wakeup,
-                                      writable=bool(self._ledger.outbox))
-        self._send_outbox()
+    def _round(self, readable: bool) -> None:
+        """What is due after the thread's wait (_serve) for a message, a
+        wake-up (work from another thread), room to send what is stuck, or
+        the next timer."""
+        _send_outbox(self._ledger, self._channel)
         if readable:
             while (received := self._channel.recv(0)) is not None:
                 self._receive(received.message)
             self._same_host.reclaim()  # memfds of finished jobs back to the cache
         self._check_acks()
-
-    def _send_outbox(self) -> None:
-        """Hand the socket what it takes now, without waiting."""
-        outbox = self._ledger.outbox
-        while True:
-            if not outbox:
-                if self._ledger.outbox_drained():  # else a submit came meanwhile
-                    break
-                continue
-            frames, taken = next_message(outbox, self._ledger.batch_submits)
-            try:
-                sent = self._channel.try_send_frames(frames)
-            except BaseException:
-                restore(outbox, taken)
-                raise
-            if not sent:
-                restore(outbox, taken)
-                break  # no connection takes it now (refused?): when one does
 
     # The round's two steps that act on the ledger (one seam each for fault tests).
 
@@ -542,6 +507,83 @@ class Client(Executor):
 
     def _wake(self) -> None:
         self._wakeup.wake()
+
+
+def _ask_status_of(client_ref: weakref.ref[Client]) -> WaitingCall:
+    client = client_ref()
+    if client is None:
+        raise ShmrunnerError("the client is gone")
+    return client._ask_status()
+
+
+def _is_thread_of(client_ref: weakref.ref[Client]) -> bool:
+    client = client_ref()
+    return client is not None and threading.current_thread() is client._thread
+
+
+def _serve(client_ref: weakref.ref[Client], channel: ZmqChannel, wakeup: Wakeup,
+           ledger: Ledger) -> None:
+    """The client thread. It holds its Client only while it handles a round:
+    a Client dropped without shutdown() ends it, as shutdown(wait=False)
+    would, once nothing holds the Client any more (not even a future)."""
+    address = ledger.address
+    failed_rounds = 0
+    flush = False
+    try:
+        while True:
+            readable = channel.poll(ledger.next_timer(), wakeup=wakeup,
+                                    writable=bool(ledger.outbox))
+            client = client_ref()
+            if client is None or client._stop:
+                flush = client is not None and client._flush_on_stop
+                break
+            try:
+                client._round(readable)
+                failed_rounds = 0
+            except ChannelError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (a bug must not strand every future)
+                failed_rounds += 1
+                log.error("client thread: unexpected error (%d in a row), carrying on: %r",
+                          failed_rounds, exc, exc_info=True)
+                if failed_rounds >= _MAX_FAILED_ROUNDS:
+                    raise
+            finally:
+                del client
+    except Exception as exc:  # noqa: BLE001 (every waiter must hear about it)
+        ledger.fail_all(ShmrunnerError(
+            f"the client connection to {address} failed: {exc!r}"), broken=True)
+    finally:
+        linger = 0.0
+        if flush:
+            try:
+                _send_outbox(ledger, channel)  # what is left is cancels: every submit was withdrawn
+                linger = _CANCEL_LINGER
+            except Exception:  # noqa: BLE001 (a broken connection: closing anyway)
+                log.warning("client: the cancels of shutdown(cancel_futures=True) could "
+                            "not be sent", exc_info=True)
+        ledger.fail_all(ShmrunnerError("the client was shut down"))
+        channel.close(linger=linger)
+        wakeup.close()
+
+
+def _send_outbox(ledger: Ledger, channel: ZmqChannel) -> None:
+    """Hand the socket what it takes now, without waiting."""
+    outbox = ledger.outbox
+    while True:
+        if not outbox:
+            if ledger.outbox_drained():  # else a submit came meanwhile
+                break
+            continue
+        frames, taken = next_message(outbox, ledger.batch_submits)
+        try:
+            sent = channel.try_send_frames(frames)
+        except BaseException:
+            restore(outbox, taken)
+            raise
+        if not sent:
+            restore(outbox, taken)
+            break  # no connection takes it now (refused?): when one does
 
 
 def _check_ids(job_ids: Iterable[str], what: str) -> list[str]:

@@ -70,10 +70,6 @@ def test_dropped_scheduler_still_settles_its_futures(tmp_path: Path) -> None:
                message="the dropped Scheduler's worker to exit")
 
 
-@pytest.mark.xfail(strict=True, reason="Client's thread runs self._run (a bound method) and "
-                   "blocks in its poll holding the Client: a dropped Client is never "
-                   "collected, so its thread and sockets (and the daemon's end) stay until "
-                   "exit; fixing it needs the connection state split from the Client facade")
 @pytest.mark.timeout(90)
 def test_dropped_client_ends_its_thread_and_sockets(tmp_path: Path) -> None:
     daemon = dt.Daemon(tmp_path).start()
@@ -89,5 +85,24 @@ def test_dropped_client_ends_its_thread_and_sockets(tmp_path: Path) -> None:
                    message="the dropped Clients' threads to end")
         wait_until(lambda: _fd_count() <= fds, timeout=10,
                    message="the dropped Clients' sockets to close")
+    finally:
+        assert daemon.close() == []
+
+
+@pytest.mark.timeout(90)
+def test_a_future_of_a_dropped_client_still_settles(tmp_path: Path) -> None:
+    """``connect(addr).submit(...)`` with no name for the Client: its futures
+    hold it, so their jobs finish before it goes."""
+    daemon = dt.Daemon(tmp_path).start()
+    try:
+        before_threads = _threads()
+        future = shmrunner.connect(daemon.address).submit(
+            dt.append_id, str(tmp_path / "ran"), "late", 0.5)
+        gc.collect()
+        assert future.result(RESULT) == "late"
+        del future
+        gc.collect()
+        wait_until(lambda: _threads() <= before_threads, timeout=15,
+                   message="the client's thread to end once its future was dropped")
     finally:
         assert daemon.close() == []
