@@ -38,6 +38,7 @@ slot is never one that waits.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -68,7 +69,20 @@ def in_done_callback() -> bool:
     does with ``concurrent.futures`` executors."""
     return getattr(_in_callbacks, "depth", 0) > 0
 
-__all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_VISITS"]
+
+@contextlib.contextmanager
+def running_callbacks() -> Iterator[None]:
+    """Run user callbacks in here on a thread that settles futures (a tier's
+    ``on_task_log``, say): :func:`in_done_callback` is then true, as in a
+    done-callback."""
+    _in_callbacks.depth = getattr(_in_callbacks, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _in_callbacks.depth -= 1
+
+__all__ = ["TaskFuture", "futures_in", "find", "substitute", "Dependents", "MAX_VISITS",
+           "in_done_callback", "running_callbacks"]
 
 MAX_VISITS = 10_000  # objects looked at per call, at most
 

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 from . import _config_checks as checks
 from . import _pid, _retry
 from ._backlog import Backlog
-from ._deps import Dependents, TaskFuture, in_done_callback
+from ._deps import Dependents, TaskFuture, in_done_callback, running_callbacks
 from ._job import Job
 from ._lightfuture import notify_cancelled
 from ._payload import default_budget, only_scalars
@@ -592,7 +592,8 @@ class Scheduler(Executor):
         # A settled future (a straggler of a killed attempt) gets nothing more.
         if self._on_task_log is not None and not job.future.done():
             try:
-                self._on_task_log(job.future, records, worker, host)
+                with running_callbacks():  # a shutdown() in there must not wait on this thread
+                    self._on_task_log(job.future, records, worker, host)
             except Exception:  # noqa: BLE001 (a log must never cost a result)
                 logging.getLogger("shmrunner.scheduler").exception(
                     "on_task_log raised for task %s", job.id)

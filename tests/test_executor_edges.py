@@ -216,3 +216,20 @@ def test_a_future_where_futures_are_not_resolved_fails_with_a_clear_error(
     for arg in ({dep: 1}, deep):
         with pytest.raises(TypeError, match="futures are resolved only as arguments"):
             sched.submit(ct.echo, arg).result(RESULT)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_from_on_task_log_does_not_deadlock_the_scheduler() -> None:
+    """on_task_log runs on the thread that delivers results, as done-callbacks
+    do: a shutdown() (wait=True) there must not wait for that very thread."""
+    holder: dict[str, Scheduler] = {}
+
+    def on_log(future: Any, records: Any, worker: str, host: str) -> None:
+        holder["sched"].shutdown()
+
+    sched = holder["sched"] = Scheduler(local_workers=1, on_task_log=on_log)
+    try:
+        future = sched.submit(print, "a line")  # its log comes just before its result
+        assert future.result(timeout=30) is None
+    finally:
+        sched.shutdown()
