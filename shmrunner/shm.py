@@ -126,12 +126,16 @@ def zeros(shape: int | tuple[int, ...], dtype: npt.DTypeLike = float) -> np.ndar
 def share(array: npt.ArrayLike) -> np.ndarray[Any, Any]:
     """Copy ``array`` into shared memory once and return the shared copy.
 
-    An array that is already shared is returned as it is.
+    An array that is already shared is returned as it is; a Fortran-ordered
+    one stays Fortran-ordered (code that relies on its layout still can).
     """
     arr = np.asarray(array)
     if is_shared(arr):
         return arr
-    out = empty(arr.shape, arr.dtype)
+    if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous:
+        out = empty(arr.shape[::-1], arr.dtype).T
+    else:
+        out = empty(arr.shape, arr.dtype)
     np.copyto(out, arr, casting="no")
     return out
 

@@ -276,3 +276,13 @@ def test_a_read_only_view_of_a_shared_array_stays_read_only_in_the_worker() -> N
         assert shared[0] == 0.0
         assert pool.apply(at.try_write, (shared,)) == "wrote"  # a writable one still is
     assert shared[0] == 99.0
+
+
+def test_share_keeps_a_fortran_ordered_array_fortran_ordered() -> None:
+    fortran = np.asfortranarray(np.arange(12.0).reshape(3, 4))
+    shared = shmrunner.share(fortran)
+    assert shmrunner.is_shared(shared)
+    assert shared.flags.f_contiguous and not shared.flags.c_contiguous
+    np.testing.assert_array_equal(shared, fortran)
+    c_order = shmrunner.share(np.arange(12.0).reshape(3, 4))
+    assert c_order.flags.c_contiguous
