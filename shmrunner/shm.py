@@ -132,6 +132,7 @@ def share(array: npt.ArrayLike) -> np.ndarray[Any, Any]:
     arr = np.asarray(array)
     if is_shared(arr):
         return arr
+    out: np.ndarray[Any, Any]
     if arr.ndim > 1 and arr.flags.f_contiguous and not arr.flags.c_contiguous:
         out = empty(arr.shape[::-1], arr.dtype).T
     else:
