@@ -126,10 +126,8 @@ class TaskQueue:
         with self.lock:
             stopped = self.stopped_locked()
             if stopped is None:
-                self.lifecycle.assign(worker, task)
-                _segcache.lend(message.leases, worker, message.borrowed)
-                task.started = time.monotonic()
-                worker.endpoint.channel.send_batch_nowait([frame(task, message)], [task.id])
+                worker.endpoint.channel.send_batch_nowait(
+                    [self._assign_locked(worker, task, message)], [task.id])
                 return True
         _segcache.give_back(message.leases)
         message.release()
@@ -252,12 +250,8 @@ class TaskQueue:
                 else:  # a worker died or shrank its capacity meanwhile
                     requeue.append(task)
                 continue
-            lifecycle.assign(worker, task)
-            _segcache.lend(message.leases, worker, message.borrowed)
-            if worker.tasks[0] is task and not task.report_start:
-                task.started = time.monotonic()
             frames, ids = batches.setdefault(worker, ([], []))
-            frames.append(frame(task, message))
+            frames.append(self._assign_locked(worker, task, message))
             ids.append(task.id)
         if requeue:
             self.pending.extendleft(reversed(requeue))
@@ -269,6 +263,15 @@ class TaskQueue:
             channel.send_batch_nowait(frames, ids)
             wake = wake or channel.wants_write
         return wake
+
+    def _assign_locked(self, worker: Worker[Task], task: Task, message: Encoded) -> _Frame:
+        """``task`` is ``worker``'s from now on (what it is lent goes with it):
+        its frame, for the caller to send in this same locked step."""
+        self.lifecycle.assign(worker, task)
+        _segcache.lend(message.leases, worker, message.borrowed)
+        if worker.tasks[0] is task and not task.report_start:
+            task.started = time.monotonic()
+        return frame(task, message)
 
     def _trim_locked(self, todo: collections.deque[Task],
                      failed: list[tuple[Task, BaseException]]) -> None:
