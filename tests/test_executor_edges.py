@@ -79,15 +79,20 @@ def test_a_dependency_error_names_the_root_cause_in_a_bounded_message(
     assert len(str(last)) < 500
 
 
-def test_cancelling_the_head_of_a_deep_chain_cancels_every_link(
-        sched: Scheduler, gates: Gates) -> None:
-    # Hold both workers (and what the local tier sends ahead) so the head stays queued.
+def _hold_workers(sched: Scheduler, gates: Gates) -> None:
+    """Hold both workers (and what the local tier sends ahead) with gated
+    tasks, so the next submits stay queued."""
     started = []
     for i in range(6):
         s, g = gates.new()
         sched.submit(tasks.gated, s, g, i)
         started.append(s)
     Gates.started(started[0])
+
+
+def test_cancelling_the_head_of_a_deep_chain_cancels_every_link(
+        sched: Scheduler, gates: Gates) -> None:
+    _hold_workers(sched, gates)
     head = sched.submit(ct.inc, 1)
     futures = _chain(sched, head, DEEP)
     assert head.cancel(), "the head should still be queued"
@@ -160,12 +165,7 @@ def test_wait_and_as_completed_see_a_dependent_cancelled_with_its_dependency(
     dependency's cancel, or the caller's), it stayed CANCELLED without being
     told to concurrent.futures.wait() and as_completed(), which waited for it
     until their timeout (forever without one)."""
-    started = []
-    for i in range(6):
-        s, g = gates.new()
-        sched.submit(tasks.gated, s, g, i)
-        started.append(s)
-    Gates.started(started[0])
+    _hold_workers(sched, gates)
     head = sched.submit(ct.inc, 1)
     child = sched.submit(ct.inc, head)
     other = sched.submit(ct.inc, sched.submit(tasks.gated, *gates.new(), 0))
