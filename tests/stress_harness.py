@@ -145,6 +145,25 @@ def _equal(a, b) -> bool:
 # --- Pool operations -----------------------------------------------------------------
 
 
+def _expect_squares(ck: Checker, name: str, it, n: int, stop: int | None,
+                    unordered: bool) -> None:
+    """Read the stream ``it`` of the squares of range(n), leaving it after
+    ``stop`` items when given, and check what came."""
+    def consume():
+        got = []
+        for k, v in enumerate(it):
+            if stop is not None and k >= stop:
+                break
+            got.append(v)
+        return got
+    exp = [i * i for i in range(n)]
+    if stop is not None:
+        ck.expect(f"{name} abandoned", consume, eq=lambda g: (
+            len(g) == min(stop, n) and (set(g) <= set(exp) if unordered else g == exp[:stop])))
+    else:
+        ck.expect(name, consume, eq=lambda g: (sorted(g) == exp if unordered else g == exp))
+
+
 def pool_ops(pool, ck: Checker):
     def apply_ok(r):
         x = r.randrange(100)
@@ -234,22 +253,7 @@ def pool_ops(pool, ck: Checker):
         cs = r.choice([1, 1, 3])
         stop = r.randrange(n + 1) if r.random() < 0.4 else None
         meth = pool.imap_unordered if unordered else pool.imap
-        it = meth(T.sq, range(n), cs, bs)
-        got = []
-
-        def consume():
-            for k, v in enumerate(it):
-                if stop is not None and k >= stop:
-                    break
-                got.append(v)
-            return got
-        exp = [i * i for i in range(n)]
-        if stop is not None:
-            ck.expect("imap abandoned", consume, eq=lambda g: (
-                len(g) == min(stop, n) and (set(g) <= set(exp) if unordered else g == exp[:stop])))
-        else:
-            ck.expect("imap_unordered" if unordered else "imap", consume,
-                      eq=lambda g: (sorted(g) == exp if unordered else g == exp))
+        _expect_squares(ck, meth.__name__, meth(T.sq, range(n), cs, bs), n, stop, unordered)
 
     def imap_next_timeout(r):
         it = pool.imap(T.nap, [], 1)  # empty
@@ -394,23 +398,9 @@ def sched_ops(sched, ck: Checker):
         kind = r.choice(["map", "imap", "imap_unordered"])
         stop = r.randrange(n + 1) if r.random() < 0.4 else None
         it = getattr(sched, kind)(T.sq, range(n), chunksize=cs, buffersize=bs)
-        got = []
-
-        def consume():
-            for k, v in enumerate(it):
-                if stop is not None and k >= stop:
-                    break
-                got.append(v)
-            return got
-        exp = [i * i for i in range(n)]
-        uo = kind == "imap_unordered"
-        if stop is not None:
-            ck.expect(f"{kind} abandoned", consume, eq=lambda g: (
-                len(g) == min(stop, n) and (set(g) <= set(exp) if uo else g == exp[:stop])))
-            if r.random() < 0.5:
-                del it  # drop: cancels the rest
-        else:
-            ck.expect(kind, consume, eq=lambda g: (sorted(g) == exp if uo else g == exp))
+        _expect_squares(ck, kind, it, n, stop, kind == "imap_unordered")
+        if stop is not None and r.random() < 0.5:
+            del it  # drop: cancels the rest
 
     def smap_specials(r):
         items = [r.randrange(10) for _ in range(r.randrange(1, 10))]
