@@ -181,6 +181,7 @@ class ProcessEngine:
         self._thread = threading.Thread(target=self._manager.run, name="shmrunner-pool",
                                         daemon=True)
         self._thread.start()
+        self._thread_ident = self._thread.ident  # (read per result: Thread.ident is a property)
         stop_at_exit(self)
         startup_error = self._manager.wait_started()
         if startup_error is not None:
@@ -374,7 +375,7 @@ class ProcessEngine:
 
     def is_engine_thread(self) -> bool:
         """Whether the caller runs on the manager thread (in a result callback)."""
-        return threading.get_ident() == self._thread.ident  # (no Thread lookup: per result)
+        return threading.get_ident() == self._thread_ident
 
     def in_owner(self) -> bool:
         return _pid.current() == self._pid

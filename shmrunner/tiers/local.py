@@ -12,9 +12,10 @@ Data flow::
                                                  results has freed room, before they
                                                  settle (the worker is refilled first)
     engine's manager thread --_Outcome.settle--> events.on_done(batch=True) per
-                                                 task, then events.on_room()
-                                                 once per batch (on_results: places
-                                                 the retries those queued)
+                                                 task, then events.on_room() once
+                                                 after a batch with a failure in it
+                                                 (_Batch: places the retries those
+                                                 queued)
     engine's manager thread --on_logs-----------> events.on_log (a task's log
                                                  records, before its result)
 
@@ -57,12 +58,13 @@ class LocalTier:
 
         _segcache.check_env()
         self._events = events
+        self._batch = _Batch(events)
         self.name = f"local@{socket.gethostname()}"  # what Job.worker says of these workers
         logs = engine_setting(settings.task_logs, settings.task_log_bytes, "scheduler.task_logs")
         self.engine = ProcessEngine(EngineSettings(
             processes=processes, context=multiprocessing.get_context(settings.start_method),
             shm_threshold=settings.shm_threshold, memory_limit=settings.memory_limit,
-            task_logs=logs), on_room=events.on_room, on_results=events.on_room,
+            task_logs=logs), on_room=events.on_room, on_results=self._batch.delivered,
             on_logs=None if logs is None else self._logs)
 
     def room(self) -> int:
@@ -88,7 +90,7 @@ class LocalTier:
                 self._events.on_done(job, False, exc, batch=True)
                 continue
             job.handle = (job.attempts, self.engine.new_task(
-                fn, job.args, job.kwargs, _Outcome(self._events, self.engine, job),
+                fn, job.args, job.kwargs, _Outcome(self._batch, self.engine, job),
                 report_start=job.timeout is not None))
             tasks.append(job.handle[1])
         self.engine.submit(tasks)
@@ -120,16 +122,42 @@ def _resolve(ref: str) -> Callable[..., Any]:
     return resolve_function(ref)
 
 
+class _Batch:
+    """Whether the outcomes the engine's thread delivered since its last
+    ``on_results`` held a failure.
+
+    The engine offers the room a batch of results freed (``on_room``) before
+    they settle, so the Scheduler pumps again afterwards only if one of them
+    failed: a failure may have queued a retry that no later result would
+    place. (Settled futures' callbacks that submit pump for themselves.) In
+    a stream of tiny tasks that second pump found nothing to place, once per
+    batch."""
+
+    __slots__ = ("events", "failed")
+
+    def __init__(self, events: TierEvents) -> None:
+        self.events = events
+        self.failed = False
+
+    def delivered(self) -> None:
+        if self.failed:
+            self.failed = False
+            self.events.on_room()
+
+
 class _Outcome:
     """The engine's :class:`~shmrunner._sink.ResultSink` for one job's attempt."""
 
-    __slots__ = ("events", "engine", "job")
+    __slots__ = ("batch", "engine", "job")
 
-    def __init__(self, events: TierEvents, engine: ProcessEngine, job: Job) -> None:
-        self.events = events
+    def __init__(self, batch: _Batch, engine: ProcessEngine, job: Job) -> None:
+        self.batch = batch
         self.engine = engine
         self.job = job
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
-        # On the engine's thread, on_room follows once per batch (on_results).
-        self.events.on_done(self.job, ok, value, batch=self.engine.is_engine_thread())
+        # On the engine's thread, the batch's end follows (_Batch.delivered).
+        batch = self.engine.is_engine_thread()
+        if batch and not ok:
+            self.batch.failed = True
+        self.batch.events.on_done(self.job, ok, value, batch=batch)
