@@ -50,13 +50,17 @@ import _tasks  # noqa: E402
 
 N_ARRAYS = 16
 W1B_N, W5_N, W5_WARM = 5_000, 300, 30
-# Bursts of W1B_N per repetition, the median one counted: a single burst lasts
-# 0.2-0.4 s, and one scheduling hiccup then moves a repetition by half.
-W1B_BURSTS = 3
+# Bursts of W1B_N per repetition, after one untimed burst, the median one
+# counted: a burst of tiny local tasks lasts ~70 ms, and one scheduling hiccup
+# then moves a repetition by a fifth; the first burst of a fresh system also
+# allocates the memory its bookkeeping reuses afterwards (5 bursts and a
+# warm-up since 2026-12-05; 3 and none before).
+W1B_BURSTS = 5
 W2_BYTES = N_ARRAYS * _tasks.N * 8
 
 WORKLOADS: dict[str, str] = {
-    "W1b": f"5,000 single submits of inc(i), then collect all (median of {W1B_BURSTS} bursts)",
+    "W1b": f"5,000 single submits of inc(i), then collect all (median of {W1B_BURSTS} bursts "
+           "after one untimed)",
     "W2": "16 x 64 MiB float64 in, task returns float(a.sum())",
     "W5": f"single-task latency: inc(1), median of {W5_N} calls",
 }
@@ -113,6 +117,7 @@ def check(ok: bool, what: str) -> None:
 def run_one(s: R.System, h: Any, w: str, arrays: list[np.ndarray], timeout: float) -> float:
     """Seconds for W1b and W2, microseconds for W5; inputs exist before the clock starts."""
     if w == "W1b":
+        s.w1b(h, W1B_N, timeout)  # warm-up, untimed
         times = []
         for _ in range(W1B_BURSTS):
             t0 = time.perf_counter()
@@ -412,20 +417,20 @@ def targets(vals: dict[str, dict[str, list[tuple[int, float]]]]) -> list[str]:
         "W1b",
         "sched",
         "pool",
-        "within ±10 %",
+        "at most +10 %",
         diff,
         "{:+.0f} %",
-        lambda x: abs(x) <= 10,
+        lambda x: x <= 10,
     )
     row(
         "W2: Scheduler(local) time vs Pool's",
         "W2",
         "sched",
         "pool",
-        "within ±10 %",
+        "at most +10 %",
         diff,
         "{:+.0f} %",
-        lambda x: abs(x) <= 10,
+        lambda x: x <= 10,
     )
     row(
         "W2: Scheduler(local) throughput ÷ Ray's (one host: shared memory vs object store)",
