@@ -55,7 +55,7 @@ from . import _memwatch
 from ._ended import EndWatch
 from ._taskcall import call_task, result_body, send_results
 from ._taskwords import TaskWords
-from .loop import _die_with_owner, sigterm_blocked
+from .loop import _die_with_owner, prepare_fork, sigterm_blocked
 
 __all__ = ["Slots", "SlotSpec"]
 
@@ -406,6 +406,7 @@ class Slots:
                                          args=(self.spec, self.group, index, self.session,
                                                self.words),
                                          daemon=True)
+                prepare_fork()
                 # A fork child runs the agent's SIGTERM handler until slot_main
                 # installs its own: a drain's SIGTERM in that window was lost and
                 # the slot lingered until its welcome wait ran out (10 s).

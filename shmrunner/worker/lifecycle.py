@@ -85,7 +85,7 @@ from ..errors import ConfigError, MemoryLimitError, WorkerLostError
 from ..transport.fdchannel import FdChannel, PeerClosed
 from . import _memwatch
 from ._ended import EndWatch
-from .loop import sigterm_blocked, worker_main
+from .loop import prepare_fork, sigterm_blocked, worker_main
 
 __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Process",
            "TERMINATE_GRACE", "stop_grace"]
@@ -470,6 +470,7 @@ class ProcessLifecycle(Lifecycle[Task]):
         # /proc files while it starts up costs ~0.9 ms per worker against
         # ~0.25 ms here (per batch, not per worker: a pool's start pays it once).
         self._spawn_oom = _memwatch.oom_snapshot(os.getpid())
+        prepare_fork()
         new = self.populate()
         for worker in new:
             ep: Process = worker.endpoint
