@@ -60,11 +60,17 @@ count = check(lambda v: _whole(v, 0), "a whole number >= 0 and at most 2**62")
 positive = check(lambda v: _whole(v, 1), "a whole number >= 1 and at most 2**62")
 optional_count = check(lambda v: v is None or _whole(v, 0),
                        "a whole number >= 0 and at most 2**62, or null for the CPU count")
-optional_positive = check(lambda v: v is None or _whole(v, 1),
-                          "a whole number >= 1 and at most 2**62, or null for the CPU count")
 # As protocol.MAX_CAPACITY (not imported: config stays light): a worker holds at
 # most its capacity plus the prefetch, both bounded.
 _MAX_PREFETCH = 4096
+# As protocol.MAX_CAPACITY too: a scheduler gives one worker at most that many
+# tasks at once, so processes past it could never run one (with --slots, a
+# bound nonetheless); they were all forked before the scheduler was even
+# reached: 5,000 met the OOM killer.
+_MAX_WORKER_PROCESSES = 4096
+worker_processes = check(
+    lambda v: v is None or (is_int(v) and 1 <= v <= _MAX_WORKER_PROCESSES),
+    f"a whole number from 1 to {_MAX_WORKER_PROCESSES}, or null for the CPU count")
 prefetch = check(lambda v: is_int(v) and 0 <= v <= _MAX_PREFETCH,
                  f"a whole number from 0 to {_MAX_PREFETCH}")
 seconds = check(_seconds, f"a number of seconds > 0 and at most {MAX_SECONDS:,}")

@@ -111,7 +111,7 @@ class WorkerSettings:
 
     connect: str | None = setting(None, checks.optional_address, "the scheduler's address")
     processes: int | None = setting(
-        None, checks.optional_positive, "worker processes on this host (null: CPU count)")
+        None, checks.worker_processes, "worker processes on this host (null: CPU count)")
     name: str | None = setting(None, checks.name, "how the scheduler lists this worker")
     heartbeat_interval: float = setting(1.0, checks.seconds, "seconds between heartbeats")
     heartbeat_timeout: float = setting(

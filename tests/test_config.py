@@ -199,6 +199,16 @@ def test_worker_processes_zero_is_refused(tmp_path: Path) -> None:
     assert "worker.processes" in msg
 
 
+def test_worker_processes_past_what_a_scheduler_can_use_are_refused(tmp_path: Path) -> None:
+    # A scheduler gives one worker at most 4096 tasks at once: more processes
+    # could never run one, and were all forked before the scheduler was reached.
+    msg = config_error(write(tmp_path, "worker:\n  processes: 5000\n"))
+    assert "worker.processes" in msg and "4096" in msg
+    with pytest.raises(ConfigError, match=r"worker\.processes.*4096"):
+        resolve(sets=["worker.processes=4097"])
+    assert resolve(sets=["worker.processes=4096"]).worker.processes == 4096
+
+
 # --- defaults ------------------------------------------------------------------------------
 
 
