@@ -102,7 +102,7 @@ def test_bad_options_are_exactly_one_line(args: list[str]) -> None:
                   "--curve-secret-key", "/nonexistent"], ["curve_server_key"],
                  id="status-half-curve"),
     pytest.param(["worker", "--set", "worker.processes=0"],
-                 ["shmrunner worker: --set worker.processes=0", "whole number >= 1"],
+                 ["shmrunner worker: --set worker.processes=0", "whole number from 1 to 4096"],
                  id="worker-set-bad-value"),
     pytest.param(["worker", "--set", "daemon.journal=x"],
                  ["--set daemon.journal=x", "expected worker.KEY=VALUE"],
