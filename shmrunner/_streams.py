@@ -191,7 +191,15 @@ def _ordered(submit: Callable[..., Future[Any]], source: _Input,
              pending: collections.deque[Future[Any]],
              deadline: float | None) -> Iterator[Any]:
     while pending:
-        value = pending.popleft().result(_remaining(deadline))
+        head = pending.popleft()
+        try:
+            value = head.result(_remaining(deadline))
+        except BaseException:
+            # Out of ``pending`` now, so _deliver's cleanup would miss it: a
+            # head still queued when the timeout ran out would run later
+            # (Executor.map cancels it too).
+            head.cancel()
+            raise
         for call in source.take(1):
             pending.append(submit(*call))
         yield value
