@@ -12,7 +12,8 @@ Data flow::
                            futures --Backlog.ready()--> queue --> _pump()
             one failed     --> the dependent fails with DependencyError,
                            ``__cause__`` = the dependency's exception
-            one cancelled  --> the dependent is cancelled
+            one cancelled  --> the dependent is cancelled (also when it was
+                           stopped running: TaskCancelledError)
     dependent cancelled by the caller --> Backlog.forget(job) (its slot is freed)
 
 A result is substituted as the very object the dependency's future holds:
@@ -51,7 +52,7 @@ from ._argtree import DESCEND, MAX_DEPTH, Path, Swap
 from ._job import Job
 from ._lightfuture import LightFuture, notify_cancelled
 from ._payload import only_scalars, payload_bytes
-from .errors import DependencyError
+from .errors import DependencyError, TaskCancelledError
 
 # How many Scheduler futures this thread is settling (running their done-callbacks).
 _in_callbacks = threading.local()
@@ -291,7 +292,7 @@ class Dependents:
         if not failed:
             self._release(job, wait.deps)
             wait.deps = []
-        elif dep.cancelled():
+        elif _was_cancelled(dep):
             if self._backlog.forget(job) and job.future.cancel():
                 notify_cancelled(job.future)  # never queued: nothing else will
         elif self._backlog.forget(job):
@@ -321,6 +322,13 @@ class Dependents:
         error.__cause__ = cause
         job.fn, job.args, job.kwargs = None, (), {}
         _settle(job.future, error)
+
+
+def _was_cancelled(dep: Future[Any]) -> bool:
+    """Whether ``dep`` (settled) was cancelled: before it ran, or stopped by
+    ``Scheduler.cancel`` (or a shutdown's ``cancel_futures``) once it ran, which
+    settles it with TaskCancelledError and ``describe`` calls "cancelled" too."""
+    return dep.cancelled() or isinstance(dep.exception(timeout=0), TaskCancelledError)
 
 
 def _describe(cause: BaseException) -> str:

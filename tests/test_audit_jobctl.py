@@ -45,3 +45,24 @@ def test_map_timeout_cancels_the_task_it_timed_out_on(gates: Gates, tmp_path: Pa
         gates.open_all()
         assert all(f.result(RESULT) is None for f in held)
     assert not os.path.exists(ran), "a task of the timed-out map ran afterwards"
+
+
+@pytest.mark.timeout(60)
+def test_a_running_dependency_stopped_by_cancel_cancels_its_dependents(
+        sched: Scheduler, gates: Gates) -> None:
+    """README: "If a dependency is cancelled, the task is cancelled, and so on
+    down the chain". A link stopped by ``sched.cancel`` while it runs is
+    "cancelled" (``describe``), yet the links after it failed with
+    DependencyError ("failed"), unlike those of a link cancelled while queued."""
+    started, gate = gates.new()
+    head = sched.submit(tasks.gated, started, gate, 1)
+    middle = sched.submit(tasks.add, head, 1)
+    tail = sched.submit(tasks.add, middle, 1)
+    Gates.started(started)
+    assert sched.cancel(head) is True
+    done, _ = concurrent.futures.wait([head, middle, tail], timeout=RESULT)
+    assert len(done) == 3
+    assert sched.describe(head)["state"] == "cancelled"  # type: ignore[index]
+    for future in (middle, tail):
+        assert future.cancelled(), repr(future.exception())
+        assert sched.describe(future)["state"] == "cancelled"  # type: ignore[index]
