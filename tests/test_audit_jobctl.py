@@ -15,7 +15,7 @@ import pytest
 
 import _sched_tasks as tasks
 from _sched_tasks import Gates
-from shmrunner import Scheduler
+from shmrunner import Scheduler, SchedulerBusyError
 
 RESULT = 30  # seconds: a healthy result arrives in well under one
 
@@ -66,3 +66,29 @@ def test_a_running_dependency_stopped_by_cancel_cancels_its_dependents(
     for future in (middle, tail):
         assert future.cancelled(), repr(future.exception())
         assert sched.describe(future)["state"] == "cancelled"  # type: ignore[index]
+
+
+@pytest.mark.xfail(strict=True, reason="a queued job cancelled through its future stays in "
+                   "the Backlog's queue until a placement pops it: the fix needs "
+                   "TaskFuture.cancel to reach the Backlog (_deps, _backlog, scheduler), "
+                   "on the submit path")
+@pytest.mark.timeout(60)
+def test_cancelled_queued_tasks_free_their_places_in_max_pending(gates: Gates) -> None:
+    """``max_pending`` bounds the tasks that *wait*; cancelled ones wait for
+    nothing, yet they kept their places (``status()["queued"]`` counted them,
+    ``submit`` blocked and ``try_submit`` raised SchedulerBusyError) until a
+    worker freed up."""
+    with Scheduler(local_workers=1, max_pending=3) as sched:
+        busy_with_queue(sched, gates)
+        queued = []
+        while True:
+            try:
+                queued.append(sched.try_submit(tasks.square, 2))
+            except SchedulerBusyError:
+                break
+        assert all(sched.cancel(f) for f in queued) and all(f.cancelled() for f in queued)
+        try:
+            assert sched.status()["queued"] == 1  # the gated one still waiting
+            sched.try_submit(tasks.square, 3)  # raised SchedulerBusyError
+        finally:
+            gates.open_all()
