@@ -15,7 +15,8 @@ import pytest
 
 import _sched_tasks as tasks
 from _sched_tasks import Gates
-from shmrunner import Scheduler, SchedulerBusyError
+from _util import wait_until
+from shmrunner import Scheduler, SchedulerBusyError, TaskCancelledError
 
 RESULT = 30  # seconds: a healthy result arrives in well under one
 
@@ -92,3 +93,50 @@ def test_cancelled_queued_tasks_free_their_places_in_max_pending(gates: Gates) -
             sched.try_submit(tasks.square, 3)  # raised SchedulerBusyError
         finally:
             gates.open_all()
+
+
+SLOW_IMPORT = """
+import os, time
+_end = time.monotonic() + 60
+while not os.path.exists({gate!r}) and time.monotonic() < _end:
+    time.sleep(0.005)
+
+
+def hold(gate):
+    end = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < end:
+        time.sleep(0.005)
+    return "held"
+"""
+
+
+@pytest.mark.timeout(60)
+def test_cancel_of_a_task_placed_but_not_yet_handed_to_its_worker(
+        gates: Gates, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the Backlog placing a job (it is "running") and the local tier
+    handing it to the engine, ``sched.cancel`` raised a bare
+    ``TypeError: cannot unpack non-iterable NoneType object`` from
+    tiers/local.py, and the task went on to run to its end. The window is
+    held open here by the job's own 'module:function' reference, whose module
+    takes its time to import (the tier resolves it before handing it over)."""
+    import_gate, never = str(tmp_path / "import-gate"), str(tmp_path / "never")
+    module = f"audit_slow_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{module}.py").write_text(SLOW_IMPORT.format(gate=import_gate))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with Scheduler(local_workers=1) as sched:
+        held = busy_with_queue(sched, gates)
+        victim = sched.submit(f"{module}:hold", never)  # queued behind them
+        try:
+            gates.open_all()  # the workers' thread places it, and imports its module
+            wait_until(lambda: sched.describe(victim)["state"] == "running",  # type: ignore[index]
+                       timeout=RESULT, message="the victim to be placed")
+            try:
+                assert sched.cancel(victim) is True
+            finally:
+                Gates.open(import_gate)
+            with pytest.raises(TaskCancelledError):
+                victim.result(RESULT)  # its gate stays shut: only a stop ends it
+            assert all(f.result(RESULT) is None for f in held)
+        finally:
+            Gates.open(import_gate)
+            Gates.open(never)  # (a victim never stopped must not hold the shutdown)

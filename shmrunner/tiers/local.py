@@ -98,7 +98,13 @@ class LocalTier:
             self._events.on_room()  # their room was not used: place what waits
 
     def stop(self, job: Job, attempt: int, reason: BaseException) -> bool:
-        handle_attempt, task = job.handle
+        handle = job.handle
+        if not isinstance(handle, tuple) or handle[0] < attempt:
+            # Placed, but start() (another thread) has not handed this attempt
+            # to the engine yet: no handle, or an earlier attempt's (this
+            # tier's, or the remote tier's slot place). Ask again later.
+            return False
+        handle_attempt, task = handle
         if handle_attempt != attempt:
             return True  # that attempt is over; the engine's task is another one's
         # A timeout counts running time; a cancelled job stops at once.
