@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +19,11 @@ import pytest
 import _sched_tasks as tasks
 from _sched_tasks import Gates
 from _util import wait_until
-from shmrunner import Scheduler, SchedulerBusyError, TaskCancelledError
+from shmrunner import Scheduler, SchedulerBusyError, TaskCancelledError, WorkerLostError
 
 RESULT = 30  # seconds: a healthy result arrives in well under one
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS_DIR)
 
 
 def busy_with_queue(sched: Scheduler, gates: Gates) -> list[concurrent.futures.Future[object]]:
@@ -140,3 +145,53 @@ def test_cancel_of_a_task_placed_but_not_yet_handed_to_its_worker(
         finally:
             Gates.open(import_gate)
             Gates.open(never)  # (a victim never stopped must not hold the shutdown)
+
+
+def start_agent(address: str, root: Path, name: str) -> subprocess.Popen[bytes]:
+    """A one-process ``shmrunner worker`` with short heartbeats (as test_remote.py)."""
+    config = root / f"{name}.yaml"
+    config.write_text("worker:\n  heartbeat_interval: 0.1\n  heartbeat_timeout: 0.6\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO]))
+    with open(root / f"{name}.log", "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shmrunner.cli", "worker", "--connect", address,
+             "--processes", "1", "--name", name, "--config", str(config)],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+@pytest.mark.xfail(strict=True, reason="an agent that rejoins the same scheduler session "
+                   "keeps running the tasks the hub declared lost (worker/remote.py _join "
+                   "drops only another session's work; tiers/remote.py _hello loses them): "
+                   "agent/hub protocol design")
+@pytest.mark.timeout(90)
+def test_an_agent_resumed_after_being_declared_lost_drops_the_tasks_it_lost(
+        gates: Gates, tmp_path: Path) -> None:
+    """An agent SIGSTOPped past heartbeat_timeout is declared lost: its task
+    fails with WorkerLostError (or is retried elsewhere). Resumed, it rejoins
+    the same session but goes on running that task, whose result the hub then
+    ignores: the task runs on after it was reported lost (twice, with a
+    retry), and new tasks wait behind it on the agent's process."""
+    with Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", heartbeat_interval=0.1,
+                   heartbeat_timeout=0.6) as sched:
+        assert sched.address is not None
+        agent = start_agent(sched.address, tmp_path, "sleepy")
+        try:
+            wait_until(lambda: len(sched.status()["workers"]) == 1, timeout=RESULT,
+                       message="the agent to join")
+            started, gate = gates.new()
+            stale = sched.submit(tasks.gated, started, gate, retries=0)
+            Gates.started(started)
+            os.kill(agent.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(WorkerLostError):
+                    stale.result(RESULT)
+            finally:
+                os.kill(agent.pid, signal.SIGCONT)
+            wait_until(lambda: len(sched.status()["workers"]) == 1, timeout=RESULT,
+                       message="the agent to rejoin")
+            # The stale task holds the agent's only process for up to 60 s.
+            assert sched.submit(tasks.square, 3).result(10) == 9
+        finally:
+            gates.open_all()
+            agent.terminate()
+            agent.wait(RESULT)
