@@ -13,6 +13,9 @@ Data flow::
     cancel() --> a job queued for a retry or sitting out its backoff is taken
                  out (the caller settles it); a running one is marked (never
                  retried: finish() settles it) and its tier returned, to stop it
+    future.cancel() of a queued job --drop()--> it no longer counts as queued
+                 (its place in max_pending and its bytes are free at once);
+                 place() passes over it later
     shutdown --shut_down() / wait_idle() / drain()
 
     a job with futures of this Scheduler among its arguments (_deps.py):
@@ -57,6 +60,11 @@ class Backlog:
         self._submitters_waiting = 0
         self._idle_waiters = 0
         self._queue: collections.deque[Job] = collections.deque()
+        # Jobs in the queue whose futures were cancelled (drop()): not waiting
+        # any more, but left where they are until place() passes them (taking
+        # one out would scan the queue: cancelling 100,000 queued futures
+        # newest first would take minutes under this lock).
+        self._dropped = 0
         self._running: dict[Job, Tier] = {}  # each job handed to a tier, and which
         # Jobs sitting out a retry backoff: neither queued nor running, but not
         # settled either, so shutdown waits for them, cancels or drains them.
@@ -74,13 +82,13 @@ class Backlog:
 
     def queued(self) -> int:
         """Jobs waiting for a worker."""
-        return len(self._queue)
+        return len(self._queue) - self._dropped
 
     def snapshot(self) -> dict[str, Any]:
         """``queued``, ``running``, ``retry_waiting`` (sitting out a retry backoff),
         ``submitted``, ``shutdown`` and ``pending_bytes``, taken together."""
         with self._lock:
-            return {"queued": len(self._queue), "running": len(self._running),
+            return {"queued": len(self._queue) - self._dropped, "running": len(self._running),
                     "retry_waiting": len(self._waiting),
                     "waiting_on_futures": len(self._deferred),
                     "submitted": self._submitted, "shutdown": self._shutdown,
@@ -101,12 +109,12 @@ class Backlog:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
             while not self._shutdown and not over_budget and (
-                    len(self._queue) + len(self._deferred) >= self._max_pending
+                    len(self._queue) - self._dropped + len(self._deferred) >= self._max_pending
                     or (self._held_bytes and self._held_bytes + job.nbytes > self.byte_budget)):
                 if not block:
                     raise SchedulerBusyError(
-                        f"{len(self._queue)} tasks ({self._held_bytes} bytes of arguments) "
-                        "already wait for a worker (scheduler.max_pending, "
+                        f"{len(self._queue) - self._dropped} tasks ({self._held_bytes} bytes "
+                        "of arguments) already wait for a worker (scheduler.max_pending, "
                         "max_pending_bytes); submit again later")
                 self._submitters_waiting += 1
                 try:
@@ -120,8 +128,9 @@ class Backlog:
             if deferred:
                 self._deferred.add(job)
                 return True
-            behind = bool(self._queue) and self._tiers_full
+            behind = len(self._queue) > self._dropped and self._tiers_full
             self._queue.append(job)
+            job.queued = True
             return not behind
 
     def ready(self, job: Job, nbytes: int) -> bool:
@@ -137,6 +146,7 @@ class Backlog:
             self._held_bytes += nbytes - job.nbytes
             job.nbytes = nbytes
             self._queue.appendleft(job)
+            job.queued = True
             return True
 
     def forget(self, job: Job) -> bool:
@@ -166,6 +176,10 @@ class Backlog:
                 while room > 0 and self._queue:
                     taken = True
                     job = self._queue.popleft()
+                    if not job.queued:  # dropped: its future was cancelled, and told
+                        self._dropped -= 1
+                        continue
+                    job.queued = False
                     if job.attempts == 0 and not job.future.set_running_or_notify_cancel():
                         self._release(job)
                         continue  # cancelled while queued
@@ -175,7 +189,7 @@ class Backlog:
                     room -= 1
                 if jobs:
                     batches.append((tier, jobs))
-            self._tiers_full = bool(self._queue)
+            self._tiers_full = len(self._queue) > self._dropped
             if taken:  # (a pump per submit finds no room most of a burst: nothing to tell)
                 self._wake_submitters()
                 self._wake_idle_waiters()
@@ -212,8 +226,9 @@ class Backlog:
                 return tier
             if job in self._waiting:
                 self._waiting.discard(job)
-            elif job in self._queue:
+            elif job.queued:
                 self._queue.remove(job)
+                job.queued = False
             else:
                 return False
             job.cancelled = reason
@@ -235,6 +250,7 @@ class Backlog:
                     self._waiting.add(job)
                 else:
                     self._queue.appendleft(job)
+                    job.queued = True
             elif job.nbytes:
                 self._release(job)
             if self._idle_waiters:  # (inline: this runs once per task)
@@ -249,6 +265,7 @@ class Backlog:
                 return False
             self._waiting.discard(job)
             self._queue.appendleft(job)
+            job.queued = True
             return True
 
     def shut_down(self, cancel_futures: bool) -> list[Job]:
@@ -259,7 +276,7 @@ class Backlog:
             cancelled = (list(self._queue) + list(self._waiting) + list(self._deferred)
                          if cancel_futures else [])
             if cancel_futures:
-                self._queue.clear()
+                self._clear_queue()
                 self._waiting.clear()
                 self._deferred.clear()
                 for job in cancelled:
@@ -270,7 +287,8 @@ class Backlog:
     def wait_idle(self) -> None:
         """Wait until no job is queued, running or waiting for a retry."""
         with self._lock:
-            while self._queue or self._running or self._waiting or self._deferred:
+            while (len(self._queue) > self._dropped or self._running or self._waiting
+                   or self._deferred):
                 self._idle_waiters += 1
                 try:
                     self._all_done.wait()
@@ -282,11 +300,36 @@ class Backlog:
         with self._lock:
             leftover = (list(self._queue) + list(self._running) + list(self._waiting)
                         + list(self._deferred))
-            self._queue.clear()
+            self._clear_queue()
             self._deferred.clear()
             self._running.clear()
             self._waiting.clear()
         return leftover
+
+    def drop(self, job: Job) -> bool:
+        """``job``'s future was cancelled before it ran: if it is queued, it
+        stops counting as queued now (its place in ``max_pending`` and its
+        argument bytes are free) and True is returned: the caller tells
+        ``wait`` and ``as_completed``, as no place() will. False for a job
+        not queued (waiting on futures: Dependents forgets it; or being
+        placed right now: place() tells them)."""
+        with self._lock:
+            if not job.queued:
+                return False
+            job.queued = False
+            self._dropped += 1
+            self._release(job)
+            job.fn, job.args, job.kwargs = None, (), {}  # its arguments, freed now
+            self._wake_submitters()
+            if len(self._queue) == self._dropped:
+                self._wake_idle_waiters()
+            return True
+
+    def _clear_queue(self) -> None:
+        for job in self._queue:
+            job.queued = False
+        self._queue.clear()
+        self._dropped = 0
 
     def _release(self, job: Job) -> None:
         """Under the lock: ``job`` no longer holds its arguments' bytes."""

@@ -15,6 +15,8 @@ Data flow::
             one cancelled  --> the dependent is cancelled (also when it was
                            stopped running: TaskCancelledError)
     dependent cancelled by the caller --> Backlog.forget(job) (its slot is freed)
+    a queued job's future cancelled --> Owner.drop --> Backlog.drop(job) (its
+                           place in the queue and its bytes are freed at once)
 
 A result is substituted as the very object the dependency's future holds:
 an array a local worker returned lives in shared memory, so the next local
@@ -44,6 +46,7 @@ import functools
 import itertools
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
@@ -90,13 +93,30 @@ MAX_VISITS = 10_000  # objects looked at per call, at most
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
+class Owner:
+    """What a Scheduler's futures carry to know their Scheduler (compared by
+    identity) and to free a queued job's place when the caller cancels its
+    future. It holds the Backlog weakly: a future kept after its Scheduler
+    is gone keeps nothing of it alive."""
+
+    __slots__ = ("_backlog", "__weakref__")
+
+    def __init__(self, backlog: Any) -> None:
+        self._backlog = weakref.ref(backlog)
+
+    def drop(self, job: Job) -> bool:
+        """``job``'s future was cancelled: see ``Backlog.drop``."""
+        backlog = self._backlog()
+        return backlog is not None and bool(backlog.drop(job))
+
+
 class TaskFuture(LightFuture[Any]):
     """The Future a Scheduler returns: it knows its Scheduler (an opaque token,
     not a reference, so a kept future does not keep the Scheduler alive), its
     task id, which error messages name, and, until it settles, its job (what
     ``Scheduler.cancel`` and ``describe`` act on; no table keyed by future)."""
 
-    def __init__(self, owner: object, task_id: int) -> None:
+    def __init__(self, owner: Owner, task_id: int) -> None:
         LightFuture.__init__(self)  # (not through super(): a third of the cost, once a task)
         self.owner = owner
         self.task_id = task_id
@@ -123,7 +143,10 @@ class TaskFuture(LightFuture[Any]):
     def cancel(self) -> bool:
         if not super().cancel():
             return False
+        job = self.job
         self._let_go()
+        if job is not None and self.owner.drop(job):
+            notify_cancelled(self)  # out of the queue: no place() will tell wait()
         return True
 
     def _settle(self, result: Any, exception: BaseException | None, failed: bool) -> None:
@@ -228,7 +251,7 @@ class Dependents:
     :class:`~shmrunner._backlog.Backlog`; ``pump`` places queued jobs."""
 
     def __init__(self, backlog: Any, pump: Callable[[], None]) -> None:
-        self.token = object()  # what this Scheduler's futures carry as ``owner``
+        self.token = Owner(backlog)  # what this Scheduler's futures carry as ``owner``
         self._backlog = backlog
         self._pump = pump
 

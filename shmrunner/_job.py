@@ -23,7 +23,7 @@ class Job:
     """One submitted call and its bookkeeping."""
 
     __slots__ = ("id", "future", "fn", "args", "kwargs", "retries", "timeout", "attempts",
-                 "handle", "nbytes", "retry_on", "worker", "cancelled")
+                 "handle", "nbytes", "retry_on", "worker", "cancelled", "queued")
 
     def __init__(self, job_id: int, future: Future[Any], fn: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any], retries: int, timeout: float | None,
@@ -45,3 +45,4 @@ class Job:
         # retried, a tier stops it at once (not after its timeout's running
         # time), and it settles with this error whatever its attempt reports.
         self.cancelled: BaseException | None = None
+        self.queued = False  # in the Backlog's queue, waiting to be placed (under its lock)

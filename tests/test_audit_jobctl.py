@@ -74,10 +74,6 @@ def test_a_running_dependency_stopped_by_cancel_cancels_its_dependents(
         assert sched.describe(future)["state"] == "cancelled"  # type: ignore[index]
 
 
-@pytest.mark.xfail(strict=True, reason="a queued job cancelled through its future stays in "
-                   "the Backlog's queue until a placement pops it: the fix needs "
-                   "TaskFuture.cancel to reach the Backlog (_deps, _backlog, scheduler), "
-                   "on the submit path")
 @pytest.mark.timeout(60)
 def test_cancelled_queued_tasks_free_their_places_in_max_pending(gates: Gates) -> None:
     """``max_pending`` bounds the tasks that *wait*; cancelled ones wait for
