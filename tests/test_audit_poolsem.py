@@ -169,11 +169,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the pool's workers stay in multiprocessing.process._children in a fork() "
-    "child, so multiprocessing's atexit hook in the child SIGTERMs and then tries "
-    "to join the parent's workers; the fix (forget them after fork, in the "
-    "worker lifecycle) reaches into multiprocessing's private state"))
 def test_a_fork_child_of_a_pool_owner_exits_cleanly(tmp_path: Any) -> None:
     """A plain fork() child that exits normally printed "Exception ignored in
     atexit callback ... AssertionError: can only join a child process" (the

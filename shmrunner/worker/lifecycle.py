@@ -67,12 +67,14 @@ import collections
 import functools
 import logging
 import math
+import multiprocessing.process
 import os
 import selectors
 import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.context import BaseContext
@@ -91,6 +93,24 @@ __all__ = ["Lifecycle", "Loss", "Worker", "TaskLike", "ProcessLifecycle", "Proce
            "TERMINATE_GRACE", "stop_grace"]
 
 log = logging.getLogger("shmrunner.pool")
+
+# The worker processes this process started. A fork() child of it is not
+# their parent, yet multiprocessing still lists them among its children
+# there, and its exit hook in the child SIGTERMs them, then fails to join
+# them ("Exception ignored in atexit callback ... can only join a child
+# process"). So a fork child forgets them (multiprocessing does the same for
+# the processes it starts: Process._bootstrap empties that set).
+_started: weakref.WeakSet[BaseProcess] = weakref.WeakSet()
+
+
+def _forget_parents_workers() -> None:
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.difference_update(_started)
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_workers)
 
 TERMINATE_GRACE = 1.0  # seconds to wait for a killed process to be reaped
 # Seconds an idle worker has to exit once told to stop (a close), unless the
@@ -458,6 +478,7 @@ class ProcessLifecycle(Lifecycle[Task]):
                 process.start()
         finally:
             child_end.close()
+        _started.add(process)
         return Process(process, FdChannel(parent_end), oom)
 
     def spawn_missing(self) -> bool:
