@@ -91,10 +91,6 @@ def test_a_task_sent_to_a_worker_dying_in_its_initializer_runs_elsewhere(tmp_pat
         assert outcomes == [0, 1, 4]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a task's exception that cannot be rebuilt from its args fails in the parent's "
-    "pickle.loads; the worker (worker/loop.py) would have to send a stand-in, as "
-    "the remote tier does with RemoteTaskError"))
 def test_a_task_exception_not_rebuildable_from_its_args_names_itself() -> None:
     """The caller learns which exception the task raised and where, not a
     TypeError about ``__init__``'s arguments raised inside the unpickler."""

@@ -22,7 +22,7 @@ from typing import Any, cast
 from ..errors import RemoteTaskError, attach_remote_traceback
 from ._codec import MAX_NESTING
 
-__all__ = ["remote_traceback", "exception_to_wire", "exception_from_wire"]
+__all__ = ["remote_traceback", "exception_to_wire", "exception_from_wire", "rebuildable"]
 
 
 def remote_traceback(exc: BaseException) -> str:
@@ -109,3 +109,20 @@ def exception_from_wire(error: Mapping[str, Any]) -> BaseException:
     if exc is None:
         exc = RemoteTaskError(type_name, message, traceback, args)
     return attach_remote_traceback(exc, traceback)
+
+
+def rebuildable(exc: BaseException, tb_text: str) -> BaseException:
+    """``exc``, or a :class:`RemoteTaskError` naming it when the receiver's
+    unpickler could not rebuild it: an exception pickles as its class and
+    ``args``, and one whose ``__init__`` wants other arguments failed in the
+    pool's process with a ``TypeError`` about ``__init__`` that named neither
+    the task's exception nor where it was raised. Calls what the unpickler
+    would call (the class, with the args), copying no data."""
+    try:
+        reduced = exc.__reduce_ex__(4)
+        if isinstance(reduced, tuple) and len(reduced) >= 2 and callable(reduced[0]):
+            reduced[0](*reduced[1])
+        return exc
+    except Exception:  # noqa: BLE001 (whatever it raises, the receiver would too)
+        wire = exception_to_wire(exc, tb_text)
+        return RemoteTaskError(wire["type"], wire["message"], tb_text, wire["args"])

@@ -32,7 +32,7 @@ from ._codec import (
     encode,
 )
 from ._codec import _pickle_dumps as _pickle_dumps
-from ._errormap import exception_from_wire, exception_to_wire, remote_traceback
+from ._errormap import exception_from_wire, exception_to_wire, rebuildable, remote_traceback
 from ._funcref import function_ref, resolve_function
 from ._schema import (
     MAX_BATCH,
@@ -51,5 +51,5 @@ __all__ = [
     "MessageType", "Message",
     "RemoteTaskError", "Frame", "EXT_ARRAY", "EXT_TUPLE", "EXT_PICKLE",
     "encode", "decode", "function_ref", "resolve_function",
-    "exception_to_wire", "exception_from_wire", "remote_traceback",
+    "exception_to_wire", "exception_from_wire", "remote_traceback", "rebuildable",
 ]

@@ -50,6 +50,7 @@ from .._payload import only_scalars
 from ..shm import raise_fd_limit
 from ..transport.fdchannel import FdChannel, PeerClosed
 from ..transport.pickling import dumps, loads
+from ..transport.protocol import rebuildable
 
 __all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "RELEASED", "LOGS",
            "REPORT_START"]
@@ -194,6 +195,8 @@ def _run(body: memoryview, fds: list[int]) -> tuple[bool, Any]:
 def _encode(task_id: int, ok: bool, value: Any, threshold: int,
             ) -> tuple[bytes, list[int], Callable[[], None]]:
     _segcache.replying(True)  # arrays it returns by handle go back to the parent only
+    if not ok:
+        value = (rebuildable(*value), value[1])
     try:
         encoded = dumps((ok, value), threshold, plain=ok and only_scalars((value,), {}))
     except Exception as exc:  # the result (or exception) cannot be pickled
