@@ -155,10 +155,6 @@ def start_agent(address: str, root: Path, name: str) -> subprocess.Popen[bytes]:
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
 
-@pytest.mark.xfail(strict=True, reason="an agent that rejoins the same scheduler session "
-                   "keeps running the tasks the hub declared lost (worker/remote.py _join "
-                   "drops only another session's work; tiers/remote.py _hello loses them): "
-                   "agent/hub protocol design")
 @pytest.mark.timeout(90)
 def test_an_agent_resumed_after_being_declared_lost_drops_the_tasks_it_lost(
         gates: Gates, tmp_path: Path) -> None:

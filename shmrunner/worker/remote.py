@@ -395,21 +395,26 @@ class Agent:
         return True
 
     def _join(self, session: str) -> None:
-        """The connection's welcome named ``session``. A different one than the
-        last means that scheduler is gone (it restarted): its results can never
-        be delivered, so they are dropped and its tasks stopped, freeing the
-        processes for the new scheduler's work (_send_results drops their results)."""
+        """The connection's welcome named ``session``. The scheduler holds none
+        of what this worker ran before it: a different session than the last
+        means that scheduler is gone (it restarted), and the same one has
+        declared those tasks lost (a reconnect loses a worker's tasks there,
+        and so does the silence that made this worker reconnect: a SIGSTOP, a
+        network cut). Their results can never count, so their tasks are
+        stopped, freeing the processes for the work to come (_send_results
+        drops the results of another session)."""
         self._session_id = session
         if self._slots is not None:
             self._slots.start(session)
-        if self._joined is not None and session != self._joined:
-            gone = self._joined
+        if self._joined is not None and self._running:
             for key in list(self._running):
-                if key[0] != session:
-                    self._cancels[key] = (TaskCancelledError(
-                        f"task {key[1]} belongs to scheduler session {gone}, which ended"), 0.0, 0)
-            log.info("joined scheduler session %s; dropped the work of session %s",
-                     session, gone)
+                why = (f"task {key[1]} belongs to scheduler session {key[0]}, which ended"
+                       if key[0] != session else
+                       f"task {key[1]} was lost by the scheduler when this worker reconnected")
+                self._cancels[key] = (TaskCancelledError(why), 0.0, 0)
+            log.info("joined scheduler session %s; dropped the work of session %s (%d tasks), "
+                     "%s", session, self._joined, len(self._running),
+                     "which ended" if session != self._joined else "which declared it lost")
             self._retry_cancels()
         self._joined = session
 
