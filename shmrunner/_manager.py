@@ -42,7 +42,7 @@ from .transport.fdchannel import FdChannel, PeerClosed
 from .transport.pickling import close_fds
 from .worker._memwatch import WATCH_INTERVAL
 from .worker.lifecycle import ProcessLifecycle, Worker
-from .worker.loop import BYE, INIT_FAILED, LOGS, RELEASED, STARTED, TASK_ID
+from .worker.loop import BYE, INIT_FAILED, LOGS, READY, RELEASED, STARTED, TASK_ID
 
 __all__ = ["Manager", "LogsCallback"]
 
@@ -54,6 +54,10 @@ LogsCallback = Callable[[Task, int | None, list[Any], bool], None]
 # Seconds Pool.apply polls for the reply of a task whose worker's last task
 # took under as long, before it sleeps (read_claimed).
 SPIN_FOR = 100e-6
+# Workers in a row that die in the pool's initializer before the pool breaks
+# with InitializerError (multiprocessing respawns them for ever; the tasks
+# they were sent, never started, would run again for ever here).
+INIT_DEATHS_LIMIT = 10
 
 log = logging.getLogger("shmrunner.pool")
 
@@ -239,6 +243,11 @@ class Manager:
             if task_id == STARTED:
                 started.append(TASK_ID.unpack_from(payload, TASK_ID.size)[0])
                 continue
+            if task_id == READY:
+                with self._queue.lock:
+                    lifecycle.initialized(worker)
+                close_fds(fds)
+                continue
             if task_id == RELEASED:
                 self._released(worker, payload, fds)
                 continue
@@ -311,9 +320,12 @@ class Manager:
             except Exception:  # noqa: BLE001 (a log must never cost a result)
                 log.exception("shmrunner pool: forwarding the log of task %s failed", task_id)
 
-    def _break(self, cause: BaseException) -> None:
+    def _break(self, cause: BaseException | None, deaths: str = "") -> None:
+        """No worker can start: the initializer raised ``cause``, or (None) it
+        killed the workers that ran it, as ``deaths`` says."""
         name = getattr(self._initializer, "__qualname__", repr(self._initializer))
-        error = InitializerError(f"the pool's initializer {name} raised {cause!r}; "
+        happened = f"raised {cause!r}" if cause is not None else f"killed its workers: {deaths}"
+        error = InitializerError(f"the pool's initializer {name} {happened}; "
                                  "fix the initializer: no worker can start")
         error.__cause__ = cause
         with self._queue.lock:
@@ -338,6 +350,9 @@ class Manager:
         _segcache.forget(worker)
         for task, error in failed:
             deliver(task, False, error)
+        if self._lifecycle.init_deaths >= INIT_DEATHS_LIMIT and self._queue.broken is None:
+            self._break(None, f"{self._lifecycle.init_deaths} in a row died in it (the last "
+                        f"exited with code {worker.endpoint.process.exitcode})")
         if self._on_results is not None:
             self._on_results()
 

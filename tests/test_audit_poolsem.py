@@ -53,6 +53,10 @@ def die_in_first_initializer(flag: str) -> None:
     os._exit(1)
 
 
+def always_die_in_initializer() -> None:
+    os._exit(3)
+
+
 class TwoArgError(Exception):
     """An exception whose ``__init__`` needs more than its ``args``: pickle
     rebuilds it with ``TwoArgError(*args)``, which raises TypeError."""
@@ -70,10 +74,6 @@ def raise_two_arg_error(x: int) -> int:
 # --- tests -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker that dies in its initializer is blamed for the first task it was "
-    "sent, as if it were running it; only the worker (worker/loop.py) can say "
-    "its initializer finished, so the fix is in the engine"))
 def test_a_task_sent_to_a_worker_dying_in_its_initializer_runs_elsewhere(tmp_path: Any) -> None:
     """multiprocessing runs every task on the replacement worker; the README
     promises "the tasks it had been sent but not started run elsewhere"."""
@@ -89,6 +89,19 @@ def test_a_task_sent_to_a_worker_dying_in_its_initializer_runs_elsewhere(tmp_pat
                 outcomes.append(f"lost: {exc}")
         assert os.path.exists(flag)  # the first worker did die in its initializer
         assert outcomes == [0, 1, 4]
+
+
+def test_an_initializer_that_always_kills_its_worker_breaks_the_pool() -> None:
+    """The tasks sent to a worker that dies in its initializer run again (the
+    test above); with an initializer that always dies, they would run again
+    for ever (multiprocessing respawns workers for ever): the pool breaks
+    with InitializerError after a run of such deaths instead."""
+    with running_pool(1, initializer=always_die_in_initializer, context=FORK) as pool:
+        result = pool.apply_async(square, (3,))
+        with pytest.raises(shmrunner.InitializerError, match=r"in a row died in it.*code 3"):
+            result.get(RESULT_TIMEOUT)
+        with pytest.raises(shmrunner.InitializerError):
+            pool.apply(square, (4,))
 
 
 def test_a_task_exception_not_rebuildable_from_its_args_names_itself() -> None:

@@ -396,12 +396,14 @@ class Process:
     """A local worker process and the parent's end of its channel."""
 
     __slots__ = ("process", "channel", "ended", "stop_deadline", "killed", "over_limit",
-                 "blamed", "oom", "measured", "reader", "channel_ended")
+                 "blamed", "oom", "measured", "reader", "channel_ended", "initializing")
 
     def __init__(self, process: BaseProcess, channel: FdChannel,
-                 oom: _memwatch.OomSnapshot | None) -> None:
+                 oom: _memwatch.OomSnapshot | None, initializing: bool = False) -> None:
         self.process = process
         self.channel = channel
+        # Running the pool's initializer (until its READY): nothing sent has started.
+        self.initializing = initializing
         self.ended = EndWatch(process)  # readable once it exits (grandchildren or not)
         # Held by the one thread reading the channel: the manager thread for a
         # round of its loop, or a caller that claimed the worker (claim()).
@@ -453,6 +455,10 @@ class ProcessLifecycle(Lifecycle[Task]):
         self.stop_grace = stop_grace  # seconds a worker told to stop has to exit
         self.memory_kills = 0  # workers killed for exceeding memory_limit
         self.oom_kills = 0  # workers the kernel's OOM killer killed
+        # Workers that died in the initializer since one last finished it: the
+        # engine breaks at INIT_DEATHS_LIMIT (one that always dies would make
+        # the tasks it is sent run again for ever).
+        self.init_deaths = 0
         self._oom_claimed: dict[str, int] = {}  # OOM-kill counts already put down to a death
         self._logs = logs  # (level, limit) of the task logs the workers capture, or None
         self._spawn_oom: _memwatch.OomSnapshot | None = None  # taken before a batch's forks
@@ -479,7 +485,8 @@ class ProcessLifecycle(Lifecycle[Task]):
         finally:
             child_end.close()
         _started.add(process)
-        return Process(process, FdChannel(parent_end), oom)
+        return Process(process, FdChannel(parent_end), oom,
+                       initializing=self._initializer is not None)
 
     def spawn_missing(self) -> bool:
         """Start (or replace) processes until there are ``size``, and watch
@@ -688,6 +695,12 @@ class ProcessLifecycle(Lifecycle[Task]):
                 pass
         ep.ended.close()
 
+    def initialized(self, worker: Worker[Task]) -> None:
+        """``worker`` finished the pool's initializer (its READY)."""
+        ep: Process = worker.endpoint
+        ep.initializing = False
+        self.init_deaths = 0
+
     def reap(self, worker: Worker[Task], stopped: BaseException | None,
              ) -> tuple[list[tuple[Task, BaseException]], list[Task]]:
         """Account for a dead worker after :meth:`leftovers`: the tasks that
@@ -711,8 +724,12 @@ class ProcessLifecycle(Lifecycle[Task]):
             (task, task.kill_reason) for task in held if task.kill_reason is not None]
         rerun = [task for task in loss.unstarted if task.kill_reason is None]
         running = loss.running
+        if ep.initializing and not ep.killed:
+            self.init_deaths += 1
         if running is not None and running.kill_reason is None:
-            if ep.over_limit is not None and running is ep.blamed:
+            if ep.initializing:
+                rerun.insert(0, running)  # it died in the initializer: never started
+            elif ep.over_limit is not None and running is ep.blamed:
                 # the task it ran when it held too much memory
                 failed.append((running, MemoryLimitError(
                     ep.process.pid, ep.process.exitcode, running.describe(),

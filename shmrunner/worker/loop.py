@@ -53,7 +53,7 @@ from ..transport.pickling import dumps, loads
 from ..transport.protocol import rebuildable
 
 __all__ = ["worker_main", "TASK_ID", "BYE", "INIT_FAILED", "STARTED", "RELEASED", "LOGS",
-           "REPORT_START"]
+           "READY", "REPORT_START"]
 
 TASK_ID = struct.Struct("<Q")
 BYE = (1 << 64) - 1
@@ -61,6 +61,7 @@ INIT_FAILED = (1 << 64) - 2
 STARTED = (1 << 64) - 3
 RELEASED = (1 << 64) - 4
 LOGS = (1 << 64) - 5
+READY = (1 << 64) - 6  # the initializer returned: tasks sent from now on may start
 REPORT_START = 1 << 63  # a bit of a task's id on its way to the worker
 _PR_SET_PDEATHSIG = 1
 
@@ -99,6 +100,9 @@ def worker_main(sock: socket.socket, owner_pid: int, direct_child: bool,
             channel.send_batch([_encode(INIT_FAILED, False, (exc, traceback.format_exc()),
                                       threshold)])
             return
+        # Until this arrives, a death (the initializer's os._exit, a crash in a
+        # library's set-up) costs no task: none of those sent has started.
+        channel.send_batch([(TASK_ID.pack(READY), [], _nothing)])
     capture = None
     # Held around every send: the task-log flusher thread sends too.
     send_lock = threading.Lock()
