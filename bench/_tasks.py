@@ -49,3 +49,13 @@ def torch_single_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def import_torch_and_ray() -> None:
+    """Import what bench_local.py's process holds when it measures pools: a
+    process this size makes a fork (and the child's exit) what it costs there."""
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray  # noqa: F401
+    import torch  # noqa: F401

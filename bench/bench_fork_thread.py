@@ -16,8 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _tasks  # noqa: E402
 
 
 def forks(n: int) -> None:
@@ -53,9 +59,7 @@ def main() -> None:
     ap.add_argument("--light", action="store_true", help="do not import torch and ray")
     args = ap.parse_args()
     if not args.light:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray  # noqa: F401
-        import torch  # noqa: F401
+        _tasks.import_torch_and_ray()
     forks(3)  # warm-up
     print("| forking thread | wall per fork | parent: system time, page faults "
           "| child: system time, page faults |")

@@ -33,9 +33,7 @@ def main() -> None:
     ap.add_argument("--light", action="store_true", help="do not import torch and ray")
     args = ap.parse_args()
     if not args.light:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        import ray  # noqa: F401
-        import torch  # noqa: F401
+        _tasks.import_torch_and_ray()
     import shmrunner
 
     forks: dict[str, list[float]] = collections.defaultdict(list)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
@@ -84,3 +86,16 @@ def drop_shm_cache() -> None:
 
     shmrunner.set_shm_cache(0)
     shmrunner.set_shm_cache(None)
+
+
+@contextlib.contextmanager
+def running_pool(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    """A ``shmrunner.Pool(*args, **kwargs)``, terminated and joined on the way out."""
+    import shmrunner
+
+    pool = shmrunner.Pool(*args, **kwargs)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()

@@ -10,30 +10,18 @@ from __future__ import annotations
 import multiprocessing
 import os
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 import shmrunner
-from _util import wait_until
+from _util import running_pool, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 RESULT_TIMEOUT = 20
 
 FORK = multiprocessing.get_context("fork")
-
-
-@contextmanager
-def running_pool(*args: Any, **kwargs: Any) -> Iterator[shmrunner.Pool]:
-    pool = shmrunner.Pool(*args, **kwargs)
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 # --- worker-side functions -------------------------------------------------------------------

@@ -43,7 +43,7 @@ import pytest
 
 import _failure_tasks as tasks
 import shmrunner
-from _util import children, drop_shm_cache, is_alive, shm_segments, wait_until
+from _util import children, drop_shm_cache, is_alive, running_pool, shm_segments, wait_until
 from shmrunner import (
     InitializerError,
     SharedMemoryError,
@@ -73,16 +73,6 @@ def _resource_tracker_running() -> None:
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
-
-
-@contextlib.contextmanager
-def running_pool(*args: Any, **kwargs: Any) -> Iterator[shmrunner.Pool]:
-    pool = shmrunner.Pool(*args, **kwargs)
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 def pool_pids(pool: shmrunner.Pool) -> list[int]:
