@@ -81,14 +81,14 @@ class Backlog:
         self._tiers_full = False
 
     def queued(self) -> int:
-        """Jobs waiting for a worker."""
+        """Jobs waiting for a worker (the dropped ones in the queue wait for nothing)."""
         return len(self._queue) - self._dropped
 
     def snapshot(self) -> dict[str, Any]:
         """``queued``, ``running``, ``retry_waiting`` (sitting out a retry backoff),
         ``submitted``, ``shutdown`` and ``pending_bytes``, taken together."""
         with self._lock:
-            return {"queued": len(self._queue) - self._dropped, "running": len(self._running),
+            return {"queued": self.queued(), "running": len(self._running),
                     "retry_waiting": len(self._waiting),
                     "waiting_on_futures": len(self._deferred),
                     "submitted": self._submitted, "shutdown": self._shutdown,
@@ -109,11 +109,11 @@ class Backlog:
             # Blocks on either budget; a task larger than the byte budget alone
             # is let in once nothing else is held, or it could never run.
             while not self._shutdown and not over_budget and (
-                    len(self._queue) - self._dropped + len(self._deferred) >= self._max_pending
+                    self.queued() + len(self._deferred) >= self._max_pending
                     or (self._held_bytes and self._held_bytes + job.nbytes > self.byte_budget)):
                 if not block:
                     raise SchedulerBusyError(
-                        f"{len(self._queue) - self._dropped} tasks ({self._held_bytes} bytes "
+                        f"{self.queued()} tasks ({self._held_bytes} bytes "
                         "of arguments) already wait for a worker (scheduler.max_pending, "
                         "max_pending_bytes); submit again later")
                 self._submitters_waiting += 1
@@ -128,7 +128,7 @@ class Backlog:
             if deferred:
                 self._deferred.add(job)
                 return True
-            behind = len(self._queue) > self._dropped and self._tiers_full
+            behind = self.queued() > 0 and self._tiers_full
             self._queue.append(job)
             job.queued = True
             return not behind
@@ -189,7 +189,7 @@ class Backlog:
                     room -= 1
                 if jobs:
                     batches.append((tier, jobs))
-            self._tiers_full = len(self._queue) > self._dropped
+            self._tiers_full = self.queued() > 0
             if taken:  # (a pump per submit finds no room most of a burst: nothing to tell)
                 self._wake_submitters()
                 self._wake_idle_waiters()
@@ -287,8 +287,7 @@ class Backlog:
     def wait_idle(self) -> None:
         """Wait until no job is queued, running or waiting for a retry."""
         with self._lock:
-            while (len(self._queue) > self._dropped or self._running or self._waiting
-                   or self._deferred):
+            while self.queued() or self._running or self._waiting or self._deferred:
                 self._idle_waiters += 1
                 try:
                     self._all_done.wait()
@@ -321,7 +320,7 @@ class Backlog:
             self._release(job)
             job.fn, job.args, job.kwargs = None, (), {}  # its arguments, freed now
             self._wake_submitters()
-            if len(self._queue) == self._dropped:
+            if not self.queued():
                 self._wake_idle_waiters()
             return True
 
