@@ -1,4 +1,4 @@
-"""Importable helpers for test_audit_review.py (workers import them by name)."""
+"""Importable helpers for test_apply_races.py (workers import them by name)."""
 
 from __future__ import annotations
 

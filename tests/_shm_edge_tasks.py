@@ -1,4 +1,4 @@
-"""Worker functions for test_audit_shm.py (importable by spawned workers)."""
+"""Worker functions for test_shm_edges.py (importable by spawned workers)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Audit of ``shmrunner.Pool`` as a ``multiprocessing.Pool`` drop-in, in the
-corners: each test is one defect found side by side with ``multiprocessing``.
+"""``shmrunner.Pool`` as a ``multiprocessing.Pool`` drop-in, in the corners:
+each test is one defect an audit found side by side with ``multiprocessing``.
 
 Worker functions are module-level (fork workers call them directly); the pools
 use the fork start method, as the behaviour does not depend on it.

@@ -1,7 +1,7 @@
-"""Audit of the Scheduler's job control under faults (cancel, timeouts,
-retries, chains, streams, shutdown), local and remote tiers.
+"""The Scheduler's job control under faults (cancel, timeouts, retries,
+chains, streams, shutdown), local and remote tiers.
 
-Each test here reproduced a defect found by the audit; see its docstring.
+Each test here reproduced a defect (found by an audit); see its docstring.
 Real worker processes; synchronisation by files and polling with deadlines.
 """
 
