@@ -3,9 +3,12 @@
 ``ApplyResult`` (apply_async), ``MapResult`` (map_async, starmap_async),
 ``IMapIterator`` and ``IMapUnorderedIterator`` (imap, imap_unordered). The
 manager thread delivers outcomes with ``settle(index, ok, value)`` (each is a
-:class:`~shmrunner._sink.ResultSink`); callbacks run there before waiters
-wake, as in ``multiprocessing``. A callback that raises (``SystemExit``
-too) is logged, never allowed to kill the thread that serves the pool.
+:class:`~shmrunner._sink.ResultSink`). A result with a callback for that
+outcome hands it to the Pool's callback thread (``_callbackthread.py``), which
+runs the callback and then wakes the waiters, as in ``multiprocessing``: so a
+slow callback never keeps the manager thread from refilling the workers. A
+callback that raises (``SystemExit`` too) is logged, never allowed to kill
+the thread that runs it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterator
 from multiprocessing import TimeoutError
 from typing import Any
+
+from ._callbackthread import CallbackThread
 
 __all__ = ["ApplyResult", "MapResult", "IMapIterator", "IMapUnorderedIterator"]
 
@@ -35,7 +40,8 @@ def _call(callback: Callable[[Any], object], value: Any) -> None:
 class ApplyResult:
     """The pending result of one task (``multiprocessing.pool.AsyncResult``)."""
 
-    def __init__(self, callback: Callback = None, error_callback: Callback = None) -> None:
+    def __init__(self, callback: Callback = None, error_callback: Callback = None,
+                 callbacks: CallbackThread | None = None) -> None:
         # A gate rather than a threading.Event (whose Condition costs a few
         # microseconds each side of every apply): held until settled; each
         # waiter passes it (acquire, release) and lets the next through.
@@ -44,6 +50,7 @@ class ApplyResult:
         self._done = False
         self._callback = callback
         self._error_callback = error_callback
+        self._callbacks = callbacks  # where they run (None: on the settling thread)
         self._success = False
         self._value: Any = None
 
@@ -74,12 +81,19 @@ class ApplyResult:
         raise self._value
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
+        callback = self._callback if ok else self._error_callback
+        if callback is None:
+            self._finish(None, ok, value)
+        elif self._callbacks is None:
+            self._finish(callback, ok, value)
+        else:
+            self._callbacks.run(self._finish, callback, ok, value)
+
+    def _finish(self, callback: Callback, ok: bool, value: Any) -> None:
         self._success, self._value = ok, value
         try:
-            if ok and self._callback is not None:
-                _call(self._callback, value)
-            if not ok and self._error_callback is not None:
-                _call(self._error_callback, value)
+            if callback is not None:
+                _call(callback, value)
         finally:  # whatever a callback did, the result is ready
             self._done = True
             self._gate.release()
@@ -93,8 +107,9 @@ class MapResult(ApplyResult):
 
     def __init__(self, length: int, chunksize: int, callback: Callback = None,
                  error_callback: Callback = None,
-                 on_chunk: Callable[[int], object] | None = None) -> None:
-        super().__init__(callback, error_callback)
+                 on_chunk: Callable[[int], object] | None = None,
+                 callbacks: CallbackThread | None = None) -> None:
+        super().__init__(callback, error_callback, callbacks)
         # Told each chunk's length once it is in (or -1 when the map failed):
         # how map(progress=) follows the work from the caller's thread.
         self._on_chunk = on_chunk

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import _segcache
+from ._callbackthread import CallbackThread
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
 from ._streams import Meter, Progress, metered, total_of
@@ -91,6 +92,10 @@ class Pool:
         self._processes = processes
         self._engine = ProcessEngine(
             settings, on_logs=None if logs is None else _Forward(logs[0]))
+        # Callbacks run there, not on the manager thread (which would leave
+        # workers idle while one runs); it ends with join/terminate or the pool.
+        self._callbacks = CallbackThread()
+        weakref.finalize(self, self._callbacks.stop, False)
         self._state = RUN
 
     # --- multiprocessing.Pool's API --------------------------------------------------------
@@ -109,7 +114,8 @@ class Pool:
                     error_callback: Callable[[BaseException], object] | None = None,
                     ) -> ApplyResult:
         self._check_running()
-        result = ApplyResult(callback, error_callback)
+        result = ApplyResult(callback, error_callback, self._callback_thread(callback,
+                                                                              error_callback))
         self._engine.submit([self._engine.new_task(func, tuple(args), dict(kwds), result)])
         return result
 
@@ -160,15 +166,19 @@ class Pool:
 
     def terminate(self) -> None:
         """Stop the workers now and wait until they are gone (as multiprocessing
-        does); tasks not finished fail with TaskCancelledError."""
+        does); tasks not finished fail with TaskCancelledError. Callbacks
+        already due run before it returns."""
         self._state = TERMINATE
         self._engine.terminate(wait=True)
+        self._callbacks.stop()
 
     def join(self) -> None:
-        """Wait for the workers to exit; call close() or terminate() first."""
+        """Wait for the workers to exit and the last callbacks to run; call
+        close() or terminate() first."""
         if self._state == RUN:
             raise ValueError("Pool is still running")
         self._engine.join()
+        self._callbacks.stop()
 
     def __enter__(self) -> Pool:
         self._check_running()
@@ -203,6 +213,14 @@ class Pool:
         self._engine.wait_for_workers(5.0)
 
     # --- internals -----------------------------------------------------------------------------
+
+    def _callback_thread(self, *callbacks: Callable[..., object] | None,
+                         ) -> CallbackThread | None:
+        """The thread to run ``callbacks`` on, started (None: there are none)."""
+        if all(callback is None for callback in callbacks):
+            return None
+        self._callbacks.start()
+        return self._callbacks
 
     def _check_running(self) -> None:
         self._engine.check_process()
@@ -263,7 +281,8 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize}")
         if not items:
             chunksize = 0
-        result = MapResult(len(items), chunksize, callback, error_callback, on_chunk)
+        result = MapResult(len(items), chunksize, callback, error_callback, on_chunk,
+                           self._callback_thread(callback, error_callback))
         engine = self._engine
         engine.submit([
             engine.new_task(run_chunk, (func, items[start:start + chunksize], star), {},

@@ -54,6 +54,17 @@ def is_alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
+def has_closed_its_files(pid: int) -> bool:
+    """Whether process ``pid`` is gone or has closed every file (its sockets'
+    peers then see it gone). Stronger than not :func:`is_alive`: the leader of
+    a process with threads is a zombie while another thread still tears the
+    process down, its files open."""
+    try:
+        return not os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return True
+
+
 def shm_segments(pid: int | str = "self") -> list[str]:
     """shmrunner memfds a process holds open or mapped (empty when none)."""
     found = []

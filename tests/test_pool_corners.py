@@ -112,10 +112,6 @@ def touch(path: str) -> str:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "callbacks run on the manager thread, which also hands tasks to workers and "
-    "reads their replies: moving them to a thread of their own (multiprocessing's "
-    "result-handler model) is a design change in _manager.py/_results.py"))
 @pytest.mark.parametrize("kind", ["callback", "error_callback"])
 def test_a_slow_callback_does_not_leave_the_workers_idle(kind: str, tmp_path: Any) -> None:
     """While one result's callback runs (writing a file, updating a plot), the

@@ -43,7 +43,15 @@ import pytest
 
 import _failure_tasks as tasks
 import shmrunner
-from _util import children, drop_shm_cache, is_alive, running_pool, shm_segments, wait_until
+from _util import (
+    children,
+    drop_shm_cache,
+    has_closed_its_files,
+    is_alive,
+    running_pool,
+    shm_segments,
+    wait_until,
+)
 from shmrunner import (
     InitializerError,
     SharedMemoryError,
@@ -405,28 +413,35 @@ def test_a_worker_forked_while_a_module_lock_is_held_still_serves(where: str) ->
 
 @pytest.mark.timeout(60)
 def test_task_sent_to_dead_idle_worker_is_not_lost() -> None:
-    """A worker dies while idle and work arrives before the pool noticed: the work
-    never started, so nothing may fail.
+    """A worker dies while idle and work arrives before the engine noticed: the
+    work never started, so nothing may fail.
 
-    The window is made deterministic by parking the manager thread in a result
-    callback (callbacks run on it, as in multiprocessing) while the worker dies.
+    The window is made deterministic by parking the engine's manager thread in
+    a Scheduler future's done-callback (they run on the thread that settles
+    the future, as in concurrent.futures) while the worker dies. (The Pool's
+    callbacks run on a thread of their own, as in multiprocessing.)
     """
-    ctx = multiprocessing.get_context("fork")
-    with running_pool(2, context=ctx) as pool:
-        victim = pool_pids(pool)[0]
+    with shmrunner.Scheduler(local_workers=2) as sched:
+        victim = sched.submit(os.getpid).result(timeout=RESULT_TIMEOUT)
         in_callback, release = threading.Event(), threading.Event()
 
         def park(_: object) -> None:
             in_callback.set()
             release.wait(RESULT_TIMEOUT)
 
-        pool.apply_async(tasks.add_one, (0,), callback=park)
+        sched.submit(tasks.add_one, 0).add_done_callback(park)
         assert in_callback.wait(RESULT_TIMEOUT)
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: not is_alive(victim), RESULT_TIMEOUT, message="the worker to die")
-        results = [pool.apply_async(tasks.add_one, (i,)) for i in range(6)]
+        # Its channel closed: a task sent while it was dying would be taken by
+        # the kernel and lost with it, indistinguishable from one it ran. The
+        # kernel releases a dying process's files a few milliseconds after its
+        # fd table empties (a deferred fput): nothing a test can wait on.
+        wait_until(lambda: has_closed_its_files(victim), RESULT_TIMEOUT,
+                   message="the worker to die")
+        time.sleep(0.1)
+        futures = [sched.submit(tasks.add_one, i) for i in range(6)]
         release.set()
-        outcomes = [outcome(lambda r=r: r.get(timeout=RESULT_TIMEOUT)) for r in results]
+        outcomes = [outcome(lambda f=f: f.result(timeout=RESULT_TIMEOUT)) for f in futures]
         assert outcomes == [(True, i + 1) for i in range(6)]
 
 

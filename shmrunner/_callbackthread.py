@@ -1,0 +1,89 @@
+"""The Pool's callback thread: runs ``callback`` and ``error_callback`` off the
+manager thread, as ``multiprocessing``'s result-handler thread does.
+
+Data flow::
+
+    manager thread (or any thread settling a result that has a callback)
+        CallbackThread.run(fn, *args) --> SimpleQueue --> shmrunner-pool-callbacks
+                                                             fn(*args), one at a time,
+                                                             in the order handed in
+
+A slow callback (writing a file, drawing a plot) then delays the callbacks
+behind it, never the manager thread that reads results and refills idle
+workers. The thread starts with the first result that has a callback and
+ends when :meth:`stop` is called (the Pool's ``join``/``terminate``, or the
+Pool being collected), after running everything handed in before.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _pid
+
+__all__ = ["CallbackThread"]
+
+log = logging.getLogger("shmrunner.pool")
+
+_STOP = None
+
+
+class CallbackThread:
+    """One thread running the callables handed to :meth:`run`, in order."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._owner = _pid.current()
+
+    def start(self) -> None:
+        """Start the thread unless it runs already (the caller's thread does
+        this when it asks for a callback, so the manager thread never has to)."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None and not self._stopped:
+                thread = threading.Thread(target=self._serve, name="shmrunner-pool-callbacks",
+                                          daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def run(self, fn: Callable[..., object], *args: Any) -> None:
+        """Have the thread call ``fn(*args)`` after what was handed in before;
+        called here and now once the thread is stopped (or never started)."""
+        with self._lock:  # not after stop()'s sentinel, where it would never run
+            if self._thread is not None and not self._stopped:
+                self._calls.put((fn, args))
+                return
+        fn(*args)
+
+    def stop(self, wait: bool = True) -> None:
+        """Run what was handed in, then end the thread; ``wait``: return once it
+        has ended (not when called from a callback on the thread itself)."""
+        if _pid.current() != self._owner:
+            return  # a fork() child's copy: no thread there (and the lock may be held)
+        with self._lock:
+            thread, self._stopped = self._thread, True
+            if thread is not None:
+                self._calls.put(_STOP)
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            call = self._calls.get()
+            if call is _STOP:
+                return
+            fn, args = call
+            try:
+                fn(*args)
+            except BaseException:  # never silently: a dead thread would leave results pending
+                log.exception("shmrunner's callback thread caught an unexpected error")
+            del call, fn, args  # not held while waiting for the next
