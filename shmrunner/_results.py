@@ -82,18 +82,19 @@ class ApplyResult:
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
         callback = self._callback if ok else self._error_callback
-        if callback is None:
-            self._finish(None, ok, value)
+        if callback is None:  # most results: settled here, without a call more
+            self._success, self._value = ok, value
+            self._done = True
+            self._gate.release()
         elif self._callbacks is None:
             self._finish(callback, ok, value)
         else:
             self._callbacks.run(self._finish, callback, ok, value)
 
-    def _finish(self, callback: Callback, ok: bool, value: Any) -> None:
+    def _finish(self, callback: Callable[[Any], object], ok: bool, value: Any) -> None:
         self._success, self._value = ok, value
         try:
-            if callback is not None:
-                _call(callback, value)
+            _call(callback, value)
         finally:  # whatever a callback did, the result is ready
             self._done = True
             self._gate.release()
