@@ -271,8 +271,13 @@ class Pool:
         items = iterable if hasattr(iterable, "__len__") else list(iterable)
         if type(items) is not range:  # a range's slices are ranges: a chunk travels as 3 ints
             items = list(items)
+        rows = None
         if out is not None:
             _check_out(out, len(items))
+            # The workers get plain ndarray rows: pickling moves only exact
+            # ndarrays by handle, and a subclass's rows (a masked array's, a
+            # recarray's) would travel as copies that drop every result.
+            rows = out.view(np.ndarray)
         if chunksize is None:
             chunksize, extra = divmod(len(items), self._processes * 4)
             if extra:
@@ -286,9 +291,9 @@ class Pool:
         engine = self._engine
         engine.submit([
             engine.new_task(run_chunk, (func, items[start:start + chunksize], star), {},
-                            result, index) if out is None else
+                            result, index) if rows is None else
             engine.new_task(run_chunk_into, (func, items[start:start + chunksize], star,
-                                             out[start:start + chunksize], start), {},
+                                             rows[start:start + chunksize], start), {},
                             result, index)
             for index, start in enumerate(range(0, len(items), chunksize or 1))
         ])
