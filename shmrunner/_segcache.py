@@ -93,7 +93,11 @@ _free: dict[int, list[Slot]] = collections.defaultdict(list)  # size class -> sl
 _order: collections.OrderedDict[int, Slot] = collections.OrderedDict()  # inode -> free slot, LRU
 _free_bytes = 0
 _lent: dict[object, dict[int, Slot]] = {}  # holder -> inode -> slot
-_adopted: collections.deque[int] = collections.deque()  # fds adopt() queued
+# (fd, size) adopt() queued, and their bytes (under _adopted_lock, never
+# waited for by adopt: it runs in finalizers).
+_adopted: collections.deque[tuple[int, int]] = collections.deque()
+_adopted_bytes = 0
+_adopted_lock = threading.Lock()
 _out: dict[int, Slot] = {}  # inode -> slot being filled or sent: neither free nor lent yet
 # Returned slots: the worker released them, the parent still maps them.
 _awaiting: dict[int, Slot] = {}
@@ -266,31 +270,45 @@ def adopt(fd: int) -> None:
     allocation, even one made under ``_lock``: only queued here, taken in by
     the next :func:`acquire` (or info, or budget change). Closed at once
     when the cache could not keep it anyway: queued, it would hold an fd
-    until the pool's next task, however many arrays the program drops."""
-    if len(_adopted) + len(_order) >= _max_free_segments() or not _may_keep(fd):
+    and its pages until the pool's next task, however many arrays the
+    program drops, so the queue's bytes count against the budget too."""
+    size = _class_size(fd)
+    # Never waits: a finalizer may run while this thread counts the queue;
+    # then this one segment is not recycled.
+    if size is None or not _adopted_lock.acquire(blocking=False):
         _close([Slot(fd, 0, 0)])
         return
-    _adopted.append(fd)
+    global _adopted_bytes
+    try:
+        keep = (len(_adopted) + len(_order) < _max_free_segments()
+                and _free_bytes + _adopted_bytes + size <= shm_cache_limit())
+        if keep:
+            _adopted.append((fd, size))
+            _adopted_bytes += size
+    finally:
+        _adopted_lock.release()
+    if not keep:
+        _close([Slot(fd, 0, 0)])
 
 
-def _may_keep(fd: int) -> bool:
-    """Whether the cache could keep segment ``fd`` beside its free slots: with
-    the cache disabled (limit 0), or a segment over the budget, queueing it
-    would keep its pages until the next allocation, which a closed pool never
-    makes. Racy unlocked reads (see :func:`adopt`): at worst one more queued."""
+def _class_size(fd: int) -> int | None:
+    """The size of segment ``fd`` if the cache could hold it (a size class)."""
     try:
         size = os.fstat(fd).st_size
     except OSError:
-        return False
-    return size == size_class(size) and _free_bytes + size <= shm_cache_limit()
+        return None
+    return size if size == size_class(size) else None
 
 
 def _take_in_adopted() -> None:
+    global _adopted_bytes
     while _adopted:
         try:
-            fd = _adopted.popleft()
+            fd, size = _adopted.popleft()
         except IndexError:
             return
+        with _adopted_lock:
+            _adopted_bytes -= size
         _adopt(fd)
     while _unreturned:
         try:
@@ -486,12 +504,14 @@ def _close(slots: list[Slot]) -> None:
 
 def _reset_in_child() -> None:
     """A fork() child holds copies of the cache's fds: close them, start empty."""
-    global _lock, _free_bytes, _watchers
+    global _lock, _free_bytes, _watchers, _adopted_lock, _adopted_bytes
     _lock = threading.Lock()
+    _adopted_lock = threading.Lock()
+    _adopted_bytes = 0
     _watchers = ()
     slots = (list(_order.values()) + list(_out.values())
              + [s for held in _lent.values() for s in held.values()])
-    slots += [Slot(fd, 0, 0) for fd in _adopted]
+    slots += [Slot(fd, 0, 0) for fd, _ in _adopted]
     slots += list(_awaiting.values())
     _adopted.clear()
     _awaiting.clear()

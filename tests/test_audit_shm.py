@@ -4,6 +4,7 @@ cache. Real worker processes throughout."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 import _shm_edge_tasks as at
@@ -11,6 +12,9 @@ import numpy as np
 import pytest
 
 import shmrunner
+from _util import shm_segments, wait_until
+
+MIB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
@@ -54,3 +58,23 @@ def test_a_task_writing_into_a_masked_view_of_a_shared_array_is_seen() -> None:
     first = float(data[0])
     del data, view  # not kept alive by a failure's traceback (the leak check)
     assert first == 1.0
+
+
+# --- the cache's byte budget ----------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_dropped_results_beyond_the_budget_give_their_pages_back_at_once() -> None:
+    """Results are adopted into the cache when the caller drops them; the
+    budget check ignored the ones queued for adoption, so after a pool ended
+    every dropped result was kept (an fd and its pages each) until the next
+    cache operation, far past set_shm_cache's budget."""
+    shmrunner.set_shm_cache(8 * MIB)
+    with shmrunner.Pool(2) as pool:
+        held = pool.starmap(at.full, [(k, MIB // 2) for k in range(20)])  # 20 x 4 MiB
+    assert all(shmrunner.is_shared(r) for r in held)
+    del held
+    gc.collect()
+    # The budget holds two 4 MiB segments: the other 18 go back to the kernel.
+    wait_until(lambda: len(shm_segments()) <= 2, timeout=10,
+               message="the results' segments past the budget to be closed")
