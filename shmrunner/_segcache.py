@@ -174,11 +174,14 @@ def _env_limit() -> int | None:
     if not env:
         return None
     try:
-        return max(int(env), 0)
+        limit = int(env)
     except ValueError:
+        limit = -1
+    if limit < 0:  # as set_shm_cache: a negative budget is a mistake, not "off"
         raise ConfigError(
-            f"SHMRUNNER_SHM_CACHE={env!r} is not a whole number of bytes; "
-            "set it to e.g. 1073741824, 0 to disable the cache, or unset it") from None
+            f"SHMRUNNER_SHM_CACHE={env!r} is not a whole number of bytes >= 0; "
+            "set it to e.g. 1073741824, 0 to disable the cache, or unset it")
+    return limit
 
 
 def set_shm_cache(max_bytes: int | None) -> None:

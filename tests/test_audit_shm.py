@@ -78,3 +78,16 @@ def test_dropped_results_beyond_the_budget_give_their_pages_back_at_once() -> No
     # The budget holds two 4 MiB segments: the other 18 go back to the kernel.
     wait_until(lambda: len(shm_segments()) <= 2, timeout=10,
                message="the results' segments past the budget to be closed")
+
+
+# --- the SHMRUNNER_* settings and shm_threshold -------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_negative_shm_cache_variable_is_an_error_not_a_disabled_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_shm_cache(-1) raises, but SHMRUNNER_SHM_CACHE=-1 silently turned
+    the cache off (clamped to 0): a typo'd budget must be one clear line."""
+    monkeypatch.setenv("SHMRUNNER_SHM_CACHE", "-1")
+    with pytest.raises(shmrunner.ConfigError, match="SHMRUNNER_SHM_CACHE='-1'"):
+        shmrunner.set_shm_cache(None)
