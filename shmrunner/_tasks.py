@@ -136,15 +136,23 @@ def deliver(task: Task, ok: bool, value: Any) -> None:
 
 
 def resolve_threshold(threshold: int | None) -> int:
+    """The Pool's ``shm_threshold``, or ``SHMRUNNER_SHM_THRESHOLD``: a whole
+    number of bytes >= 0 (as ``scheduler.shm_threshold``), else one clear line."""
     if threshold is not None:
+        if not isinstance(threshold, (int, np.integer)) or isinstance(threshold, bool) \
+                or threshold < 0:
+            raise ValueError(f"shm_threshold must be a whole number of bytes >= 0 or None, "
+                             f"not {threshold!r}")
         return int(threshold)
     env = os.environ.get("SHMRUNNER_SHM_THRESHOLD")
     if env:
         try:
-            return int(env)
+            value = int(env)
         except ValueError:
+            value = -1
+        if value < 0:
             raise ConfigError(
-                f"SHMRUNNER_SHM_THRESHOLD={env!r} is not a whole number of bytes; "
-                "set it to e.g. 65536 or unset it"
-            ) from None
+                f"SHMRUNNER_SHM_THRESHOLD={env!r} is not a whole number of bytes >= 0; "
+                "set it to e.g. 65536 or unset it")
+        return value
     return DEFAULT_THRESHOLD

@@ -91,3 +91,20 @@ def test_a_negative_shm_cache_variable_is_an_error_not_a_disabled_cache(
     monkeypatch.setenv("SHMRUNNER_SHM_CACHE", "-1")
     with pytest.raises(shmrunner.ConfigError, match="SHMRUNNER_SHM_CACHE='-1'"):
         shmrunner.set_shm_cache(None)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", [-1, "lots", 1.5])
+def test_a_bad_shm_threshold_names_the_argument(value: object) -> None:
+    """Pool(shm_threshold="lots") failed with int()'s bare "invalid literal
+    for int() with base 10", -1 was taken (scheduler.shm_threshold refuses
+    it) and 1.5 silently became 1."""
+    with pytest.raises(ValueError, match="shm_threshold"):
+        shmrunner.Pool(1, shm_threshold=value).terminate()  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_a_negative_shm_threshold_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHMRUNNER_SHM_THRESHOLD", "-1")
+    with pytest.raises(shmrunner.ConfigError, match="SHMRUNNER_SHM_THRESHOLD='-1'"):
+        shmrunner.Pool(1).terminate()
