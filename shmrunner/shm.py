@@ -37,6 +37,7 @@ explained there); ``_shmlimits.py`` the fd limit and the memory check.
 from __future__ import annotations
 
 import errno
+import resource
 import warnings
 from typing import Any
 
@@ -108,6 +109,12 @@ def _allocation_error(exc: OSError, nbytes: int) -> SharedMemoryError:
     depends on what ran out (fds, memory) or is missing (memfds)."""
     if exc.errno in (errno.EMFILE, errno.ENFILE):
         return fd_limit_error("cannot allocate a shared array")
+    if exc.errno == errno.EFBIG:  # a memfd counts against the file-size limit
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        return SharedMemoryError(
+            f"cannot allocate {mib(nbytes)} of shared memory: it is past this process's "
+            f"file-size limit (RLIMIT_FSIZE {soft} bytes), which shared arrays count "
+            "against; raise it with `ulimit -f unlimited`, or use a smaller array")
     if exc.errno == errno.ENOSYS:
         return SharedMemoryError(
             f"cannot allocate a shared array: shared memory is unavailable ({exc.strerror}); "

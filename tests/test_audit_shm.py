@@ -5,7 +5,11 @@ cache. Real worker processes throughout."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import _shm_edge_tasks as at
 import numpy as np
@@ -108,3 +112,36 @@ def test_a_negative_shm_threshold_variable_is_an_error(monkeypatch: pytest.Monke
     monkeypatch.setenv("SHMRUNNER_SHM_THRESHOLD", "-1")
     with pytest.raises(shmrunner.ConfigError, match="SHMRUNNER_SHM_THRESHOLD='-1'"):
         shmrunner.Pool(1).terminate()
+
+
+# --- allocation errors ----------------------------------------------------------------
+
+FSIZE_SCRIPT = """
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+import shmrunner
+try:
+    shmrunner.zeros(1 << 19)  # 4 MiB, past the 1 MiB file-size limit
+except shmrunner.SharedMemoryError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_empty_past_the_file_size_limit_names_the_limit() -> None:
+    """A memfd counts against RLIMIT_FSIZE; past it, empty() said "File too
+    large; free memory or use a smaller array", which frees nothing: the
+    limit is what to raise."""
+    done = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT], capture_output=True, text=True,
+                          timeout=50, env=_env())
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert "RLIMIT_FSIZE" in message and "ulimit -f" in message and "\n" not in message
+
+
+def _env() -> dict[str, str]:
+    """This checkout's shmrunner first on the path of a child interpreter."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
