@@ -127,11 +127,15 @@ class TaskFuture(LightFuture[Any]):
     def __reduce__(self) -> Any:
         # Reached when a future sits where find() does not look and so travels
         # with the task: say that, not "cannot pickle '_thread.RLock' object".
+        # The search's object limit is named too: a fan-in of more futures than
+        # it looks at sits exactly where the rest of the message says to put it.
         raise TypeError(
             f"a future (of task {self.task_id}) cannot be sent to a worker: futures are "
             "resolved only as arguments or inside lists, tuples, sets and dict values, "
-            f"up to {MAX_DEPTH} levels deep (not as a dict key, nor inside a namedtuple, "
-            "a dataclass or another object); put it there, or pass its result()")
+            f"up to {MAX_DEPTH} levels deep and among the first {MAX_VISITS} objects of "
+            "a task's arguments (not as a dict key, nor inside a namedtuple, a dataclass "
+            "or another object); put it there (a wider fan-in: combine the futures in "
+            "stages of tasks), or pass its result()")
 
     def runs(self) -> tuple[Job | None, tuple[int, str | None] | None]:
         """(its job while unsettled, (attempts, worker of the latest))."""
