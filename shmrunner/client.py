@@ -621,8 +621,13 @@ def _wait_accepted(refs: list[tuple[list[Any], JobFuture]]) -> BaseException | N
     for _, dep in refs:
         if dep.wait_accepted():
             continue
-        cause = dep.exception() if not dep.cancelled() else TaskCancelledError(
-            f"job {dep.job_id} was cancelled")
+        if dep.cancelled():
+            # Withdrawn before the daemon had it: cancelled, as a dependency
+            # the daemon cancels makes its dependents (not a failure).
+            return TaskCancelledError(f"job {dep.job_id}, whose future is among the "
+                                      "arguments, was cancelled before the daemon "
+                                      "accepted it")
+        cause = dep.exception()
         error = DependencyError(f"job {dep.job_id}, whose future is among the arguments, "
                                 f"failed before the daemon accepted it: {cause}")
         error.__cause__ = cause
