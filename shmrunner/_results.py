@@ -163,6 +163,7 @@ class IMapIterator:
         self._index = 0
         self._length: int | None = None
         self._on_consumed = on_consumed
+        self._ended = False  # by end(): whatever settles later is dropped
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -195,6 +196,8 @@ class IMapIterator:
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
+            if self._ended:
+                return
             if index == self._index:
                 self._items.append((ok, value))
                 self._index += 1
@@ -209,9 +212,26 @@ class IMapIterator:
 
     def _set_length(self, length: int) -> None:
         with self._cond:
+            if self._ended:
+                return
             self._length = length
             if self._index == self._length:
                 self._cond.notify_all()
+
+    def end(self, error: BaseException) -> None:
+        """The pool was terminated: after the results already in (in order),
+        next() raises ``error``, then StopIteration. Not left to the feeder,
+        which may be blocked reading the caller's input for as long as that
+        stalls (a queue nobody feeds any more), next() waiting with it."""
+        with self._cond:
+            if self._ended or self._index == self._length:
+                return  # complete: nothing is waited for
+            self._ended = True
+            self._unsorted.clear()  # behind a result that will never come
+            self._items.append((False, error))
+            self._index += 1
+            self._length = self._index
+            self._cond.notify_all()
 
 
 class IMapUnorderedIterator(IMapIterator):
@@ -219,6 +239,8 @@ class IMapUnorderedIterator(IMapIterator):
 
     def settle(self, index: int, ok: bool, value: Any) -> None:
         with self._cond:
+            if self._ended:
+                return
             self._items.append((ok, value))
             self._index += 1
             self._cond.notify()

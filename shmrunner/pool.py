@@ -96,6 +96,8 @@ class Pool:
         # workers idle while one runs); it ends with join/terminate or the pool.
         self._callbacks = CallbackThread()
         weakref.finalize(self, self._callbacks.stop, False)
+        # The imap iterators still consumed: terminate() ends them (IMapIterator.end).
+        self._imaps: weakref.WeakSet[IMapIterator] = weakref.WeakSet()
         self._state = RUN
 
     # --- multiprocessing.Pool's API --------------------------------------------------------
@@ -170,6 +172,8 @@ class Pool:
         already due run before it returns."""
         self._state = TERMINATE
         self._engine.terminate(wait=True)
+        for results in list(self._imaps):
+            results.end(TaskCancelledError("the pool was terminated"))
         self._callbacks.stop()
 
     def join(self) -> None:
@@ -316,6 +320,7 @@ class Pool:
         # Dropped by its consumer (and its tasks settled): the feeder stops
         # reading the input, so close() + join() end.
         weakref.finalize(result, engine.abandon, budget)
+        self._imaps.add(result)
         feeder = threading.Thread(target=_feed,
                                   args=(engine, weakref.ref(result), func, iter(iterable),
                                         chunksize, budget),
