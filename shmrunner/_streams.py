@@ -91,6 +91,17 @@ class _Input:
         if self.error is not None:
             raise self.error
 
+    def submit(self, submit: Callable[..., Future[Any]], call: tuple[Any, ...]
+               ) -> Future[Any] | None:
+        """``submit(*call)``; None when it raises (an argument it refuses, a
+        shutdown): kept and raised as the input's own exceptions are, in that
+        item's place, not in place of a result already on its way."""
+        try:
+            return submit(*call)
+        except Exception as exc:  # noqa: BLE001 (re-raised after the earlier results)
+            self.error = exc
+            return None
+
 
 def total_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
     """How many items ``zip(*iterables)`` yields, when every input knows its length."""
@@ -172,6 +183,7 @@ def stream(submit: Callable[..., Future[Any]], calls: Iterator[tuple[Any, ...]],
     meter = Meter(progress, total)
     source = _Input(calls)
     if ordered:
+        # (a submit raising here raises from the call, as Executor.map's do)
         window: collections.deque[Future[Any]] = collections.deque(
             submit(*call) for call in source.take(buffersize))
         return _deliver(_ordered(submit, source, window, deadline), window, chunked, meter)
@@ -201,16 +213,26 @@ def _ordered(submit: Callable[..., Future[Any]], source: _Input,
             head.cancel()
             raise
         for call in source.take(1):
-            pending.append(submit(*call))
+            _append(pending, source.submit(submit, call))
         yield value
     source.raise_error()
 
 
+def _append(pending: collections.deque[Future[Any]], future: Future[Any] | None) -> None:
+    if future is not None:
+        pending.append(future)
+
+
 def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
             running: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]]) -> None:
-    future = submit(*call)
-    running.add(future)
-    future.add_done_callback(finished.put)
+    _watch(submit(*call), running, finished)
+
+
+def _watch(future: Future[Any] | None, running: set[Future[Any]],
+           finished: queue.SimpleQueue[Future[Any]]) -> None:
+    if future is not None:
+        running.add(future)
+        future.add_done_callback(finished.put)
 
 
 def _unordered(submit: Callable[..., Future[Any]], source: _Input,
@@ -224,7 +246,7 @@ def _unordered(submit: Callable[..., Future[Any]], source: _Input,
                                "tasks unfinished") from None
         pending.discard(future)
         for call in source.take(1):
-            _launch(submit, call, pending, finished)
+            _watch(source.submit(submit, call), pending, finished)
         yield future.result()
     source.raise_error()
 

@@ -140,3 +140,23 @@ def test_a_client_job_on_a_withdrawn_job_is_cancelled_not_failed(
             dependent.result(RESULT)
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["map", "imap_unordered"])
+def test_an_item_submit_refuses_fails_in_its_place(method: str) -> None:
+    # An exception the input raises comes after the results of the items
+    # read before it (README, _streams.py); one that submit raises for an item
+    # (a future of another executor among its arguments, say) came buffersize
+    # items early instead, dropping results already computed.
+    import concurrent.futures
+
+    with Scheduler(local_workers=1) as sched, \
+            concurrent.futures.ThreadPoolExecutor(1) as other:
+        foreign = other.submit(int, 7)
+        got = []
+        with pytest.raises(TypeError, match="another executor"):
+            for value in getattr(sched, method)(ct.echo, [0, 1, 2, 3, foreign],
+                                                buffersize=2):
+                got.append(value[0][0])
+    assert sorted(got) == [0, 1, 2, 3]
