@@ -343,12 +343,21 @@ class Dependents:
         cause = dep.exception(timeout=0)
         assert cause is not None
         dep_id = dep.task_id if isinstance(dep, TaskFuture) else "?"
+        root, depth = _root_of(cause)
         error = DependencyError(
             f"task {job.id} did not run: task {dep_id}, whose future is among its "
-            f"arguments, failed with {_describe(cause)}")
-        error.__cause__ = cause
+            f"arguments, failed with {_describe(cause, root)}")
+        # Linked to the first failure itself past CAUSE_LINKS links: Python's
+        # traceback printer recurses along __cause__, and a chain of thousands
+        # printed nothing at all.
+        error.__cause__ = cause if depth < CAUSE_LINKS else root
         job.fn, job.args, job.kwargs = None, (), {}
         _settle(job.future, error)
+
+
+#: Links of DependencyErrors a dependent's ``__cause__`` chain keeps before it
+#: points at the first failure directly.
+CAUSE_LINKS = 50
 
 
 def _was_cancelled(dep: Future[Any]) -> bool:
@@ -358,18 +367,25 @@ def _was_cancelled(dep: Future[Any]) -> bool:
     return dep.cancelled() or isinstance(dep.exception(timeout=0), TaskCancelledError)
 
 
-def _describe(cause: BaseException) -> str:
-    """``cause`` for a dependent's message. A DependencyError is named with the
-    first failure up its chain, not with its own message: each link quoting
-    the whole message of the link before made them quadratic in the depth."""
-    if not isinstance(cause, DependencyError):
-        return f"{type(cause).__name__}: {cause}"
-    root: BaseException = cause
+def _root_of(cause: BaseException) -> tuple[BaseException, int]:
+    """The first failure up ``cause``'s chain of DependencyErrors, and how many
+    links lead to it (at most :data:`CAUSE_LINKS`: see ``_fail``)."""
+    root, depth = cause, 0
     seen = {id(root)}
     while isinstance(root, DependencyError) and root.__cause__ is not None \
             and id(root.__cause__) not in seen:
         root = root.__cause__
         seen.add(id(root))
+        depth += 1
+    return root, depth
+
+
+def _describe(cause: BaseException, root: BaseException) -> str:
+    """``cause`` for a dependent's message. A DependencyError is named with the
+    first failure up its chain (``root``), not with its own message: each link
+    quoting the whole message of the link before made them quadratic in the depth."""
+    if not isinstance(cause, DependencyError):
+        return f"{type(cause).__name__}: {cause}"
     if root is cause:
         return f"DependencyError: {cause}"
     return f"DependencyError (the first failure up its chain: {type(root).__name__}: {root})"

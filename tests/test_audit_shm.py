@@ -48,20 +48,21 @@ def test_map_out_given_a_masked_view_of_a_shared_array_gets_the_results() -> Non
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "transport/pickling.py registers its reducer for np.ndarray exactly, so an "
-    "ndarray subclass (masked array, np.matrix, recarray) viewing a shared segment "
-    "travels as a pickled copy and the task's writes are lost, although is_shared() "
-    "is true; the fix belongs in pickling.py (dispatch path), left to its owner"))
-def test_a_task_writing_into_a_masked_view_of_a_shared_array_is_seen() -> None:
+@pytest.mark.timeout(60)
+def test_an_ndarray_subclass_argument_travels_by_value_and_its_plain_view_shares() -> None:
+    """The README's rule: a subclass (a masked array here) is pickled as its
+    class pickles itself, by value, even over shared memory (its extra state,
+    a mask, has no shared form); the plain array under it is shared."""
     data = shmrunner.zeros(1000)
-    view = np.ma.masked_array(data)
-    assert shmrunner.is_shared(view)
+    masked = np.ma.masked_array(data)
+    assert shmrunner.is_shared(masked)
     with shmrunner.Pool(1) as pool:
-        pool.apply(at.add_one_to_each, ([view],))
-    first = float(data[0])
-    del data, view  # not kept alive by a failure's traceback (the leak check)
-    assert first == 1.0
+        pool.apply(at.add_one_to_each, ([masked],))
+        after_subclass = float(data[0])
+        pool.apply(at.add_one_to_each, ([masked.data],))
+        after_plain = float(data[0])
+    del data, masked  # not kept alive by a failure's traceback (the leak check)
+    assert (after_subclass, after_plain) == (0.0, 1.0)
 
 
 # --- the cache's byte budget ----------------------------------------------------------

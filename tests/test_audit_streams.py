@@ -103,11 +103,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "each link's DependencyError has the previous link's as __cause__ (README), so a "
-    "chain deeper than the recursion limit makes Python's own excepthook fail to print "
-    "it ('lost sys.stderr', no traceback at all); capping the cause chain is a design "
-    "question (see report)"))
 @pytest.mark.timeout(90)
 def test_an_uncaught_failure_at_the_end_of_a_deep_chain_is_printed(tmp_path: Any) -> None:
     script = tmp_path / "deep.py"
