@@ -131,7 +131,8 @@ class TaskFuture(LightFuture[Any]):
         # it looks at sits exactly where the rest of the message says to put it.
         raise TypeError(
             f"a future (of task {self.task_id}) cannot be sent to a worker: futures are "
-            "resolved only as arguments or inside lists, tuples, sets and dict values, "
+            "resolved only by the Scheduler that made them (a Pool or another executor "
+            "never resolves them), as arguments or inside lists, tuples, sets and dict values, "
             f"up to {MAX_DEPTH} levels deep and among the first {MAX_VISITS} objects of "
             "a task's arguments (not as a dict key, nor inside a namedtuple, a dataclass "
             "or another object); put it there (a wider fan-in: combine the futures in "
