@@ -161,7 +161,7 @@ def test_an_item_submit_refuses_fails_in_its_place(method: str) -> None:
 def test_a_scheduler_future_given_to_a_pool_says_a_pool_does_not_resolve_it() -> None:
     """The chaining advice ("put it there (an argument)") was wrong for a Pool,
     which never resolves futures: the error says so."""
-    with shmrunner.Scheduler(local_workers=1) as sched, shmrunner.Pool(1) as pool:
+    with Scheduler(local_workers=1) as sched, Pool(1) as pool:
         future = sched.submit(abs, -1)
         with pytest.raises(TypeError, match="a Pool or another executor never resolves"):
             pool.apply(abs, (future,))
