@@ -21,6 +21,7 @@ import threading
 import time
 
 from .errors import SharedMemoryError
+from .worker._memwatch import cgroup_headroom
 
 __all__ = ["available_memory", "check_fits", "fd_limit_error", "mib", "raise_fd_limit"]
 
@@ -84,7 +85,9 @@ def available_memory() -> int:
     if now - stamp < 0.1:
         return value
     value = _meminfo_available()
-    cgroup = _cgroup_headroom()
+    # The process's own memory cgroup, v1 or v2 (a container's, a systemd
+    # unit's MemoryMax, a batch job's): memfd pages are charged to it.
+    cgroup = cgroup_headroom()
     if cgroup is not None:
         value = min(value, cgroup)
     _available_cache = (now, value)
@@ -100,19 +103,6 @@ def _meminfo_available() -> int:
     except OSError:
         pass
     return 1 << 62  # unknown: do not refuse anything
-
-
-def _cgroup_headroom() -> int | None:
-    try:
-        with open("/sys/fs/cgroup/memory.max", "rb") as f:
-            limit = f.read().strip()
-        if limit == b"max":
-            return None
-        with open("/sys/fs/cgroup/memory.current", "rb") as f:
-            current = int(f.read())
-        return int(limit) - current
-    except (OSError, ValueError):
-        return None
 
 
 def check_fits(nbytes: int) -> None:

@@ -146,3 +146,39 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     return env
+
+
+# --- the memory cgroup's headroom ---------------------------------------------------
+
+_CGROUP_SCRIPT = """
+import json, os, sys
+with open(os.path.join(sys.argv[1], "cgroup.procs"), "w") as f:
+    f.write(str(os.getpid()))
+import shmrunner
+try:
+    a = shmrunner.zeros(512 << 20, dtype="uint8")  # 512 MiB, in a 256 MiB cgroup
+    out = {"error": None}
+except shmrunner.SharedMemoryError as err:
+    out = {"error": type(err).__name__, "text": str(err)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_array_past_the_memory_cgroups_limit_is_refused_not_oom_killed(
+        tmp_path: Path, oom_cgroup: str) -> None:
+    """In a memory cgroup of its own (a systemd unit's MemoryMax, a batch job's,
+    a cgroup v1 host) the headroom check read only /sys/fs/cgroup/memory.max,
+    the root's, so an array past the cgroup's limit met the OOM killer instead
+    of a SharedMemoryError."""
+    import json
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _CGROUP_SCRIPT, oom_cgroup], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    out = json.loads(done.stdout)
+    assert out["error"] == "SharedMemoryError", out
+    assert "need 512.0 MiB of shared memory" in out["text"]

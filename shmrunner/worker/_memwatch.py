@@ -136,6 +136,22 @@ def cgroup_limit(pid: int | str = "self") -> int | None:
         return None
 
 
+def cgroup_headroom(pid: int | str = "self") -> int | None:
+    """Bytes ``pid``'s memory cgroup may still charge (its limit less its
+    usage), None when it has no limit or none can be read."""
+    limit = cgroup_limit(pid)
+    found = memory_cgroup(pid)
+    if limit is None or found is None:
+        return None
+    directory, version = found
+    name = "memory.usage_in_bytes" if version == "v1" else "memory.current"
+    try:
+        with open(os.path.join(directory, name), "rb") as f:
+            return limit - int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _counter(path: str, key: bytes = b"oom_kill") -> int | None:
     """The value of the line ``key N`` of ``path`` (memory.events, oom_control, vmstat)."""
     try:
