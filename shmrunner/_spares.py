@@ -188,9 +188,15 @@ def _close(fd: int) -> None:
 
 def _forget_in_child() -> None:
     # A fork() child of a worker must neither write nor report its parent's spares.
+    global _lock
     for fd, _, _ in _stash:
         _close(fd)
     _stash.clear()
+    # A fork() child of a pool's process: the copy of the lock may be held
+    # forever (a thread of the parent held it at the fork), and the tasks
+    # in flight are the parent's pools'.
+    _lock = threading.Lock()
+    _keys.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
