@@ -218,10 +218,11 @@ class Pool:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _callback_thread(self, *callbacks: Callable[..., object] | None,
+    def _callback_thread(self, callback: Callable[..., object] | None,
+                         error_callback: Callable[..., object] | None,
                          ) -> CallbackThread | None:
-        """The thread to run ``callbacks`` on, started (None: there are none)."""
-        if all(callback is None for callback in callbacks):
+        """The thread to run the callbacks on, started (None: there are none)."""
+        if callback is None and error_callback is None:
             return None
         self._callbacks.start()
         return self._callbacks
