@@ -48,6 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -622,6 +623,12 @@ class Scheduler(Executor):
         # workers. The shutdown thread holds the Scheduler until then.
         if self._shut_down or getattr(self, "_creator", None) != _pid.current():
             return  # shut down, a fork() child's copy, or __init__ failed early
+        if sys.is_finalizing():
+            # (A Scheduler left in a module global.) No new thread can run now:
+            # Thread.start() would wait for it forever. atexit stopped the engines.
+            self._shut_down = True
+            self._close_tiers(wait=False)
+            return
         try:
             self.shutdown(wait=False)
         except RuntimeError:  # interpreter shutdown: no new threads (atexit stops the engines)

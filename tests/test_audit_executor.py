@@ -1,0 +1,49 @@
+"""The Scheduler and the Client held side by side with
+``concurrent.futures.ProcessPoolExecutor``: each test pins a defect the
+executor audit found (real processes, a real daemon on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+RESULT = 30  # seconds: a healthy result arrives in well under one
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run_script(tmp_path: Path, body: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``body`` as a script of its own (so its interpreter's exit is what is
+    tested), with this checkout's shmrunner and the tests' task modules
+    importable."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    root = os.path.dirname(TESTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, TESTS])}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_a_scheduler_left_in_a_global_lets_the_interpreter_exit(tmp_path: Path) -> None:
+    """A script that never calls shutdown() (a Scheduler in a module global,
+    as one keeps a ProcessPoolExecutor) must exit. Its __del__ ran during
+    interpreter finalization and started a shutdown thread there: Thread.start()
+    then waited forever for a thread that can no longer run, so the process
+    hung after its last line."""
+    done = _run_script(tmp_path, """
+        import faulthandler, sys
+        faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, exit 1
+        import _sched_tasks as tasks
+        import shmrunner
+
+        sched = shmrunner.Scheduler(local_workers=1)
+        print(sched.submit(tasks.square, 3).result(30), flush=True)
+    """)
+    assert done.stdout.strip() == "9", done.stderr
+    assert done.returncode == 0, done.stderr
+    assert "Timeout" not in done.stderr, done.stderr
