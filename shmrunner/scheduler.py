@@ -509,8 +509,10 @@ class Scheduler(Executor):
             self._backlog.wait_idle()
             self._close_tiers(wait=True)
         else:
+            # Not a daemon thread: as with concurrent.futures, the program does not
+            # exit before the tasks it left run (its exit would kill the workers).
             threading.Thread(target=self.shutdown, kwargs={"wait": True},
-                             name="shmrunner-shutdown", daemon=True).start()
+                             name="shmrunner-shutdown", daemon=False).start()
 
     # --- placement ---------------------------------------------------------------------
 

@@ -47,3 +47,27 @@ def test_a_scheduler_left_in_a_global_lets_the_interpreter_exit(tmp_path: Path) 
     assert done.stdout.strip() == "9", done.stderr
     assert done.returncode == 0, done.stderr
     assert "Timeout" not in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["sched.shutdown(wait=False)", "del sched"])
+def test_tasks_left_to_a_scheduler_run_before_the_program_exits(tmp_path: Path,
+                                                                how: str) -> None:
+    """concurrent.futures: "regardless of the value of wait, the entire Python
+    program will not exit until all pending futures are done executing" (a
+    ProcessPoolExecutor runs both tasks here), and the README: a Scheduler
+    dropped without shutdown() "finishes what it was given". The shutdown
+    thread was a daemon thread, so the interpreter did not wait for it and its
+    exit killed the workers: the queued task never ran."""
+    trace = tmp_path / "ran"
+    done = _run_script(tmp_path, f"""
+        import _sched_tasks as tasks
+        import shmrunner
+
+        sched = shmrunner.Scheduler(local_workers=1)
+        sched.submit(tasks.sleep_for, 0.5)
+        sched.submit(tasks.mark_run, {str(trace)!r})  # queued behind it
+        {how}
+    """)
+    assert done.returncode == 0, done.stderr
+    assert trace.exists(), "the queued task never ran: the program exited first"
