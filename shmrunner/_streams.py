@@ -17,8 +17,9 @@ Why: ``Executor.map`` submits its whole input before it yields anything, so
 input is read as results are consumed: memory is bounded by ``buffersize``
 tasks (and by the executor's byte budget), whatever the input's length.
 Closing the generator early (``break``) cancels the tasks it had submitted and
-not yet started. An exception the input raises comes in its place, after the
-results of the items read before it (as in ``multiprocessing``'s imap).
+not yet started. An exception the input raises (or submit, once the executor
+is shut down) comes in its place, after the results of the items read before
+it (as in ``multiprocessing``'s imap).
 """
 
 from __future__ import annotations
@@ -87,21 +88,31 @@ class _Input:
                 return
             yield call
 
+    def submit_next(self, submit: Callable[..., Future[Any]],
+                    add: Callable[[Future[Any]], object]) -> None:
+        """Submit the next call, if any, and ``add`` its future. An error of
+        ``submit`` itself (the executor was shut down while the stream was
+        read) is kept and raised in that item's place, like the input's own:
+        raised now, it would drop the results of the tasks that did run."""
+        for call in self.take(1):
+            try:
+                future = submit(*call)
+            except Exception as exc:  # noqa: BLE001 (re-raised in its place)
+                self.error = exc
+                if isinstance(exc, RuntimeError) and "after shutdown" in str(exc):
+                    # (the executors' "cannot schedule new futures after shutdown")
+                    self.error = RuntimeError(
+                        f"{exc}: map/imap read their input only as results are consumed "
+                        "(at most buffersize items ahead); consume the results before "
+                        "shutdown() (inside the with block), or pass a buffersize as "
+                        "large as the input")
+                    self.error.__cause__ = exc
+                return
+            add(future)
+
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
-
-    def submit(self, submit: Callable[..., Future[Any]], call: tuple[Any, ...]
-               ) -> Future[Any] | None:
-        """``submit(*call)``; None when it raises (an argument it refuses, a
-        shutdown): kept and raised as the input's own exceptions are, in that
-        item's place, not in place of a result already on its way."""
-        try:
-            return submit(*call)
-        except Exception as exc:  # noqa: BLE001 (re-raised after the earlier results)
-            self.error = exc
-            return None
-
 
 def total_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
     """How many items ``zip(*iterables)`` yields, when every input knows its length."""
@@ -212,27 +223,20 @@ def _ordered(submit: Callable[..., Future[Any]], source: _Input,
             # (Executor.map cancels it too).
             head.cancel()
             raise
-        for call in source.take(1):
-            _append(pending, source.submit(submit, call))
+        source.submit_next(submit, pending.append)
         yield value
     source.raise_error()
 
 
-def _append(pending: collections.deque[Future[Any]], future: Future[Any] | None) -> None:
-    if future is not None:
-        pending.append(future)
-
-
 def _launch(submit: Callable[..., Future[Any]], call: tuple[Any, ...],
             running: set[Future[Any]], finished: queue.SimpleQueue[Future[Any]]) -> None:
-    _watch(submit(*call), running, finished)
+    _track(submit(*call), running, finished)
 
 
-def _watch(future: Future[Any] | None, running: set[Future[Any]],
+def _track(future: Future[Any], running: set[Future[Any]],
            finished: queue.SimpleQueue[Future[Any]]) -> None:
-    if future is not None:
-        running.add(future)
-        future.add_done_callback(finished.put)
+    running.add(future)
+    future.add_done_callback(finished.put)
 
 
 def _unordered(submit: Callable[..., Future[Any]], source: _Input,
@@ -245,8 +249,7 @@ def _unordered(submit: Callable[..., Future[Any]], source: _Input,
             raise TimeoutError(f"the stream's timeout ran out with {len(pending)} "
                                "tasks unfinished") from None
         pending.discard(future)
-        for call in source.take(1):
-            _watch(source.submit(submit, call), pending, finished)
+        source.submit_next(submit, lambda new: _track(new, pending, finished))
         yield future.result()
     source.raise_error()
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import _sched_tasks as tasks
+import shmrunner
+
 RESULT = 30  # seconds: a healthy result arrives in well under one
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,3 +74,23 @@ def test_tasks_left_to_a_scheduler_run_before_the_program_exits(tmp_path: Path,
     """)
     assert done.returncode == 0, done.stderr
     assert trace.exists(), "the queued task never ran: the program exited first"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["map", "imap_unordered"])
+def test_a_stream_read_after_shutdown_yields_what_ran_then_says_why_it_stops(
+        method: str) -> None:
+    """A map consumed after its ``with`` block (fine with a ProcessPoolExecutor,
+    which submits every item at once). The Scheduler's map is lazy (README),
+    so the items past its window cannot be submitted any more; but the tasks
+    submitted before the shutdown ran (shutdown waited for them) and their
+    results were dropped: the first next() raised "cannot schedule new futures
+    after shutdown", naming neither the stream nor the fix."""
+    with shmrunner.Scheduler(local_workers=2) as sched:
+        results = getattr(sched, method)(tasks.square, range(40), buffersize=8)
+    got = []
+    with pytest.raises(RuntimeError, match="after shutdown") as info:
+        for value in results:
+            got.append(value)
+    assert sorted(got) == [i * i for i in range(8)]
+    assert "buffersize" in str(info.value)
