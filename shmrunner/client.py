@@ -71,9 +71,21 @@ from ._shmclient import SameHost
 from ._streams import Progress, check_sizes, chunked_calls, stream, total_of
 from ._submitbatch import SubmitFrames, next_message, restore
 from ._wakeup import Wakeup
-from .errors import DependencyError, ResultTimeoutError, ShmrunnerError, TaskCancelledError
+from .errors import (
+    DependencyError,
+    ProtocolError,
+    ResultTimeoutError,
+    ShmrunnerError,
+    TaskCancelledError,
+)
 from .transport._schema import MAX_JOB_IDS, MAX_JOBS_LIMIT
-from .transport.protocol import Message, encode, exception_from_wire, function_ref
+from .transport.protocol import (
+    DEFAULT_MAX_HEADER_BYTES,
+    Message,
+    encode,
+    exception_from_wire,
+    function_ref,
+)
 from .transport.zmqchannel import ChannelError, ChannelOptions, ZmqChannel, client_keys
 
 __all__ = ["Client", "JobFuture", "connect"]
@@ -217,6 +229,7 @@ class Client(Executor):
         if options:  # optional: none is the common case, and an empty map costs both ends
             body["options"] = options
         frames = SubmitFrames(encode(Message("submit", body), allow_pickle=self._allow_pickle))
+        _check_header(frames, job_id)
         future.withdraw = self._withdraw  # PENDING until the daemon accepts the job
         future.cancel_in_daemon = self._cancel_soon
         # On the client thread (a done-callback) a submit never waits for room:
@@ -584,6 +597,20 @@ def _send_outbox(ledger: Ledger, channel: ZmqChannel) -> None:
         if not sent:
             restore(outbox, taken)
             break  # no connection takes it now (refused?): when one does
+
+
+def _check_header(frames: list[Any], job_id: str) -> None:
+    """ProtocolError now for a submit whose header (every argument but the
+    arrays, which travel as frames of their own) the daemon would reject: it
+    only logs that, and the future waited ``ack_timeout`` for an ack that
+    never comes, then said the job "may or may not have been accepted"."""
+    size = memoryview(frames[0]).nbytes
+    if size > DEFAULT_MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"job {job_id}: its arguments other than arrays encode to {size} bytes, over "
+            f"the {DEFAULT_MAX_HEADER_BYTES >> 20} MiB a daemon accepts in a message's "
+            "header; send large bytes or lists as a numpy array (np.frombuffer(data, "
+            "np.uint8)), which travels as a frame of its own")
 
 
 def _check_ids(job_ids: Iterable[str], what: str) -> list[str]:

@@ -113,3 +113,16 @@ def test_client_shutdown_without_wait_still_settles_its_futures(daemons: Any) ->
     assert future.wait_accepted(timeout=RESULT)
     client.shutdown(wait=False)
     assert future.result(timeout=RESULT) is None
+
+
+@pytest.mark.timeout(90)
+def test_a_submit_whose_header_the_daemon_would_refuse_fails_at_once(daemons: Any) -> None:
+    """A 65 MiB bytes argument travels in the message's header, over the
+    daemon's 64 MiB header limit (docs/protocol.md): the daemon only logged
+    the rejection, and the future waited ack_timeout (30 s) before failing
+    with "it may or may not have been accepted", which it never was."""
+    d = daemons(scheduler={"local_workers": 1}).start()
+    client = d.client()
+    with pytest.raises(shmrunner.ProtocolError, match="np.frombuffer"):
+        client.submit("builtins:len", b"x" * (65 << 20))
+    assert client.submit("builtins:len", b"x" * (1 << 20)).result(RESULT) == 1 << 20
