@@ -214,7 +214,7 @@ def test_a_future_where_futures_are_not_resolved_fails_with_a_clear_error(
     for _ in range(20):  # deeper than the levels searched
         deep = [deep]
     for arg in ({dep: 1}, deep):
-        with pytest.raises(TypeError, match="futures are resolved only as arguments"):
+        with pytest.raises(TypeError, match="as arguments or inside lists"):
             sched.submit(ct.echo, arg).result(RESULT)
 
 
