@@ -303,6 +303,7 @@ class Backlog:
             self._deferred.clear()
             self._running.clear()
             self._waiting.clear()
+            self._wake_idle_waiters()  # (a shutdown waiting for them: nothing is left)
         return leftover
 
     def drop(self, job: Job) -> bool:

@@ -604,7 +604,9 @@ class Daemon:
 
     def _close(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False, cancel_futures=True)
+            # The drain is over: what still runs stays journaled for the
+            # restart, and the process does not wait for it.
+            self.scheduler.terminate()
         if self._local is not None:
             self._local.close()
         self._channel.close()

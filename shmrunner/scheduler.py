@@ -495,6 +495,33 @@ class Scheduler(Executor):
             # here for the running tasks would wait for this very thread to deliver
             # their results. The waiting is done on a thread of its own instead.
             wait = False
+        self._refuse_new(cancel_futures)
+        if wait:
+            self._backlog.wait_idle()
+            self._close_tiers(wait=True)
+        else:
+            # Not a daemon thread: as with concurrent.futures, the program does not
+            # exit before the tasks it left run (its exit would kill the workers).
+            threading.Thread(target=self.shutdown, kwargs={"wait": True},
+                             name="shmrunner-shutdown", daemon=False).start()
+
+    def terminate(self) -> None:
+        """Stop now, as ``Pool.terminate``: new tasks are refused, queued ones
+        cancelled, running ones fail with TaskCancelledError (the local workers
+        are killed, remote workers let go); returns once the local workers are
+        gone. Unlike ``shutdown``, which lets the tasks it was given finish
+        (before the program exits, too), nothing is waited for."""
+        if _pid.current() != self._creator:
+            return  # a fork() child's copy: the workers and sockets are the parent's
+        self._shut_down = True
+        self._refuse_new(cancel_futures=True)
+        self._timers.close()
+        for tier in self._tiers:
+            tier.terminate()
+        self._fail_leftovers(TaskCancelledError("the scheduler was terminated"))
+
+    def _refuse_new(self, cancel_futures: bool) -> None:
+        """Refuse new jobs; with ``cancel_futures``, cancel the queued ones."""
         cancelled = self._backlog.shut_down(cancel_futures)
         for job in cancelled:
             # Taken out of the queue: no place() will tell wait() and as_completed().
@@ -505,14 +532,6 @@ class Scheduler(Executor):
                 job.future.set_exception(TaskCancelledError(
                     f"task {job.id} was waiting for a retry when the scheduler shut down "
                     "with cancel_futures=True"))
-        if wait:
-            self._backlog.wait_idle()
-            self._close_tiers(wait=True)
-        else:
-            # Not a daemon thread: as with concurrent.futures, the program does not
-            # exit before the tasks it left run (its exit would kill the workers).
-            threading.Thread(target=self.shutdown, kwargs={"wait": True},
-                             name="shmrunner-shutdown", daemon=False).start()
 
     # --- placement ---------------------------------------------------------------------
 
@@ -610,10 +629,15 @@ class Scheduler(Executor):
         self._timers.close()
         for tier in self._tiers:
             tier.close(wait)
+        self._fail_leftovers(ShmrunnerError("the scheduler shut down"))
+
+    def _fail_leftovers(self, error: BaseException) -> None:
+        """Settle the jobs the closed tiers left: the running ones fail with
+        ``error``, the queued ones are cancelled."""
         for job in self._backlog.drain():
             if not job.future.done():
                 if job.future.running():
-                    job.future.set_exception(ShmrunnerError("the scheduler shut down"))
+                    job.future.set_exception(error)
                 elif job.future.cancel():
                     notify_cancelled(job.future)
 

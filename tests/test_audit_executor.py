@@ -126,3 +126,45 @@ def test_a_submit_whose_header_the_daemon_would_refuse_fails_at_once(daemons: An
     with pytest.raises(shmrunner.ProtocolError, match="np.frombuffer"):
         client.submit("builtins:len", b"x" * (65 << 20))
     assert client.submit("builtins:len", b"x" * (1 << 20)).result(RESULT) == 1 << 20
+
+
+@pytest.mark.timeout(120)
+def test_terminate_stops_now_and_the_program_exits_without_waiting(tmp_path: Path) -> None:
+    """Scheduler.terminate() (Pool.terminate's counterpart, what the daemon
+    calls at the end of its drain): the running task fails with
+    TaskCancelledError and its worker is killed, the queued one is cancelled,
+    new submits are refused, and the program exits at once although the task
+    would have held forever."""
+    started, gate = tmp_path / "started", tmp_path / "never-opened"
+    done = _run_script(tmp_path, f"""
+        import faulthandler, json, os
+        faulthandler.dump_traceback_later(40, exit=True)  # a hang: the stack, exit 1
+        import _sched_tasks as tasks
+        import shmrunner
+        from _util import is_alive, wait_until
+
+        sched = shmrunner.Scheduler(local_workers=1)
+        running = sched.submit(tasks.gated, {str(started)!r}, {str(gate)!r})
+        queued = [sched.submit(tasks.square, i) for i in range(10)]
+        wait_until(lambda: os.path.exists({str(started)!r}), 30, message="the task to start")
+        pid = json.load(open({str(started)!r}))["pid"]
+        sched.terminate()
+        try:
+            running.result(10)
+        except shmrunner.TaskCancelledError as exc:
+            print("running:", type(exc).__name__)
+        # (One may have gone to the worker already, behind the running one.)
+        print("queued:", all(f.cancelled() or isinstance(f.exception(10),
+                                                         shmrunner.TaskCancelledError)
+                             for f in queued), sum(f.cancelled() for f in queued) >= 8)
+        try:
+            sched.submit(tasks.square, 2)
+        except RuntimeError as exc:
+            print("submit:", exc)
+        print("worker alive:", is_alive(pid))
+    """)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["running: TaskCancelledError", "queued: True True"], done.stdout
+    assert lines[2].startswith("submit: cannot schedule new futures"), done.stdout
+    assert lines[3] == "worker alive: False", done.stdout

@@ -66,5 +66,9 @@ class Tier(Protocol):
         """Stop accepting jobs and release the tier's workers and sockets
         (``wait``: until they are gone)."""
 
+    def terminate(self) -> None:
+        """Stop at once: the running jobs are abandoned (the Scheduler fails
+        them), local workers killed; return once they are gone."""
+
     def status(self) -> Mapping[str, object]:
         """A snapshot of the tier for :meth:`Scheduler.status`."""

@@ -116,6 +116,9 @@ class LocalTier:
         if wait:
             self.engine.join()
 
+    def terminate(self) -> None:
+        self.engine.terminate(wait=True)
+
     def status(self) -> LocalStatus:
         status = self.engine.status()
         return {"workers": status.workers, "memory_kills": status.memory_kills,

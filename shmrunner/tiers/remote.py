@@ -234,6 +234,12 @@ class RemoteTier:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
+    def terminate(self) -> None:
+        # The hub's socket closes; nothing here waits for the agents. They
+        # notice the silence (heartbeat_timeout) and reconnect; a new scheduler
+        # welcoming them stops what they still ran for this one (worker/remote.py).
+        self.close(wait=True)
+
     def workers(self) -> list[WorkerStatus]:
         """What ``status`` shows of each connected worker."""
         return self._peers.status()
