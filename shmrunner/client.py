@@ -575,7 +575,10 @@ def _serve(client_ref: weakref.ref[Client], channel: ZmqChannel, wakeup: Wakeup,
             except Exception:  # noqa: BLE001 (a broken connection: closing anyway)
                 log.warning("client: the cancels of shutdown(cancel_futures=True) could "
                             "not be sent", exc_info=True)
-        ledger.fail_all(ShmrunnerError("the client was shut down"))
+        ledger.fail_all(ShmrunnerError(
+            "the client was shut down before this job's result came; the job itself "
+            "stays in the daemon: fetch its result by id (future.job_id) with "
+            "shmrunner.connect(...).result(job_id)"))
         channel.close(linger=linger)
         wakeup.close()
 

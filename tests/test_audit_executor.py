@@ -98,21 +98,22 @@ def test_a_stream_read_after_shutdown_yields_what_ran_then_says_why_it_stops(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason="Client.shutdown(wait=False) ends the client thread at "
-                   "once and fails every pending future with 'the client was shut down'; "
-                   "keeping the thread until they settle is a design change (the tests' "
-                   "Daemon.forget and others use wait=False as a quick close)")
-def test_client_shutdown_without_wait_still_settles_its_futures(daemons: Any) -> None:
-    """concurrent.futures: with wait=False "the resources associated with the
-    executor will be freed when all pending futures are done executing" (the
-    Scheduler does so); the Client's pending futures failed instead, though
-    their jobs ran in the daemon."""
+@pytest.mark.timeout(90)
+def test_client_shutdown_without_wait_fails_its_futures_and_the_jobs_run_on(
+        daemons: Any) -> None:
+    """The README's documented difference from concurrent.futures: the
+    connection closes at once, a pending future fails saying how to fetch its
+    result, and the job runs on in the daemon, fetched by id later."""
     d = daemons(scheduler={"local_workers": 1}).start()
     client = d.client()
-    future = client.submit("time:sleep", 1.0)  # still running at the shutdown
+    future = client.submit("_daemon_tasks:inc", 41, job_id="left-running")
     assert future.wait_accepted(timeout=RESULT)
     client.shutdown(wait=False)
-    assert future.result(timeout=RESULT) is None
+    assert future.done()
+    with pytest.raises(shmrunner.ShmrunnerError, match=r"result\(job_id\)"):
+        future.result(0)
+    later = d.client()
+    assert later.result("left-running", timeout=RESULT) == 42
 
 
 @pytest.mark.timeout(90)
