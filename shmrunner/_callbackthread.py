@@ -24,12 +24,18 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _pid
+from ._atexit import stop_at_exit
 
 __all__ = ["CallbackThread"]
 
 log = logging.getLogger("shmrunner.pool")
 
 _STOP = None
+
+#: Seconds the interpreter's exit waits for the callbacks due: long enough for
+#: slow ones (as it waited for the manager thread that ran them before), never
+#: forever for one blocked for good.
+EXIT_GRACE = 10.0
 
 
 class CallbackThread:
@@ -49,11 +55,15 @@ class CallbackThread:
         if self._thread is not None:
             return
         with self._lock:
-            if self._thread is None and not self._stopped:
-                thread = threading.Thread(target=self._serve, name="shmrunner-pool-callbacks",
-                                          daemon=True)
-                thread.start()
-                self._thread = thread
+            if self._thread is not None or self._stopped:
+                return
+            thread = threading.Thread(target=self._serve, name="shmrunner-pool-callbacks",
+                                      daemon=True)
+            thread.start()
+            self._thread = thread
+        # A daemon thread (a callback blocked for good must not hang the exit),
+        # so the exit itself runs the callbacks due: else it killed them unrun.
+        stop_at_exit(self)
 
     def run(self, fn: Callable[..., object], *args: Any) -> None:
         """Have the thread call ``fn(*args)`` after what was handed in before;
@@ -64,9 +74,10 @@ class CallbackThread:
                 return
         fn(*args)
 
-    def stop(self, wait: bool = True) -> None:
+    def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Run what was handed in, then end the thread; ``wait``: return once it
-        has ended (not when called from a callback on the thread itself)."""
+        has ended (not when called from a callback on the thread itself), or
+        after ``timeout`` seconds."""
         if _pid.current() != self._owner:
             return  # a fork() child's copy: no thread there (and the lock may be held)
         with self._lock:
@@ -74,7 +85,11 @@ class CallbackThread:
             if thread is not None:
                 self._calls.put(_STOP)
         if wait and thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout)
+
+    def shutdown_at_exit(self) -> None:
+        """The interpreter exits (``_atexit``): run the callbacks due first."""
+        self.stop(wait=True, timeout=EXIT_GRACE)
 
     def _serve(self) -> None:
         while True:

@@ -1,0 +1,65 @@
+"""Defects the review of the Pool's callback thread and of the Scheduler's
+shutdown/terminate changes found: each test pins one (public API only, real
+processes; an interpreter's exit is tested in a script of its own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _run_script(tmp_path: Path, body: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``body`` as a script of its own (so its interpreter's exit is what is
+    tested), with this checkout's shmrunner importable."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    root = os.path.dirname(TESTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, TESTS])}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_callbacks_due_at_interpreter_exit_still_run(tmp_path: Path) -> None:
+    """A Pool left in a global when the script ends: every task it was given
+    gets its callback or error_callback, as when the callbacks ran on the
+    manager thread (which the exit waits for). On the daemon callback thread
+    the exit killed those still queued behind a slow one: they were lost."""
+    done = _run_script(tmp_path, """
+        import faulthandler, functools, threading, time
+        faulthandler.dump_traceback_later(40, exit=True)  # a hang: the stack, exit 1
+        import shmrunner
+
+        def ident(x):
+            return x
+
+        started, go = threading.Event(), threading.Event()
+
+        def on_value(i, value):
+            started.set()
+            go.wait(30)
+            time.sleep(0.3)  # a slow callback: the others queue behind it
+            print("callback", i, flush=True)
+
+        def on_error(i, error):
+            print("error_callback", i, flush=True)
+
+        pool = shmrunner.Pool(1)  # one worker: the results come in order
+        for i in range(5):
+            pool.apply_async(ident, (i,), callback=functools.partial(on_value, i),
+                             error_callback=functools.partial(on_error, i))
+        assert started.wait(30)
+        pool.apply(ident, (0,))  # behind the five: their results are in
+        go.set()
+    """)
+    assert done.returncode == 0, done.stderr
+    called = sorted(int(line.split()[1]) for line in done.stdout.splitlines())
+    assert called == list(range(5)), done.stdout
