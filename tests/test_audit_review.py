@@ -5,16 +5,23 @@ processes; an interpreter's exit is tested in a script of its own)."""
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import shmrunner
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 pytestmark = pytest.mark.timeout(120)
+
+JOIN_DEADLINE = 10  # seconds: a join with nothing left to wait for takes well under one
 
 
 def _run_script(tmp_path: Path, body: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -63,3 +70,37 @@ def test_callbacks_due_at_interpreter_exit_still_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     called = sorted(int(line.split()[1]) for line in done.stdout.splitlines())
     assert called == list(range(5)), done.stdout
+
+
+def _ident(x: int) -> int:
+    return x
+
+
+@pytest.mark.xfail(strict=True, reason="ProcessEngine.join() (_engine.py) joins every imap "
+                   "feeder, also after terminate(): one blocked reading the caller's input "
+                   "keeps join() waiting for as long as the input stalls")
+def test_join_after_terminate_returns_with_an_imap_feeder_blocked_in_its_input() -> None:
+    """``terminate(); join()``, the usual pair: terminate() now ends an imap
+    whose feeder is blocked reading the input (next() raises), but join()
+    then waited for that feeder, forever for a queue nobody feeds."""
+    stalled: queue.Queue[int | None] = queue.Queue()
+
+    def items() -> Iterator[int]:
+        yield 1
+        while (item := stalled.get()) is not None:
+            yield item
+
+    pool = shmrunner.Pool(1)
+    try:
+        results = pool.imap(_ident, items())
+        assert next(results) == 1
+        pool.terminate()
+        with pytest.raises(shmrunner.TaskCancelledError):
+            next(results)
+        joiner = threading.Thread(target=pool.join, daemon=True)
+        joiner.start()
+        joiner.join(JOIN_DEADLINE)
+        assert not joiner.is_alive(), "join() after terminate() waited for the imap's input"
+    finally:
+        stalled.put(None)  # the feeder reads on, sees the pool terminated and ends
+        pool.join()
