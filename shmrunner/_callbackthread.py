@@ -68,9 +68,13 @@ class CallbackThread:
     def run(self, fn: Callable[..., object], *args: Any) -> None:
         """Have the thread call ``fn(*args)`` after what was handed in before;
         called here and now once the thread is stopped (or never started)."""
+        # Made before the lock: nothing is allocated under it, so no garbage
+        # collection (whose finalizers may call stop() on this very thread)
+        # runs while it is held.
+        call = (fn, args)
         with self._lock:  # not after stop()'s sentinel, where it would never run
             if self._thread is not None and not self._stopped:
-                self._calls.put((fn, args))
+                self._calls.put(call)
                 return
         fn(*args)
 

@@ -362,8 +362,12 @@ class ProcessEngine:
         """Wait for the feeders and the manager thread (close or terminate first)."""
         if not self.in_owner():
             return
-        for feeder in list(self._queue.feeders):
-            feeder.join()
+        if not self.terminated:
+            # (Terminated: a feeder blocked reading its caller's input, a queue
+            # nobody feeds any more, may never return; its imap is ended already
+            # and the feeder, a daemon thread, ends once the input yields.)
+            for feeder in list(self._queue.feeders):
+                feeder.join()
         if not self.is_engine_thread():
             self._thread.join()
 

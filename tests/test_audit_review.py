@@ -76,9 +76,6 @@ def _ident(x: int) -> int:
     return x
 
 
-@pytest.mark.xfail(strict=True, reason="ProcessEngine.join() (_engine.py) joins every imap "
-                   "feeder, also after terminate(): one blocked reading the caller's input "
-                   "keeps join() waiting for as long as the input stalls")
 def test_join_after_terminate_returns_with_an_imap_feeder_blocked_in_its_input() -> None:
     """``terminate(); join()``, the usual pair: terminate() now ends an imap
     whose feeder is blocked reading the input (next() raises), but join()
