@@ -54,6 +54,23 @@ def is_alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
+def run_script(tmp_path: Any, body: str, timeout: float = 60) -> Any:
+    """``body`` (dedented) as a script of its own, so that its interpreter's
+    exit is what is tested, with this checkout's shmrunner and the tests'
+    task modules importable; the CompletedProcess, output captured as text."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(str(tmp_path), "script.py")
+    with open(script, "w") as f:
+        f.write(textwrap.dedent(body))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+    return subprocess.run([sys.executable, script], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=tmp_path)
+
+
 def has_closed_its_files(pid: int) -> bool:
     """Whether process ``pid`` is gone or has closed every file (its sockets'
     peers then see it gone). Stronger than not :func:`is_alive`: the leader of

@@ -1,6 +1,7 @@
-"""Audit of shared-memory arrays through the public API: regressions for
-defects found in shared-array transport, map(out=...) and the recycled-segment
-cache. Real worker processes throughout."""
+"""Shared arrays in the corners: ndarray subclasses (map(out=...), task
+arguments), the recycled-segment cache's byte budget, bad cache and threshold
+settings, the file-size limit and the memory cgroup's headroom. Each test
+pinned a defect an audit found. Real worker processes throughout."""
 
 from __future__ import annotations
 

@@ -1,14 +1,10 @@
-"""Defects the review of the Pool's callback thread and of the Scheduler's
-shutdown/terminate changes found: each test pins one (public API only, real
-processes; an interpreter's exit is tested in a script of its own)."""
+"""A Pool at the interpreter's exit (callbacks due still run) and join()
+after terminate() with an imap feeder stuck in its input (public API only,
+real processes; an interpreter's exit is tested in a script of its own)."""
 
 from __future__ import annotations
 
-import os
 import queue
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,23 +12,11 @@ from pathlib import Path
 import pytest
 
 import shmrunner
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from _util import run_script
 
 pytestmark = pytest.mark.timeout(120)
 
 JOIN_DEADLINE = 10  # seconds: a join with nothing left to wait for takes well under one
-
-
-def _run_script(tmp_path: Path, body: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``body`` as a script of its own (so its interpreter's exit is what is
-    tested), with this checkout's shmrunner importable."""
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
-    root = os.path.dirname(TESTS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, TESTS])}
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=tmp_path)
 
 
 def test_callbacks_due_at_interpreter_exit_still_run(tmp_path: Path) -> None:
@@ -40,7 +24,7 @@ def test_callbacks_due_at_interpreter_exit_still_run(tmp_path: Path) -> None:
     gets its callback or error_callback, as when the callbacks ran on the
     manager thread (which the exit waits for). On the daemon callback thread
     the exit killed those still queued behind a slow one: they were lost."""
-    done = _run_script(tmp_path, """
+    done = run_script(tmp_path, """
         import faulthandler, functools, threading, time
         faulthandler.dump_traceback_later(40, exit=True)  # a hang: the stack, exit 1
         import shmrunner

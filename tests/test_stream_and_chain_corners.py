@@ -1,7 +1,7 @@
-"""Audit of lazy streams, chaining and progress: regressions for defects found
-by reproduction (each test failed before its fix, or is a strict xfail naming
-what is still wrong). Real worker processes; the daemon tests run a real
-``shmrunner daemon`` on 127.0.0.1."""
+"""Lazy streams and chains in the corners: wide fan-ins, deep chains that must
+still print, refused submits mid-stream, imaps ended by terminate(), futures
+given to the wrong executor (each test failed before its fix). Real worker
+processes; the daemon tests run a real ``shmrunner daemon`` on 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
-"""The Scheduler and the Client held side by side with
-``concurrent.futures.ProcessPoolExecutor``: each test pins a defect the
-executor audit found (real processes, a real daemon on 127.0.0.1)."""
+"""How the Scheduler and the Client end, held side by side with
+``concurrent.futures.ProcessPoolExecutor``: the interpreter's exit, shutdown
+with and without wait, terminate, streams read after shutdown, and a submit
+the daemon would refuse (real processes, a real daemon on 127.0.0.1)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +12,9 @@ import pytest
 
 import _sched_tasks as tasks
 import shmrunner
+from _util import run_script
 
 RESULT = 30  # seconds: a healthy result arrives in well under one
-TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def _run_script(tmp_path: Path, body: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``body`` as a script of its own (so its interpreter's exit is what is
-    tested), with this checkout's shmrunner and the tests' task modules
-    importable."""
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
-    root = os.path.dirname(TESTS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, TESTS])}
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=tmp_path)
 
 
 @pytest.mark.timeout(120)
@@ -39,7 +24,7 @@ def test_a_scheduler_left_in_a_global_lets_the_interpreter_exit(tmp_path: Path) 
     interpreter finalization and started a shutdown thread there: Thread.start()
     then waited forever for a thread that can no longer run, so the process
     hung after its last line."""
-    done = _run_script(tmp_path, """
+    done = run_script(tmp_path, """
         import faulthandler, sys
         faulthandler.dump_traceback_later(30, exit=True)  # a hang: the stack, exit 1
         import _sched_tasks as tasks
@@ -64,7 +49,7 @@ def test_tasks_left_to_a_scheduler_run_before_the_program_exits(tmp_path: Path,
     thread was a daemon thread, so the interpreter did not wait for it and its
     exit killed the workers: the queued task never ran."""
     trace = tmp_path / "ran"
-    done = _run_script(tmp_path, f"""
+    done = run_script(tmp_path, f"""
         import _sched_tasks as tasks
         import shmrunner
 
@@ -137,7 +122,7 @@ def test_terminate_stops_now_and_the_program_exits_without_waiting(tmp_path: Pat
     new submits are refused, and the program exits at once although the task
     would have held forever."""
     started, gate = tmp_path / "started", tmp_path / "never-opened"
-    done = _run_script(tmp_path, f"""
+    done = run_script(tmp_path, f"""
         import faulthandler, json, os
         faulthandler.dump_traceback_later(40, exit=True)  # a hang: the stack, exit 1
         import _sched_tasks as tasks
