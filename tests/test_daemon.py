@@ -337,6 +337,30 @@ def test_sigterm_drains_running_jobs_refuses_submits_and_exits_0(tmp_path: Path,
     assert "Traceback" not in d.proc.text()  # type: ignore[union-attr]
 
 
+@pytest.mark.timeout(120)
+def test_a_job_still_running_at_the_drain_timeout_runs_again_after_the_restart(
+        tmp_path: Path, daemons) -> None:
+    """README: running jobs get drain_timeout seconds, the rest stay journaled.
+    The daemon exits at the timeout although the job would run on (its
+    Scheduler is terminated, not waited for), and the restart runs it again."""
+    d = daemons(daemon={"drain_timeout": 1.0}).start()
+    client = d.client(refetch_interval=0.2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    future = client.submit("_daemon_tasks:hold", str(started), str(release))
+    wait_until(started.exists, timeout=30, message="the job to start")
+    spawned = d.descendants()
+    d.proc.signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert d.proc.popen.wait(30) == 0  # type: ignore[union-attr]
+    wait_until(lambda: not any(is_alive(p) for p in spawned), timeout=10,
+               message=f"the daemon's worker processes {spawned} to exit")
+    assert not future.done()  # the job did not finish, nor was it failed
+    started.unlink()
+    d.start()  # the same config, the same journal
+    wait_until(started.exists, timeout=30, message="the journaled job to run again")
+    release.touch()
+    assert future.result(timeout=30) == int(started.read_text())
+
+
 @pytest.mark.timeout(60)
 def test_submits_after_the_drain_began_are_refused_even_mid_batch(daemons) -> None:
     d = daemons().start()
