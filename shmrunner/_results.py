@@ -50,7 +50,7 @@ class ApplyResult:
         self._done = False
         self._callback = callback
         self._error_callback = error_callback
-        self._callbacks = callbacks  # where they run (None: on the settling thread)
+        self._callbacks = callbacks  # where they run (None: there are none)
         self._success = False
         self._value: Any = None
 
@@ -86,9 +86,8 @@ class ApplyResult:
             self._success, self._value = ok, value
             self._done = True
             self._gate.release()
-        elif self._callbacks is None:
-            self._finish(callback, ok, value)
         else:
+            assert self._callbacks is not None  # the Pool gives one with every callback
             self._callbacks.run(self._finish, callback, ok, value)
 
     def _finish(self, callback: Callable[[Any], object], ok: bool, value: Any) -> None:
