@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _segcache, _spares
+from . import _hugepages, _segcache, _spares
 from ._shmlimits import check_fits, mib, raise_fd_limit
 from .errors import ProtocolError, SharedMemoryError
 
@@ -107,7 +107,7 @@ class Segment(mmap.mmap):
     def allocate(cls, nbytes: int) -> Segment:
         """A new zero-filled segment of ``nbytes`` whose pages are reserved up front."""
         size = max(nbytes, 1)  # mmap refuses an empty file
-        fd = _new_memfd(size)
+        fd = _new_memfd(size, size)
         try:
             _reserve(fd, size)
             seg = cls(fd, size, flags=mmap.MAP_SHARED)
@@ -155,8 +155,10 @@ def _fork_shares_all() -> None:
 os.register_at_fork(before=_fork_shares_all)
 
 
-def _new_memfd(size: int) -> int:
-    """A memfd of ``size`` bytes whose size is sealed (see the module docstring)."""
+def _new_memfd(size: int, fill: int) -> int:
+    """A memfd of ``size`` bytes whose size is sealed (see the module docstring),
+    about to be filled from its start with ``fill`` bytes (their pages are made
+    huge ones first where the host asks programs to opt in: ``_hugepages``)."""
     # Every segment made or received holds fds: the first lifts the soft limit
     # (a program may never call shm.empty, which does it too).
     raise_fd_limit()
@@ -169,6 +171,7 @@ def _new_memfd(size: int) -> int:
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SIZE_SEALS)
+        _hugepages.populate(fd, fill, size)
     except BaseException:
         os.close(fd)
         raise
@@ -228,7 +231,7 @@ def copy_to_memfd(array: np.ndarray[Any, Any]) -> tuple[int, int, tuple[int, ...
     # a hole that costs nothing.
     fd = _spares.take(_segcache.size_class(size))  # a worker's result: pages that exist
     if fd is None:
-        fd = _new_memfd(_segcache.size_class(size))
+        fd = _new_memfd(_segcache.size_class(size), size)
     _copies.add(fd)
     try:
         if array.flags.c_contiguous or array.flags.f_contiguous:
@@ -264,7 +267,7 @@ def fill_slot(array: np.ndarray[Any, Any]) -> _segcache.Slot | None:
     slot = _segcache.acquire(nbytes)
     if slot is None:
         check_fits(size)
-        fd = _new_memfd(size)
+        fd = _new_memfd(size, nbytes)
         try:
             slot = _segcache.new_slot(fd, size)
         except BaseException:
