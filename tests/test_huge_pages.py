@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from _util import run_script
 
 POLICY = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
