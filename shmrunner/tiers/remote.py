@@ -131,6 +131,9 @@ class RemoteTier:
         # another tier) until results free half a prefetch; set by _hold.
         self._held_back = False
         self._closing = False
+        # What the jobs still held fail with when the hub stops (None: a lost
+        # worker's error, retried): terminate() sets it, so they settle as cancelled.
+        self._abandon: BaseException | None = None
         # Task ids restart at 0 in every Scheduler: results name this session (sent
         # in the welcome), so a result for an old scheduler's task 3 is never taken
         # for this one's task 3.
@@ -238,6 +241,9 @@ class RemoteTier:
         # The hub's socket closes; nothing here waits for the agents. They
         # notice the silence (heartbeat_timeout) and reconnect; a new scheduler
         # welcoming them stops what they still ran for this one (worker/remote.py).
+        # What they held fails as cancelled, as the local tier's running tasks
+        # do: not as lost, which the Scheduler would retry.
+        self._abandon = TaskCancelledError("the scheduler was terminated")
         self.close(wait=True)
 
     def workers(self) -> list[WorkerStatus]:
@@ -293,6 +299,8 @@ class RemoteTier:
             with self._crash_lock:
                 self._broken = stopped
         finally:
+            if self._broken is None and self._abandon is not None:
+                stopped = self._abandon
             try:
                 self._fail_all(stopped)
                 self._release()
