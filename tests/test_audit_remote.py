@@ -8,14 +8,18 @@ which are fixed and which are left xfail, and why).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import zmq
 from test_remote import RESULT, start_cluster, stop_cluster
 
 import _sched_tasks as tasks
+from _daemon_tasks import run_cli
 from _sched_tasks import Gates
-from shmrunner import TaskCancelledError
+from shmrunner import Scheduler, ShmrunnerError, TaskCancelledError
+from shmrunner.transport.curve import CurveKeys, server_keys
 
 
 @pytest.fixture
@@ -48,3 +52,51 @@ def test_terminate_fails_running_remote_tasks_with_task_cancelled(
             assert isinstance(error, TaskCancelledError), repr(error)
     finally:
         stop_cluster(sched, workers, gates)
+
+
+def _curve(tmp_path: Path) -> CurveKeys:
+    """The scheduler's keys (``shmrunner keygen``) admitting one worker key."""
+    keys, workers = tmp_path / "keys", tmp_path / "ok-workers"
+    for name in ("scheduler", "worker"):
+        done = run_cli("keygen", str(keys), "--name", name)
+        assert done.returncode == 0, done.stderr
+    workers.mkdir()
+    shutil.copy(keys / "worker.key", workers)
+    return server_keys(str(keys / "scheduler.key_secret"), str(workers))
+
+
+@pytest.mark.timeout(120)
+def test_a_curve_scheduler_starts_while_another_one_shuts_down(tmp_path: Path) -> None:
+    """With curve=, a Scheduler made while another one's shutdown(wait=False)
+    was still releasing its endpoint failed now and then with a bare
+    ``zmq.error.ZMQError: Address already in use (addr='inproc://zeromq.zap.01')``:
+    the last endpoint's release stops the context's ZAP authenticator, whose
+    socket libzmq closes in the background, and the new Scheduler's
+    authenticator bound the same inproc address before it was gone (within
+    70 cycles in each of three runs)."""
+    curve = _curve(tmp_path)
+    for _ in range(300):
+        sched = Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", curve=curve)
+        sched.shutdown(wait=False)
+    sched.shutdown(wait=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_curve_scheduler_beside_another_zap_authenticator_fails_in_one_line(
+        tmp_path: Path) -> None:
+    """A program that runs its own ``zmq.auth`` authenticator on the
+    process-wide context (the one a CURVE Scheduler shares) got a bare
+    ``ZMQError: Address already in use`` from deep in pyzmq, naming neither
+    CURVE nor the conflict; now a ShmrunnerError that says what is wrong."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    curve = _curve(tmp_path)
+    theirs = ThreadAuthenticator(zmq.Context.instance())
+    theirs.start()
+    try:
+        with pytest.raises(ShmrunnerError, match="ZAP authenticator"):
+            Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", curve=curve)
+    finally:
+        theirs.stop()
+    # Once theirs is gone, a CURVE scheduler starts.
+    Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", curve=curve).shutdown(wait=True)

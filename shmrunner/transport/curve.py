@@ -19,13 +19,14 @@ import binascii
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.utils.z85
 
-from ..errors import ConfigError
+from ..errors import ChannelError, ConfigError
 
 __all__ = ["CurveKeys", "load_key_file", "load_public_keys", "client_keys", "server_keys",
            "authorize", "release"]
@@ -164,8 +165,35 @@ class _Zap:
         from zmq.auth.thread import ThreadAuthenticator
 
         self.auth = ThreadAuthenticator(context)
-        self.auth.start()
+        _start(self.auth)
         self.domains: dict[str, _Keyring] = {}
+
+
+# Seconds a new authenticator waits for the ZAP address to be free. Why: the
+# previous one's socket, closed by release(), is unbound by libzmq in the
+# background, so a scheduler made right after another's shutdown found it taken.
+_ZAP_REBIND = 2.0
+
+
+def _start(auth: Any) -> None:
+    """Start ``auth`` (a ThreadAuthenticator); the context's ZAP address
+    taken for longer than ``_ZAP_REBIND`` is a ChannelError naming why."""
+    deadline = time.monotonic() + _ZAP_REBIND
+    while True:
+        try:
+            auth.start()
+            return
+        except zmq.ZMQError as exc:
+            auth.stop()  # closes what start() opened
+            if exc.errno != zmq.EADDRINUSE:
+                raise ChannelError(f"cannot start the CURVE (ZAP) authenticator: {exc}") from exc
+            if time.monotonic() > deadline:
+                raise ChannelError(
+                    "cannot start the CURVE (ZAP) authenticator: another ZAP authenticator "
+                    "(zmq.auth) serves this process's zmq.Context.instance(), which CURVE "
+                    "endpoints share; stop it, or let shmrunner authenticate "
+                    "(curve=server_keys(secret_file, authorized_dir))") from exc
+        time.sleep(0.005)
 
 
 _lock = threading.Lock()
