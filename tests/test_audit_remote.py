@@ -9,6 +9,7 @@ which are fixed and which are left xfail, and why).
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,34 @@ def test_a_curve_scheduler_beside_another_zap_authenticator_fails_in_one_line(
         theirs.stop()
     # Once theirs is gone, a CURVE scheduler starts.
     Scheduler(local_workers=0, listen="tcp://127.0.0.1:*", curve=curve).shutdown(wait=True)
+
+
+@pytest.mark.xfail(strict=True, reason="design question: a retry that arises after "
+                   "shutdown(cancel_futures=True) began is queued again and waits for a "
+                   "worker; with no other agent the shutdown never returns")
+@pytest.mark.timeout(90)
+def test_shutdown_cancel_futures_returns_when_the_only_agent_is_lost(
+        tmp_path: Path, gates: Gates) -> None:
+    """shutdown(wait=True, cancel_futures=True) on a remote-only Scheduler
+    while its only agent runs a task with a retry left: the agent is
+    SIGKILLed, its task is lost and queued again for its retry (after the
+    cancel pass), and the shutdown waits for an agent that never comes.
+    A task already waiting for a retry when the shutdown began is cancelled
+    (test_remote.py); one whose retry comes a moment later hangs it."""
+    sched, workers = start_cluster(tmp_path, gates, n=1)
+    stopper = threading.Thread(target=sched.shutdown, daemon=True,
+                               kwargs={"wait": True, "cancel_futures": True})
+    try:
+        started, gate = gates.new()
+        future = sched.submit(tasks.gated, started, gate, 1, retries=1)
+        Gates.started(started, RESULT)
+        stopper.start()
+        workers.procs[0].kill()
+        workers.procs[0].wait(RESULT)
+        stopper.join(10)  # heartbeat_timeout is 0.6 s
+        assert not stopper.is_alive(), "shutdown(cancel_futures=True) still waits"
+        assert future.done()
+    finally:
+        sched.terminate()  # ends a hung shutdown
+        stopper.join(RESULT)
+        stop_cluster(sched, workers, gates)
