@@ -10,6 +10,7 @@ Data flow::
     on_done  --finish()-> running --> settled (the bytes are released), or back
                           to the front of the queue for a retry, or, with a
                           retry backoff, waiting --resume()--> front of the queue
+                          (no retry once shutdown(cancel_futures=True) began)
     cancel() --> a job queued for a retry or sitting out its backoff is taken
                  out (the caller settles it); a running one is marked (never
                  retried: finish() settles it) and its tier returned, to stop it
@@ -74,6 +75,10 @@ class Backlog:
         self._deferred: set[Job] = set()
         self._submitted = 0  # tasks accepted by submit, ever
         self._shutdown = False
+        # shutdown(cancel_futures=True) began: no retry is queued from then on
+        # (a retry of a running job that fails later would wait for a worker
+        # with no end in sight; the job settles with that attempt's error).
+        self._cancelling = False
         self._held_bytes = 0  # payload bytes of the jobs queued or running
         # The last place() left jobs queued: every tier was full. Until a
         # tier gains room, and says so (TierEvents.on_room, which places
@@ -240,10 +245,11 @@ class Backlog:
     def finish(self, job: Job, retry: bool, wait: bool = False) -> bool:
         """One attempt of ``job`` is over: queue it first for a retry (one
         retry used; with ``wait``, it waits for :meth:`resume` instead), or
-        release it for good. Returns whether it is retried (never once cancelled)."""
+        release it for good. Returns whether it is retried (never once cancelled,
+        nor once a shutdown cancelled the queued jobs)."""
         with self._lock:
             self._running.pop(job, None)
-            retry = retry and job.cancelled is None
+            retry = retry and job.cancelled is None and not self._cancelling
             if retry:
                 job.retries -= 1
                 if wait:
@@ -273,6 +279,7 @@ class Backlog:
         queued job out (returned, for the caller to cancel)."""
         with self._lock:
             self._shutdown = True
+            self._cancelling = self._cancelling or cancel_futures
             cancelled = (list(self._queue) + list(self._waiting) + list(self._deferred)
                          if cancel_futures else [])
             if cancel_futures:
