@@ -54,18 +54,34 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     import signal
+    import threading
 
     from ._gcpolicy import tune_for_service
     from .config import resolve
     from .daemon import Daemon
 
+    # The handlers come before the daemon starts (its journal, its local
+    # workers): a SIGTERM or Ctrl-C meanwhile asks for the drain it gets once
+    # up (exit 0), instead of killing it half-built; a KeyboardInterrupt while
+    # its workers started left them running and the exit waiting for them forever.
+    started: list[Daemon] = []
+    requested = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        requested.set()
+        for daemon in started:
+            daemon.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     settings = resolve(args.config, sections=("daemon", "scheduler"), sets=args.set or ())
     daemon_settings, scheduler_settings = settings.daemon, settings.scheduler
     logging.getLogger().setLevel(args.log_level or daemon_settings.log_level)
     daemon = Daemon(daemon_settings, scheduler_settings)
+    started.append(daemon)
+    if requested.is_set():  # a signal came while it started
+        daemon.stop()
     tune_for_service()  # this process is the daemon's own: its collector, tuned (_gcpolicy)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop())
     print(f"shmrunner daemon: clients on {daemon.address}, workers on "
           f"{daemon.workers_address}", file=sys.stderr, flush=True)
     return daemon.run()
