@@ -278,6 +278,22 @@ class Intake:
                 return True
         return False
 
+    def withdraw_queued(self) -> int:
+        """At the drain's start: take back the jobs handed to the scheduler that
+        have not started (their futures still cancel), so that the drain waits
+        only for the running ones and starts none; they stay journaled, unsettled,
+        for the next start. Returns how many. Newest first: a job that waits for
+        another's result is withdrawn before the Scheduler could cancel it
+        along with that one (which would settle it)."""
+        withdrawn = 0
+        for job_id, future in reversed(list(self._futures.items())):
+            if future.cancel():
+                del self._futures[job_id]  # its completion, queued now, is ignored
+                self._running.discard(job_id)
+                self._by_memfd.pop(job_id, None)
+                withdrawn += 1
+        return withdrawn
+
     def clients(self) -> list[dict[str, Any]]:
         """Per submitting connection (hex id): its jobs queued and running now,
         and done, failed and cancelled in this daemon's life (at most

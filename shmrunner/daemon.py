@@ -509,9 +509,12 @@ class Daemon:
         }
 
     def _drain(self) -> int:
-        # Jobs still in the backlog never started: they stay journaled, nothing to wait for.
-        log.info("draining: %d jobs running; new submits are refused",
-                 self._intake.running - self._intake.backlog)
+        # Jobs still in the backlog or the scheduler's queue never started: they
+        # stay journaled for the next start, and the drain starts none of them.
+        withdrawn = self._intake.withdraw_queued()
+        log.info("draining: %d jobs running; new submits are refused (%d queued jobs stay "
+                 "journaled for the next start)", self._intake.running - self._intake.backlog,
+                 withdrawn + self._intake.backlog)
         deadline = time.monotonic() + self.settings.drain_timeout
         failed_rounds = 0
         # Requests keep their answers (submits a refusal) until none came for

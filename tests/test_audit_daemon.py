@@ -39,8 +39,8 @@ def test_sigterm_does_not_start_jobs_still_queued_and_the_restart_runs_them_once
     for future in queued:
         assert future.wait_accepted(timeout=10)
     # The one local worker is busy: which of them the daemon says are queued.
-    waiting = [job["job_id"] for job in client.job_states([f.job_id for f in queued])
-               if job["state"] == "queued"]
+    states = client.job_states([f.job_id for f in queued])
+    waiting = [job_id for job_id, state in states.items() if state == "queued"]
     assert len(waiting) >= 3, waiting
 
     d.proc.signal(signal.SIGTERM)  # type: ignore[union-attr]
