@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 
 from .config import DaemonSettings, default_address, runtime_dir
 from .errors import ConfigError
 
 __all__ = ["daemon_addresses", "client_address", "check_private_dir", "ipc_path",
-           "secure_ipc_socket"]
+           "refuse_served_ipc", "secure_ipc_socket"]
 
 log = logging.getLogger("shmrunner.daemon")
 
@@ -110,6 +111,28 @@ def client_address(address: str | None, endpoint: str) -> str:
     if os.path.lexists(directory):
         check_private_dir(directory, f"the default {endpoint} address")
     return default_address(endpoint)
+
+
+def refuse_served_ipc(address: str, what: str) -> None:
+    """Raise ConfigError when a process already listens on the ipc socket file
+    of ``address``. ZeroMQ's bind unlinks the file and binds anew: a second
+    daemon would take the socket over in silence, the first one still running
+    but out of its clients' and workers' reach. A file nobody listens on (left
+    by a daemon that exited) is no refusal: the bind replaces it."""
+    path = ipc_path(address)
+    if path is None or path.startswith("@"):  # tcp, or abstract: the bind itself refuses
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return  # nobody listens (or no file): ours to bind
+    finally:
+        probe.close()
+    raise ConfigError(f"{what}: {address} is already served by another process (a daemon "
+                      "running with another journal?): stop it, or give this daemon another "
+                      f"{what} address")
 
 
 def secure_ipc_socket(address: str) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 from ._allowlist import AllowList
 from ._batchprogress import job_counts
 from ._daemonkeys import daemon_keys, release_clients_domain
-from ._endpoints import daemon_addresses, secure_ipc_socket
+from ._endpoints import daemon_addresses, refuse_served_ipc, secure_ipc_socket
 from ._fetchwaiters import MAX_TIMED_FETCHES, FetchWaiters
 from ._intake import Intake, Request
 from ._jobid import job_id_problem
@@ -105,6 +105,13 @@ class Daemon:
         try:
             self.journal = Journal(daemon.journal_path())
         except BaseException:
+            self._release_zap()
+            raise
+        try:  # after the journal's lock, whose refusal names the daemon holding it
+            refuse_served_ipc(clients, "daemon.clients")
+            refuse_served_ipc(workers, "daemon.workers")
+        except BaseException:
+            self.journal.close()
             self._release_zap()
             raise
         self._channel = ZmqChannel("router", ChannelOptions(
