@@ -109,6 +109,8 @@ class Intake:
         # Cancelled by a client, not yet journaled: job id -> (attempts, worker, when it
         # was cancelled if not before it started).
         self._cancelled: dict[str, tuple[int, str | None, str | None]] = {}
+        # Taken back from the scheduler at the drain's start (journaled, never started).
+        self._withdrawn: set[str] = set()
         self._owners: dict[str, bytes] = {}  # held job -> the connection that submitted it
         self._finished_by: collections.OrderedDict[bytes, collections.Counter[str]] = (
             collections.OrderedDict())
@@ -246,6 +248,11 @@ class Intake:
         the scheduler's queue, or (``running``) stopped on its worker. It
         settles as cancelled (TaskCancelledError) at the next ``settle()``.
         False if it is not held, finished already, or runs and not ``running``."""
+        if job_id in self._withdrawn:  # draining: it never started, settle it as cancelled
+            self._withdrawn.discard(job_id)
+            self._running.add(job_id)
+            self._cancel_unstarted(job_id)
+            return True
         if job_id not in self._running or job_id in self._cancelled:
             return job_id in self._cancelled
         future = self._futures.get(job_id)
@@ -272,11 +279,15 @@ class Intake:
         for index, (queued_id, _) in enumerate(self._backlog):
             if queued_id == job_id:
                 del self._backlog[index]
-                self._cancelled[job_id] = (0, None, None)
-                with self._completions_lock:
-                    self._completions.append((job_id, None))
+                self._cancel_unstarted(job_id)
                 return True
         return False
+
+    def _cancel_unstarted(self, job_id: str) -> None:
+        """Settle a held job that never started as cancelled at the next settle()."""
+        self._cancelled[job_id] = (0, None, None)
+        with self._completions_lock:
+            self._completions.append((job_id, None))
 
     def withdraw_queued(self) -> int:
         """At the drain's start: take back the jobs handed to the scheduler that
@@ -291,6 +302,7 @@ class Intake:
                 del self._futures[job_id]  # its completion, queued now, is ignored
                 self._running.discard(job_id)
                 self._by_memfd.pop(job_id, None)
+                self._withdrawn.add(job_id)  # a cancel still settles it (cancel())
                 withdrawn += 1
         return withdrawn
 
