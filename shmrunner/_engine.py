@@ -183,7 +183,14 @@ class ProcessEngine:
         self._thread.start()
         self._thread_ident = self._thread.ident  # (read per result: Thread.ident is a property)
         stop_at_exit(self)
-        startup_error = self._manager.wait_started()
+        try:
+            startup_error = self._manager.wait_started()
+        except BaseException:
+            # A Ctrl-C while the workers start: nothing will hold this engine,
+            # so stop what started now (left, the workers outlived the program's
+            # exit, waited for by multiprocessing's exit hook).
+            self.terminate(wait=True)
+            raise
         if startup_error is not None:
             self._thread.join()
             self._manager.close_resources()

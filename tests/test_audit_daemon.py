@@ -129,12 +129,6 @@ def test_a_signal_while_the_daemon_starts_its_workers_drains_and_exits_0(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason=(
-    "ProcessEngine.__init__ (_engine.py) does not stop the manager thread and the "
-    "workers it started when a KeyboardInterrupt lands in wait_started(): the "
-    "workers stay up and multiprocessing's exit hook joins them forever. Engine "
-    "start path: not fixed in this audit (the daemon command avoids it by "
-    "installing its signal handlers first)"))
 def test_a_ctrl_c_while_a_pool_starts_does_not_hang_the_program_s_exit(tmp_path: Path) -> None:
     """A KeyboardInterrupt raised while ``Pool()`` waits for its workers to
     start (here: the first worker's initializer sends the parent SIGINT, as a
