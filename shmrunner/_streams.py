@@ -116,6 +116,8 @@ class _Input:
 
 def total_of(iterables: tuple[Iterable[Any], ...]) -> int | None:
     """How many items ``zip(*iterables)`` yields, when every input knows its length."""
+    if not iterables:
+        return 0  # map(fn) with no iterables: zip() yields nothing, as Executor.map does
     try:
         return min(len(it) for it in iterables)  # type: ignore[arg-type]
     except TypeError:
