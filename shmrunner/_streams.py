@@ -28,6 +28,7 @@ import collections
 import itertools
 import queue
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -157,14 +158,29 @@ class Meter:
             self._bar.close()
 
 
-def metered(items: Iterator[Any], meter: Meter) -> Iterator[Any]:
-    """``items``, counting each one the consumer takes on ``meter``."""
-    try:
-        for item in items:
-            meter.add(1)
-            yield item
-    finally:
-        meter.close()
+class metered(Iterator[Any]):  # noqa: N801 (used as the function it replaced)
+    """``items``, counting each one the consumer takes on ``meter``, a failed
+    one included. An iterator, not a generator: a generator ends at the first
+    exception it passes on, and Pool.imap, as multiprocessing's, goes on
+    after a failed item (the results after it were lost)."""
+
+    def __init__(self, items: Iterator[Any], meter: Meter) -> None:
+        self._items = items
+        self._meter = meter
+        # The bar is closed when the stream ends, or when it is dropped unfinished.
+        weakref.finalize(self, meter.close)
+
+    def __next__(self) -> Any:
+        try:
+            item = next(self._items)
+        except StopIteration:
+            self._meter.close()
+            raise
+        except Exception:
+            self._meter.add(1)  # a failed item is done too
+            raise
+        self._meter.add(1)
+        return item
 
 
 

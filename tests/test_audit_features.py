@@ -3,12 +3,14 @@ lazy streams): regressions for the defects the audit found."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 import _sched_tasks as tasks
-from shmrunner import Scheduler
+from shmrunner import Pool, Scheduler
 
 RESULT = 30.0
 
@@ -27,3 +29,38 @@ def test_a_stream_over_no_iterables_is_empty_as_executor_map_is(method: str) -> 
         assert list(getattr(sched, method)(tasks.square, progress=lambda d, t: seen.append(
             (d, t)))) == []
         assert seen == []
+
+
+def _each(results: Iterator[Any], most: int) -> list[Any]:
+    """Every item of an imap, a failed one as its exception's type name
+    (multiprocessing's imap goes on past a failed item)."""
+    taken: list[Any] = []
+    for _ in range(most):
+        try:
+            taken.append(next(results))
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 (the task's error, taken as an item)
+            taken.append(type(exc).__name__)
+    return taken
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_pool_imap_with_progress_goes_on_past_a_failed_item(method: str) -> None:
+    # Without progress=, Pool.imap yields the items after a failed one (as
+    # multiprocessing does); with progress= it wrapped the results in a
+    # generator that a failed item ended: every later result was lost, and
+    # the next next() said StopIteration as if the input had ended.
+    items = [1, "a", 3, 4]  # square("a") raises TypeError
+    expected = [1, "TypeError", 9, 16]
+    seen: list[tuple[int, int | None]] = []
+    with Pool(2) as pool:
+        plain = _each(getattr(pool, method)(tasks.square, items), 10)
+        metered = _each(getattr(pool, method)(tasks.square, items,
+                                              progress=lambda d, t: seen.append((d, t))), 10)
+    assert sorted(map(str, plain)) == sorted(map(str, expected))
+    assert sorted(map(str, metered)) == sorted(map(str, expected))
+    if method == "imap":
+        assert metered == expected
+    assert seen[-1] == (4, 4)
