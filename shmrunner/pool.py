@@ -249,6 +249,12 @@ class Pool:
                 if count < 0:
                     break  # the map failed: get() raises why
                 meter.add(count)
+        except Exception:
+            # The progress callback raised: as for a failed map (_map_value),
+            # return only once no chunk still writes into ``out``.
+            if out is not None:
+                result.wait_all_settled()
+            raise
         finally:
             meter.close()
         return self._map_value(result, out)

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pytest
 
 import _sched_tasks as tasks
-from shmrunner import Pool, Scheduler
+import _stream_tasks
+from shmrunner import Pool, Scheduler, zeros
 
 RESULT = 30.0
 
@@ -64,3 +66,28 @@ def test_pool_imap_with_progress_goes_on_past_a_failed_item(method: str) -> None
     if method == "imap":
         assert metered == expected
     assert seen[-1] == (4, 4)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.timeout(60)
+def test_pool_map_out_whose_progress_raises_returns_once_no_task_writes_out() -> None:
+    # map(out=) promises that, failed or not, it returns only once none of its
+    # tasks writes into out any more (the caller reuses out at once). A
+    # progress callback that raised left the map's other chunks running, and
+    # they went on writing into out after map had raised.
+    def stop(done: int, total: int | None) -> None:
+        raise _Stop
+
+    out = zeros(4)
+    items = [(np.ones(2), 0.5)] * 4  # each row: its checksum, 2.0, after half a second
+    with Pool(2) as pool:
+        with pytest.raises(_Stop):
+            pool.starmap(_stream_tasks.slow_checksum, items, chunksize=1, progress=stop,
+                         out=out)
+        seen = out.copy()
+        pool.close()
+        pool.join()  # every task has ended
+    assert (out == seen).all(), "a task of the failed map wrote into out after map raised"
