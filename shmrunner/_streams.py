@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["Progress", "Meter", "stream", "chunked_calls", "check_sizes", "total_of", "metered"]
+__all__ = ["Progress", "Meter", "stream", "chunked_calls", "check_sizes", "total_of", "Metered"]
 
 # What ``progress=`` accepts: True (a tqdm bar when tqdm is installed), False
 # or None (nothing), or a callable(done, total) with total None when unknown.
@@ -158,7 +158,7 @@ class Meter:
             self._bar.close()
 
 
-class metered(Iterator[Any]):  # noqa: N801 (used as the function it replaced)
+class Metered(Iterator[Any]):
     """``items``, counting each one the consumer takes on ``meter``, a failed
     one included. An iterator, not a generator: a generator ends at the first
     exception it passes on, and Pool.imap, as multiprocessing's, goes on

@@ -28,7 +28,7 @@ from . import _segcache
 from ._callbackthread import CallbackThread
 from ._engine import CLOSE, RUN, TERMINATE, Budget, EngineSettings, ProcessEngine
 from ._results import ApplyResult, IMapIterator, IMapUnorderedIterator, MapResult
-from ._streams import Meter, Progress, metered, total_of
+from ._streams import Meter, Metered, Progress, total_of
 from ._tasklogs import DEFAULT_LIMIT, HOST, emit, engine_setting, local_worker
 from ._tasks import Task, resolve_threshold, run_chunk, run_chunk_into
 from .errors import TaskCancelledError
@@ -152,13 +152,13 @@ class Pool:
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1,
              buffersize: int | None = None, *, progress: Progress = None) -> Iterator[Any]:
         results = self._imap(IMapIterator, func, iterable, chunksize, buffersize)
-        return metered(results, Meter(progress, total_of((iterable,)))) if progress else results
+        return Metered(results, Meter(progress, total_of((iterable,)))) if progress else results
 
     def imap_unordered(self, func: Callable[[Any], Any], iterable: Iterable[Any],
                        chunksize: int = 1, buffersize: int | None = None, *,
                        progress: Progress = None) -> Iterator[Any]:
         results = self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
-        return metered(results, Meter(progress, total_of((iterable,)))) if progress else results
+        return Metered(results, Meter(progress, total_of((iterable,)))) if progress else results
 
     def close(self) -> None:
         """Accept no more tasks; workers exit once every submitted task is done."""
