@@ -17,6 +17,7 @@ counts as finished, so a wait always ends.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -63,8 +64,11 @@ def batch_progress(ask: Callable[[list[str]], dict[str, int]], job_ids: Iterable
                    timeout: float | None) -> dict[str, int]:
     """Counts of ``job_ids`` by state plus ``total`` (see the module's docstring).
     ``ask(chunk)`` returns the daemon's counts for at most MAX_JOB_IDS ids."""
-    if not isinstance(interval, (int, float)) or not interval > 0:
+    if not isinstance(interval, (int, float)) or not 0 < interval < math.inf:
         raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
+    if timeout is not None and (not isinstance(timeout, (int, float))
+                                or not 0 <= timeout < math.inf):
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
     ids = _checked(job_ids)
     deadline = None if timeout is None else time.monotonic() + timeout
     meter = Meter(progress, len(ids))

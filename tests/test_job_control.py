@@ -425,6 +425,10 @@ def test_hostile_cancel_and_progress_requests_are_refused(tmp_path: Path,
         client.cancel("x" * 500)
     with pytest.raises(ValueError, match="interval"):
         client.progress(["ok"], interval=0)
+    with pytest.raises(ValueError, match="interval"):  # it slept for ever (OverflowError)
+        client.progress(["ok"], interval=float("inf"))
+    with pytest.raises(ValueError, match="timeout"):  # it never timed out
+        client.progress(["ok"], timeout=float("nan"))
     out = run_cli("cancel", "--connect", d.address, "../bad")
     assert out.returncode == 2 and "invalid job id" in out.stderr
     peer = RawPeer(d.address)
