@@ -379,6 +379,7 @@ class Intake:
             memfd = self._by_memfd.pop(job_id, None)
             owner = self._owners.get(job_id)
             handed = None
+            journaled = frames
             if memfd is not None and ok and owner is not None and owner in peers:
                 handed = self._handed(job_id, memfd[0], msg)
             if handed is not None and owner is not None and memfd is not None:
@@ -386,7 +387,9 @@ class Intake:
                 peers.remove(owner)  # the first time only: its other waits get frames
                 replies.append((owner, shm_frames, handed))
                 if not memfd[1]:  # not durable: the arrays live in the memfds only
-                    frames = encode(result_lost(job_id))
+                    # Only later fetches are told so: the peers waiting now
+                    # get the result this round has in hand.
+                    journaled = encode(result_lost(job_id))
             if job_id in cancelled:
                 self.cancelled += 1
                 self._count(job_id, "cancelled")
@@ -396,7 +399,7 @@ class Intake:
             else:
                 self.failed += 1
                 self._count(job_id, "failed")
-            outcomes.append((job_id, ok, frames))
+            outcomes.append((job_id, ok, journaled))
             replies += [(peer, frames, msg) for peer in peers]
         if not outcomes:
             return
