@@ -445,7 +445,8 @@ class Client(Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop submitting; with ``wait``, wait for the outstanding jobs' results
-        (the jobs themselves stay in the daemon either way).
+        (the jobs themselves stay in the daemon either way). Called from a
+        done-callback, it returns at once and a thread of its own waits.
 
         ``cancel_futures``, as in ``concurrent.futures``: every future whose job
         has not started is cancelled first. A job the daemon has not accepted yet
@@ -454,6 +455,14 @@ class Client(Executor):
         TaskCancelledError); running jobs finish. The cancels are sent before
         the connection closes, and get ``_CANCEL_LINGER`` seconds to leave."""
         self._ledger.close()  # a submit waiting for room gives up
+        if wait and threading.current_thread() is self._thread:
+            # A done-callback: this thread settles the futures waited for, so
+            # waiting here would wait forever. As Scheduler.shutdown does, it
+            # returns at once and a thread of its own waits (not a daemon
+            # thread: the program does not exit before the results come).
+            threading.Thread(target=self.shutdown, name="shmrunner-client-shutdown",
+                             kwargs={"cancel_futures": cancel_futures}, daemon=False).start()
+            return
         if cancel_futures:
             for future in self._ledger.futures():
                 future.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from _util import wait_until
+from _util import run_script, wait_until
 from shmrunner.errors import ProtocolError
 
 
@@ -91,3 +91,41 @@ def test_chaining_on_a_finished_non_durable_job_with_an_array_result(daemons: An
     del first, second  # (their memfd-backed result must not outlive a failure here)
     assert outcome is None, outcome
 
+
+@pytest.mark.timeout(120)
+def test_shutdown_from_a_done_callback_neither_hangs_nor_strands_the_other_futures(
+        tmp_path: Path, daemons: Any) -> None:
+    """As Scheduler.shutdown (and unlike a hang): called from a done-callback,
+    which runs on the thread that settles this client's futures, shutdown()
+    returns at once and the futures still pending get their results. In a
+    process of its own, which a hang cannot outlive."""
+    d = daemons(scheduler={"local_workers": 2}).start()
+    release = tmp_path / "release"
+    done = run_script(tmp_path, f"""
+        import threading
+        import numpy as np
+        import shmrunner
+
+        client = shmrunner.connect({d.address!r})
+        slow = client.submit("_audit_client_tasks:gated_scale", np.ones(10), {str(release)!r})
+        returned = threading.Event()
+
+        def shut(_):
+            client.shutdown(wait=True)
+            returned.set()
+
+        fast = client.submit("_daemon_tasks:inc", 2)
+        fast.add_done_callback(shut)
+        assert fast.result(timeout=30) == 3
+        assert returned.wait(30), "shutdown() in a done-callback did not return"
+        try:
+            client.submit("_daemon_tasks:inc", 1)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("a submit after shutdown() was taken")
+        open({str(release)!r}, "w").close()
+        assert (slow.result(timeout=30) == 2.0).all()
+        print("ok")
+    """, timeout=80)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
