@@ -61,6 +61,12 @@ def ones_after(n: int, release: str, limit: float = 60.0) -> np.ndarray:
     return np.ones(n)
 
 
+def scaled_after(a: np.ndarray, release: str, limit: float = 60.0) -> np.ndarray:
+    """``a * 2`` once ``release`` exists: an argument's array held back, then returned."""
+    _wait_for(release, limit)
+    return a * 2
+
+
 def inc_inplace(a: np.ndarray) -> np.ndarray:
     """a += 1, returned (W4): the same memory goes back."""
     a += 1

@@ -26,7 +26,7 @@ def test_a_fetch_waiting_when_a_non_durable_memfd_result_comes_gets_the_result(
     assert owner.submit("_daemon_tasks:inc", 1).result(timeout=30) == 2  # side channel known
     release = tmp_path / "release"
     a = np.arange(100_000, dtype=np.float64)  # 800 kB: its result comes back as a memfd
-    future = owner.submit("_audit_client_tasks:gated_scale", a, str(release))
+    future = owner.submit("_daemon_tasks:scaled_after", a, str(release))
     assert future.wait_accepted(timeout=30)
     out: dict[str, Any] = {}
 
@@ -107,7 +107,7 @@ def test_shutdown_from_a_done_callback_neither_hangs_nor_strands_the_other_futur
         import shmrunner
 
         client = shmrunner.connect({d.address!r})
-        slow = client.submit("_audit_client_tasks:gated_scale", np.ones(10), {str(release)!r})
+        slow = client.submit("_daemon_tasks:scaled_after", np.ones(10), {str(release)!r})
         returned = threading.Event()
 
         def shut(_):
