@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import systems as S  # noqa: E402
 
 import _tasks  # noqa: E402
+from shmrunner import _hugepages  # noqa: E402
 
 N_ARRAYS = 16
 W1_N, W1B_N, W5_N, W5_WARM = 20_000, 5_000, 2_000, 100
@@ -160,18 +161,12 @@ def shared_read_floor(arrays: list[np.ndarray], rounds: int = 3) -> float:
     """Seconds for 2 processes, already running and holding the arrays' memfds,
     to map, sum and unmap 8 of the 16 each: W2s's work with nothing between the
     caller and the readers but one pipe message (median of ``rounds``). The
-    memfds get huge pages where the host gives them (:func:`shmem_huge_pages`)."""
-    import mmap
-
-    huge = shmem_huge_pages() == "advise"
+    memfds get huge pages wherever shmrunner's segments would (``_hugepages``)."""
     fds = []
     for a in arrays:
         fd = os.memfd_create("w2s-floor")
         os.ftruncate(fd, a.nbytes)
-        if huge:  # as shmrunner does there (_hugepages.py): 2 MiB pages, where asked for
-            with mmap.mmap(fd, a.nbytes, flags=mmap.MAP_SHARED) as m:
-                m.madvise(mmap.MADV_HUGEPAGE)
-                m.madvise(23)  # MADV_POPULATE_WRITE
+        _hugepages.populate(fd, a.nbytes, a.nbytes)
         view, done = memoryview(a).cast("B"), 0
         while done < a.nbytes:
             done += os.pwrite(fd, view[done:], done)
@@ -282,19 +277,6 @@ def listeners() -> list[str]:
     return found
 
 
-def shmem_huge_pages() -> str:
-    """The kernel's transparent huge page policy for memfds (its internal shmem
-    mount). Under ``within_size`` or ``always`` a memfd's pages are 2 MiB ones,
-    which its readers map 512 at a time: the W2s limit moves about threefold.
-    /dev/shm (torch, Ray) has its own ``huge=`` mount option."""
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
-    except OSError:
-        return "unknown"
-    m = re.search(r"\[(\w+)\]", text)
-    return m.group(1) if m else text.strip()
-
-
 def machine() -> list[str]:
     cpu = next(
         (
@@ -313,7 +295,9 @@ def machine() -> list[str]:
             vers.append(f"{p} not installed")
     return [
         f"CPU: {cpu}, {os.cpu_count()} cores; RAM {mem_kb / 2**20:.1f} GiB; "
-        f"shmem huge pages: {shmem_huge_pages()}",
+        # Under within_size/always (or advise, asked for) memfds get 2 MiB pages:
+        # the W2s limit moves about threefold. /dev/shm (torch, Ray) has its own.
+        f"shmem huge pages: {_hugepages.policy()}",
         f"Python {platform.python_version()} ({multiprocessing.get_start_method()} start method); "
         + ", ".join(vers),
     ]

@@ -64,12 +64,12 @@ def _daemon(args: argparse.Namespace) -> int:
     # workers): a SIGTERM or Ctrl-C meanwhile asks for the drain it gets once
     # up (exit 0), instead of killing it half-built; a KeyboardInterrupt while
     # its workers started left them running and the exit waiting for them forever.
-    started: list[Daemon] = []
     requested = threading.Event()
+    daemon: Daemon | None = None
 
     def on_signal(*_: object) -> None:
         requested.set()
-        for daemon in started:
+        if daemon is not None:
             daemon.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,7 +78,6 @@ def _daemon(args: argparse.Namespace) -> int:
     daemon_settings, scheduler_settings = settings.daemon, settings.scheduler
     logging.getLogger().setLevel(args.log_level or daemon_settings.log_level)
     daemon = Daemon(daemon_settings, scheduler_settings)
-    started.append(daemon)
     if requested.is_set():  # a signal came while it started
         daemon.stop()
     tune_for_service()  # this process is the daemon's own: its collector, tuned (_gcpolicy)
